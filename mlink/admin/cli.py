@@ -1,0 +1,298 @@
+"""The `mlink` command line: init, serve, check, user management.
+
+Every command exits non-zero with one line on stderr when it fails, so
+scripts and provisioning tools can rely on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import trio
+
+from mlink.config import ConfigError, load_config
+from mlink.config_model import Config
+from mlink.directory.base import DirectoryError, DirectoryUnavailable
+from mlink.jid import InvalidJID, parse_jid
+
+log = logging.getLogger("mlink")
+
+DEFAULT_CONFIG = Path("mlink.xml")
+DEFAULT_SETUP_DIR = Path("mlink-data")
+DEFAULT_DOMAIN = "localhost"
+
+
+class CommandError(Exception):
+    """A failure to report as one line and exit status 1."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args) or 0
+    except (CommandError, ConfigError, DirectoryError) as exc:
+        print(f"mlink: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlink", description="A directory-centred XMPP server.")
+    sub = p.add_subparsers(metavar="COMMAND")
+
+    init = sub.add_parser("init", help="create a standalone setup in DIR")
+    init.add_argument("dir", type=Path, metavar="DIR")
+    init.add_argument("--domain", default=DEFAULT_DOMAIN)
+    init.add_argument("--c2s-port", type=int, default=5222)
+    init.add_argument("--tls-port", type=int, default=5223)
+    init.add_argument("--ws-port", type=int, default=5280)
+    init.add_argument("--tls-cert", type=Path)
+    init.add_argument("--tls-key", type=Path)
+    init.set_defaults(func=cmd_init)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", type=Path)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check", help="validate a configuration and its directory")
+    check.add_argument("--config", type=Path)
+    check.set_defaults(func=cmd_check)
+
+    user = sub.add_parser("user", help="manage user accounts")
+    user_sub = user.add_subparsers(metavar="ACTION")
+    for name, func, help_text in (
+        ("add", cmd_user_add, "create an account"),
+        ("passwd", cmd_user_passwd, "set an account's password"),
+    ):
+        cmd = user_sub.add_parser(name, help=help_text)
+        cmd.add_argument("jid")
+        secret = cmd.add_mutually_exclusive_group(required=True)
+        secret.add_argument("--password")
+        secret.add_argument("--password-file", type=Path)
+        cmd.add_argument("--config", type=Path)
+        cmd.set_defaults(func=func)
+    delete = user_sub.add_parser("delete", help="remove an account")
+    delete.add_argument("jid")
+    delete.add_argument("--config", type=Path)
+    delete.set_defaults(func=cmd_user_delete)
+    listing = user_sub.add_parser("list", help="list accounts")
+    listing.add_argument("--config", type=Path)
+    listing.set_defaults(func=cmd_user_list)
+    imp = user_sub.add_parser("import", help="add or update accounts from 'jid password' lines")
+    imp.add_argument("file", type=Path, metavar="FILE")
+    imp.add_argument("--config", type=Path)
+    imp.set_defaults(func=cmd_user_import)
+    return p
+
+
+# -- configuration --------------------------------------------------------------
+
+
+def _config_path(given: Path | None, create_default: bool = False) -> Path:
+    """`--config`, else ./mlink.xml, else (for serve) a fresh ./mlink-data."""
+    if given is not None:
+        return given
+    if DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG
+    default_setup = DEFAULT_SETUP_DIR / "mlink.xml"
+    if default_setup.exists():
+        return default_setup
+    if not create_default:
+        raise CommandError(f"no configuration: {DEFAULT_CONFIG} not found (use --config F)")
+    from mlink.admin.setup import init_setup
+
+    path = init_setup(DEFAULT_SETUP_DIR, domain=DEFAULT_DOMAIN)
+    print(f"mlink: created a standalone setup for {DEFAULT_DOMAIN} in {DEFAULT_SETUP_DIR}/",
+          file=sys.stderr)
+    return path
+
+
+def _load(given: Path | None, create_default: bool = False) -> Config:
+    return load_config(_config_path(given, create_default))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+# -- commands ---------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from mlink.admin.setup import SetupError, init_setup
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise CommandError("--tls-cert and --tls-key go together")
+    try:
+        path = init_setup(
+            args.dir,
+            domain=args.domain,
+            c2s_port=args.c2s_port,
+            tls_port=args.tls_port,
+            ws_port=args.ws_port,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+        )
+    except SetupError as exc:
+        raise CommandError(str(exc)) from None
+    print(f"created {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config, create_default=True)
+    _setup_logging(config.log_level)
+    from mlink.server import Server
+
+    async def run() -> None:
+        server = Server(config)
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                await nursery.start(server.serve)
+                async for signum in signals:
+                    log.info("received %s; stopping", signal.Signals(signum).name)
+                    break
+            await server.shutdown()
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(run)
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
+    log.info("stopped")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+
+    async def ping() -> None:
+        from mlink.directory import open_directory
+
+        directory = open_directory(config.directory)
+        try:
+            await directory.ping()
+        finally:
+            await directory.aclose()
+
+    try:
+        trio.run(ping)
+    except DirectoryUnavailable as exc:
+        raise CommandError(f"directory does not answer: {exc}") from None
+    print(f"{config.path}: configuration valid; {config.directory.backend} directory answers")
+    return 0
+
+
+def _bare_jid(text: str, config: Config) -> str:
+    try:
+        jid = parse_jid(text)
+    except InvalidJID as exc:
+        raise CommandError(f"invalid JID {text!r}: {exc}") from None
+    if not jid.local or jid.resource:
+        raise CommandError(f"{text!r} is not a bare user JID (user@domain)")
+    if jid.domain not in config.domains:
+        raise CommandError(f"{jid.domain} is not a domain this server serves")
+    return str(jid)
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        password = args.password
+    else:
+        try:
+            password = args.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise CommandError(f"{args.password_file}: cannot read: {exc.strerror}") from None
+    if not password:
+        raise CommandError("the password is empty")
+    return password
+
+
+def _with_directory(config: Config, action):  # type: ignore[no-untyped-def]
+    async def run():  # type: ignore[no-untyped-def]
+        from mlink.directory import open_directory
+
+        directory = open_directory(config.directory)
+        try:
+            return await action(directory)
+        finally:
+            await directory.aclose()
+
+    return trio.run(run)
+
+
+def cmd_user_add(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    jid, password = _bare_jid(args.jid, config), _password(args)
+    _with_directory(config, lambda d: d.add_user(jid, password))
+    print(f"added {jid}")
+    return 0
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    jid, password = _bare_jid(args.jid, config), _password(args)
+    _with_directory(config, lambda d: d.set_password(jid, password))
+    print(f"password changed for {jid}")
+    return 0
+
+
+def cmd_user_delete(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    jid = _bare_jid(args.jid, config)
+    _with_directory(config, lambda d: d.delete_user(jid))
+    print(f"deleted {jid}")
+    return 0
+
+
+def cmd_user_list(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    for jid in _with_directory(config, lambda d: d.list_users()):
+        print(jid)
+    return 0
+
+
+def cmd_user_import(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    pairs = list(_read_pairs(args.file, config))
+    count = _with_directory(config, lambda d: d.import_users(pairs))
+    print(f"imported {count} users")
+    return 0
+
+
+def _read_pairs(path: Path, config: Config) -> Iterator[tuple[str, str]]:
+    """`jid password` per line; blank lines and '#' comments skipped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise CommandError(f"{path}: cannot read: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        jid_text, _, password = text.partition(" ")
+        password = password.strip()
+        if not password:
+            raise CommandError(f"{path}:{number}: expected 'jid password'")
+        try:
+            yield _bare_jid(jid_text, config), password
+        except CommandError as exc:
+            raise CommandError(f"{path}:{number}: {exc}") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""One server process: listeners, sessions, router, directory, modules.
+
+`Server.serve()` is what a shard runs inside its own `trio.run`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+import trio
+
+from mlink.config_model import Config, ListenerConfig
+from mlink.directory import open_directory
+from mlink.directory.base import Directory
+from mlink.hooks import Hooks
+from mlink.modules import load_modules
+from mlink.router.router import Router
+from mlink.router.sessions import SessionTable
+from mlink.stream.c2s import StreamSettings
+from mlink.transport.client import ClientConnection
+from mlink.transport.tls import ServerTLS
+
+log = logging.getLogger("mlink.server")
+
+# Pending connections the kernel queues per listener: enough for a login
+# storm from a benchmark or a reconnecting fleet of clients.
+LISTEN_BACKLOG = 1024
+# On shutdown, how long sessions get to flush their closing tags.
+SHUTDOWN_GRACE = 5.0
+
+
+class Server:
+    def __init__(self, config: Config, directory: Directory | None = None) -> None:
+        self.config = config
+        self.domains = frozenset(config.domains)
+        self.directory = directory if directory is not None else open_directory(config.directory)
+        tls_cfg = config.tls
+        self.tls = (
+            ServerTLS(tls_cfg.certificate, tls_cfg.key)
+            if tls_cfg.certificate is not None and tls_cfg.key is not None
+            else None
+        )
+        self.sessions = SessionTable()
+        self.hooks = Hooks()
+        load_modules(self.hooks)
+        self.router = Router(self.domains, self.sessions, self.hooks)
+        self.connections: set[ClientConnection] = set()
+        self._no_connections = trio.Event()
+        self._no_connections.set()
+        self.bound_ports: dict[str, int] = {}
+
+    def stream_settings(self, tls_active: bool) -> StreamSettings:
+        limits = self.config.limits
+        return StreamSettings(
+            domains=self.domains,
+            tls_available=self.tls is not None,
+            tls_required=self.config.tls.required,
+            tls_active=tls_active,
+            max_stanza_bytes=limits.max_stanza_bytes,
+            max_depth=limits.max_depth,
+        )
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on every configured c2s listener until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for lc in self.config.listeners:
+                if lc.kind not in ("c2s", "tls"):
+                    log.info("listener type %s is not available yet; skipped", lc.kind)
+                    continue
+                if lc.kind == "tls" and self.tls is None:
+                    log.warning(
+                        "direct TLS listener on port %d needs a certificate; skipped", lc.port
+                    )
+                    continue
+                listener = await open_reuseport_listener(lc)
+                port = listener.socket.getsockname()[1]
+                self.bound_ports[lc.kind] = port
+                log.info("listening for %s on %s port %d", _describe(lc.kind), lc.address, port)
+                nursery.start_soon(self._accept_loop, listener, lc.kind == "tls")
+            task_status.started()
+
+    async def _accept_loop(self, listener: trio.SocketListener, direct_tls: bool) -> None:
+        async with listener, trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    # EMFILE and friends: log, back off, keep serving.
+                    log.warning("accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._handle, stream, direct_tls)
+
+    async def _handle(self, stream: trio.SocketStream, direct_tls: bool) -> None:
+        conn = ClientConnection(self, stream, direct_tls)
+        self.connections.add(conn)
+        if self._no_connections.is_set():
+            self._no_connections = trio.Event()
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("connection handler crashed")
+        finally:
+            self.connections.discard(conn)
+            if not self.connections:
+                self._no_connections.set()
+
+    async def shutdown(self) -> None:
+        """End every stream with `system-shutdown` and let them flush."""
+        for conn in list(self.connections):
+            conn.kick("system-shutdown", "the server is stopping")
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await self._no_connections.wait()
+        await self.directory.aclose()
+
+
+async def open_reuseport_listener(lc: ListenerConfig) -> trio.SocketListener:
+    """A listening socket with SO_REUSEPORT, so every shard can bind it
+    (trio.open_tcp_listeners does not set it: trio issue #281)."""
+    family = socket.AF_INET6 if ":" in lc.address else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            await sock.bind((lc.address, lc.port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(exc.errno, f"port {lc.port} on {lc.address} is in use") from None
+            raise
+        sock.listen(LISTEN_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketListener(sock)
+
+
+def _describe(kind: str) -> str:
+    return {"c2s": "c2s (STARTTLS)", "tls": "c2s (direct TLS)"}.get(kind, kind)

@@ -1,0 +1,581 @@
+"""Client-to-server stream negotiation as a sans-IO state machine (RFC 6120).
+
+Bytes go in through `receive_data`, which returns the events the connection
+must act on; bytes to write accumulate and are taken with `data_to_send`.
+The machine never waits: where an answer needs the directory (a password, a
+SCRAM secret) or the session table (a bind), it emits an event and the
+driver reports back with `password_checked`, `secret_found`, `bind_done`.
+The same machine serves TCP and, behind a framing adapter, WebSocket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import secrets
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+
+from mlink.config_model import DEFAULT_MAX_DEPTH, DEFAULT_MAX_STANZA_BYTES
+from mlink.jid import JID, InvalidJID, parse_jid, prep_localpart, prep_resource
+from mlink.sasl import mechanisms as sasl
+from mlink.sasl.secrets import ScramSecret
+from mlink.stream.errors import stanza_error, stream_error_bytes
+from mlink.xml.parser import (
+    STREAM_NS,
+    STREAM_TAG,
+    Stanza,
+    StreamClose,
+    StreamOpen,
+    XMLStreamError,
+    XMLStreamParser,
+)
+from mlink.xml.serialize import CLIENT_NS, escape_attr, serialize
+
+TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
+SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
+BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
+SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
+SASL_CB_NS = "urn:xmpp:sasl-cb:0"
+STANZA_TAGS = frozenset(f"{{{CLIENT_NS}}}{n}" for n in ("message", "presence", "iq"))
+# Bytes of randomness in stream ids and generated resources: 96 bits make a
+# collision across every session a server will ever see negligible.
+ID_BYTES = 12
+
+
+class State(enum.Enum):
+    WAIT_HEADER = "wait-header"  # before (or after a restart, awaiting) a stream header
+    NEGOTIATING = "negotiating"  # features sent; TLS / SASL / bind in progress
+    WAIT_AUTH_RESULT = "wait-auth-result"  # the directory is being asked
+    WAIT_BIND_RESULT = "wait-bind-result"  # the session table is being asked
+    ESTABLISHED = "established"  # resource bound: stanzas flow
+    CLOSED = "closed"
+
+
+# Events for the connection driver -------------------------------------------------
+
+
+@dataclass(slots=True)
+class StartTLS:
+    """`<proceed/>` is queued: flush it, then wrap the socket and call
+    `tls_started`."""
+
+
+@dataclass(slots=True)
+class CheckPassword:
+    """PLAIN: ask the directory, then call `password_checked`."""
+
+    jid: str
+    password: str
+
+
+@dataclass(slots=True)
+class FindSecret:
+    """SCRAM: fetch the user's secret, then call `secret_found`."""
+
+    jid: str
+    mechanism: str  # SCRAM-SHA-1 or SCRAM-SHA-256
+
+
+@dataclass(slots=True)
+class AuthFailed:
+    """A SASL attempt failed (for logging and failure counters)."""
+
+    jid: str | None
+    condition: str
+
+
+@dataclass(slots=True)
+class Authenticated:
+    jid: JID
+
+
+@dataclass(slots=True)
+class BindRequested:
+    """Pick/confirm the resource (None: generate one) and call `bind_done`."""
+
+    resource: str | None
+
+
+@dataclass(slots=True)
+class StanzaReceived:
+    """A stanza from the bound client, its `from` stamped."""
+
+    element: ET.Element
+
+
+@dataclass(slots=True)
+class StreamEnded:
+    """Nothing more will be read: flush what is queued and close the socket.
+
+    `condition` is the stream error we sent, or None for a clean close;
+    `peer_closed` tells whether the peer sent its closing tag."""
+
+    condition: str | None
+    peer_closed: bool
+
+
+C2SEvent = (
+    StartTLS
+    | CheckPassword
+    | FindSecret
+    | AuthFailed
+    | Authenticated
+    | BindRequested
+    | StanzaReceived
+    | StreamEnded
+)
+
+
+@dataclass(slots=True)
+class StreamSettings:
+    """What the server knows about this connection before it starts."""
+
+    domains: frozenset[str]
+    tls_available: bool  # a certificate is configured (STARTTLS can be offered)
+    tls_required: bool  # SASL only after TLS
+    tls_active: bool = False  # direct TLS (XEP-0368): already encrypted
+    max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
+    max_depth: int = DEFAULT_MAX_DEPTH
+
+
+class C2SStream:
+    """One client connection's stream, from first byte to closing tag."""
+
+    def __init__(self, settings: StreamSettings) -> None:
+        self.settings = settings
+        self.state = State.WAIT_HEADER
+        self.tls_active = settings.tls_active
+        self.channel_binding: dict[str, bytes] = {}
+        self.domain: str | None = None
+        self.stream_id = ""
+        self.jid: JID | None = None  # bare after SASL, full after bind
+        self._authenticated = False
+        self._out: list[bytes] = []
+        self._parser = self._new_parser()
+        self._mechanism: sasl.Mechanism | None = None
+        self._auth_jid: str | None = None
+        self._authzid: str | None = None
+        self._offered_mechanisms: list[str] = []
+        self._bind_iq: ET.Element | None = None
+        self._sent_close = False
+
+    # -- bytes ----------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def receive_data(self, data: bytes) -> list[C2SEvent]:
+        if self.state is State.CLOSED:
+            return []
+        try:
+            events = self._parser.feed(data)
+        except XMLStreamError as exc:
+            return [self._fail(exc.condition, exc.text)]
+        out: list[C2SEvent] = []
+        for ev in events:
+            if self.state is State.CLOSED:
+                break
+            if isinstance(ev, Stanza):
+                out.extend(self._on_element(ev.element))
+            elif isinstance(ev, StreamOpen):
+                out.extend(self._on_header(ev))
+            elif isinstance(ev, StreamClose):
+                out.append(self._on_close())
+            if out and isinstance(out[-1], StartTLS):
+                # RFC 6120 §5.4.3.3: nothing sent before the TLS handshake
+                # may be acted on (STARTTLS command injection).
+                break
+        return out
+
+    # -- driver callbacks -------------------------------------------------------
+
+    def tls_started(self, channel_binding: dict[str, bytes]) -> None:
+        """The socket is now TLS; expect a fresh stream header."""
+        self.tls_active = True
+        self.channel_binding = channel_binding
+        self._restart()
+
+    def password_checked(self, ok: bool | None) -> list[C2SEvent]:
+        """PLAIN result: True, False, or None when the directory is down."""
+        assert self._mechanism is not None and self.state is State.WAIT_AUTH_RESULT
+        if ok is None:
+            return self._sasl_failure("temporary-auth-failure")
+        return self._sasl_step(self._mechanism.password_result(ok))
+
+    def secret_found(self, secret: ScramSecret | None, unavailable: bool = False) -> list[C2SEvent]:
+        assert self._mechanism is not None and self.state is State.WAIT_AUTH_RESULT
+        if unavailable:
+            return self._sasl_failure("temporary-auth-failure")
+        self.state = State.NEGOTIATING
+        return self._sasl_step(self._mechanism.provide_secret(secret))
+
+    def bind_done(self, resource: str | None, condition: str | None = None) -> None:
+        """The session table bound `resource`, or refused with `condition`."""
+        iq = self._bind_iq
+        assert iq is not None and self.jid is not None
+        self._bind_iq = None
+        if resource is None:
+            self.state = State.NEGOTIATING
+            self._send_element(stanza_error(iq, condition or "internal-server-error"))
+            return
+        self.jid = JID(self.jid.local, self.jid.domain, resource)
+        self.state = State.ESTABLISHED
+        reply = ET.Element(f"{{{CLIENT_NS}}}iq", {"type": "result", "id": iq.get("id", "")})
+        bind = ET.SubElement(reply, f"{{{BIND_NS}}}bind")
+        ET.SubElement(bind, f"{{{BIND_NS}}}jid").text = str(self.jid)
+        self._send_element(reply)
+
+    def send_element(self, elem: ET.Element) -> None:
+        """Queue a stanza for the client (only once established)."""
+        self._out.append(serialize(elem))
+
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes already serialised for this stream (fan-out reuse)."""
+        self._out.append(data)
+
+    def close(self, condition: str | None = None, text: str = "") -> StreamEnded:
+        """Server-initiated end: a stream error when `condition` is given."""
+        if condition:
+            return self._fail(condition, text)
+        if not self._sent_close:
+            self._ensure_header()
+            self._out.append(b"</stream:stream>")
+            self._sent_close = True
+        self.state = State.CLOSED
+        return StreamEnded(None, peer_closed=False)
+
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    # -- stream header ----------------------------------------------------------
+
+    def _on_header(self, ev: StreamOpen) -> list[C2SEvent]:
+        if self.state is not State.WAIT_HEADER:
+            return [self._fail("not-well-formed", "unexpected stream header")]
+        attrib = ev.attrib
+        to = attrib.get("to")
+        if ev.tag != STREAM_TAG:
+            return [
+                self._fail("invalid-namespace", f"stream element must be {{{STREAM_NS}}}stream")
+            ]
+        if ev.namespaces.get("stream") != STREAM_NS:
+            return [self._fail("bad-namespace-prefix", "use the 'stream' prefix")]
+        if ev.namespaces.get("") != CLIENT_NS:
+            return [self._fail("invalid-namespace", "default namespace must be jabber:client")]
+        if to is None:
+            return [self._fail("improper-addressing", "a 'to' attribute is required")]
+        try:
+            domain = parse_jid(to)
+        except InvalidJID:
+            domain = None
+        if (
+            domain is None
+            or domain.local
+            or domain.resource
+            or domain.domain not in self.settings.domains
+        ):
+            return [self._fail("host-unknown", "this server does not serve that domain")]
+        if self.domain is not None and domain.domain != self.domain:
+            return [self._fail("host-unknown", "domain changed on stream restart")]
+        self.domain = domain.domain
+        version = attrib.get("version", "")
+        major, _, _ = version.partition(".")
+        if not major.isdigit() or int(major) < 1:
+            return [self._fail("unsupported-version", "XMPP 1.0 streams only")]
+        self._send_header(attrib.get("from"))
+        self._out.append(self._features())
+        self.state = State.NEGOTIATING
+        return []
+
+    def _send_header(self, peer: str | None = None) -> None:
+        self.stream_id = secrets.token_urlsafe(ID_BYTES)
+        to = ""
+        if peer:
+            try:
+                to = f" to='{escape_attr(str(parse_jid(peer)))}'"
+            except InvalidJID:
+                to = ""
+        self._out.append(
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
+            f"xmlns:stream='{STREAM_NS}' id='{self.stream_id}' "
+            f"from='{escape_attr(self.domain or sorted(self.settings.domains)[0])}'{to} "
+            "version='1.0' xml:lang='en'>".encode()
+        )
+
+    def _ensure_header(self) -> None:
+        """RFC 6120 §4.9.1.1: an error before our header still needs one."""
+        if not self.stream_id:
+            self._send_header()
+
+    def _features(self) -> bytes:
+        parts = ["<stream:features>"]
+        s = self.settings
+        if not self.tls_active and s.tls_available and not self._authenticated:
+            req = "<required/>" if s.tls_required else ""
+            parts.append(f"<starttls xmlns='{TLS_NS}'>{req}</starttls>")
+        if not self._authenticated:
+            mechs = self._mechanisms_now()
+            self._offered_mechanisms = mechs
+            if mechs:
+                parts.append(f"<mechanisms xmlns='{SASL_NS}'>")
+                parts.extend(f"<mechanism>{m}</mechanism>" for m in mechs)
+                parts.append("</mechanisms>")
+                if self.channel_binding:
+                    # XEP-0440: which channel-binding types we can verify.
+                    parts.append(f"<sasl-channel-binding xmlns='{SASL_CB_NS}'>")
+                    parts.extend(
+                        f"<channel-binding type='{t}'/>"
+                        for t in sasl.channel_binding_element_types(set(self.channel_binding))
+                    )
+                    parts.append("</sasl-channel-binding>")
+        else:
+            parts.append(f"<bind xmlns='{BIND_NS}'/>")
+            # RFC 3921 session establishment, optional since RFC 6121.
+            parts.append(f"<session xmlns='{SESSION_NS}'><optional/></session>")
+        parts.append("</stream:features>")
+        return "".join(parts).encode()
+
+    def _mechanisms_now(self) -> list[str]:
+        if self.settings.tls_required and not self.tls_active:
+            return []
+        return sasl.available_mechanisms(
+            tls=self.tls_active,
+            cb_types=set(self.channel_binding),
+            plain_allowed=self.tls_active or not self.settings.tls_required,
+        )
+
+    # -- elements ---------------------------------------------------------------
+
+    def _on_element(self, elem: ET.Element) -> list[C2SEvent]:
+        tag = elem.tag
+        if self.state is State.ESTABLISHED:
+            if tag in STANZA_TAGS:
+                return self._stamp(elem)
+            return self._nonza(elem)
+        if tag.startswith("{" + TLS_NS + "}"):
+            return self._on_starttls(elem)
+        if tag.startswith("{" + SASL_NS + "}"):
+            return self._on_sasl(elem)
+        if tag in STANZA_TAGS:
+            if not self._authenticated:
+                return [self._fail("not-authorized", "authenticate first")]
+            if self.state is State.NEGOTIATING and tag.endswith("}iq"):
+                return self._on_bind_phase_iq(elem)
+            return [self._fail("not-authorized", "bind a resource first")]
+        return self._nonza(elem)
+
+    def _nonza(self, elem: ET.Element) -> list[C2SEvent]:
+        if elem.tag == f"{{{STREAM_NS}}}error":
+            # The peer reported a stream error: it is closing; so do we.
+            return [self._end(None, peer_closed=True)]
+        if not elem.tag.startswith("{") or elem.tag.startswith("{" + CLIENT_NS + "}"):
+            if elem.tag.startswith("{") or elem.tag in ("message", "presence", "iq"):
+                return [self._fail("unsupported-stanza-type")]
+            return [self._fail("invalid-namespace", "stanzas must be in jabber:client")]
+        return [self._fail("unsupported-stanza-type", f"unexpected element {elem.tag}")]
+
+    def _on_starttls(self, elem: ET.Element) -> list[C2SEvent]:
+        if elem.tag != f"{{{TLS_NS}}}starttls":
+            return [self._fail("unsupported-stanza-type")]
+        if self.tls_active or self._authenticated or not self.settings.tls_available:
+            # RFC 6120 §5.4.2.2: failure, then close the stream.
+            self._out.append(f"<failure xmlns='{TLS_NS}'/>".encode())
+            return [self.close()]
+        self._out.append(f"<proceed xmlns='{TLS_NS}'/>".encode())
+        self.state = State.WAIT_HEADER
+        return [StartTLS()]
+
+    def _on_sasl(self, elem: ET.Element) -> list[C2SEvent]:
+        local = elem.tag.rpartition("}")[2]
+        if self._authenticated or self.state is not State.NEGOTIATING:
+            return [self._fail("policy-violation", "SASL is not possible now")]
+        if local == "abort":
+            if self._mechanism is None:
+                return self._sasl_failure("aborted")
+            return self._sasl_failure("aborted")
+        if local == "auth":
+            return self._on_auth(elem)
+        if local == "response":
+            if self._mechanism is None:
+                return self._sasl_failure("malformed-request", "no exchange in progress")
+            data = self._decode64(elem.text)
+            if data is None:
+                return self._sasl_failure("incorrect-encoding")
+            return self._sasl_step(self._mechanism.receive(data))
+        return [self._fail("unsupported-stanza-type", f"unexpected SASL element {local}")]
+
+    def _on_auth(self, elem: ET.Element) -> list[C2SEvent]:
+        if self.settings.tls_required and not self.tls_active:
+            return self._sasl_failure("encryption-required")
+        name = elem.get("mechanism", "")
+        mech = None
+        if name in self._offered_mechanisms:
+            mech = sasl.create_mechanism(
+                name,
+                sasl.ChannelBinding(dict(self.channel_binding)) if self.channel_binding else None,
+                any(m.endswith("-PLUS") for m in self._offered_mechanisms),
+            )
+        if mech is None:
+            return self._sasl_failure("invalid-mechanism")
+        self._mechanism = mech
+        text = elem.text
+        if text is None or not text.strip():
+            initial: bytes | None = None  # no initial response
+        else:
+            initial = self._decode64(text)
+            if initial is None:
+                return self._sasl_failure("incorrect-encoding")
+        return self._sasl_step(mech.receive(initial))
+
+    @staticmethod
+    def _decode64(text: str | None) -> bytes | None:
+        text = (text or "").strip()
+        if text == "=":
+            return b""
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            return None
+
+    def _sasl_step(self, ev: object) -> list[C2SEvent]:
+        """Translate one mechanism event into wire bytes and driver events."""
+        if isinstance(ev, sasl.Challenge):
+            self.state = State.NEGOTIATING
+            self._out.append(self._sasl_bytes("challenge", ev.data))
+            return []
+        if isinstance(ev, sasl.NeedPassword | sasl.NeedSecret):
+            jid = self._user_jid(ev.username)
+            if jid is None:
+                return self._sasl_failure("not-authorized")
+            if ev.authzid and ev.authzid != jid:
+                return self._sasl_failure("invalid-authzid")
+            self._auth_jid = jid
+            self.state = State.WAIT_AUTH_RESULT
+            if isinstance(ev, sasl.NeedPassword):
+                return [CheckPassword(jid, ev.password)]
+            return [FindSecret(jid, ev.mechanism)]
+        if isinstance(ev, sasl.Success):
+            jid = self._auth_jid
+            assert jid is not None
+            self._out.append(self._sasl_bytes("success", ev.additional_data))
+            self._authenticated = True
+            self._mechanism = None
+            self.jid = parse_jid(jid)
+            self._restart()
+            return [Authenticated(self.jid)]
+        assert isinstance(ev, sasl.Failure)
+        return self._sasl_failure(ev.condition, ev.text or "")
+
+    def _sasl_failure(self, condition: str, text: str = "") -> list[C2SEvent]:
+        jid = self._auth_jid
+        self._mechanism = None
+        self._auth_jid = None
+        self.state = State.NEGOTIATING
+        body = f"<{condition}/>"
+        if text:
+            body += f"<text xml:lang='en'>{text}</text>"
+        self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
+        return [AuthFailed(jid, condition)]
+
+    @staticmethod
+    def _sasl_bytes(tag: str, data: bytes | None) -> bytes:
+        if data is None:
+            return f"<{tag} xmlns='{SASL_NS}'/>".encode()
+        payload = base64.b64encode(data).decode() if data else "="
+        return f"<{tag} xmlns='{SASL_NS}'>{payload}</{tag}>".encode()
+
+    def _user_jid(self, username: str) -> str | None:
+        """The bare JID a SASL username names on this stream's domain."""
+        try:
+            if "@" in username:
+                jid = parse_jid(username)
+                if jid.domain != self.domain or jid.resource:
+                    return None
+                return str(jid.bare)
+            return f"{prep_localpart(username)}@{self.domain}"
+        except InvalidJID:
+            return None
+
+    # -- bind -----------------------------------------------------------------
+
+    def _on_bind_phase_iq(self, iq: ET.Element) -> list[C2SEvent]:
+        if iq.get("type") != "set" or len(iq) != 1:
+            return [self._fail("not-authorized", "bind a resource first")]
+        child = iq[0]
+        if child.tag == f"{{{SESSION_NS}}}session":
+            return [self._fail("not-authorized", "bind a resource first")]
+        if child.tag != f"{{{BIND_NS}}}bind":
+            return [self._fail("not-authorized", "bind a resource first")]
+        res_elem = child.find(f"{{{BIND_NS}}}resource")
+        resource: str | None = None
+        if res_elem is not None and (res_elem.text or "").strip():
+            try:
+                resource = prep_resource(res_elem.text or "")
+            except InvalidJID:
+                # RFC 6120 §7.7.2.1: a resource that fails resourceprep.
+                self._send_element(stanza_error(iq, "bad-request", "resource not allowed"))
+                return []
+        self._bind_iq = iq
+        self.state = State.WAIT_BIND_RESULT
+        return [BindRequested(resource)]
+
+    def _stamp(self, elem: ET.Element) -> list[C2SEvent]:
+        """RFC 6120 §8.1.2.1: the server stamps `from` with the full JID."""
+        full = str(self.jid)
+        given = elem.get("from")
+        if given is not None and given != full:
+            try:
+                ok = parse_jid(given) in (self.jid, self.jid.bare)  # type: ignore[union-attr]
+            except InvalidJID:
+                ok = False
+            if not ok:
+                return [self._fail("invalid-from", "from does not match your JID")]
+        elem.set("from", full)
+        if (
+            elem.tag.endswith("}iq")
+            and len(elem) == 1
+            and elem[0].tag == f"{{{SESSION_NS}}}session"
+        ):
+            # RFC 3921 §3: legacy session establishment; nothing left to do.
+            if elem.get("type") == "set":
+                self._send_element(
+                    ET.Element(f"{{{CLIENT_NS}}}iq", {"type": "result", "id": elem.get("id", "")})
+                )
+                return []
+        return [StanzaReceived(elem)]
+
+    # -- endings ----------------------------------------------------------------
+
+    def _on_close(self) -> StreamEnded:
+        if not self._sent_close:
+            self._ensure_header()
+            self._out.append(b"</stream:stream>")
+            self._sent_close = True
+        return self._end(None, peer_closed=True)
+
+    def _fail(self, condition: str, text: str = "") -> StreamEnded:
+        if not self._sent_close:
+            self._ensure_header()
+            self._out.append(stream_error_bytes(condition, text))
+            self._sent_close = True
+        return self._end(condition, peer_closed=False)
+
+    def _end(self, condition: str | None, peer_closed: bool) -> StreamEnded:
+        self.state = State.CLOSED
+        return StreamEnded(condition, peer_closed)
+
+    def _restart(self) -> None:
+        self._parser = self._new_parser()
+        self.stream_id = ""
+        self.state = State.WAIT_HEADER
+
+    def _new_parser(self) -> XMLStreamParser:
+        return XMLStreamParser(self.settings.max_stanza_bytes, self.settings.max_depth)
+
+    def _send_element(self, elem: ET.Element) -> None:
+        self._out.append(serialize(elem))

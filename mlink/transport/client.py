@@ -1,0 +1,239 @@
+"""One client connection: Trio glue around the sans-IO `C2SStream`.
+
+Two tasks per connection, no more: the reader feeds bytes to the stream
+machine and acts on its events; the writer sends everything queued for the
+client in one `send_all` per wake-up (write coalescing), so a burst of
+stanzas costs one TLS record, not one each.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
+
+import trio
+
+from mlink.directory.base import DirectoryUnavailable
+from mlink.jid import JID
+from mlink.stream import c2s
+from mlink.xml.serialize import serialize
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+
+log = logging.getLogger("mlink.c2s")
+
+# One read at most this many bytes: small enough that the stanza-size limit
+# is enforced within one read, large enough for a burst of stanzas.
+MAX_READ = 16 * 1024
+# A client that stops reading may not pin more than this much of our memory;
+# past it the session ends (`policy-violation`), as Prosody ends slow clients.
+MAX_OUTBOX_BYTES = 4 * 1024 * 1024
+# How long a TLS handshake may take before the connection is dropped.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+# After we send our closing tag, how long we wait for the peer's before
+# closing the socket anyway (RFC 6120 §4.4 asks us to wait "a reasonable time").
+CLOSE_GRACE = 2.0
+
+
+class ClientConnection:
+    """A connection from accept to close; becomes a `Session` once bound."""
+
+    def __init__(self, server: Server, stream: trio.abc.Stream, direct_tls: bool) -> None:
+        self.server = server
+        self.transport: trio.abc.Stream = stream
+        self.direct_tls = direct_tls
+        settings = server.stream_settings(tls_active=direct_tls)
+        self.xmpp = c2s.C2SStream(settings)
+        self.jid: JID = JID("", "", "")
+        self._outbox: list[bytes] = []
+        self._outbox_bytes = 0
+        self._has_output = trio.Event()
+        self._drained = trio.Event()
+        self._drained.set()
+        self._closing = False
+        self._bound = False
+        self._scope = trio.CancelScope()
+
+    # -- Session interface (used by the router, never awaits) --------------------
+
+    def deliver(self, stanza: ET.Element) -> None:
+        if not self._closing:
+            self._queue(serialize(stanza))
+
+    def deliver_bytes(self, data: bytes) -> None:
+        if not self._closing:
+            self._queue(data)
+
+    def kick(self, condition: str, text: str = "") -> None:
+        if self._closing:
+            return
+        self.xmpp.close(condition, text)
+        self._flush_machine()
+        self._closing = True
+
+    # -- tasks ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        with self._scope:
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer)
+                    if not self.direct_tls or await self._start_tls():
+                        await self._read_until_authenticated()
+                        await self._read_loop()
+                    await self._finish()
+                    nursery.cancel_scope.cancel()
+            finally:
+                if self._bound:
+                    self.server.sessions.unbind(self)
+                    self._bound = False
+                with trio.move_on_after(CLOSE_GRACE) as cleanup:
+                    cleanup.shield = True
+                    try:
+                        await self.transport.aclose()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        pass
+
+    async def _read_until_authenticated(self) -> None:
+        """The unauthenticated phase is bounded by the auth timeout."""
+        with trio.move_on_after(self.server.config.limits.auth_timeout) as scope:
+            while not self._closing and not self._bound:
+                if not await self._read_once():
+                    return
+        if scope.cancelled_caught and not self._closing:
+            log.info("closing unauthenticated connection: timeout")
+            self.kick("connection-timeout", "authentication took too long")
+
+    async def _read_loop(self) -> None:
+        while not self._closing:
+            if not await self._read_once():
+                return
+
+    async def _read_once(self) -> bool:
+        """Read and handle one chunk; False when the peer is gone."""
+        try:
+            data = await self.transport.receive_some(MAX_READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        if not data:
+            self._closing = True
+            return False
+        await self._handle(self.xmpp.receive_data(data))
+        return True
+
+    async def _handle(self, events: list[c2s.C2SEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, c2s.StanzaReceived):
+                self._flush_machine()
+                self.server.router.route(ev.element)
+                continue
+            self._flush_machine()
+            if isinstance(ev, c2s.StartTLS):
+                await self._drain()
+                if not await self._start_tls():
+                    return
+            elif isinstance(ev, c2s.CheckPassword):
+                await self._check_password(ev)
+            elif isinstance(ev, c2s.FindSecret):
+                await self._find_secret(ev)
+            elif isinstance(ev, c2s.BindRequested):
+                self._bind(ev)
+            elif isinstance(ev, c2s.AuthFailed):
+                log.info("authentication failed for %s: %s", ev.jid or "?", ev.condition)
+            elif isinstance(ev, c2s.Authenticated):
+                log.info("authenticated %s", ev.jid)
+            elif isinstance(ev, c2s.StreamEnded):
+                self._closing = True
+        self._flush_machine()
+
+    async def _check_password(self, ev: c2s.CheckPassword) -> None:
+        try:
+            ok: bool | None = await self.server.directory.check_password(ev.jid, ev.password)
+        except DirectoryUnavailable as exc:
+            log.warning("directory unavailable while authenticating %s: %s", ev.jid, exc)
+            ok = None
+        await self._handle(self.xmpp.password_checked(ok))
+
+    async def _find_secret(self, ev: c2s.FindSecret) -> None:
+        try:
+            secret = await self.server.directory.scram_secret(ev.jid, ev.mechanism)
+        except DirectoryUnavailable as exc:
+            log.warning("directory unavailable while authenticating %s: %s", ev.jid, exc)
+            await self._handle(self.xmpp.secret_found(None, unavailable=True))
+            return
+        await self._handle(self.xmpp.secret_found(secret))
+
+    def _bind(self, ev: c2s.BindRequested) -> None:
+        assert self.xmpp.jid is not None
+        full = self.server.sessions.bind(self, self.xmpp.jid.bare, ev.resource)
+        self._bound = True
+        self.xmpp.bind_done(full.resource)
+        log.info("bound %s", full)
+
+    async def _start_tls(self) -> bool:
+        tls = self.server.tls
+        assert tls is not None
+        ssl_stream = trio.SSLStream(
+            self.transport, tls.context, server_side=True, https_compatible=False
+        )
+        try:
+            with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+                await ssl_stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            log.info("TLS handshake failed: %s", exc)
+            self._closing = True
+            return False
+        self.transport = ssl_stream
+        # trio's SSLStream does not forward the SSLObject; see tls_exporter.
+        self.xmpp.tls_started(tls.channel_binding(ssl_stream._ssl_object))
+        return True
+
+    async def _finish(self) -> None:
+        """Flush the last bytes, and give the peer time for its closing tag."""
+        self._flush_machine()
+        with trio.move_on_after(CLOSE_GRACE):
+            await self._drain()
+
+    # -- writing --------------------------------------------------------------
+
+    def _flush_machine(self) -> None:
+        data = self.xmpp.data_to_send()
+        if data:
+            self._queue(data)
+
+    def _queue(self, data: bytes) -> None:
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        self._drained = trio.Event() if self._drained.is_set() else self._drained
+        self._has_output.set()
+        if self._outbox_bytes > MAX_OUTBOX_BYTES and not self._closing:
+            log.warning("%s is not reading; closing", self.jid)
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            self.kick("policy-violation", "too much unread data")
+
+    async def _drain(self) -> None:
+        await self._drained.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._has_output.wait()
+            self._has_output = trio.Event()
+            data = b"".join(self._outbox)
+            self._outbox.clear()
+            self._outbox_bytes = 0
+            try:
+                await self.transport.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                self._closing = True
+                self._drained.set()
+                self._scope.cancel()
+                return
+            if not self._outbox:
+                self._drained.set()
+                if self._closing:
+                    # Everything up to the closing tag is out: stop reading.
+                    self._scope.cancel()
+                    return

@@ -1,0 +1,326 @@
+"""The embedded (LDIF file) directory, and the LDIF reader/writer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from mlink.config_model import EmbeddedConfig
+from mlink.directory import ldif
+from mlink.directory.base import DirectoryError, NoSuchUser, UserExists
+from mlink.directory.embedded import (
+    EmbeddedDirectory,
+    escape_dn_value,
+    ssha_hash,
+    verify_user_password,
+)
+from mlink.sasl.secrets import derive_secret
+from tests.ldap_fixtures import run_slapd_tool
+
+BASE = "dc=example,dc=com"
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "directory.ldif"
+
+
+@pytest.fixture
+async def directory(path: Path):
+    d = await EmbeddedDirectory.create(path, BASE, "example.com")
+    yield d
+    await d.aclose()
+
+
+# --- LDIF ----------------------------------------------------------------
+
+
+def test_ldif_round_trip_with_base64_and_folding():
+    long_value = "x" * 200
+    entries = [
+        ldif.Entry(
+            "cn=Zoë \\+ friends,dc=example,dc=com",
+            {
+                "objectClass": ["top", "person"],
+                "cn": ["Zoë + friends"],
+                "description": [" leading space", "trailing ", ":colon", "<lt", "a\nb", ""],
+                "sn": [long_value],
+                "jpegPhoto": [b"\xff\xd8\x00binary"],
+            },
+        )
+    ]
+    text = ldif.dumps(entries, header="a comment\nsecond line")
+    assert all(len(line) <= ldif.FOLD_WIDTH for line in text.splitlines())
+    assert "version:" not in text  # slapadd 2.5 refuses it
+    back = ldif.parse(text)
+    assert back == entries
+
+
+def test_ldif_reader_handles_folding_comments_version_and_case():
+    text = (
+        "version: 1\n"
+        "# a comment\n"
+        "#  folded comment\n"
+        "dn: uid=a,dc=ex\n"
+        " ample,dc=com\n"
+        "objectClass: top\n"
+        "cn:: w6lsw6g=\n"
+        "CN: second\n"
+        "\n\n"
+        "dn:: dWlkPWIsZGM9Y29t\n"
+        "uid: b\n"
+    )
+    a, b = ldif.parse(text)
+    assert a.dn == "uid=a,dc=example,dc=com"
+    assert a.get("cn") == ["élè", "second"]
+    assert b.dn == "uid=b,dc=com"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "cn: no dn\n",
+        "dn: a=b\nchangetype: add\n",
+        "dn: a=b\njpegPhoto:< file:///etc/passwd\n",
+        " continuation first\n",
+        "dn: a=b\ncn:: !!!notbase64\n",
+        "dn: a=b\nnocolon\n",
+    ],
+)
+def test_ldif_reader_refuses_what_it_cannot_keep(bad):
+    with pytest.raises(ldif.LDIFError):
+        ldif.parse(bad)
+
+
+def test_password_hash_helpers():
+    h = ssha_hash("pässword")
+    assert h.startswith("{SSHA}")
+    assert verify_user_password(h, "pässword")
+    assert not verify_user_password(h, "password")
+    assert not verify_user_password("pässword", "pässword")  # clear text refused
+    assert escape_dn_value(" #a,b+c\\d ") == "\\ #a\\,b\\+c\\\\d\\ "
+
+
+# --- the directory -------------------------------------------------------
+
+
+async def test_add_check_list_delete(directory: EmbeddedDirectory, path: Path):
+    await directory.add_user("alice@example.com", "alice-pw")
+    await directory.add_user("alice@example.org", "other-pw")  # same localpart
+    assert await directory.list_users() == ["alice@example.com", "alice@example.org"]
+    assert await directory.user_exists("alice@example.com")
+    assert await directory.check_password("alice@example.com", "alice-pw")
+    assert not await directory.check_password("alice@example.com", "other-pw")
+    assert not await directory.check_password("alice@example.com", "")
+    assert not await directory.check_password("nobody@example.com", "alice-pw")
+    with pytest.raises(UserExists):
+        await directory.add_user("alice@example.com", "x")
+
+    text = path.read_text()
+    assert "alice-pw" not in text and "other-pw" not in text
+    assert "dn: mail=alice@example.org,ou=People,dc=example,dc=com" in text
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+    await directory.delete_user("alice@example.com")
+    assert await directory.list_users() == ["alice@example.org"]
+    assert not await directory.check_password("alice@example.com", "alice-pw")
+    with pytest.raises(NoSuchUser):
+        await directory.delete_user("alice@example.com")
+
+
+async def test_scram_secrets_and_set_password(directory: EmbeddedDirectory):
+    await directory.add_user("bob@example.com", "old-pw")
+    s256 = await directory.scram_secret("bob@example.com", "SCRAM-SHA-256")
+    s1 = await directory.scram_secret("bob@example.com", "SCRAM-SHA-1")
+    assert s256 is not None and s256.mechanism == "SCRAM-SHA-256"
+    assert s1 is not None and s1.mechanism == "SCRAM-SHA-1"
+    assert s256.matches_password("old-pw") and s1.matches_password("old-pw")
+    assert s256 == derive_secret("SCRAM-SHA-256", "old-pw", s256.salt, s256.iterations)
+    assert await directory.scram_secret("nobody@example.com", "SCRAM-SHA-1") is None
+
+    await directory.set_password("bob@example.com", "new-pw")
+    assert await directory.check_password("bob@example.com", "new-pw")
+    assert not await directory.check_password("bob@example.com", "old-pw")
+    new = await directory.scram_secret("bob@example.com", "SCRAM-SHA-256")
+    assert new is not None and new.matches_password("new-pw")
+    with pytest.raises(NoSuchUser):
+        await directory.set_password("nobody@example.com", "x")
+
+
+async def test_user_without_authpassword(path: Path, caplog):
+    """An entry written by another tool: userPassword only."""
+    entries = ldif.parse(path.read_text()) if path.exists() else []
+    d = await EmbeddedDirectory.create(path, BASE)
+    entries = ldif.parse(path.read_text())
+    entries.append(
+        ldif.Entry(
+            "uid=carol,ou=People,dc=example,dc=com",
+            {
+                "objectClass": ["top", "person", "organizationalPerson", "inetOrgPerson"],
+                "cn": ["Carol"],
+                "sn": ["Carol"],
+                "uid": ["carol"],
+                "mail": ["carol@example.com"],
+                "userPassword": [ssha_hash("carol-pw")],
+            },
+        )
+    )
+    path.write_text(ldif.dumps(entries))
+    assert await d.check_password("carol@example.com", "carol-pw")
+    assert not await d.check_password("carol@example.com", "wrong")
+    with caplog.at_level("INFO", logger="mlink.directory"):
+        assert await d.scram_secret("carol@example.com", "SCRAM-SHA-256") is None
+    assert "no authPassword value for SCRAM-SHA-256" in caplog.text
+    # Setting the password through mlink adds mlinkUser and the secrets.
+    await d.set_password("carol@example.com", "carol-new")
+    assert await d.scram_secret("carol@example.com", "SCRAM-SHA-1") is not None
+    (entry,) = [e for e in ldif.parse(path.read_text()) if e.first("uid") == "carol"]
+    assert "mlinkUser" in entry.get("objectClass")
+
+
+async def test_missing_file_is_an_empty_directory(tmp_path: Path):
+    path = tmp_path / "sub" / "d.ldif"
+    path.parent.mkdir()
+    d = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn="dc=localhost"))
+    assert await d.list_users() == []
+    assert not await d.check_password("a@localhost", "x")
+    await d.add_user("a@localhost", "pw")
+    entries = ldif.parse(path.read_text())
+    assert [e.dn for e in entries] == [
+        "dc=localhost",
+        "ou=People,dc=localhost",
+        "mail=a@localhost,ou=People,dc=localhost",
+    ]
+
+
+async def test_bad_jids_refused(directory: EmbeddedDirectory):
+    for jid in ["", "nodomain", "a@b/resource", "münchen@example.com"]:
+        with pytest.raises(DirectoryError):
+            await directory.add_user(jid, "pw")
+
+
+async def test_filter_like_jid_finds_nothing(directory: EmbeddedDirectory):
+    await directory.add_user("alice@example.com", "pw")
+    assert not await directory.user_exists("*)(mail=*")
+    assert not await directory.check_password("*)(mail=*", "pw")
+    assert await directory.scram_secret("*", "SCRAM-SHA-256") is None
+
+
+async def test_import_1000_users_writes_once(directory: EmbeddedDirectory, path: Path):
+    await directory.add_user("u0@example.com", "before")
+    pairs = [(f"u{i}@example.com", f"pw{i}") for i in range(1000)]
+    before = os.stat(path).st_ino
+    start = time.monotonic()
+    assert await directory.import_users(pairs) == 1000
+    elapsed = time.monotonic() - start
+    assert elapsed < 30, elapsed
+    assert os.stat(path).st_ino != before
+    users = await directory.list_users()
+    assert len(users) == 1000
+    assert await directory.check_password("u0@example.com", "pw0")  # updated
+    assert not await directory.check_password("u0@example.com", "before")
+    assert await directory.check_password("u999@example.com", "pw999")
+    # The file alone is enough: a fresh instance sees the same users.
+    fresh = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE))
+    assert len(await fresh.list_users()) == 1000
+
+
+async def test_import_does_not_stall_the_loop(directory: EmbeddedDirectory):
+    """While 300 users are derived and written, the loop keeps ticking."""
+    gaps: list[float] = []
+    done = trio.Event()
+
+    async def ticker():
+        last = trio.current_time()
+        while not done.is_set():
+            await trio.sleep(0.01)
+            now = trio.current_time()
+            gaps.append(now - last)
+            last = now
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker)
+        await directory.import_users((f"t{i}@example.com", "pw") for i in range(300))
+        done.set()
+    assert gaps and max(gaps) < 0.5, max(gaps)
+
+
+async def test_reload_after_another_instance_writes(path: Path):
+    server = await EmbeddedDirectory.create(path, BASE)
+    cli = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE))
+    assert await server.list_users() == []
+    await cli.add_user("new@example.com", "pw")
+    assert await server.check_password("new@example.com", "pw")
+    await cli.delete_user("new@example.com")
+    assert not await server.user_exists("new@example.com")
+
+
+async def test_concurrent_writers_lose_nothing(path: Path):
+    """Two instances (as two CLI processes would) adding users at once."""
+    await EmbeddedDirectory.create(path, BASE)
+    a = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE))
+    b = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE))
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(a.add_user, f"a{i}@example.com", "pw")
+            nursery.start_soon(b.add_user, f"b{i}@example.com", "pw")
+    c = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE))
+    assert len(await c.list_users()) == 20
+
+
+ADD_SCRIPT = """
+import sys, trio
+from pathlib import Path
+from mlink.config_model import EmbeddedConfig
+from mlink.directory.embedded import EmbeddedDirectory
+d = EmbeddedDirectory(EmbeddedConfig(file=Path(sys.argv[1]), base_dn=sys.argv[2]))
+async def main():
+    for i in range(15):
+        await d.add_user(f"{sys.argv[3]}{i}@example.com", "pw")
+trio.run(main)
+"""
+
+
+async def test_concurrent_processes_lose_nothing(path: Path):
+    await EmbeddedDirectory.create(path, BASE)
+    repo = Path(__file__).resolve().parent.parent
+    procs = [
+        subprocess.Popen([sys.executable, "-c", ADD_SCRIPT, str(path), BASE, prefix], cwd=repo)
+        for prefix in ("p", "q", "r")
+    ]
+    for proc in procs:
+        assert await trio.to_thread.run_sync(proc.wait) == 0
+    d = EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE))
+    assert len(await d.list_users()) == 45
+
+
+async def test_written_file_loads_into_slapd_and_users_can_bind(directory, path, tmp_path):
+    """The file is what slapadd loads: schema-valid, and a user can bind
+    with the {SSHA} userPassword afterwards."""
+    await directory.add_user("alice@example.com", "alice-pw")
+    await directory.import_users([("bob@example.com", "bob-pw"), ("x@example.org", "x-pw")])
+    workdir = tmp_path / "slapd"
+    out = await trio.to_thread.run_sync(
+        lambda: run_slapd_tool("--dir", str(workdir), "--no-base", "--ldif", str(path))
+    )
+    url = out.splitlines()[0]
+    try:
+        for dn, pw, ok in [
+            ("mail=alice@example.com,ou=People,dc=example,dc=com", "alice-pw", True),
+            ("mail=x@example.org,ou=People,dc=example,dc=com", "x-pw", True),
+            ("mail=bob@example.com,ou=People,dc=example,dc=com", "wrong", False),
+        ]:
+            proc = await trio.run_process(
+                ["ldapwhoami", "-x", "-H", url, "-D", dn, "-w", pw],
+                capture_stdout=True,
+                check=False,
+            )
+            assert (proc.returncode == 0) == ok, (dn, proc.returncode)
+    finally:
+        await trio.to_thread.run_sync(lambda: run_slapd_tool("--stop", str(workdir)))
