@@ -77,7 +77,8 @@ class Server:
                 listener = await open_reuseport_listener(lc)
                 port = listener.socket.getsockname()[1]
                 self.bound_ports[lc.kind] = port
-                log.info("listening for %s on %s port %d", _describe(lc.kind), lc.address, port)
+                log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
+                         lc.address, port)
                 nursery.start_soon(self._accept_loop, listener, lc.kind == "tls")
             task_status.started()
 
@@ -141,4 +142,4 @@ async def open_reuseport_listener(lc: ListenerConfig) -> trio.SocketListener:
 
 
 def _describe(kind: str) -> str:
-    return {"c2s": "c2s (STARTTLS)", "tls": "c2s (direct TLS)"}.get(kind, kind)
+    return {"c2s": "clients, STARTTLS", "tls": "clients, direct TLS"}.get(kind, kind)

@@ -107,12 +107,12 @@ async def test_set_password_adds_secrets_to_foreign_user(directory: LDAPDirector
 def _remove_auth_password(directory: LDAPDirectory, jid: str):
     from bonsai import LDAPEntry, LDAPModOp
 
-    def fn(conn):
-        entry = directory._find_sync(conn, jid, ["1.1"])
+    async def fn(conn):
+        entry = await directory._find_on(conn, jid, ["1.1"])
         change = LDAPEntry(str(entry.dn), conn)
         change.change_attribute("authPassword", LDAPModOp.DELETE)
         change.change_attribute("objectClass", LDAPModOp.DELETE, "mlinkUser")
-        change.modify()
+        await change.modify()
 
     return fn
 

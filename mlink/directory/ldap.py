@@ -1,21 +1,25 @@
 """The LDAP directory backend (bonsai), pooled, with timeouts and failover.
 
-Why worker threads instead of `bonsai.trio.TrioLDAPConnection`: bonsai's
-async connect can ignore its timeout and block the whole event loop when a
-server silently drops packets (bonsai issue #113). Here every bonsai call —
-connect, bind, search, modify — runs in a worker thread
-(`trio.to_thread.run_sync(..., abandon_on_cancel=True)`) under a Trio
-deadline, so a dead or unreachable server can cost a request its timeout
-but can never stall the loop. bonsai is also given the timeout, so an
-abandoned thread ends by itself. The cost, a thread hop per request (tens of
-microseconds), is small next to a network round trip.
+Connections are `bonsai.trio.TrioLDAPConnection`s, so searches and writes
+wait on the Trio loop without a thread hop. Two hazards were measured and
+designed around (see docs/ldap.md):
 
-The pool holds up to `pool_size` connections bound as the service account.
-A connection that fails (connection error, timeout) is dropped together with
-every idle one (after a server restart they are all dead), and the request
-is retried once on a fresh connection; opening a connection tries the
-configured servers in order, starting from the last one that answered.
-Any failure to reach a server ends as `DirectoryUnavailable`.
+- bonsai issue #113: an async connect can block the loop when a server
+  silently drops packets (the TCP connect inside libldap blocks). So before
+  bonsai connects, a Trio TCP connect to the same host and port must succeed
+  within the timeout; a black-holed server fails there, on the loop's terms.
+- bonsai's *synchronous* connect holds the GIL while it waits (a thread
+  doing it stalls the loop too; checked with a server that accepts TCP and
+  never answers), so connecting "in a worker thread" is no cure.
+
+Every operation runs under `trio.fail_after(timeout)` (bonsai gets the same
+timeout); a connection whose operation failed or timed out is closed, never
+reused. The pool holds up to `pool_size` connections bound as the service
+account. On a connection failure every idle connection is dropped too (after
+a server restart they are all dead) and the request is retried once on a
+fresh connection. Opening a connection tries the configured servers in
+order, starting from the last one that answered. Any failure to reach a
+server ends as `DirectoryUnavailable`.
 
 Passwords: `check_password` binds as the user's DN on a short-lived
 connection, so the directory's password policy (lockout, expiry) applies;
@@ -23,21 +27,21 @@ an empty password is refused without binding (RFC 4513 §5.1.2: an
 unauthenticated bind would "succeed"). `add_user`/`set_password` write the
 RFC 5803 `authPassword` values and set `userPassword` with the RFC 3062
 password modify extended operation, so the directory hashes it per its own
-policy (olcPasswordHash) and no clear password is stored by us.
+policy (olcPasswordHash) and mlink never stores a clear password.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import bonsai
 import trio
 from bonsai import LDAPEntry, LDAPModOp, LDAPSearchScope
+from bonsai.trio import TrioLDAPConnection
 
 from mlink.config_model import LDAPConfig
 from mlink.directory.base import (
@@ -97,10 +101,6 @@ def _is_connection_failure(exc: BaseException) -> bool:
     return isinstance(exc, bonsai.LDAPError) and getattr(exc, "code", 0) < 0
 
 
-class _Unreachable(Exception):
-    """No configured server could be reached (raised in worker threads)."""
-
-
 def _check_jid(jid: str) -> None:
     if not jid or "@" not in jid or "/" in jid:
         raise DirectoryError(f"not a bare user JID: {jid!r}")
@@ -124,50 +124,63 @@ class LDAPDirectory(Directory):
         size = max(1, int(config.pool_size))
         self._idle: list[bonsai.LDAPConnection] = []
         self._slots = trio.Semaphore(size)
-        # Threads for pooled requests, user binds and PBKDF2, kept apart so
-        # that slow binds cannot starve searches. An abandoned thread (its
-        # request timed out) keeps its token until bonsai's own timeout
-        # ends it.
-        self._pool_threads = trio.CapacityLimiter(size * 2)
-        self._bind_threads = trio.CapacityLimiter(size * 2)
+        # PBKDF2 runs in worker threads, a few at a time.
         self._derive_threads = trio.CapacityLimiter(DERIVE_THREADS)
         self._preferred = 0  # index of the server that last answered
         self._generation = 0  # bumped when the pool is flushed
-        self._lock = threading.Lock()  # guards _preferred across threads
         self._closed = False
 
     # --- connections ------------------------------------------------------
 
-    def _connect_sync(self, user: str, password: str) -> bonsai.LDAPConnection:
-        """Open and bind a connection, trying servers in order (thread).
+    async def _probe(self, url: str) -> None:
+        """A TCP connect on the loop's terms, so that a black-holed server
+        cannot block the loop inside libldap's connect (bonsai #113)."""
+        parsed = bonsai.LDAPURL(url)
+        if parsed.scheme == "ldapi":
+            return
+        stream = await trio.open_tcp_stream(parsed.host, parsed.port)
+        await stream.aclose()
 
-        AuthenticationError and other answers from a server propagate; only
-        unreachable servers move on to the next one."""
+    async def _connect(self, user: str, password: str) -> TrioLDAPConnection:
+        """Open and bind a connection, trying servers in order.
+
+        AuthenticationError and other answers from a server propagate; an
+        unreachable or silent server moves on to the next one, and when none
+        is left DirectoryUnavailable is raised."""
         servers = self.config.servers
-        with self._lock:
-            start = self._preferred
+        start = self._preferred
         errors = []
         for i in range(len(servers)):
             index = (start + i) % len(servers)
-            client = bonsai.LDAPClient(servers[index])
+            url = servers[index]
+            client = bonsai.LDAPClient(url)
             client.set_credentials("SIMPLE", user=user, password=password)
+            client.set_async_connection_class(TrioLDAPConnection)
             try:
-                conn = client.connect(timeout=self.timeout)
+                with trio.fail_after(self.timeout):
+                    await self._probe(url)
+                    conn = await client.connect(is_async=True, timeout=self.timeout)
+            except trio.TooSlowError:
+                errors.append(f"{url}: no answer within {self.timeout}s")
+                continue
+            except OSError as exc:
+                errors.append(f"{url}: {exc}")
+                continue
             except bonsai.LDAPError as exc:
                 if not _is_connection_failure(exc):
                     raise
-                errors.append(f"{servers[index]}: {exc}")
+                errors.append(f"{url}: {exc}")
                 continue
-            with self._lock:
-                if self._preferred != index:
-                    log.warning("LDAP: now using %s", servers[index])
+            if self._preferred != index:
+                log.warning("LDAP: now using %s", url)
                 self._preferred = index
             return conn
-        raise _Unreachable("; ".join(errors))
+        log.warning("LDAP unreachable: %s", "; ".join(errors))
+        raise DirectoryUnavailable("LDAP unreachable: " + "; ".join(errors))
 
-    def _open_service_sync(self) -> bonsai.LDAPConnection:
+    async def _open_service(self) -> TrioLDAPConnection:
         try:
-            return self._connect_sync(self.config.bind_dn, self.config.bind_password)
+            return await self._connect(self.config.bind_dn, self.config.bind_password)
         except bonsai.AuthenticationError as exc:
             log.error("LDAP: the service account %r cannot bind: %s", self.config.bind_dn, exc)
             raise DirectoryUnavailable(f"service bind refused: {exc}") from exc
@@ -176,16 +189,14 @@ class LDAPDirectory(Directory):
         idle, self._idle = self._idle, []
         self._generation += 1
         for conn in idle:
-            try:
-                conn.close()
-            except Exception:  # noqa: BLE001 - closing a dead link may fail
-                pass
+            _close(conn)
 
-    async def _call(self, fn: Callable[[bonsai.LDAPConnection], T]) -> T:
-        """Run `fn(conn)` in a worker thread on a pooled connection, under
-        the configured timeout (plus one connect timeout per server)."""
+    async def _call(self, fn: Callable[[TrioLDAPConnection], Awaitable[T]]) -> T:
+        """Run `fn(conn)` on a pooled service connection, under the timeout."""
         if self._closed:
             raise DirectoryUnavailable("directory closed")
+        # Waiting for a free connection, connecting (one timeout per server)
+        # and the operation itself.
         budget = self.timeout * (len(self.config.servers) + 2)
         with trio.move_on_after(budget):
             async with self._slots:
@@ -195,41 +206,40 @@ class LDAPDirectory(Directory):
                     generation = self._generation
                     try:
                         if conn is None:
-                            conn = await trio.to_thread.run_sync(
-                                self._open_service_sync,
-                                abandon_on_cancel=True,
-                                limiter=self._pool_threads,
-                            )
-                        result = await trio.to_thread.run_sync(
-                            fn, conn, abandon_on_cancel=True, limiter=self._pool_threads
-                        )
-                    except _Unreachable as exc:
-                        log.warning("LDAP unreachable: %s", exc)
-                        raise DirectoryUnavailable(str(exc)) from exc
+                            conn = await self._open_service()
+                        with trio.fail_after(self.timeout):
+                            result = await fn(conn)
+                    except trio.TooSlowError as exc:
+                        _close(conn)
+                        self._flush()
+                        log.warning("LDAP request timed out after %ss", self.timeout)
+                        raise DirectoryUnavailable("LDAP request timed out") from exc
                     except bonsai.LDAPError as exc:
                         if not _is_connection_failure(exc):
                             self._give_back(conn, generation)
                             raise DirectoryError(f"LDAP: {exc}") from exc
+                        _close(conn)
                         self._flush()
                         if reused and attempt == 0:
                             log.info("LDAP connection lost (%s); reconnecting", exc)
                             continue
                         log.warning("LDAP request failed: %s", exc)
                         raise DirectoryUnavailable(str(exc)) from exc
-                    except Exception:  # NoSuchUser, UserExists, ...: the link is fine
+                    except Exception:  # NoSuchUser, UserExists...: the link is fine
                         self._give_back(conn, generation)
                         raise
-                    # On cancellation `conn` is simply dropped: an abandoned
-                    # thread may still be using it.
+                    except BaseException:  # cancelled mid-operation: unusable
+                        _close(conn)
+                        raise
                     self._give_back(conn, generation)
                     return result
         raise DirectoryUnavailable(f"LDAP request timed out after {budget:.1f}s")
 
-    def _give_back(self, conn: bonsai.LDAPConnection | None, generation: int) -> None:
+    def _give_back(self, conn: TrioLDAPConnection | None, generation: int) -> None:
         if conn is None:
             return
         if self._closed or generation != self._generation:
-            conn.close()
+            _close(conn)
         else:
             self._idle.append(conn)
 
@@ -238,11 +248,11 @@ class LDAPDirectory(Directory):
     def _user_filter(self, jid: str) -> str:
         return f"(&{self.user_filter}({self.jid_attr}={escape_filter_value(jid)}))"
 
-    def _find_sync(
-        self, conn: bonsai.LDAPConnection, jid: str, attrs: list[str]
+    async def _find_on(
+        self, conn: TrioLDAPConnection, jid: str, attrs: list[str]
     ) -> LDAPEntry | None:
         try:
-            found = conn.search(
+            found = await conn.search(
                 self.users_dn,
                 LDAPSearchScope.SUBTREE,
                 self._user_filter(jid),
@@ -261,7 +271,7 @@ class LDAPDirectory(Directory):
         return found[0] if found else None
 
     async def _find(self, jid: str, attrs: list[str]) -> LDAPEntry | None:
-        return await self._call(lambda conn: self._find_sync(conn, jid, attrs))
+        return await self._call(lambda conn: self._find_on(conn, jid, attrs))
 
     async def check_password(self, jid: str, password: str) -> bool:
         if not password:
@@ -270,28 +280,18 @@ class LDAPDirectory(Directory):
         if entry is None:
             return False
         dn = str(entry.dn)
-
-        def bind() -> bool:
-            try:
-                conn = self._connect_sync(dn, password)
-            except (bonsai.AuthenticationError, bonsai.UnwillingToPerform) as exc:
-                log.debug("LDAP bind as %s refused: %s", dn, exc)
-                return False
-            conn.close()
-            return True
-
         with trio.move_on_after(self.timeout * (len(self.config.servers) + 1)):
             try:
-                return await trio.to_thread.run_sync(
-                    bind, abandon_on_cancel=True, limiter=self._bind_threads
-                )
-            except _Unreachable as exc:
-                raise DirectoryUnavailable(str(exc)) from exc
+                conn = await self._connect(dn, password)
+            except (bonsai.AuthenticationError, bonsai.UnwillingToPerform) as exc:
+                # Wrong password, or locked/expired by the password policy.
+                log.debug("LDAP bind as %s refused: %s", dn, exc)
+                return False
             except bonsai.LDAPError as exc:
-                if _is_connection_failure(exc):
-                    raise DirectoryUnavailable(str(exc)) from exc
                 log.info("LDAP bind as %s failed: %s", dn, exc)
                 return False
+            _close(conn)
+            return True
         raise DirectoryUnavailable("LDAP bind timed out")
 
     async def scram_secret(self, jid: str, mechanism: str) -> ScramSecret | None:
@@ -319,14 +319,14 @@ class LDAPDirectory(Directory):
     async def list_users(self) -> list[str]:
         filt = f"(&{self.user_filter}({self.jid_attr}=*))"
 
-        def search(conn: bonsai.LDAPConnection) -> list[str]:
+        async def search(conn: TrioLDAPConnection) -> list[str]:
             jids: list[str] = []
-            # Consume the pages inside this one call (bonsai #99).
-            results = conn.paged_search(
+            # Consume every page inside this one call (bonsai #99).
+            results = await conn.paged_search(
                 self.users_dn, LDAPSearchScope.SUBTREE, filt, [self.jid_attr],
                 timeout=self.timeout, page_size=PAGE_SIZE,
             )
-            for entry in results:
+            async for entry in results:
                 jids.extend(str(v) for v in entry.get(self.jid_attr, [])[:1])
             return jids
 
@@ -344,16 +344,16 @@ class LDAPDirectory(Directory):
     def _new_dn(self, jid: str) -> str:
         return f"{self.jid_attr}={escape_dn_value(jid)},{self.users_dn}"
 
-    def _upsert_sync(
+    async def _upsert_on(
         self,
-        conn: bonsai.LDAPConnection,
+        conn: TrioLDAPConnection,
         jid: str,
         password: str,
         secrets: list[str],
         create: bool | None,
     ) -> None:
         """Create (create=True), update (False) or either (None) one user."""
-        entry = self._find_sync(conn, jid, ["objectClass"])
+        entry = await self._find_on(conn, jid, ["objectClass"])
         if entry is None and create is False:
             raise NoSuchUser(jid)
         if entry is not None and create is True:
@@ -369,14 +369,14 @@ class LDAPDirectory(Directory):
             new[self.jid_attr] = [jid]
             new[self.scram_attr] = secrets
             try:
-                conn.add(new, timeout=self.timeout)
+                await conn.add(new, timeout=self.timeout)
             except bonsai.AlreadyExists as exc:
                 raise UserExists(jid) from exc
             try:
-                conn.modify_password(dn, password, timeout=self.timeout)
+                await conn.modify_password(dn, password, timeout=self.timeout)
             except bonsai.LDAPError:
                 try:  # do not leave a user without a userPassword behind
-                    conn.delete(dn, timeout=self.timeout)
+                    await conn.delete(dn, timeout=self.timeout)
                 except bonsai.LDAPError:
                     log.exception("LDAP: could not remove half-created %s", dn)
                 raise
@@ -387,8 +387,8 @@ class LDAPDirectory(Directory):
         if MLINK_CLASS.lower() not in classes:
             change.change_attribute("objectClass", LDAPModOp.ADD, MLINK_CLASS)
         change.change_attribute(self.scram_attr, LDAPModOp.REPLACE, *secrets)
-        change.modify(timeout=self.timeout)
-        conn.modify_password(dn, password, timeout=self.timeout)
+        await change.modify(timeout=self.timeout)
+        await conn.modify_password(dn, password, timeout=self.timeout)
 
     async def _secrets(self, password: str) -> list[str]:
         if not password:
@@ -398,28 +398,27 @@ class LDAPDirectory(Directory):
         )
         return [s.to_auth_password() for s in secrets]
 
-    async def _write(self, fn: Callable[[bonsai.LDAPConnection], Any]) -> Any:
-        return await self._call(fn)
-
     async def add_user(self, jid: str, password: str) -> None:
         _check_jid(jid)
         secrets = await self._secrets(password)
-        await self._write(lambda c: self._upsert_sync(c, jid, password, secrets, True))
+        await self._call(lambda c: self._upsert_on(c, jid, password, secrets, True))
 
     async def set_password(self, jid: str, password: str) -> None:
         secrets = await self._secrets(password)
-        await self._write(lambda c: self._upsert_sync(c, jid, password, secrets, False))
+        await self._call(lambda c: self._upsert_on(c, jid, password, secrets, False))
 
     async def delete_user(self, jid: str) -> None:
-        def delete(conn: bonsai.LDAPConnection) -> None:
-            entry = self._find_sync(conn, jid, ["1.1"])
+        async def delete(conn: TrioLDAPConnection) -> None:
+            entry = await self._find_on(conn, jid, ["1.1"])
             if entry is None:
                 raise NoSuchUser(jid)
-            conn.delete(str(entry.dn), timeout=self.timeout)
+            await conn.delete(str(entry.dn), timeout=self.timeout)
 
-        await self._write(delete)
+        await self._call(delete)
 
     async def import_users(self, pairs: Iterable[tuple[str, str]]) -> int:
+        """Derive every secret first (a few threads; PBKDF2 releases the
+        GIL), then upsert with one task per pooled connection."""
         pairs = list(pairs)
         for jid, password in pairs:
             _check_jid(jid)
@@ -439,8 +438,8 @@ class LDAPDirectory(Directory):
         async def worker(receive: trio.MemoryReceiveChannel) -> None:
             async with receive:
                 async for jid, password, secrets in receive:
-                    await self._write(
-                        lambda c, j=jid, p=password, s=secrets: self._upsert_sync(c, j, p, s, None)
+                    await self._call(
+                        lambda c, j=jid, p=password, s=secrets: self._upsert_on(c, j, p, s, None)
                     )
 
         async with trio.open_nursery() as nursery:
@@ -451,3 +450,12 @@ class LDAPDirectory(Directory):
                 for (jid, password), secrets in zip(pairs, derived, strict=True):
                     await send.send((jid, password, secrets))
         return len(pairs)
+
+
+def _close(conn: TrioLDAPConnection | None) -> None:
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:  # noqa: BLE001 - closing a dead link may fail; nothing to do
+        log.debug("closing an LDAP connection failed", exc_info=True)

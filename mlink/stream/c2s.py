@@ -89,6 +89,7 @@ class AuthFailed:
 @dataclass(slots=True)
 class Authenticated:
     jid: JID
+    mechanism: str
 
 
 @dataclass(slots=True)
@@ -464,10 +465,11 @@ class C2SStream:
             assert jid is not None
             self._out.append(self._sasl_bytes("success", ev.additional_data))
             self._authenticated = True
+            name = self._mechanism.name  # type: ignore[union-attr]
             self._mechanism = None
             self.jid = parse_jid(jid)
             self._restart()
-            return [Authenticated(self.jid)]
+            return [Authenticated(self.jid, name)]
         assert isinstance(ev, sasl.Failure)
         return self._sasl_failure(ev.condition, ev.text or "")
 

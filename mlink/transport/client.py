@@ -143,7 +143,7 @@ class ClientConnection:
             elif isinstance(ev, c2s.AuthFailed):
                 log.info("authentication failed for %s: %s", ev.jid or "?", ev.condition)
             elif isinstance(ev, c2s.Authenticated):
-                log.info("authenticated %s", ev.jid)
+                log.info("authenticated %s with %s", ev.jid, ev.mechanism)
             elif isinstance(ev, c2s.StreamEnded):
                 self._closing = True
         self._flush_machine()

@@ -1,0 +1,150 @@
+"""Run the real `mlink` command line as a subprocess for integration tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import IO
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+# How long the server may take to open its listeners.
+STARTUP_TIMEOUT = 30.0
+
+
+def mlink(*args: str, cwd: Path | None = None, check: bool = True,
+          input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `mlink ARGS` (this checkout's code) and capture its output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlink.admin.cli", *args],
+        capture_output=True, text=True, timeout=120, cwd=cwd, input=input_text,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mlink {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+class LogReader:
+    """Collects a process's stderr lines in a thread, so tests can wait for
+    a line without polling or racing the pipe's buffer."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self.done = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: IO[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+        with self._cond:
+            self.done = True
+            self._cond.notify_all()
+
+    def mark(self) -> int:
+        """A position to pass as `since`: lines logged from now on."""
+        with self._cond:
+            return len(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = STARTUP_TIMEOUT,
+                 since: int = 0) -> re.Match[str]:
+        """The first match of `pattern` in a line logged after `since`,
+        waiting up to `timeout` for it."""
+        regex = re.compile(pattern)
+        seen = since
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    if m := regex.search(line):
+                        return m
+                seen = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self.done or remaining <= 0:
+                    raise AssertionError(f"no log line matching {pattern!r}:\n{self.text()}")
+                self._cond.wait(remaining)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def join(self) -> None:
+        self._thread.join(STARTUP_TIMEOUT)
+
+
+@dataclass
+class MlinkProcess:
+    proc: subprocess.Popen[str]
+    config: Path
+    domain: str
+    c2s_port: int
+    tls_port: int
+    log: LogReader
+
+    def wait_for_log(self, pattern: str, since: int = 0,
+                     timeout: float = STARTUP_TIMEOUT) -> re.Match[str]:
+        return self.log.wait_for(pattern, timeout, since)
+
+
+def serve(config: Path, domain: str) -> MlinkProcess:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config)],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stderr is not None
+    log = LogReader(proc.stderr)
+    try:
+        c2s = int(log.wait_for(r"listening for c2s .* port (\d+)").group(1))
+        tls = int(log.wait_for(r"listening for tls .* port (\d+)").group(1))
+    except AssertionError:
+        proc.kill()
+        raise
+    return MlinkProcess(proc, config, domain, c2s, tls, log)
+
+
+def stop(server: MlinkProcess) -> int:
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        raise
+    server.log.join()
+    return server.proc.returncode
+
+
+@contextlib.contextmanager
+def start_mlink(setup: Path, domain: str, cert_files: tuple[Path, Path],
+                users: dict[str, str] | None = None,
+                ldap: str | None = None) -> Iterator[MlinkProcess]:
+    """`mlink init` a setup on free ports, add users, serve; stop on exit."""
+    cert, key = cert_files
+    mlink("init", str(setup), "--domain", domain, "--c2s-port", "0", "--tls-port", "0",
+          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    config = setup / "mlink.xml"
+    if ldap is not None:
+        text = config.read_text()
+        text = re.sub(r"<directory backend=\"embedded\">.*?</directory>", ldap, text,
+                      count=1, flags=re.S)
+        config.write_text(text)
+    for jid, password in (users or {}).items():
+        mlink("user", "add", jid, "--password", password, "--config", str(config))
+    server = serve(config, domain)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            code = stop(server)
+            assert code == 0, f"mlink serve exited {code}:\n" + server.log.text()
