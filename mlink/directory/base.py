@@ -73,6 +73,8 @@ class Directory(abc.ABC):
 
     async def ping(self) -> None:
         """Raise DirectoryUnavailable unless the directory answers."""
+        return None
 
     async def aclose(self) -> None:
         """Release connections and files."""
+        return None

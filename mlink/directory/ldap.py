@@ -4,13 +4,20 @@ Connections are `bonsai.trio.TrioLDAPConnection`s, so searches and writes
 wait on the Trio loop without a thread hop. Two hazards were measured and
 designed around (see docs/ldap.md):
 
-- bonsai issue #113: an async connect can block the loop when a server
-  silently drops packets (the TCP connect inside libldap blocks). So before
-  bonsai connects, a Trio TCP connect to the same host and port must succeed
-  within the timeout; a black-holed server fails there, on the loop's terms.
-- bonsai's *synchronous* connect holds the GIL while it waits (a thread
-  doing it stalls the loop too; checked with a server that accepts TCP and
-  never answers), so connecting "in a worker thread" is no cure.
+- bonsai issue #113: an async connect blocks the loop while libldap's TCP
+  connect waits for a SYN that is never answered (measured here: ~130 s,
+  with a full listen backlog). So before bonsai connects, a Trio TCP connect
+  to the same host and port must succeed within the timeout: a black-holed
+  server fails there, on the loop's terms. For the small window between
+  that probe and bonsai's own connect, libldap's network timeout is set
+  (environment LDAPNETWORK_TIMEOUT, read once per process when libldap
+  initialises; an existing value is kept), which bounds a stall to it.
+- bonsai's *synchronous* connect holds the GIL while it waits (a worker
+  thread doing it stalls the loop too; measured with a server that accepts
+  TCP and never answers), so "connect in a worker thread" is no cure.
+- `bonsai.set_connect_async(True)` would avoid the blocking connect but
+  never completes a connect that is not instant (bonsai #110, fixed after
+  1.5.5), i.e. any non-local server; not used.
 
 Every operation runs under `trio.fail_after(timeout)` (bonsai gets the same
 timeout); a connection whose operation failed or timed out is closed, never
@@ -33,6 +40,7 @@ policy (olcPasswordHash) and mlink never stores a clear password.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -114,6 +122,8 @@ class LDAPDirectory(Directory):
             raise DirectoryError("no LDAP server configured")
         self.config = config
         self.timeout = float(config.timeout)
+        # Bounds libldap's blocking TCP connect (see the module docstring).
+        os.environ.setdefault("LDAPNETWORK_TIMEOUT", str(max(1, math.ceil(self.timeout))))
         self.users_dn = config.users_dn or f"ou=People,{config.base_dn}"
         user_filter = config.user_filter.strip() or "(objectClass=*)"
         if not user_filter.startswith("("):

@@ -20,4 +20,6 @@ def handle_ping(iq: ET.Element) -> ET.Element:
 
 def register(hooks: Hooks) -> None:
     hooks.add_feature(PING_NS)
-    hooks.on_iq(f"iq-get/{PING_NS}", handle_ping)
+    # Pings to the server; clients that omit `to` mean their server too.
+    hooks.on_iq(f"iq-get/host/{PING_NS}", handle_ping)
+    hooks.on_iq(f"iq-get/self/{PING_NS}", handle_ping)

@@ -52,7 +52,13 @@ class Router:
             return
         if iq_type not in ("get", "set"):
             return  # results and errors for the server end here
-        reply = self.hooks.fire_iq(iq)
+        if len(iq) != 1:
+            # RFC 6120 §8.2.3: a get or set carries exactly one payload.
+            self._reply(iq, stanza_error(iq, "bad-request", "an iq needs one child element"))
+            return
+        sender = parse_jid(iq.get("from", ""))
+        scope = "host" if not to.local else "self" if to == sender.bare else "bare"
+        reply = self.hooks.fire_iq(iq, scope)
         self._reply(iq, reply if reply is not None else stanza_error(iq, "service-unavailable"))
 
     def _route_message(self, message: ET.Element, to: JID) -> None:
@@ -62,9 +68,16 @@ class Router:
         if session is not None:
             session.deliver(message)
             return
+        msg_type = message.get("type", "normal")
+        if to.resource and msg_type == "groupchat":
+            # RFC 6121 §8.5.3.2.1: groupchat to a resource that is not there.
+            self._bounce(message, "service-unavailable")
+            return
         targets = self.sessions.of_user(to.bare)
         if not targets:
-            self._bounce(message, "service-unavailable")
+            # RFC 6121 §8.5.2.2: headlines to an unavailable user are dropped.
+            if msg_type != "headline":
+                self._bounce(message, "service-unavailable")
             return
         for target in targets:
             target.deliver(message)
