@@ -155,7 +155,6 @@ async def test_scram_secrets_and_set_password(directory: EmbeddedDirectory):
 
 async def test_user_without_authpassword(path: Path, caplog):
     """An entry written by another tool: userPassword only."""
-    entries = ldif.parse(path.read_text()) if path.exists() else []
     d = await EmbeddedDirectory.create(path, BASE)
     entries = ldif.parse(path.read_text())
     entries.append(

@@ -278,8 +278,7 @@ class EmbeddedDirectory(Directory):
                     snap = await trio.to_thread.run_sync(self._load_sync)
                 except (OSError, ldif.LDIFError) as exc:
                     raise DirectoryError(f"cannot read {self.path}: {exc}") from exc
-                if snap.signature is not None or self._snap is None:
-                    log.debug("loaded %s: %d users", self.path, len(snap.users))
+                log.debug("loaded %s: %d users", self.path, len(snap.users))
                 self._snap = snap
             return snap
 
