@@ -58,7 +58,8 @@ def main() -> None:
         "serialize_per_s": round(args.stanzas / ser_s),
     }
     print(f"{'stanza bytes':>14} {'parse/s':>10} {'serialise/s':>12}")
-    print(f"{result['stanza_bytes']:>14} {result['parse_per_s']:>10} {result['serialize_per_s']:>12}")
+    print(f"{result['stanza_bytes']:>14} {result['parse_per_s']:>10}"
+          f" {result['serialize_per_s']:>12}")
     print(json.dumps(result))
 
 

@@ -1,4 +1,7 @@
-"""Read and write mlink's XML configuration file.
+"""Read and check mlink's XML configuration file.
+
+Writing it is `mlink.config_render`; `render_config` and `write_config` are
+re-exported here so callers have one module for the file format.
 
 The file is read with defusedxml and DTDs are refused outright, so a
 configuration copied from an untrusted place cannot expand entities
@@ -21,7 +24,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 from xml.etree.ElementTree import Element, ParseError, TreeBuilder
-from xml.sax.saxutils import escape, quoteattr
 
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import DefusedXMLParser
@@ -35,6 +37,7 @@ from mlink.config_model import (
     ListenerConfig,
     TLSConfig,
 )
+from mlink.config_render import render_config, write_config
 
 __all__ = [
     "ConfigError",
@@ -589,133 +592,3 @@ def load_config(path: Path) -> Config:
         raise ConfigError(path, None, f"larger than {MAX_CONFIG_BYTES} bytes: not a config file?")
     root, lines = _parse_xml(path, data)
     return _Loader(path, root, lines).load()
-
-
-# -- writing ------------------------------------------------------------
-
-
-def _rel(path: Path, base: Path) -> str:
-    """`path` relative to the config directory when inside it, so a setup
-    directory can be moved or copied as a whole; absolute otherwise."""
-    try:
-        return Path(os.path.abspath(path)).relative_to(os.path.abspath(base)).as_posix() or "."
-    except ValueError:
-        return str(path)
-
-
-def _fmt_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
-
-
-def render_config(cfg: Config, base_dir: Path) -> str:
-    """The configuration file text for `cfg`, commented for a human reader.
-
-    Paths are written relative to `base_dir` (where the file will live) when
-    they lie inside it. Loading the result gives back an equal `Config`.
-    """
-    q = quoteattr
-    out: list[str] = [
-        '<?xml version="1.0" encoding="UTF-8"?>',
-        "<!-- mlink configuration. Every element and attribute is described in",
-        "     docs/configuration.md. Relative paths are taken from this file's",
-        "     directory. Unknown elements or attributes are errors. -->",
-        "<mlink>",
-        "  <!-- The XMPP domains served: users are user@domain. One or more. -->",
-    ]
-    out += [f"  <domain>{escape(domain)}</domain>" for domain in cfg.domains]
-    out += [
-        "",
-        "  <!-- Where clients connect. type: c2s = XMPP with STARTTLS (RFC 6120),",
-        "       tls = direct TLS (XEP-0368), websocket = XMPP over WebSocket",
-        "       (RFC 7395). port 0 picks a free port. -->",
-    ]
-    for listener in cfg.listeners:
-        out.append(
-            f'  <listen type={q(listener.kind)} port="{listener.port}"'
-            f" address={q(listener.address)}/>"
-        )
-    tls_attrs = ""
-    if cfg.tls.certificate is not None:
-        tls_attrs += f" certificate={q(_rel(cfg.tls.certificate, base_dir))}"
-    if cfg.tls.key is not None:
-        tls_attrs += f" key={q(_rel(cfg.tls.key, base_dir))}"
-    out += [
-        "",
-        '  <!-- Certificate and private key (PEM). required="true": clients must',
-        "       start TLS before they may authenticate (RFC 6120 5.3.1). -->",
-        f'  <tls{tls_attrs} required="{"true" if cfg.tls.required else "false"}"/>',
-        "",
-        "  <!-- Where users and their credentials live. -->",
-        f"  <directory backend={q(cfg.directory.backend)}>",
-    ]
-    if cfg.directory.backend == "embedded":
-        emb = cfg.directory.embedded
-        out += [
-            "    <!-- An LDIF file holding the users and their credentials. -->",
-            f"    <embedded file={q(_rel(emb.file, base_dir))} base={q(emb.base_dn)}/>",
-            "  </directory>",
-            "  <!-- To use an LDAP server instead:",
-            '  <directory backend="ldap">',
-            '    <ldap base="dc=example,dc=com" bind-dn="cn=mlink,dc=example,dc=com"',
-            '          bind-password-file="ldap-password" users="ou=People,dc=example,dc=com"',
-            '          jid-attribute="mail" filter="(objectClass=inetOrgPerson)"',
-            '          scram-attribute="authPassword" pool-size="8" timeout="5">',
-            "      <server>ldap://127.0.0.1:389</server>",
-            "    </ldap>",
-            "  </directory>",
-            "  -->",
-        ]
-    else:
-        ldap = cfg.directory.ldap
-        attrs = [f"base={q(ldap.base_dn)}"]
-        if ldap.bind_dn:
-            attrs.append(f"bind-dn={q(ldap.bind_dn)}")
-        if ldap.bind_password:
-            attrs.append(f"bind-password={q(ldap.bind_password)}")
-        attrs += [
-            f"users={q(ldap.users_dn or 'ou=People,' + ldap.base_dn)}",
-            f"jid-attribute={q(ldap.jid_attribute)}",
-            f"filter={q(ldap.user_filter)}",
-            f"scram-attribute={q(ldap.scram_attribute)}",
-            f'pool-size="{ldap.pool_size}"',
-            f'timeout="{_fmt_number(ldap.timeout)}"',
-        ]
-        out.append("    <ldap " + ("\n          ".join(attrs)) + ">")
-        out.append("      <!-- Tried in order until one answers. -->")
-        out += [f"      <server>{escape(url)}</server>" for url in ldap.servers]
-        out += ["    </ldap>", "  </directory>"]
-    lim = cfg.limits
-    out += [
-        "",
-        "  <!-- Per-connection protection: largest stanza in bytes, deepest",
-        "       element nesting, seconds allowed to authenticate. -->",
-        f'  <limits stanza-bytes="{lim.max_stanza_bytes}" depth="{lim.max_depth}"'
-        f' auth-timeout="{_fmt_number(lim.auth_timeout)}"/>',
-        "",
-        "  <!-- Where the server keeps its state (rosters, offline messages). -->",
-        f"  <data dir={q(_rel(cfg.data_dir, base_dir))}/>",
-        "",
-        "  <!-- debug, info, warning, error or critical. -->",
-        f"  <log level={q(cfg.log_level)}/>",
-        "</mlink>",
-        "",
-    ]
-    return "\n".join(out)
-
-
-def write_config(cfg: Config, path: Path, *, overwrite: bool = False) -> None:
-    """Write `cfg` to `path` in the documented format.
-
-    Refuses (FileExistsError) to replace an existing file unless
-    `overwrite`, using exclusive creation so two `mlink init` runs cannot
-    clobber each other. A file holding an LDAP password is made
-    owner-only.
-    """
-    path = Path(path)
-    text = render_config(cfg, path.parent)
-    has_secret = cfg.directory.backend == "ldap" and bool(cfg.directory.ldap.bind_password)
-    mode = 0o600 if has_secret else 0o644
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(path, flags, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)

@@ -1,39 +1,95 @@
 """Named events that modules hook, as Prosody's modules do.
 
-The core fires `iq-<type>/<scope>/<namespace>` for an iq the server must
-answer, where scope is `host` (addressed to the domain), `self` (no `to`, or
-the sender's own bare JID) or `bare` (another account's bare JID), as
-Prosody names them; it knows no XEP itself. A handler returns the reply
-stanza, or None when it did not handle the iq.
+The core fires events and knows no XEP; a module registers handlers on the
+names it cares about and declares the disco features it adds.
+
+Stanza events (handlers get a `StanzaEvent`, return True to consume it):
+- `pre-<kind>/<bare|full|host>`: a stanza from a local client, before it is
+  routed (outbound filters: blocking, carbons' sent copies, presence).
+- `<kind>/<bare|full|host>`: a stanza being delivered to the local domain
+  (inbound filters and handlers: subscriptions, probes, blocking).
+- `iq-<type>/<host|self|bare>/<namespace>`: an iq the server answers: to
+  the domain, to the sender's own account, or to another account.
+- `message/offline`: a message for a user with no available resource.
+- `message/delivered`: a message was delivered to these local resources.
+
+Session events (handlers get a `SessionInfo`, return value ignored):
+- `session/bound`, `session/closed`.
+
+Handlers of one name run in priority order (higher first), and the first
+that returns True ends the event; the core's own default, where it has one,
+runs only when no handler consumed the event.
 """
 
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-IqHandler = Callable[[ET.Element], ET.Element | None]
+from mlink.jid import JID
+
+if TYPE_CHECKING:
+    from mlink.router.sessions import SessionInfo
+
+
+@dataclass(slots=True)
+class StanzaEvent:
+    stanza: ET.Element
+    sender: JID  # the stamped `from`
+    to: JID  # the `to`, or the sender's bare JID when absent (RFC 6120 §10.3)
+    origin: SessionInfo | None = None  # the local session it came from, if any
+    delivered_to: tuple[JID, ...] = ()  # for message/delivered
+
+    @property
+    def kind(self) -> str:
+        return self.stanza.tag.rpartition("}")[2]
+
+    @property
+    def type(self) -> str | None:
+        return self.stanza.get("type")
+
+
+Handler = Callable[[Any], Awaitable[bool | None]]
 
 
 class Hooks:
     def __init__(self) -> None:
-        self._iq: dict[str, list[IqHandler]] = {}
+        self._handlers: dict[str, list[tuple[int, Handler]]] = {}
         self.features: set[str] = set()
 
-    def on_iq(self, name: str, handler: IqHandler) -> None:
-        """Handle iqs named like `iq-get/host/urn:xmpp:ping`."""
-        self._iq.setdefault(name, []).append(handler)
+    def on(self, name: str, handler: Handler, priority: int = 0) -> None:
+        handlers = self._handlers.setdefault(name, [])
+        handlers.append((priority, handler))
+        handlers.sort(key=lambda item: -item[0])
 
     def add_feature(self, var: str) -> None:
         """A disco#info feature the server advertises (XEP-0030)."""
         self.features.add(var)
 
-    def fire_iq(self, iq: ET.Element, scope: str) -> ET.Element | None:
-        if len(iq) != 1:
-            return None
-        child_ns = iq[0].tag[1:].partition("}")[0] if iq[0].tag[:1] == "{" else ""
-        for handler in self._iq.get(f"iq-{iq.get('type')}/{scope}/{child_ns}", ()):
-            reply = handler(iq)
-            if reply is not None:
-                return reply
-        return None
+    def has(self, name: str) -> bool:
+        return name in self._handlers
+
+    async def fire(self, name: str, event: object) -> bool:
+        """Run the handlers of `name`; True when one consumed the event."""
+        handlers = self._handlers.get(name)
+        if not handlers:
+            return False
+        for _, handler in handlers:
+            if await handler(event):
+                return True
+        return False
+
+    async def notify(self, name: str, event: object) -> None:
+        """Run every handler of `name` (for events nobody consumes)."""
+        for _, handler in self._handlers.get(name, ()):
+            await handler(event)
+
+
+def iq_child_namespace(iq: ET.Element) -> str:
+    """The namespace of an iq's payload, which names its iq-* event."""
+    if len(iq) != 1:
+        return ""
+    tag = iq[0].tag
+    return tag[1:].partition("}")[0] if tag[:1] == "{" else ""

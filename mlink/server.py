@@ -13,11 +13,13 @@ import trio
 
 from mlink.config_model import Config, ListenerConfig
 from mlink.directory import open_directory
-from mlink.directory.base import Directory
+from mlink.directory.base import Directory, DirectoryUnavailable
 from mlink.hooks import Hooks
+from mlink.jid import JID
 from mlink.modules import load_modules
 from mlink.router.router import Router
 from mlink.router.sessions import SessionTable
+from mlink.store import Store
 from mlink.stream.c2s import StreamSettings
 from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
@@ -27,6 +29,7 @@ log = logging.getLogger("mlink.server")
 # Pending connections the kernel queues per listener: enough for a login
 # storm from a benchmark or a reconnecting fleet of clients.
 LISTEN_BACKLOG = 1024
+STORE_FILE = "mlink.sqlite"
 # On shutdown, how long sessions get to flush their closing tags.
 SHUTDOWN_GRACE = 5.0
 
@@ -44,12 +47,43 @@ class Server:
         )
         self.sessions = SessionTable()
         self.hooks = Hooks()
-        load_modules(self.hooks)
-        self.router = Router(self.domains, self.sessions, self.hooks)
+        self.router = Router(self.domains, self.sessions, self.hooks, self._account_exists)
+        load_modules(self)
+        # Opened by `serve` (or by tests) before any client is accepted.
+        self.store: Store = None  # type: ignore[assignment]
         self.connections: set[ClientConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
+
+    async def _account_exists(self, bare: JID) -> bool:
+        try:
+            return await self.directory.user_exists(str(bare))
+        except DirectoryUnavailable:
+            # Cannot tell: answer as for a missing account, which leaks
+            # nothing and keeps the stanza from being stored for nobody.
+            return False
+
+    async def bind_session(self, conn: ClientConnection, bare: JID, resource: str | None) -> JID:
+        """Bind `conn`, ending a session that holds the same full JID."""
+        old = self.sessions.replaced(bare, resource)
+        if old is not None:
+            old.kick("conflict", "replaced by a new session with the same resource")
+            await self.session_ended(old)  # type: ignore[arg-type]
+        full = self.sessions.bind(conn, bare, resource)
+        await self.hooks.notify("session/bound", conn.info)
+        return full
+
+    async def session_ended(self, conn: ClientConnection) -> None:
+        """Announce the end of a bound session once (unavailable presence
+        and the like), even while the connection's task is being cancelled."""
+        if not self.sessions.unbind(conn):
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
+            try:
+                await self.hooks.notify("session/closed", conn.info)
+            except Exception:
+                log.exception("session/closed handler failed for %s", conn.info.jid)
 
     def stream_settings(self, tls_active: bool) -> StreamSettings:
         limits = self.config.limits
@@ -64,6 +98,8 @@ class Server:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen on every configured c2s listener until cancelled."""
+        if self.store is None:
+            self.store = await Store.open(self.config.data_dir / STORE_FILE)
         async with trio.open_nursery() as nursery:
             for lc in self.config.listeners:
                 if lc.kind not in ("c2s", "tls"):
@@ -115,6 +151,8 @@ class Server:
         with trio.move_on_after(SHUTDOWN_GRACE):
             await self._no_connections.wait()
         await self.directory.aclose()
+        if self.store is not None:
+            await self.store.aclose()
 
 
 async def open_reuseport_listener(lc: ListenerConfig) -> trio.SocketListener:

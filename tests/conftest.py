@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import trustme
 
-from tests.serverproc import MlinkProcess, start_mlink
+from tests.serverproc import ALICE, ALICE_PW, BOB, BOB_PW, DOMAIN, MlinkProcess, start_mlink
 
 pytest_plugins = ["tests.ldap_fixtures"]
 
@@ -44,8 +44,5 @@ def embedded_server(
 ) -> Iterator[MlinkProcess]:
     """`mlink init` + `mlink user add` + `mlink serve` on the embedded directory."""
     setup = tmp_path_factory.mktemp("mlink")
-    with start_mlink(setup, "localhost", cert_files, users={
-        "alice@localhost": "alice-secret",
-        "bob@localhost": "bob-secret",
-    }) as server:
+    with start_mlink(setup, DOMAIN, cert_files, users={ALICE: ALICE_PW, BOB: BOB_PW}) as server:
         yield server

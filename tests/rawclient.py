@@ -11,10 +11,17 @@ import re
 import socket
 import ssl
 import time
+import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 # No test reply takes this long on loopback; it bounds a hung test.
 READ_TIMEOUT = 10.0
+# A closed connection is noticed within this long (no reply takes longer).
+QUICK = 5.0
+CLIENT_NS = "jabber:client"
+STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 
 
 def header(domain: str) -> bytes:
@@ -83,11 +90,16 @@ class RawClient:
         self.send(f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
         return self.read_until(r"</failure>|<success[^>]*(/>|</success>)|</stream:stream>")
 
-    def login(self, domain: str, user: str, password: str, resource: str = "test") -> str:
-        """STARTTLS, PLAIN, bind; returns the bound full JID."""
+    def authenticate(self, domain: str, user: str, password: str) -> str:
+        """STARTTLS, PLAIN (which must succeed), the stream restart; returns
+        the features offered then."""
         self.starttls(domain)
         assert "<success" in self.auth_plain(user, password)
-        self.open(domain)
+        return self.open(domain)
+
+    def login(self, domain: str, user: str, password: str, resource: str = "test") -> str:
+        """STARTTLS, PLAIN, bind; returns the bound full JID."""
+        self.authenticate(domain, user, password)
         self.send("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
                   f"<resource>{resource}</resource></bind></iq>")
         reply = self.read_until(r"</iq>|<iq[^>]*/>")
@@ -110,3 +122,61 @@ def stream_error(text: str) -> str | None:
 def sasl_failure(text: str) -> str | None:
     m = re.search(r"<failure xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><([a-z-]+)/>", text)
     return m.group(1) if m else None
+
+
+def expect_stream_error(client: RawClient, condition: str, timeout: float = QUICK) -> str:
+    """The server sends `condition` as a stream error, then its closing tag,
+    then closes the connection."""
+    text = client.wait_closed(timeout)
+    assert stream_error(text) == condition, text
+    assert text.rstrip().endswith("</stream:stream>"), text
+    assert client.eof
+    return text
+
+
+# -- stanzas -----------------------------------------------------------------------
+
+
+def resource() -> str:
+    """A fresh resource name."""
+    return "r-" + uuid.uuid4().hex[:12]
+
+
+def parse_stanzas(text: str) -> list[ET.Element]:
+    """The top-level stanzas in `text` (received after the stream header)."""
+    return list(ET.fromstring(f"<root xmlns='{CLIENT_NS}'>{text}</root>"))
+
+
+def read_stanza_text(client: RawClient, tag: str, stanza_id: str) -> tuple[ET.Element, str]:
+    """Read until the stanza `tag` with id `stanza_id` arrives; return it and
+    everything read with it."""
+    pattern = rf"<{tag}\b[^>]*\bid='{re.escape(stanza_id)}'[^>]*(/>|>.*?</{tag}>)"
+    text = client.read_until(pattern)
+    match = re.search(pattern, text, re.S)
+    assert match, f"no <{tag} id={stanza_id!r}> before the stream ended: {text!r}"
+    (stanza,) = parse_stanzas(match.group(0))
+    return stanza, text
+
+
+def read_stanza(client: RawClient, tag: str, stanza_id: str) -> ET.Element:
+    return read_stanza_text(client, tag, stanza_id)[0]
+
+
+def stanza_error_of(stanza: ET.Element) -> tuple[str, str]:
+    """(error type, condition) of an error stanza."""
+    assert stanza.get("type") == "error", ET.tostring(stanza)
+    error = stanza.find(f"{{{CLIENT_NS}}}error")
+    assert error is not None, ET.tostring(stanza)
+    conditions = [c.tag for c in error if c.tag.startswith(f"{{{STANZAS_NS}}}")
+                  and not c.tag.endswith("}text")]
+    assert len(conditions) == 1, ET.tostring(stanza)
+    return error.get("type", ""), conditions[0].rpartition("}")[2]
+
+
+def ping(client: RawClient, to: str) -> ET.Element:
+    """Ping `to` (XEP-0199); the reply, which must be a result."""
+    stanza_id = "ping-" + uuid.uuid4().hex[:8]
+    client.send(f"<iq type='get' id='{stanza_id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    reply = read_stanza(client, "iq", stanza_id)
+    assert reply.get("type") == "result", ET.tostring(reply)
+    return reply

@@ -10,12 +10,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 REPO = Path(__file__).resolve().parent.parent
+# The domain and accounts of the `embedded_server` fixture (conftest.py).
+DOMAIN = "localhost"
+ALICE, ALICE_PW = "alice@localhost", "alice-secret"
+BOB, BOB_PW = "bob@localhost", "bob-secret"
 # How long the server may take to open its listeners.
 STARTUP_TIMEOUT = 30.0
 
@@ -128,16 +132,23 @@ def stop(server: MlinkProcess) -> int:
 @contextlib.contextmanager
 def start_mlink(setup: Path, domain: str, cert_files: tuple[Path, Path],
                 users: dict[str, str] | None = None,
-                ldap: str | None = None) -> Iterator[MlinkProcess]:
-    """`mlink init` a setup on free ports, add users, serve; stop on exit."""
+                ldap: str | None = None,
+                edit_config: Callable[[str], str] | None = None) -> Iterator[MlinkProcess]:
+    """`mlink init` a setup on free ports, add users, serve; stop on exit.
+
+    `ldap` replaces the `<directory>` element; `edit_config` then rewrites
+    the configuration text as it likes."""
     cert, key = cert_files
     mlink("init", str(setup), "--domain", domain, "--c2s-port", "0", "--tls-port", "0",
           "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
     config = setup / "mlink.xml"
-    if ldap is not None:
+    if ldap is not None or edit_config is not None:
         text = config.read_text()
-        text = re.sub(r"<directory backend=\"embedded\">.*?</directory>", ldap, text,
-                      count=1, flags=re.S)
+        if ldap is not None:
+            text = re.sub(r"<directory backend=\"embedded\">.*?</directory>", ldap, text,
+                          count=1, flags=re.S)
+        if edit_config is not None:
+            text = edit_config(text)
         config.write_text(text)
     for jid, password in (users or {}).items():
         mlink("user", "add", jid, "--password", password, "--config", str(config))

@@ -21,30 +21,33 @@ from pathlib import Path
 
 import pytest
 
-from tests.rawclient import RawClient, header, sasl_failure, stream_error
-from tests.serverproc import MlinkProcess, mlink
+from tests.rawclient import (
+    BIND_NS,
+    CLIENT_NS,
+    QUICK,
+    RawClient,
+    expect_stream_error,
+    header,
+    parse_stanzas,
+    ping,
+    read_stanza,
+    read_stanza_text,
+    resource,
+    sasl_failure,
+    stanza_error_of,
+    stream_error,
+)
+from tests.serverproc import ALICE, ALICE_PW, BOB, BOB_PW, DOMAIN, MlinkProcess, mlink
 
-DOMAIN = "localhost"
-ALICE, ALICE_PW = "alice@localhost", "alice-secret"
-BOB, BOB_PW = "bob@localhost", "bob-secret"
-CLIENT_NS = "jabber:client"
-STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
-BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 # A marker put in every stanza that must never be delivered to bob.
 LEAK = "must-not-be-delivered"
-# A closed connection is noticed within this long (no reply takes longer).
-QUICK = 5.0
 BIG = 2 * 1024 * 1024
 CHUNK = 64 * 1024
 
 
 # -- helpers ----------------------------------------------------------------------
-
-
-def resource() -> str:
-    return "r-" + uuid.uuid4().hex[:12]
 
 
 def tls_client(server: MlinkProcess, ca_file: Path) -> RawClient:
@@ -72,65 +75,15 @@ def logged_in(server: MlinkProcess, ca_file: Path, user: str = ALICE,
     return client, jid
 
 
-def parse_stanzas(text: str) -> list[ET.Element]:
-    """The top-level stanzas in `text` (received after the stream header)."""
-    root = ET.fromstring(f"<root xmlns='{CLIENT_NS}'>{text}</root>")
-    return list(root)
-
-
-def read_stanza_text(client: RawClient, tag: str, stanza_id: str) -> tuple[ET.Element, str]:
-    """Read until the stanza `tag` with id `stanza_id` arrives; return it and
-    everything read with it."""
-    pattern = rf"<{tag}\b[^>]*\bid='{re.escape(stanza_id)}'[^>]*(/>|>.*?</{tag}>)"
-    text = client.read_until(pattern)
-    match = re.search(pattern, text, re.S)
-    assert match, f"no <{tag} id={stanza_id!r}> before the stream ended: {text!r}"
-    (stanza,) = parse_stanzas(match.group(0))
-    return stanza, text
-
-
-def read_stanza(client: RawClient, tag: str, stanza_id: str) -> ET.Element:
-    return read_stanza_text(client, tag, stanza_id)[0]
-
-
-def stanza_error_of(stanza: ET.Element) -> tuple[str, str]:
-    """(error type, condition) of an error stanza."""
-    assert stanza.get("type") == "error", ET.tostring(stanza)
-    error = stanza.find(f"{{{CLIENT_NS}}}error")
-    assert error is not None, ET.tostring(stanza)
-    conditions = [c.tag for c in error if c.tag.startswith(f"{{{STANZAS_NS}}}")
-                  and not c.tag.endswith("}text")]
-    assert len(conditions) == 1, ET.tostring(stanza)
-    return error.get("type", ""), conditions[0].rpartition("}")[2]
-
-
-def ping(client: RawClient, stanza_id: str | None = None) -> None:
-    stanza_id = stanza_id or "ping-" + uuid.uuid4().hex[:8]
-    client.send(f"<iq type='get' id='{stanza_id}' to='{DOMAIN}'>"
-                "<ping xmlns='urn:xmpp:ping'/></iq>")
-    reply = read_stanza(client, "iq", stanza_id)
-    assert reply.get("type") == "result", ET.tostring(reply)
-
-
 def assert_serving(server: MlinkProcess, ca_file: Path) -> None:
     """The server still accepts a fresh login and answers a ping."""
     assert server.proc.poll() is None, server.log.text()
     client, jid = logged_in(server, ca_file, BOB, BOB_PW)
     try:
         assert jid.startswith(BOB + "/")
-        ping(client)
+        ping(client, DOMAIN)
     finally:
         client.close()
-
-
-def expect_stream_error(client: RawClient, condition: str, timeout: float = QUICK) -> str:
-    """The server sends `condition` as a stream error, then its closing tag,
-    then closes the connection."""
-    text = client.wait_closed(timeout)
-    assert stream_error(text) == condition, text
-    assert text.rstrip().endswith("</stream:stream>"), text
-    assert client.eof
-    return text
 
 
 def send_tolerant(client: RawClient, data: bytes) -> None:
@@ -338,7 +291,7 @@ def test_200_wrong_passwords_on_one_stream_then_the_right_one(server, ca_file):
     client.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
                 f"<resource>{resource()}</resource></bind></iq>")
     assert read_stanza(client, "iq", "b").get("type") == "result"
-    ping(client)
+    ping(client, DOMAIN)
 
 
 def test_wrong_password_on_separate_connections(server, ca_file):
@@ -505,7 +458,7 @@ def test_bind_forbidden_resource_is_bad_request_and_stream_survives(server, ca_f
     reply = read_stanza(client, "iq", "good-bind")
     assert reply.get("type") == "result", ET.tostring(reply)
     assert reply.findtext(f"{{{BIND_NS}}}bind/{{{BIND_NS}}}jid") == f"{ALICE}/{good}"
-    ping(client)
+    ping(client, DOMAIN)
 
 
 def test_forged_from_is_invalid_from(server, ca_file):
@@ -533,7 +486,7 @@ def test_unhandled_iq_to_server_is_service_unavailable(server, ca_file):
     assert reply.get("id") == "unk-1"
     assert reply.get("to") in (None, jid)
     # The stream is unharmed.
-    ping(client)
+    ping(client, DOMAIN)
 
 
 def test_message_to_unknown_user_is_service_unavailable_without_leak(server, ca_file):
@@ -699,4 +652,4 @@ def test_zz_bob_session_survived_everything(embedded_server, ca_file, bob_watch)
     stanzas = parse_stanzas(text)
     assert [s.findtext(f"{{{CLIENT_NS}}}body") for s in stanzas] == [token], text
     assert stanzas[0].get("from") == alice_jid
-    ping(bob)
+    ping(bob, DOMAIN)

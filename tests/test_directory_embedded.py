@@ -16,10 +16,10 @@ from mlink.directory import ldif
 from mlink.directory.base import DirectoryError, NoSuchUser, UserExists
 from mlink.directory.embedded import (
     EmbeddedDirectory,
-    escape_dn_value,
     ssha_hash,
     verify_user_password,
 )
+from mlink.directory.names import escape_dn_value
 from mlink.sasl.secrets import derive_secret
 from tests.ldap_fixtures import run_slapd_tool
 

@@ -11,7 +11,8 @@ import trio
 from mlink.config_model import DirectoryConfig
 from mlink.directory import open_directory
 from mlink.directory.base import DirectoryError, DirectoryUnavailable, NoSuchUser, UserExists
-from mlink.directory.ldap import LDAPDirectory, escape_dn_value, escape_filter_value
+from mlink.directory.ldap import LDAPDirectory
+from mlink.directory.names import escape_dn_value, escape_filter_value
 
 
 @pytest.fixture

@@ -4,60 +4,45 @@ changed while the server runs, and shutdown."""
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.rawclient import RawClient, sasl_failure, stream_error
-from tests.serverproc import MlinkProcess, mlink, serve, stop
-
-DOMAIN = "localhost"
-ALICE, ALICE_PW = "alice@localhost", "alice-secret"
-BOB, BOB_PW = "bob@localhost", "bob-secret"
-CLIENT_NS = "jabber:client"
-BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
-QUICK = 5.0
+from tests.rawclient import (
+    BIND_NS,
+    CLIENT_NS,
+    QUICK,
+    RawClient,
+    expect_stream_error,
+    parse_stanzas,
+    ping,
+    read_stanza,
+    resource,
+    sasl_failure,
+)
+from tests.serverproc import (
+    ALICE,
+    ALICE_PW,
+    BOB,
+    BOB_PW,
+    DOMAIN,
+    MlinkProcess,
+    mlink,
+    start_mlink,
+    stop,
+)
 
 
 # -- helpers ----------------------------------------------------------------------
 
 
-def resource() -> str:
-    return "r-" + uuid.uuid4().hex[:12]
-
-
-def parse_stanzas(text: str) -> list[ET.Element]:
-    return list(ET.fromstring(f"<root xmlns='{CLIENT_NS}'>{text}</root>"))
-
-
-def read_stanza_text(client: RawClient, tag: str, stanza_id: str) -> tuple[ET.Element, str]:
-    pattern = rf"<{tag}\b[^>]*\bid='{re.escape(stanza_id)}'[^>]*(/>|>.*?</{tag}>)"
-    text = client.read_until(pattern)
-    match = re.search(pattern, text, re.S)
-    assert match, f"no <{tag} id={stanza_id!r}> before the stream ended: {text!r}"
-    (stanza,) = parse_stanzas(match.group(0))
-    return stanza, text
-
-
-def read_stanza(client: RawClient, tag: str, stanza_id: str) -> ET.Element:
-    return read_stanza_text(client, tag, stanza_id)[0]
-
-
-def ping(client: RawClient, to: str = DOMAIN) -> ET.Element:
-    stanza_id = "ping-" + uuid.uuid4().hex[:8]
-    client.send(f"<iq type='get' id='{stanza_id}' to='{to}'><ping xmlns='urn:xmpp:ping'/></iq>")
-    return read_stanza(client, "iq", stanza_id)
-
-
 def assert_pong(client: RawClient) -> None:
-    reply = ping(client)
-    assert reply.get("type") == "result", ET.tostring(reply)
+    reply = ping(client, DOMAIN)
     assert len(reply) == 0, ET.tostring(reply)
 
 
@@ -76,40 +61,19 @@ def authenticate(server: MlinkProcess, ca_file: Path, user: str, password: str
     return client, client.auth_plain(user, password)
 
 
-def expect_stream_error(client: RawClient, condition: str, timeout: float = QUICK) -> str:
-    text = client.wait_closed(timeout)
-    assert stream_error(text) == condition, text
-    assert text.rstrip().endswith("</stream:stream>"), text
-    assert client.eof
-    return text
-
-
 def message(client: RawClient, to: str, body: str) -> None:
     client.send(f"<message to='{to}' type='chat' id='{uuid.uuid4().hex[:8]}'>"
                 f"<body>{body}</body></message>")
 
 
-@contextlib.contextmanager
-def own_server(setup: Path, cert_files: tuple[Path, Path], auth_timeout: str | None = None,
-               users: dict[str, str] | None = None) -> Iterator[MlinkProcess]:
-    """A private `mlink serve`, optionally with another auth timeout."""
-    cert, key = cert_files
-    mlink("init", str(setup), "--domain", DOMAIN, "--c2s-port", "0", "--tls-port", "0",
-          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
-    config = setup / "mlink.xml"
-    if auth_timeout is not None:
-        text = config.read_text()
-        edited = re.sub(r'auth-timeout="[^"]*"', f'auth-timeout="{auth_timeout}"', text)
+def auth_timeout(seconds: str) -> Callable[[str], str]:
+    """A configuration edit (for `start_mlink`) setting the auth timeout."""
+    def edit(text: str) -> str:
+        edited = re.sub(r'auth-timeout="[^"]*"', f'auth-timeout="{seconds}"', text)
         assert edited != text, text
-        config.write_text(edited)
-    for jid, password in (users or {}).items():
-        mlink("user", "add", jid, "--password", password, "--config", str(config))
-    server = serve(config, DOMAIN)
-    try:
-        yield server
-    finally:
-        if server.proc.poll() is None:
-            stop(server)
+        return edited
+
+    return edit
 
 
 # -- resources ----------------------------------------------------------------------
@@ -132,9 +96,7 @@ def test_same_resource_conflict_kicks_the_old_session(embedded_server, ca_file):
 
 def test_bind_without_resource_generates_one(embedded_server, ca_file):
     client = RawClient(embedded_server.c2s_port, ca_file)
-    client.starttls(DOMAIN)
-    assert "<success" in client.auth_plain(ALICE, ALICE_PW)
-    client.open(DOMAIN)
+    client.authenticate(DOMAIN, ALICE, ALICE_PW)
     client.send(f"<iq type='set' id='gen'><bind xmlns='{BIND_NS}'/></iq>")
     reply = read_stanza(client, "iq", "gen")
     assert reply.get("type") == "result", ET.tostring(reply)
@@ -146,9 +108,7 @@ def test_bind_without_resource_generates_one(embedded_server, ca_file):
 
 def test_bind_with_empty_resource_element_generates_one(embedded_server, ca_file):
     client = RawClient(embedded_server.c2s_port, ca_file)
-    client.starttls(DOMAIN)
-    assert "<success" in client.auth_plain(ALICE, ALICE_PW)
-    client.open(DOMAIN)
+    client.authenticate(DOMAIN, ALICE, ALICE_PW)
     client.send(f"<iq type='set' id='gen2'><bind xmlns='{BIND_NS}'><resource/></bind></iq>")
     reply = read_stanza(client, "iq", "gen2")
     jid = reply.findtext(f"{{{BIND_NS}}}bind/{{{BIND_NS}}}jid") or ""
@@ -239,8 +199,8 @@ def test_ping_server(embedded_server, ca_file):
 
 
 def test_auth_timeout_closes_idle_unauthenticated_connections(tmp_path, cert_files, ca_file):
-    with own_server(tmp_path / "s", cert_files, auth_timeout="1",
-                    users={ALICE: ALICE_PW}) as server:
+    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users={ALICE: ALICE_PW},
+                     edit_config=auth_timeout("1")) as server:
         silent = RawClient(server.c2s_port, ca_file)  # sends nothing at all
         opened = RawClient(server.c2s_port, ca_file)
         opened.starttls(DOMAIN)  # idles after TLS, before SASL
@@ -292,7 +252,7 @@ def test_user_add_passwd_delete_while_running(embedded_server, ca_file):
 
 
 def test_sigterm_sends_system_shutdown_and_exits_zero(tmp_path, cert_files, ca_file):
-    with own_server(tmp_path / "s", cert_files, users={ALICE: ALICE_PW}) as server:
+    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users={ALICE: ALICE_PW}) as server:
         client, _ = login(server, ca_file)
         assert_pong(client)
         unauthenticated = RawClient(server.c2s_port, ca_file)

@@ -70,9 +70,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
     user = sub.add_parser("user", help="manage user accounts")
     user_sub = user.add_subparsers(metavar="ACTION")
-    for name, func, help_text in (
-        ("add", cmd_user_add, "create an account"),
-        ("passwd", cmd_user_passwd, "set an account's password"),
+    for name, create, help_text in (
+        ("add", True, "create an account"),
+        ("passwd", False, "set an account's password"),
     ):
         cmd = user_sub.add_parser(name, help=help_text)
         cmd.add_argument("jid")
@@ -80,7 +80,7 @@ def _build_parser() -> argparse.ArgumentParser:
         secret.add_argument("--password")
         secret.add_argument("--password-file", type=Path)
         cmd.add_argument("--config", type=Path)
-        cmd.set_defaults(func=func)
+        cmd.set_defaults(func=cmd_user_password, create=create)
     delete = user_sub.add_parser("delete", help="remove an account")
     delete.add_argument("jid")
     delete.add_argument("--config", type=Path)
@@ -235,19 +235,16 @@ def _with_directory(config: Config, action):  # type: ignore[no-untyped-def]
     return trio.run(run)
 
 
-def cmd_user_add(args: argparse.Namespace) -> int:
+def cmd_user_password(args: argparse.Namespace) -> int:
+    """`user add` (args.create: a new account) and `user passwd`."""
     config = _load(args.config)
     jid, password = _bare_jid(args.jid, config), _password(args)
-    _with_directory(config, lambda d: d.add_user(jid, password))
-    print(f"added {jid}")
-    return 0
-
-
-def cmd_user_passwd(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    jid, password = _bare_jid(args.jid, config), _password(args)
-    _with_directory(config, lambda d: d.set_password(jid, password))
-    print(f"password changed for {jid}")
+    if args.create:
+        _with_directory(config, lambda d: d.add_user(jid, password))
+        print(f"added {jid}")
+    else:
+        _with_directory(config, lambda d: d.set_password(jid, password))
+        print(f"password changed for {jid}")
     return 0
 
 

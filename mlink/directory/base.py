@@ -8,9 +8,14 @@ caller (`mlink.jid`), so backends only map them to entries.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Iterable
 
 from mlink.sasl.secrets import ScramSecret
+
+# PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
+# parallel; more than the cores buys nothing.
+DERIVE_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 class DirectoryError(Exception):

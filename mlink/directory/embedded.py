@@ -43,21 +43,19 @@ import trio
 from mlink.config_model import EmbeddedConfig
 from mlink.directory import ldif
 from mlink.directory.base import (
+    DERIVE_THREADS,
     Directory,
     DirectoryError,
     NoSuchUser,
     UserExists,
 )
+from mlink.directory.names import USER_OBJECT_CLASSES, check_bare_jid, escape_dn_value
 from mlink.sasl.secrets import ScramSecret, derive_all
 
 log = logging.getLogger("mlink.directory")
 
 PEOPLE_RDN = "ou=People"
-USER_OBJECT_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "mlinkUser"]
 SSHA_SALT_BYTES = 8
-# PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
-# parallel; more than the cores buys nothing.
-DERIVE_THREADS = max(1, min(8, os.cpu_count() or 1))
 
 
 # --- password hashes -----------------------------------------------------
@@ -90,21 +88,6 @@ def verify_user_password(stored: str, password: str) -> bool:
 
 
 # --- DN helpers ----------------------------------------------------------
-
-
-def escape_dn_value(value: str) -> str:
-    """Escape an attribute value for a DN string (RFC 4514 §2.4)."""
-    out = []
-    for i, ch in enumerate(value):
-        if ch in '\\"+,;<=>':
-            out.append("\\" + ch)
-        elif ch == "\0":
-            out.append("\\00")
-        elif (i == 0 and ch in " #") or (i == len(value) - 1 and ch == " "):
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def normalize_dn(dn: str) -> str:
@@ -160,8 +143,7 @@ def base_entries(base_dn: str, organization: str | None = None) -> list[ldif.Ent
 
 
 def _check_jid(jid: str) -> None:
-    if not jid or "@" not in jid or "/" in jid:
-        raise DirectoryError(f"not a bare user JID: {jid!r}")
+    check_bare_jid(jid)
     if not jid.isascii():
         # inetOrgPerson's mail is an IA5String: slapd would refuse the entry.
         raise DirectoryError(

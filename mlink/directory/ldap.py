@@ -53,11 +53,19 @@ from bonsai.trio import TrioLDAPConnection
 
 from mlink.config_model import LDAPConfig
 from mlink.directory.base import (
+    DERIVE_THREADS,
     Directory,
     DirectoryError,
     DirectoryUnavailable,
     NoSuchUser,
     UserExists,
+)
+from mlink.directory.names import (
+    MLINK_CLASS,
+    USER_OBJECT_CLASSES,
+    check_bare_jid,
+    escape_dn_value,
+    escape_filter_value,
 )
 from mlink.sasl.secrets import HASHES, ScramSecret, derive_all
 
@@ -65,40 +73,7 @@ log = logging.getLogger("mlink.directory")
 
 T = TypeVar("T")
 
-USER_OBJECT_CLASSES = ["top", "person", "organizationalPerson", "inetOrgPerson", "mlinkUser"]
-MLINK_CLASS = "mlinkUser"
 PAGE_SIZE = 500
-DERIVE_THREADS = max(1, min(8, os.cpu_count() or 1))
-
-
-def escape_filter_value(value: str) -> str:
-    """Escape an assertion value for a search filter (RFC 4515 §3).
-
-    (bonsai.escape_filter_exp writes NUL as `\\0`, which is not valid.)
-    """
-    out = []
-    for ch in value:
-        if ch in "\\*()\0":
-            out.append(f"\\{ord(ch):02x}")
-        else:
-            out.append(ch)
-    return "".join(out)
-
-
-def escape_dn_value(value: str) -> str:
-    """Escape an attribute value for a DN string (RFC 4514 §2.4)."""
-    out = []
-    last = len(value) - 1
-    for i, ch in enumerate(value):
-        if ch in '\\"+,;<=>':
-            out.append("\\" + ch)
-        elif ch == "\0":
-            out.append("\\00")
-        elif (i == 0 and ch in " #") or (i == last and ch == " "):
-            out.append("\\" + ch)
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
@@ -107,11 +82,6 @@ def _is_connection_failure(exc: BaseException) -> bool:
     if isinstance(exc, bonsai.ConnectionError | bonsai.TimeoutError | bonsai.ClosedConnection):
         return True
     return isinstance(exc, bonsai.LDAPError) and getattr(exc, "code", 0) < 0
-
-
-def _check_jid(jid: str) -> None:
-    if not jid or "@" not in jid or "/" in jid:
-        raise DirectoryError(f"not a bare user JID: {jid!r}")
 
 
 class LDAPDirectory(Directory):
@@ -409,7 +379,7 @@ class LDAPDirectory(Directory):
         return [s.to_auth_password() for s in secrets]
 
     async def add_user(self, jid: str, password: str) -> None:
-        _check_jid(jid)
+        check_bare_jid(jid)
         secrets = await self._secrets(password)
         await self._call(lambda c: self._upsert_on(c, jid, password, secrets, True))
 
@@ -431,7 +401,7 @@ class LDAPDirectory(Directory):
         GIL), then upsert with one task per pooled connection."""
         pairs = list(pairs)
         for jid, password in pairs:
-            _check_jid(jid)
+            check_bare_jid(jid)
             if not password:
                 raise DirectoryError(f"{jid}: empty password")
 

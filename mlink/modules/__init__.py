@@ -1,13 +1,35 @@
-"""Features, one module each; `load_modules` registers them on the hooks."""
+"""Features, one module each; `load_modules` registers them on the hooks.
+
+A module is a file with `register(server)`: it declares the disco features
+it adds and hooks the events it handles (see `mlink.hooks`). It talks to
+clients only through `server.router`, and to data only through
+`server.directory` and `server.store`.
+"""
 
 from __future__ import annotations
 
-from mlink.hooks import Hooks
-from mlink.modules import ping
+from typing import TYPE_CHECKING
 
-MODULES = (ping,)
+from mlink.modules import (
+    blocking,
+    carbons,
+    disco,
+    last,
+    offline,
+    ping,
+    presence,
+    private,
+    roster,
+    version,
+)
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+
+# Order matters only where two modules hook one event at the same priority.
+MODULES = (roster, presence, offline, blocking, carbons, disco, ping, version, last, private)
 
 
-def load_modules(hooks: Hooks) -> None:
+def load_modules(server: Server) -> None:
     for module in MODULES:
-        module.register(hooks)
+        module.register(server)

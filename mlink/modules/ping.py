@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
+from typing import TYPE_CHECKING
 
-from mlink.hooks import Hooks
+from mlink.hooks import StanzaEvent
+from mlink.modules.util import iq_result
+
+if TYPE_CHECKING:
+    from mlink.server import Server
 
 PING_NS = "urn:xmpp:ping"
 
 
-def handle_ping(iq: ET.Element) -> ET.Element:
-    reply = ET.Element(iq.tag, {"type": "result", "id": iq.get("id", "")})
-    if (sender := iq.get("from")) is not None:
-        reply.set("to", sender)
-    if (dest := iq.get("to")) is not None:
-        reply.set("from", dest)
-    return reply
+def register(server: Server) -> None:
+    async def handle_ping(event: StanzaEvent) -> bool:
+        await server.router.route(iq_result(event.stanza))
+        return True
 
-
-def register(hooks: Hooks) -> None:
-    hooks.add_feature(PING_NS)
+    server.hooks.add_feature(PING_NS)
     # Pings to the server; clients that omit `to` mean their server too.
-    hooks.on_iq(f"iq-get/host/{PING_NS}", handle_ping)
-    hooks.on_iq(f"iq-get/self/{PING_NS}", handle_ping)
+    server.hooks.on(f"iq-get/host/{PING_NS}", handle_ping)
+    server.hooks.on(f"iq-get/self/{PING_NS}", handle_ping)

@@ -1,98 +1,228 @@
-"""Deliver stanzas between local sessions (RFC 6120 §10, RFC 6121 §8).
+"""Stanza delivery for the local domains (RFC 6120 §10, RFC 6121 §8).
 
-This is the core's routing; presence broadcast, rosters and offline storage
-are modules that hook in (see the IM issue). Destinations are resolved
-through the `SessionTable`, never by handing sessions to modules.
+Every stanza goes through `route`: modules get the named events of
+`mlink.hooks` first, and what no module consumes gets the RFC's default
+treatment here. Destinations are resolved by JID through the session
+table; modules see `SessionInfo` records and deliver through `deliver`,
+never through connection objects, so sessions can later live in other
+shard processes.
 """
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 
-from mlink.hooks import Hooks
+from mlink.hooks import Hooks, StanzaEvent, iq_child_namespace
 from mlink.jid import JID, InvalidJID, parse_jid
-from mlink.router.sessions import SessionTable
+from mlink.router.sessions import SessionInfo, SessionTable
 from mlink.stream.errors import stanza_error
+
+log = logging.getLogger("mlink.router")
+
+# RFC 6121 §4.1/§4.7.2.3: valid presence types; anything else is bad-request.
+PRESENCE_TYPES = frozenset(
+    {None, "unavailable", "subscribe", "subscribed", "unsubscribe", "unsubscribed", "probe",
+     "error"}
+)
+MESSAGE_TYPES = frozenset({"normal", "chat", "groupchat", "headline", "error"})
 
 
 class Router:
-    def __init__(self, domains: frozenset[str], sessions: SessionTable, hooks: Hooks) -> None:
+    def __init__(self, domains: frozenset[str], sessions: SessionTable, hooks: Hooks,
+                 account_exists: Callable[[JID], Awaitable[bool]] | None = None) -> None:
         self.domains = domains
         self.sessions = sessions
         self.hooks = hooks
+        self._account_exists = account_exists
 
-    def route(self, stanza: ET.Element) -> None:
-        """Route a stanza whose `from` the stream has already stamped."""
-        kind = stanza.tag.rpartition("}")[2]
-        sender = parse_jid(stanza.get("from", ""))
-        to_text = stanza.get("to")
-        try:
-            to = parse_jid(to_text) if to_text else sender.bare
-        except InvalidJID:
-            self._bounce(stanza, "jid-malformed")
+    async def account_exists(self, bare: JID) -> bool:
+        """Whether `bare` is an account here; online users exist for sure."""
+        if self.sessions.online(bare):
+            return True
+        if self._account_exists is None:
+            return False
+        return await self._account_exists(bare)
+
+    # -- what modules may ask and do ------------------------------------------------
+
+    def resources(self, bare: JID) -> list[SessionInfo]:
+        """The bound sessions of a user (available or not)."""
+        return [conn.info for conn in self.sessions.of_user(bare)]
+
+    def session(self, full: JID) -> SessionInfo | None:
+        conn = self.sessions.get(full)
+        return conn.info if conn is not None else None
+
+    def deliver(self, full: JID, stanza: ET.Element) -> bool:
+        """Queue `stanza` for one local session; False if it is not bound."""
+        conn = self.sessions.get(full)
+        if conn is None:
+            return False
+        conn.deliver(stanza)
+        return True
+
+    def is_local(self, jid: JID) -> bool:
+        return jid.domain in self.domains
+
+    async def bounce(self, stanza: ET.Element, condition: str, text: str = "") -> None:
+        """Answer `stanza` with a stanza error (RFC 6120 §8.3): never an
+        error to an error, and never for iq results."""
+        if stanza.get("type") in ("error", "result"):
             return
-        if to.domain not in self.domains:
-            # No server-to-server yet: every remote domain is unreachable.
-            self._bounce(stanza, "remote-server-not-found")
+        error = stanza_error(stanza, condition, text)
+        try:
+            sender = parse_jid(stanza.get("from", ""))
+        except InvalidJID:
+            return
+        # The usual case: tell a local client at once (its stanza's `to` may
+        # be the malformed JID being complained about).
+        if not self.deliver(sender, error):
+            await self.route(error)
+
+    # -- entry points -----------------------------------------------------------
+
+    async def route_from_client(self, origin: SessionInfo, stanza: ET.Element) -> None:
+        """A stanza from a bound local client, its `from` already stamped."""
+        to_text = stanza.get("to")
+        kind = stanza.tag.rpartition("}")[2]
+        try:
+            to = parse_jid(to_text) if to_text else origin.jid.bare
+        except InvalidJID:
+            await self.bounce(stanza, "jid-malformed")
             return
         if kind == "iq":
-            self._route_iq(stanza, to)
-        elif kind == "message":
-            self._route_message(stanza, to)
-        # Presence routing belongs to the presence module (IM issue).
-
-    def _route_iq(self, iq: ET.Element, to: JID) -> None:
-        iq_type = iq.get("type")
-        if to.resource:
-            session = self.sessions.get(to)
-            if session is not None:
-                session.deliver(iq)
-            else:
-                self._bounce(iq, "service-unavailable")
+            if not stanza.get("id"):
+                # RFC 6120 §8.1.3: an iq without an id cannot be answered.
+                await self.bounce(stanza, "bad-request", "an iq needs an id")
+                return
+            if stanza.get("type") not in ("get", "set", "result", "error"):
+                await self.bounce(stanza, "bad-request", "unknown iq type")
+                return
+        elif kind == "presence" and stanza.get("type") not in PRESENCE_TYPES:
+            # RFC 6121 §4.7.1: an unknown presence type is bad-request.
+            await self.bounce(stanza, "bad-request", "unknown presence type")
             return
-        if iq_type not in ("get", "set"):
-            return  # results and errors for the server end here
+        elif kind == "message" and stanza.get("type", "normal") not in MESSAGE_TYPES:
+            stanza.set("type", "normal")  # RFC 6121 §5.2.2: treat as normal
+        event = StanzaEvent(stanza, origin.jid, to, origin)
+        if await self.hooks.fire(f"pre-{kind}/{_scope(to)}", event):
+            return
+        await self._route(event, kind)
+
+    async def route(self, stanza: ET.Element) -> None:
+        """A stanza the server or a module sends. Without `from` it comes
+        from the server of its `to` (as replies to iqs sent without `to`)."""
+        to_text, from_text = stanza.get("to"), stanza.get("from")
+        try:
+            if from_text:
+                sender = parse_jid(from_text)
+                to = parse_jid(to_text) if to_text else sender.bare
+            else:
+                to = parse_jid(to_text or "")
+                sender = JID("", to.domain, "")
+        except InvalidJID:
+            log.warning("dropping server stanza with bad addresses: %s", stanza.attrib)
+            return
+        await self._route(StanzaEvent(stanza, sender, to), stanza.tag.rpartition("}")[2])
+
+    # -- delivery rules ------------------------------------------------------------
+
+    async def _route(self, event: StanzaEvent, kind: str) -> None:
+        to = event.to
+        if to.domain not in self.domains:
+            # No server-to-server yet: every remote domain is unreachable.
+            await self.bounce(event.stanza, "remote-server-not-found")
+            return
+        scope = _scope(to)
+        if await self.hooks.fire(f"{kind}/{scope}", event):
+            return
+        if kind == "message":
+            await self._message(event, scope)
+        elif kind == "iq":
+            await self._iq(event, scope)
+        elif kind == "presence":
+            self._presence(event, scope)
+
+    async def _iq(self, event: StanzaEvent, scope: str) -> None:
+        iq = event.stanza
+        if scope == "full":
+            if not self.deliver(event.to, iq):
+                await self.bounce(iq, "service-unavailable")
+            return
+        if iq.get("type") not in ("get", "set"):
+            return  # results and errors for the server or an account end here
         if len(iq) != 1:
             # RFC 6120 §8.2.3: a get or set carries exactly one payload.
-            self._reply(iq, stanza_error(iq, "bad-request", "an iq needs one child element"))
+            await self.bounce(iq, "bad-request", "an iq needs one child element")
             return
-        sender = parse_jid(iq.get("from", ""))
-        scope = "host" if not to.local else "self" if to == sender.bare else "bare"
-        reply = self.hooks.fire_iq(iq, scope)
-        self._reply(iq, reply if reply is not None else stanza_error(iq, "service-unavailable"))
+        if scope == "bare":
+            if event.to == event.sender.bare:
+                scope = "self"
+            elif not await self.account_exists(event.to):
+                # RFC 6121 §8.5.1: no such account, whatever the payload.
+                await self.bounce(iq, "service-unavailable")
+                return
+        name = f"iq-{iq.get('type')}/{scope}/{iq_child_namespace(iq)}"
+        if not await self.hooks.fire(name, event):
+            await self.bounce(iq, "service-unavailable")
 
-    def _route_message(self, message: ET.Element, to: JID) -> None:
-        if not to.local:
+    async def _message(self, event: StanzaEvent, scope: str) -> None:
+        message, to = event.stanza, event.to
+        if scope == "host":
             return  # messages to the server itself are dropped, as Prosody does
-        session = self.sessions.get(to) if to.resource else None
-        if session is not None:
-            session.deliver(message)
-            return
         msg_type = message.get("type", "normal")
-        if to.resource and msg_type == "groupchat":
-            # RFC 6121 §8.5.3.2.1: groupchat to a resource that is not there.
-            self._bounce(message, "service-unavailable")
-            return
-        targets = self.sessions.of_user(to.bare)
-        if not targets:
-            # RFC 6121 §8.5.2.2: headlines to an unavailable user are dropped.
-            if msg_type != "headline":
-                self._bounce(message, "service-unavailable")
-            return
-        for target in targets:
-            target.deliver(message)
+        if scope == "full":
+            if self.deliver(to, message):
+                await self._delivered(event, (to,))
+                return
+            if msg_type in ("groupchat", "error"):
+                # RFC 6121 §8.5.3.2.1: no such resource.
+                await self.bounce(message, "service-unavailable")
+                return
+        await self._message_to_bare(event, msg_type)
 
-    def _bounce(self, stanza: ET.Element, condition: str) -> None:
-        # RFC 6120 §8.3.1: never answer an error with an error.
-        if stanza.get("type") == "error":
+    async def _message_to_bare(self, event: StanzaEvent, msg_type: str) -> None:
+        """RFC 6121 §8.5.2: the bare JID's available resources, by priority."""
+        message = event.stanza
+        if msg_type == "error":
+            return  # §8.5.2.1.1: errors to a bare JID are silently ignored
+        if msg_type == "groupchat":
+            await self.bounce(message, "service-unavailable")
             return
-        self._reply(stanza, stanza_error(stanza, condition))
+        available = [i for i in self.resources(event.to.bare) if i.available and i.priority >= 0]
+        if available:
+            if msg_type == "headline":
+                targets = available
+            else:
+                top = max(i.priority for i in available)
+                targets = [i for i in available if i.priority == top]
+            for info in targets:
+                self.deliver(info.jid, message)
+            await self._delivered(event, tuple(i.jid for i in targets))
+            return
+        if msg_type == "headline":
+            return  # §8.5.2.2: headlines are not stored or bounced
+        if not await self.hooks.fire("message/offline", event):
+            await self.bounce(message, "service-unavailable")
 
-    def _reply(self, original: ET.Element, reply: ET.Element) -> None:
-        try:
-            dest = parse_jid(original.get("from", ""))
-        except InvalidJID:
-            return
-        session = self.sessions.get(dest)
-        if session is not None:
-            session.deliver(reply)
+    async def _delivered(self, event: StanzaEvent, targets: tuple[JID, ...]) -> None:
+        if self.hooks.has("message/delivered"):
+            event.delivered_to = targets
+            await self.hooks.notify("message/delivered", event)
+
+    def _presence(self, event: StanzaEvent, scope: str) -> None:
+        """What the presence module leaves: directed presence to sessions."""
+        if scope == "full":
+            self.deliver(event.to, event.stanza)
+        elif scope == "bare":
+            for info in self.resources(event.to):
+                if info.available:
+                    self.deliver(info.jid, event.stanza)
+
+
+def _scope(to: JID) -> str:
+    if not to.local:
+        return "host"
+    return "full" if to.resource else "bare"

@@ -1,13 +1,16 @@
 """Who is online: bound sessions by full and bare JID.
 
-Modules never get a session object: they route by JID through the router,
-so a session may later live in another shard process without them knowing.
+Modules see `SessionInfo` records (plain data: JID, priority, presence,
+flags), never the connection objects, and deliver through the router; so a
+session can later live in another shard process, with its `SessionInfo`
+replicated, without any module changing.
 """
 
 from __future__ import annotations
 
 import secrets
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from mlink.jid import JID
@@ -17,10 +20,34 @@ from mlink.jid import JID
 GENERATED_RESOURCE_BYTES = 8
 
 
-class Session(Protocol):
-    """What the router needs of a bound connection."""
+@dataclass(slots=True, eq=False)
+class SessionInfo:
+    """What the server knows of one bound session, apart from its socket."""
 
     jid: JID
+    # The last available presence the client broadcast (RFC 6121 §4.2); None
+    # until initial presence and after unavailable.
+    presence: ET.Element | None = None
+    priority: int = 0
+    # RFC 6121 §2.1.6: requested the roster, so it gets roster pushes and
+    # subscription requests.
+    interested: bool = False
+    carbons: bool = False  # XEP-0280 enabled
+    # Full or bare JIDs that got directed presence from this session, owed
+    # an unavailable presence when it ends (RFC 6121 §4.6.3).
+    directed_to: set[str] = field(default_factory=set)
+    # Whether initial presence has been sent in this session.
+    initial_presence_sent: bool = False
+
+    @property
+    def available(self) -> bool:
+        return self.presence is not None
+
+
+class Connection(Protocol):
+    """What the router needs of a bound connection."""
+
+    info: SessionInfo
 
     def deliver(self, stanza: ET.Element) -> None:
         """Queue `stanza` for the client without waiting."""
@@ -31,15 +58,16 @@ class Session(Protocol):
 
 class SessionTable:
     def __init__(self) -> None:
-        self._by_full: dict[JID, Session] = {}
-        self._by_bare: dict[JID, dict[str, Session]] = {}
+        self._by_full: dict[JID, Connection] = {}
+        self._by_bare: dict[JID, dict[str, Connection]] = {}
 
-    def bind(self, session: Session, bare: JID, resource: str | None) -> JID:
-        """Bind `session` to `bare`/`resource` and return the full JID.
+    def bind(self, conn: Connection, bare: JID, resource: str | None) -> JID:
+        """Bind `conn` to `bare`/`resource` and return the full JID.
 
         RFC 6120 §7.7.2.2: when the full JID is in use, mlink lets the new
         session win and ends the old one with a `conflict` stream error —
         the old one is usually a dead connection the client is replacing.
+        The caller must announce the old session's end (`replaced`).
         """
         resources = self._by_bare.setdefault(bare, {})
         if resource is None:
@@ -47,34 +75,41 @@ class SessionTable:
             while resource in resources:
                 resource = secrets.token_hex(GENERATED_RESOURCE_BYTES)
         full = JID(bare.local, bare.domain, resource)
-        old = resources.get(resource)
-        if old is not None and old is not session:
-            self.unbind(old)
-            old.kick("conflict", "replaced by a new session with the same resource")
-        resources[resource] = session
-        self._by_full[full] = session
-        session.jid = full
+        resources[resource] = conn
+        self._by_full[full] = conn
+        conn.info = SessionInfo(full)
         return full
 
-    def unbind(self, session: Session) -> None:
-        full = session.jid
-        if self._by_full.get(full) is not session:
-            return
+    def replaced(self, bare: JID, resource: str | None) -> Connection | None:
+        """The connection holding `bare/resource` now, which a bind would end."""
+        if resource is None:
+            return None
+        return self._by_bare.get(bare, {}).get(resource)
+
+    def unbind(self, conn: Connection) -> bool:
+        """Remove `conn`; False when it was not (or no longer) bound."""
+        full = conn.info.jid
+        if self._by_full.get(full) is not conn:
+            return False
         del self._by_full[full]
         resources = self._by_bare.get(full.bare)
         if resources is not None:
             resources.pop(full.resource, None)
             if not resources:
                 del self._by_bare[full.bare]
+        return True
 
-    def get(self, full: JID) -> Session | None:
+    def get(self, full: JID) -> Connection | None:
         return self._by_full.get(full)
 
-    def of_user(self, bare: JID) -> list[Session]:
+    def of_user(self, bare: JID) -> list[Connection]:
         return list(self._by_bare.get(bare, {}).values())
+
+    def online(self, bare: JID) -> bool:
+        return bare in self._by_bare
 
     def __len__(self) -> int:
         return len(self._by_full)
 
-    def all(self) -> list[Session]:
+    def all(self) -> list[Connection]:
         return list(self._by_full.values())

@@ -16,6 +16,7 @@ import trio
 
 from mlink.directory.base import DirectoryUnavailable
 from mlink.jid import JID
+from mlink.router.sessions import SessionInfo
 from mlink.stream import c2s
 from mlink.xml.serialize import serialize
 
@@ -46,7 +47,7 @@ class ClientConnection:
         self.direct_tls = direct_tls
         settings = server.stream_settings(tls_active=direct_tls)
         self.xmpp = c2s.C2SStream(settings)
-        self.jid: JID = JID("", "", "")
+        self.info = SessionInfo(JID("", "", ""))
         self._outbox: list[bytes] = []
         self._outbox_bytes = 0
         self._has_output = trio.Event()
@@ -87,8 +88,8 @@ class ClientConnection:
                     nursery.cancel_scope.cancel()
             finally:
                 if self._bound:
-                    self.server.sessions.unbind(self)
                     self._bound = False
+                    await self.server.session_ended(self)
                 with trio.move_on_after(CLOSE_GRACE) as cleanup:
                     cleanup.shield = True
                     try:
@@ -127,7 +128,7 @@ class ClientConnection:
         for ev in events:
             if isinstance(ev, c2s.StanzaReceived):
                 self._flush_machine()
-                self.server.router.route(ev.element)
+                await self.server.router.route_from_client(self.info, ev.element)
                 continue
             self._flush_machine()
             if isinstance(ev, c2s.StartTLS):
@@ -139,7 +140,7 @@ class ClientConnection:
             elif isinstance(ev, c2s.FindSecret):
                 await self._find_secret(ev)
             elif isinstance(ev, c2s.BindRequested):
-                self._bind(ev)
+                await self._bind(ev)
             elif isinstance(ev, c2s.AuthFailed):
                 log.info("authentication failed for %s: %s", ev.jid or "?", ev.condition)
             elif isinstance(ev, c2s.Authenticated):
@@ -165,9 +166,9 @@ class ClientConnection:
             return
         await self._handle(self.xmpp.secret_found(secret))
 
-    def _bind(self, ev: c2s.BindRequested) -> None:
+    async def _bind(self, ev: c2s.BindRequested) -> None:
         assert self.xmpp.jid is not None
-        full = self.server.sessions.bind(self, self.xmpp.jid.bare, ev.resource)
+        full = await self.server.bind_session(self, self.xmpp.jid.bare, ev.resource)
         self._bound = True
         self.xmpp.bind_done(full.resource)
         log.info("bound %s", full)
@@ -209,7 +210,7 @@ class ClientConnection:
         self._drained = trio.Event() if self._drained.is_set() else self._drained
         self._has_output.set()
         if self._outbox_bytes > MAX_OUTBOX_BYTES and not self._closing:
-            log.warning("%s is not reading; closing", self.jid)
+            log.warning("%s is not reading; closing", self.info.jid)
             self._outbox.clear()
             self._outbox_bytes = 0
             self.kick("policy-violation", "too much unread data")
