@@ -58,6 +58,10 @@ class Hooks:
     def __init__(self) -> None:
         self._handlers: dict[str, list[tuple[int, Handler]]] = {}
         self.features: set[str] = set()
+        # Serialised children of <stream:features>: offered on every stream
+        # (`stream_features`) or only once authenticated (`session_features`).
+        self.stream_features: list[bytes] = []
+        self.session_features: list[bytes] = []
 
     def on(self, name: str, handler: Handler, priority: int = 0) -> None:
         handlers = self._handlers.setdefault(name, [])

@@ -94,6 +94,8 @@ class Server:
             tls_active=tls_active,
             max_stanza_bytes=limits.max_stanza_bytes,
             max_depth=limits.max_depth,
+            extra_features=b"".join(self.hooks.stream_features),
+            session_features=b"".join(self.hooks.session_features),
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

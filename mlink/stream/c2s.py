@@ -139,6 +139,11 @@ class StreamSettings:
     tls_active: bool = False  # direct TLS (XEP-0368): already encrypted
     max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
+    # Features modules add: `extra_features` in every <stream:features>
+    # (e.g. XEP-0115 caps), `session_features` after authentication (e.g.
+    # roster versioning), both already serialised.
+    extra_features: bytes = b""
+    session_features: bytes = b""
 
 
 class C2SStream:
@@ -338,8 +343,10 @@ class C2SStream:
             parts.append(f"<bind xmlns='{BIND_NS}'/>")
             # RFC 3921 session establishment, optional since RFC 6121.
             parts.append(f"<session xmlns='{SESSION_NS}'><optional/></session>")
-        parts.append("</stream:features>")
-        return "".join(parts).encode()
+        out = "".join(parts).encode()
+        if self._authenticated:
+            out += s.session_features
+        return out + s.extra_features + b"</stream:features>"
 
     def _mechanisms_now(self) -> list[str]:
         if self.settings.tls_required and not self.tls_active:
