@@ -19,7 +19,7 @@ from mlink.jid import JID
 from mlink.modules import load_modules
 from mlink.router.router import Router
 from mlink.router.sessions import SessionTable
-from mlink.store import Store
+from mlink.store import DEFAULT_FILENAME, Store
 from mlink.stream.c2s import StreamSettings
 from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
@@ -29,7 +29,7 @@ log = logging.getLogger("mlink.server")
 # Pending connections the kernel queues per listener: enough for a login
 # storm from a benchmark or a reconnecting fleet of clients.
 LISTEN_BACKLOG = 1024
-STORE_FILE = "mlink.sqlite"
+STORE_FILE = DEFAULT_FILENAME
 # On shutdown, how long sessions get to flush their closing tags.
 SHUTDOWN_GRACE = 5.0
 

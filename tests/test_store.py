@@ -1,0 +1,474 @@
+"""The SQLite store: round trips, roster versions, the offline limit under
+concurrency (tasks, store instances and processes), ordering, persistence,
+crash durability, schema versioning and file creation."""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import mlink.store.sqlite
+from mlink.store import SCHEMA_VERSION, RosterItem, SchemaTooNewError, Store, StoreError
+
+ALICE = "alice@example.com"
+BOB = "bob@example.com"
+CAROL = "carol@example.net"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "mlink.sqlite3"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(db_path)
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+def msg(n: int) -> bytes:
+    return f"<message to='{ALICE}'><body>m{n}</body></message>".encode()
+
+
+async def run_python(code: str) -> trio.CompletedProcess[bytes]:
+    """Run `code` in a fresh interpreter (another "process" of the server)."""
+    return await trio.run_process(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        check=False,
+        capture_stdout=True,
+        capture_stderr=True,
+    )
+
+
+# --- opening ------------------------------------------------------------------
+
+
+async def test_open_creates_missing_directories(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "c" / "store.db"
+    async with await Store.open(path) as s:
+        assert await s.offline_put(ALICE, msg(1), 10)
+    assert path.is_file()
+    assert (path.stat().st_mode & 0o777) == 0o600
+
+
+async def test_settings_in_effect(store: Store, db_path: Path) -> None:
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+    for side in (store._writer, store._reader):
+        live = side.live()
+        assert live.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert live.execute("PRAGMA busy_timeout").fetchone()[0] > 0
+
+
+async def test_newer_schema_refused(db_path: Path) -> None:
+    s = await Store.open(db_path)
+    await s.offline_put(ALICE, msg(1), 10)
+    await s.aclose()
+    conn = sqlite3.connect(db_path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaTooNewError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        await Store.open(db_path)
+    conn = sqlite3.connect(db_path)
+    try:  # untouched by the refused open
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+        assert conn.execute("SELECT count(*) FROM offline_message").fetchone()[0] == 1
+    finally:
+        conn.close()
+
+
+async def test_foreign_database_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="not ours"):
+        await Store.open(path)
+
+
+async def test_reopen_migrates_nothing(db_path: Path) -> None:
+    await (await Store.open(db_path)).aclose()
+    async with await Store.open(db_path) as s:
+        assert await s.offline_count(ALICE) == 0
+
+
+async def test_closed_store_raises(db_path: Path) -> None:
+    s = await Store.open(db_path)
+    await s.aclose()
+    await s.aclose()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        await s.roster(ALICE)
+    with pytest.raises(StoreError, match="closed"):
+        await s.offline_put(ALICE, msg(1), 10)
+
+
+# --- rosters --------------------------------------------------------------------
+
+
+def test_roster_item_normalises_groups_and_checks_state() -> None:
+    item = RosterItem(BOB, groups=("b", "a", "b"))
+    assert item.groups == ("a", "b")
+    assert item == RosterItem(BOB, groups=("a", "b"))
+    with pytest.raises(ValueError):
+        RosterItem(BOB, subscription="remove")
+
+
+async def test_roster_round_trip_and_versions(store: Store) -> None:
+    assert await store.roster(ALICE) == (0, {})
+    bob = RosterItem(BOB, name="Bob", groups=("Friends", "Äöü"), subscription="both")
+    carol = RosterItem(CAROL, subscription="none", ask=True, approved=True)
+    v1 = await store.roster_put(ALICE, bob)
+    v2 = await store.roster_put(ALICE, carol)
+    assert 0 < v1 < v2
+    assert await store.roster(ALICE) == (v2, {BOB: bob, CAROL: carol})
+
+    bob2 = RosterItem(BOB, name=None, subscription="to")
+    v3 = await store.roster_put(ALICE, bob2)  # replace
+    assert v3 > v2
+    assert await store.roster(ALICE) == (v3, {BOB: bob2, CAROL: carol})
+
+    assert await store.roster_delete(ALICE, "nobody@example.com") is None
+    assert (await store.roster(ALICE))[0] == v3  # no change, no new version
+    v4 = await store.roster_delete(ALICE, BOB)
+    assert v4 is not None and v4 > v3
+    assert await store.roster(ALICE) == (v4, {CAROL: carol})
+    # Other users are separate.
+    assert await store.roster(BOB) == (0, {})
+
+
+async def test_roster_versions_shared_between_instances(store: Store, db_path: Path) -> None:
+    other = await Store.open(db_path)
+    try:
+        seen = []
+        for i in range(6):
+            s = store if i % 2 else other
+            seen.append(await s.roster_put(ALICE, RosterItem(f"c{i}@example.com")))
+        assert seen == sorted(set(seen))  # strictly increasing across instances
+        assert (await store.roster(ALICE))[0] == seen[-1]
+        assert len((await other.roster(ALICE))[1]) == 6
+    finally:
+        await other.aclose()
+
+
+# --- subscription requests ----------------------------------------------------------
+
+
+async def test_subscription_requests(store: Store) -> None:
+    assert await store.subscription_requests(ALICE) == []
+    await store.subscription_request_put(ALICE, BOB, b"<presence type='subscribe'>1</presence>")
+    await store.subscription_request_put(ALICE, CAROL, b"<presence type='subscribe'>2</presence>")
+    assert await store.subscription_requests(ALICE) == [
+        (BOB, b"<presence type='subscribe'>1</presence>"),
+        (CAROL, b"<presence type='subscribe'>2</presence>"),
+    ]
+    # A repeated request replaces the earlier one and counts as the newest.
+    await store.subscription_request_put(ALICE, BOB, b"<presence type='subscribe'>3</presence>")
+    assert await store.subscription_requests(ALICE) == [
+        (CAROL, b"<presence type='subscribe'>2</presence>"),
+        (BOB, b"<presence type='subscribe'>3</presence>"),
+    ]
+    assert await store.subscription_request_delete(ALICE, CAROL)
+    assert not await store.subscription_request_delete(ALICE, CAROL)
+    assert await store.subscription_requests(ALICE) == [
+        (BOB, b"<presence type='subscribe'>3</presence>")
+    ]
+    assert await store.subscription_requests(BOB) == []
+
+
+# --- offline messages ---------------------------------------------------------------
+
+
+async def test_offline_round_trip_and_order(store: Store) -> None:
+    for n in range(50):
+        assert await store.offline_put(ALICE, msg(n), 100)
+    await store.offline_put(BOB, b"<message/>", 100)
+    fetched = await store.offline_fetch(ALICE)
+    assert [stanza for _, stanza in fetched] == [msg(n) for n in range(50)]
+    ids = [i for i, _ in fetched]
+    assert ids == sorted(ids)
+    assert await store.offline_count(ALICE) == 50
+
+    await store.offline_delete(ALICE, ids[:10])
+    bob_ids = [i for i, _ in await store.offline_fetch(BOB)]
+    await store.offline_delete(ALICE, bob_ids)  # not Alice's: ignored
+    await store.offline_delete(ALICE, [])
+    assert await store.offline_count(BOB) == 1
+    assert await store.offline_fetch(ALICE) == fetched[10:]
+    # New messages sort after the survivors; ids are never reused.
+    await store.offline_delete(ALICE, ids[-5:])
+    await store.offline_put(ALICE, msg(99), 100)
+    last_id, last = (await store.offline_fetch(ALICE))[-1]
+    assert last == msg(99) and last_id > ids[-1]
+
+
+async def test_offline_limit(store: Store) -> None:
+    for n in range(3):
+        assert await store.offline_put(ALICE, msg(n), 3)
+    assert not await store.offline_put(ALICE, msg(3), 3)
+    assert await store.offline_count(ALICE) == 3
+    assert not await store.offline_put(BOB, msg(0), 0)
+    assert await store.offline_count(BOB) == 0
+
+
+async def test_offline_limit_concurrent_tasks(store: Store) -> None:
+    results: list[bool] = []
+
+    async def put(n: int) -> None:
+        results.append(await store.offline_put(ALICE, msg(n), 10))
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(put, n)
+    assert results.count(True) == 10
+    assert await store.offline_count(ALICE) == 10
+
+
+async def test_offline_limit_concurrent_instances(store: Store, db_path: Path) -> None:
+    others = [await Store.open(db_path) for _ in range(3)]
+    stores = [store, *others]
+    results: list[bool] = []
+
+    async def put(n: int) -> None:
+        results.append(await stores[n % len(stores)].offline_put(ALICE, msg(n), 10))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(40):
+                nursery.start_soon(put, n)
+    finally:
+        for s in others:
+            await s.aclose()
+    assert results.count(True) == 10
+    assert await store.offline_count(ALICE) == 10
+
+
+async def test_offline_limit_concurrent_processes(db_path: Path) -> None:
+    await (await Store.open(db_path)).aclose()  # create the schema once
+    code = f"""
+        import trio
+        from pathlib import Path
+        from mlink.store import Store
+
+        async def main():
+            async with await Store.open(Path({str(db_path)!r})) as s:
+                async with trio.open_nursery() as n:
+                    for i in range(15):
+                        n.start_soon(s.offline_put, {ALICE!r}, b"<message/>", 25)
+
+        trio.run(main)
+    """
+    results: list[trio.CompletedProcess[bytes]] = []
+
+    async def one() -> None:
+        results.append(await run_python(code))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(one)
+    for r in results:
+        assert r.returncode == 0, r.stderr.decode()
+    async with await Store.open(db_path) as s:
+        assert await s.offline_count(ALICE) == 25
+
+
+# --- blocking, private storage, last activity -----------------------------------------
+
+
+async def test_blocklist(store: Store) -> None:
+    assert await store.blocklist(ALICE) == set()
+    await store.block(ALICE, [BOB, CAROL, "example.org"])
+    await store.block(ALICE, [BOB])  # already blocked
+    await store.block(ALICE, iter([]))
+    assert await store.blocklist(ALICE) == {BOB, CAROL, "example.org"}
+    await store.unblock(ALICE, (j for j in [BOB, "nobody@example.com"]))
+    assert await store.blocklist(ALICE) == {CAROL, "example.org"}
+    await store.block(BOB, [ALICE])
+    await store.unblock(ALICE, None)
+    assert await store.blocklist(ALICE) == set()
+    assert await store.blocklist(BOB) == {ALICE}
+
+
+async def test_private_storage(store: Store) -> None:
+    key = "{storage:bookmarks}storage"
+    assert await store.private_get(ALICE, key) is None
+    await store.private_put(ALICE, key, b"<storage xmlns='storage:bookmarks'/>")
+    await store.private_put(ALICE, "{x:y}z", b"<z xmlns='x:y'/>")
+    assert await store.private_get(ALICE, key) == b"<storage xmlns='storage:bookmarks'/>"
+    await store.private_put(ALICE, key, b"<storage xmlns='storage:bookmarks'><c/></storage>")
+    assert (
+        await store.private_get(ALICE, key) == b"<storage xmlns='storage:bookmarks'><c/></storage>"
+    )
+    assert await store.private_get(ALICE, "{x:y}z") == b"<z xmlns='x:y'/>"
+    assert await store.private_get(BOB, key) is None
+
+
+async def test_last_activity(store: Store) -> None:
+    assert await store.last_activity(ALICE) is None
+    await store.last_activity_put(ALICE, 1700000000.5, "gone fishing")
+    assert await store.last_activity(ALICE) == (1700000000.5, "gone fishing")
+    await store.last_activity_put(ALICE, 1700000100.0, "")
+    assert await store.last_activity(ALICE) == (1700000100.0, "")
+
+
+async def test_delete_user_data(store: Store) -> None:
+    v = await store.roster_put(ALICE, RosterItem(BOB))
+    await store.subscription_request_put(ALICE, CAROL, b"<presence/>")
+    await store.offline_put(ALICE, msg(1), 10)
+    await store.block(ALICE, [CAROL])
+    await store.private_put(ALICE, "{a:b}c", b"<c/>")
+    await store.last_activity_put(ALICE, 1.0, "x")
+    await store.roster_put(BOB, RosterItem(ALICE))
+    await store.offline_put(BOB, msg(2), 10)
+
+    await store.delete_user_data(ALICE)
+    version, items = await store.roster(ALICE)
+    assert items == {} and version > v  # versions never repeat for a re-created account
+    assert await store.subscription_requests(ALICE) == []
+    assert await store.offline_count(ALICE) == 0
+    assert await store.blocklist(ALICE) == set()
+    assert await store.private_get(ALICE, "{a:b}c") is None
+    assert await store.last_activity(ALICE) is None
+    # Bob's data is untouched.
+    assert set((await store.roster(BOB))[1]) == {ALICE}
+    assert await store.offline_count(BOB) == 1
+
+    await store.delete_user_data("never@example.com")
+    assert await store.roster("never@example.com") == (0, {})
+
+
+# --- persistence and sharing -------------------------------------------------------------
+
+
+async def test_survives_reopen(db_path: Path) -> None:
+    item = RosterItem(BOB, name="B", groups=("g",), subscription="from", approved=True)
+    async with await Store.open(db_path) as s:
+        v = await s.roster_put(ALICE, item)
+        await s.subscription_request_put(ALICE, CAROL, b"<presence/>")
+        await s.offline_put(ALICE, msg(1), 10)
+        await s.block(ALICE, [CAROL])
+        await s.private_put(ALICE, "{a:b}c", b"<c/>")
+        await s.last_activity_put(ALICE, 5.0, "bye")
+    async with await Store.open(db_path) as s:
+        assert await s.roster(ALICE) == (v, {BOB: item})
+        assert await s.subscription_requests(ALICE) == [(CAROL, b"<presence/>")]
+        assert [m for _, m in await s.offline_fetch(ALICE)] == [msg(1)]
+        assert await s.blocklist(ALICE) == {CAROL}
+        assert await s.private_get(ALICE, "{a:b}c") == b"<c/>"
+        assert await s.last_activity(ALICE) == (5.0, "bye")
+
+
+async def test_second_instance_sees_writes(store: Store, db_path: Path) -> None:
+    other = await Store.open(db_path)
+    try:
+        await store.offline_put(ALICE, msg(1), 10)
+        await store.block(ALICE, [BOB])
+        assert await other.offline_count(ALICE) == 1
+        assert await other.blocklist(ALICE) == {BOB}
+        await other.roster_put(ALICE, RosterItem(BOB))
+        assert BOB in (await store.roster(ALICE))[1]
+    finally:
+        await other.aclose()
+
+
+async def test_write_by_another_process_visible(store: Store, db_path: Path) -> None:
+    code = f"""
+        import trio
+        from pathlib import Path
+        from mlink.store import RosterItem, Store
+
+        async def main():
+            async with await Store.open(Path({str(db_path)!r})) as s:
+                await s.roster_put({ALICE!r}, RosterItem({BOB!r}, subscription="both"))
+
+        trio.run(main)
+    """
+    r = await run_python(code)
+    assert r.returncode == 0, r.stderr.decode()
+    version, items = await store.roster(ALICE)
+    assert version == 1 and items == {BOB: RosterItem(BOB, subscription="both")}
+
+
+async def test_acknowledged_write_survives_sigkill(db_path: Path) -> None:
+    # The child kills itself the moment offline_put returns: no close, no
+    # checkpoint, no interpreter shutdown.
+    code = f"""
+        import os, signal, trio
+        from pathlib import Path
+        from mlink.store import Store
+
+        async def main():
+            s = await Store.open(Path({str(db_path)!r}))
+            assert await s.offline_put({ALICE!r}, b"<message>kept</message>", 10)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        trio.run(main)
+    """
+    r = await run_python(code)
+    assert r.returncode == -signal.SIGKILL, r.stderr.decode()
+    async with await Store.open(db_path) as s:
+        assert [m for _, m in await s.offline_fetch(ALICE)] == [b"<message>kept</message>"]
+
+
+async def test_reads_during_write_transaction_of_other_connection(
+    store: Store, db_path: Path
+) -> None:
+    """WAL: a write lock held elsewhere (another process mid-transaction)
+    does not block readers, and our writes wait for it rather than fail.
+    (Whether the worker thread reaches its BEGIN before the COMMIT below is
+    up to the scheduler; either way the write must succeed.)"""
+    await store.offline_put(ALICE, msg(1), 10)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO offline_message (user, stanza) VALUES (?, ?)", (ALICE, msg(2)))
+        assert await store.offline_count(ALICE) == 1  # not blocked, uncommitted row unseen
+        async with trio.open_nursery() as nursery:
+            done = trio.Event()
+
+            async def write() -> None:
+                await store.offline_put(ALICE, msg(3), 10)
+                done.set()
+
+            nursery.start_soon(write)
+            await trio.testing.wait_all_tasks_blocked()
+            conn.execute("COMMIT")
+        assert done.is_set()
+    finally:
+        conn.close()
+    assert [m for _, m in await store.offline_fetch(ALICE)] == [msg(1), msg(2), msg(3)]
+
+
+async def test_lock_held_too_long_is_store_error(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mlink.store.sqlite, "BUSY_TIMEOUT_MS", 50)
+    async with await Store.open(db_path) as s:
+        conn = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            with pytest.raises(StoreError, match="locked"):
+                await s.offline_put(ALICE, msg(1), 10)
+            assert await s.offline_count(ALICE) == 0  # reads still work
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+        assert await s.offline_put(ALICE, msg(1), 10)  # the connection is still usable
