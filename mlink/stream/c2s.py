@@ -21,7 +21,8 @@ from mlink.config_model import DEFAULT_MAX_DEPTH, DEFAULT_MAX_STANZA_BYTES
 from mlink.jid import JID, InvalidJID, parse_jid, prep_localpart, prep_resource
 from mlink.sasl import mechanisms as sasl
 from mlink.sasl.secrets import ScramSecret
-from mlink.stream.errors import stanza_error, stream_error_bytes
+from mlink.stream.errors import stanza_error
+from mlink.stream.framing import FRAMING_NS, Framing, TCPFraming, WebSocketFraming
 from mlink.xml.parser import (
     STREAM_NS,
     STREAM_TAG,
@@ -31,7 +32,7 @@ from mlink.xml.parser import (
     XMLStreamError,
     XMLStreamParser,
 )
-from mlink.xml.serialize import CLIENT_NS, escape_attr, serialize
+from mlink.xml.serialize import CLIENT_NS
 
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -144,6 +145,7 @@ class StreamSettings:
     # roster versioning), both already serialised.
     extra_features: bytes = b""
     session_features: bytes = b""
+    websocket: bool = False  # RFC 7395 framing: use receive_message
 
 
 class C2SStream:
@@ -159,6 +161,7 @@ class C2SStream:
         self.jid: JID | None = None  # bare after SASL, full after bind
         self._authenticated = False
         self._out: list[bytes] = []
+        self.framing: Framing = WebSocketFraming() if settings.websocket else TCPFraming()
         self._parser = self._new_parser()
         self._mechanism: sasl.Mechanism | None = None
         self._auth_jid: str | None = None
@@ -174,6 +177,12 @@ class C2SStream:
         self._out.clear()
         return out
 
+    def messages_to_send(self) -> list[bytes]:
+        """What to send, one complete element each (WebSocket framing)."""
+        out = self._out
+        self._out = []
+        return out
+
     def receive_data(self, data: bytes) -> list[C2SEvent]:
         if self.state is State.CLOSED:
             return []
@@ -181,6 +190,44 @@ class C2SStream:
             events = self._parser.feed(data)
         except XMLStreamError as exc:
             return [self._fail(exc.condition, exc.text)]
+        return self._dispatch(events)
+
+    def receive_message(self, data: bytes) -> list[C2SEvent]:
+        """One WebSocket text message: exactly one complete element
+        (RFC 7395 §3.3.3); <open/> and <close/> stand for the stream tags."""
+        if self.state is State.CLOSED or not data.strip():
+            return []
+        head = data.lstrip()[:7]
+        try:
+            if self.state is State.WAIT_HEADER or head.startswith((b"<open", b"<close")):
+                return self._framing_element(data)
+            events = self._parser.feed(data)
+            complete = self._parser.between_stanzas and data.rstrip().endswith(b">")
+            if len(events) != 1 or not complete:
+                raise XMLStreamError("not-well-formed", "a message must be one complete element")
+        except XMLStreamError as exc:
+            return [self._fail(exc.condition, exc.text)]
+        return self._dispatch(events)
+
+    def _framing_element(self, data: bytes) -> list[C2SEvent]:
+        parser = XMLStreamParser(self.settings.max_stanza_bytes, self.settings.max_depth)
+        events = parser.feed(data)
+        if len(events) != 2 or not isinstance(events[0], StreamOpen):
+            raise XMLStreamError("not-well-formed", "a message must be one complete element")
+        tag = events[0].tag
+        if tag == f"{{{FRAMING_NS}}}close":
+            return [self._on_close()]
+        if tag != f"{{{FRAMING_NS}}}open" or self.state is not State.WAIT_HEADER:
+            raise XMLStreamError("not-well-formed", "expected <open/>")
+        header = StreamOpen(STREAM_TAG, events[0].attrib, {"": CLIENT_NS, "stream": STREAM_NS})
+        out = self._on_header(header)
+        # Stanzas that follow are parsed as children of a stream of their own.
+        self._parser.feed(
+            f"<stream:stream xmlns='{CLIENT_NS}' xmlns:stream='{STREAM_NS}'>".encode()
+        )
+        return out
+
+    def _dispatch(self, events: list) -> list[C2SEvent]:
         out: list[C2SEvent] = []
         for ev in events:
             if self.state is State.CLOSED:
@@ -237,7 +284,7 @@ class C2SStream:
 
     def send_element(self, elem: ET.Element) -> None:
         """Queue a stanza for the client (only once established)."""
-        self._out.append(serialize(elem))
+        self._out.append(self.framing.stanza(elem))
 
     def send_raw(self, data: bytes) -> None:
         """Queue bytes already serialised for this stream (fan-out reuse)."""
@@ -249,7 +296,7 @@ class C2SStream:
             return self._fail(condition, text)
         if not self._sent_close:
             self._ensure_header()
-            self._out.append(b"</stream:stream>")
+            self._out.extend(self.framing.close())
             self._sent_close = True
         self.state = State.CLOSED
         return StreamEnded(None, peer_closed=False)
@@ -303,15 +350,11 @@ class C2SStream:
         to = ""
         if peer:
             try:
-                to = f" to='{escape_attr(str(parse_jid(peer)))}'"
+                to = str(parse_jid(peer))
             except InvalidJID:
                 to = ""
-        self._out.append(
-            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
-            f"xmlns:stream='{STREAM_NS}' id='{self.stream_id}' "
-            f"from='{escape_attr(self.domain or sorted(self.settings.domains)[0])}'{to} "
-            "version='1.0' xml:lang='en'>".encode()
-        )
+        domain = self.domain or sorted(self.settings.domains)[0]
+        self._out.append(self.framing.header(self.stream_id, domain, to or None))
 
     def _ensure_header(self) -> None:
         """RFC 6120 §4.9.1.1: an error before our header still needs one."""
@@ -319,9 +362,10 @@ class C2SStream:
             self._send_header()
 
     def _features(self) -> bytes:
-        parts = ["<stream:features>"]
+        parts: list[str] = []
         s = self.settings
-        if not self.tls_active and s.tls_available and not self._authenticated:
+        if not self.tls_active and s.tls_available and not self._authenticated and \
+                not s.websocket:
             req = "<required/>" if s.tls_required else ""
             parts.append(f"<starttls xmlns='{TLS_NS}'>{req}</starttls>")
         if not self._authenticated:
@@ -346,7 +390,7 @@ class C2SStream:
         out = "".join(parts).encode()
         if self._authenticated:
             out += s.session_features
-        return out + s.extra_features + b"</stream:features>"
+        return self.framing.features(out + s.extra_features)
 
     def _mechanisms_now(self) -> list[str]:
         if self.settings.tls_required and not self.tls_active:
@@ -563,14 +607,14 @@ class C2SStream:
     def _on_close(self) -> StreamEnded:
         if not self._sent_close:
             self._ensure_header()
-            self._out.append(b"</stream:stream>")
+            self._out.extend(self.framing.close())
             self._sent_close = True
         return self._end(None, peer_closed=True)
 
     def _fail(self, condition: str, text: str = "") -> StreamEnded:
         if not self._sent_close:
             self._ensure_header()
-            self._out.append(stream_error_bytes(condition, text))
+            self._out.extend(self.framing.error(condition, text))
             self._sent_close = True
         return self._end(condition, peer_closed=False)
 
@@ -587,4 +631,4 @@ class C2SStream:
         return XMLStreamParser(self.settings.max_stanza_bytes, self.settings.max_depth)
 
     def _send_element(self, elem: ET.Element) -> None:
-        self._out.append(serialize(elem))
+        self._out.append(self.framing.stanza(elem))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from mlink.xml.serialize import XML_NS, escape_text
+from mlink.xml.serialize import XML_NS
 
 STREAMS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
@@ -43,15 +43,6 @@ STANZA_ERROR_TYPES: dict[str, str] = {
     "undefined-condition": "cancel",
     "unexpected-request": "wait",
 }
-
-
-def stream_error_bytes(condition: str, text: str = "") -> bytes:
-    """`<stream:error>` followed by the closing tag: the end of a stream."""
-    assert condition in STREAM_CONDITIONS, condition
-    body = f"<{condition} xmlns='{STREAMS_NS}'/>"
-    if text:
-        body += f"<text xmlns='{STREAMS_NS}' xml:lang='en'>{escape_text(text)}</text>"
-    return f"<stream:error>{body}</stream:error></stream:stream>".encode()
 
 
 def stanza_error(

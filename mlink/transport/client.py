@@ -18,7 +18,6 @@ from mlink.directory.base import DirectoryUnavailable
 from mlink.jid import JID
 from mlink.router.sessions import SessionInfo
 from mlink.stream import c2s
-from mlink.xml.serialize import serialize
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -61,7 +60,7 @@ class ClientConnection:
 
     def deliver(self, stanza: ET.Element) -> None:
         if not self._closing:
-            self._queue(serialize(stanza))
+            self._queue(self.xmpp.framing.stanza(stanza))
 
     def deliver_bytes(self, data: bytes) -> None:
         if not self._closing:
@@ -123,6 +122,10 @@ class ClientConnection:
             return False
         await self._handle(self.xmpp.receive_data(data))
         return True
+
+    async def _send(self, messages: list[bytes]) -> None:
+        """Write queued output: one `send_all` for the whole batch."""
+        await self.transport.send_all(b"".join(messages))
 
     async def _handle(self, events: list[c2s.C2SEvent]) -> None:
         for ev in events:
@@ -200,9 +203,8 @@ class ClientConnection:
     # -- writing --------------------------------------------------------------
 
     def _flush_machine(self) -> None:
-        data = self.xmpp.data_to_send()
-        if data:
-            self._queue(data)
+        for message in self.xmpp.messages_to_send():
+            self._queue(message)
 
     def _queue(self, data: bytes) -> None:
         self._outbox.append(data)
@@ -222,11 +224,11 @@ class ClientConnection:
         while True:
             await self._has_output.wait()
             self._has_output = trio.Event()
-            data = b"".join(self._outbox)
-            self._outbox.clear()
+            batch = self._outbox
+            self._outbox = []
             self._outbox_bytes = 0
             try:
-                await self.transport.send_all(data)
+                await self._send(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._closing = True
                 self._drained.set()

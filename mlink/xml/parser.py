@@ -108,6 +108,11 @@ class XMLStreamParser:
         self.max_stanza_bytes = max_stanza_bytes
         self.max_depth = max_depth
 
+    @property
+    def between_stanzas(self) -> bool:
+        """Inside the stream element, with no stanza open."""
+        return self._depth == 1
+
     def feed(self, data: bytes) -> list[StreamEvent]:
         """Parse `data`; raise XMLStreamError on anything that ends the stream."""
         if self._closed:
