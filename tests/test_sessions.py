@@ -37,7 +37,6 @@ from tests.serverproc import (
     stop,
 )
 
-
 # -- helpers ----------------------------------------------------------------------
 
 
@@ -138,6 +137,8 @@ def test_message_to_offline_resource_of_online_user_goes_to_a_session(embedded_s
     """RFC 6121 §8.5.3.2.1: a message to an unknown resource of an online
     user is handled as if sent to the bare JID (chat: to a resource)."""
     alice, _ = login(embedded_server, ca_file)
+    alice.send("<presence/>")  # only available resources get bare-JID messages
+    alice.read_until(r"<presence\b")  # RFC 6121 §4.2.2: echoed to its sender
     bob, _ = login(embedded_server, ca_file, BOB, BOB_PW)
     token = uuid.uuid4().hex
     message(bob, f"{ALICE}/no-such-resource-{token[:6]}", token)

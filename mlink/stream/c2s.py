@@ -165,7 +165,6 @@ class C2SStream:
         self._parser = self._new_parser()
         self._mechanism: sasl.Mechanism | None = None
         self._auth_jid: str | None = None
-        self._authzid: str | None = None
         self._offered_mechanisms: list[str] = []
         self._bind_iq: ET.Element | None = None
         self._sent_close = False
@@ -285,10 +284,6 @@ class C2SStream:
     def send_element(self, elem: ET.Element) -> None:
         """Queue a stanza for the client (only once established)."""
         self._out.append(self.framing.stanza(elem))
-
-    def send_raw(self, data: bytes) -> None:
-        """Queue bytes already serialised for this stream (fan-out reuse)."""
-        self._out.append(data)
 
     def close(self, condition: str | None = None, text: str = "") -> StreamEnded:
         """Server-initiated end: a stream error when `condition` is given."""
@@ -447,8 +442,6 @@ class C2SStream:
         if self._authenticated or self.state is not State.NEGOTIATING:
             return [self._fail("policy-violation", "SASL is not possible now")]
         if local == "abort":
-            if self._mechanism is None:
-                return self._sasl_failure("aborted")
             return self._sasl_failure("aborted")
         if local == "auth":
             return self._on_auth(elem)
