@@ -36,6 +36,7 @@ from mlink.config_model import (
     LimitsConfig,
     ListenerConfig,
     TLSConfig,
+    WebSocketConfig,
 )
 from mlink.config_render import render_config, write_config
 
@@ -73,8 +74,18 @@ MAX_DOMAIN_LENGTH = 253
 MAX_LDAP_POOL_SIZE = 256
 
 # Default port per listener type: the IANA ports for xmpp-client and
-# xmpps-client (XEP-0368), and Prosody/ejabberd's usual HTTP port.
-LISTENER_DEFAULT_PORTS: dict[str, int] = {"c2s": 5222, "tls": 5223, "websocket": 5280}
+# xmpps-client (XEP-0368), and Prosody/ejabberd's usual HTTP and HTTPS ports.
+LISTENER_DEFAULT_PORTS: dict[str, int] = {
+    "c2s": 5222, "tls": 5223, "websocket": 5280, "websocket-tls": 5281,
+}
+_KINDS_HINT = "c2s, tls, websocket or websocket-tls"
+# Listener types that need the certificate of <tls>.
+TLS_LISTENER_KINDS = ("tls", "websocket-tls")
+# A WebSocket page's Origin (RFC 6454 §6.2): scheme://host[:port], nothing more.
+_ORIGIN_RE = re.compile(r"^[a-z][a-z0-9+.-]*://(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?$")
+# Where RFC 7395 §3.6.1 lets a server send clients: another WebSocket
+# endpoint, or a BOSH one.
+SEE_OTHER_URI_SCHEMES = ("ws://", "wss://", "http://", "https://")
 # The names of Python's logging levels, so the value maps directly.
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BACKENDS = ("embedded", "ldap")
@@ -353,13 +364,16 @@ class _Loader:
         self.check_shape(
             root,
             attributes=(),
-            children=("domain", "listen", "tls", "directory", "limits", "data", "log"),
+            children=(
+                "domain", "listen", "tls", "directory", "limits", "websocket", "data", "log",
+            ),
         )
         domains = self.domains(root)
         listeners = self.listeners(root)
         tls = self.tls(root, listeners)
         directory = self.directory(root, domains[0])
         limits = self.limits(root)
+        websocket = self.websocket(root)
         data_dir = absolute_path(self.base)
         data = self.single(root, "data")
         if data is not None:
@@ -379,6 +393,7 @@ class _Loader:
             tls=tls,
             directory=directory,
             limits=limits,
+            websocket=websocket,
             data_dir=data_dir,
             log_level=log_level,
         )
@@ -409,9 +424,9 @@ class _Loader:
             self.check_shape(elem, ("type", "port", "address"))
             kind = elem.get("type")
             if kind is None:
-                self.fail(elem, "<listen> needs a 'type' attribute (c2s, tls or websocket)")
+                self.fail(elem, f"<listen> needs a 'type' attribute ({_KINDS_HINT})")
             if kind not in LISTENER_DEFAULT_PORTS:
-                self.fail(elem, f"unknown listener type {kind!r} (use c2s, tls or websocket)")
+                self.fail(elem, f"unknown listener type {kind!r} (use {_KINDS_HINT})")
             port = self.attr_int(elem, "port", LISTENER_DEFAULT_PORTS[kind], 0, MAX_PORT)
             address = self.attr_str(elem, "address", "0.0.0.0")
             if not self.valid_address(address):
@@ -450,8 +465,12 @@ class _Loader:
             # Without a certificate these settings could never work; say so
             # now rather than when the first client connects.
             where = elem if elem is not None else root
-            if any(listener.kind == "tls" for listener in listeners):
-                self.fail(where, 'a type="tls" listener needs <tls certificate=... key=...>')
+            for listener in listeners:
+                if listener.kind in TLS_LISTENER_KINDS:
+                    self.fail(
+                        where,
+                        f'a type="{listener.kind}" listener needs <tls certificate=... key=...>',
+                    )
             if tls.required:
                 self.fail(
                     where,
@@ -565,13 +584,52 @@ class _Loader:
         elem = self.single(root, "limits")
         if elem is None:
             return limits
-        self.check_shape(elem, ("stanza-bytes", "depth", "auth-timeout"))
+        self.check_shape(elem, ("stanza-bytes", "depth", "auth-timeout", "offline-limit"))
         limits.max_stanza_bytes = self.attr_int(
             elem, "stanza-bytes", limits.max_stanza_bytes, MIN_STANZA_BYTES
         )
         limits.max_depth = self.attr_int(elem, "depth", limits.max_depth, 1)
         limits.auth_timeout = self.attr_float(elem, "auth-timeout", limits.auth_timeout)
+        # 0 turns offline storage off: messages to offline users bounce.
+        limits.max_offline_messages = self.attr_int(
+            elem, "offline-limit", limits.max_offline_messages, 0
+        )
         return limits
+
+    def websocket(self, root: Element) -> WebSocketConfig:
+        ws = WebSocketConfig()
+        elem = self.single(root, "websocket")
+        if elem is None:
+            return ws
+        self.check_shape(elem, ("see-other-uri",), children=("origin", "trusted-proxy"))
+        uri = elem.get("see-other-uri")
+        if uri is not None:
+            uri = self.attr_str(elem, "see-other-uri", "")
+            if not uri.lower().startswith(SEE_OTHER_URI_SCHEMES) or any(
+                c.isspace() or c in "<>'\"" for c in uri
+            ):
+                self.fail(
+                    elem, f"'see-other-uri' must be a ws://, wss:// or http(s):// URI: {uri!r}"
+                )
+            ws.see_other_uri = uri
+        for child in elem.findall("origin"):
+            self.check_shape(child, (), text=True)
+            origin = self.text_of(child).lower().rstrip("/")
+            if not _ORIGIN_RE.match(origin):
+                self.fail(
+                    child,
+                    f"<origin> must be scheme://host[:port] as browsers send it, not {origin!r}",
+                )
+            ws.origins.append(origin)
+        for child in elem.findall("trusted-proxy"):
+            self.check_shape(child, (), text=True)
+            raw = self.text_of(child)
+            try:
+                network = ipaddress.ip_network(raw, strict=False)
+            except ValueError:
+                self.fail(child, f"<trusted-proxy> must be an IP address or network, not {raw!r}")
+            ws.trusted_proxies.append(str(network))
+        return ws
 
 
 def load_config(path: Path) -> Config:

@@ -20,11 +20,17 @@ DEFAULT_MAX_DEPTH = 64
 # Prosody's c2s_timeout: long enough for a slow mobile link, short enough
 # that idle sockets cannot pile up.
 DEFAULT_AUTH_TIMEOUT = 60.0
+# Messages stored per user while offline (XEP-0160), as Prosody's default:
+# enough for a weekend away, small enough that one spammer cannot fill the
+# store for a user; past it, senders get service-unavailable.
+DEFAULT_MAX_OFFLINE_MESSAGES = 100
 
 
 @dataclass(slots=True)
 class ListenerConfig:
-    kind: str  # "c2s" (STARTTLS), "tls" (direct TLS, XEP-0368), "websocket"
+    # "c2s" (STARTTLS), "tls" (direct TLS, XEP-0368), "websocket" (RFC 7395
+    # over plain HTTP) or "websocket-tls" (RFC 7395 over HTTPS: wss://)
+    kind: str
     port: int
     address: str = "0.0.0.0"
 
@@ -35,6 +41,20 @@ class TLSConfig:
     key: Path | None = None
     # RFC 6120 §5.3.1: servers should require TLS before SASL.
     required: bool = True
+
+
+@dataclass(slots=True)
+class WebSocketConfig:
+    """XMPP over WebSocket (RFC 7395) settings shared by the websocket listeners."""
+
+    # Origin values (scheme://host[:port], lower case) whose pages may open
+    # the endpoint; empty allows every origin.
+    origins: list[str] = field(default_factory=list)
+    # Addresses or networks of TLS-terminating reverse proxies: a plain ws://
+    # stream from them counts as encrypted, as one from loopback does.
+    trusted_proxies: list[str] = field(default_factory=list)
+    # RFC 7395 §3.6.1: when set, every stream is redirected here.
+    see_other_uri: str | None = None
 
 
 @dataclass(slots=True)
@@ -69,6 +89,7 @@ class LimitsConfig:
     max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
     auth_timeout: float = DEFAULT_AUTH_TIMEOUT
+    max_offline_messages: int = DEFAULT_MAX_OFFLINE_MESSAGES
 
 
 @dataclass(slots=True)
@@ -79,5 +100,6 @@ class Config:
     tls: TLSConfig = field(default_factory=TLSConfig)
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     data_dir: Path = Path(".")
     log_level: str = "info"

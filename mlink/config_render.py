@@ -48,7 +48,8 @@ def render_config(cfg: Config, base_dir: Path) -> str:
         "",
         "  <!-- Where clients connect. type: c2s = XMPP with STARTTLS (RFC 6120),",
         "       tls = direct TLS (XEP-0368), websocket = XMPP over WebSocket",
-        "       (RFC 7395). port 0 picks a free port. -->",
+        "       (RFC 7395) on plain HTTP, websocket-tls = the same on HTTPS (wss://).",
+        "       port 0 picks a free port. -->",
     ]
     for listener in cfg.listeners:
         out.append(
@@ -109,9 +110,14 @@ def render_config(cfg: Config, base_dir: Path) -> str:
     out += [
         "",
         "  <!-- Per-connection protection: largest stanza in bytes, deepest",
-        "       element nesting, seconds allowed to authenticate. -->",
+        "       element nesting, seconds allowed to authenticate; messages kept",
+        "       per offline user. -->",
         f'  <limits stanza-bytes="{lim.max_stanza_bytes}" depth="{lim.max_depth}"'
-        f' auth-timeout="{_fmt_number(lim.auth_timeout)}"/>',
+        f' auth-timeout="{_fmt_number(lim.auth_timeout)}"'
+        f' offline-limit="{lim.max_offline_messages}"/>',
+    ]
+    out += _render_websocket(cfg)
+    out += [
         "",
         "  <!-- Where the server keeps its state (rosters, offline messages). -->",
         f"  <data dir={q(_rel(cfg.data_dir, base_dir))}/>",
@@ -122,6 +128,33 @@ def render_config(cfg: Config, base_dir: Path) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _render_websocket(cfg: Config) -> list[str]:
+    """The <websocket> element when anything is set; otherwise a commented
+    example, so the options are discoverable from the file itself."""
+    ws = cfg.websocket
+    out = [
+        "",
+        "  <!-- XMPP over WebSocket: allowed page origins (none listed: all),",
+        "       reverse proxies whose plain ws:// counts as encrypted, and an",
+        "       optional see-other-uri redirecting every stream (RFC 7395). -->",
+    ]
+    if not (ws.origins or ws.trusted_proxies or ws.see_other_uri):
+        return out + [
+            "  <!--",
+            '  <websocket see-other-uri="wss://other.example.org/xmpp-websocket">',
+            "    <origin>https://chat.example.org</origin>",
+            "    <trusted-proxy>10.0.0.1</trusted-proxy>",
+            "  </websocket>",
+            "  -->",
+        ]
+    attrs = f" see-other-uri={quoteattr(ws.see_other_uri)}" if ws.see_other_uri else ""
+    out.append(f"  <websocket{attrs}>")
+    out += [f"    <origin>{escape(origin)}</origin>" for origin in ws.origins]
+    out += [f"    <trusted-proxy>{escape(proxy)}</trusted-proxy>" for proxy in ws.trusted_proxies]
+    out.append("  </websocket>")
+    return out
 
 
 def write_config(cfg: Config, path: Path, *, overwrite: bool = False) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
@@ -23,6 +25,7 @@ from mlink.store import DEFAULT_FILENAME, Store
 from mlink.stream.c2s import StreamSettings
 from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
+from mlink.transport.websocket import WebSocketEndpoint
 
 log = logging.getLogger("mlink.server")
 
@@ -32,6 +35,10 @@ LISTEN_BACKLOG = 1024
 STORE_FILE = DEFAULT_FILENAME
 # On shutdown, how long sessions get to flush their closing tags.
 SHUTDOWN_GRACE = 5.0
+# Listener kinds served as HTTP (RFC 7395 WebSocket, XEP-0156 host-meta).
+WEBSOCKET_KINDS = ("websocket", "websocket-tls")
+# Listener kinds that need the configured certificate.
+TLS_KINDS = ("tls", "websocket-tls")
 
 
 class Server:
@@ -85,7 +92,8 @@ class Server:
             except Exception:
                 log.exception("session/closed handler failed for %s", conn.info.jid)
 
-    def stream_settings(self, tls_active: bool) -> StreamSettings:
+    def stream_settings(self, tls_active: bool, websocket: bool = False) -> StreamSettings:
+        """Settings for a new c2s stream; `websocket` selects RFC 7395 framing."""
         limits = self.config.limits
         return StreamSettings(
             domains=self.domains,
@@ -96,31 +104,38 @@ class Server:
             max_depth=limits.max_depth,
             extra_features=b"".join(self.hooks.stream_features),
             session_features=b"".join(self.hooks.session_features),
+            websocket=websocket,
         )
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen on every configured c2s listener until cancelled."""
+        """Listen on every configured listener until cancelled."""
         if self.store is None:
             self.store = await Store.open(self.config.data_dir / STORE_FILE)
         async with trio.open_nursery() as nursery:
             for lc in self.config.listeners:
-                if lc.kind not in ("c2s", "tls"):
-                    log.info("listener type %s is not available yet; skipped", lc.kind)
-                    continue
-                if lc.kind == "tls" and self.tls is None:
+                if lc.kind in TLS_KINDS and self.tls is None:
                     log.warning(
-                        "direct TLS listener on port %d needs a certificate; skipped", lc.port
+                        "%s listener on port %d needs a certificate; skipped", lc.kind, lc.port
                     )
                     continue
+                handler: Callable[[trio.SocketStream], Awaitable[None]]
+                if lc.kind in WEBSOCKET_KINDS:
+                    handler = WebSocketEndpoint(self, secure=lc.kind == "websocket-tls").handle
+                else:
+                    handler = partial(self._handle, direct_tls=lc.kind == "tls")
                 listener = await open_reuseport_listener(lc)
                 port = listener.socket.getsockname()[1]
                 self.bound_ports[lc.kind] = port
                 log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
                          lc.address, port)
-                nursery.start_soon(self._accept_loop, listener, lc.kind == "tls")
+                nursery.start_soon(self._accept_loop, listener, handler)
             task_status.started()
 
-    async def _accept_loop(self, listener: trio.SocketListener, direct_tls: bool) -> None:
+    async def _accept_loop(
+        self,
+        listener: trio.SocketListener,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+    ) -> None:
         async with listener, trio.open_nursery() as nursery:
             while True:
                 try:
@@ -130,10 +145,14 @@ class Server:
                     log.warning("accept failed: %s", exc)
                     await trio.sleep(0.1)
                     continue
-                nursery.start_soon(self._handle, stream, direct_tls)
+                nursery.start_soon(handler, stream)
 
     async def _handle(self, stream: trio.SocketStream, direct_tls: bool) -> None:
-        conn = ClientConnection(self, stream, direct_tls)
+        await self.run_connection(ClientConnection(self, stream, direct_tls))
+
+    async def run_connection(self, conn: ClientConnection) -> None:
+        """Run `conn` to its end, known to `shutdown` meanwhile (TCP and
+        WebSocket connections alike)."""
         self.connections.add(conn)
         if self._no_connections.is_set():
             self._no_connections = trio.Event()
@@ -182,4 +201,9 @@ async def open_reuseport_listener(lc: ListenerConfig) -> trio.SocketListener:
 
 
 def _describe(kind: str) -> str:
-    return {"c2s": "clients, STARTTLS", "tls": "clients, direct TLS"}.get(kind, kind)
+    return {
+        "c2s": "clients, STARTTLS",
+        "tls": "clients, direct TLS",
+        "websocket": "clients, XMPP over WebSocket and host-meta, HTTP",
+        "websocket-tls": "clients, XMPP over WebSocket and host-meta, HTTPS",
+    }.get(kind, kind)

@@ -95,6 +95,8 @@ class MlinkProcess:
     c2s_port: int
     tls_port: int
     log: LogReader
+    # The plain WebSocket port, when the configuration has that listener.
+    ws_port: int | None = None
 
     def wait_for_log(self, pattern: str, since: int = 0,
                      timeout: float = STARTUP_TIMEOUT) -> re.Match[str]:
@@ -112,10 +114,13 @@ def serve(config: Path, domain: str) -> MlinkProcess:
     try:
         c2s = int(log.wait_for(r"listening for c2s .* port (\d+)").group(1))
         tls = int(log.wait_for(r"listening for tls .* port (\d+)").group(1))
+        ws = None
+        if '<listen type="websocket"' in config.read_text():
+            ws = int(log.wait_for(r"listening for websocket .* port (\d+)").group(1))
     except AssertionError:
         proc.kill()
         raise
-    return MlinkProcess(proc, config, domain, c2s, tls, log)
+    return MlinkProcess(proc, config, domain, c2s, tls, log, ws)
 
 
 def stop(server: MlinkProcess) -> int:

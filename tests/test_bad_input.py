@@ -37,7 +37,7 @@ from tests.rawclient import (
     stanza_error_of,
     stream_error,
 )
-from tests.serverproc import ALICE, ALICE_PW, BOB, BOB_PW, DOMAIN, MlinkProcess, mlink
+from tests.serverproc import ALICE, ALICE_PW, BOB, BOB_PW, DOMAIN, MlinkProcess, mlink, start_mlink
 
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
@@ -489,7 +489,18 @@ def test_unhandled_iq_to_server_is_service_unavailable(server, ca_file):
     ping(client, DOMAIN)
 
 
-def test_message_to_unknown_user_is_service_unavailable_without_leak(server, ca_file):
+def test_message_to_unknown_user_is_service_unavailable_without_leak(
+        tmp_path, cert_files, ca_file):
+    """With offline storage off (offline-limit 0), a message to an existing
+    but offline account is bounced; it must look exactly like the bounce
+    for an account that does not exist."""
+    no_offline = lambda text: text.replace('offline-limit="100"', 'offline-limit="0"')  # noqa: E731
+    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users={ALICE: ALICE_PW},
+                     edit_config=no_offline) as server:
+        _unknown_user_bounce(server, ca_file)
+
+
+def _unknown_user_bounce(server: MlinkProcess, ca_file: Path) -> None:
     client, jid = logged_in(server, ca_file)
     # An existing account with no session, for comparison.
     mlink("user", "add", "dave@localhost", "--password", "dave-secret",

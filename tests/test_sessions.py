@@ -117,6 +117,10 @@ def test_bind_with_empty_resource_element_generates_one(embedded_server, ca_file
 def test_two_resources_full_and_bare_jid_routing(embedded_server, ca_file):
     r2, jid2 = login(embedded_server, ca_file, res="r2-" + uuid.uuid4().hex[:6])
     r3, jid3 = login(embedded_server, ca_file, res="r3-" + uuid.uuid4().hex[:6])
+    # RFC 6121 §8.5.2: bare-JID messages go to available resources only.
+    for client, jid in ((r2, jid2), (r3, jid3)):
+        client.send("<presence/>")
+        client.read_until(rf"<presence[^>]*from='{re.escape(jid)}'")
     bob, bob_jid = login(embedded_server, ca_file, BOB, BOB_PW)
     to_r2, to_bare = "full-" + uuid.uuid4().hex, "bare-" + uuid.uuid4().hex
     message(bob, jid2, to_r2)
@@ -124,13 +128,13 @@ def test_two_resources_full_and_bare_jid_routing(embedded_server, ca_file):
     # Bob's stanzas are routed in order, so r3 would see to_r2 before to_bare.
     text2 = r2.read_until(rf"{to_bare}</body></message>")
     text3 = r3.read_until(rf"{to_bare}</body></message>")
-    bodies2 = [s.findtext(f"{{{CLIENT_NS}}}body") for s in parse_stanzas(text2)]
-    bodies3 = [s.findtext(f"{{{CLIENT_NS}}}body") for s in parse_stanzas(text3)]
-    assert bodies2 == [to_r2, to_bare], text2
-    assert bodies3 == [to_bare], text3
-    for stanza in parse_stanzas(text2) + parse_stanzas(text3):
+    messages2 = [s for s in parse_stanzas(text2) if s.tag == f"{{{CLIENT_NS}}}message"]
+    messages3 = [s for s in parse_stanzas(text3) if s.tag == f"{{{CLIENT_NS}}}message"]
+    assert [s.findtext(f"{{{CLIENT_NS}}}body") for s in messages2] == [to_r2, to_bare], text2
+    assert [s.findtext(f"{{{CLIENT_NS}}}body") for s in messages3] == [to_bare], text3
+    for stanza in messages2 + messages3:
         assert stanza.get("from") == bob_jid, ET.tostring(stanza)
-    assert parse_stanzas(text2)[0].get("to") == jid2
+    assert messages2[0].get("to") == jid2
 
 
 def test_message_to_offline_resource_of_online_user_goes_to_a_session(embedded_server, ca_file):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the server")
     serve.add_argument("--config", type=Path)
+    serve.add_argument("--shards", type=int, metavar="N",
+                       help="shard processes (default: one per CPU core; one when a "
+                            "listener uses port 0)")
     serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="show the running server's shards and bus")
+    status.add_argument("--config", type=Path)
+    status.set_defaults(func=cmd_status)
 
     check = sub.add_parser("check", help="validate a configuration and its directory")
     check.add_argument("--config", type=Path)
@@ -154,26 +160,39 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    config = _load(args.config, create_default=True)
-    _setup_logging(config.log_level)
-    from mlink.server import Server
+    """Run the supervisor, which runs the shards (`--shards 1` included:
+    there is no separate single-process path)."""
+    from mlink.shard.control import find_oserror
+    from mlink.shard.supervisor import check_shards, default_shards, run_supervisor
 
-    async def run() -> None:
-        server = Server(config)
-        async with trio.open_nursery() as nursery:
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                await nursery.start(server.serve)
-                async for signum in signals:
-                    log.info("received %s; stopping", signal.Signals(signum).name)
-                    break
-            await server.shutdown()
-            nursery.cancel_scope.cancel()
-
+    path = _config_path(args.config, create_default=True)
+    config = load_config(path)
+    shards = args.shards if args.shards is not None else default_shards(config)
     try:
-        trio.run(run)
+        check_shards(config, shards)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    _setup_logging(config.log_level)
+    try:
+        return run_supervisor(path, config, shards)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
+        error = find_oserror(exc)
+        if error is None:
+            raise
+        raise CommandError(str(error)) from None
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mlink.shard.supervisor import format_status, query_status
+
+    config = _load(args.config)
+    try:
+        status = query_status(config)
     except OSError as exc:
         raise CommandError(str(exc)) from None
-    log.info("stopped")
+    print(format_status(status))
     return 0
 
 

@@ -20,6 +20,7 @@ from mlink.modules import (
     presence,
     private,
     roster,
+    subscription,
     version,
 )
 
@@ -27,9 +28,14 @@ if TYPE_CHECKING:
     from mlink.server import Server
 
 # Order matters only where two modules hook one event at the same priority.
-MODULES = (roster, presence, offline, blocking, carbons, disco, ping, version, last, private)
+MODULES = (
+    roster, presence, subscription, offline, blocking, carbons, disco, ping, version, last, private,
+)
 
 
 def load_modules(server: Server) -> None:
     for module in MODULES:
         module.register(server)
+    # XEP-0115: the caps hash covers every module's features, so it can
+    # only be computed once all have registered.
+    server.hooks.stream_features.append(disco.caps_element(server))

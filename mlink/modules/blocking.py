@@ -1,12 +1,266 @@
-"""(being written)"""
+"""XEP-0191 blocking command: a user's blocklist, and the filters that
+keep blocked JIDs and the user apart in both directions.
+
+Filters run at high priority on the events of every stanza: outbound
+(`pre-*`) stanzas to a blocked JID are refused with the XEP's error;
+inbound stanzas from a JID the recipient blocked are dropped, and so are
+stanzas a local user would send to a JID it blocked, which catches the
+presence broadcasts and probe answers the presence module sends on the
+user's behalf. Blocklists are cached while their user is online, since
+every stanza to or from the user consults them.
+"""
 
 from __future__ import annotations
 
+import copy
+import secrets
+import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
+
+from mlink.hooks import StanzaEvent
+from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.modules.presence import send_presence_to
+from mlink.modules.util import iq_result
+from mlink.router.rosters import rosters_of
+from mlink.router.sessions import SessionInfo
+from mlink.stream.errors import stanza_error
+from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
     from mlink.server import Server
 
+BLOCKING_NS = "urn:xmpp:blocking"
+BLOCKING_ERRORS_NS = "urn:xmpp:blocking:errors"
+# Before every other handler of the stanza events, so nothing is routed,
+# stored, copied (carbons) or answered for a blocked JID.
+FILTER_PRIORITY = 100
+# Subscription states under which the user sends its presence to a contact
+# (RFC 6121 §2.1.2.1); unblocking re-sends it to those (XEP-0191 §3.4).
+SENDS_PRESENCE = frozenset({"from", "both"})
+# ... and under which it receives the contact's (probed after unblocking).
+GETS_PRESENCE = frozenset({"to", "both"})
+STANZA_KINDS = ("message", "presence", "iq")
+# Random bytes in a push's id: unique enough among a session's iqs.
+PUSH_ID_BYTES = 6
+
+
+def candidates(jid: JID) -> tuple[str, ...]:
+    """The blocklist items that match `jid`, most specific first (XEP-0191
+    §3.2 uses XEP-0016 §2.1 matching: full JID, bare JID, domain/resource,
+    domain)."""
+    out = [str(jid)]
+    if jid.resource:
+        out.append(str(jid.bare))
+        if jid.local:
+            out.append(f"{jid.domain}/{jid.resource}")
+    if jid.local:
+        out.append(jid.domain)
+    return tuple(out)
+
+
+class Blocklists:
+    """Blocklists by user, cached while the user has sessions.
+
+    A load that overlaps a change must not cache what it read before the
+    change: each committed change bumps the user's generation, and a load
+    caches its result only if the generation did not move meanwhile."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._cache: dict[JID, frozenset[str]] = {}
+        self._generation: dict[JID, int] = {}
+
+    async def get(self, user: JID) -> frozenset[str]:
+        user = user.bare
+        cached = self._cache.get(user)
+        if cached is not None:
+            return cached
+        generation = self._generation.get(user, 0)
+        items = frozenset(await self._server.store.blocklist(str(user)))
+        online = self._server.router.sessions.online(user)
+        if online and self._generation.get(user, 0) == generation:
+            self._cache[user] = items
+        return items
+
+    async def blocks(self, user: JID, other: JID) -> bool:
+        """Whether `user` (a local account) blocked `other`."""
+        if user.bare == other.bare:
+            return False
+        items = await self.get(user)
+        return bool(items) and any(c in items for c in candidates(other))
+
+    async def change(self, user: JID, block: bool, jids: list[str] | None) -> None:
+        """Block or unblock (`jids` None: everyone). Until the store has
+        committed, readers see the old list; then the cache is dropped and
+        any load that overlapped the write is kept from caching."""
+        user = user.bare
+        if block:
+            await self._server.store.block(str(user), jids or [])
+        else:
+            await self._server.store.unblock(str(user), jids)
+        self._generation[user] = self._generation.get(user, 0) + 1
+        self._cache.pop(user, None)
+
+    def forget(self, user: JID) -> None:
+        """The user's last session ended: free its cache entry."""
+        self._cache.pop(user, None)
+        self._generation.pop(user, None)
+
+
+def blocked_error(stanza: ET.Element) -> ET.Element:
+    """XEP-0191 §3.6: not-acceptable with the blocking error payload."""
+    reply = stanza_error(stanza, "not-acceptable", "you have blocked this JID")
+    error = reply[0]
+    ET.SubElement(error, f"{{{BLOCKING_ERRORS_NS}}}blocked")
+    return reply
+
 
 def register(server: Server) -> None:
-    return None
+    router = server.router
+    lists = Blocklists(server)
+    rosters = rosters_of(server)
+    # Sessions that asked for the blocklist get its pushes (XEP-0191 §3.3).
+    requested: set[JID] = set()
+    # Stanzas this module sends past its own filters (the unavailable
+    # presence XEP-0191 §3.3 owes a newly blocked contact), by identity,
+    # for the duration of their routing.
+    exempt: set[int] = set()
+
+    def own_server(jid: JID) -> bool:
+        """The user's own server is never filtered: blocking its domain
+        must not cut the user off from the answers to its iqs."""
+        return not jid.local and router.is_local(jid)
+
+    async def outbound(event: StanzaEvent) -> bool:
+        if own_server(event.to) or not await lists.blocks(event.sender, event.to):
+            return False
+        stanza = event.stanza
+        if event.kind != "presence" and stanza.get("type") not in ("error", "result"):
+            router.deliver(event.sender, blocked_error(stanza))
+        return True
+
+    async def inbound(event: StanzaEvent) -> bool:
+        if id(event.stanza) in exempt or own_server(event.sender):
+            return False
+        recipient, sender = event.to, event.sender
+        refused = await lists.blocks(recipient, sender)
+        if not refused and router.is_local(sender) and sender.local:
+            refused = await lists.blocks(sender, recipient)
+        if not refused:
+            return False
+        if event.kind == "iq" and event.type in ("get", "set"):
+            # §3.5: an iq must get an answer; say nothing is there.
+            await router.bounce(event.stanza, "service-unavailable")
+        return True  # messages and presence vanish silently
+
+    async def get_list(event: StanzaEvent) -> bool:
+        if event.stanza[0].tag != f"{{{BLOCKING_NS}}}blocklist":
+            await router.bounce(event.stanza, "bad-request")
+            return True
+        if event.origin is not None:
+            requested.add(event.origin.jid)
+        payload = ET.Element(f"{{{BLOCKING_NS}}}blocklist")
+        for jid in sorted(await lists.get(event.sender)):
+            ET.SubElement(payload, f"{{{BLOCKING_NS}}}item", {"jid": jid})
+        await router.route(iq_result(event.stanza, payload))
+        return True
+
+    async def set_list(event: StanzaEvent) -> bool:
+        command = event.stanza[0]
+        block = command.tag == f"{{{BLOCKING_NS}}}block"
+        if not block and command.tag != f"{{{BLOCKING_NS}}}unblock":
+            await router.bounce(event.stanza, "bad-request")
+            return True
+        jids: list[str] = []
+        for item in command.iter(f"{{{BLOCKING_NS}}}item"):
+            try:
+                jids.append(str(parse_jid(item.get("jid", ""))))
+            except InvalidJID:
+                await router.bounce(event.stanza, "jid-malformed")
+                return True
+        if block and not jids:
+            # §3.3: a block command needs at least one item.
+            await router.bounce(event.stanza, "bad-request", "nothing to block")
+            return True
+        user = event.sender.bare
+        before = await lists.get(user)
+        await lists.change(user, block, jids if jids or block else None)
+        await router.route(iq_result(event.stanza))
+        push(user, command)
+        if block:
+            await _hide_presence(user, [j for j in jids if j not in before])
+        else:
+            await _show_presence(user, list(before) if not jids else jids)
+        return True
+
+    def push(user: JID, command: ET.Element) -> None:
+        """§3.3/§3.4: the change goes to every session that asked for the
+        blocklist, the one that made it included."""
+        for info in router.resources(user):
+            if info.jid in requested:
+                iq = ET.Element(f"{{{CLIENT_NS}}}iq",
+                                {"type": "set", "id": "push-" + secrets.token_hex(PUSH_ID_BYTES),
+                                 "to": str(info.jid)})
+                iq.append(copy.deepcopy(command))
+                router.deliver(info.jid, iq)
+
+    async def _hide_presence(user: JID, jids: list[str]) -> None:
+        """§3.3: a contact that saw the user online is told it went offline."""
+        senders = [i for i in router.resources(user) if i.available]
+        if not senders or not jids:
+            return
+        roster = (await rosters.get(str(user))).items
+
+        def saw_presence(jid: str) -> bool:
+            item = roster.get(jid)
+            if item is not None and item.subscription in SENDS_PRESENCE:
+                return True
+            return any(to == jid or to.startswith(jid + "/")
+                       for info in senders for to in info.directed_to)
+
+        for jid in jids:
+            if not saw_presence(jid):
+                continue
+            for info in senders:
+                presence = ET.Element(f"{{{CLIENT_NS}}}presence",
+                                      {"type": "unavailable", "from": str(info.jid), "to": jid})
+                await _route_exempt(presence)
+
+    async def _show_presence(user: JID, jids: list[str]) -> None:
+        """§3.4: an unblocked contact subscribed to the user gets its
+        presence again, and the user that of a contact it subscribes to."""
+        if not any(i.available for i in router.resources(user)) or not jids:
+            return
+        items = (await rosters.get(str(user))).items
+        for jid in jids:
+            item = items.get(jid)
+            if item is None:
+                continue
+            if item.subscription in SENDS_PRESENCE:
+                await send_presence_to(server, user, parse_jid(jid))
+            if item.subscription in GETS_PRESENCE:
+                await router.route(ET.Element(f"{{{CLIENT_NS}}}presence",
+                                              {"type": "probe", "from": str(user), "to": jid}))
+
+    async def _route_exempt(stanza: ET.Element) -> None:
+        exempt.add(id(stanza))
+        try:
+            await router.route(stanza)
+        finally:
+            exempt.discard(id(stanza))
+
+    async def session_closed(info: SessionInfo) -> None:
+        requested.discard(info.jid)
+        if not router.resources(info.jid.bare):
+            lists.forget(info.jid.bare)
+
+    server.hooks.add_feature(BLOCKING_NS)
+    server.hooks.on(f"iq-get/self/{BLOCKING_NS}", get_list)
+    server.hooks.on(f"iq-set/self/{BLOCKING_NS}", set_list)
+    for kind in STANZA_KINDS:
+        for scope in ("bare", "full", "host"):
+            server.hooks.on(f"pre-{kind}/{scope}", outbound, FILTER_PRIORITY)
+        for scope in ("bare", "full"):
+            server.hooks.on(f"{kind}/{scope}", inbound, FILTER_PRIORITY)
+    server.hooks.on("session/closed", session_closed)
+

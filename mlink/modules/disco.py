@@ -1,12 +1,155 @@
-"""(being written)"""
+"""XEP-0030 service discovery for the server and its accounts, and the
+server's XEP-0115 entity capabilities.
+
+The server's features are whatever the loaded modules declared with
+`hooks.add_feature`, so disco never drifts from what is really hooked. An
+account (a bare JID) advertises the features whose iq handlers answer for
+accounts: a namespace with an `iq-get/bare/…` handler (or, to the owner
+itself, `iq-*/self/…`) is served on the account's behalf.
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
+
+from mlink.hooks import StanzaEvent
+from mlink.jid import JID
+from mlink.modules.util import iq_result
+from mlink.router.rosters import rosters_of
+from mlink.xml.serialize import escape_attr
 
 if TYPE_CHECKING:
     from mlink.server import Server
 
+DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
+DISCO_ITEMS_NS = "http://jabber.org/protocol/disco#items"
+CAPS_NS = "http://jabber.org/protocol/caps"
+# XEP-0115 §4: a URI naming the software. mlink has no public home page
+# yet; `.invalid` (RFC 2606) can never point at someone else's site.
+CAPS_NODE = "https://mlink.invalid/caps"
+SERVER_NAME = "mlink"
+# (category, type, name) of the server (XEP-0030 registry: server/im).
+SERVER_IDENTITY = ("server", "im", SERVER_NAME)
+# RFC 6121 accounts: the registry's account/registered.
+ACCOUNT_IDENTITY = ("account", "registered", "")
+# Subscription states under which the contact shares presence with the
+# requester (RFC 6121 §2.1.2.1): only they may learn about the account.
+SHARES_PRESENCE = frozenset({"from", "both"})
+
+
+async def shares_presence(server: Server, owner: JID, requester: JID) -> bool:
+    """Whether `owner` lets `requester` see its presence (a roster item for
+    the requester with subscription from or both). Disco of an account and
+    XEP-0012 last activity are allowed only then."""
+    if owner.bare == requester.bare:
+        return True
+    roster = await rosters_of(server).get(str(owner.bare))
+    item = roster.items.get(str(requester.bare))
+    return item is not None and item.subscription in SHARES_PRESENCE
+
+
+def server_features(server: Server) -> list[str]:
+    return sorted(server.hooks.features | {DISCO_INFO_NS, DISCO_ITEMS_NS})
+
+
+def account_features(server: Server, owner: bool) -> list[str]:
+    """Features an account offers: namespaces the server answers for it."""
+    scopes = ("bare", "self") if owner else ("bare",)
+    found = {DISCO_INFO_NS, DISCO_ITEMS_NS}
+    for var in server.hooks.features:
+        if any(server.hooks.has(f"iq-{t}/{s}/{var}") for t in ("get", "set") for s in scopes):
+            found.add(var)
+    return sorted(found)
+
+
+def caps_ver(identities: list[tuple[str, str, str]], features: list[str]) -> str:
+    """XEP-0115 §5.1 verification string: SHA-1 over sorted identities
+    (category/type/lang/name) and features, each followed by '<'."""
+    parts = [f"{cat}/{typ}//{name}<" for cat, typ, name in sorted(identities)]
+    parts += [f"{var}<" for var in sorted(features)]
+    digest = hashlib.sha1("".join(parts).encode("utf-8"), usedforsecurity=False).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def server_caps_ver(server: Server) -> str:
+    return caps_ver([SERVER_IDENTITY], server_features(server))
+
+
+def caps_element(server: Server) -> bytes:
+    """The `<c/>` stream feature (XEP-0115 §6.3) announcing the server's
+    capabilities. Compute it after every module has registered: the hash
+    covers all their features."""
+    return (
+        f"<c xmlns='{CAPS_NS}' hash='sha-1' node='{escape_attr(CAPS_NODE)}'"
+        f" ver='{escape_attr(server_caps_ver(server))}'/>"
+    ).encode()
+
+
+def _info(identity: tuple[str, str, str], features: list[str], node: str | None) -> ET.Element:
+    query = ET.Element(f"{{{DISCO_INFO_NS}}}query")
+    if node is not None:
+        query.set("node", node)
+    category, kind, name = identity
+    attrs = {"category": category, "type": kind}
+    if name:
+        attrs["name"] = name
+    ET.SubElement(query, f"{{{DISCO_INFO_NS}}}identity", attrs)
+    for var in features:
+        ET.SubElement(query, f"{{{DISCO_INFO_NS}}}feature", {"var": var})
+    return query
+
 
 def register(server: Server) -> None:
-    return None
+    router = server.router
+
+    async def host_info(event: StanzaEvent) -> bool:
+        node = event.stanza[0].get("node")
+        features = server_features(server)
+        if node is not None and node != f"{CAPS_NODE}#{caps_ver([SERVER_IDENTITY], features)}":
+            await router.bounce(event.stanza, "item-not-found")
+            return True
+        await router.route(iq_result(event.stanza, _info(SERVER_IDENTITY, features, node)))
+        return True
+
+    async def host_items(event: StanzaEvent) -> bool:
+        if event.stanza[0].get("node") is not None:
+            await router.bounce(event.stanza, "item-not-found")
+            return True
+        # No components or services on other JIDs yet.
+        await router.route(iq_result(event.stanza, ET.Element(f"{{{DISCO_ITEMS_NS}}}query")))
+        return True
+
+    async def account_info(event: StanzaEvent) -> bool:
+        if not await _may_discover(event):
+            return False  # the router answers service-unavailable
+        if event.stanza[0].get("node") is not None:
+            await router.bounce(event.stanza, "item-not-found")
+            return True
+        owner = event.sender.bare == event.to.bare
+        features = account_features(server, owner)
+        await router.route(iq_result(event.stanza, _info(ACCOUNT_IDENTITY, features, None)))
+        return True
+
+    async def account_items(event: StanzaEvent) -> bool:
+        if not await _may_discover(event):
+            return False
+        if event.stanza[0].get("node") is not None:
+            await router.bounce(event.stanza, "item-not-found")
+            return True
+        await router.route(iq_result(event.stanza, ET.Element(f"{{{DISCO_ITEMS_NS}}}query")))
+        return True
+
+    async def _may_discover(event: StanzaEvent) -> bool:
+        """XEP-0030 §8: the account's server answers only its owner and
+        contacts who see its presence; to others an account looks like any
+        JID that offers nothing (as Prosody does), leaking nothing."""
+        return await shares_presence(server, event.to, event.sender)
+
+    server.hooks.on(f"iq-get/host/{DISCO_INFO_NS}", host_info)
+    server.hooks.on(f"iq-get/host/{DISCO_ITEMS_NS}", host_items)
+    for scope in ("self", "bare"):
+        server.hooks.on(f"iq-get/{scope}/{DISCO_INFO_NS}", account_info)
+        server.hooks.on(f"iq-get/{scope}/{DISCO_ITEMS_NS}", account_items)

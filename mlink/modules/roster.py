@@ -1,12 +1,223 @@
-"""(being written)"""
+"""RFC 6121 §2: roster get, set and remove, roster pushes and versioning.
+
+The roster version (§2.6) is the store's per-user counter, bumped in the
+transaction of each change, as a decimal string. A client that presents the
+current version gets an empty result; any other gets the whole roster
+(§2.6.3 lets the server choose between the whole roster and the pushes of
+the missed changes; the counter alone cannot replay changes, so we send
+the roster, which is always correct).
+
+Subscription states change only through presence (`mlink.modules.
+subscription`); a roster set may name, group and add items, or remove them.
+"""
 
 from __future__ import annotations
 
+import logging
+import secrets
+import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
+
+from mlink.hooks import StanzaEvent
+from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.modules import presence
+from mlink.modules.util import iq_result
+from mlink.router.rosters import RosterCache, UserRoster, rosters_of
+from mlink.router.sessions import SessionInfo
+from mlink.store import RosterItem, StoreError
+from mlink.stream.errors import stanza_error
+from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
     from mlink.server import Server
 
+log = logging.getLogger("mlink.roster")
+
+ROSTER_NS = "jabber:iq:roster"
+ROSTERVER_FEATURE = b"<ver xmlns='urn:xmpp:features:rosterver'/>"
+# RFC 6121 §2.1.2.4 / §2.3.3: "server-configured limits" on the lengths of
+# item names and group names; as long as a JID part (RFC 7622 §3.1).
+MAX_NAME_BYTES = 1023
+
+
+class RosterSetError(Exception):
+    """A roster set the server refuses: the stanza error condition."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
+        self.text = text
+
 
 def register(server: Server) -> None:
-    return None
+    rosters = rosters_of(server)
+
+    async def handle_get(event: StanzaEvent) -> bool:
+        iq, origin = event.stanza, event.origin
+        if origin is None:
+            return False
+        try:
+            roster = await rosters.get(str(origin.jid.bare))
+        except StoreError as exc:
+            log.warning("roster of %s unavailable: %s", origin.jid.bare, exc)
+            store_failed(server, iq)
+            return True
+        # §2.2: a resource that asked for the roster gets roster pushes.
+        origin.interested = True
+        version = str(roster.version)
+        if iq[0].get("ver") == version:
+            # §2.6.3: up to date; nothing to send.
+            await server.router.route(iq_result(iq))
+            return True
+        query = ET.Element(f"{{{ROSTER_NS}}}query", {"ver": version})
+        for item in roster.items.values():
+            query.append(item_element(item))
+        await server.router.route(iq_result(iq, query))
+        return True
+
+    async def handle_set(event: StanzaEvent) -> bool:
+        iq = event.stanza
+        try:
+            await roster_set(server, rosters, event.sender.bare, iq[0])
+        except RosterSetError as exc:
+            await server.router.bounce(iq, exc.condition, exc.text)
+            return True
+        except StoreError as exc:
+            log.warning("roster set for %s failed: %s", event.sender.bare, exc)
+            store_failed(server, iq)
+            return True
+        await server.router.route(iq_result(iq))
+        return True
+
+    async def handle_foreign(event: StanzaEvent) -> bool:
+        # §2.1.3/§2.3.3: only the account's own resources may read or change
+        # its roster.
+        await server.router.bounce(event.stanza, "forbidden")
+        return True
+
+    async def session_closed(info: SessionInfo) -> None:
+        if not server.sessions.online(info.jid.bare):
+            rosters.evict(str(info.jid.bare))
+
+    server.hooks.on(f"iq-get/self/{ROSTER_NS}", handle_get)
+    server.hooks.on(f"iq-set/self/{ROSTER_NS}", handle_set)
+    server.hooks.on(f"iq-get/bare/{ROSTER_NS}", handle_foreign)
+    server.hooks.on(f"iq-set/bare/{ROSTER_NS}", handle_foreign)
+    # Last, after the presence module has broadcast the unavailable presence
+    # from the cached roster.
+    server.hooks.on("session/closed", session_closed, priority=-100)
+    server.hooks.session_features.append(ROSTERVER_FEATURE)
+
+
+async def roster_set(server: Server, rosters: RosterCache, user: JID,
+                     query: ET.Element) -> None:
+    """Apply a roster set (§2.3, §2.4, §2.5) from one of `user`'s resources."""
+    items = query.findall(f"{{{ROSTER_NS}}}item")
+    if len(items) != 1:
+        raise RosterSetError("bad-request", "a roster set carries exactly one item")
+    item = items[0]
+    jid_text = item.get("jid")
+    if not jid_text:
+        raise RosterSetError("bad-request", "the item has no jid")
+    try:
+        contact = parse_jid(jid_text)
+    except InvalidJID:
+        raise RosterSetError("jid-malformed", "the item's jid is not a valid JID") from None
+    if contact.bare == user:
+        # Your own presence reaches your resources anyway (§4.2.2); an item
+        # for yourself would only make subscriptions to yourself, which
+        # Prosody refuses the same way.
+        raise RosterSetError("not-allowed", "you cannot add yourself to your roster")
+    if item.get("subscription") == "remove":
+        await remove_item(server, rosters, user, str(contact))
+        return
+    # §2.1.2: `subscription` (other than remove), `ask` and `approved` in a
+    # roster set are the server's to manage; they are ignored.
+    name = item.get("name") or None
+    if name is not None and len(name.encode()) > MAX_NAME_BYTES:
+        raise RosterSetError("not-acceptable", "the item name is too long")
+    groups = [g.text or "" for g in item.findall(f"{{{ROSTER_NS}}}group")]
+    if len(set(groups)) != len(groups):
+        raise RosterSetError("bad-request", "duplicate group")
+    for group in groups:
+        if not group:
+            raise RosterSetError("not-acceptable", "empty group name")
+        if len(group.encode()) > MAX_NAME_BYTES:
+            raise RosterSetError("not-acceptable", "group name too long")
+    async with rosters.locked(str(user)) as roster:
+        old = roster.items.get(str(contact))
+        new = RosterItem(
+            str(contact), name, tuple(groups),
+            subscription=old.subscription if old else "none",
+            ask=old.ask if old else False,
+            approved=old.approved if old else False,
+        )
+        if new != old:
+            await rosters.put(roster, new)
+            push(server, roster, new)
+
+
+async def remove_item(server: Server, rosters: RosterCache, user: JID, contact: str) -> None:
+    """§2.5.2: delete the item, cancelling the subscriptions both ways."""
+    async with rosters.locked(str(user)) as roster:
+        item = roster.items.get(contact)
+        if item is None:
+            raise RosterSetError("item-not-found", "no such roster item")
+        had_request = await rosters.drop_pending(roster, contact)
+        await rosters.delete(roster, contact)
+        push(server, roster, RosterItem(contact), remove=True)
+    contact_jid = parse_jid(contact)
+    if item.subscription in ("to", "both") or item.ask:
+        await server.router.route(subscription_stanza("unsubscribe", user, contact_jid))
+    if item.subscription in ("from", "both") or had_request:
+        await server.router.route(subscription_stanza("unsubscribed", user, contact_jid))
+    if item.subscription in ("from", "both"):
+        await presence.send_unavailable_to(server, user, contact_jid)
+
+
+# -- helpers the presence and subscription modules share ------------------------------
+
+
+def item_element(item: RosterItem, remove: bool = False) -> ET.Element:
+    """`<item/>` as in a roster result or push (§2.1.2)."""
+    attrs = {"jid": item.jid, "subscription": "remove" if remove else item.subscription}
+    if remove:
+        return ET.Element(f"{{{ROSTER_NS}}}item", attrs)
+    if item.name:
+        attrs["name"] = item.name
+    if item.ask:
+        attrs["ask"] = "subscribe"
+    if item.approved:
+        attrs["approved"] = "true"
+    elem = ET.Element(f"{{{ROSTER_NS}}}item", attrs)
+    for group in item.groups:
+        ET.SubElement(elem, f"{{{ROSTER_NS}}}group").text = group
+    return elem
+
+
+def push(server: Server, roster: UserRoster, item: RosterItem, remove: bool = False) -> None:
+    """§2.1.6: a roster push of `item` to each interested resource. Sent
+    without `from`, which clients take as from their own account."""
+    version = str(roster.version)
+    for info in server.router.resources(parse_jid(roster.user)):
+        if not info.interested:
+            continue
+        iq = ET.Element(f"{{{CLIENT_NS}}}iq", {
+            "type": "set", "id": "push-" + secrets.token_hex(6), "to": str(info.jid)})
+        query = ET.SubElement(iq, f"{{{ROSTER_NS}}}query", {"ver": version})
+        query.append(item_element(item, remove))
+        server.router.deliver(info.jid, iq)
+
+
+def store_failed(server: Server, stanza: ET.Element) -> None:
+    """Tell the local sender of `stanza` that the store failed: `wait`, as
+    the request may well succeed later and nothing was done."""
+    error = stanza_error(stanza, "internal-server-error", "storage unavailable", "wait")
+    if sender := stanza.get("from"):
+        server.router.deliver(parse_jid(sender), error)
+
+
+def subscription_stanza(kind: str, sender: JID, to: JID) -> ET.Element:
+    """A subscription presence between two bare JIDs (§3.1.2 stamps them)."""
+    return ET.Element(f"{{{CLIENT_NS}}}presence",
+                      {"type": kind, "from": str(sender.bare), "to": str(to.bare)})

@@ -66,12 +66,13 @@ class Router:
     def is_local(self, jid: JID) -> bool:
         return jid.domain in self.domains
 
-    async def bounce(self, stanza: ET.Element, condition: str, text: str = "") -> None:
+    async def bounce(self, stanza: ET.Element, condition: str, text: str = "",
+                     error_type: str | None = None) -> None:
         """Answer `stanza` with a stanza error (RFC 6120 §8.3): never an
         error to an error, and never for iq results."""
         if stanza.get("type") in ("error", "result"):
             return
-        error = stanza_error(stanza, condition, text)
+        error = stanza_error(stanza, condition, text, error_type)
         try:
             sender = parse_jid(stanza.get("from", ""))
         except InvalidJID:

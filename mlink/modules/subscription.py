@@ -1,0 +1,226 @@
+"""RFC 6121 §3: presence subscriptions, the state machine of Appendix A.
+
+Each local account's side of a subscription is its roster item for the
+contact (`subscription` none/to/from/both, `ask` for Pending Out, `approved`
+for a pre-approval, §3.4) plus a stored inbound request (Pending In). A
+subscription stanza changes the sender's side when it leaves (`pre-presence`,
+Appendix A.2) and the recipient's side when it arrives (`presence`, A.3);
+every account is local, so both run here, one after the other, each under
+its own user's roster lock and never both at once.
+
+What each side sends besides the stanza itself:
+- roster pushes to the interested resources of the side that changed;
+- after `subscribed` leaves, the approver's available presence goes to the
+  new subscriber (§3.1.5); after `unsubscribed` leaves or `unsubscribe`
+  arrives, unavailable presence goes to the one who lost the subscription
+  (§3.2.2, §3.3.3);
+- a `subscribe` for someone already subscribed (or pre-approved) is
+  answered `subscribed` by the server (§3.1.3, §3.4); one for an account
+  that does not exist is answered `unsubscribed` (§3.1.3), not with an
+  error.
+
+Stanzas that change nothing on the receiving side are not delivered (the
+"no state change" rows of A.3). Inbound requests go to the available
+resources (the implementation note of §2.2) and stay stored until answered;
+every initial presence delivers those still pending (§3.1.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import defusedxml.ElementTree as SafeET
+
+from mlink.hooks import StanzaEvent
+from mlink.jid import JID
+from mlink.modules import presence
+from mlink.modules.roster import push, store_failed, subscription_stanza
+from mlink.router.rosters import RosterCache, rosters_of
+from mlink.router.sessions import SessionInfo
+from mlink.store import RosterItem, StoreError
+from mlink.xml.serialize import serialize
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+
+log = logging.getLogger("mlink.subscription")
+
+PRE_APPROVAL_FEATURE = b"<sub xmlns='urn:xmpp:features:pre-approval'/>"
+
+# Subscription state after gaining or losing one direction.
+_ADD_FROM = {"none": "from", "to": "both"}
+_ADD_TO = {"none": "to", "from": "both"}
+_DROP_FROM = {"from": "none", "both": "to"}
+_DROP_TO = {"to": "none", "both": "from"}
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a transition asks for once the roster lock is released."""
+
+    forward: bool = False  # route (outbound) or deliver (inbound) the stanza
+    reply_subscribed: bool = False  # the server answers `subscribed` itself
+    send_presence: bool = False  # our available presence to the contact
+    send_unavailable: bool = False  # our unavailable presence to the contact
+
+
+def register(server: Server) -> None:
+    rosters = rosters_of(server)
+
+    async def outbound(event: StanzaEvent) -> bool:
+        kind, origin = event.type, event.origin
+        if kind not in presence.SUBSCRIPTION_TYPES or origin is None:
+            return False
+        user, contact = event.sender.bare, event.to.bare
+        if contact == user:
+            return True  # one is always subscribed to oneself
+        stanza = event.stanza
+        try:
+            outcome = await outbound_transition(server, rosters, user, contact, kind)
+        except StoreError as exc:
+            log.warning("subscription %s from %s failed: %s", kind, user, exc)
+            store_failed(server, stanza)
+            return True
+        if outcome.forward:
+            # §3.1.2: subscription stanzas travel between bare JIDs.
+            stanza.set("from", str(user))
+            stanza.set("to", str(contact))
+            await server.router.route(stanza)
+        await _follow_up(server, outcome, user, contact)
+        return True
+
+    async def inbound(event: StanzaEvent) -> bool:
+        kind = event.type
+        if kind not in presence.SUBSCRIPTION_TYPES:
+            return False
+        user, contact = event.to.bare, event.sender.bare
+        if contact == user:
+            return True
+        if not await server.router.account_exists(user):
+            if kind == "subscribe":
+                # §3.1.3: no such account; tell the requester it is refused.
+                await server.router.route(subscription_stanza("unsubscribed", user, contact))
+            return True
+        stanza = event.stanza
+        stanza.set("from", str(contact))
+        stanza.set("to", str(user))
+        try:
+            outcome = await inbound_transition(server, rosters, user, contact, stanza)
+        except StoreError as exc:
+            log.warning("subscription %s to %s failed: %s", kind, user, exc)
+            return True
+        if outcome.forward:
+            for info in server.router.resources(user):
+                if info.available:
+                    server.router.deliver(info.jid, stanza)
+        if outcome.reply_subscribed:
+            await server.router.route(subscription_stanza("subscribed", user, contact))
+        await _follow_up(server, outcome, user, contact)
+        return True
+
+    async def initial_presence(info: SessionInfo) -> None:
+        """§3.1.3: requests that arrived while nobody could answer them."""
+        try:
+            roster = await rosters.get(str(info.jid.bare))
+        except StoreError as exc:
+            log.warning("pending requests of %s unavailable: %s", info.jid.bare, exc)
+            return
+        for data in list(roster.pending.values()):
+            server.router.deliver(info.jid, SafeET.fromstring(data))
+
+    for scope in ("bare", "full"):
+        server.hooks.on(f"pre-presence/{scope}", outbound)
+        server.hooks.on(f"presence/{scope}", inbound)
+    server.hooks.on("session/initial-presence", initial_presence)
+    server.hooks.session_features.append(PRE_APPROVAL_FEATURE)
+
+
+async def outbound_transition(server: Server, rosters: RosterCache, user: JID, contact: JID,
+                              kind: str) -> Outcome:
+    """Appendix A.2: `user` sends `kind` to `contact`."""
+    out = Outcome()
+    c = str(contact)
+    async with rosters.locked(str(user)) as roster:
+        item = roster.items.get(c)
+        sub = item.subscription if item else "none"
+        base = item or RosterItem(c)
+        new = item
+        if kind == "subscribe":
+            # A.2.1 / §3.1.2: always sent on (the contact's server answers
+            # for a subscription it already has); Pending Out unless To.
+            out.forward = True
+            if sub in ("none", "from"):
+                new = replace(base, ask=True)
+        elif kind == "unsubscribe":
+            # A.2.2 / §3.3.2: sent on; To and Pending Out end here at once.
+            out.forward = True
+            if item is not None:
+                new = replace(item, subscription=_DROP_TO.get(sub, sub), ask=False)
+        elif kind == "subscribed":
+            if await rosters.drop_pending(roster, c):
+                # A.2.3 / §3.1.5: approval of a pending request.
+                new = replace(base, subscription=_ADD_FROM.get(sub, sub), approved=False)
+                out.forward = out.send_presence = True
+            elif sub in ("none", "to"):
+                # §3.4.1: no request yet: a pre-approval, not sent on.
+                new = replace(base, approved=True)
+        elif kind == "unsubscribed":
+            # A.2.4 / §3.2.2: deny a request, cancel a subscription or a
+            # pre-approval (§3.4.3); sent on only if the contact had one.
+            out.forward = await rosters.drop_pending(roster, c)
+            if item is not None:
+                if sub in ("from", "both"):
+                    out.forward = out.send_unavailable = True
+                new = replace(item, subscription=_DROP_FROM.get(sub, sub), approved=False)
+        if new is not None and new != item:
+            await rosters.put(roster, new)
+            push(server, roster, new)
+    return out
+
+
+async def inbound_transition(server: Server, rosters: RosterCache, user: JID, contact: JID,
+                             stanza: ET.Element) -> Outcome:
+    """Appendix A.3: `stanza` from `contact` arrives for local `user`."""
+    out = Outcome()
+    kind, c = stanza.get("type"), str(contact)
+    async with rosters.locked(str(user)) as roster:
+        item = roster.items.get(c)
+        sub = item.subscription if item else "none"
+        new = item
+        if kind == "subscribe":
+            if sub in ("from", "both"):
+                out.reply_subscribed = True  # §3.1.3: already subscribed
+            elif item is not None and item.approved:
+                # §3.4.2: pre-approved: subscribed without asking the user.
+                new = replace(item, subscription=_ADD_FROM[sub], approved=False)
+                out.reply_subscribed = out.send_presence = True
+            else:
+                await rosters.add_pending(roster, c, serialize(stanza, ""))
+                out.forward = True
+        elif kind == "unsubscribe":
+            out.forward = await rosters.drop_pending(roster, c)
+            if item is not None and sub in ("from", "both"):
+                new = replace(item, subscription=_DROP_FROM[sub])
+                out.forward = out.send_unavailable = True
+        elif kind == "subscribed":
+            if item is not None and item.ask:
+                new = replace(item, subscription=_ADD_TO.get(sub, sub), ask=False)
+                out.forward = True
+        elif kind == "unsubscribed":
+            if item is not None and (item.ask or sub in ("to", "both")):
+                new = replace(item, subscription=_DROP_TO.get(sub, sub), ask=False)
+                out.forward = True
+        if new is not None and new != item:
+            await rosters.put(roster, new)
+            push(server, roster, new)
+    return out
+
+
+async def _follow_up(server: Server, outcome: Outcome, user: JID, contact: JID) -> None:
+    if outcome.send_presence:
+        await presence.send_presence_to(server, user, contact)
+    if outcome.send_unavailable:
+        await presence.send_unavailable_to(server, user, contact)
