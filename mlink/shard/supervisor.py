@@ -1,0 +1,425 @@
+"""`mlink serve`: start N shard processes, restart the ones that die, stop
+them all on SIGTERM/SIGINT, and answer `mlink status`.
+
+The supervisor holds no sessions and never touches client traffic: every
+shard binds every listener itself (SO_REUSEPORT), so a supervisor bug
+cannot stall clients, and the supervisor stays small enough to trust.
+`--shards 1` runs exactly this path with one shard process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mlink.config_model import Config
+from mlink.shard.control import ControlError, LineChannel
+
+log = logging.getLogger("mlink.supervisor")
+
+# Restart delays for a shard that dies: the first restart is quick (a
+# one-off crash costs half a second of that shard's capacity), then the
+# delay doubles so a shard that crashes at start (bad disk, broken
+# directory) is logged every 30 s instead of spinning a core.
+RESTART_INITIAL = 0.5
+RESTART_MAX = 30.0
+# A shard up this long is healthy again: its next crash restarts quickly.
+STABLE_UPTIME = 60.0
+# After SIGTERM, shards get this long to end their streams and finish
+# durable writes (Server.SHUTDOWN_GRACE is 5 s, plus closing the store);
+# then they are killed, so a stop always ends.
+STOP_TIMEOUT = 20.0
+# How long a shard has to answer a stats request: it answers from its own
+# loop, so a shard that takes longer is stuck, and status says so rather
+# than hang.
+STATS_TIMEOUT = 2.0
+# The shard and bus counters go to the log this often, so a deployment
+# without `mlink status` in its monitoring still has the figures.
+STATUS_LOG_INTERVAL = 60.0
+# The control socket's name in the data directory.
+CONTROL_SOCKET = "mlink.control"
+# `mlink status` waits this long for the supervisor's answer (it asks every
+# shard, each bounded by STATS_TIMEOUT).
+STATUS_CLIENT_TIMEOUT = 10.0
+# sockaddr_un holds 108 bytes including the terminating NUL.
+MAX_UNIX_PATH = 107
+
+
+def default_shards(config: Config) -> int:
+    """One shard per CPU core, except that a listener on port 0 (a free
+    port picked by the kernel, as tests use) cannot be shared: each shard
+    would get another port. Such a configuration runs one shard."""
+    if any(lc.port == 0 for lc in config.listeners):
+        return 1
+    return os.cpu_count() or 1
+
+
+def check_shards(config: Config, shards: int) -> None:
+    """ValueError when `shards` cannot serve `config`."""
+    if shards < 1:
+        raise ValueError(f"--shards must be at least 1, not {shards}")
+    if shards > 1 and any(lc.port == 0 for lc in config.listeners):
+        raise ValueError("several shards need fixed listener ports: port 0 would give each "
+                         "shard a different one")
+
+
+def control_path(config: Config) -> Path:
+    return config.data_dir / CONTROL_SOCKET
+
+
+@dataclass(eq=False)
+class ShardState:
+    index: int
+    process: trio.Process | None = None
+    started: float = 0.0
+    restarts: int = 0
+    ready: bool = False
+    # True once this shard has been ready at least once: a shard that
+    # never got that far failed to start, and restarting will not help.
+    ever_ready: bool = False
+    control: LineChannel | None = None
+    stats: dict[str, Any] | None = None
+    stats_lock: trio.Lock = field(default_factory=trio.Lock)
+    stats_reply: trio.Event = field(default_factory=trio.Event)
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, config: Config, shards: int) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.shards = [ShardState(i) for i in range(shards)]
+        self.bus_dir: Path | None = None
+        self.started = time.monotonic()
+        self.stopping = False
+        self.failed = False
+        self._stop_event = trio.Event()
+        self._all_ready_logged = False
+        self._services: trio.Nursery | None = None
+
+    # -- running ------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Supervise until stopped; 0 after a requested stop, 1 when the
+        shards could not start."""
+        self.bus_dir = Path(tempfile.mkdtemp(prefix="mlink-bus-"))  # mode 0700
+        listener = await _listen_control(control_path(self.config))
+        try:
+            async with trio.open_nursery() as services:
+                self._services = services
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    services.start_soon(self._watch_signals, signals)
+                    services.start_soon(self._serve_status, listener)
+                    services.start_soon(self._log_status_periodically)
+                    log.info("starting %d shard(s)", len(self.shards))
+                    async with trio.open_nursery() as shard_tasks:
+                        for state in self.shards:
+                            shard_tasks.start_soon(self._supervise, state)
+                services.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+            _unlink(control_path(self.config))
+            shutil.rmtree(self.bus_dir, ignore_errors=True)
+        log.info("stopped")
+        return 1 if self.failed else 0
+
+    def stop(self) -> None:
+        """Ask every shard to stop (SIGTERM); kill the ones still running
+        after STOP_TIMEOUT."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop_event.set()
+        for state in self.shards:
+            if state.process is not None and state.process.returncode is None:
+                state.process.send_signal(signal.SIGTERM)
+        if self._services is not None:
+            self._services.start_soon(self._kill_after_timeout)
+
+    async def _kill_after_timeout(self) -> None:
+        await trio.sleep(STOP_TIMEOUT)
+        for state in self.shards:
+            if state.process is not None and state.process.returncode is None:
+                log.warning("shard %d (pid %d) did not stop in %.0f s; killing it",
+                            state.index, state.process.pid, STOP_TIMEOUT)
+                state.process.kill()
+
+    async def _watch_signals(self, signals: Any) -> None:
+        async for signum in signals:
+            if not self.stopping:
+                log.info("received %s; stopping %d shard(s)", signal.Signals(signum).name,
+                         len(self.shards))
+            self.stop()
+
+    def _command(self, state: ShardState, control_fd: int) -> list[str]:
+        assert self.bus_dir is not None
+        return [
+            sys.executable, "-m", "mlink.shard.worker",
+            "--index", str(state.index), "--shards", str(len(self.shards)),
+            "--bus-dir", str(self.bus_dir), "--config", str(self.config_path),
+            "--control-fd", str(control_fd),
+        ]
+
+    async def _supervise(self, state: ShardState) -> None:
+        """Run shard `state.index` until the supervisor stops, restarting
+        it with backoff whenever it dies."""
+        delay = RESTART_INITIAL
+        while not self.stopping:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                process = await trio.lowlevel.open_process(
+                    self._command(state, theirs.fileno()),
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
+                )
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            state.process, state.started, state.ready = process, time.monotonic(), False
+            state.control = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+            log.info("shard %d started (pid %d)", state.index, process.pid)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_control, state, state.control)
+                    await process.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                with trio.CancelScope(shield=True):
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+                    await state.control.aclose()
+                state.control, state.ready = None, False
+            uptime = time.monotonic() - state.started
+            log.info("shard %d (pid %d) exited with %s after %.1f s", state.index, process.pid,
+                     _describe_status(process.returncode), uptime)
+            if self.stopping:
+                return
+            if not state.ever_ready:
+                log.error("shard %d failed to start; stopping", state.index)
+                self.failed = True
+                self.stop()
+                return
+            if uptime >= STABLE_UPTIME:
+                delay = RESTART_INITIAL
+            state.restarts += 1
+            if delay >= RESTART_MAX:
+                log.warning("shard %d is crash-looping; restart #%d in %.1f s",
+                            state.index, state.restarts, delay)
+            else:
+                log.info("restarting shard %d in %.1f s (restart #%d)",
+                         state.index, delay, state.restarts)
+            with trio.move_on_after(delay):
+                await self._stop_event.wait()
+            delay = min(delay * 2, RESTART_MAX)
+
+    async def _read_control(self, state: ShardState, control: LineChannel) -> None:
+        try:
+            while (message := await control.receive()) is not None:
+                op = message.get("op")
+                if op == "ready":
+                    state.ready = state.ever_ready = True
+                    log.info("shard %d ready (pid %d)", state.index, message.get("pid", 0))
+                    if not self._all_ready_logged and all(s.ready for s in self.shards):
+                        self._all_ready_logged = True
+                        log.info("all %d shard(s) ready", len(self.shards))
+                elif op == "stats":
+                    state.stats = message
+                    state.stats_reply.set()
+        except (ControlError, trio.BrokenResourceError, trio.ClosedResourceError,
+                OSError) as exc:
+            log.warning("shard %d control channel failed: %s", state.index, exc)
+
+    # -- status -------------------------------------------------------------------
+
+    async def _shard_stats(self, state: ShardState) -> dict[str, Any] | None:
+        """Fresh counters from one shard, or None if it is down or stuck."""
+        async with state.stats_lock:
+            control = state.control
+            if control is None or not state.ready:
+                return None
+            state.stats_reply = trio.Event()
+            state.stats = None
+            with trio.move_on_after(STATS_TIMEOUT):
+                try:
+                    await control.send({"op": "stats"})
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return None
+                await state.stats_reply.wait()
+            return state.stats
+
+    async def status(self) -> dict[str, Any]:
+        """The whole server's state, as `mlink status` prints it."""
+        replies: dict[int, dict[str, Any] | None] = {}
+
+        async def ask(state: ShardState) -> None:
+            replies[state.index] = await self._shard_stats(state)
+
+        async with trio.open_nursery() as nursery:
+            for state in self.shards:
+                nursery.start_soon(ask, state)
+        now = time.monotonic()
+        shards = []
+        for state in self.shards:
+            alive = state.process is not None and state.process.returncode is None
+            shards.append({
+                "index": state.index,
+                "pid": state.process.pid if alive and state.process else None,
+                "state": "ready" if state.ready else ("starting" if alive else "down"),
+                "uptime": now - state.started if alive else 0.0,
+                "restarts": state.restarts,
+                "stats": replies.get(state.index),
+            })
+        return {"pid": os.getpid(), "uptime": now - self.started, "shards": shards}
+
+    async def _serve_status(self, listener: trio.SocketListener) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                stream = await listener.accept()
+                nursery.start_soon(self._answer_status, stream)
+
+    async def _answer_status(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                data = json.dumps(await self.status()).encode() + b"\n"
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, OSError):
+                pass  # the client went away; nothing to tell
+
+    async def _log_status_periodically(self) -> None:
+        while True:
+            await trio.sleep(STATUS_LOG_INTERVAL)
+            for line in format_status(await self.status()).splitlines():
+                log.info("status: %s", line)
+
+
+def _describe_status(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"status {code}"
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+async def _listen_control(path: Path) -> trio.SocketListener:
+    """The control socket, 0600: status shows session counts and pids,
+    which only the server's own user should see. A socket left by a
+    supervisor that died is replaced; one that answers means a server is
+    already running on this data directory, which must not start twice."""
+    if len(os.fsencode(path)) > MAX_UNIX_PATH:
+        raise OSError(f"control socket path too long for a Unix socket: {path}")
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            _unlink(path)
+        else:
+            raise OSError(f"a server is already running on this data directory ({path})")
+        finally:
+            probe.close()
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        await sock.bind(str(path))
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    return trio.SocketListener(sock)
+
+
+def run_supervisor(config_path: Path, config: Config, shards: int) -> int:
+    """Block running the supervisor; its exit status."""
+    return trio.run(Supervisor(config_path, config, shards).run)
+
+
+# -- `mlink status` -----------------------------------------------------------------
+
+
+def query_status(config: Config) -> dict[str, Any]:
+    """Ask the running supervisor for its status; OSError when none runs."""
+    path = control_path(config)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(STATUS_CLIENT_TIMEOUT)
+        try:
+            sock.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise OSError(f"no server is running (no control socket at {path})") from None
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    try:
+        status: dict[str, Any] = json.loads(b"".join(chunks))
+    except ValueError:
+        raise OSError(f"{path}: the server sent an unreadable status") from None
+    return status
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status as people read it: one line per shard, one per bus link."""
+    shards = status["shards"]
+    sessions = sum((s["stats"] or {}).get("sessions", 0) for s in shards)
+    lines = [
+        f"supervisor pid {status['pid']}, up {_duration(status['uptime'])}, "
+        f"{len(shards)} shard(s), {sessions} session(s)",
+        f"{'shard':>5} {'pid':>8} {'state':<8} {'uptime':>8} {'restarts':>8} "
+        f"{'conns':>7} {'sessions':>8}",
+    ]
+    for s in shards:
+        stats = s["stats"] or {}
+        lines.append(
+            f"{s['index']:>5} {s['pid'] or '-':>8} {s['state']:<8} {_duration(s['uptime']):>8} "
+            f"{s['restarts']:>8} {stats.get('connections', '-'):>7} "
+            f"{stats.get('sessions', '-'):>8}"
+        )
+    links = [(s["index"], stats) for s in shards if (stats := s["stats"])]
+    if any(stats["bus"] for _, stats in links):
+        lines.append("bus links (from->to: frames/bytes out, frames/bytes in, mean batch, "
+                     "drops full/down, connects):")
+        for index, stats in links:
+            up = set(stats.get("peers_up", []))
+            for peer, c in sorted(stats["bus"].items(), key=lambda kv: int(kv[0])):
+                batch = f"{c['frames_out'] / c['writes']:.1f}" if c["writes"] else "-"
+                lines.append(
+                    f"  {index}->{peer}: {c['frames_out']}/{c['bytes_out']} out, "
+                    f"{c['frames_in']}/{c['bytes_in']} in, batch {batch}, "
+                    f"drops {c['drops_full']}/{c['drops_down']}, connects {c['connects']}"
+                    f"{'' if int(peer) in up else ', DOWN'}"
+                )
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""One shard process: `python -m mlink.shard.worker --index I --shards N
+--bus-dir D --config F [--control-fd K]`, started by the supervisor.
+
+A shard is a whole server (every listener bound with SO_REUSEPORT, its own
+sessions, its own Trio loop) plus its end of the bus. It stops gracefully
+on SIGTERM/SIGINT, and also when the supervisor's control channel closes:
+a shard whose supervisor is gone would otherwise run on unsupervised and
+hold the ports against the next start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from mlink.config import ConfigError, load_config
+from mlink.config_model import Config
+from mlink.shard.bus import UnixSocketBus
+from mlink.shard.control import ControlError, LineChannel, find_oserror
+
+log = logging.getLogger("mlink.shard")
+
+
+def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, Any]:
+    """What `mlink status` shows for one shard."""
+    return {
+        "op": "stats",
+        "shard": bus.shard,
+        "pid": os.getpid(),
+        "uptime": time.monotonic() - started,
+        "connections": len(server.connections),
+        "sessions": len(server.sessions),
+        "peers_up": sorted(bus.peers),
+        "bus": {str(i): s.as_dict() for i, s in bus.stats().items()},
+    }
+
+
+async def run_shard(config: Config, index: int, shards: int, bus_dir: Path,
+                    control_fd: int | None = None) -> None:
+    """Serve as shard `index` until told to stop, then shut down cleanly."""
+    from mlink.server import Server
+
+    started = time.monotonic()
+    bus = UnixSocketBus(index, shards, bus_dir)
+    server = Server(config)
+    # The router (integrated later) finds its shard and the bus here, and
+    # sets `bus.handler` to receive frames.
+    server.shard_index = index  # type: ignore[attr-defined]
+    server.bus = bus  # type: ignore[attr-defined]
+    control = None
+    if control_fd is not None:
+        sock = socket.socket(fileno=control_fd)
+        control = LineChannel(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            nursery.start_soon(_watch_signals, signals, stop)
+            await nursery.start(bus.run)
+            await nursery.start(server.serve)
+            if control is not None:
+                await control.send({"op": "ready", "pid": os.getpid(),
+                                    "ports": dict(server.bound_ports)})
+                nursery.start_soon(_serve_control, control, server, bus, started, stop)
+            await stop.wait()
+            # Sessions end while the bus still runs, so their "session
+            # down" announcements reach the other shards.
+            await server.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_signals(signals: Any, stop: trio.Event) -> None:
+    async for signum in signals:
+        if not stop.is_set():
+            log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+
+async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
+                         started: float, stop: trio.Event) -> None:
+    """Answer the supervisor; its end closing means it is gone: stop."""
+    try:
+        while (message := await control.receive()) is not None:
+            if message.get("op") == "stats":
+                await control.send(shard_stats(server, bus, started))
+    except (ControlError, trio.BrokenResourceError, OSError) as exc:
+        log.warning("control channel failed: %s", exc)
+    if not stop.is_set():
+        log.warning("supervisor gone; stopping")
+    stop.set()
+
+
+def _setup_logging(level: str, index: int) -> None:
+    # The shard index in every line: which shard holds a connection, and
+    # whose "listening" line is whose, must be visible in the shared log.
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format=f"%(asctime)s %(levelname)s shard-{index} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mlink.shard.worker")
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--bus-dir", type=Path, required=True)
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--control-fd", type=int)
+    args = p.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mlink: {exc}", file=sys.stderr)
+        return 1
+    _setup_logging(config.log_level, args.index)
+    try:
+        trio.run(run_shard, config, args.index, args.shards, args.bus_dir, args.control_fd)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as exc:
+        error = find_oserror(exc)
+        if error is None:
+            raise
+        print(f"mlink: shard {args.index}: {error}", file=sys.stderr)
+        return 1
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
