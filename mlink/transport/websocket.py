@@ -291,7 +291,8 @@ class WebSocketEndpoint:
                 log.info("websocket handshake from %s timed out", peer)
                 nursery.cancel_scope.cancel()
                 return
-            log.info("websocket from %s (%s)", peer, "encrypted" if encrypted else "plain")
+            how = "wss" if self.secure else "plain, counts as encrypted" if encrypted else "plain"
+            log.info("websocket from %s (%s)", peer, how)
             conn = WebSocketClientConnection(
                 self.server, ws, encrypted=encrypted, channel_binding=channel_binding,
                 refusal=self._refusal(encrypted),
