@@ -396,6 +396,7 @@ def test_init_creates_loadable_setup(tmp_path: Path, embedded_directory: None) -
         ("c2s", 15222),
         ("tls", 0),
         ("websocket", 15280),
+        ("websocket-tls", 15281),
     ]
     assert cfg.directory.backend == "embedded"
     assert cfg.directory.embedded.base_dn == "dc=example,dc=com"
@@ -447,7 +448,7 @@ def test_init_localhost_default(tmp_path: Path, embedded_directory: None) -> Non
     cfg = load_config(init_setup(tmp_path))
     assert cfg.domains == ["localhost"]
     assert cfg.directory.embedded.base_dn == "dc=localhost"
-    assert [lsn.port for lsn in cfg.listeners] == [5222, 5223, 5280]
+    assert [lsn.port for lsn in cfg.listeners] == [5222, 5223, 5280, 5281]
 
 
 def test_init_refuses_to_overwrite(tmp_path: Path, embedded_directory: None) -> None:

@@ -201,6 +201,7 @@ def init_setup(
                 ListenerConfig(kind="c2s", port=c2s_port),
                 ListenerConfig(kind="tls", port=tls_port),
                 ListenerConfig(kind="websocket", port=ws_port),
+                *_wss_listener(ws_port, (c2s_port, tls_port)),
             ],
             tls=TLSConfig(certificate=tls_cert, key=tls_key, required=True),
             directory=DirectoryConfig(
@@ -262,3 +263,13 @@ def _remove(paths: list[Path]) -> None:
             path.unlink()
         except OSError:
             pass
+
+
+def _wss_listener(ws_port: int, taken: tuple[int, ...]) -> list[ListenerConfig]:
+    """WebSocket over HTTPS next to the plain one, as Prosody's 5280/5281:
+    the port after `ws_port` (free ports when `ws_port` is 0); none when
+    that port is already one of the other listeners'."""
+    port = ws_port + 1 if ws_port else 0
+    if port and (port in taken or port > 65535):
+        return []
+    return [ListenerConfig(kind="websocket-tls", port=port)]

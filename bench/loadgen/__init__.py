@@ -1,0 +1,1 @@
+"""XMPP load generator and the mlink/Prosody comparison (see bench/README.md)."""
