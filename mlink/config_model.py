@@ -93,6 +93,62 @@ class LimitsConfig:
 
 
 @dataclass(slots=True)
+class ProfileFieldConfig:
+    """One profile field's source (white paper, "Operational Model")."""
+
+    name: str  # XEP-0154 field name, e.g. "display_name", "mobile", "nickname"
+    policy: str  # "directory" | "update" | "static" | "local"
+    attribute: str | None = None  # LDAP attribute (directory/update)
+    value: str | None = None  # the one value for every user (static)
+
+
+# How long a profile read from the directory is served from memory before
+# the directory is asked again: changes made directly in the directory show
+# within a minute, while a busy roster's vCard fetches hit LDAP rarely.
+DEFAULT_PROFILE_CACHE_SECONDS = 60.0
+# jpegPhoto values are avatars, not photo albums: 192 KiB fits any sensible
+# avatar and, base64-encoded (x4/3), still fits the default 256 KiB stanza.
+DEFAULT_MAX_PHOTO_BYTES = 192 * 1024
+
+
+@dataclass(slots=True)
+class ProfilesConfig:
+    """Per-field mapping and policy; fields not listed take the defaults of
+    `mlink.profile.fields` (XEP-0154's LDAP mapping, local where none)."""
+
+    fields: list[ProfileFieldConfig] = field(default_factory=list)
+    cache_seconds: float = DEFAULT_PROFILE_CACHE_SECONDS
+    max_photo_bytes: int = DEFAULT_MAX_PHOTO_BYTES
+
+
+# How often directory groups are read again so that membership changes
+# reach online users: five minutes, as a change of department is not urgent
+# and a 5,000-member group costs a few paged searches.
+DEFAULT_GROUP_REFRESH_SECONDS = 300.0
+
+
+@dataclass(slots=True)
+class RosterGroupConfig:
+    """A directory group (or every group a filter finds) whose members all
+    see each other in their rosters (roster pre-population)."""
+
+    dn: str | None = None  # one group entry
+    filter: str | None = None  # or every group matching this under `base`
+    base: str | None = None  # search base for `filter` (default ou=Groups,<base>)
+    name_attribute: str = "cn"  # where the roster group name comes from
+    name: str | None = None  # or this literal name
+
+
+@dataclass(slots=True)
+class RostersConfig:
+    groups: list[RosterGroupConfig] = field(default_factory=list)
+    refresh_seconds: float = DEFAULT_GROUP_REFRESH_SECONDS
+    # Static rosters: keep each user's personal roster in their directory
+    # entry (this attribute) instead of mlink's store; None = the store.
+    static_attribute: str | None = None
+
+
+@dataclass(slots=True)
 class Config:
     path: Path | None
     domains: list[str]
@@ -101,5 +157,7 @@ class Config:
     directory: DirectoryConfig = field(default_factory=DirectoryConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
+    rosters: RostersConfig = field(default_factory=RostersConfig)
     data_dir: Path = Path(".")
     log_level: str = "info"
