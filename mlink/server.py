@@ -19,6 +19,7 @@ from mlink.directory.base import Directory, DirectoryUnavailable
 from mlink.hooks import Hooks
 from mlink.jid import JID
 from mlink.modules import load_modules
+from mlink.router.rosters import RosterCache, rosters_of
 from mlink.router.router import Router
 from mlink.router.sessions import SessionTable
 from mlink.store import DEFAULT_FILENAME, Store
@@ -55,9 +56,13 @@ class Server:
         self.sessions = SessionTable()
         self.hooks = Hooks()
         self.router = Router(self.domains, self.sessions, self.hooks, self._account_exists)
-        load_modules(self)
         # Opened by `serve` (or by tests) before any client is accepted.
         self.store: Store = None  # type: ignore[assignment]
+        # Long-running work of modules (e.g. refreshing directory groups),
+        # run in the server's nursery while it serves: owned, never orphaned.
+        self.background_tasks: list[Callable[[], Awaitable[None]]] = []
+        self.rosters: RosterCache = rosters_of(self)
+        load_modules(self)
         self.connections: set[ClientConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -129,6 +134,8 @@ class Server:
                 log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
                          lc.address, port)
                 nursery.start_soon(self._accept_loop, listener, handler)
+            for task in self.background_tasks:
+                nursery.start_soon(task)
             task_status.started()
 
     async def _accept_loop(

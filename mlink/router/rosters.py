@@ -151,5 +151,5 @@ def rosters_of(server: Server) -> RosterCache:
             lambda: server.store,
             lambda user: server.sessions.online(parse_jid(user)),
         )
-        server.rosters = cache  # type: ignore[attr-defined]
+        server.rosters = cache
     return cache
