@@ -35,10 +35,16 @@ from mlink.config_model import (
     LDAPConfig,
     LimitsConfig,
     ListenerConfig,
+    ProfileFieldConfig,
+    ProfilesConfig,
+    RosterGroupConfig,
+    RostersConfig,
     TLSConfig,
     WebSocketConfig,
 )
 from mlink.config_render import render_config, write_config
+from mlink.directory.filters import FilterError, parse_filter
+from mlink.directory.names import normalize_dn
 
 __all__ = [
     "ConfigError",
@@ -89,11 +95,21 @@ SEE_OTHER_URI_SCHEMES = ("ws://", "wss://", "http://", "https://")
 # The names of Python's logging levels, so the value maps directly.
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 BACKENDS = ("embedded", "ldap")
+# Who owns a profile field (white paper, "Operational Model"; docs/directory.md).
+PROFILE_POLICIES = ("directory", "update", "static", "local")
+# base64 turns 3 bytes into 4: a photo larger than 3/4 of the stanza limit
+# could never be sent in a vCard or avatar stanza, so the file is refused.
+BASE64_RATIO = (3, 4)
 LDAP_URL_SCHEMES = ("ldap://", "ldaps://", "ldapi://")
 
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?$")
 _UINT_RE = re.compile(r"^[0-9]+$")
 _UFLOAT_RE = re.compile(r"^[0-9]+(?:\.[0-9]+)?$")
+# XEP-0154 field names: lower case words joined by underscores.
+_FIELD_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+# An LDAP attribute description without options (RFC 4512 §2.5): a name
+# (letter, then letters, digits, hyphens) or a numeric OID.
+_ATTRIBUTE_RE = re.compile(r"^(?:[A-Za-z][A-Za-z0-9-]*|[0-9]+(?:\.[0-9]+)+)$")
 _HOSTNAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$")
 
 
@@ -366,6 +382,7 @@ class _Loader:
             attributes=(),
             children=(
                 "domain", "listen", "tls", "directory", "limits", "websocket", "data", "log",
+                "profiles", "rosters",
             ),
         )
         domains = self.domains(root)
@@ -374,6 +391,8 @@ class _Loader:
         directory = self.directory(root, domains[0])
         limits = self.limits(root)
         websocket = self.websocket(root)
+        profiles = self.profiles(root, limits)
+        rosters = self.rosters(root)
         data_dir = absolute_path(self.base)
         data = self.single(root, "data")
         if data is not None:
@@ -394,6 +413,8 @@ class _Loader:
             directory=directory,
             limits=limits,
             websocket=websocket,
+            profiles=profiles,
+            rosters=rosters,
             data_dir=data_dir,
             log_level=log_level,
         )
@@ -630,6 +651,121 @@ class _Loader:
                 self.fail(child, f"<trusted-proxy> must be an IP address or network, not {raw!r}")
             ws.trusted_proxies.append(str(network))
         return ws
+
+    def attribute_name(self, elem: Element, name: str) -> str | None:
+        """An LDAP attribute name (or OID) given in attribute `name`."""
+        value = elem.get(name)
+        if value is None:
+            return None
+        value = self.attr_str(elem, name, "")
+        if not _ATTRIBUTE_RE.match(value):
+            self.fail(elem, f"{name!r} on <{elem.tag}> is not an LDAP attribute name: {value!r}")
+        return value
+
+    def profiles(self, root: Element, limits: LimitsConfig) -> ProfilesConfig:
+        """<profiles>: per-field policy. Field names and default mappings
+        are checked by mlink.profile at startup (it owns the table); here
+        only what the file alone can tell."""
+        profiles = ProfilesConfig()
+        most, per = BASE64_RATIO
+        largest = limits.max_stanza_bytes * most // per
+        # A smaller stanza limit lowers the default photo limit with it.
+        profiles.max_photo_bytes = min(profiles.max_photo_bytes, largest)
+        elem = self.single(root, "profiles")
+        if elem is None:
+            return profiles
+        self.check_shape(elem, ("cache-seconds", "max-photo-bytes"), children=("field",))
+        profiles.cache_seconds = self.attr_float(elem, "cache-seconds", profiles.cache_seconds)
+        profiles.max_photo_bytes = self.attr_int(
+            elem, "max-photo-bytes", profiles.max_photo_bytes, 1
+        )
+        if profiles.max_photo_bytes > largest:
+            self.fail(
+                elem,
+                f"'max-photo-bytes' {profiles.max_photo_bytes} cannot fit in a stanza once "
+                f"base64-encoded: at most {largest} with stanza-bytes="
+                f"{limits.max_stanza_bytes} in <limits>",
+            )
+        first_line: dict[str, int | None] = {}
+        for child in elem.findall("field"):
+            self.check_shape(child, ("name", "policy", "attribute", "value"))
+            name = child.get("name")
+            if name is None:
+                self.fail(child, "<field> needs a 'name' attribute (an XEP-0154 field name)")
+            name = name.strip()
+            if not _FIELD_NAME_RE.match(name):
+                self.fail(child, f"'name' on <field> is not a profile field name: {name!r}")
+            if name in first_line:
+                self.fail(child, f"field {name!r} given twice (first at line {first_line[name]})")
+            first_line[name] = self.line(child)
+            policy = child.get("policy")
+            if policy is None:
+                self.fail(child, f"<field name={name!r}> needs a 'policy' "
+                                 f"({', '.join(PROFILE_POLICIES)})")
+            policy = policy.strip()
+            if policy not in PROFILE_POLICIES:
+                self.fail(child, f"unknown policy {policy!r} for field {name!r} "
+                                 f"(use {', '.join(PROFILE_POLICIES)})")
+            attribute = self.attribute_name(child, "attribute")
+            value = child.get("value")
+            if policy == "static":
+                if value is None:
+                    self.fail(child, f"static field {name!r} needs a 'value'")
+                if attribute is not None:
+                    self.fail(child, f"static field {name!r} is not read from the directory: "
+                                     "'attribute' does not apply")
+            elif value is not None:
+                self.fail(child, f"'value' applies only to policy=\"static\", not {policy!r}")
+            if policy == "local" and attribute is not None:
+                self.fail(child, f"local field {name!r} is never sent to the directory: "
+                                 "'attribute' does not apply")
+            profiles.fields.append(
+                ProfileFieldConfig(name=name, policy=policy, attribute=attribute, value=value)
+            )
+        return profiles
+
+    def rosters(self, root: Element) -> RostersConfig:
+        """<rosters>: directory groups for roster pre-population, and the
+        attribute holding static rosters."""
+        rosters = RostersConfig()
+        elem = self.single(root, "rosters")
+        if elem is None:
+            return rosters
+        self.check_shape(elem, ("refresh-seconds", "static-attribute"), children=("group",))
+        rosters.refresh_seconds = self.attr_float(elem, "refresh-seconds", rosters.refresh_seconds)
+        rosters.static_attribute = self.attribute_name(elem, "static-attribute")
+        first_line: dict[tuple[str, str, str], int | None] = {}
+        for child in elem.findall("group"):
+            self.check_shape(child, ("dn", "filter", "base", "name-attribute", "name"))
+            spec = RosterGroupConfig()
+            if (child.get("dn") is None) == (child.get("filter") is None):
+                self.fail(child, "<group> needs either 'dn' (one group) or 'filter' "
+                                 "(every group it finds), not both")
+            if child.get("dn") is not None:
+                spec.dn = self.dn(child, "dn", "")
+                if child.get("base") is not None:
+                    self.fail(child, "'base' applies to a <group filter=...>, not to one dn")
+            else:
+                spec.filter = self.attr_str(child, "filter", "")
+                try:
+                    parse_filter(spec.filter)
+                except FilterError as exc:
+                    self.fail(child, f"'filter' on <group> is not an LDAP filter: {exc}")
+                if child.get("base") is not None:
+                    spec.base = self.dn(child, "base", "")
+            if child.get("name") is not None and child.get("name-attribute") is not None:
+                self.fail(child, "give 'name' (a literal roster group name) or "
+                                 "'name-attribute', not both")
+            spec.name_attribute = self.attribute_name(child, "name-attribute") or "cn"
+            if child.get("name") is not None:
+                spec.name = self.attr_str(child, "name", "")
+            key = (normalize_dn(spec.dn or ""), spec.filter or "", normalize_dn(spec.base or ""))
+            if key in first_line:
+                self.fail(child, f"the same <group> is given twice (first at line "
+                                 f"{first_line[key]})")
+            first_line[key] = self.line(child)
+            rosters.groups.append(spec)
+        return rosters
 
 
 def load_config(path: Path) -> Config:

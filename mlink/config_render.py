@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from mlink.config_model import Config
+from mlink.config_model import Config, ProfilesConfig, RostersConfig
 
 __all__ = ["render_config", "write_config"]
 
@@ -117,6 +117,8 @@ def render_config(cfg: Config, base_dir: Path) -> str:
         f' offline-limit="{lim.max_offline_messages}"/>',
     ]
     out += _render_websocket(cfg)
+    out += _render_profiles(cfg)
+    out += _render_rosters(cfg)
     out += [
         "",
         "  <!-- Where the server keeps its state (rosters, offline messages). -->",
@@ -154,6 +156,87 @@ def _render_websocket(cfg: Config) -> list[str]:
     out += [f"    <origin>{escape(origin)}</origin>" for origin in ws.origins]
     out += [f"    <trusted-proxy>{escape(proxy)}</trusted-proxy>" for proxy in ws.trusted_proxies]
     out.append("  </websocket>")
+    return out
+
+
+def _render_profiles(cfg: Config) -> list[str]:
+    """<profiles> when fields are set or limits changed; otherwise a
+    commented example (docs/directory.md explains the policies)."""
+    pr = cfg.profiles
+    default = ProfilesConfig()
+    out = [
+        "",
+        "  <!-- Profiles (vCard, XEP-0154, avatars): per field, who owns it.",
+        "       directory = read from the directory, clients may not change it;",
+        "       update = read from it, client changes written back to it;",
+        "       static = one value for everyone; local = kept by mlink. -->",
+    ]
+    if not pr.fields and (pr.cache_seconds, pr.max_photo_bytes) == (
+        default.cache_seconds, default.max_photo_bytes
+    ):
+        return out + [
+            "  <!--",
+            '  <profiles cache-seconds="60" max-photo-bytes="196608">',
+            '    <field name="display_name" policy="directory"/>',
+            '    <field name="mobile" policy="update" attribute="mobile"/>',
+            '    <field name="org_name" policy="static" value="Example Corp"/>',
+            '    <field name="nickname" policy="local"/>',
+            "  </profiles>",
+            "  -->",
+        ]
+    out.append(
+        f'  <profiles cache-seconds="{_fmt_number(pr.cache_seconds)}"'
+        f' max-photo-bytes="{pr.max_photo_bytes}">'
+    )
+    for f in pr.fields:
+        attrs = f"name={quoteattr(f.name)} policy={quoteattr(f.policy)}"
+        if f.attribute is not None:
+            attrs += f" attribute={quoteattr(f.attribute)}"
+        if f.value is not None:
+            attrs += f" value={quoteattr(f.value)}"
+        out.append(f"    <field {attrs}/>")
+    out.append("  </profiles>")
+    return out
+
+
+def _render_rosters(cfg: Config) -> list[str]:
+    """<rosters> when anything is set; otherwise a commented example."""
+    ro = cfg.rosters
+    default = RostersConfig()
+    out = [
+        "",
+        "  <!-- Rosters from the directory: members of each group see each other;",
+        "       static-attribute keeps personal rosters in the users' entries. -->",
+    ]
+    if not ro.groups and ro.static_attribute is None and (
+        ro.refresh_seconds == default.refresh_seconds
+    ):
+        return out + [
+            "  <!--",
+            '  <rosters refresh-seconds="300" static-attribute="mlinkRosterItem">',
+            '    <group dn="cn=sales,ou=Groups,dc=example,dc=com"/>',
+            '    <group filter="(objectClass=groupOfNames)" name-attribute="description"/>',
+            "  </rosters>",
+            "  -->",
+        ]
+    attrs = f' refresh-seconds="{_fmt_number(ro.refresh_seconds)}"'
+    if ro.static_attribute is not None:
+        attrs += f" static-attribute={quoteattr(ro.static_attribute)}"
+    out.append(f"  <rosters{attrs}>")
+    for g in ro.groups:
+        parts = []
+        if g.dn is not None:
+            parts.append(f"dn={quoteattr(g.dn)}")
+        if g.filter is not None:
+            parts.append(f"filter={quoteattr(g.filter)}")
+        if g.base is not None:
+            parts.append(f"base={quoteattr(g.base)}")
+        if g.name is not None:
+            parts.append(f"name={quoteattr(g.name)}")
+        elif g.name_attribute != "cn":
+            parts.append(f"name-attribute={quoteattr(g.name_attribute)}")
+        out.append(f"    <group {' '.join(parts)}/>")
+    out.append("  </rosters>")
     return out
 
 

@@ -14,7 +14,10 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
 - `message/delivered`: a message was delivered to these local resources.
 
 Session events (handlers get a `SessionInfo`, return value ignored):
-- `session/bound`, `session/closed`.
+- `session/bound`, `session/closed`, `session/initial-presence`.
+
+Profile events: `profile/photo-changed` (the user's bare JID string) when
+mlink wrote a new photo, so presence can carry the new avatar hash.
 
 Handlers of one name run in priority order (higher first), and the first
 that returns True ends the event; the core's own default, where it has one,

@@ -10,6 +10,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -24,6 +25,9 @@ from mlink.router.router import Router
 from mlink.router.sessions import SessionTable
 from mlink.store import DEFAULT_FILENAME, Store
 from mlink.stream.c2s import StreamSettings
+
+if TYPE_CHECKING:
+    from mlink.shard.bus import Bus
 from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
@@ -61,6 +65,8 @@ class Server:
         # Long-running work of modules (e.g. refreshing directory groups),
         # run in the server's nursery while it serves: owned, never orphaned.
         self.background_tasks: list[Callable[[], Awaitable[None]]] = []
+        # Cache name -> drop the named user's cached copy (see `changed`).
+        self.cache_invalidators: dict[str, Callable[[str], None]] = {}
         self.rosters: RosterCache = rosters_of(self)
         load_modules(self)
         self.connections: set[ClientConnection] = set()
@@ -83,7 +89,12 @@ class Server:
             old.kick("conflict", "replaced by a new session with the same resource")
             await self.session_ended(old)  # type: ignore[arg-type]
         full = self.sessions.bind(conn, bare, resource)
-        await self.hooks.notify("session/bound", conn.info)
+        cluster = self.router.cluster
+        if cluster is not None:
+            cluster.replace_remote(full)  # the same full JID on another shard
+            cluster.announce(conn.info)
+        with self.router.batch():
+            await self.hooks.notify("session/bound", conn.info)
         return full
 
     async def session_ended(self, conn: ClientConnection) -> None:
@@ -91,11 +102,26 @@ class Server:
         and the like), even while the connection's task is being cancelled."""
         if not self.sessions.unbind(conn):
             return
+        if self.router.cluster is not None:
+            self.router.cluster.announce_down(conn.info)
         with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
             try:
-                await self.hooks.notify("session/closed", conn.info)
+                with self.router.batch():
+                    await self.hooks.notify("session/closed", conn.info)
             except Exception:
                 log.exception("session/closed handler failed for %s", conn.info.jid)
+
+    def attach_bus(self, bus: Bus) -> None:
+        """Become one shard of several: route through `bus` to the others."""
+        from mlink.shard.cluster import Cluster
+
+        self.router.cluster = Cluster(self, bus)
+
+    def changed(self, user: str, what: str) -> None:
+        """`user`'s durable `what` ("roster", "blocklist") was written: other
+        shards drop their cached copies (a no-op in one process)."""
+        if self.router.cluster is not None:
+            self.router.cluster.invalidate(user, what)
 
     def stream_settings(self, tls_active: bool, websocket: bool = False) -> StreamSettings:
         """Settings for a new c2s stream; `websocket` selects RFC 7395 framing."""

@@ -11,11 +11,26 @@ Fixtures:
   must start it again (use `slapd.stopped()` as a context manager).
 - `ldap_config`: a `DirectoryConfig` (backend "ldap") for it, short timeout.
 - `run_slapd_tool(*args)`: run tools/slapd-run, returning its stdout.
+- `sample_entries()`, `embedded_directory(path, entries)`: the same sample
+  data in an embedded directory file.
+- `private_slapd(workdir, *ldifs, samples=True)`: a context manager for a
+  slapd of one's own (e.g. with thousands of entries slapadd-ed at start),
+  stopped at exit.
+
+A `Slapd` also drives the OpenLDAP command-line tools as the rootdn, for
+setting up data and for checking what the directory really holds:
+`.ldapadd(text)`, `.ldapmodify(text)`, `.ldapdelete(*dns, recursive=False)`
+and `.search(base, filter="(objectClass=*)", attrs=(), scope="sub")`, which
+returns `mlink.directory.ldif.Entry` objects parsed from `ldapsearch -LLL`
+(binary values as bytes). Sample data: conf/users.ldif (profile attributes,
+alice's jpegPhoto) and conf/groups.ldif (cn=sales: alice, bob;
+cn=engineering: bob, carol; groupOfNames with a description).
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,7 +39,9 @@ from pathlib import Path
 
 import pytest
 
-from mlink.config_model import DirectoryConfig, LDAPConfig
+from mlink.config_model import DirectoryConfig, EmbeddedConfig, LDAPConfig
+from mlink.directory import ldif
+from mlink.directory.embedded import EmbeddedDirectory, base_entries
 
 REPO = Path(__file__).resolve().parent.parent
 SLAPD_RUN = REPO / "tools" / "slapd-run"
@@ -34,12 +51,31 @@ BIND_DN = "cn=mlink,dc=example,dc=com"
 BIND_PASSWORD = "mlink-service-secret"
 ROOT_DN = "cn=admin,dc=example,dc=com"
 ROOT_PASSWORD = "admin-secret"
+# The OpenLDAP client tools are slow to fail on a dead server by default.
+TOOL_TIMEOUT = 60
 # Sample users of conf/users.ldif: carol has no authPassword.
 SAMPLE_USERS = {
     "alice@example.com": "alice-secret",
     "bob@example.com": "bob-secret",
     "carol@example.com": "carol-secret",
 }
+
+
+def sample_entries() -> list[ldif.Entry]:
+    """The slapd sample data (conf/: base, users, groups) as entries of an
+    embedded directory file with base dc=example,dc=com."""
+    entries = base_entries(BASE_DN, "example.com")
+    entries.append(ldif.Entry(f"ou=Groups,{BASE_DN}",
+                              {"objectClass": ["top", "organizationalUnit"], "ou": ["Groups"]}))
+    for name in ("users.ldif", "groups.ldif"):
+        entries += ldif.parse((REPO / "conf" / name).read_text())
+    return entries
+
+
+def embedded_directory(path: Path, entries: list[ldif.Entry]) -> EmbeddedDirectory:
+    """An embedded directory (base dc=example,dc=com) whose file holds `entries`."""
+    path.write_text(ldif.dumps(entries))
+    return EmbeddedDirectory(EmbeddedConfig(file=path, base_dn=BASE_DN))
 
 
 def run_slapd_tool(*args: str) -> str:
@@ -91,6 +127,71 @@ class Slapd:
             yield
         finally:
             self.start()
+
+    # --- the OpenLDAP tools, as the rootdn --------------------------------
+
+    def _tool(self, name: str, *args: str, stdin: str | None = None) -> str:
+        program = shutil.which(name)
+        if program is None:
+            raise RuntimeError(f"{name} not found: install ldap-utils")
+        proc = subprocess.run(
+            [program, "-x", "-H", self.url, "-D", self.root_dn, "-w", self.root_password,
+             *args],
+            input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} {' '.join(args)} failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()}")
+        return proc.stdout
+
+    def ldapadd(self, text: str) -> None:
+        """Add the entries of an LDIF text (one ldapadd run for all of them)."""
+        self._tool("ldapadd", stdin=text)
+
+    def ldapmodify(self, text: str) -> None:
+        """Apply an LDIF change text (changetype: modify, ...)."""
+        self._tool("ldapmodify", stdin=text)
+
+    def ldapdelete(self, *dns: str, recursive: bool = False) -> None:
+        self._tool("ldapdelete", *(["-r"] if recursive else []), *dns)
+
+    def search(
+        self, base: str, filter: str = "(objectClass=*)", attrs: tuple[str, ...] = (),
+        scope: str = "sub",
+    ) -> list[ldif.Entry]:
+        """What `ldapsearch -LLL` shows, parsed; [] when `base` does not exist."""
+        try:
+            out = self._tool("ldapsearch", "-LLL", "-o", "ldif-wrap=no", "-b", base,
+                             "-s", scope, filter, *attrs)
+        except RuntimeError as exc:
+            if "(32)" in str(exc):  # noSuchObject
+                return []
+            raise
+        return ldif.parse(out)
+
+
+@contextlib.contextmanager
+def private_slapd(
+    workdir: Path, *ldifs: Path, samples: bool = True, size_limit: int | None = None
+) -> Iterator[Slapd]:
+    """A slapd of the caller's own, in `workdir` (which must not exist or be
+    empty), with conf/base.ldif, the samples unless `samples` is False, and
+    `ldifs` loaded by slapadd before it starts (fast for bulk data).
+    `size_limit` limits every search, the service account's too, to that
+    many entries except through paged results."""
+    args = ["--dir", str(workdir), "--port", "0"]
+    if size_limit is not None:
+        args += ["--size-limit", str(size_limit)]
+    if not samples:
+        args.append("--no-users")
+    for path in ldifs:
+        args += ["--ldif", str(path)]
+    url, pid = _parse(run_slapd_tool(*args))
+    server = Slapd(workdir, url, pid)
+    try:
+        yield server
+    finally:
+        run_slapd_tool("--stop", str(workdir))
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,9 @@ class RawClient:
             self.sock.settimeout(remaining)
             try:
                 chunk = self.sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(
+                    f"timed out waiting for {pattern!r}; got {self.buffer!r}") from None
             except (ConnectionResetError, ssl.SSLError):
                 chunk = b""
             if not chunk:

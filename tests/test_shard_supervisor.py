@@ -170,17 +170,23 @@ def test_one_shard_runs_the_same_supervised_path(setup, ca_file):
         log.join()
 
 
-def test_shards_that_cannot_start_stop_the_server_with_status_1(setup):
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "so_reuseport"])
+def test_a_port_in_use_stops_the_server_with_status_1(setup, reuseport):
+    """Another program on the c2s port: one line, exit 1, no shard started.
+    With SO_REUSEPORT the kernel would let the shards share the port with
+    it and split the clients; the supervisor's probe refuses that too."""
     config, ports = setup
-    # A listener without SO_REUSEPORT on the c2s port: no shard can bind it.
     blocker = socket.socket()
+    if reuseport:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     blocker.bind(("0.0.0.0", ports[0]))
     blocker.listen(1)
     try:
         proc, log = serve(config, "--shards", "2")
         assert proc.wait(timeout=TIMEOUT) == 1
         log.join()
-        assert f"port {ports[0]}" in log.text() and "failed to start" in log.text()
+        assert log.text().strip() == f"mlink: [Errno 98] port {ports[0]} on 0.0.0.0 is in use " \
+            "(c2s listener)"
     finally:
         blocker.close()
 

@@ -17,18 +17,35 @@ from pathlib import Path
 from typing import Any
 
 from . import proc, run
-from .servers import Mlink, Prosody, Server, ensure_prosody, supports_shards
+from .servers import Mlink, Prosody, Server, ensure_prosody, supports_shards, use_revision
 from .stats import table
 
 MLINK_PORT = 25222   # mlink: c2s 25222, tls 25223, websocket 25224
 PROSODY_PORT = 26222
 
-CHAT_STEPS = [(1000, 5.0)] + [(r, 2.5) for r in (2000, 3000, 4500, 6750, 10000, 15000)]
+# A fixed rate (the reference load: 1000 msgs/s over 500 pairs), then a
+# rising rate until delivery falls behind.
+CHAT_STEPS = [(1000, 5.0)] + [(r, 2.0) for r in (2000, 3000, 4500, 6750, 10000, 15000)]
 
 
 def scenarios(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """name -> spec overrides; every run also gets the target fields."""
     u = a.users
+    if a.smoke:
+        return {
+            "login-scram-tls": dict(scenario="login", tls=True, mechanism="SCRAM-SHA-256",
+                                    count=50, users=u, concurrency=10, duration=10.0),
+            "login-plain-tcp": dict(scenario="login", tls=False, mechanism="PLAIN",
+                                    count=50, users=u, concurrency=10, duration=10.0),
+            "idle": dict(scenario="idle", tls=True, mechanism="PLAIN", sessions=u,
+                         concurrency=20),
+            "chat": dict(scenario="chat", tls=False, mechanism="PLAIN", pairs=u // 2,
+                         concurrency=20, steps=[(200, 2.0)], drain=2.0),
+            "presence": dict(scenario="presence", tls=False, mechanism="PLAIN", user="r%d",
+                             password="rpw%d", users=a.presence_users, contacts=4,
+                             concurrency=20, steps=[(40, 2.0)], setup_seconds=2.0,
+                             setup_rounds=0, drain=2.0),
+        }
     return {
         "login-scram-tls": dict(scenario="login", tls=True, mechanism="SCRAM-SHA-256",
                                 count=a.logins, users=u, concurrency=20, duration=30.0),
@@ -62,8 +79,9 @@ def metrics(name: str, r: dict[str, Any]) -> dict[str, tuple[float | None, str]]
         if knee:
             below = [s for s in r["steps"] if s["delivered_per_s"] <= 0.6 * knee]
             half = below[-1]["p99_ms"] if below else None
-        return {"CPU-s/1000 msgs @1000/s": (first["cpu_s_per_1000"], "lower"),
-                "p99 ms @1000/s": (first["p99_ms"], "lower"),
+        rate = f"@{first['offered_per_s']:.0f}/s"
+        return {f"CPU-s/1000 msgs {rate}": (first["cpu_s_per_1000"], "lower"),
+                f"p99 ms {rate}": (first["p99_ms"], "lower"),
                 "knee delivered msgs/s": (knee, "higher"),
                 "p99 ms @~half knee": (half, "lower")}
     ok = first["delivered"] > 0
@@ -95,11 +113,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlink-shards", default="",
                    help="also run mlink with --shards N for each N in this list (e.g. 1,2)")
     p.add_argument("--procs", type=int, default=1, help="generator processes")
+    p.add_argument("--mlink-rev", default="",
+                   help="run mlink as of this git revision (exported into the work dir) "
+                        "instead of the work tree, e.g. HEAD")
     p.add_argument("--workdir", help="keep the servers' setup here (default: a temp dir)")
     p.add_argument("--json", default="", help="write every run's figures here")
     p.add_argument("--markdown", default="", help="write the ratio table here (markdown)")
-    p.add_argument("--no-prosody", action="store_true", help="mlink only (CI smoke run)")
+    p.add_argument("--no-prosody", action="store_true", help="mlink only")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI smoke run: mlink only, small and short, once; exits 1 unless "
+                        "every scenario logged in and delivered")
+    p.add_argument("--profile", default="",
+                   help="afterwards, profile mlink with py-spy in chat and presence runs "
+                        "and write raw stacks and summaries into this directory")
     a = p.parse_args(argv)
+    if a.smoke:
+        a.no_prosody, a.reps, a.users, a.presence_users = True, 1, 40, 20
     proc.raise_nofile()
     t_begin = time.monotonic()
 
@@ -116,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     users += [(f"r{i}", f"rpw{i}") for i in range(1, a.presence_users + 1)]
 
     servers: list[Server] = []
+    if a.mlink_rev:
+        print(f"mlink from git revision {use_revision(a.mlink_rev, workdir)}", file=sys.stderr)
     mlink = Mlink(workdir, MLINK_PORT)
     print(f"setting up in {workdir} ({len(users)} users on each server)...", file=sys.stderr)
     mlink.setup(users, None)
@@ -186,6 +217,23 @@ def main(argv: list[str] | None = None) -> int:
                           f"{server.name}: " + (r.get("failed") or ", ".join(
                               f"{k} {v[0]}" for k, v in brief.items())), file=sys.stderr)
                     server.stop()
+        if a.profile:
+            from .profile import profile
+
+            pdir = Path(a.profile)
+            pdir.mkdir(parents=True, exist_ok=True)
+            for other in servers:
+                other.stop()
+            for name, override in (("chat", {"steps": [(3000, 6.0)]}),
+                                   ("presence", {"steps": [(200, 6.0)]})):
+                if name not in chosen:
+                    continue
+                spec = {"host": "127.0.0.1", "port": mlink.port, "domain": mlink.domain,
+                        "user": "u%d", "password": "pw%d", "procs": a.procs,
+                        "scram_entries": cache, **specs[name], **override}
+                text = profile(mlink, spec, pdir / f"{name}.raw")
+                (pdir / f"{name}.txt").write_text(text + "\n")
+                print(f"\n== mlink profile, {name} ==\n{text}")
     finally:
         for s in servers:
             s.stop()
@@ -240,8 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.markdown).write_text("\n".join(md) + "\n")
     if tmp is not None:
         tmp.cleanup()
-    failed = [n for n in chosen for runs in results[n].values() for r in runs if r.get("failed")]
-    return 1 if failed and a.no_prosody else 0
+    failed = [f"{n}: {r.get('failed') or 'errors ' + str(r.get('errors'))}"
+              for n in chosen for runs in results[n].values() for r in runs
+              if r.get("failed") or r.get("errors")
+              or ("steps" in r and not r["steps"][0]["delivered"])
+              or (n.startswith("login") and not r.get("logins"))]
+    if a.smoke:
+        print("smoke: " + ("FAILED " + "; ".join(failed) if failed else "every scenario delivered"))
+        return 1 if failed else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ class Worker:
                            ).encode()
                     senders.append((self.conns[x], pre, b"</body></message>"))
         for c in self.conns.values():
+            c.hot(self.discard)
+        self.loop.run_until_complete(self.quiet(0.5, 10.0))  # the logins' presence echo
+        for c in self.conns.values():
             c.hot(self.make_receiver())
         go = self.reply({"ready": True, "held": len(self.conns), "senders": len(senders)})
         out = self._traffic(senders, go)
@@ -513,7 +516,8 @@ def _kept_up(step: dict[str, Any], max_p99_ms: float) -> bool:
             and (step["p99_ms"] or 1e9) <= max_p99_ms)
 
 
-def run_traffic(spec: dict[str, Any], server: proc.ServerProcs) -> dict[str, Any]:
+def run_traffic(spec: dict[str, Any], server: proc.ServerProcs,
+                on_start: Any = None) -> dict[str, Any]:
     """chat and presence: fixed rate (steps of one), or a rising ramp."""
     pool = Pool(spec)
     res = pool.gather()
@@ -540,6 +544,8 @@ def run_traffic(spec: dict[str, Any], server: proc.ServerProcs) -> dict[str, Any
     t0 = time.monotonic_ns() + 300_000_000
     go = {"t0": t0, "steps": steps, "drain": spec.get("drain", 2.0)}
     pool.send(go)
+    if on_start is not None:
+        on_start(t0, sum(s for _, s in steps))
     own0 = proc.own_cpu()
     marks = []
     boundary = t0
@@ -581,5 +587,9 @@ def run_traffic(spec: dict[str, Any], server: proc.ServerProcs) -> dict[str, Any
 SCENARIOS = {"login": run_login, "idle": run_idle, "chat": run_traffic, "presence": run_traffic}
 
 
-def run(spec: dict[str, Any], server: proc.ServerProcs) -> dict[str, Any]:
+def run(spec: dict[str, Any], server: proc.ServerProcs, on_start: Any = None) -> dict[str, Any]:
+    """One scenario; `on_start(t0_ns, seconds)` is called as traffic starts
+    (chat, presence), e.g. to attach a profiler to the server."""
+    if on_start is not None:
+        return run_traffic(spec, server, on_start)
     return SCENARIOS[spec["scenario"]](spec, server)

@@ -39,8 +39,31 @@ def _wait_port(port: int, pid_alive, timeout: float = 20.0) -> None:  # type: ig
     raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
 
 
+# Set by `use_revision`: run mlink from an exported git revision, not the
+# work tree (which other work may be changing while a benchmark runs).
+MLINK_ENV: dict[str, str] = {}
+MLINK_REV = ""
+
+
+def use_revision(rev: str, workdir: Path) -> str:
+    """Export `rev`'s mlink/ into `workdir` and run every mlink command
+    from it; returns the resolved commit."""
+    global MLINK_REV
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    dest = workdir / "mlink-src"
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "mlink"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    MLINK_ENV["PYTHONPATH"] = str(dest)
+    MLINK_REV = commit
+    return commit
+
+
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MLINK_ENV})
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-500:]}")
 
@@ -58,12 +81,15 @@ class Server:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def env(self) -> dict[str, str]:
+        return {}
+
     def start(self) -> None:
         assert self.popen is None
         with open(self.log, "ab") as out:
             self.popen = subprocess.Popen(
                 self.command(), stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir,
-                start_new_session=True,
+                start_new_session=True, env={**os.environ, **self.env()},
             )
         _wait_port(self.port, lambda: self.popen is not None and self.popen.poll() is None)
 
@@ -111,6 +137,9 @@ class Mlink(Server):
     def mlink(self) -> str:
         return str(ROOT / ".venv" / "bin" / "mlink")
 
+    def env(self) -> dict[str, str]:
+        return dict(MLINK_ENV)
+
     def setup(self, users: list[tuple[str, str]], cert: tuple[Path, Path] | None) -> None:
         cmd = [self.mlink(), "init", str(self.dir), "--domain", self.domain,
                "--c2s-port", str(self.port), "--tls-port", str(self.port + 1),
@@ -156,6 +185,8 @@ class Mlink(Server):
         return cmd
 
     def version(self) -> str:
+        if MLINK_REV:
+            return f"mlink {MLINK_REV}"
         out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True)
         dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "mlink"],
@@ -165,7 +196,7 @@ class Mlink(Server):
 
 def supports_shards() -> bool:
     out = subprocess.run([str(ROOT / ".venv" / "bin" / "mlink"), "serve", "--help"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, **MLINK_ENV})
     return "--shards" in out.stdout
 
 

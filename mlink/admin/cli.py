@@ -124,7 +124,18 @@ def _config_path(given: Path | None, create_default: bool = False) -> Path:
 
 
 def _load(given: Path | None, create_default: bool = False) -> Config:
-    return load_config(_config_path(given, create_default))
+    return _checked(load_config(_config_path(given, create_default)))
+
+
+def _checked(config: Config) -> Config:
+    """Problems only the feature modules can see (e.g. an unknown profile
+    field name), reported like any other configuration error."""
+    from mlink.profile import check_profiles
+
+    problems = check_profiles(config)
+    if problems:
+        raise CommandError(f"{config.path}: {problems[0]}")
+    return config
 
 
 def _setup_logging(level: str) -> None:
@@ -163,14 +174,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor, which runs the shards (`--shards 1` included:
     there is no separate single-process path)."""
     from mlink.shard.control import find_oserror
-    from mlink.shard.supervisor import check_shards, default_shards, run_supervisor
+    from mlink.shard.supervisor import (
+        check_ports_free,
+        check_shards,
+        default_shards,
+        run_supervisor,
+    )
 
     path = _config_path(args.config, create_default=True)
-    config = load_config(path)
+    config = _checked(load_config(path))
     shards = args.shards if args.shards is not None else default_shards(config)
     try:
         check_shards(config, shards)
-    except ValueError as exc:
+        check_ports_free(config)
+    except (ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
     _setup_logging(config.log_level)
     try:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
+from mlink.config_model import RosterGroupConfig
 from mlink.sasl.secrets import ScramSecret
 
 # PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
@@ -30,12 +32,36 @@ class DirectoryUnavailable(DirectoryError):
     """
 
 
+class DirectoryRefused(DirectoryError):
+    """The directory answered and said no: a schema violation (unknown
+    attribute, several values for a single-valued one, bad syntax), a
+    constraint, insufficient access. `str()` is the directory's own message,
+    fit for a stanza error's text. Nothing of the request was applied.
+
+    Kept apart from DirectoryUnavailable because the client must hear
+    "your value is wrong" (bad-request/not-acceptable), not "try later".
+    """
+
+
 class UserExists(DirectoryError):
     pass
 
 
 class NoSuchUser(DirectoryError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryGroup:
+    """One directory group resolved for roster pre-population.
+
+    Frozen and hashable so the roster code can diff two refreshes with set
+    operations (a member added or removed, a group renamed or gone).
+    """
+
+    key: str  # stable identity: the group's DN, normalised (names.normalize_dn)
+    name: str  # roster group name: the name attribute's first value, or the literal name
+    members: frozenset[str]  # bare JIDs (prepared, as mlink.jid gives them) of known users
 
 
 class Directory(abc.ABC):
@@ -75,6 +101,40 @@ class Directory(abc.ABC):
     async def import_users(self, pairs: Iterable[tuple[str, str]]) -> int:
         """Add or update many (jid, password) pairs in one pass; returns the
         count. Must scale to thousands of users in seconds."""
+
+    @abc.abstractmethod
+    async def user_attributes(
+        self, jid: str, attributes: Sequence[str]
+    ) -> dict[str, list[bytes]] | None:
+        """Values of `attributes` of the user's entry, keyed by the names as
+        requested (matched without case, as LDAP does); an attribute the
+        entry lacks is absent. None when there is no such user.
+
+        Values are bytes because one interface serves text (UTF-8) and
+        binary attributes (jpegPhoto) alike; the caller knows which is which.
+        """
+
+    @abc.abstractmethod
+    async def modify_user(self, jid: str, changes: Mapping[str, Sequence[bytes]]) -> None:
+        """Replace each attribute's values; an empty sequence deletes the
+        attribute (no error when it is absent). One atomic modify: all of it
+        or nothing. Adds the `mlinkUser` class in the same modify when an
+        mlink attribute (authPassword, mlinkRosterItem) is set on an entry
+        without it. NoSuchUser; DirectoryRefused when the directory refuses
+        (schema, access); DirectoryUnavailable when it cannot be reached."""
+
+    @abc.abstractmethod
+    async def roster_groups(self, specs: Sequence[RosterGroupConfig]) -> list[DirectoryGroup]:
+        """Resolve the configured groups, in configuration order.
+
+        A spec with `dn` reads that one entry; a spec with `filter` finds
+        every matching entry under `base` (default `ou=Groups,<base DN>`).
+        Members come from `member` and `uniqueMember` (DNs of users) and
+        `memberUid` (uids of users); members that are not users mlink knows
+        are left out. A group that does not exist (any more) is simply not
+        in the result. A group found by two specs is reported once, as the
+        first spec found it.
+        """
 
     async def ping(self) -> None:
         """Raise DirectoryUnavailable unless the directory answers."""

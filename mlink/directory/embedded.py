@@ -33,23 +33,36 @@ import hmac
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from mlink.config_model import EmbeddedConfig
-from mlink.directory import ldif
+from mlink.config_model import EmbeddedConfig, RosterGroupConfig
+from mlink.directory import ldif, schema
 from mlink.directory.base import (
     DERIVE_THREADS,
     Directory,
     DirectoryError,
+    DirectoryGroup,
     NoSuchUser,
     UserExists,
 )
-from mlink.directory.names import USER_OBJECT_CLASSES, check_bare_jid, escape_dn_value
+from mlink.directory.filters import FilterError, matches, parse_filter
+from mlink.directory.groups import UserIndex, dedupe, resolve_group
+from mlink.directory.names import (
+    CREDENTIAL_ATTRIBUTES,
+    GROUPS_RDN,
+    MLINK_ATTRIBUTES,
+    MLINK_CLASS,
+    USER_OBJECT_CLASSES,
+    check_bare_jid,
+    escape_dn_value,
+    is_under,
+)
+from mlink.directory.names import normalize_dn as normalize_any_dn
 from mlink.sasl.secrets import ScramSecret, derive_all
 
 log = logging.getLogger("mlink.directory")
@@ -412,6 +425,77 @@ class EmbeddedDirectory(Directory):
         result = await self._write(change)
         assert isinstance(result, int)
         return result
+
+    # --- profiles and groups ----------------------------------------------
+
+    async def user_attributes(
+        self, jid: str, attributes: Sequence[str]
+    ) -> dict[str, list[bytes]] | None:
+        entry = await self._user(jid)
+        if entry is None:
+            return None
+        out: dict[str, list[bytes]] = {}
+        for name in attributes:
+            if name.lower() in CREDENTIAL_ATTRIBUTES:
+                continue  # never profile data (see names.CREDENTIAL_ATTRIBUTES)
+            values = entry.get(schema.canonical(name) or name)
+            if values:
+                out[name] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
+        return out
+
+    async def modify_user(self, jid: str, changes: Mapping[str, Sequence[bytes]]) -> None:
+        """Checked against `mlink.directory.schema` first (DirectoryRefused
+        in slapd's words), then applied to a copy and written atomically by
+        `_write`: a refused change leaves the file untouched."""
+        plan = schema.check_modification(changes)
+        adds_mlink = any(name.lower() in MLINK_ATTRIBUTES and values for name, values in plan)
+
+        def change(snap: _Snapshot) -> None:
+            entry = snap.users.get(_key(jid))
+            if entry is None:
+                raise NoSuchUser(jid)
+            for name, values in plan:
+                entry.set(name, values)
+            classes = entry.get("objectClass")
+            if adds_mlink and MLINK_CLASS.lower() not in {str(c).lower() for c in classes}:
+                entry.set("objectClass", [*classes, MLINK_CLASS])
+
+        await self._write(change)
+
+    async def roster_groups(self, specs: Sequence[RosterGroupConfig]) -> list[DirectoryGroup]:
+        """Groups are entries anywhere in the file (by convention under
+        ou=Groups), added by editing it; the file is re-read when it
+        changes. Resolution runs in a worker thread: a 5,000-member group
+        is a few milliseconds of CPU that the loop need not wait on."""
+        snap = await self._current()
+        return await trio.to_thread.run_sync(self._resolve_groups, snap, list(specs))
+
+    def _resolve_groups(
+        self, snap: _Snapshot, specs: list[RosterGroupConfig]
+    ) -> list[DirectoryGroup]:
+        users = UserIndex()
+        for entry in snap.users.values():
+            uids = [str(u) for u in entry.get("uid")]
+            users.add(entry.dn, str(entry.first("mail")), uids)
+        by_dn = {normalize_any_dn(e.dn): e for e in snap.entries}
+        found: list[DirectoryGroup] = []
+        for spec in specs:
+            if spec.dn:
+                entry = by_dn.get(normalize_any_dn(spec.dn))
+                if entry is None:
+                    log.warning("roster group %s: no such entry in %s", spec.dn, self.path)
+                    continue
+                found.append(resolve_group(entry.dn, entry.get, spec, users))
+                continue
+            try:
+                flt = parse_filter(spec.filter or "(objectClass=*)")
+            except FilterError as exc:
+                raise DirectoryError(f"roster group filter {spec.filter!r}: {exc}") from exc
+            base = normalize_any_dn(spec.base or f"{GROUPS_RDN},{self.base_dn}")
+            for key, entry in by_dn.items():
+                if is_under(key, base) and matches(flt, entry.get):
+                    found.append(resolve_group(entry.dn, entry.get, spec, users))
+        return dedupe(found)
 
 
 _HEADER = (

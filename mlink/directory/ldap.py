@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -51,29 +51,45 @@ import trio
 from bonsai import LDAPEntry, LDAPModOp, LDAPSearchScope
 from bonsai.trio import TrioLDAPConnection
 
-from mlink.config_model import LDAPConfig
+from mlink.config_model import LDAPConfig, RosterGroupConfig
 from mlink.directory.base import (
     DERIVE_THREADS,
     Directory,
     DirectoryError,
+    DirectoryGroup,
+    DirectoryRefused,
     DirectoryUnavailable,
     NoSuchUser,
     UserExists,
 )
+from mlink.directory.filters import FilterError, parse_filter
+from mlink.directory.groups import UserIndex, dedupe, group_attributes, resolve_group
 from mlink.directory.names import (
+    CREDENTIAL_ATTRIBUTES,
+    GROUPS_RDN,
+    MLINK_ATTRIBUTES,
     MLINK_CLASS,
     USER_OBJECT_CLASSES,
     check_bare_jid,
     escape_dn_value,
     escape_filter_value,
 )
+from mlink.directory.schema import check_writable
 from mlink.sasl.secrets import HASHES, ScramSecret, derive_all
 
 log = logging.getLogger("mlink.directory")
 
 T = TypeVar("T")
 
+# Entries per page of a paged search (RFC 2696). Below slapd's default
+# size limit (500), so paging, not the limit, decides; a 5,000-user
+# directory is ten round trips.
 PAGE_SIZE = 500
+# Reading every user and every group is many pages, not one request: it
+# gets this many per-request timeouts in all (a minute at the default 5 s).
+# A 5,000-member group loads in well under a second on a local slapd; the
+# bound is only there for a pathologically slow server.
+BULK_TIMEOUT_FACTOR = 12
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
@@ -171,13 +187,19 @@ class LDAPDirectory(Directory):
         for conn in idle:
             _close(conn)
 
-    async def _call(self, fn: Callable[[TrioLDAPConnection], Awaitable[T]]) -> T:
-        """Run `fn(conn)` on a pooled service connection, under the timeout."""
+    async def _call(
+        self,
+        fn: Callable[[TrioLDAPConnection], Awaitable[T]],
+        op_timeout: float | None = None,
+    ) -> T:
+        """Run `fn(conn)` on a pooled service connection, under the timeout
+        (`op_timeout` for the operation itself, when it is a bulk read)."""
         if self._closed:
             raise DirectoryUnavailable("directory closed")
+        op_timeout = self.timeout if op_timeout is None else op_timeout
         # Waiting for a free connection, connecting (one timeout per server)
         # and the operation itself.
-        budget = self.timeout * (len(self.config.servers) + 2)
+        budget = self.timeout * (len(self.config.servers) + 1) + op_timeout
         with trio.move_on_after(budget):
             async with self._slots:
                 for attempt in range(2):
@@ -187,12 +209,12 @@ class LDAPDirectory(Directory):
                     try:
                         if conn is None:
                             conn = await self._open_service()
-                        with trio.fail_after(self.timeout):
+                        with trio.fail_after(op_timeout):
                             result = await fn(conn)
                     except trio.TooSlowError as exc:
                         _close(conn)
                         self._flush()
-                        log.warning("LDAP request timed out after %ss", self.timeout)
+                        log.warning("LDAP request timed out after %ss", op_timeout)
                         raise DirectoryUnavailable("LDAP request timed out") from exc
                     except bonsai.LDAPError as exc:
                         if not _is_connection_failure(exc):
@@ -396,6 +418,141 @@ class LDAPDirectory(Directory):
 
         await self._call(delete)
 
+    # --- profiles and groups ----------------------------------------------
+
+    async def user_attributes(
+        self, jid: str, attributes: Sequence[str]
+    ) -> dict[str, list[bytes]] | None:
+        wanted = [a for a in attributes if a.lower() not in CREDENTIAL_ATTRIBUTES]
+        # "1.1" asks for no attributes (RFC 4511 §4.5.1.8): just the entry.
+        entry = await self._find(jid, wanted or ["1.1"])
+        if entry is None:
+            return None
+        out: dict[str, list[bytes]] = {}
+        for name in wanted:
+            values = entry.get(name)  # LDAPEntry compares names without case
+            if values:
+                out[name] = [_as_bytes(v) for v in values]
+        return out
+
+    async def modify_user(self, jid: str, changes: Mapping[str, Sequence[bytes]]) -> None:
+        """One LDAP modify with a replace per attribute (RFC 4511 §4.6: a
+        replace without values deletes the attribute, and is no error when
+        it is absent). The server applies a modify atomically, so a refused
+        value leaves every other one unchanged."""
+        seen: set[str] = set()
+        for name, values in changes.items():
+            if name.lower() in seen:
+                raise DirectoryError(f"attribute {name!r} given twice in one change")
+            seen.add(name.lower())
+            check_writable(name.lower(), self.jid_attr, name)
+            if name.lower() == self.scram_attr.lower():
+                check_writable("authpassword", self.jid_attr, name)
+            for value in values:
+                if not isinstance(value, bytes | bytearray):
+                    raise DirectoryError(f"{name}: values must be bytes, not {type(value)}")
+        adds_mlink = any(n.lower() in MLINK_ATTRIBUTES and v for n, v in changes.items())
+
+        async def modify(conn: TrioLDAPConnection) -> None:
+            entry = await self._find_on(conn, jid, ["objectClass"])
+            if entry is None:
+                raise NoSuchUser(jid)
+            change = LDAPEntry(str(entry.dn), conn)
+            classes = {str(c).lower() for c in entry.get("objectClass", [])}
+            if adds_mlink and MLINK_CLASS.lower() not in classes:
+                change.change_attribute("objectClass", LDAPModOp.ADD, MLINK_CLASS)
+            for name, values in changes.items():
+                try:
+                    change.change_attribute(name, LDAPModOp.REPLACE, *[bytes(v) for v in values])
+                except ValueError as exc:
+                    # bonsai refuses values equal but for case, client side.
+                    raise DirectoryRefused(f"{name}: {exc}") from exc
+            try:
+                await change.modify(timeout=self.timeout)
+            except bonsai.NoSuchObjectError as exc:
+                raise NoSuchUser(jid) from exc
+            except bonsai.LDAPError as exc:
+                if _is_connection_failure(exc):
+                    raise
+                log.info("LDAP refused a change of %s (%s): %s", jid, entry.dn, exc)
+                raise DirectoryRefused(_ldap_message(exc)) from exc
+
+        if changes:
+            await self._call(modify)
+
+    async def _user_index(self) -> UserIndex:
+        """Every user once: one paged search giving DN, JID and uids."""
+        filt = f"(&{self.user_filter}({self.jid_attr}=*))"
+
+        async def search(conn: TrioLDAPConnection) -> UserIndex:
+            index = UserIndex()
+            # Consume every page inside this one call (bonsai #99).
+            results = await conn.paged_search(
+                self.users_dn, LDAPSearchScope.SUBTREE, filt, [self.jid_attr, "uid"],
+                timeout=self.timeout, page_size=PAGE_SIZE,
+            )
+            async for entry in results:
+                jids = entry.get(self.jid_attr, [])
+                if jids:
+                    uids = [_as_text(u) for u in entry.get("uid", [])]
+                    index.add(str(entry.dn), _as_text(jids[0]), uids)
+            return index
+
+        return await self._call(search, self.timeout * BULK_TIMEOUT_FACTOR)
+
+    async def _group_entries(self, spec: RosterGroupConfig) -> list[tuple[str, dict[str, list]]]:
+        """(DN, attributes by lower-case name) of the entries `spec` names."""
+        attrs = group_attributes(spec)
+
+        def plain(entry: LDAPEntry) -> tuple[str, dict[str, list]]:
+            return str(entry.dn), {a.lower(): list(entry.get(a, [])) for a in attrs}
+
+        if spec.dn:
+            async def read(conn: TrioLDAPConnection) -> list[tuple[str, dict[str, list]]]:
+                try:
+                    found = await conn.search(
+                        spec.dn, LDAPSearchScope.BASE, "(objectClass=*)", attrs,
+                        timeout=self.timeout,
+                    )
+                except (bonsai.NoSuchObjectError, bonsai.InvalidDN):
+                    log.warning("roster group %s: no such entry", spec.dn)
+                    return []
+                return [plain(e) for e in found]
+
+            return await self._call(read, self.timeout * BULK_TIMEOUT_FACTOR)
+        try:
+            parse_filter(spec.filter or "")
+        except FilterError as exc:
+            raise DirectoryError(f"roster group filter {spec.filter!r}: {exc}") from exc
+        base = spec.base or f"{GROUPS_RDN},{self.config.base_dn}"
+
+        async def search(conn: TrioLDAPConnection) -> list[tuple[str, dict[str, list]]]:
+            try:
+                results = await conn.paged_search(
+                    base, LDAPSearchScope.SUBTREE, spec.filter, attrs,
+                    timeout=self.timeout, page_size=PAGE_SIZE,
+                )
+                return [plain(e) async for e in results]
+            except bonsai.NoSuchObjectError:
+                log.warning("roster groups: search base %s does not exist", base)
+                return []
+
+        return await self._call(search, self.timeout * BULK_TIMEOUT_FACTOR)
+
+    async def roster_groups(self, specs: Sequence[RosterGroupConfig]) -> list[DirectoryGroup]:
+        """One paged search of users, then one read or paged search per
+        spec; members map to JIDs by lookups in memory (mlink.directory.groups)."""
+        if not specs:
+            return []
+        users = await self._user_index()
+        found: list[DirectoryGroup] = []
+        for spec in specs:
+            for dn, attrs in await self._group_entries(spec):
+                found.append(
+                    resolve_group(dn, lambda name, a=attrs: a.get(name.lower(), []), spec, users)
+                )
+        return dedupe(found)
+
     async def import_users(self, pairs: Iterable[tuple[str, str]]) -> int:
         """Derive every secret first (a few threads; PBKDF2 releases the
         GIL), then upsert with one task per pooled connection."""
@@ -430,6 +587,28 @@ class LDAPDirectory(Directory):
                 for (jid, password), secrets in zip(pairs, derived, strict=True):
                     await send.send((jid, password, secrets))
         return len(pairs)
+
+
+def _as_bytes(value: object) -> bytes:
+    """bonsai gives str for values that decode as UTF-8, bytes otherwise."""
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")
+
+
+def _as_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _ldap_message(exc: bonsai.LDAPError) -> str:
+    """The server's words for a refusal: bonsai's text without its
+    "(0x0041 [65])" result-code suffix."""
+    text = str(exc).strip()
+    if text.endswith(")") and " (0x" in text:
+        text = text[: text.rindex(" (0x")]
+    return text or type(exc).__name__
 
 
 def _close(conn: TrioLDAPConnection | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mlink.modules import (
+    avatar,
     blocking,
     carbons,
     disco,
@@ -20,7 +21,10 @@ from mlink.modules import (
     presence,
     private,
     roster,
+    shared_groups,
     subscription,
+    user_profile,
+    vcard,
     version,
 )
 
@@ -30,6 +34,8 @@ if TYPE_CHECKING:
 # Order matters only where two modules hook one event at the same priority.
 MODULES = (
     roster, presence, subscription, offline, blocking, carbons, disco, ping, version, last, private,
+    vcard, user_profile, avatar,
+    shared_groups,
 )
 
 

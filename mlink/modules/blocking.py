@@ -98,6 +98,13 @@ class Blocklists:
             await self._server.store.block(str(user), jids or [])
         else:
             await self._server.store.unblock(str(user), jids)
+        self.invalidate(str(user))
+        self._server.changed(str(user), "blocklist")
+
+    def invalidate(self, user_text: str) -> None:
+        """Drop the cached list (changed here or, in a sharded server, on
+        another shard) and keep overlapping loads from caching it."""
+        user = parse_jid(user_text).bare
         self._generation[user] = self._generation.get(user, 0) + 1
         self._cache.pop(user, None)
 
@@ -118,6 +125,7 @@ def blocked_error(stanza: ET.Element) -> ET.Element:
 def register(server: Server) -> None:
     router = server.router
     lists = Blocklists(server)
+    server.cache_invalidators["blocklist"] = lists.invalidate
     rosters = rosters_of(server)
     # Sessions that asked for the blocklist get its pushes (XEP-0191 §3.3).
     requested: set[JID] = set()

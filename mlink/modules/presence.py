@@ -158,7 +158,11 @@ async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Eleme
 
 async def answer_probe(server: Server, prober: JID, contact: JID) -> None:
     """§4.3.2: tell `prober` the presence of local account `contact`."""
-    if prober.bare != contact:
+    # Members of a shared directory group are subscribed both ways: known
+    # from memory, without a directory lookup or a roster load per probe
+    # (a member of a 5,000-member group sends 4,999 of them at login).
+    if prober.bare != contact and not rosters_of(server).shares_group(
+            str(contact), str(prober.bare)):
         if not await server.router.account_exists(contact):
             return
         roster = await _roster_or_none(server, contact)

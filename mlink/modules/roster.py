@@ -1,14 +1,23 @@
 """RFC 6121 §2: roster get, set and remove, roster pushes and versioning.
 
-The roster version (§2.6) is the store's per-user counter, bumped in the
-transaction of each change, as a decimal string. A client that presents the
-current version gets an empty result; any other gets the whole roster
-(§2.6.3 lets the server choose between the whole roster and the pushes of
-the missed changes; the counter alone cannot replay changes, so we send
-the roster, which is always correct).
+The roster version (§2.6) is the one `mlink.router.rosters` computes: the
+store's per-user counter (or a hash of a static roster's values), with a
+digest of the shared directory-group items appended when there are any. A
+client that presents the current version gets an empty result; any other
+gets the whole roster (§2.6.3 lets the server choose between the whole
+roster and the pushes of the missed changes; versions cannot replay
+changes, so we send the roster, which is always correct).
 
 Subscription states change only through presence (`mlink.modules.
 subscription`); a roster set may name, group and add items, or remove them.
+
+Items provided by directory groups (roster pre-population) may be renamed
+and put in more groups: that is stored as the user's own (personal) item,
+merged over the group item, with the directory's group names left out (they
+come back from the directory anyway). They cannot be removed: the directory,
+not the user, decides who is in a department, so a remove is answered
+`not-allowed`, naming the groups, rather than pretending to succeed and
+having the item reappear at the next login.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.modules import presence
 from mlink.modules.util import iq_result
-from mlink.router.rosters import RosterCache, UserRoster, rosters_of
+from mlink.router.rosters import RosterCache, RosterUnavailable, UserRoster, rosters_of
 from mlink.router.sessions import SessionInfo
 from mlink.store import RosterItem, StoreError
 from mlink.stream.errors import stanza_error
@@ -60,11 +69,11 @@ def register(server: Server) -> None:
             roster = await rosters.get(str(origin.jid.bare))
         except StoreError as exc:
             log.warning("roster of %s unavailable: %s", origin.jid.bare, exc)
-            store_failed(server, iq)
+            store_failed(server, iq, exc)
             return True
         # §2.2: a resource that asked for the roster gets roster pushes.
         origin.interested = True
-        version = str(roster.version)
+        version = roster.version
         if iq[0].get("ver") == version:
             # §2.6.3: up to date; nothing to send.
             await server.router.route(iq_result(iq))
@@ -84,7 +93,7 @@ def register(server: Server) -> None:
             return True
         except StoreError as exc:
             log.warning("roster set for %s failed: %s", event.sender.bare, exc)
-            store_failed(server, iq)
+            store_failed(server, iq, exc)
             return True
         await server.router.route(iq_result(iq))
         return True
@@ -144,23 +153,49 @@ async def roster_set(server: Server, rosters: RosterCache, user: JID,
             raise RosterSetError("not-acceptable", "empty group name")
         if len(group.encode()) > MAX_NAME_BYTES:
             raise RosterSetError("not-acceptable", "group name too long")
+    c = str(contact)
     async with rosters.locked(str(user)) as roster:
-        old = roster.items.get(str(contact))
+        old = roster.personal.get(c)
+        shared = roster.shared_groups(c)
         new = RosterItem(
-            str(contact), name, tuple(groups),
+            c, name, tuple(g for g in groups if g not in shared),
             subscription=old.subscription if old else "none",
             ask=old.ask if old else False,
             approved=old.approved if old else False,
         )
-        if new != old:
-            await rosters.put(roster, new)
-            push(server, roster, new)
+        if shared:
+            # A directory-provided contact: keep a personal item only while
+            # it adds something (a name, groups, subscription state), so a
+            # member who leaves the group leaves no empty item behind.
+            if _adds_nothing(new):
+                if old is not None:
+                    await rosters.delete(roster, c)
+            elif new != old:
+                await rosters.put(roster, new)
+            # Always push: the client may have tried to drop a directory
+            # group, and must be shown the item as it stands.
+            push(server, roster, roster.items[c])
+        elif new != old:
+            push(server, roster, await rosters.put(roster, new))
+
+
+def _adds_nothing(item: RosterItem) -> bool:
+    """A personal item that is only what the shared item shows anyway."""
+    return (item.name is None and not item.groups and item.subscription == "none"
+            and not item.ask and not item.approved)
 
 
 async def remove_item(server: Server, rosters: RosterCache, user: JID, contact: str) -> None:
     """§2.5.2: delete the item, cancelling the subscriptions both ways."""
     async with rosters.locked(str(user)) as roster:
-        item = roster.items.get(contact)
+        shared = roster.shared_groups(contact)
+        if shared:
+            raise RosterSetError(
+                "not-allowed",
+                f"{contact} is in your roster through the directory group"
+                f"{'s' if len(shared) > 1 else ''} {', '.join(sorted(shared))}"
+                " and cannot be removed")
+        item = roster.personal.get(contact)
         if item is None:
             raise RosterSetError("item-not-found", "no such roster item")
         had_request = await rosters.drop_pending(roster, contact)
@@ -195,10 +230,14 @@ def item_element(item: RosterItem, remove: bool = False) -> ET.Element:
     return elem
 
 
-def push(server: Server, roster: UserRoster, item: RosterItem, remove: bool = False) -> None:
+def push(server: Server, roster: UserRoster, item: RosterItem, remove: bool = False,
+         version: str | None = None) -> None:
     """§2.1.6: a roster push of `item` to each interested resource. Sent
-    without `from`, which clients take as from their own account."""
-    version = str(roster.version)
+    without `from`, which clients take as from their own account. `version`
+    defaults to the roster's current one; a group refresh that pushes
+    several changes gives each the version right after it."""
+    if version is None:
+        version = roster.version
     for info in server.router.resources(parse_jid(roster.user)):
         if not info.interested:
             continue
@@ -209,10 +248,15 @@ def push(server: Server, roster: UserRoster, item: RosterItem, remove: bool = Fa
         server.router.deliver(info.jid, iq)
 
 
-def store_failed(server: Server, stanza: ET.Element) -> None:
+def store_failed(server: Server, stanza: ET.Element, exc: StoreError | None = None) -> None:
     """Tell the local sender of `stanza` that the store failed: `wait`, as
-    the request may well succeed later and nothing was done."""
-    error = stanza_error(stanza, "internal-server-error", "storage unavailable", "wait")
+    the request may well succeed later and nothing was done. A static
+    roster's directory says what happened itself (`RosterUnavailable`):
+    unavailable is `service-unavailable`, a refusal is not worth a retry."""
+    if isinstance(exc, RosterUnavailable):
+        error = stanza_error(stanza, exc.condition, exc.text, exc.error_type)
+    else:
+        error = stanza_error(stanza, "internal-server-error", "storage unavailable", "wait")
     if sender := stanza.get("from"):
         server.router.deliver(parse_jid(sender), error)
 

@@ -23,6 +23,17 @@ Stanzas that change nothing on the receiving side are not delivered (the
 "no state change" rows of A.3). Inbound requests go to the available
 resources (the implementation note of §2.2) and stay stored until answered;
 every initial presence delivers those still pending (§3.1.3).
+
+Members of a shared directory group (`mlink.modules.shared_groups`) are
+subscribed both ways by the directory, whatever their personal items say,
+so between them the machine runs as in state Both and never writes: a
+`subscribe` goes out and the contact's side answers `subscribed` itself; an
+inbound `subscribed`/`unsubscribe`/`unsubscribed` changes nothing and is
+not delivered; an approval (`subscribed`) only clears a request that was
+pending from before. Cancelling (`unsubscribe`, `unsubscribed`) is refused
+with `not-allowed`: the directory, not the user, decides who shares
+presence in a department, and silently ignoring the request would leave the
+client believing it worked.
 """
 
 from __future__ import annotations
@@ -65,6 +76,7 @@ class Outcome:
     reply_subscribed: bool = False  # the server answers `subscribed` itself
     send_presence: bool = False  # our available presence to the contact
     send_unavailable: bool = False  # our unavailable presence to the contact
+    refused: str | None = None  # bounce the stanza with not-allowed and this text
 
 
 def register(server: Server) -> None:
@@ -82,7 +94,10 @@ def register(server: Server) -> None:
             outcome = await outbound_transition(server, rosters, user, contact, kind)
         except StoreError as exc:
             log.warning("subscription %s from %s failed: %s", kind, user, exc)
-            store_failed(server, stanza)
+            store_failed(server, stanza, exc)
+            return True
+        if outcome.refused is not None:
+            await server.router.bounce(stanza, "not-allowed", outcome.refused)
             return True
         if outcome.forward:
             # §3.1.2: subscription stanzas travel between bare JIDs.
@@ -144,7 +159,17 @@ async def outbound_transition(server: Server, rosters: RosterCache, user: JID, c
     out = Outcome()
     c = str(contact)
     async with rosters.locked(str(user)) as roster:
-        item = roster.items.get(c)
+        shared = roster.shared_groups(c)
+        if shared:
+            if kind == "subscribe":
+                out.forward = True  # state Both: sent on, the contact answers
+            elif kind == "subscribed":
+                await rosters.drop_pending(roster, c)
+            else:
+                out.refused = (f"{c} shares presence with you through the directory group"
+                               f" {', '.join(sorted(shared))}; it cannot be cancelled")
+            return out
+        item = roster.personal.get(c)
         sub = item.subscription if item else "none"
         base = item or RosterItem(c)
         new = item
@@ -176,8 +201,7 @@ async def outbound_transition(server: Server, rosters: RosterCache, user: JID, c
                     out.forward = out.send_unavailable = True
                 new = replace(item, subscription=_DROP_FROM.get(sub, sub), approved=False)
         if new is not None and new != item:
-            await rosters.put(roster, new)
-            push(server, roster, new)
+            push(server, roster, await rosters.put(roster, new))
     return out
 
 
@@ -187,7 +211,11 @@ async def inbound_transition(server: Server, rosters: RosterCache, user: JID, co
     out = Outcome()
     kind, c = stanza.get("type"), str(contact)
     async with rosters.locked(str(user)) as roster:
-        item = roster.items.get(c)
+        if roster.shared_groups(c):
+            # State Both (a directory group): only a request gets an answer.
+            out.reply_subscribed = kind == "subscribe"
+            return out
+        item = roster.personal.get(c)
         sub = item.subscription if item else "none"
         new = item
         if kind == "subscribe":
@@ -214,8 +242,7 @@ async def inbound_transition(server: Server, rosters: RosterCache, user: JID, co
                 new = replace(item, subscription=_DROP_TO.get(sub, sub), ask=False)
                 out.forward = True
         if new is not None and new != item:
-            await rosters.put(roster, new)
-            push(server, roster, new)
+            push(server, roster, await rosters.put(roster, new))
     return out
 
 

@@ -10,14 +10,19 @@ shard processes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from mlink.hooks import Hooks, StanzaEvent, iq_child_namespace
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.sessions import SessionInfo, SessionTable
 from mlink.stream.errors import stanza_error
+
+if TYPE_CHECKING:
+    from mlink.shard.cluster import Cluster
 
 log = logging.getLogger("mlink.router")
 
@@ -36,10 +41,13 @@ class Router:
         self.sessions = sessions
         self.hooks = hooks
         self._account_exists = account_exists
+        # Other shards' sessions (set by a shard worker; None in one process).
+        self.cluster: Cluster | None = None
+        self._depth = 0  # nesting of route calls: flush cross-shard work at 0
 
     async def account_exists(self, bare: JID) -> bool:
         """Whether `bare` is an account here; online users exist for sure."""
-        if self.sessions.online(bare):
+        if self.sessions.online(bare) or (self.cluster is not None and self.cluster.online(bare)):
             return True
         if self._account_exists is None:
             return False
@@ -48,20 +56,26 @@ class Router:
     # -- what modules may ask and do ------------------------------------------------
 
     def resources(self, bare: JID) -> list[SessionInfo]:
-        """The bound sessions of a user (available or not)."""
-        return [conn.info for conn in self.sessions.of_user(bare)]
+        """The bound sessions of a user (available or not), on any shard."""
+        local = [conn.info for conn in self.sessions.of_user(bare)]
+        if self.cluster is None:
+            return local
+        return local + self.cluster.resources(bare)
 
     def session(self, full: JID) -> SessionInfo | None:
         conn = self.sessions.get(full)
-        return conn.info if conn is not None else None
+        if conn is not None:
+            return conn.info
+        return self.cluster.session(full) if self.cluster is not None else None
 
     def deliver(self, full: JID, stanza: ET.Element) -> bool:
-        """Queue `stanza` for one local session; False if it is not bound."""
+        """Queue `stanza` for one session, here or on another shard; False
+        if it is not bound anywhere."""
         conn = self.sessions.get(full)
-        if conn is None:
-            return False
-        conn.deliver(stanza)
-        return True
+        if conn is not None:
+            conn.deliver(stanza)
+            return True
+        return self.cluster is not None and self.cluster.deliver(full, stanza)
 
     def is_local(self, jid: JID) -> bool:
         return jid.domain in self.domains
@@ -84,8 +98,28 @@ class Router:
 
     # -- entry points -----------------------------------------------------------
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Group what routing queues for other shards until the outermost
+        batch ends: a presence broadcast then costs one frame per shard."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self.cluster is not None:
+                self.cluster.flush()
+
     async def route_from_client(self, origin: SessionInfo, stanza: ET.Element) -> None:
         """A stanza from a bound local client, its `from` already stamped."""
+        with self.batch():
+            await self._from_client(origin, stanza)
+            # What other shards know of this session (presence, priority,
+            # interest, carbons) may have changed.
+            if self.cluster is not None and self.sessions.get(origin.jid) is not None:
+                self.cluster.announce(origin)
+
+    async def _from_client(self, origin: SessionInfo, stanza: ET.Element) -> None:
         to_text = stanza.get("to")
         kind = stanza.tag.rpartition("}")[2]
         try:
@@ -126,7 +160,8 @@ class Router:
         except InvalidJID:
             log.warning("dropping server stanza with bad addresses: %s", stanza.attrib)
             return
-        await self._route(StanzaEvent(stanza, sender, to), stanza.tag.rpartition("}")[2])
+        with self.batch():
+            await self._route(StanzaEvent(stanza, sender, to), stanza.tag.rpartition("}")[2])
 
     # -- delivery rules ------------------------------------------------------------
 

@@ -8,6 +8,7 @@ replicated, without any module changing.
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class SessionInfo:
     directed_to: set[str] = field(default_factory=set)
     # Whether initial presence has been sent in this session.
     initial_presence_sent: bool = False
+    # Unique per shard process: tells a session from a later one with the
+    # same full JID in the global session table.
+    session_id: int = 0
 
     @property
     def available(self) -> bool:
@@ -60,6 +64,7 @@ class SessionTable:
     def __init__(self) -> None:
         self._by_full: dict[JID, Connection] = {}
         self._by_bare: dict[JID, dict[str, Connection]] = {}
+        self._session_ids = itertools.count(1)
 
     def bind(self, conn: Connection, bare: JID, resource: str | None) -> JID:
         """Bind `conn` to `bare`/`resource` and return the full JID.
@@ -77,7 +82,7 @@ class SessionTable:
         full = JID(bare.local, bare.domain, resource)
         resources[resource] = conn
         self._by_full[full] = conn
-        conn.info = SessionInfo(full)
+        conn.info = SessionInfo(full, session_id=next(self._session_ids))
         return full
 
     def replaced(self, bare: JID, resource: str | None) -> Connection | None:

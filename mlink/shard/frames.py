@@ -55,7 +55,11 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
-_SESSION = struct.Struct(">QbB")  # session id, priority, available
+_SESSION = struct.Struct(">QbB")  # session id, priority, flag bits below
+# Session flag bits: what other shards need to route as this shard would.
+SESSION_AVAILABLE = 0x01  # sent available presence (RFC 6121 §4.2)
+SESSION_INTERESTED = 0x02  # requested the roster: gets pushes (§2.1.6)
+SESSION_CARBONS = 0x04  # enabled message carbons (XEP-0280)
 
 
 class FrameError(ValueError):
@@ -83,6 +87,11 @@ class FrameType(enum.IntEnum):
     SHARD_DEAD = 8
     # Counters, for a transport that carries stats on the bus.
     STATS = 9
+    # End the named session on the receiving shard with a stream error: a
+    # bind of the same full JID elsewhere replaced it (RFC 6120 §7.7.2.2).
+    KICK = 10
+    # A user's durable data (roster, blocklist) changed: drop cached copies.
+    INVALIDATE = 11
 
 
 # Byte value -> FrameType: a dict lookup is cheaper than FrameType(value).
@@ -195,9 +204,9 @@ class _Reader:
         except UnicodeDecodeError:
             raise FrameError("JID is not UTF-8") from None
 
-    def session(self) -> tuple[int, int, bool]:
-        sid, priority, available = self._take(_SESSION)
-        return sid, priority, bool(available)
+    def session(self) -> tuple[int, int, int]:
+        sid, priority, bits = self._take(_SESSION)
+        return sid, priority, bits
 
     def end(self) -> None:
         if self.pos != len(self.data):
@@ -229,6 +238,8 @@ class SessionEntry:
     priority: int = 0
     available: bool = False
     presence: bytes = b""
+    interested: bool = False
+    carbons: bool = False
 
 
 def _session_bytes(entry: SessionEntry) -> bytes:
@@ -236,15 +247,22 @@ def _session_bytes(entry: SessionEntry) -> bytes:
         raise FrameError(f"priority {entry.priority} is outside -128..127 (RFC 6121 §4.7.2.3)")
     return (
         _jid(entry.jid)
-        + _SESSION.pack(entry.session_id, entry.priority, entry.available)
+        + _SESSION.pack(
+            entry.session_id,
+            entry.priority,
+            (SESSION_AVAILABLE if entry.available else 0)
+            | (SESSION_INTERESTED if entry.interested else 0)
+            | (SESSION_CARBONS if entry.carbons else 0),
+        )
         + _stanza(entry.presence)
     )
 
 
 def _read_session(r: _Reader) -> SessionEntry:
     jid = r.jid()
-    sid, priority, available = r.session()
-    return SessionEntry(jid, sid, priority, available, r.blob(_U32))
+    sid, priority, bits = r.session()
+    return SessionEntry(jid, sid, priority, bool(bits & SESSION_AVAILABLE), r.blob(_U32),
+                        bool(bits & SESSION_INTERESTED), bool(bits & SESSION_CARBONS))
 
 
 def encode_hello(shards: int) -> bytes:
@@ -380,3 +398,26 @@ def decode_stats(payload: bytes) -> dict[str, int]:
         counters[name] = r.u64()
     r.end()
     return counters
+
+
+def encode_kick(jid: str, session_id: int, condition: str) -> bytes:
+    return _jid(jid) + _U64.pack(session_id) + _jid(condition)
+
+
+def decode_kick(payload: bytes) -> tuple[str, int, str]:
+    r = _Reader(payload)
+    jid, sid, condition = r.jid(), r.u64(), r.jid()
+    r.end()
+    return jid, sid, condition
+
+
+def encode_invalidate(user: str, what: str) -> bytes:
+    """`what` names the cache: "roster" or "blocklist"."""
+    return _jid(user) + _jid(what)
+
+
+def decode_invalidate(payload: bytes) -> tuple[str, str]:
+    r = _Reader(payload)
+    user, what = r.jid(), r.jid()
+    r.end()
+    return user, what

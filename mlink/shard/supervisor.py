@@ -83,6 +83,26 @@ def check_shards(config: Config, shards: int) -> None:
                          "shard a different one")
 
 
+def check_ports_free(config: Config) -> None:
+    """OSError when a listener's port is taken by another process.
+
+    Shards bind with SO_REUSEPORT, which the kernel also grants to another
+    program of the same user already holding the port with it (another
+    mlink, say): both would then get a share of the connections, silently.
+    A plain bind, without SO_REUSEPORT, fails on any such holder."""
+    for lc in config.listeners:
+        if lc.port == 0:
+            continue
+        family = socket.AF_INET6 if ":" in lc.address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((lc.address, lc.port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"port {lc.port} on {lc.address} is in use "
+                              f"({lc.kind} listener)") from None
+
+
 def control_path(config: Config) -> Path:
     return config.data_dir / CONTROL_SOCKET
 
@@ -174,7 +194,9 @@ class Supervisor:
     def _command(self, state: ShardState, control_fd: int) -> list[str]:
         assert self.bus_dir is not None
         return [
-            sys.executable, "-m", "mlink.shard.worker",
+            # -P: a folder named "mlink" in the working directory must not
+            # shadow the installed package (Python 3.11+).
+            sys.executable, "-P", "-m", "mlink.shard.worker",
             "--index", str(state.index), "--shards", str(len(self.shards)),
             "--bus-dir", str(self.bus_dir), "--config", str(self.config_path),
             "--control-fd", str(control_fd),

@@ -52,10 +52,9 @@ async def run_shard(config: Config, index: int, shards: int, bus_dir: Path,
     started = time.monotonic()
     bus = UnixSocketBus(index, shards, bus_dir)
     server = Server(config)
-    # The router (integrated later) finds its shard and the bus here, and
-    # sets `bus.handler` to receive frames.
     server.shard_index = index  # type: ignore[attr-defined]
     server.bus = bus  # type: ignore[attr-defined]
+    server.attach_bus(bus)
     control = None
     if control_fd is not None:
         sock = socket.socket(fileno=control_fd)

@@ -78,6 +78,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             status TEXT NOT NULL
         ) WITHOUT ROWID""",
     ),
+    # 1 -> 2: profile fields with the `local` policy (mlink.profile), held
+    # here and never sent to the directory. One value per field; the value
+    # is bytes (UTF-8 text, or a photo when one is configured local).
+    (
+        """CREATE TABLE profile_field (
+            user TEXT NOT NULL,
+            field TEXT NOT NULL,
+            value BLOB NOT NULL,
+            PRIMARY KEY (user, field)
+        ) WITHOUT ROWID""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

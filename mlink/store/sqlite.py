@@ -198,10 +198,10 @@ def _roster_item(row: tuple[Any, ...]) -> RosterItem:
 
 class Store:
     """Durable RFC 6121 data of local users: rosters, pending inbound
-    subscription requests, offline messages, blocking lists, private XML and
-    last activity. `user` and `contact` arguments are bare JIDs already
-    normalised by the caller; stanzas and XML are serialised bytes, stored
-    as given.
+    subscription requests, offline messages, blocking lists, private XML,
+    last activity and local profile fields. `user` and `contact` arguments
+    are bare JIDs already normalised by the caller; stanzas and XML are
+    serialised bytes, stored as given.
 
     Every write method returns only after its transaction has committed.
     Errors from SQLite surface as StoreError.
@@ -511,6 +511,36 @@ class Store:
 
         return await self._read1(work)
 
+    # --- local profile fields (mlink.profile) -------------------------------------
+
+    async def profile_local(self, user: str) -> dict[str, bytes]:
+        """The user's `local`-policy profile fields: field name → value."""
+
+        def work(conn: sqlite3.Connection) -> dict[str, bytes]:
+            rows = conn.execute(
+                "SELECT field, value FROM profile_field WHERE user = ?", (user,)
+            ).fetchall()
+            return {name: bytes(value) for name, value in rows}
+
+        return await self._read1(work)
+
+    async def profile_local_put(self, user: str, fields: dict[str, bytes | None]) -> None:
+        """Set (or, for None, delete) several fields in one transaction, so a
+        profile update is stored whole or not at all."""
+        puts = [(user, name, bytes(v)) for name, v in fields.items() if v is not None]
+        deletes = [(user, name) for name, v in fields.items() if v is None]
+        if not puts and not deletes:
+            return
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "INSERT OR REPLACE INTO profile_field (user, field, value) VALUES (?, ?, ?)",
+                puts,
+            )
+            conn.executemany("DELETE FROM profile_field WHERE user = ? AND field = ?", deletes)
+
+        await self._write(work)
+
     # --- account removal -------------------------------------------------------------
 
     async def delete_user_data(self, user: str) -> None:
@@ -535,6 +565,7 @@ class Store:
                 "block",
                 "private_xml",
                 "last_activity",
+                "profile_field",
             ):
                 conn.execute(f"DELETE FROM {table} WHERE user = ?", (user,))
 

@@ -1,0 +1,262 @@
+"""Avatars from the profile's photo (`jpegPhoto` by default): XEP-0153 hashes
+in presence, and XEP-0084 avatars served as a minimal PEP service.
+
+XEP-0153: every available presence a user sends gets
+`<x xmlns='vcard-temp:x:update'><photo>SHA-1 hex</photo></x>` (an empty
+`<photo/>` when there is no photo), replacing whatever the client put there:
+the server knows the real photo, which may have been changed in the
+directory. When the photo changes through mlink, the user's available
+resources re-broadcast their presence with the new hash. A change made
+directly in the directory shows in the next presence the user sends.
+
+XEP-0084 over PEP, honestly minimal:
+- supported: `items` requests for `urn:xmpp:avatar:metadata` and
+  `urn:xmpp:avatar:data` on a local user's bare JID (by anyone: the same
+  photo is public in the vCard), answered from the photo (item id = SHA-1
+  hex); a publish by the owner to the data node (item id must be the SHA-1
+  of the data) and then to the metadata node naming that id, which sets the
+  photo under its field's policy (`update`: written to the directory;
+  `directory`/`static`: `not-allowed`); an empty metadata publish removes
+  the photo. `publish-options` are accepted only with access model `open`
+  (anything else is `conflict`, XEP-0060's precondition-not-met, with that
+  in the text: the avatar is public anyway, as in the vCard).
+- not supported: notifications (`+notify`, no caps tracking), subscriptions,
+  node configuration, retraction, avatars hosted elsewhere (metadata `url`),
+  other nodes (`item-not-found` to read, `feature-not-implemented` to
+  publish, so clients fall back, e.g. to private XML for bookmarks).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import xml.etree.ElementTree as ET
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from mlink.hooks import StanzaEvent
+from mlink.jid import JID, parse_jid
+from mlink.modules.presence import become_available
+from mlink.modules.util import iq_result
+from mlink.modules.vcard import photo_type
+from mlink.profile.fields import PHOTO_FIELD
+from mlink.profile.model import PHOTO_CHANGED, ProfileError, profiles_of
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+
+log = logging.getLogger("mlink.avatar")
+
+UPDATE_NS = "vcard-temp:x:update"
+PUBSUB_NS = "http://jabber.org/protocol/pubsub"
+METADATA_NODE = "urn:xmpp:avatar:metadata"
+DATA_NODE = "urn:xmpp:avatar:data"
+PUBLISH_OPTIONS_FIELD = "pubsub#access_model"
+# Presence hooks run above the presence module (priority 0), so the hash is
+# in the stanza before it is broadcast.
+PRESENCE_PRIORITY = 10
+# Avatar data published but not yet confirmed by a metadata publish: one per
+# user, at most this many users (oldest dropped), so memory stays bounded.
+MAX_PENDING_AVATARS = 1_000
+
+
+def photo_hash(photo: bytes) -> str:
+    """XEP-0153/XEP-0084 identify an avatar by the SHA-1 of its bytes."""
+    return hashlib.sha1(photo, usedforsecurity=False).hexdigest()
+
+
+def _p(tag: str) -> str:
+    return f"{{{PUBSUB_NS}}}{tag}"
+
+
+def update_element(photo: bytes | None) -> ET.Element:
+    x = ET.Element(f"{{{UPDATE_NS}}}x")
+    ET.SubElement(x, f"{{{UPDATE_NS}}}photo").text = photo_hash(photo) if photo else None
+    return x
+
+
+def with_photo_hash(stanza: ET.Element, photo: bytes | None) -> None:
+    """Put our `vcard-temp:x:update` in `stanza`, replacing the client's."""
+    for old in stanza.findall(f"{{{UPDATE_NS}}}x"):
+        stanza.remove(old)
+    stanza.append(update_element(photo))
+
+
+def register(server: Server) -> None:
+    router = server.router
+    service = profiles_of(server)
+    pending: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
+
+    async def current_photo(user: str) -> bytes | None:
+        profile = await service.get(user)
+        return profile.photo
+
+    async def outgoing_presence(event: StanzaEvent) -> bool:
+        """`pre-presence/*`: stamp available presence with the photo hash."""
+        if event.type is not None or event.origin is None:
+            return False
+        try:
+            photo = await current_photo(str(event.sender.bare))
+        except ProfileError as exc:
+            # Presence must flow even when the profile cannot be read.
+            log.info("no photo hash for %s: %s", event.sender.bare, exc.text)
+            return False
+        with_photo_hash(event.stanza, photo)
+        return False
+
+    async def photo_changed(user: JID) -> None:
+        """Re-broadcast each available resource's presence with the new hash."""
+        try:
+            photo = await current_photo(str(user))
+        except ProfileError:
+            return
+        for info in router.resources(user):
+            if info.presence is None:
+                continue
+            stanza = ET.Element(info.presence.tag, dict(info.presence.attrib))
+            stanza.text = info.presence.text
+            stanza.extend(list(info.presence))
+            stanza.attrib.pop("to", None)
+            with_photo_hash(stanza, photo)
+            await become_available(server, info, stanza, info.priority)
+
+    async def get_items(event: StanzaEvent) -> bool:
+        pubsub = event.stanza[0]
+        items = pubsub.find(_p("items"))
+        if pubsub.tag != _p("pubsub") or items is None or len(pubsub) != 1:
+            await router.bounce(event.stanza, "feature-not-implemented",
+                                "only items requests for the avatar nodes are supported")
+            return True
+        node = items.get("node")
+        if node not in (METADATA_NODE, DATA_NODE):
+            await router.bounce(event.stanza, "item-not-found", "no such node")
+            return True
+        try:
+            photo = await current_photo(str(event.to.bare))
+        except ProfileError as exc:
+            await router.bounce(event.stanza, exc.condition, exc.text)
+            return True
+        if photo is None:
+            await router.bounce(event.stanza, "item-not-found", "this user has no avatar")
+            return True
+        item_id = photo_hash(photo)
+        wanted = [i.get("id") for i in items.findall(_p("item"))]
+        if wanted and item_id not in wanted:
+            await router.bounce(event.stanza, "item-not-found", "no such item")
+            return True
+        reply = ET.Element(_p("pubsub"))
+        out = ET.SubElement(reply, _p("items"), {"node": node})
+        item = ET.SubElement(out, _p("item"), {"id": item_id})
+        if node == METADATA_NODE:
+            metadata = ET.SubElement(item, f"{{{METADATA_NODE}}}metadata")
+            ET.SubElement(metadata, f"{{{METADATA_NODE}}}info", {
+                "id": item_id, "bytes": str(len(photo)), "type": photo_type(photo)})
+        else:
+            data = ET.SubElement(item, f"{{{DATA_NODE}}}data")
+            data.text = base64.b64encode(photo).decode("ascii")
+        await router.route(iq_result(event.stanza, reply))
+        return True
+
+    async def publish(event: StanzaEvent) -> bool:
+        pubsub = event.stanza[0]
+        user = str(event.sender.bare)
+        request = pubsub.find(_p("publish"))
+        if pubsub.tag != _p("pubsub") or request is None:
+            await router.bounce(event.stanza, "feature-not-implemented",
+                                "only publishing to the avatar nodes is supported")
+            return True
+        node = request.get("node")
+        try:
+            _check_options(pubsub)
+            if node == DATA_NODE:
+                item_id = _accept_data(user, request)
+            elif node == METADATA_NODE:
+                item_id = await _accept_metadata(user, request)
+            else:
+                # Not item-not-found: creating the node would not help either.
+                raise ProfileError("feature-not-implemented",
+                                   "this PEP service holds only the avatar nodes")
+        except ProfileError as exc:
+            await router.bounce(event.stanza, exc.condition, exc.text)
+            return True
+        reply = ET.Element(_p("pubsub"))
+        done = ET.SubElement(reply, _p("publish"), {"node": node or ""})
+        ET.SubElement(done, _p("item"), {"id": item_id})
+        await router.route(iq_result(event.stanza, reply))
+        return True
+
+    def _check_options(pubsub: ET.Element) -> None:
+        options = pubsub.find(_p("publish-options"))
+        if options is None:
+            return
+        for field in options.iter("{jabber:x:data}field"):
+            if field.get("var") == PUBLISH_OPTIONS_FIELD:
+                if (field.findtext("{jabber:x:data}value") or "") != "open":
+                    raise ProfileError("conflict", "precondition-not-met: avatars here are "
+                                       "public (access model open)")
+
+    def _accept_data(user: str, request: ET.Element) -> str:
+        """Validate an avatar data publish and keep it until the metadata
+        publish confirms it; refusals (policy, size) come here, early."""
+        item = request.find(_p("item"))
+        data = item.find(f"{{{DATA_NODE}}}data") if item is not None else None
+        if item is None or data is None:
+            raise ProfileError("bad-request", "publish one item with avatar data")
+        try:
+            photo = base64.b64decode("".join((data.text or "").split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ProfileError("bad-request", "avatar data is not valid base64") from None
+        item_id = photo_hash(photo)
+        if item.get("id") not in (None, item_id):
+            raise ProfileError("bad-request", "the item id must be the SHA-1 of the data")
+        _check_writable()
+        if len(photo) > service.max_photo_bytes:
+            raise ProfileError("not-acceptable", f"{PHOTO_FIELD} is {len(photo)} bytes; the "
+                               f"limit is {service.max_photo_bytes} bytes; nothing was changed")
+        pending[user] = (item_id, photo)
+        pending.move_to_end(user)
+        while len(pending) > MAX_PENDING_AVATARS:
+            pending.popitem(last=False)
+        return item_id
+
+    def _check_writable() -> None:
+        policy = service.fields[PHOTO_FIELD].policy
+        if policy in ("directory", "static"):
+            raise ProfileError("not-allowed", f"not allowed to change {PHOTO_FIELD}: managed "
+                               "by the directory; nothing was changed")
+
+    async def _accept_metadata(user: str, request: ET.Element) -> str:
+        item = request.find(_p("item"))
+        metadata = item.find(f"{{{METADATA_NODE}}}metadata") if item is not None else None
+        if item is None or metadata is None:
+            raise ProfileError("bad-request", "publish one item with avatar metadata")
+        infos = metadata.findall(f"{{{METADATA_NODE}}}info")
+        if not infos:  # XEP-0084 §4.2: an empty metadata disables the avatar
+            await _set_photo(user, None)
+            return item.get("id") or "current"
+        ids = {info.get("id") for info in infos}
+        held = pending.get(user)
+        if held is not None and held[0] in ids:
+            await _set_photo(user, held[1])
+            pending.pop(user, None)
+            return held[0]
+        current = await current_photo(user)
+        if current is not None and photo_hash(current) in ids:
+            return photo_hash(current)  # already the avatar: nothing to do
+        raise ProfileError("item-not-found", "publish the avatar data first (avatars hosted "
+                           "elsewhere are not supported)")
+
+    async def _set_photo(user: str, photo: bytes | None) -> None:
+        changed = await service.update(user, {PHOTO_FIELD: [photo] if photo else []})
+        if PHOTO_FIELD in changed:
+            await server.hooks.notify(PHOTO_CHANGED, parse_jid(user).bare)
+
+    for scope in ("bare", "full"):
+        server.hooks.on(f"pre-presence/{scope}", outgoing_presence, PRESENCE_PRIORITY)
+    server.hooks.on(PHOTO_CHANGED, photo_changed)
+    server.hooks.add_feature(PUBSUB_NS)
+    server.hooks.on(f"iq-get/self/{PUBSUB_NS}", get_items)
+    server.hooks.on(f"iq-get/bare/{PUBSUB_NS}", get_items)
+    server.hooks.on(f"iq-set/self/{PUBSUB_NS}", publish)

@@ -1,0 +1,139 @@
+"""Roster pre-population: directory groups whose members all see each other.
+
+The configuration (`<rosters>`, `config.rosters.groups`) lists directory
+groups, by DN or by filter. A background task resolves them all with one
+`Directory.roster_groups` call (paged searches, done by the directory layer)
+when the server starts and every `refresh_seconds` after, and installs the
+result in the roster cache's in-memory `GroupIndex`
+(`mlink.router.rosters`). Rosters handed out merge the group items in, so a
+login, a roster get, a presence broadcast or a probe never searches the
+directory per contact, and nothing group-derived is written to the store.
+
+When the directory cannot be reached the last good resolution stays in use
+(a directory outage must not empty every roster) and the load is retried
+sooner than the refresh interval.
+
+After each refresh, every online user whose group-derived items changed (a
+member added or removed, a group renamed, created or gone) gets:
+- a roster push per changed item, each with the roster version right after
+  it; an item that went away is pushed with `subscription='remove'`, unless
+  the user's own (personal) item for the contact remains, which is pushed
+  as it now stands;
+- presence, as a subscription change would give it (RFC 6121 §3.1.5,
+  §3.2.2): a new contact gets the user's current available presence and the
+  user the contact's, with no subscription handshake; a contact that no
+  longer shares presence gets unavailable, both ways.
+
+Refresh runs in the server's nursery (`server.background_tasks`), so it ends
+with the server; a bug in one refresh is logged and the next one runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from mlink.config_model import RosterGroupConfig
+from mlink.directory.base import DirectoryError
+from mlink.jid import parse_jid
+from mlink.modules import presence
+from mlink.modules.roster import push
+from mlink.router.rosters import RosterCache, SharedChange, rosters_of
+from mlink.store import RosterItem
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+
+log = logging.getLogger("mlink.shared_groups")
+
+# When a refresh fails (directory unreachable), try again after at most
+# this long, however long the refresh interval: the outage is usually short
+# and, at start, nobody has group items until a load succeeds.
+RETRY_SECONDS = 10.0
+# Never hammer the directory, whatever the configuration says.
+MIN_REFRESH_SECONDS = 0.5
+
+_GETS_OUR_PRESENCE = frozenset({"from", "both"})
+_SENDS_US_PRESENCE = frozenset({"to", "both"})
+
+
+def register(server: Server) -> None:
+    specs = list(server.config.rosters.groups)
+    if not specs:
+        return
+    rosters = rosters_of(server)
+    interval = max(MIN_REFRESH_SECONDS, server.config.rosters.refresh_seconds)
+
+    async def refresh_forever() -> None:
+        while True:
+            try:
+                ok = await refresh(server, rosters, specs)
+            except Exception:
+                log.exception("refreshing directory groups failed")
+                ok = False
+            await trio.sleep(interval if ok else min(interval, RETRY_SECONDS))
+
+    server.background_tasks.append(refresh_forever)
+
+
+async def refresh(server: Server, rosters: RosterCache,
+                  specs: Sequence[RosterGroupConfig]) -> bool:
+    """Resolve the groups once and tell online users what changed. False
+    when the directory could not answer (the last groups stay)."""
+    started = time.monotonic()
+    first = not rosters.groups
+    try:
+        groups = await server.directory.roster_groups(specs)
+    except DirectoryError as exc:
+        log.warning("directory groups not refreshed (keeping the last ones): %s", exc)
+        return False
+    loaded = time.monotonic()
+    # From here to the last push nothing awaits: rosters change and their
+    # pushes are queued in one step, ahead of any later roster write.
+    changes = rosters.set_groups(groups)
+    for change in changes:
+        _push(server, rosters, change)
+    index = rosters.groups
+    level = logging.INFO if (first or changes) else logging.DEBUG
+    log.log(level, "directory groups loaded: %d groups, %d members in %.3f s; "
+            "%d roster changes for online users in %.3f s",
+            len(index.groups), index.member_count(), loaded - started,
+            len(changes), time.monotonic() - loaded)
+    await _presence(server, changes)
+    return True
+
+
+def _push(server: Server, rosters: RosterCache, change: SharedChange) -> None:
+    roster = rosters.cached(change.user)
+    if roster is None:
+        return
+    if change.after is None:
+        push(server, roster, RosterItem(change.contact), remove=True, version=change.version)
+    else:
+        push(server, roster, change.after, version=change.version)
+
+
+async def _presence(server: Server, changes: Sequence[SharedChange]) -> None:
+    """Presence for subscriptions the groups gave or took: both users'
+    changes usually describe one pair, so each (sender, receiver) is sent
+    once."""
+    available: dict[tuple[str, str], None] = {}
+    unavailable: dict[tuple[str, str], None] = {}
+    for change in changes:
+        before = change.before.subscription if change.before else "none"
+        after = change.after.subscription if change.after else "none"
+        user, contact = change.user, change.contact
+        for states, sender, receiver in ((_GETS_OUR_PRESENCE, user, contact),
+                                         (_SENDS_US_PRESENCE, contact, user)):
+            if after in states and before not in states:
+                available[(sender, receiver)] = None
+            elif before in states and after not in states:
+                unavailable[(sender, receiver)] = None
+    for sender, receiver in available:
+        await presence.send_presence_to(server, parse_jid(sender), parse_jid(receiver))
+    for sender, receiver in unavailable:
+        await presence.send_unavailable_to(server, parse_jid(sender), parse_jid(receiver))

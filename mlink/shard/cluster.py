@@ -1,0 +1,255 @@
+"""One shard's view of the others: the global session table and delivery
+across the bus.
+
+Every shard announces its sessions (SESSION_UP on bind and whenever what
+routing needs of them changes: priority, availability, presence, roster
+interest, carbons; SESSION_DOWN when they end), so any shard resolves any
+local-domain JID without asking. A stanza for a session elsewhere crosses
+the bus once; deliveries made while routing one stanza are grouped per
+destination shard and identical payload, so a presence broadcast to many
+contacts costs one FANOUT frame per shard, not one frame per contact.
+
+When a peer shard dies, every shard drops its sessions; the lowest-numbered
+live shard then announces their end (`session/closed`), which sends the
+unavailable presence their contacts would have got at logout.
+"""
+
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.router.sessions import SessionInfo
+from mlink.shard import frames
+from mlink.shard.bus import Bus
+from mlink.shard.frames import Frame, FrameType, SessionEntry
+from mlink.stream.errors import stanza_error
+from mlink.xml.serialize import CLIENT_NS, serialize
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+
+log = logging.getLogger("mlink.cluster")
+
+_WRAP_OPEN = f"<s xmlns='{CLIENT_NS}'>".encode()
+_WRAP_CLOSE = b"</s>"
+
+
+def parse_stanza(data: bytes) -> ET.Element:
+    """A stanza serialised by another shard (trusted, already validated)."""
+    return ET.fromstring(_WRAP_OPEN + data + _WRAP_CLOSE)[0]
+
+
+@dataclass(slots=True)
+class RemoteSession:
+    shard: int
+    session_id: int
+    info: SessionInfo
+
+
+class Cluster:
+    """The bus handler of a shard, and the router's window on other shards."""
+
+    def __init__(self, server: Server, bus: Bus) -> None:
+        self.server = server
+        self.bus = bus
+        self.shard = bus.shard
+        self._by_full: dict[JID, RemoteSession] = {}
+        self._by_bare: dict[JID, dict[str, RemoteSession]] = {}
+        # What each local session last announced, to send only changes.
+        self._announced: dict[int, tuple[object, ...]] = {}
+        # Deliveries waiting for the end of the current routing step:
+        # (shard, payload bytes) -> recipients.
+        self._pending: dict[tuple[int, bytes], list[str]] = {}
+        bus.handler = self
+
+    # -- the router's questions -------------------------------------------------
+
+    def resources(self, bare: JID) -> list[SessionInfo]:
+        return [r.info for r in self._by_bare.get(bare, {}).values()]
+
+    def session(self, full: JID) -> SessionInfo | None:
+        remote = self._by_full.get(full)
+        return remote.info if remote is not None else None
+
+    def online(self, bare: JID) -> bool:
+        return bare in self._by_bare
+
+    def deliver(self, full: JID, stanza: ET.Element) -> bool:
+        """Queue `stanza` for a session on another shard; grouped with the
+        same payload for the same shard until `flush`."""
+        remote = self._by_full.get(full)
+        if remote is None:
+            return False
+        to = stanza.attrib.pop("to", None)
+        try:
+            payload = serialize(stanza)
+        finally:
+            if to is not None:
+                stanza.set("to", to)
+        self._pending.setdefault((remote.shard, payload), []).append(str(full))
+        return True
+
+    def flush(self) -> None:
+        """Send what routing one stanza queued: one frame per shard and payload."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        for (shard, payload), recipients in pending.items():
+            if len(recipients) == 1:
+                data = frames.encode_stanza(recipients[0], payload)
+                self.bus.send(shard, Frame(FrameType.STANZA, data))
+                continue
+            for chunk in frames.encode_fanouts(payload, recipients):
+                self.bus.send(shard, Frame(FrameType.FANOUT, chunk))
+
+    # -- announcing local sessions ------------------------------------------------
+
+    def announce(self, info: SessionInfo) -> None:
+        """SESSION_UP for a local session when what others route by changed."""
+        snapshot = (info.priority, info.presence, info.interested, info.carbons)
+        if self._announced.get(info.session_id) == snapshot:
+            return
+        self._announced[info.session_id] = snapshot
+        self.bus.broadcast(Frame(FrameType.SESSION_UP, frames.encode_session_up(_entry(info))))
+
+    def announce_down(self, info: SessionInfo) -> None:
+        self._announced.pop(info.session_id, None)
+        payload = frames.encode_session_down(str(info.jid), info.session_id)
+        self.bus.broadcast(Frame(FrameType.SESSION_DOWN, payload))
+
+    def replace_remote(self, full: JID) -> None:
+        """A local bind takes `full`: end the session holding it elsewhere."""
+        remote = self._by_full.get(full)
+        if remote is None:
+            return
+        self._remove(full, remote.session_id)
+        payload = frames.encode_kick(str(full), remote.session_id, "conflict")
+        self.bus.send(remote.shard, Frame(FrameType.KICK, payload))
+
+    def invalidate(self, user: str, what: str) -> None:
+        """Tell the other shards that `user`'s `what` changed in the store."""
+        payload = frames.encode_invalidate(user, what)
+        self.bus.broadcast(Frame(FrameType.INVALIDATE, payload))
+
+    # -- BusHandler ---------------------------------------------------------------
+
+    async def frame_received(self, frame: Frame) -> None:
+        kind = frame.type
+        try:
+            if kind is FrameType.STANZA:
+                to, data = frames.decode_stanza(frame.payload)
+                await self._receive_stanza(parse_jid(to), parse_stanza(data))
+            elif kind is FrameType.FANOUT:
+                data, recipients = frames.decode_fanout(frame.payload)
+                self._receive_fanout(parse_stanza(data), recipients)
+            elif kind is FrameType.SESSION_UP:
+                self._upsert(frame.source, frames.decode_session_up(frame.payload))
+            elif kind is FrameType.SESSION_DOWN:
+                jid, sid = frames.decode_session_down(frame.payload)
+                self._remove(parse_jid(jid), sid)
+            elif kind is FrameType.TABLE_REQUEST:
+                self._send_table(frame.source)
+            elif kind is FrameType.TABLE_SNAPSHOT:
+                for entry in frames.decode_table_snapshot(frame.payload):
+                    self._upsert(frame.source, entry)
+            elif kind is FrameType.KICK:
+                jid, sid, condition = frames.decode_kick(frame.payload)
+                conn = self.server.sessions.get(parse_jid(jid))
+                if conn is not None and conn.info.session_id == sid:
+                    conn.kick(condition, "replaced by a new session with the same resource")
+            elif kind is FrameType.INVALIDATE:
+                user, what = frames.decode_invalidate(frame.payload)
+                invalidator = self.server.cache_invalidators.get(what)
+                if invalidator is not None:
+                    invalidator(user)
+        finally:
+            self.flush()
+
+    async def peer_up(self, shard: int) -> None:
+        # Whatever we knew of it is stale (it may have restarted): ask anew.
+        for full, remote in list(self._by_full.items()):
+            if remote.shard == shard:
+                self._remove(full, remote.session_id)
+        self.bus.send(shard, Frame(FrameType.TABLE_REQUEST))
+
+    async def peer_down(self, shard: int) -> None:
+        lost = [r for r in self._by_full.values() if r.shard == shard]
+        for remote in lost:
+            self._remove(remote.info.jid, remote.session_id)
+        if not lost:
+            return
+        log.warning("shard %d is gone: dropped its %d sessions", shard, len(lost))
+        # One shard speaks for the dead one, so contacts get one unavailable.
+        if self.shard != min({self.shard, *self.bus.peers}):
+            return
+        with self.server.router.batch():
+            for remote in lost:
+                if remote.info.available:
+                    await self.server.hooks.notify("session/closed", remote.info)
+
+    # -- internals ----------------------------------------------------------------
+
+    async def _receive_stanza(self, to: JID, stanza: ET.Element) -> None:
+        router = self.server.router
+        stanza.set("to", str(to))
+        if router.deliver(to, stanza):
+            return
+        # The session ended while the frame travelled: what the RFC says
+        # for a full JID that is not there (RFC 6121 §8.5.3.2).
+        if stanza.tag.endswith("}message"):
+            stanza.set("to", str(to.bare))
+            await router.route(stanza)
+        elif stanza.tag.endswith("}iq") and stanza.get("type") in ("get", "set"):
+            await router.route(stanza_error(stanza, "service-unavailable"))
+
+    def _receive_fanout(self, stanza: ET.Element, recipients: list[str]) -> None:
+        sessions = self.server.sessions
+        for text in recipients:
+            try:
+                conn = sessions.get(parse_jid(text))
+            except InvalidJID:
+                continue
+            if conn is not None:
+                stanza.set("to", text)
+                conn.deliver(stanza)  # serialised now, so `to` may change next
+
+    def _upsert(self, shard: int, entry: SessionEntry) -> None:
+        full = parse_jid(entry.jid)
+        presence = parse_stanza(entry.presence) if entry.available and entry.presence else None
+        info = SessionInfo(full, presence=presence, priority=entry.priority,
+                           interested=entry.interested, carbons=entry.carbons,
+                           initial_presence_sent=entry.available, session_id=entry.session_id)
+        if entry.available and presence is None:
+            info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
+        remote = RemoteSession(shard, entry.session_id, info)
+        self._by_full[full] = remote
+        self._by_bare.setdefault(full.bare, {})[full.resource] = remote
+
+    def _remove(self, full: JID, session_id: int) -> None:
+        remote = self._by_full.get(full)
+        if remote is None or remote.session_id != session_id:
+            return
+        del self._by_full[full]
+        resources = self._by_bare.get(full.bare)
+        if resources is not None:
+            resources.pop(full.resource, None)
+            if not resources:
+                del self._by_bare[full.bare]
+
+    def _send_table(self, shard: int) -> None:
+        entries = [_entry(conn.info) for conn in self.server.sessions.all()]
+        for payload, flags in frames.encode_table_snapshots(entries):
+            self.bus.send(shard, Frame(FrameType.TABLE_SNAPSHOT, payload, flags))
+
+    def stats(self) -> dict[str, int]:
+        return {"remote_sessions": len(self._by_full)}
+
+
+def _entry(info: SessionInfo) -> SessionEntry:
+    presence = serialize(info.presence) if info.presence is not None else b""
+    return SessionEntry(str(info.jid), info.session_id, info.priority, info.available,
+                        presence, info.interested, info.carbons)

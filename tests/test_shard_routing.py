@@ -1,0 +1,197 @@
+"""Two shards serve clients exactly as one process would (issue 4, item 5):
+every test places the parties on different shard processes and asserts
+what the clients receive."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.rawclient import RawClient, expect_stream_error, ping, read_stanza_text
+from tests.serverproc import DOMAIN, REPO, LogReader, mlink
+from tests.test_shard_supervisor import free_ports
+
+# Shards start, clients land: well within this on a loaded machine.
+TIMEOUT = 30.0
+# SO_REUSEPORT spreads connections by a hash: a client reaches a given shard
+# within a few tries; this bounds the loop.
+PLACEMENT_TRIES = 40
+USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
+
+
+class Cluster:
+    def __init__(self, proc: subprocess.Popen[str], log: LogReader, config: Path,
+                 port: int, ca_file: Path) -> None:
+        self.proc, self.log, self.config, self.port, self.ca_file = \
+            proc, log, config, port, ca_file
+        self.clients: list[RawClient] = []
+
+    def login_on(self, shard: int, user: str, resource: str | None = None,
+                 presence: str | None = "<presence/>") -> RawClient:
+        """A session of `user` bound on shard `shard` (and available unless
+        `presence` is None)."""
+        resource = resource or "r-" + uuid.uuid4().hex[:8]
+        for _ in range(PLACEMENT_TRIES):
+            mark = self.log.mark()
+            client = RawClient(self.port, self.ca_file)
+            jid = client.login(DOMAIN, user, USERS[user], resource=resource)
+            m = self.log.wait_for(rf"shard-(\d+) mlink.c2s: bound {jid}$", TIMEOUT, mark)
+            if int(m[1]) == shard:
+                self.clients.append(client)
+                if presence is not None:
+                    client.send(presence)
+                    client.read_until(rf"<presence[^>]*from='{jid}'")  # its own echo
+                client.jid = jid  # type: ignore[attr-defined]
+                return client
+            client.send("</stream:stream>")
+            client.wait_closed()
+            client.close()
+        raise AssertionError(f"no login of {user} landed on shard {shard}")
+
+    def close_all(self) -> None:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, cert_files, ca_file) -> Iterator[Cluster]:
+    cert, key = cert_files
+    setup = tmp_path_factory.mktemp("shards") / "s"
+    c2s, tls, ws = free_ports(3)
+    mlink("init", str(setup), "--domain", DOMAIN, "--c2s-port", str(c2s), "--tls-port",
+          str(tls), "--ws-port", str(ws), "--tls-cert", str(cert), "--tls-key", str(key))
+    config = setup / "mlink.xml"
+    # Only the listeners the test picked ports for.
+    config.write_text(config.read_text().replace(
+        f'<listen type="websocket-tls" port="{ws + 1}" address="0.0.0.0"/>', ""))
+    for user, pw in USERS.items():
+        mlink("user", "add", f"{user}@{DOMAIN}", "--password", pw, "--config", str(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config),
+         "--shards", "2"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    log = LogReader(proc.stderr)  # type: ignore[arg-type]
+    try:
+        log.wait_for(r"all 2 shard\(s\) ready", TIMEOUT)
+        yield Cluster(proc, log, config, c2s, ca_file)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(timeout=TIMEOUT) == 0, log.text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.join()
+
+
+@pytest.fixture
+def two(cluster: Cluster) -> Iterator[Cluster]:
+    yield cluster
+    cluster.close_all()
+
+
+def test_messages_cross_shards_to_full_and_bare_jids(two):
+    alice = two.login_on(0, "alice")
+    bob = two.login_on(1, "bob")
+    alice.send(f"<message to='bob@{DOMAIN}' type='chat'><body>to-bare</body></message>")
+    assert f"from='{alice.jid}'" in bob.read_until("to-bare")
+    bob.send(f"<message to='{alice.jid}' type='chat'><body>to-full</body></message>")
+    assert f"from='{bob.jid}'" in alice.read_until("to-full")
+
+
+def test_iq_to_a_full_jid_on_another_shard(two):
+    alice = two.login_on(0, "alice")
+    bob = two.login_on(1, "bob")
+    alice.send(f"<iq type='get' id='x1' to='{bob.jid}'><query xmlns='jabber:iq:version'/></iq>")
+    got = bob.read_until("id='x1'")
+    assert "type='get'" in got and f"from='{alice.jid}'" in got
+    bob.send(f"<iq type='result' id='x1' to='{alice.jid}'/>")
+    assert "type='result'" in alice.read_until("id='x1'")
+
+
+def test_bare_jid_routing_by_priority_across_shards(two):
+    high = two.login_on(0, "bob", presence="<presence><priority>5</priority></presence>")
+    low = two.login_on(1, "bob", presence="<presence><priority>1</priority></presence>")
+    alice = two.login_on(1, "alice")
+    token = uuid.uuid4().hex
+    alice.send(f"<message to='bob@{DOMAIN}' type='chat'><body>{token}</body></message>")
+    assert token in high.read_until(token)
+    # Everything for `low` sent before the ping's answer has arrived by then.
+    low.send(f"<iq type='get' id='sync' to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    _, text = read_stanza_text(low, "iq", "sync")
+    assert token not in text
+    # A tie: both get it, whatever their shard.
+    low.send("<presence><priority>5</priority></presence>")
+    high.read_until(rf"from='{low.jid}'")  # the update reached the other shard
+    token = uuid.uuid4().hex
+    alice.send(f"<message to='bob@{DOMAIN}' type='chat'><body>{token}</body></message>")
+    assert token in high.read_until(token)
+    assert token in low.read_until(token)
+
+
+def test_subscription_presence_and_unavailable_across_shards(two):
+    alice = two.login_on(0, "alice")
+    carol = two.login_on(1, "carol")
+    for client in (alice, carol):
+        client.send("<iq type='get' id='roster'><query xmlns='jabber:iq:roster'/></iq>")
+        client.read_until("id='roster'")
+    alice.send(f"<presence to='carol@{DOMAIN}' type='subscribe'/>")
+    assert "ask='subscribe'" in alice.read_until("ask='subscribe'")  # roster push
+    assert f"from='alice@{DOMAIN}'" in carol.read_until("type='subscribe'")
+    carol.send(f"<presence to='alice@{DOMAIN}' type='subscribed'/>")
+    assert "subscription='from'" in carol.read_until("subscription='from'")
+    # The roster push, and the approver's presence, reach the new
+    # subscriber on the other shard (in whichever order).
+    alice.read_until(rf"(?=.*subscription='to')(?=.*<presence[^>]*from='{carol.jid}')")
+    carol.send("<presence><show>away</show></presence>")
+    assert "<show>away</show>" in alice.read_until("<show>away</show>")
+    carol.send("</stream:stream>")
+    got = alice.read_until(rf"from='{carol.jid}'[^>]*type='unavailable'|"
+                           rf"type='unavailable'[^>]*from='{carol.jid}'")
+    assert "unavailable" in got
+
+
+def test_resource_conflict_across_shards(two):
+    first = two.login_on(0, "alice", resource="same")
+    second = two.login_on(1, "alice", resource="same", presence=None)
+    expect_stream_error(first, "conflict")
+    assert ping(second, DOMAIN).get("type") == "result"
+
+
+def test_offline_storage_when_no_session_anywhere(two):
+    alice = two.login_on(0, "alice")
+    token = uuid.uuid4().hex
+    alice.send(f"<message to='carol@{DOMAIN}' type='chat'><body>{token}</body></message>")
+    ping(alice, DOMAIN)  # stored before the ping is answered
+    carol = two.login_on(1, "carol", presence=None)
+    carol.send("<presence/>")
+    assert "urn:xmpp:delay" in carol.read_until(token)
+
+
+def test_dead_shard_sessions_go_unavailable_and_can_log_in_again(two):
+    """Runs last in this module: it kills a shard (the supervisor restarts it)."""
+    alice = two.login_on(0, "alice")
+    bob = two.login_on(1, "bob")
+    for client, other in ((alice, "bob"), (bob, "alice")):
+        client.send(f"<presence to='{other}@{DOMAIN}' type='subscribe'/>")
+        client.send(f"<presence to='{other}@{DOMAIN}' type='subscribed'/>")
+    alice.read_until(rf"<presence[^>]*from='{bob.jid}'")  # subscribed both ways now
+    pid = int(two.log.wait_for(r"shard 1 ready \(pid (\d+)\)", TIMEOUT)[1])
+    mark = two.log.mark()
+    os.kill(pid, signal.SIGKILL)
+    got = alice.read_until(rf"type='unavailable'[^>]*from='{bob.jid}'|"
+                           rf"from='{bob.jid}'[^>]*type='unavailable'", TIMEOUT)
+    assert "unavailable" in got
+    two.log.wait_for(r"shard 1 ready", TIMEOUT, mark)
+    again = two.login_on(1, "bob", resource=bob.jid.split("/")[1])
+    assert ping(again, DOMAIN).get("type") == "result"
