@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -103,9 +104,35 @@ class MlinkProcess:
         return self.log.wait_for(pattern, timeout, since)
 
 
+# MLINK_TEST_SHARDS=N runs every test server as N shard processes (on free
+# fixed ports), so the whole suite can check that sharding changes nothing.
+TEST_SHARDS = int(os.environ.get("MLINK_TEST_SHARDS", "1"))
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports free right now, each with the next one free too (`mlink init`
+    puts the secure WebSocket listener on the port after the plain one)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+        except OSError:
+            continue
+        if port not in ports and port + 1 not in ports:
+            ports.append(port)
+    return ports
+
+
 def serve(config: Path, domain: str) -> MlinkProcess:
+    # A configuration with a port-0 listener can only run one shard.
+    fixed_ports = 'port="0"' not in config.read_text()
+    shards = ["--shards", str(TEST_SHARDS)] if TEST_SHARDS > 1 and fixed_ports else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config), *shards],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -144,8 +171,9 @@ def start_mlink(setup: Path, domain: str, cert_files: tuple[Path, Path],
     `ldap` replaces the `<directory>` element; `edit_config` then rewrites
     the configuration text as it likes."""
     cert, key = cert_files
-    mlink("init", str(setup), "--domain", domain, "--c2s-port", "0", "--tls-port", "0",
-          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    ports = [str(p) for p in free_ports(3)] if TEST_SHARDS > 1 else ["0", "0", "0"]
+    mlink("init", str(setup), "--domain", domain, "--c2s-port", ports[0], "--tls-port",
+          ports[1], "--ws-port", ports[2], "--tls-cert", str(cert), "--tls-key", str(key))
     config = setup / "mlink.xml"
     if ldap is not None or edit_config is not None:
         text = config.read_text()

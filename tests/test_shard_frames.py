@@ -136,4 +136,4 @@ def test_malformed_payloads_raise_frame_error(decode, payload):
 
 def test_overlong_jid_is_refused():
     with pytest.raises(FrameError, match="JID"):
-        f.encode_stanza("a" * 4000, b"")
+        f.encode_stanza("a" * (f.MAX_JID_BYTES + 1), b"")

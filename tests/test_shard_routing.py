@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.rawclient import RawClient, expect_stream_error, ping, read_stanza_text
-from tests.serverproc import DOMAIN, REPO, LogReader, mlink
-from tests.test_shard_supervisor import free_ports
+from tests.serverproc import DOMAIN, REPO, LogReader, free_ports, mlink
 
 # Shards start, clients land: well within this on a loaded machine.
 TIMEOUT = 30.0
@@ -69,9 +68,6 @@ def cluster(tmp_path_factory, cert_files, ca_file) -> Iterator[Cluster]:
     mlink("init", str(setup), "--domain", DOMAIN, "--c2s-port", str(c2s), "--tls-port",
           str(tls), "--ws-port", str(ws), "--tls-cert", str(cert), "--tls-key", str(key))
     config = setup / "mlink.xml"
-    # Only the listeners the test picked ports for.
-    config.write_text(config.read_text().replace(
-        f'<listen type="websocket-tls" port="{ws + 1}" address="0.0.0.0"/>', ""))
     for user, pw in USERS.items():
         mlink("user", "add", f"{user}@{DOMAIN}", "--password", pw, "--config", str(config))
     proc = subprocess.Popen(
@@ -182,15 +178,22 @@ def test_dead_shard_sessions_go_unavailable_and_can_log_in_again(two):
     """Runs last in this module: it kills a shard (the supervisor restarts it)."""
     alice = two.login_on(0, "alice")
     bob = two.login_on(1, "bob")
-    for client, other in ((alice, "bob"), (bob, "alice")):
-        client.send(f"<presence to='{other}@{DOMAIN}' type='subscribe'/>")
-        client.send(f"<presence to='{other}@{DOMAIN}' type='subscribed'/>")
-    alice.read_until(rf"<presence[^>]*from='{bob.jid}'")  # subscribed both ways now
+    # alice subscribes to bob, bob approves: bob's presence now reaches her.
+    alice.send(f"<presence to='bob@{DOMAIN}' type='subscribe'/>")
+    bob.read_until(f"from='alice@{DOMAIN}'[^>]*type='subscribe'|type='subscribe'[^>]*"
+                   f"from='alice@{DOMAIN}'")
+    bob.send(f"<presence to='alice@{DOMAIN}' type='subscribed'/>")
+    alice.read_until(rf"<presence[^>]*from='{bob.jid}'")
     pid = int(two.log.wait_for(r"shard 1 ready \(pid (\d+)\)", TIMEOUT)[1])
     mark = two.log.mark()
     os.kill(pid, signal.SIGKILL)
-    got = alice.read_until(rf"type='unavailable'[^>]*from='{bob.jid}'|"
-                           rf"from='{bob.jid}'[^>]*type='unavailable'", TIMEOUT)
+    try:
+        got = alice.read_until(rf"type='unavailable'[^>]*from='{bob.jid}'|"
+                               rf"from='{bob.jid}'[^>]*type='unavailable'", TIMEOUT)
+    except AssertionError as exc:
+        problems = [ln for ln in two.log.text().splitlines()
+                    if "bound" not in ln and "authenticated" not in ln]
+        raise AssertionError(f"{exc}\nserver log:\n" + "\n".join(problems[-60:])) from None
     assert "unavailable" in got
     two.log.wait_for(r"shard 1 ready", TIMEOUT, mark)
     again = two.login_on(1, "bob", resource=bob.jid.split("/")[1])

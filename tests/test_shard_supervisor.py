@@ -15,25 +15,10 @@ from pathlib import Path
 import pytest
 
 from tests.rawclient import RawClient
-from tests.serverproc import ALICE_PW, BOB_PW, DOMAIN, REPO, LogReader, mlink
+from tests.serverproc import ALICE_PW, BOB_PW, DOMAIN, REPO, LogReader, free_ports, mlink
 
 # Shards ready, restarted, stopped: well within this on a loaded machine.
 TIMEOUT = 30.0
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free right now. Several shards must share fixed ports (port 0
-    would give each shard another one), so the test picks them."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Served:

@@ -433,6 +433,9 @@ class RosterCache:
         self.personal: PersonalRosters = personal or StoreRosters(store)
         self.groups = GroupIndex()
         self._cached: dict[str, UserRoster] = {}
+        # Bumped by `invalidate` while the user's lock is in use; a load
+        # caches only if it did not move. Dropped with the lock.
+        self._generations: dict[str, int] = {}
         # Told the user whose roster or pending requests this process wrote,
         # so that other shards drop their cached copies (see Server.changed).
         self.on_change: Callable[[str], None] = lambda user: None
@@ -457,6 +460,13 @@ class RosterCache:
     def evict(self, user: str) -> None:
         """Forget `user`'s roster (their last session ended)."""
         self._cached.pop(user, None)
+
+    def invalidate(self, user: str) -> None:
+        """Another shard changed `user`'s roster: drop the cached copy, and
+        keep a load already under way from caching what it read before."""
+        self._cached.pop(user, None)
+        if user in self._locks:  # a load may be under way
+            self._generations[user] = self._generations.get(user, 0) + 1
 
     def shares_group(self, user: str, contact: str) -> bool:
         """Whether the directory makes `user` and `contact` subscribed both
@@ -483,8 +493,10 @@ class RosterCache:
             waiters[0] -= 1
             if not waiters[0]:
                 del self._locks[user]
+                self._generations.pop(user, None)
 
     async def _load(self, user: str) -> UserRoster:
+        generation = self._generations.get(user, 0)
         version, items = await self.personal.load(user)
         pending = dict(await self._store().subscription_requests(user))
         roster = UserRoster(user, version, items, pending)
@@ -492,7 +504,8 @@ class RosterCache:
         self._attach_shared(roster)
         # Cache only for online users: a roster read for an offline user
         # (a subscription request to them) would otherwise stay forever.
-        if self._online(user):
+        # Nor what was read before another shard's change was announced.
+        if self._online(user) and self._generations.get(user, 0) == generation:
             self._cached[user] = roster
         return roster
 
@@ -609,7 +622,7 @@ def rosters_of(server: Server) -> RosterCache:
             personal,
         )
         cache.on_change = lambda user: server.changed(user, "roster")
-        server.cache_invalidators["roster"] = cache.evict
+        server.cache_invalidators["roster"] = cache.invalidate
         server.rosters = cache
     return cache
 

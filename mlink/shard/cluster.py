@@ -90,7 +90,14 @@ class Cluster:
         finally:
             if to is not None:
                 stanza.set("to", to)
-        self._pending.setdefault((remote.shard, payload), []).append(str(full))
+        # The receiver looks the session up by `full` but must deliver the
+        # stanza with the `to` it had (a bare JID stays bare, RFC 6121
+        # §3.1.2): both travel in one recipient entry, NUL-separated (XML
+        # has no NUL, so no JID contains one).
+        target = str(full)
+        if to is not None and to != target:
+            target = f"{target}\0{to}"
+        self._pending.setdefault((remote.shard, payload), []).append(target)
         return True
 
     def flush(self) -> None:
@@ -141,8 +148,9 @@ class Cluster:
         kind = frame.type
         try:
             if kind is FrameType.STANZA:
-                to, data = frames.decode_stanza(frame.payload)
-                await self._receive_stanza(parse_jid(to), parse_stanza(data))
+                target, data = frames.decode_stanza(frame.payload)
+                full, _, to = target.partition("\0")
+                await self._receive_stanza(parse_jid(full), to or full, parse_stanza(data))
             elif kind is FrameType.FANOUT:
                 data, recipients = frames.decode_fanout(frame.payload)
                 self._receive_fanout(parse_stanza(data), recipients)
@@ -193,28 +201,29 @@ class Cluster:
 
     # -- internals ----------------------------------------------------------------
 
-    async def _receive_stanza(self, to: JID, stanza: ET.Element) -> None:
+    async def _receive_stanza(self, full: JID, to: str, stanza: ET.Element) -> None:
         router = self.server.router
-        stanza.set("to", str(to))
-        if router.deliver(to, stanza):
+        stanza.set("to", to)
+        if router.deliver(full, stanza):
             return
         # The session ended while the frame travelled: what the RFC says
         # for a full JID that is not there (RFC 6121 §8.5.3.2).
         if stanza.tag.endswith("}message"):
-            stanza.set("to", str(to.bare))
+            stanza.set("to", str(full.bare))
             await router.route(stanza)
         elif stanza.tag.endswith("}iq") and stanza.get("type") in ("get", "set"):
             await router.route(stanza_error(stanza, "service-unavailable"))
 
     def _receive_fanout(self, stanza: ET.Element, recipients: list[str]) -> None:
         sessions = self.server.sessions
-        for text in recipients:
+        for target in recipients:
+            full, _, to = target.partition("\0")
             try:
-                conn = sessions.get(parse_jid(text))
+                conn = sessions.get(parse_jid(full))
             except InvalidJID:
                 continue
             if conn is not None:
-                stanza.set("to", text)
+                stanza.set("to", to or full)
                 conn.deliver(stanza)  # serialised now, so `to` may change next
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:

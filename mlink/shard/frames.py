@@ -39,8 +39,10 @@ FRAME_VERSION = 1
 # 4 MiB covers both with room; a fan-out that would exceed it is split by
 # `encode_fanouts` into several frames.
 MAX_FRAME_BYTES = 4 * 1024 * 1024
-# RFC 7622 §3.1: a JID is at most 3 × 1023 bytes plus two separators.
-MAX_JID_BYTES = 3071
+# RFC 7622 §3.1: a JID is at most 3 × 1023 bytes plus two separators; a
+# recipient entry carries two (the session's full JID and the stanza's own
+# `to`) and a separator.
+MAX_JID_BYTES = 2 * 3071 + 1
 
 _LENGTH = struct.Struct(">I")
 _HEADER = struct.Struct(">BBHH")

@@ -58,18 +58,11 @@ STATUS_CLIENT_TIMEOUT = 10.0
 MAX_UNIX_PATH = 107
 
 
-# Until sessions on one shard can reach sessions on another, the default is
-# one shard: several would split users who could no longer talk.
-CROSS_SHARD_ROUTING = False
-
-
 def default_shards(config: Config) -> int:
     """One shard per CPU core, except that a listener on port 0 (a free
     port picked by the kernel, as tests use) cannot be shared: each shard
     would get another port. Such a configuration runs one shard."""
     if any(lc.port == 0 for lc in config.listeners):
-        return 1
-    if not CROSS_SHARD_ROUTING:
         return 1
     return os.cpu_count() or 1
 
