@@ -65,6 +65,10 @@ class Hooks:
         # (`stream_features`) or only once authenticated (`session_features`).
         self.stream_features: list[bytes] = []
         self.session_features: list[bytes] = []
+        # What accounts show in disco#info besides account/registered and
+        # the namespaces answered for them (e.g. PEP: pubsub/pep).
+        self.account_identities: list[tuple[str, str, str]] = []
+        self.account_features: set[str] = set()
 
     def on(self, name: str, handler: Handler, priority: int = 0) -> None:
         handlers = self._handlers.setdefault(name, [])

@@ -241,9 +241,11 @@ def test_account_disco_for_owner_and_strangers(im_server, clients):
     assert own.get("type") == "result", ET.tostring(own)
     query = own.find(f"{{{DISCO_INFO}}}query")
     assert query is not None
-    assert identities_of(query) == [("account", "registered", "")]
+    # XEP-0163 §4: accounts are PEP services too.
+    assert identities_of(query) == [("account", "registered", ""), ("pubsub", "pep", "")]
     features = features_of(query)
     assert "jabber:iq:private" in features and "msgoffline" not in features
+    assert "http://jabber.org/protocol/pubsub#publish" in features
     # Someone not allowed to see frank's presence learns nothing. (Frank
     # stays offline: the roster is then read from the store, where this
     # test puts his roster item.)
@@ -256,7 +258,7 @@ def test_account_disco_for_owner_and_strangers(im_server, clients):
     assert contact.get("type") == "result", ET.tostring(contact)
     query = contact.find(f"{{{DISCO_INFO}}}query")
     assert query is not None
-    assert identities_of(query) == [("account", "registered", "")]
+    assert identities_of(query) == [("account", "registered", ""), ("pubsub", "pep", "")]
     assert "jabber:iq:private" not in features_of(query)
     items = dave.iq("get", f"<query xmlns='{DISCO_ITEMS}'/>", FRANK)
     assert items.get("type") == "result", ET.tostring(items)

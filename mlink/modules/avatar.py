@@ -257,6 +257,9 @@ def register(server: Server) -> None:
         server.hooks.on(f"pre-presence/{scope}", outgoing_presence, PRESENCE_PRIORITY)
     server.hooks.on(PHOTO_CHANGED, photo_changed)
     server.hooks.add_feature(PUBSUB_NS)
+    # XEP-0163 §4: clients look for this identity before they use PEP.
+    server.hooks.account_identities.append(("pubsub", "pep", ""))
+    server.hooks.account_features.add(f"{PUBSUB_NS}#publish")
     server.hooks.on(f"iq-get/self/{PUBSUB_NS}", get_items)
     server.hooks.on(f"iq-get/bare/{PUBSUB_NS}", get_items)
     server.hooks.on(f"iq-set/self/{PUBSUB_NS}", publish)

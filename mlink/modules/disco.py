@@ -88,15 +88,16 @@ def caps_element(server: Server) -> bytes:
     ).encode()
 
 
-def _info(identity: tuple[str, str, str], features: list[str], node: str | None) -> ET.Element:
+def _info(identities: list[tuple[str, str, str]], features: list[str],
+          node: str | None) -> ET.Element:
     query = ET.Element(f"{{{DISCO_INFO_NS}}}query")
     if node is not None:
         query.set("node", node)
-    category, kind, name = identity
-    attrs = {"category": category, "type": kind}
-    if name:
-        attrs["name"] = name
-    ET.SubElement(query, f"{{{DISCO_INFO_NS}}}identity", attrs)
+    for category, kind, name in identities:
+        attrs = {"category": category, "type": kind}
+        if name:
+            attrs["name"] = name
+        ET.SubElement(query, f"{{{DISCO_INFO_NS}}}identity", attrs)
     for var in features:
         ET.SubElement(query, f"{{{DISCO_INFO_NS}}}feature", {"var": var})
     return query
@@ -111,7 +112,7 @@ def register(server: Server) -> None:
         if node is not None and node != f"{CAPS_NODE}#{caps_ver([SERVER_IDENTITY], features)}":
             await router.bounce(event.stanza, "item-not-found")
             return True
-        await router.route(iq_result(event.stanza, _info(SERVER_IDENTITY, features, node)))
+        await router.route(iq_result(event.stanza, _info([SERVER_IDENTITY], features, node)))
         return True
 
     async def host_items(event: StanzaEvent) -> bool:
@@ -129,8 +130,9 @@ def register(server: Server) -> None:
             await router.bounce(event.stanza, "item-not-found")
             return True
         owner = event.sender.bare == event.to.bare
-        features = account_features(server, owner)
-        await router.route(iq_result(event.stanza, _info(ACCOUNT_IDENTITY, features, None)))
+        features = sorted({*account_features(server, owner), *server.hooks.account_features})
+        identities = [ACCOUNT_IDENTITY, *server.hooks.account_identities]
+        await router.route(iq_result(event.stanza, _info(identities, features, None)))
         return True
 
     async def account_items(event: StanzaEvent) -> bool:
