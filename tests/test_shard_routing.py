@@ -5,6 +5,7 @@ what the clients receive."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +175,66 @@ def test_offline_storage_when_no_session_anywhere(two):
     assert "urn:xmpp:delay" in carol.read_until(token)
 
 
+def test_carbons_across_shards(two):
+    laptop = two.login_on(0, "alice")
+    phone = two.login_on(1, "alice")
+    for client in (laptop, phone):
+        client.send("<iq type='set' id='cb'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+        client.read_until("id='cb'")
+    bob = two.login_on(1, "bob")
+    # Received copy: bob writes to the laptop (shard 0); the phone (shard 1)
+    # gets a copy, sent from bob's shard.
+    token = uuid.uuid4().hex
+    bob.send(f"<message to='{laptop.jid}' type='chat'><body>{token}</body></message>")
+    assert token in laptop.read_until(token)
+    got = phone.read_until(token)
+    assert "<received xmlns='urn:xmpp:carbons:2'>" in got and f"to='{laptop.jid}'" in got
+    # Sent copy: the phone writes to bob; the laptop on shard 0 sees it.
+    token = uuid.uuid4().hex
+    phone.send(f"<message to='bob@{DOMAIN}' type='chat'><body>{token}</body></message>")
+    assert token in bob.read_until(token)
+    got = laptop.read_until(token)
+    assert "<sent xmlns='urn:xmpp:carbons:2'>" in got and f"from='{phone.jid}'" in got
+
+
+def test_roster_push_reaches_the_other_shard(two):
+    one = two.login_on(0, "carol")
+    other = two.login_on(1, "carol")
+    for client in (one, other):
+        client.send("<iq type='get' id='ros'><query xmlns='jabber:iq:roster'/></iq>")
+        client.read_until("id='ros'")
+    name = uuid.uuid4().hex[:8]
+    one.send(f"<iq type='set' id='set1'><query xmlns='jabber:iq:roster'>"
+             f"<item jid='dave@{DOMAIN}' name='{name}'/></query></iq>")
+    one.read_until("id='set1'")
+    pushed = other.read_until(name)
+    assert "type='set'" in pushed and f"jid='dave@{DOMAIN}'" in pushed
+
+
+def test_acknowledged_message_survives_a_shard_kill(two):
+    """A message the server stored (its sender's next ping is answered after
+    the commit) is delivered after the storing shard was SIGKILLed."""
+    alice = two.login_on(1, "alice")
+    token = uuid.uuid4().hex
+    alice.send(f"<message to='carol@{DOMAIN}' type='chat'><body>{token}</body></message>")
+    ping(alice, DOMAIN)
+    pid = _shard_pid(two, 1)
+    mark = two.log.mark()
+    os.kill(pid, signal.SIGKILL)
+    two.log.wait_for(r"shard 1 ready", TIMEOUT, mark)
+    carol = two.login_on(0, "carol", presence=None)
+    carol.send("<presence/>")
+    assert "urn:xmpp:delay" in carol.read_until(token)
+
+
+def _shard_pid(two: Cluster, shard: int) -> int:
+    """The current pid of a shard (the latest 'ready' line names it)."""
+    pids = [int(m) for m in
+            re.findall(rf"shard {shard} ready \(pid (\d+)\)", two.log.text())]
+    assert pids, two.log.text()
+    return pids[-1]
+
+
 def test_dead_shard_sessions_go_unavailable_and_can_log_in_again(two):
     """Runs last in this module: it kills a shard (the supervisor restarts it)."""
     alice = two.login_on(0, "alice")
@@ -184,7 +245,7 @@ def test_dead_shard_sessions_go_unavailable_and_can_log_in_again(two):
                    f"from='alice@{DOMAIN}'")
     bob.send(f"<presence to='alice@{DOMAIN}' type='subscribed'/>")
     alice.read_until(rf"<presence[^>]*from='{bob.jid}'")
-    pid = int(two.log.wait_for(r"shard 1 ready \(pid (\d+)\)", TIMEOUT)[1])
+    pid = _shard_pid(two, 1)
     mark = two.log.mark()
     os.kill(pid, signal.SIGKILL)
     try:
