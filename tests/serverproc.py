@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import signal
 import socket
@@ -111,20 +112,39 @@ TEST_SHARDS = int(os.environ.get("MLINK_TEST_SHARDS", "1"))
 
 def free_ports(count: int) -> list[int]:
     """Ports free right now, each with the next one free too (`mlink init`
-    puts the secure WebSocket listener on the port after the plain one)."""
+    puts the secure WebSocket listener on the port after the plain one).
+
+    Picked below the kernel's ephemeral range, so that the tests' own
+    outgoing connections cannot take one before the server binds it."""
+    low, high = _EPHEMERAL_FLOOR - _PORT_SPAN, _EPHEMERAL_FLOOR - 2
     ports: list[int] = []
-    while len(ports) < count:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+    for _ in range(_PORT_TRIES):
+        port = random.randrange(low, high)
+        if any(abs(port - p) < 2 for p in ports):
+            continue
         try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
+            for candidate in (port, port + 1):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", candidate))
         except OSError:
             continue
-        if port not in ports and port + 1 not in ports:
-            ports.append(port)
-    return ports
+        ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise AssertionError("no free ports below the ephemeral range")
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_EPHEMERAL_FLOOR = _ephemeral_floor()
+# How many ports below the ephemeral range to draw from, and how many draws.
+_PORT_SPAN = 12000
+_PORT_TRIES = 1000
 
 
 def serve(config: Path, domain: str) -> MlinkProcess:

@@ -127,8 +127,6 @@ def register(server: Server) -> None:
     lists = Blocklists(server)
     server.cache_invalidators["blocklist"] = lists.invalidate
     rosters = rosters_of(server)
-    # Sessions that asked for the blocklist get its pushes (XEP-0191 §3.3).
-    requested: set[JID] = set()
     # Stanzas this module sends past its own filters (the unavailable
     # presence XEP-0191 §3.3 owes a newly blocked contact), by identity,
     # for the duration of their routing.
@@ -166,7 +164,8 @@ def register(server: Server) -> None:
             await router.bounce(event.stanza, "bad-request")
             return True
         if event.origin is not None:
-            requested.add(event.origin.jid)
+            # XEP-0191 §3.3: this session now gets the list's pushes.
+            event.origin.blocklist_requested = True
         payload = ET.Element(f"{{{BLOCKING_NS}}}blocklist")
         for jid in sorted(await lists.get(event.sender)):
             ET.SubElement(payload, f"{{{BLOCKING_NS}}}item", {"jid": jid})
@@ -205,7 +204,7 @@ def register(server: Server) -> None:
         """§3.3/§3.4: the change goes to every session that asked for the
         blocklist, the one that made it included."""
         for info in router.resources(user):
-            if info.jid in requested:
+            if info.blocklist_requested:
                 iq = ET.Element(f"{{{CLIENT_NS}}}iq",
                                 {"type": "set", "id": "push-" + secrets.token_hex(PUSH_ID_BYTES),
                                  "to": str(info.jid)})
@@ -258,7 +257,6 @@ def register(server: Server) -> None:
             exempt.discard(id(stanza))
 
     async def session_closed(info: SessionInfo) -> None:
-        requested.discard(info.jid)
         if not router.resources(info.jid.bare):
             lists.forget(info.jid.bare)
 

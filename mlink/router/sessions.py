@@ -34,6 +34,7 @@ class SessionInfo:
     # subscription requests.
     interested: bool = False
     carbons: bool = False  # XEP-0280 enabled
+    blocklist_requested: bool = False  # XEP-0191 §3.3: gets blocklist pushes
     # Full or bare JIDs that got directed presence from this session, owed
     # an unavailable presence when it ends (RFC 6121 §4.6.3).
     directed_to: set[str] = field(default_factory=set)

@@ -117,7 +117,8 @@ class Cluster:
 
     def announce(self, info: SessionInfo) -> None:
         """SESSION_UP for a local session when what others route by changed."""
-        snapshot = (info.priority, info.presence, info.interested, info.carbons)
+        snapshot = (info.priority, info.presence, info.interested, info.carbons,
+                    info.blocklist_requested)
         if self._announced.get(info.session_id) == snapshot:
             return
         self._announced[info.session_id] = snapshot
@@ -231,6 +232,7 @@ class Cluster:
         presence = parse_stanza(entry.presence) if entry.available and entry.presence else None
         info = SessionInfo(full, presence=presence, priority=entry.priority,
                            interested=entry.interested, carbons=entry.carbons,
+                           blocklist_requested=entry.blocklist_requested,
                            initial_presence_sent=entry.available, session_id=entry.session_id)
         if entry.available and presence is None:
             info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
@@ -261,4 +263,4 @@ class Cluster:
 def _entry(info: SessionInfo) -> SessionEntry:
     presence = serialize(info.presence) if info.presence is not None else b""
     return SessionEntry(str(info.jid), info.session_id, info.priority, info.available,
-                        presence, info.interested, info.carbons)
+                        presence, info.interested, info.carbons, info.blocklist_requested)

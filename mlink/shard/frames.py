@@ -62,6 +62,7 @@ _SESSION = struct.Struct(">QbB")  # session id, priority, flag bits below
 SESSION_AVAILABLE = 0x01  # sent available presence (RFC 6121 §4.2)
 SESSION_INTERESTED = 0x02  # requested the roster: gets pushes (§2.1.6)
 SESSION_CARBONS = 0x04  # enabled message carbons (XEP-0280)
+SESSION_BLOCKLIST = 0x08  # requested the blocklist: gets its pushes (XEP-0191)
 
 
 class FrameError(ValueError):
@@ -242,6 +243,7 @@ class SessionEntry:
     presence: bytes = b""
     interested: bool = False
     carbons: bool = False
+    blocklist_requested: bool = False
 
 
 def _session_bytes(entry: SessionEntry) -> bytes:
@@ -254,7 +256,8 @@ def _session_bytes(entry: SessionEntry) -> bytes:
             entry.priority,
             (SESSION_AVAILABLE if entry.available else 0)
             | (SESSION_INTERESTED if entry.interested else 0)
-            | (SESSION_CARBONS if entry.carbons else 0),
+            | (SESSION_CARBONS if entry.carbons else 0)
+            | (SESSION_BLOCKLIST if entry.blocklist_requested else 0),
         )
         + _stanza(entry.presence)
     )
@@ -264,7 +267,8 @@ def _read_session(r: _Reader) -> SessionEntry:
     jid = r.jid()
     sid, priority, bits = r.session()
     return SessionEntry(jid, sid, priority, bool(bits & SESSION_AVAILABLE), r.blob(_U32),
-                        bool(bits & SESSION_INTERESTED), bool(bits & SESSION_CARBONS))
+                        bool(bits & SESSION_INTERESTED), bool(bits & SESSION_CARBONS),
+                        bool(bits & SESSION_BLOCKLIST))
 
 
 def encode_hello(shards: int) -> bytes:
