@@ -4,8 +4,10 @@ crash durability, schema versioning and file creation."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import textwrap
 from collections.abc import AsyncIterator
@@ -472,3 +474,34 @@ async def test_lock_held_too_long_is_store_error(
         finally:
             conn.close()
         assert await s.offline_put(ALICE, msg(1), 10)  # the connection is still usable
+
+
+def test_shards_opening_a_new_store_together(tmp_path):
+    """Every shard process opens the store at start: several first opens of
+    a new file at once must all succeed (switching to WAL races otherwise)."""
+    # Each child imports everything, says so, and opens the store once told
+    # to on stdin, so that the opens really overlap.
+    script = (
+        "import sys, trio\n"
+        "from mlink.store import Store\n"
+        "async def main():\n"
+        "    store = await Store.open(sys.argv[1])\n"
+        "    await store.aclose()\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "trio.run(main)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for attempt in range(5):  # the race is timing-dependent: try it several times
+        path = tmp_path / f"fresh{attempt}" / "mlink.sqlite3"
+        procs = [subprocess.Popen([sys.executable, "-c", script, str(path)], env=env,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        for proc in procs:
+            assert proc.stdout.readline() == "ready\n"
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        for proc in procs:
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err

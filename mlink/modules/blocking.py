@@ -58,6 +58,11 @@ def candidates(jid: JID) -> tuple[str, ...]:
     return tuple(out)
 
 
+# Blocklists kept in memory per shard: each is small (a set of JIDs), and
+# 100,000 covers every user a large deployment has online at once.
+MAX_CACHED_BLOCKLISTS = 100_000
+
+
 class Blocklists:
     """Blocklists by user, cached while the user has sessions.
 
@@ -77,8 +82,16 @@ class Blocklists:
             return cached
         generation = self._generation.get(user, 0)
         items = frozenset(await self._server.store.blocklist(str(user)))
-        online = self._server.router.sessions.online(user)
+        router = self._server.router
+        # Online on any shard: every stanza to the user is checked against
+        # the list, wherever it arrives (other shards' changes invalidate).
+        online = router.sessions.online(user) or (
+            router.cluster is not None and router.cluster.online(user))
         if online and self._generation.get(user, 0) == generation:
+            if len(self._cache) >= MAX_CACHED_BLOCKLISTS:
+                # Users whose last session ended on another shard are never
+                # `forget`-ten here: drop the oldest entry to stay bounded.
+                self._cache.pop(next(iter(self._cache)))
             self._cache[user] = items
         return items
 

@@ -34,7 +34,7 @@ from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.rosters import UserRoster, rosters_of
 from mlink.router.sessions import SessionInfo
 from mlink.store import StoreError
-from mlink.xml.serialize import CLIENT_NS
+from mlink.xml.serialize import CLIENT_NS, Shared
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -110,12 +110,15 @@ async def become_available(server: Server, info: SessionInfo, stanza: ET.Element
     info.initial_presence_sent = True
     own = info.jid.bare
     roster = await _roster_or_none(server, own)
+    # One serialisation for every recipient (per stream framing); each copy
+    # is still routed, so blocking and other filters see it.
+    shared = Shared(info.presence)
     if roster is not None:
         for contact in subscribers(roster):
-            await server.router.route(addressed(info.presence, info.jid, contact))
+            await server.router.route(shared.addressed(contact))
     for other in server.router.resources(own):
         if other.available:
-            server.router.deliver(other.jid, addressed(info.presence, info.jid, str(other.jid)))
+            server.router.deliver(other.jid, shared.addressed(str(other.jid)))
     if not initial:
         return
     for other in server.router.resources(own):
@@ -134,7 +137,7 @@ async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Eleme
     got directed presence (§4.6.3); also when the session just ended."""
     was_available = info.available
     info.presence = None
-    unavailable = addressed(stanza, info.jid, None)
+    unavailable = Shared(addressed(stanza, info.jid, None))
     own = info.jid.bare
     sent: set[str] = set()
     if was_available:
@@ -142,10 +145,10 @@ async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Eleme
         if roster is not None:
             for contact in subscribers(roster):
                 sent.add(contact)
-                await server.router.route(addressed(unavailable, info.jid, contact))
+                await server.router.route(unavailable.addressed(contact))
         targets = [i for i in server.router.resources(own) if i.available or i is info]
         for other in targets:
-            server.router.deliver(other.jid, addressed(unavailable, info.jid, str(other.jid)))
+            server.router.deliver(other.jid, unavailable.addressed(str(other.jid)))
     directed, info.directed_to = info.directed_to, set()
     for to in sorted(directed):
         try:
@@ -153,7 +156,7 @@ async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Eleme
                 continue
         except InvalidJID:
             continue
-        await server.router.route(addressed(unavailable, info.jid, to))
+        await server.router.route(unavailable.addressed(to))
 
 
 async def answer_probe(server: Server, prober: JID, contact: JID) -> None:

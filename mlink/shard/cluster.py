@@ -27,7 +27,7 @@ from mlink.shard import frames
 from mlink.shard.bus import Bus
 from mlink.shard.frames import Frame, FrameType, SessionEntry
 from mlink.stream.errors import stanza_error
-from mlink.xml.serialize import CLIENT_NS, serialize
+from mlink.xml.serialize import CLIENT_NS, Shared, serialize
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -217,6 +217,8 @@ class Cluster:
 
     def _receive_fanout(self, stanza: ET.Element, recipients: list[str]) -> None:
         sessions = self.server.sessions
+        # Serialised once per stream framing, each recipient's `to` spliced in.
+        shared = Shared(stanza)
         for target in recipients:
             full, _, to = target.partition("\0")
             try:
@@ -224,8 +226,7 @@ class Cluster:
             except InvalidJID:
                 continue
             if conn is not None:
-                stanza.set("to", to or full)
-                conn.deliver(stanza)  # serialised now, so `to` may change next
+                conn.deliver(shared.addressed(to or full))
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:
         full = parse_jid(entry.jid)

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from types import TracebackType
@@ -85,6 +86,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Switching a new database to WAL can fail at once with "database is
+# locked" when two shards open it together: SQLite does not run the busy
+# handler where waiting could deadlock. Retry, each after this pause, for
+# at most the busy timeout (we are in a worker thread: sleeping is fine).
+WAL_RETRY_PAUSE = 0.01
+
+
+def _set_wal(conn: sqlite3.Connection) -> str:
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(WAL_RETRY_PAUSE)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     """A connection in autocommit mode (we issue BEGIN/COMMIT ourselves) with
     the WAL, durability and lock-wait settings; worker thread."""
@@ -96,7 +115,7 @@ def _connect(path: Path) -> sqlite3.Connection:
     )
     try:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _set_wal(conn)
         if str(mode).lower() != "wal":
             raise StoreError(
                 f"{path}: cannot use WAL journal mode (got {mode!r}); the data directory "

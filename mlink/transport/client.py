@@ -3,12 +3,16 @@
 Two tasks per connection, no more: the reader feeds bytes to the stream
 machine and acts on its events; the writer sends everything queued for the
 client in one `send_all` per wake-up (write coalescing), so a burst of
-stanzas costs one TLS record, not one each.
+stanzas costs one TLS record, not one each. On a plain TCP socket with
+nothing queued and no send in progress, output is written at once
+(write-through, Prosody's "opportunistic writes"): no writer wake-up per
+stanza; only what the socket does not take is left to the writer.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
@@ -53,6 +57,7 @@ class ClientConnection:
         self._drained = trio.Event()
         self._drained.set()
         self._closing = False
+        self._sending = False  # the writer is in `send_all`
         self._bound = False
         self._scope = trio.CancelScope()
 
@@ -72,6 +77,9 @@ class ClientConnection:
         self.xmpp.close(condition, text)
         self._flush_machine()
         self._closing = True
+        # The writer ends the connection once all is out, even when the
+        # closing tag was written through.
+        self._has_output.set()
 
     # -- tasks ----------------------------------------------------------------
 
@@ -207,6 +215,16 @@ class ClientConnection:
             self._queue(message)
 
     def _queue(self, data: bytes) -> None:
+        if not self._outbox and not self._sending and type(self.transport) is trio.SocketStream:
+            fd = self.transport.socket.fileno()
+            if fd >= 0 and data:
+                try:
+                    sent = os.write(fd, data)
+                except OSError:
+                    sent = 0  # full (or broken: the writer finds out)
+                if sent == len(data):
+                    return
+                data = data[sent:]
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         self._drained = trio.Event() if self._drained.is_set() else self._drained
@@ -227,6 +245,7 @@ class ClientConnection:
             batch = self._outbox
             self._outbox = []
             self._outbox_bytes = 0
+            self._sending = True
             try:
                 await self._send(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -234,6 +253,8 @@ class ClientConnection:
                 self._drained.set()
                 self._scope.cancel()
                 return
+            finally:
+                self._sending = False
             if not self._outbox:
                 self._drained.set()
                 if self._closing:
