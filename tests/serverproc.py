@@ -147,12 +147,14 @@ _PORT_SPAN = 12000
 _PORT_TRIES = 1000
 
 
-def serve(config: Path, domain: str) -> MlinkProcess:
-    # A configuration with a port-0 listener can only run one shard.
-    fixed_ports = 'port="0"' not in config.read_text()
-    shards = ["--shards", str(TEST_SHARDS)] if TEST_SHARDS > 1 and fixed_ports else []
+def serve(config: Path, domain: str, shards: int | None = None) -> MlinkProcess:
+    """`mlink serve` with `shards` shard processes (default TEST_SHARDS; a
+    configuration with a port-0 listener can only run one shard)."""
+    if shards is None:
+        shards = TEST_SHARDS if 'port="0"' not in config.read_text() else 1
+    args = ["--shards", str(shards)] if shards > 1 else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config), *shards],
+        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config), *args],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
@@ -164,6 +166,8 @@ def serve(config: Path, domain: str) -> MlinkProcess:
         ws = None
         if '<listen type="websocket"' in config.read_text():
             ws = int(log.wait_for(r"listening for websocket .* port (\d+)").group(1))
+        if shards > 1:
+            log.wait_for(rf"all {shards} shard\(s\) ready")
     except AssertionError:
         proc.kill()
         raise
@@ -185,13 +189,16 @@ def stop(server: MlinkProcess) -> int:
 def start_mlink(setup: Path, domain: str, cert_files: tuple[Path, Path],
                 users: dict[str, str] | None = None,
                 ldap: str | None = None,
-                edit_config: Callable[[str], str] | None = None) -> Iterator[MlinkProcess]:
+                edit_config: Callable[[str], str] | None = None,
+                shards: int | None = None) -> Iterator[MlinkProcess]:
     """`mlink init` a setup on free ports, add users, serve; stop on exit.
 
     `ldap` replaces the `<directory>` element; `edit_config` then rewrites
-    the configuration text as it likes."""
+    the configuration text as it likes. `shards` (default TEST_SHARDS) above
+    one needs fixed ports, which are then picked free."""
     cert, key = cert_files
-    ports = [str(p) for p in free_ports(3)] if TEST_SHARDS > 1 else ["0", "0", "0"]
+    wanted = TEST_SHARDS if shards is None else shards
+    ports = [str(p) for p in free_ports(3)] if wanted > 1 else ["0", "0", "0"]
     mlink("init", str(setup), "--domain", domain, "--c2s-port", ports[0], "--tls-port",
           ports[1], "--ws-port", ports[2], "--tls-cert", str(cert), "--tls-key", str(key))
     config = setup / "mlink.xml"
@@ -203,9 +210,13 @@ def start_mlink(setup: Path, domain: str, cert_files: tuple[Path, Path],
         if edit_config is not None:
             text = edit_config(text)
         config.write_text(text)
-    for jid, password in (users or {}).items():
-        mlink("user", "add", jid, "--password", password, "--config", str(config))
-    server = serve(config, domain)
+    if users:
+        # One `mlink user import`, not one process per user.
+        listing = setup / "users.txt"
+        listing.write_text("".join(f"{jid} {pw}\n" for jid, pw in users.items()))
+        mlink("user", "import", str(listing), "--config", str(config))
+        listing.unlink()
+    server = serve(config, domain, shards)
     try:
         yield server
     finally:

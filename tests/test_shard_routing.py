@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.rawclient import RawClient, expect_stream_error, ping, read_stanza_text
-from tests.serverproc import DOMAIN, REPO, LogReader, free_ports, mlink
+from tests.serverproc import DOMAIN, LogReader, start_mlink
 
 # Shards start, clients land: well within this on a loaded machine.
 TIMEOUT = 30.0
@@ -63,32 +62,10 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, cert_files, ca_file) -> Iterator[Cluster]:
-    cert, key = cert_files
     setup = tmp_path_factory.mktemp("shards") / "s"
-    c2s, tls, ws = free_ports(3)
-    mlink("init", str(setup), "--domain", DOMAIN, "--c2s-port", str(c2s), "--tls-port",
-          str(tls), "--ws-port", str(ws), "--tls-cert", str(cert), "--tls-key", str(key))
-    config = setup / "mlink.xml"
-    for user, pw in USERS.items():
-        mlink("user", "add", f"{user}@{DOMAIN}", "--password", pw, "--config", str(config))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config),
-         "--shards", "2"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    log = LogReader(proc.stderr)  # type: ignore[arg-type]
-    try:
-        log.wait_for(r"all 2 shard\(s\) ready", TIMEOUT)
-        yield Cluster(proc, log, config, c2s, ca_file)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            assert proc.wait(timeout=TIMEOUT) == 0, log.text()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.join()
+    users = {f"{user}@{DOMAIN}": pw for user, pw in USERS.items()}
+    with start_mlink(setup, DOMAIN, cert_files, users=users, shards=2) as server:
+        yield Cluster(server.proc, server.log, server.config, server.c2s_port, ca_file)
 
 
 @pytest.fixture

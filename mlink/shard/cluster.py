@@ -257,9 +257,6 @@ class Cluster:
         for payload, flags in frames.encode_table_snapshots(entries):
             self.bus.send(shard, Frame(FrameType.TABLE_SNAPSHOT, payload, flags))
 
-    def stats(self) -> dict[str, int]:
-        return {"remote_sessions": len(self._by_full)}
-
 
 def _entry(info: SessionInfo) -> SessionEntry:
     presence = serialize(info.presence) if info.presence is not None else b""

@@ -281,10 +281,6 @@ class C2SStream:
         ET.SubElement(bind, f"{{{BIND_NS}}}jid").text = str(self.jid)
         self._send_element(reply)
 
-    def send_element(self, elem: ET.Element) -> None:
-        """Queue a stanza for the client (only once established)."""
-        self._out.append(self.framing.stanza(elem))
-
     def close(self, condition: str | None = None, text: str = "") -> StreamEnded:
         """Server-initiated end: a stream error when `condition` is given."""
         if condition:

@@ -67,10 +67,6 @@ class ClientConnection:
         if not self._closing:
             self._queue(self.xmpp.framing.stanza(stanza))
 
-    def deliver_bytes(self, data: bytes) -> None:
-        if not self._closing:
-            self._queue(data)
-
     def kick(self, condition: str, text: str = "") -> None:
         if self._closing:
             return
