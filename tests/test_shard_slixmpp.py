@@ -5,21 +5,26 @@ placement is printed (run with -s to see it)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import signal
 import ssl
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
 import slixmpp
 
-from tests.serverproc import DOMAIN, start_mlink
+from tests.serverproc import DOMAIN, REPO, LogReader, free_ports, mlink
 
 USERS = 50
 NEIGHBOURS = 1  # subscribed both ways with the next and previous user in a ring
 MESSAGES_TO = 10  # each user writes to the next ten users
 # Everything is local; this bounds a hung run, it is not a measurement.
 RUN_TIMEOUT = 120.0
+START_TIMEOUT = 30.0
 
 
 def jid(i: int) -> str:
@@ -55,12 +60,28 @@ class Member(slixmpp.ClientXMPP):
 
 
 def test_fifty_slixmpp_users_over_two_shards(tmp_path, cert_files, ca_file):
-    users = {jid(i): f"pw{i}" for i in range(USERS)}
-    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users=users, shards=2) as server:
-        members = asyncio.run(asyncio.wait_for(_run(server.c2s_port, ca_file), RUN_TIMEOUT))
+    cert, key = cert_files
+    c2s, tls, ws = free_ports(3)
+    setup = tmp_path / "s"
+    mlink("init", str(setup), "--domain", DOMAIN, "--c2s-port", str(c2s), "--tls-port",
+          str(tls), "--ws-port", str(ws), "--tls-cert", str(cert), "--tls-key", str(key))
+    config = setup / "mlink.xml"
+    (tmp_path / "users.txt").write_text("".join(f"{jid(i)} pw{i}\n" for i in range(USERS)))
+    mlink("user", "import", str(tmp_path / "users.txt"), "--config", str(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlink.admin.cli", "serve", "--config", str(config),
+         "--shards", "2"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    log = LogReader(proc.stderr)  # type: ignore[arg-type]
+    try:
+        log.wait_for(r"all 2 shard\(s\) ready", START_TIMEOUT)
+        members = asyncio.run(asyncio.wait_for(_run(c2s, ca_file), RUN_TIMEOUT))
         placement = {m[2]: int(m[1]) for m in
                      re.finditer(r"shard-(\d+) mlink.c2s: bound (u\d\d@\S+)/ring$",
-                                 server.log.text(), re.M)}
+                                 log.text(), re.M)}
+        placement = {j.split("/")[0]: s for j, s in placement.items()}
         print("\nshard placement:", dict(sorted(placement.items())))
         print("sessions per shard:", dict(Counter(placement.values())))
         assert len(placement) == USERS and set(placement.values()) == {0, 1}
@@ -70,6 +91,10 @@ def test_fifty_slixmpp_users_over_two_shards(tmp_path, cert_files, ca_file):
             assert neighbours <= m.seen_available, (jid(i), m.seen_available)
             expected = {f"from {(i - d) % USERS} to {i}" for d in range(1, MESSAGES_TO + 1)}
             assert set(m.received) == expected, (jid(i), sorted(m.received))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=START_TIMEOUT) == 0, log.text()[-3000:]
+        log.join()
 
 
 async def _until(progress: asyncio.Event, done: Callable[[], bool]) -> None:

@@ -267,7 +267,12 @@ class UnixSocketBus(Bus):
             peer.wakeup = trio.Event()
             batch, peer.pending = peer.pending, []
             data = b"".join(batch)
-            await stream.send_all(data)
+            try:
+                await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                # The reader sees the end too and closes the connection.
+                log.info("bus: sending to shard %d failed: %s", peer.index, exc)
+                return
             peer.pending_bytes -= len(data)
             peer.stats.frames_out += len(batch)
             peer.stats.bytes_out += len(data)
@@ -276,6 +281,18 @@ class UnixSocketBus(Bus):
     # -- receiving ----------------------------------------------------------------
 
     async def _reader(self, peer: _Peer, stream: trio.SocketStream, decoder: FrameDecoder) -> None:
+        """Read frames until the connection ends. Its errors end it here, not
+        in the nursery around reader and writer (which would wrap them in an
+        ExceptionGroup that nothing above expects)."""
+        try:
+            await self._read_frames(peer, stream, decoder)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            log.info("bus: connection to shard %d lost: %s", peer.index, exc)
+        except FrameError as exc:
+            log.warning("bus: shard %d sent a bad frame: %s; reconnecting", peer.index, exc)
+
+    async def _read_frames(self, peer: _Peer, stream: trio.SocketStream,
+                           decoder: FrameDecoder) -> None:
         stats = peer.stats
         while True:
             data = await stream.receive_some(RECEIVE_BYTES)
