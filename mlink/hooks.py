@@ -16,6 +16,9 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
 Session events (handlers get a `SessionInfo`, return value ignored):
 - `session/bound`, `session/closed`, `session/initial-presence`.
 
+Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
+of a namespace a module registered (`Module.add_nonza_handler`).
+
 Profile events: `profile/photo-changed` (the user's bare JID string) when
 mlink wrote a new photo, so presence can carry the new avatar hash.
 
@@ -26,6 +29,7 @@ runs only when no handler consumed the event.
 
 from __future__ import annotations
 
+import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,6 +39,8 @@ from mlink.jid import JID
 
 if TYPE_CHECKING:
     from mlink.router.sessions import SessionInfo
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -54,6 +60,15 @@ class StanzaEvent:
         return self.stanza.get("type")
 
 
+@dataclass(slots=True)
+class NonzaEvent:
+    """A top-level non-stanza element of a module's namespace, from the
+    established stream of `session` (event `nonza/<namespace>`)."""
+
+    session: SessionInfo
+    element: ET.Element
+
+
 Handler = Callable[[Any], Awaitable[bool | None]]
 
 
@@ -61,10 +76,6 @@ class Hooks:
     def __init__(self) -> None:
         self._handlers: dict[str, list[tuple[int, Handler]]] = {}
         self.features: set[str] = set()
-        # Serialised children of <stream:features>: offered on every stream
-        # (`stream_features`) or only once authenticated (`session_features`).
-        self.stream_features: list[bytes] = []
-        self.session_features: list[bytes] = []
         # What accounts show in disco#info besides account/registered and
         # the namespaces answered for them (e.g. PEP: pubsub/pep).
         self.account_identities: list[tuple[str, str, str]] = []
@@ -93,9 +104,15 @@ class Hooks:
         return False
 
     async def notify(self, name: str, event: object) -> None:
-        """Run every handler of `name` (for events nobody consumes)."""
+        """Run every handler of `name` (for events nobody consumes). A
+        handler's crash is logged once and the others still run: one
+        module's bug must not cost another module its event."""
         for _, handler in self._handlers.get(name, ()):
-            await handler(event)
+            try:
+                await handler(event)
+            except Exception:
+                log.exception("handler %s of event %s failed",
+                              getattr(handler, "__qualname__", handler), name)
 
 
 def iq_child_namespace(iq: ET.Element) -> str:

@@ -8,22 +8,35 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from mlink.config_model import Config, ListenerConfig
 from mlink.directory import open_directory
 from mlink.directory.base import Directory, DirectoryUnavailable
-from mlink.hooks import Hooks
+from mlink.hooks import Hooks, NonzaEvent
 from mlink.jid import JID
+from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
-from mlink.router.rosters import RosterCache, rosters_of
 from mlink.router.router import Router
-from mlink.router.sessions import SessionTable
+from mlink.router.sessions import SessionInfo, SessionTable
+from mlink.sasl.mock_key import load_mock_salt_key
+from mlink.sasl.registry import (
+    PASSWORD,
+    SCRAM_SECRET,
+    UNAVAILABLE,
+    CredentialSource,
+    MechanismProvider,
+    NeedCredential,
+    SaslRegistry,
+    builtin_providers,
+)
 from mlink.store import DEFAULT_FILENAME, Store
+from mlink.store.module_store import ModuleStore
 from mlink.stream.c2s import StreamSettings
 
 if TYPE_CHECKING:
@@ -32,7 +45,7 @@ from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
 
-log = logging.getLogger("mlink.server")
+log = logging.getLogger(__name__)
 
 # Pending connections the kernel queues per listener: enough for a login
 # storm from a benchmark or a reconnecting fleet of clients.
@@ -64,15 +77,55 @@ class Server:
         self.store: Store = None  # type: ignore[assignment]
         # Long-running work of modules (e.g. refreshing directory groups),
         # run in the server's nursery while it serves: owned, never orphaned.
-        self.background_tasks: list[Callable[[], Awaitable[None]]] = []
+        self.background_tasks: list[tuple[str, Callable[[], Awaitable[None]]]] = []
         # Cache name -> drop the named user's cached copy (see `changed`).
         self.cache_invalidators: dict[str, Callable[[str], None]] = {}
-        self.rosters: RosterCache = rosters_of(self)
-        load_modules(self)
+        # Services modules share (`Module.shared`), by name.
+        self._shared: dict[str, Any] = {}
+        self._module_stores: dict[str, ModuleStore] = {}
+        # Module bus channels ("<module>/<name>") -> handler (`Module.on_bus`).
+        self.bus_handlers: dict[str, BusHandler] = {}
+        # What modules add to <stream:features>: (provider, after authentication).
+        self.stream_feature_providers: list[tuple[FeatureProvider, bool]] = []
+        self.sasl = SaslRegistry()
+        for provider in builtin_providers():
+            self.sasl.add_mechanism(provider)
+        self.sasl.add_credential_source(PASSWORD, self._check_password)
+        self.sasl.add_credential_source(SCRAM_SECRET, self._scram_secret)
+        self.mock_salt_key = load_mock_salt_key(config.data_dir)
+        # Namespaces of nonzas modules handle on established streams.
+        self.nonza_namespaces: set[str] = set()
+        self.modules = load_modules(self, getattr(config, "modules", None))
         self.connections: set[ClientConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
+
+    # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
+
+    async def _check_password(self, jid: str, request: NeedCredential) -> object:
+        try:
+            return await self.directory.check_password(jid, request.detail["password"])
+        except DirectoryUnavailable as exc:
+            log.warning("directory unavailable while authenticating %s: %s", jid, exc)
+            return UNAVAILABLE
+
+    async def _scram_secret(self, jid: str, request: NeedCredential) -> object:
+        try:
+            return await self.directory.scram_secret(jid, request.detail["mechanism"])
+        except DirectoryUnavailable as exc:
+            log.warning("directory unavailable while authenticating %s: %s", jid, exc)
+            return UNAVAILABLE
+
+    async def nonza_received(self, info: SessionInfo, element: ET.Element) -> None:
+        """A module's nonza from an established stream: its handler runs
+        like a stanza's, isolated from the stream on a crash."""
+        namespace = element.tag[1:].partition("}")[0]
+        try:
+            with self.router.batch():
+                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element))
+        except Exception:
+            log.exception("nonza handler failed: %s from %s", element.tag, info.jid)
 
     async def _account_exists(self, bare: JID) -> bool:
         try:
@@ -117,6 +170,53 @@ class Server:
 
         self.router.cluster = Cluster(self, bus)
 
+    # -- ModuleHost (mlink.module): what modules reach through their context --------
+
+    def spawn_background(self, name: str, task: Callable[[], Awaitable[None]]) -> None:
+        self.background_tasks.append((name, task))
+
+    def shared_service(self, name: str, factory: Callable[[], Any]) -> Any:
+        if name not in self._shared:
+            self._shared[name] = factory()
+        return self._shared[name]
+
+    def module_store(self, module: str) -> ModuleStore:
+        found = self._module_stores.get(module)
+        if found is None:
+            found = self._module_stores[module] = ModuleStore(lambda: self.store, module)
+        return found
+
+    def bus_subscribe(self, channel: str, handler: BusHandler) -> None:
+        self.bus_handlers[channel] = handler
+
+    def bus_send(self, channel: str, payload: bytes, shard: int | None = None) -> None:
+        if self.router.cluster is not None:
+            self.router.cluster.send_module(channel, payload, shard)
+
+    def owner(self, key: str) -> int:
+        cluster = self.router.cluster
+        return cluster.owner(key) if cluster is not None else 0
+
+    @property
+    def shard(self) -> int:
+        cluster = self.router.cluster
+        return cluster.shard if cluster is not None else 0
+
+    def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None:
+        self.stream_feature_providers.append((provider, authenticated))
+
+    def add_sasl_mechanism(self, provider: MechanismProvider) -> None:
+        self.sasl.add_mechanism(provider)
+
+    def add_credential_source(self, kind: str, source: CredentialSource) -> None:
+        self.sasl.add_credential_source(kind, source)
+
+    def register_cache(self, name: str, invalidate: Callable[[str], None]) -> Callable[[str], None]:
+        """Register a per-user cache under `name`; returns `changed(user)`,
+        which makes the other shards drop their copies of `user`'s entry."""
+        self.cache_invalidators[name] = invalidate
+        return lambda user: self.changed(user, name)
+
     def changed(self, user: str, what: str) -> None:
         """`user`'s durable `what` ("roster", "blocklist") was written: other
         shards drop their cached copies (a no-op in one process)."""
@@ -133,8 +233,10 @@ class Server:
             tls_active=tls_active,
             max_stanza_bytes=limits.max_stanza_bytes,
             max_depth=limits.max_depth,
-            extra_features=b"".join(self.hooks.stream_features),
-            session_features=b"".join(self.hooks.session_features),
+            feature_providers=tuple(self.stream_feature_providers),
+            sasl=self.sasl,
+            nonza_namespaces=frozenset(self.nonza_namespaces),
+            mock_salt_key=self.mock_salt_key,
             websocket=websocket,
         )
 
@@ -142,6 +244,8 @@ class Server:
         """Listen on every configured listener until cancelled."""
         if self.store is None:
             self.store = await Store.open(self.config.data_dir / STORE_FILE)
+        for module_store in self._module_stores.values():
+            await module_store.migrate()
         async with trio.open_nursery() as nursery:
             for lc in self.config.listeners:
                 if lc.kind in TLS_KINDS and self.tls is None:
@@ -160,9 +264,17 @@ class Server:
                 log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
                          lc.address, port)
                 nursery.start_soon(self._accept_loop, listener, handler)
-            for task in self.background_tasks:
-                nursery.start_soon(task)
+            for name, task in self.background_tasks:
+                nursery.start_soon(self._run_background, name, task)
             task_status.started()
+
+    async def _run_background(self, name: str, task: Callable[[], Awaitable[None]]) -> None:
+        """A module's background task: its crash is logged, and the rest of
+        the server (every other module and connection) keeps running."""
+        try:
+            await task()
+        except Exception:
+            log.exception("background task of module %s crashed", name)
 
     async def _accept_loop(
         self,

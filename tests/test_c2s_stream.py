@@ -8,6 +8,7 @@ import re
 import pytest
 
 from mlink.sasl.secrets import derive_secret
+from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
 
 HEADER = (
@@ -42,8 +43,8 @@ def plain_login(stream: c2s.C2SStream, password_ok: bool = True) -> str:
     open_stream(stream)
     token = base64.b64encode(b"\0alice\0secret").decode()
     events, _ = send(stream, f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
-    assert events == [c2s.CheckPassword("alice@example.com", "secret")]
-    events = stream.password_checked(password_ok)
+    assert [(e.jid, e.request.kind, e.request.detail["password"]) for e in events] == [("alice@example.com", "password", "secret")]
+    events = stream.credential_provided(password_ok)
     return stream.data_to_send().decode()
 
 
@@ -151,7 +152,7 @@ def test_wrong_password_then_right_one_on_the_same_stream():
     assert "<not-authorized/>" in out
     token = base64.b64encode(b"\0alice\0secret").decode()
     events, _ = send(stream, f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
-    stream.password_checked(True)
+    stream.credential_provided(True)
     assert "<success" in stream.data_to_send().decode()
 
 
@@ -160,7 +161,7 @@ def test_directory_down_is_temporary_auth_failure():
     open_stream(stream)
     token = base64.b64encode(b"\0alice\0secret").decode()
     send(stream, f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
-    stream.password_checked(None)
+    stream.credential_provided(UNAVAILABLE)
     assert "<temporary-auth-failure/>" in stream.data_to_send().decode()
 
 
@@ -170,9 +171,9 @@ def test_scram_sha_256_exchange():
     first = "n,,n=alice,r=clientnonce"
     events, _ = send(stream, "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-256'>"
                              + base64.b64encode(first.encode()).decode() + "</auth>")
-    assert events == [c2s.FindSecret("alice@example.com", "SCRAM-SHA-256")]
+    assert [(e.jid, e.request.kind, e.request.detail["mechanism"]) for e in events] == [("alice@example.com", "scram-secret", "SCRAM-SHA-256")]
     secret = derive_secret("SCRAM-SHA-256", "pencil", b"salt" * 4, 4096)
-    stream.secret_found(secret)
+    stream.credential_provided(secret)
     out = stream.data_to_send().decode()
     assert out.startswith("<challenge xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>")
 

@@ -28,8 +28,8 @@ def login(stream: c2s.C2SStream) -> None:
     assert "starttls" not in out[1] and "<mechanism>PLAIN</mechanism>" in out[1]
     token = base64.b64encode(b"\0alice\0pw").decode()
     events, _ = send(stream, f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>")
-    assert events == [c2s.CheckPassword("alice@example.com", "pw")]
-    stream.password_checked(True)
+    assert [(e.jid, e.request.kind, e.request.detail["password"]) for e in events] == [("alice@example.com", "password", "pw")]
+    stream.credential_provided(True)
     assert stream.messages_to_send()[0].startswith(b"<success")
     _, out = send(stream, OPEN)
     assert "<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>" in out[1]

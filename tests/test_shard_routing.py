@@ -41,7 +41,7 @@ class Cluster:
             mark = self.log.mark()
             client = RawClient(self.port, self.ca_file)
             jid = client.login(DOMAIN, user, USERS[user], resource=resource)
-            m = self.log.wait_for(rf"shard-(\d+) mlink.c2s: bound {jid}$", TIMEOUT, mark)
+            m = self.log.wait_for(rf"shard-(\d+) mlink\.transport\.client: \S+: bound {jid}$", TIMEOUT, mark)
             if int(m[1]) == shard:
                 self.clients.append(client)
                 if presence is not None:

@@ -79,7 +79,7 @@ def test_fifty_slixmpp_users_over_two_shards(tmp_path, cert_files, ca_file):
         log.wait_for(r"all 2 shard\(s\) ready", START_TIMEOUT)
         members = asyncio.run(asyncio.wait_for(_run(c2s, ca_file), RUN_TIMEOUT))
         placement = {m[2]: int(m[1]) for m in
-                     re.finditer(r"shard-(\d+) mlink.c2s: bound (u\d\d@\S+)/ring$",
+                     re.finditer(r"shard-(\d+) mlink\.transport\.client: \S+: bound (u\d\d@\S+)/ring$",
                                  log.text(), re.M)}
         placement = {j.split("/")[0]: s for j, s in placement.items()}
         print("\nshard placement:", dict(sorted(placement.items())))

@@ -1,47 +1,55 @@
-"""Features, one module each; `load_modules` registers them on the hooks.
+"""Features, one module each, loaded by name from the configuration.
 
-A module is a file with `register(server)`: it declares the disco features
-it adds and hooks the events it handles (see `mlink.hooks`). It talks to
-clients only through `server.router`, and to data only through
-`server.directory` and `server.store`.
+A module is a file with `setup(module: mlink.module.Module) -> None`: it
+declares the disco features it adds and hooks the events it handles (see
+`mlink.hooks`), through its own `Module` context, never the server. The
+configuration's `<modules>` section turns default modules off and names
+others by import path; without it, `DEFAULT_MODULES` run. A module may
+define `OPTIONS`, a dataclass of its settings (see docs/modules.md).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING
 
-from mlink.modules import (
-    avatar,
-    blocking,
-    carbons,
-    disco,
-    last,
-    offline,
-    ping,
-    presence,
-    private,
-    roster,
-    shared_groups,
-    subscription,
-    user_profile,
-    vcard,
-    version,
-)
+from mlink.module import Module
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import ModuleHost
 
-# Order matters only where two modules hook one event at the same priority.
-MODULES = (
-    roster, presence, subscription, offline, blocking, carbons, disco, ping, version, last, private,
-    vcard, user_profile, avatar,
-    shared_groups,
+# The default set, in load order. Order matters only where two modules hook
+# one event at the same priority.
+DEFAULT_MODULES: tuple[str, ...] = (
+    "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
+    "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
 )
 
 
-def load_modules(server: Server) -> None:
-    for module in MODULES:
-        module.register(server)
-    # XEP-0115: the caps hash covers every module's features, so it can
-    # only be computed once all have registered.
-    server.hooks.stream_features.append(disco.caps_element(server))
+class ModuleLoadError(Exception):
+    """A configured module cannot be imported or has no `setup`."""
+
+
+def import_module_file(name: str) -> ModuleType:
+    """`name` is one of ours ("carbons") or an import path ("acme.audit")."""
+    path = name if "." in name else f"mlink.modules.{name}"
+    try:
+        found = importlib.import_module(path)
+    except ImportError as exc:
+        raise ModuleLoadError(f"unknown module {name!r}: {exc}") from None
+    if not callable(getattr(found, "setup", None)):
+        raise ModuleLoadError(f"module {name!r} has no setup(module) function")
+    return found
+
+
+def load_modules(host: ModuleHost, names: Sequence[str] | None = None) -> list[Module]:
+    """Set up each named module (the default set when None) with its own
+    context; returns the contexts, in load order."""
+    contexts: list[Module] = []
+    for name in DEFAULT_MODULES if names is None else names:
+        context = Module(name, host)
+        import_module_file(name).setup(context)
+        contexts.append(context)
+    return contexts

@@ -45,9 +45,9 @@ from mlink.profile.fields import PHOTO_FIELD
 from mlink.profile.model import PHOTO_CHANGED, ProfileError, profiles_of
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.avatar")
+log = logging.getLogger(__name__)
 
 UPDATE_NS = "vcard-temp:x:update"
 PUBSUB_NS = "http://jabber.org/protocol/pubsub"
@@ -84,9 +84,9 @@ def with_photo_hash(stanza: ET.Element, photo: bytes | None) -> None:
     stanza.append(update_element(photo))
 
 
-def register(server: Server) -> None:
-    router = server.router
-    service = profiles_of(server)
+def setup(module: Module) -> None:
+    router = module.router
+    service = profiles_of(module)
     pending: OrderedDict[str, tuple[str, bytes]] = OrderedDict()
 
     async def current_photo(user: str) -> bytes | None:
@@ -120,7 +120,7 @@ def register(server: Server) -> None:
             stanza.extend(list(info.presence))
             stanza.attrib.pop("to", None)
             with_photo_hash(stanza, photo)
-            await become_available(server, info, stanza, info.priority)
+            await become_available(module, info, stanza, info.priority)
 
     async def get_items(event: StanzaEvent) -> bool:
         pubsub = event.stanza[0]
@@ -251,15 +251,14 @@ def register(server: Server) -> None:
     async def _set_photo(user: str, photo: bytes | None) -> None:
         changed = await service.update(user, {PHOTO_FIELD: [photo] if photo else []})
         if PHOTO_FIELD in changed:
-            await server.hooks.notify(PHOTO_CHANGED, parse_jid(user).bare)
+            await module.fire(PHOTO_CHANGED, parse_jid(user).bare)
 
     for scope in ("bare", "full"):
-        server.hooks.on(f"pre-presence/{scope}", outgoing_presence, PRESENCE_PRIORITY)
-    server.hooks.on(PHOTO_CHANGED, photo_changed)
-    server.hooks.add_feature(PUBSUB_NS)
+        module.hook(f"pre-presence/{scope}", outgoing_presence, PRESENCE_PRIORITY)
+    module.hook(PHOTO_CHANGED, photo_changed)
+    module.add_feature(PUBSUB_NS)
     # XEP-0163 §4: clients look for this identity before they use PEP.
-    server.hooks.account_identities.append(("pubsub", "pep", ""))
-    server.hooks.account_features.add(f"{PUBSUB_NS}#publish")
-    server.hooks.on(f"iq-get/self/{PUBSUB_NS}", get_items)
-    server.hooks.on(f"iq-get/bare/{PUBSUB_NS}", get_items)
-    server.hooks.on(f"iq-set/self/{PUBSUB_NS}", publish)
+    module.add_account_feature(f"{PUBSUB_NS}#publish", identity=("pubsub", "pep", ""))
+    module.hook(f"iq-get/self/{PUBSUB_NS}", get_items)
+    module.hook(f"iq-get/bare/{PUBSUB_NS}", get_items)
+    module.hook(f"iq-set/self/{PUBSUB_NS}", publish)

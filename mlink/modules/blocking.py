@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.module import BOOL_CODEC
 from mlink.modules.presence import send_presence_to
 from mlink.modules.util import iq_result
 from mlink.router.rosters import rosters_of
@@ -27,7 +28,7 @@ from mlink.stream.errors import stanza_error
 from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 BLOCKING_NS = "urn:xmpp:blocking"
 BLOCKING_ERRORS_NS = "urn:xmpp:blocking:errors"
@@ -70,8 +71,9 @@ class Blocklists:
     change: each committed change bumps the user's generation, and a load
     caches its result only if the generation did not move meanwhile."""
 
-    def __init__(self, server: Server) -> None:
-        self._server = server
+    def __init__(self, module: Module) -> None:
+        self._module = module
+        self._changed = module.user_cache("blocklists", self.invalidate)
         self._cache: dict[JID, frozenset[str]] = {}
         self._generation: dict[JID, int] = {}
 
@@ -81,12 +83,11 @@ class Blocklists:
         if cached is not None:
             return cached
         generation = self._generation.get(user, 0)
-        items = frozenset(await self._server.store.blocklist(str(user)))
-        router = self._server.router
+        items = frozenset(await self._module.data.blocklist(str(user)))
+        router = self._module.router
         # Online on any shard: every stanza to the user is checked against
         # the list, wherever it arrives (other shards' changes invalidate).
-        online = router.sessions.online(user) or (
-            router.cluster is not None and router.cluster.online(user))
+        online = router.online(user)
         if online and self._generation.get(user, 0) == generation:
             if len(self._cache) >= MAX_CACHED_BLOCKLISTS:
                 # Users whose last session ended on another shard are never
@@ -108,11 +109,11 @@ class Blocklists:
         any load that overlapped the write is kept from caching."""
         user = user.bare
         if block:
-            await self._server.store.block(str(user), jids or [])
+            await self._module.data.block(str(user), jids or [])
         else:
-            await self._server.store.unblock(str(user), jids)
+            await self._module.data.unblock(str(user), jids)
         self.invalidate(str(user))
-        self._server.changed(str(user), "blocklist")
+        self._changed(str(user))
 
     def invalidate(self, user_text: str) -> None:
         """Drop the cached list (changed here or, in a sharded server, on
@@ -135,11 +136,13 @@ def blocked_error(stanza: ET.Element) -> ET.Element:
     return reply
 
 
-def register(server: Server) -> None:
-    router = server.router
-    lists = Blocklists(server)
-    server.cache_invalidators["blocklist"] = lists.invalidate
-    rosters = rosters_of(server)
+def setup(module: Module) -> None:
+    router = module.router
+    # XEP-0191 §3.3: sessions that requested the list get its pushes, on
+    # whichever shard the change is made (replicated with the session).
+    requested = module.session_field("requested", False, BOOL_CODEC)
+    lists = Blocklists(module)
+    rosters = rosters_of(module)
     # Stanzas this module sends past its own filters (the unavailable
     # presence XEP-0191 §3.3 owes a newly blocked contact), by identity,
     # for the duration of their routing.
@@ -178,7 +181,7 @@ def register(server: Server) -> None:
             return True
         if event.origin is not None:
             # XEP-0191 §3.3: this session now gets the list's pushes.
-            event.origin.blocklist_requested = True
+            requested.set(event.origin, True)
         payload = ET.Element(f"{{{BLOCKING_NS}}}blocklist")
         for jid in sorted(await lists.get(event.sender)):
             ET.SubElement(payload, f"{{{BLOCKING_NS}}}item", {"jid": jid})
@@ -217,7 +220,7 @@ def register(server: Server) -> None:
         """§3.3/§3.4: the change goes to every session that asked for the
         blocklist, the one that made it included."""
         for info in router.resources(user):
-            if info.blocklist_requested:
+            if requested.get(info):
                 iq = ET.Element(f"{{{CLIENT_NS}}}iq",
                                 {"type": "set", "id": "push-" + secrets.token_hex(PUSH_ID_BYTES),
                                  "to": str(info.jid)})
@@ -257,7 +260,7 @@ def register(server: Server) -> None:
             if item is None:
                 continue
             if item.subscription in SENDS_PRESENCE:
-                await send_presence_to(server, user, parse_jid(jid))
+                await send_presence_to(module, user, parse_jid(jid))
             if item.subscription in GETS_PRESENCE:
                 await router.route(ET.Element(f"{{{CLIENT_NS}}}presence",
                                               {"type": "probe", "from": str(user), "to": jid}))
@@ -273,13 +276,13 @@ def register(server: Server) -> None:
         if not router.resources(info.jid.bare):
             lists.forget(info.jid.bare)
 
-    server.hooks.add_feature(BLOCKING_NS)
-    server.hooks.on(f"iq-get/self/{BLOCKING_NS}", get_list)
-    server.hooks.on(f"iq-set/self/{BLOCKING_NS}", set_list)
+    module.add_feature(BLOCKING_NS)
+    module.hook(f"iq-get/self/{BLOCKING_NS}", get_list)
+    module.hook(f"iq-set/self/{BLOCKING_NS}", set_list)
     for kind in STANZA_KINDS:
         for scope in ("bare", "full", "host"):
-            server.hooks.on(f"pre-{kind}/{scope}", outbound, FILTER_PRIORITY)
+            module.hook(f"pre-{kind}/{scope}", outbound, FILTER_PRIORITY)
         for scope in ("bare", "full"):
-            server.hooks.on(f"{kind}/{scope}", inbound, FILTER_PRIORITY)
-    server.hooks.on("session/closed", session_closed)
+            module.hook(f"{kind}/{scope}", inbound, FILTER_PRIORITY)
+    module.hook("session/closed", session_closed)
 

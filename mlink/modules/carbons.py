@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING
 
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID
+from mlink.module import BOOL_CODEC
 from mlink.modules.util import iq_result
 from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 CARBONS_NS = "urn:xmpp:carbons:2"
 FORWARD_NS = "urn:xmpp:forward:0"
@@ -58,8 +59,11 @@ def wrap(direction: str, user: JID, to: JID, message: ET.Element) -> ET.Element:
     return carbon
 
 
-def register(server: Server) -> None:
-    router = server.router
+def setup(module: Module) -> None:
+    router = module.router
+    # Per session, replicated: a shard delivering to a session elsewhere
+    # must know whether that session wants copies.
+    enabled = module.session_field("enabled", False, BOOL_CODEC)
 
     async def toggle(event: StanzaEvent) -> bool:
         command = event.stanza[0].tag
@@ -69,13 +73,13 @@ def register(server: Server) -> None:
         if event.origin is None:
             await router.bounce(event.stanza, "not-allowed")
             return True
-        event.origin.carbons = command.endswith("}enable")
+        enabled.set(event.origin, command.endswith("}enable"))
         await router.route(iq_result(event.stanza))
         return True
 
     def copy_to(user: JID, skip: set[JID], direction: str, message: ET.Element) -> None:
         for info in router.resources(user):
-            if info.carbons and info.jid not in skip:
+            if enabled.get(info) and info.jid not in skip:
                 router.deliver(info.jid, wrap(direction, user, info.jid, message))
 
     async def received(event: StanzaEvent) -> None:
@@ -98,9 +102,9 @@ def register(server: Server) -> None:
         copy_to(event.sender.bare, {event.sender}, "sent", message)
         return False
 
-    server.hooks.add_feature(CARBONS_NS)
-    server.hooks.on(f"iq-set/self/{CARBONS_NS}", toggle)
-    server.hooks.on(f"iq-set/host/{CARBONS_NS}", toggle)
-    server.hooks.on("message/delivered", received)
+    module.add_feature(CARBONS_NS)
+    module.hook(f"iq-set/self/{CARBONS_NS}", toggle)
+    module.hook(f"iq-set/host/{CARBONS_NS}", toggle)
+    module.hook("message/delivered", received)
     for scope in ("bare", "full", "host"):
-        server.hooks.on(f"pre-message/{scope}", sent, SENT_PRIORITY)
+        module.hook(f"pre-message/{scope}", sent, SENT_PRIORITY)

@@ -19,10 +19,9 @@ from mlink.hooks import StanzaEvent
 from mlink.jid import JID
 from mlink.modules.util import iq_result
 from mlink.router.rosters import rosters_of
-from mlink.xml.serialize import escape_attr
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS_NS = "http://jabber.org/protocol/disco#items"
@@ -40,27 +39,27 @@ ACCOUNT_IDENTITY = ("account", "registered", "")
 SHARES_PRESENCE = frozenset({"from", "both"})
 
 
-async def shares_presence(server: Server, owner: JID, requester: JID) -> bool:
+async def shares_presence(module: Module, owner: JID, requester: JID) -> bool:
     """Whether `owner` lets `requester` see its presence (a roster item for
     the requester with subscription from or both). Disco of an account and
     XEP-0012 last activity are allowed only then."""
     if owner.bare == requester.bare:
         return True
-    roster = await rosters_of(server).get(str(owner.bare))
+    roster = await rosters_of(module).get(str(owner.bare))
     item = roster.items.get(str(requester.bare))
     return item is not None and item.subscription in SHARES_PRESENCE
 
 
-def server_features(server: Server) -> list[str]:
-    return sorted(server.hooks.features | {DISCO_INFO_NS, DISCO_ITEMS_NS})
+def server_features(module: Module) -> list[str]:
+    return sorted(module.server_features() | {DISCO_INFO_NS, DISCO_ITEMS_NS})
 
 
-def account_features(server: Server, owner: bool) -> list[str]:
+def account_features(module: Module, owner: bool) -> list[str]:
     """Features an account offers: namespaces the server answers for it."""
     scopes = ("bare", "self") if owner else ("bare",)
     found = {DISCO_INFO_NS, DISCO_ITEMS_NS}
-    for var in server.hooks.features:
-        if any(server.hooks.has(f"iq-{t}/{s}/{var}") for t in ("get", "set") for s in scopes):
+    for var in module.server_features():
+        if any(module.handles(f"iq-{t}/{s}/{var}") for t in ("get", "set") for s in scopes):
             found.add(var)
     return sorted(found)
 
@@ -74,18 +73,16 @@ def caps_ver(identities: list[tuple[str, str, str]], features: list[str]) -> str
     return base64.b64encode(digest).decode("ascii")
 
 
-def server_caps_ver(server: Server) -> str:
-    return caps_ver([SERVER_IDENTITY], server_features(server))
+def server_caps_ver(module: Module) -> str:
+    return caps_ver([SERVER_IDENTITY], server_features(module))
 
 
-def caps_element(server: Server) -> bytes:
+def caps_element(module: Module) -> ET.Element:
     """The `<c/>` stream feature (XEP-0115 §6.3) announcing the server's
-    capabilities. Compute it after every module has registered: the hash
-    covers all their features."""
-    return (
-        f"<c xmlns='{CAPS_NS}' hash='sha-1' node='{escape_attr(CAPS_NODE)}'"
-        f" ver='{escape_attr(server_caps_ver(server))}'/>"
-    ).encode()
+    capabilities. The hash covers every module's features, so it is worked
+    out when a stream first asks, after all modules are set up."""
+    return ET.Element(f"{{{CAPS_NS}}}c", {"hash": "sha-1", "node": CAPS_NODE,
+                                         "ver": server_caps_ver(module)})
 
 
 def _info(identities: list[tuple[str, str, str]], features: list[str],
@@ -103,12 +100,12 @@ def _info(identities: list[tuple[str, str, str]], features: list[str],
     return query
 
 
-def register(server: Server) -> None:
-    router = server.router
+def setup(module: Module) -> None:
+    router = module.router
 
     async def host_info(event: StanzaEvent) -> bool:
         node = event.stanza[0].get("node")
-        features = server_features(server)
+        features = server_features(module)
         if node is not None and node != f"{CAPS_NODE}#{caps_ver([SERVER_IDENTITY], features)}":
             await router.bounce(event.stanza, "item-not-found")
             return True
@@ -130,8 +127,9 @@ def register(server: Server) -> None:
             await router.bounce(event.stanza, "item-not-found")
             return True
         owner = event.sender.bare == event.to.bare
-        features = sorted({*account_features(server, owner), *server.hooks.account_features})
-        identities = [ACCOUNT_IDENTITY, *server.hooks.account_identities]
+        extra_identities, extra_features = module.account_extras()
+        features = sorted({*account_features(module, owner), *extra_features})
+        identities = [ACCOUNT_IDENTITY, *extra_identities]
         await router.route(iq_result(event.stanza, _info(identities, features, None)))
         return True
 
@@ -148,10 +146,20 @@ def register(server: Server) -> None:
         """XEP-0030 §8: the account's server answers only its owner and
         contacts who see its presence; to others an account looks like any
         JID that offers nothing (as Prosody does), leaking nothing."""
-        return await shares_presence(server, event.to, event.sender)
+        return await shares_presence(module, event.to, event.sender)
 
-    server.hooks.on(f"iq-get/host/{DISCO_INFO_NS}", host_info)
-    server.hooks.on(f"iq-get/host/{DISCO_ITEMS_NS}", host_items)
+    cached: dict[frozenset[str], ET.Element] = {}
+
+    def caps_feature(stream: object) -> ET.Element:
+        features = module.server_features()
+        if features not in cached:
+            cached.clear()
+            cached[features] = caps_element(module)
+        return cached[features]
+
+    module.add_stream_feature(caps_feature, authenticated=False)
+    module.hook(f"iq-get/host/{DISCO_INFO_NS}", host_info)
+    module.hook(f"iq-get/host/{DISCO_ITEMS_NS}", host_items)
     for scope in ("self", "bare"):
-        server.hooks.on(f"iq-get/{scope}/{DISCO_INFO_NS}", account_info)
-        server.hooks.on(f"iq-get/{scope}/{DISCO_ITEMS_NS}", account_items)
+        module.hook(f"iq-get/{scope}/{DISCO_INFO_NS}", account_info)
+        module.hook(f"iq-get/{scope}/{DISCO_ITEMS_NS}", account_items)

@@ -20,7 +20,7 @@ from mlink.modules.util import iq_result
 from mlink.router.sessions import SessionInfo
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 LAST_NS = "jabber:iq:last"
 # Runs after blocking's inbound filter (priority 100), which answers a
@@ -38,8 +38,8 @@ def _query(seconds: float, status: str = "") -> ET.Element:
     return query
 
 
-def register(server: Server) -> None:
-    router = server.router
+def setup(module: Module) -> None:
+    router = module.router
     started = time.monotonic()
     # Status text of the unavailable presence each session last broadcast.
     leaving_status: dict[JID, str] = {}
@@ -52,7 +52,7 @@ def register(server: Server) -> None:
     async def account_last(event: StanzaEvent) -> bool:
         """XEP-0012 §4 offline user query, answered by the server."""
         contact = event.to.bare
-        if not await shares_presence(server, contact, event.sender):
+        if not await shares_presence(module, contact, event.sender):
             await router.bounce(event.stanza, "forbidden")
             return True
         if any(info.available for info in router.resources(contact)):
@@ -60,7 +60,7 @@ def register(server: Server) -> None:
             # ejabberd answers); idle time is the clients' business.
             await router.route(iq_result(event.stanza, _query(0)))
             return True
-        last = await server.store.last_activity(str(contact))
+        last = await module.data.last_activity(str(contact))
         if last is None:
             await router.bounce(event.stanza, "item-not-found", "no recorded activity")
             return True
@@ -75,7 +75,7 @@ def register(server: Server) -> None:
         if (iq.get("type") != "get" or iq_child_namespace(iq) != LAST_NS
                 or event.sender.bare == event.to.bare):
             return False
-        if await shares_presence(server, event.to, event.sender):
+        if await shares_presence(module, event.to, event.sender):
             return False
         await router.bounce(iq, "forbidden")
         return True
@@ -89,15 +89,15 @@ def register(server: Server) -> None:
     async def session_closed(info: SessionInfo) -> None:
         status = leaving_status.pop(info.jid, "")
         if not router.resources(info.jid.bare):
-            await server.store.last_activity_put(str(info.jid.bare), time.time(), status)
+            await module.data.last_activity_put(str(info.jid.bare), time.time(), status)
 
-    server.hooks.add_feature(LAST_NS)
-    server.hooks.on(f"iq-get/host/{LAST_NS}", uptime)
-    server.hooks.on(f"iq-get/bare/{LAST_NS}", account_last)
-    server.hooks.on(f"iq-get/self/{LAST_NS}", account_last)
-    server.hooks.on("iq/full", online_query, ONLINE_QUERY_PRIORITY)
-    server.hooks.on("pre-presence/bare", watch_status, STATUS_WATCH_PRIORITY)
-    server.hooks.on("session/closed", session_closed)
+    module.add_feature(LAST_NS)
+    module.hook(f"iq-get/host/{LAST_NS}", uptime)
+    module.hook(f"iq-get/bare/{LAST_NS}", account_last)
+    module.hook(f"iq-get/self/{LAST_NS}", account_last)
+    module.hook("iq/full", online_query, ONLINE_QUERY_PRIORITY)
+    module.hook("pre-presence/bare", watch_status, STATUS_WATCH_PRIORITY)
+    module.hook("session/closed", session_closed)
 
 
 def _status_tag(stanza: ET.Element) -> str:

@@ -13,20 +13,17 @@ import copy
 import logging
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
-
-import trio
 
 from mlink.hooks import StanzaEvent
 from mlink.router.sessions import SessionInfo
+from mlink.util.keyed_lock import KeyedLock
 from mlink.xml.serialize import serialize
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.offline")
+log = logging.getLogger(__name__)
 
 OFFLINE_FEATURE = "msgoffline"  # XEP-0160 §6 advertises it under this name
 DELAY_NS = "urn:xmpp:delay"
@@ -52,31 +49,10 @@ def delay_stamp(when: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
 
 
-class _UserLocks:
-    """One lock per user, created on demand and dropped when unused: two
-    sessions sending initial presence at once must not both fetch (and so
-    both deliver) the same stored messages."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[trio.Lock, int]] = {}
-
-    @asynccontextmanager
-    async def hold(self, user: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(user, (trio.Lock(), 0))
-        self._locks[user] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[user]
-            if users == 1:
-                del self._locks[user]
-            else:
-                self._locks[user] = (lock, users - 1)
-
-
-def register(server: Server) -> None:
-    locks = _UserLocks()
+def setup(module: Module) -> None:
+    # Two sessions sending initial presence at once must not both fetch
+    # (and so both deliver) the same stored messages.
+    locks: KeyedLock[str] = KeyedLock()
 
     async def store_message(event: StanzaEvent) -> bool:
         message = event.stanza
@@ -85,9 +61,9 @@ def register(server: Server) -> None:
         if message.find(f"{{{HINTS_NS}}}no-store") is not None:
             return False  # XEP-0334 §4.2: the sender asked not to store it
         user = event.to.bare
-        if not await server.router.account_exists(user):
+        if not await module.router.account_exists(user):
             return False  # RFC 6121 §8.5.1: the router bounces it
-        limit = server.config.limits.max_offline_messages
+        limit = module.config.limits.max_offline_messages
         if limit == 0:
             return False  # storage turned off
         stored = copy.deepcopy(message)
@@ -96,12 +72,12 @@ def register(server: Server) -> None:
                       {"from": user.domain, "stamp": delay_stamp(time.time())})
         # Full: not consumed, so the router bounces service-unavailable,
         # the very error a missing account gets (RFC 6121 §8.5.2.2).
-        return await server.store.offline_put(str(user), encode(stored), limit)
+        return await module.data.offline_put(str(user), encode(stored), limit)
 
     async def deliver_stored(info: SessionInfo) -> None:
         user = str(info.jid.bare)
         async with locks.hold(user):
-            rows = await server.store.offline_fetch(user)
+            rows = await module.data.offline_fetch(user)
             delivered: list[int] = []
             for row_id, data in rows:
                 try:
@@ -110,11 +86,11 @@ def register(server: Server) -> None:
                     log.error("dropping unreadable offline message %d of %s", row_id, user)
                     delivered.append(row_id)
                     continue
-                if not server.router.deliver(info.jid, stanza):
+                if not module.router.deliver(info.jid, stanza):
                     break  # the session ended meanwhile: keep the rest
                 delivered.append(row_id)
-            await server.store.offline_delete(user, delivered)
+            await module.data.offline_delete(user, delivered)
 
-    server.hooks.add_feature(OFFLINE_FEATURE)
-    server.hooks.on("message/offline", store_message)
-    server.hooks.on("session/initial-presence", deliver_stored)
+    module.add_feature(OFFLINE_FEATURE)
+    module.hook("message/offline", store_message)
+    module.hook("session/initial-presence", deliver_stored)

@@ -8,17 +8,17 @@ from mlink.hooks import StanzaEvent
 from mlink.modules.util import iq_result
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 PING_NS = "urn:xmpp:ping"
 
 
-def register(server: Server) -> None:
+def setup(module: Module) -> None:
     async def handle_ping(event: StanzaEvent) -> bool:
-        await server.router.route(iq_result(event.stanza))
+        await module.router.route(iq_result(event.stanza))
         return True
 
-    server.hooks.add_feature(PING_NS)
+    module.add_feature(PING_NS)
     # Pings to the server; clients that omit `to` mean their server too.
-    server.hooks.on(f"iq-get/host/{PING_NS}", handle_ping)
-    server.hooks.on(f"iq-get/self/{PING_NS}", handle_ping)
+    module.hook(f"iq-get/host/{PING_NS}", handle_ping)
+    module.hook(f"iq-get/self/{PING_NS}", handle_ping)

@@ -37,9 +37,9 @@ from mlink.store import StoreError
 from mlink.xml.serialize import CLIENT_NS, Shared
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.presence")
+log = logging.getLogger(__name__)
 
 SUBSCRIPTION_TYPES = frozenset({"subscribe", "subscribed", "unsubscribe", "unsubscribed"})
 # RFC 6121 §4.7.2.3: the range of <priority/>.
@@ -50,8 +50,28 @@ class BadPriority(ValueError):
     """`<priority/>` is not an integer from -128 to 127."""
 
 
-def register(server: Server) -> None:
-    rosters_of(server)  # created before the first session needs it
+# The bus channel on which one shard asks the others to send a user's
+# presence (that shard's sessions of the user) to someone.
+PRESENT_CHANNEL = "present"
+# The name other modules find this module's context by (`Module.shared`).
+CONTEXT_SERVICE = "presence/context"
+
+
+def setup(module: Module) -> None:
+    rosters_of(module)  # created before the first session needs it
+    module.shared(CONTEXT_SERVICE, lambda: module)
+
+    async def present_elsewhere(source: int, payload: bytes) -> None:
+        """Another shard asks: send `user`'s presence, as held by this
+        shard's sessions, to `to` (a probe answer, a new subscriber)."""
+        user_text, _, to_text = payload.decode("utf-8").partition("\0")
+        try:
+            user, to = parse_jid(user_text), parse_jid(to_text)
+        except InvalidJID:
+            return
+        await _send_local_presence(module, user, to)
+
+    module.on_bus(present_elsewhere, channel=PRESENT_CHANNEL)
 
     async def outbound(event: StanzaEvent) -> bool:
         """Presence from a local client (`pre-presence/*`)."""
@@ -65,18 +85,18 @@ def register(server: Server) -> None:
                 try:
                     priority = presence_priority(event.stanza)
                 except BadPriority as exc:
-                    await server.router.bounce(event.stanza, "bad-request", str(exc))
+                    await module.router.bounce(event.stanza, "bad-request", str(exc))
                     return True
-                await become_available(server, origin, event.stanza, priority)
+                await become_available(module, origin, event.stanza, priority)
             elif kind == "unavailable":
-                await become_unavailable(server, origin, event.stanza)
+                await become_unavailable(module, origin, event.stanza)
             return True  # a probe of oneself: nothing to learn
         if kind in (None, "unavailable") and event.to.bare != own:
             # §4.6.3: remember directed presence to those who do not get the
             # broadcast, to send them unavailable when the session ends.
             if kind == "unavailable":
                 origin.directed_to.discard(str(event.to))
-            elif str(event.to.bare) not in await _subscribers_or_empty(server, own):
+            elif str(event.to.bare) not in await _subscribers_or_empty(module, own):
                 origin.directed_to.add(str(event.to))
         return False  # the router delivers it
 
@@ -84,24 +104,24 @@ def register(server: Server) -> None:
         """Presence for a local account (`presence/*`): probes end here."""
         if event.type != "probe":
             return False
-        await answer_probe(server, event.sender, event.to.bare)
+        await answer_probe(module, event.sender, event.to.bare)
         return True
 
     async def session_closed(info: SessionInfo) -> None:
         if info.available or info.directed_to:
             unavailable = ET.Element(f"{{{CLIENT_NS}}}presence", {"type": "unavailable"})
-            await become_unavailable(server, info, unavailable)
+            await become_unavailable(module, info, unavailable)
 
     for scope in ("bare", "full"):
-        server.hooks.on(f"pre-presence/{scope}", outbound)
-        server.hooks.on(f"presence/{scope}", inbound)
-    server.hooks.on("session/closed", session_closed)
+        module.hook(f"pre-presence/{scope}", outbound)
+        module.hook(f"presence/{scope}", inbound)
+    module.hook("session/closed", session_closed)
 
 
 # -- the three transitions of a session ----------------------------------------------
 
 
-async def become_available(server: Server, info: SessionInfo, stanza: ET.Element,
+async def become_available(module: Module, info: SessionInfo, stanza: ET.Element,
                            priority: int) -> None:
     """Broadcast available presence (§4.2.2 initial, §4.4.2 update)."""
     initial = not info.available
@@ -109,30 +129,30 @@ async def become_available(server: Server, info: SessionInfo, stanza: ET.Element
     info.priority = priority
     info.initial_presence_sent = True
     own = info.jid.bare
-    roster = await _roster_or_none(server, own)
+    roster = await _roster_or_none(module, own)
     # One serialisation for every recipient (per stream framing); each copy
     # is still routed, so blocking and other filters see it.
     shared = Shared(info.presence)
     if roster is not None:
         for contact in subscribers(roster):
-            await server.router.route(shared.addressed(contact))
-    for other in server.router.resources(own):
+            await module.router.route(shared.addressed(contact))
+    for other in module.router.resources(own):
         if other.available:
-            server.router.deliver(other.jid, shared.addressed(str(other.jid)))
+            module.router.deliver(other.jid, shared.addressed(str(other.jid)))
     if not initial:
         return
-    for other in server.router.resources(own):
+    for other in module.router.resources(own):
         if other is not info and other.presence is not None:
-            server.router.deliver(info.jid, addressed(other.presence, other.jid, str(info.jid)))
+            module.router.deliver(info.jid, addressed(other.presence, other.jid, str(info.jid)))
     if roster is not None:
         for contact in publishers(roster):
             probe = ET.Element(f"{{{CLIENT_NS}}}presence",
                                {"type": "probe", "from": str(info.jid), "to": contact})
-            await server.router.route(probe)
-    await server.hooks.notify("session/initial-presence", info)
+            await module.router.route(probe)
+    await module.fire("session/initial-presence", info)
 
 
-async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Element) -> None:
+async def become_unavailable(module: Module, info: SessionInfo, stanza: ET.Element) -> None:
     """§4.5.2: unavailable to subscribers, own resources and everyone who
     got directed presence (§4.6.3); also when the session just ended."""
     was_available = info.available
@@ -141,14 +161,14 @@ async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Eleme
     own = info.jid.bare
     sent: set[str] = set()
     if was_available:
-        roster = await _roster_or_none(server, own)
+        roster = await _roster_or_none(module, own)
         if roster is not None:
             for contact in subscribers(roster):
                 sent.add(contact)
-                await server.router.route(unavailable.addressed(contact))
-        targets = [i for i in server.router.resources(own) if i.available or i is info]
+                await module.router.route(unavailable.addressed(contact))
+        targets = [i for i in module.router.resources(own) if i.available or i is info]
         for other in targets:
-            server.router.deliver(other.jid, unavailable.addressed(str(other.jid)))
+            module.router.deliver(other.jid, unavailable.addressed(str(other.jid)))
     directed, info.directed_to = info.directed_to, set()
     for to in sorted(directed):
         try:
@@ -156,26 +176,32 @@ async def become_unavailable(server: Server, info: SessionInfo, stanza: ET.Eleme
                 continue
         except InvalidJID:
             continue
-        await server.router.route(unavailable.addressed(to))
+        await module.router.route(unavailable.addressed(to))
 
 
-async def answer_probe(server: Server, prober: JID, contact: JID) -> None:
+async def answer_probe(module: Module, prober: JID, contact: JID) -> None:
     """§4.3.2: tell `prober` the presence of local account `contact`."""
     # Members of a shared directory group are subscribed both ways: known
     # from memory, without a directory lookup or a roster load per probe
     # (a member of a 5,000-member group sends 4,999 of them at login).
-    if prober.bare != contact and not rosters_of(server).shares_group(
+    if prober.bare != contact and not rosters_of(module).shares_group(
             str(contact), str(prober.bare)):
-        if not await server.router.account_exists(contact):
+        if not await module.router.account_exists(contact):
             return
-        roster = await _roster_or_none(server, contact)
+        roster = await _roster_or_none(module, contact)
         if roster is None:
             return
         item = roster.items.get(str(prober.bare))
         if item is None or item.subscription not in ("from", "both"):
             return
-    if not await send_presence_to(server, contact, prober):
-        await server.router.route(ET.Element(
+    # Each shard answers for its own sessions of the contact, as it holds
+    # them when the question arrives (a contact logging in on another shard
+    # right now is either seen there, or its own broadcast reaches us).
+    await send_presence_to(module, contact, prober)
+    if not module.router.resources(contact):
+        # Known nowhere: say so (§4.3.2). Sent before any other shard's
+        # answer can arrive, so a resource that comes up meanwhile wins.
+        await module.router.route(ET.Element(
             f"{{{CLIENT_NS}}}presence",
             {"type": "unavailable", "from": str(contact), "to": str(prober)}))
 
@@ -183,24 +209,28 @@ async def answer_probe(server: Server, prober: JID, contact: JID) -> None:
 # -- helpers other modules reuse (subscription, blocking, last activity) ---------------
 
 
-async def send_presence_to(server: Server, user: JID, to: JID) -> int:
+async def send_presence_to(module: Module, user: JID, to: JID) -> None:
     """Route the current presence of each of `user`'s available resources
-    to `to` (after a subscription is approved, §3.1.5; to answer a probe).
-    Returns how many were sent."""
-    count = 0
-    for info in server.router.resources(user.bare):
+    to `to` (after a subscription is approved, §3.1.5; to answer a probe):
+    this shard's at once, the other shards' by each shard itself."""
+    await _send_local_presence(module, user, to)
+    presence: Module | None = module.shared(CONTEXT_SERVICE, lambda: None)
+    if presence is not None:
+        presence.send_bus(f"{user.bare}\0{to}".encode(), channel=PRESENT_CHANNEL)
+
+
+async def _send_local_presence(module: Module, user: JID, to: JID) -> None:
+    for info in module.router.local_resources(user.bare):
         if info.presence is not None:
-            await server.router.route(addressed(info.presence, info.jid, str(to)))
-            count += 1
-    return count
+            await module.router.route(addressed(info.presence, info.jid, str(to)))
 
 
-async def send_unavailable_to(server: Server, user: JID, to: JID) -> None:
+async def send_unavailable_to(module: Module, user: JID, to: JID) -> None:
     """Route unavailable from each of `user`'s available resources to `to`
     (after a subscription is cancelled, §3.2.2, §3.3.3; when blocking)."""
-    for info in server.router.resources(user.bare):
+    for info in module.router.resources(user.bare):
         if info.available:
-            await server.router.route(ET.Element(
+            await module.router.route(ET.Element(
                 f"{{{CLIENT_NS}}}presence",
                 {"type": "unavailable", "from": str(info.jid), "to": str(to)}))
 
@@ -243,16 +273,16 @@ def presence_priority(stanza: ET.Element) -> int:
     return value
 
 
-async def _roster_or_none(server: Server, user: JID) -> UserRoster | None:
+async def _roster_or_none(module: Module, user: JID) -> UserRoster | None:
     """The roster, or None (logged) if the store cannot be read: presence
     then still reaches the user's own resources and directed recipients."""
     try:
-        return await rosters_of(server).get(str(user))
+        return await rosters_of(module).get(str(user))
     except StoreError as exc:
         log.warning("roster of %s unavailable for presence: %s", user, exc)
         return None
 
 
-async def _subscribers_or_empty(server: Server, user: JID) -> Iterable[str]:
-    roster = await _roster_or_none(server, user)
+async def _subscribers_or_empty(module: Module, user: JID) -> Iterable[str]:
+    roster = await _roster_or_none(module, user)
     return set(subscribers(roster)) if roster is not None else set()

@@ -13,7 +13,7 @@ from mlink.modules.util import iq_result
 from mlink.xml.serialize import serialize
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 PRIVATE_NS = "jabber:iq:private"
 # XEP-0049 §3: the jabber:* namespaces are reserved for the protocol itself
@@ -33,8 +33,9 @@ def key_of(elem: ET.Element) -> str | None:
     return tag
 
 
-def register(server: Server) -> None:
-    router = server.router
+def setup(module: Module) -> None:
+    router = module.router
+    elements = module.store.map("xml")  # per user: element key -> XML
 
     async def handle(event: StanzaEvent) -> bool:
         iq = event.stanza
@@ -54,13 +55,13 @@ def register(server: Server) -> None:
                 assert key is not None
                 child.tail = None
                 # Bytes carry their namespace declaration: they parse alone.
-                await server.store.private_put(user, key, serialize(child, stream_ns=""))
+                await elements.set(user, key, serialize(child, stream_ns=""))
             await router.route(iq_result(iq))
             return True
         answer = ET.Element(query.tag)
         for key, child in zip(keys, children, strict=True):
             assert key is not None
-            data = await server.store.private_get(user, key)
+            data = await elements.get(user, key)
             if data is None:
                 # §2: nothing stored answers with the empty element asked for.
                 answer.append(ET.Element(child.tag))
@@ -80,7 +81,7 @@ def register(server: Server) -> None:
         await router.bounce(iq, "forbidden")
         return True
 
-    server.hooks.add_feature(PRIVATE_NS)
+    module.add_feature(PRIVATE_NS)
     for kind in ("get", "set"):
-        server.hooks.on(f"iq-{kind}/self/{PRIVATE_NS}", handle)
-    server.hooks.on("iq/bare", others)
+        module.hook(f"iq-{kind}/self/{PRIVATE_NS}", handle)
+    module.hook("iq/bare", others)

@@ -38,12 +38,12 @@ from mlink.stream.errors import stanza_error
 from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.roster")
+log = logging.getLogger(__name__)
 
 ROSTER_NS = "jabber:iq:roster"
-ROSTERVER_FEATURE = b"<ver xmlns='urn:xmpp:features:rosterver'/>"
+ROSTERVER_FEATURE = "{urn:xmpp:features:rosterver}ver"
 # RFC 6121 §2.1.2.4 / §2.3.3: "server-configured limits" on the lengths of
 # item names and group names; as long as a JID part (RFC 7622 §3.1).
 MAX_NAME_BYTES = 1023
@@ -58,8 +58,8 @@ class RosterSetError(Exception):
         self.text = text
 
 
-def register(server: Server) -> None:
-    rosters = rosters_of(server)
+def setup(module: Module) -> None:
+    rosters = rosters_of(module)
 
     async def handle_get(event: StanzaEvent) -> bool:
         iq, origin = event.stanza, event.origin
@@ -69,56 +69,56 @@ def register(server: Server) -> None:
             roster = await rosters.get(str(origin.jid.bare))
         except StoreError as exc:
             log.warning("roster of %s unavailable: %s", origin.jid.bare, exc)
-            store_failed(server, iq, exc)
+            store_failed(module, iq, exc)
             return True
         # §2.2: a resource that asked for the roster gets roster pushes.
         origin.interested = True
         version = roster.version
         if iq[0].get("ver") == version:
             # §2.6.3: up to date; nothing to send.
-            await server.router.route(iq_result(iq))
+            await module.router.route(iq_result(iq))
             return True
         query = ET.Element(f"{{{ROSTER_NS}}}query", {"ver": version})
         for item in roster.items.values():
             query.append(item_element(item))
-        await server.router.route(iq_result(iq, query))
+        await module.router.route(iq_result(iq, query))
         return True
 
     async def handle_set(event: StanzaEvent) -> bool:
         iq = event.stanza
         try:
-            await roster_set(server, rosters, event.sender.bare, iq[0])
+            await roster_set(module, rosters, event.sender.bare, iq[0])
         except RosterSetError as exc:
-            await server.router.bounce(iq, exc.condition, exc.text)
+            await module.router.bounce(iq, exc.condition, exc.text)
             return True
         except StoreError as exc:
             log.warning("roster set for %s failed: %s", event.sender.bare, exc)
-            store_failed(server, iq, exc)
+            store_failed(module, iq, exc)
             return True
-        await server.router.route(iq_result(iq))
+        await module.router.route(iq_result(iq))
         return True
 
     async def handle_foreign(event: StanzaEvent) -> bool:
         # §2.1.3/§2.3.3: only the account's own resources may read or change
         # its roster.
-        await server.router.bounce(event.stanza, "forbidden")
+        await module.router.bounce(event.stanza, "forbidden")
         return True
 
     async def session_closed(info: SessionInfo) -> None:
-        if not server.sessions.online(info.jid.bare):
+        if not module.router.resources(info.jid.bare):
             rosters.evict(str(info.jid.bare))
 
-    server.hooks.on(f"iq-get/self/{ROSTER_NS}", handle_get)
-    server.hooks.on(f"iq-set/self/{ROSTER_NS}", handle_set)
-    server.hooks.on(f"iq-get/bare/{ROSTER_NS}", handle_foreign)
-    server.hooks.on(f"iq-set/bare/{ROSTER_NS}", handle_foreign)
+    module.hook(f"iq-get/self/{ROSTER_NS}", handle_get)
+    module.hook(f"iq-set/self/{ROSTER_NS}", handle_set)
+    module.hook(f"iq-get/bare/{ROSTER_NS}", handle_foreign)
+    module.hook(f"iq-set/bare/{ROSTER_NS}", handle_foreign)
     # Last, after the presence module has broadcast the unavailable presence
     # from the cached roster.
-    server.hooks.on("session/closed", session_closed, priority=-100)
-    server.hooks.session_features.append(ROSTERVER_FEATURE)
+    module.hook("session/closed", session_closed, priority=-100)
+    module.add_stream_feature(lambda stream: ET.Element(ROSTERVER_FEATURE), authenticated=True)
 
 
-async def roster_set(server: Server, rosters: RosterCache, user: JID,
+async def roster_set(module: Module, rosters: RosterCache, user: JID,
                      query: ET.Element) -> None:
     """Apply a roster set (§2.3, §2.4, §2.5) from one of `user`'s resources."""
     items = query.findall(f"{{{ROSTER_NS}}}item")
@@ -138,7 +138,7 @@ async def roster_set(server: Server, rosters: RosterCache, user: JID,
         # Prosody refuses the same way.
         raise RosterSetError("not-allowed", "you cannot add yourself to your roster")
     if item.get("subscription") == "remove":
-        await remove_item(server, rosters, user, str(contact))
+        await remove_item(module, rosters, user, str(contact))
         return
     # §2.1.2: `subscription` (other than remove), `ask` and `approved` in a
     # roster set are the server's to manage; they are ignored.
@@ -174,9 +174,9 @@ async def roster_set(server: Server, rosters: RosterCache, user: JID,
                 await rosters.put(roster, new)
             # Always push: the client may have tried to drop a directory
             # group, and must be shown the item as it stands.
-            push(server, roster, roster.items[c])
+            push(module, roster, roster.items[c])
         elif new != old:
-            push(server, roster, await rosters.put(roster, new))
+            push(module, roster, await rosters.put(roster, new))
 
 
 def _adds_nothing(item: RosterItem) -> bool:
@@ -185,7 +185,7 @@ def _adds_nothing(item: RosterItem) -> bool:
             and not item.ask and not item.approved)
 
 
-async def remove_item(server: Server, rosters: RosterCache, user: JID, contact: str) -> None:
+async def remove_item(module: Module, rosters: RosterCache, user: JID, contact: str) -> None:
     """§2.5.2: delete the item, cancelling the subscriptions both ways."""
     async with rosters.locked(str(user)) as roster:
         shared = roster.shared_groups(contact)
@@ -200,14 +200,14 @@ async def remove_item(server: Server, rosters: RosterCache, user: JID, contact: 
             raise RosterSetError("item-not-found", "no such roster item")
         had_request = await rosters.drop_pending(roster, contact)
         await rosters.delete(roster, contact)
-        push(server, roster, RosterItem(contact), remove=True)
+        push(module, roster, RosterItem(contact), remove=True)
     contact_jid = parse_jid(contact)
     if item.subscription in ("to", "both") or item.ask:
-        await server.router.route(subscription_stanza("unsubscribe", user, contact_jid))
+        await module.router.route(subscription_stanza("unsubscribe", user, contact_jid))
     if item.subscription in ("from", "both") or had_request:
-        await server.router.route(subscription_stanza("unsubscribed", user, contact_jid))
+        await module.router.route(subscription_stanza("unsubscribed", user, contact_jid))
     if item.subscription in ("from", "both"):
-        await presence.send_unavailable_to(server, user, contact_jid)
+        await presence.send_unavailable_to(module, user, contact_jid)
 
 
 # -- helpers the presence and subscription modules share ------------------------------
@@ -230,7 +230,7 @@ def item_element(item: RosterItem, remove: bool = False) -> ET.Element:
     return elem
 
 
-def push(server: Server, roster: UserRoster, item: RosterItem, remove: bool = False,
+def push(module: Module, roster: UserRoster, item: RosterItem, remove: bool = False,
          version: str | None = None) -> None:
     """§2.1.6: a roster push of `item` to each interested resource. Sent
     without `from`, which clients take as from their own account. `version`
@@ -238,17 +238,17 @@ def push(server: Server, roster: UserRoster, item: RosterItem, remove: bool = Fa
     several changes gives each the version right after it."""
     if version is None:
         version = roster.version
-    for info in server.router.resources(parse_jid(roster.user)):
+    for info in module.router.resources(parse_jid(roster.user)):
         if not info.interested:
             continue
         iq = ET.Element(f"{{{CLIENT_NS}}}iq", {
             "type": "set", "id": "push-" + secrets.token_hex(6), "to": str(info.jid)})
         query = ET.SubElement(iq, f"{{{ROSTER_NS}}}query", {"ver": version})
         query.append(item_element(item, remove))
-        server.router.deliver(info.jid, iq)
+        module.router.deliver(info.jid, iq)
 
 
-def store_failed(server: Server, stanza: ET.Element, exc: StoreError | None = None) -> None:
+def store_failed(module: Module, stanza: ET.Element, exc: StoreError | None = None) -> None:
     """Tell the local sender of `stanza` that the store failed: `wait`, as
     the request may well succeed later and nothing was done. A static
     roster's directory says what happened itself (`RosterUnavailable`):
@@ -258,7 +258,7 @@ def store_failed(server: Server, stanza: ET.Element, exc: StoreError | None = No
     else:
         error = stanza_error(stanza, "internal-server-error", "storage unavailable", "wait")
     if sender := stanza.get("from"):
-        server.router.deliver(parse_jid(sender), error)
+        module.router.deliver(parse_jid(sender), error)
 
 
 def subscription_stanza(kind: str, sender: JID, to: JID) -> ET.Element:

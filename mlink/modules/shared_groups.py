@@ -46,9 +46,9 @@ from mlink.router.rosters import RosterCache, SharedChange, rosters_of
 from mlink.store import RosterItem
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.shared_groups")
+log = logging.getLogger(__name__)
 
 # When a refresh fails (directory unreachable), try again after at most
 # this long, however long the refresh interval: the outage is usually short
@@ -61,33 +61,33 @@ _GETS_OUR_PRESENCE = frozenset({"from", "both"})
 _SENDS_US_PRESENCE = frozenset({"to", "both"})
 
 
-def register(server: Server) -> None:
-    specs = list(server.config.rosters.groups)
+def setup(module: Module) -> None:
+    specs = list(module.config.rosters.groups)
     if not specs:
         return
-    rosters = rosters_of(server)
-    interval = max(MIN_REFRESH_SECONDS, server.config.rosters.refresh_seconds)
+    rosters = rosters_of(module)
+    interval = max(MIN_REFRESH_SECONDS, module.config.rosters.refresh_seconds)
 
     async def refresh_forever() -> None:
         while True:
             try:
-                ok = await refresh(server, rosters, specs)
+                ok = await refresh(module, rosters, specs)
             except Exception:
                 log.exception("refreshing directory groups failed")
                 ok = False
             await trio.sleep(interval if ok else min(interval, RETRY_SECONDS))
 
-    server.background_tasks.append(refresh_forever)
+    module.spawn(refresh_forever)
 
 
-async def refresh(server: Server, rosters: RosterCache,
+async def refresh(module: Module, rosters: RosterCache,
                   specs: Sequence[RosterGroupConfig]) -> bool:
     """Resolve the groups once and tell online users what changed. False
     when the directory could not answer (the last groups stay)."""
     started = time.monotonic()
     first = not rosters.groups
     try:
-        groups = await server.directory.roster_groups(specs)
+        groups = await module.directory.roster_groups(specs)
     except DirectoryError as exc:
         log.warning("directory groups not refreshed (keeping the last ones): %s", exc)
         return False
@@ -96,28 +96,28 @@ async def refresh(server: Server, rosters: RosterCache,
     # pushes are queued in one step, ahead of any later roster write.
     changes = rosters.set_groups(groups)
     for change in changes:
-        _push(server, rosters, change)
+        _push(module, rosters, change)
     index = rosters.groups
     level = logging.INFO if (first or changes) else logging.DEBUG
     log.log(level, "directory groups loaded: %d groups, %d members in %.3f s; "
             "%d roster changes for online users in %.3f s",
             len(index.groups), index.member_count(), loaded - started,
             len(changes), time.monotonic() - loaded)
-    await _presence(server, changes)
+    await _presence(module, changes)
     return True
 
 
-def _push(server: Server, rosters: RosterCache, change: SharedChange) -> None:
+def _push(module: Module, rosters: RosterCache, change: SharedChange) -> None:
     roster = rosters.cached(change.user)
     if roster is None:
         return
     if change.after is None:
-        push(server, roster, RosterItem(change.contact), remove=True, version=change.version)
+        push(module, roster, RosterItem(change.contact), remove=True, version=change.version)
     else:
-        push(server, roster, change.after, version=change.version)
+        push(module, roster, change.after, version=change.version)
 
 
-async def _presence(server: Server, changes: Sequence[SharedChange]) -> None:
+async def _presence(module: Module, changes: Sequence[SharedChange]) -> None:
     """Presence for subscriptions the groups gave or took: both users'
     changes usually describe one pair, so each (sender, receiver) is sent
     once."""
@@ -134,6 +134,6 @@ async def _presence(server: Server, changes: Sequence[SharedChange]) -> None:
             elif before in states and after not in states:
                 unavailable[(sender, receiver)] = None
     for sender, receiver in available:
-        await presence.send_presence_to(server, parse_jid(sender), parse_jid(receiver))
+        await presence.send_presence_to(module, parse_jid(sender), parse_jid(receiver))
     for sender, receiver in unavailable:
-        await presence.send_unavailable_to(server, parse_jid(sender), parse_jid(receiver))
+        await presence.send_unavailable_to(module, parse_jid(sender), parse_jid(receiver))

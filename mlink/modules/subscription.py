@@ -55,11 +55,11 @@ from mlink.store import RosterItem, StoreError
 from mlink.xml.serialize import serialize
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.subscription")
+log = logging.getLogger(__name__)
 
-PRE_APPROVAL_FEATURE = b"<sub xmlns='urn:xmpp:features:pre-approval'/>"
+PRE_APPROVAL_FEATURE = "{urn:xmpp:features:pre-approval}sub"
 
 # Subscription state after gaining or losing one direction.
 _ADD_FROM = {"none": "from", "to": "both"}
@@ -79,8 +79,8 @@ class Outcome:
     refused: str | None = None  # bounce the stanza with not-allowed and this text
 
 
-def register(server: Server) -> None:
-    rosters = rosters_of(server)
+def setup(module: Module) -> None:
+    rosters = rosters_of(module)
 
     async def outbound(event: StanzaEvent) -> bool:
         kind, origin = event.type, event.origin
@@ -91,20 +91,20 @@ def register(server: Server) -> None:
             return True  # one is always subscribed to oneself
         stanza = event.stanza
         try:
-            outcome = await outbound_transition(server, rosters, user, contact, kind)
+            outcome = await outbound_transition(module, rosters, user, contact, kind)
         except StoreError as exc:
             log.warning("subscription %s from %s failed: %s", kind, user, exc)
-            store_failed(server, stanza, exc)
+            store_failed(module, stanza, exc)
             return True
         if outcome.refused is not None:
-            await server.router.bounce(stanza, "not-allowed", outcome.refused)
+            await module.router.bounce(stanza, "not-allowed", outcome.refused)
             return True
         if outcome.forward:
             # §3.1.2: subscription stanzas travel between bare JIDs.
             stanza.set("from", str(user))
             stanza.set("to", str(contact))
-            await server.router.route(stanza)
-        await _follow_up(server, outcome, user, contact)
+            await module.router.route(stanza)
+        await _follow_up(module, outcome, user, contact)
         return True
 
     async def inbound(event: StanzaEvent) -> bool:
@@ -114,26 +114,26 @@ def register(server: Server) -> None:
         user, contact = event.to.bare, event.sender.bare
         if contact == user:
             return True
-        if not await server.router.account_exists(user):
+        if not await module.router.account_exists(user):
             if kind == "subscribe":
                 # §3.1.3: no such account; tell the requester it is refused.
-                await server.router.route(subscription_stanza("unsubscribed", user, contact))
+                await module.router.route(subscription_stanza("unsubscribed", user, contact))
             return True
         stanza = event.stanza
         stanza.set("from", str(contact))
         stanza.set("to", str(user))
         try:
-            outcome = await inbound_transition(server, rosters, user, contact, stanza)
+            outcome = await inbound_transition(module, rosters, user, contact, stanza)
         except StoreError as exc:
             log.warning("subscription %s to %s failed: %s", kind, user, exc)
             return True
         if outcome.forward:
-            for info in server.router.resources(user):
+            for info in module.router.resources(user):
                 if info.available:
-                    server.router.deliver(info.jid, stanza)
+                    module.router.deliver(info.jid, stanza)
         if outcome.reply_subscribed:
-            await server.router.route(subscription_stanza("subscribed", user, contact))
-        await _follow_up(server, outcome, user, contact)
+            await module.router.route(subscription_stanza("subscribed", user, contact))
+        await _follow_up(module, outcome, user, contact)
         return True
 
     async def initial_presence(info: SessionInfo) -> None:
@@ -144,16 +144,17 @@ def register(server: Server) -> None:
             log.warning("pending requests of %s unavailable: %s", info.jid.bare, exc)
             return
         for data in list(roster.pending.values()):
-            server.router.deliver(info.jid, SafeET.fromstring(data))
+            module.router.deliver(info.jid, SafeET.fromstring(data))
 
     for scope in ("bare", "full"):
-        server.hooks.on(f"pre-presence/{scope}", outbound)
-        server.hooks.on(f"presence/{scope}", inbound)
-    server.hooks.on("session/initial-presence", initial_presence)
-    server.hooks.session_features.append(PRE_APPROVAL_FEATURE)
+        module.hook(f"pre-presence/{scope}", outbound)
+        module.hook(f"presence/{scope}", inbound)
+    module.hook("session/initial-presence", initial_presence)
+    module.add_stream_feature(lambda stream: ET.Element(PRE_APPROVAL_FEATURE),
+                              authenticated=True)
 
 
-async def outbound_transition(server: Server, rosters: RosterCache, user: JID, contact: JID,
+async def outbound_transition(module: Module, rosters: RosterCache, user: JID, contact: JID,
                               kind: str) -> Outcome:
     """Appendix A.2: `user` sends `kind` to `contact`."""
     out = Outcome()
@@ -201,11 +202,11 @@ async def outbound_transition(server: Server, rosters: RosterCache, user: JID, c
                     out.forward = out.send_unavailable = True
                 new = replace(item, subscription=_DROP_FROM.get(sub, sub), approved=False)
         if new is not None and new != item:
-            push(server, roster, await rosters.put(roster, new))
+            push(module, roster, await rosters.put(roster, new))
     return out
 
 
-async def inbound_transition(server: Server, rosters: RosterCache, user: JID, contact: JID,
+async def inbound_transition(module: Module, rosters: RosterCache, user: JID, contact: JID,
                              stanza: ET.Element) -> Outcome:
     """Appendix A.3: `stanza` from `contact` arrives for local `user`."""
     out = Outcome()
@@ -242,12 +243,12 @@ async def inbound_transition(server: Server, rosters: RosterCache, user: JID, co
                 new = replace(item, subscription=_DROP_TO.get(sub, sub), ask=False)
                 out.forward = True
         if new is not None and new != item:
-            push(server, roster, await rosters.put(roster, new))
+            push(module, roster, await rosters.put(roster, new))
     return out
 
 
-async def _follow_up(server: Server, outcome: Outcome, user: JID, contact: JID) -> None:
+async def _follow_up(module: Module, outcome: Outcome, user: JID, contact: JID) -> None:
     if outcome.send_presence:
-        await presence.send_presence_to(server, user, contact)
+        await presence.send_presence_to(module, user, contact)
     if outcome.send_unavailable:
-        await presence.send_unavailable_to(server, user, contact)
+        await presence.send_unavailable_to(module, user, contact)

@@ -26,7 +26,7 @@ from mlink.profile.fields import PHOTO_FIELD
 from mlink.profile.model import PHOTO_CHANGED, ProfileError, Value, profiles_of
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 PROFILE_NS = "urn:xmpp:tmp:profile"
 DATA_NS = "jabber:x:data"
@@ -38,9 +38,9 @@ def _d(tag: str) -> str:
     return f"{{{DATA_NS}}}{tag}"
 
 
-def register(server: Server) -> None:
-    router = server.router
-    service = profiles_of(server)
+def setup(module: Module) -> None:
+    router = module.router
+    service = profiles_of(module)
 
     async def get_profile(event: StanzaEvent) -> bool:
         if event.stanza[0].tag != f"{{{PROFILE_NS}}}profile":
@@ -79,7 +79,7 @@ def register(server: Server) -> None:
             return True
         await router.route(iq_result(event.stanza))
         if PHOTO_FIELD in changed:
-            await server.hooks.notify(PHOTO_CHANGED, event.sender.bare)
+            await module.fire(PHOTO_CHANGED, event.sender.bare)
         return True
 
     def _submitted(payload: ET.Element) -> dict[str, list[Value]]:
@@ -111,8 +111,8 @@ def register(server: Server) -> None:
         await router.bounce(event.stanza, "forbidden", "only the owner may change a profile")
         return True
 
-    server.hooks.add_feature(PROFILE_NS)
-    server.hooks.on(f"iq-get/self/{PROFILE_NS}", get_profile)
-    server.hooks.on(f"iq-get/bare/{PROFILE_NS}", get_profile)
-    server.hooks.on(f"iq-set/self/{PROFILE_NS}", set_profile)
-    server.hooks.on(f"iq-set/bare/{PROFILE_NS}", set_other)
+    module.add_feature(PROFILE_NS)
+    module.hook(f"iq-get/self/{PROFILE_NS}", get_profile)
+    module.hook(f"iq-get/bare/{PROFILE_NS}", get_profile)
+    module.hook(f"iq-set/self/{PROFILE_NS}", set_profile)
+    module.hook(f"iq-set/bare/{PROFILE_NS}", set_other)

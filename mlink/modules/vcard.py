@@ -34,7 +34,7 @@ from mlink.profile.fields import PHOTO_FIELD, FieldSpec
 from mlink.profile.model import PHOTO_CHANGED, Profile, ProfileError, Value, profiles_of
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 VCARD_NS = "vcard-temp"
 # Base64 lines in BINVAL, as RFC 2045 and most clients write them.
@@ -155,9 +155,9 @@ def _photo(vcard: ET.Element) -> list[Value]:
         raise ProfileError("bad-request", "PHOTO/BINVAL is not valid base64") from None
 
 
-def register(server: Server) -> None:
-    router = server.router
-    service = profiles_of(server)
+def setup(module: Module) -> None:
+    router = module.router
+    service = profiles_of(module)
 
     async def get_vcard(event: StanzaEvent) -> bool:
         if event.stanza[0].tag != _q("vCard"):
@@ -182,15 +182,15 @@ def register(server: Server) -> None:
             return True
         await router.route(iq_result(event.stanza))
         if PHOTO_FIELD in changed:
-            await server.hooks.notify(PHOTO_CHANGED, event.sender.bare)
+            await module.fire(PHOTO_CHANGED, event.sender.bare)
         return True
 
     async def set_other(event: StanzaEvent) -> bool:
         await router.bounce(event.stanza, "forbidden", "only the owner may set a vCard")
         return True
 
-    server.hooks.add_feature(VCARD_NS)
-    server.hooks.on(f"iq-get/self/{VCARD_NS}", get_vcard)
-    server.hooks.on(f"iq-get/bare/{VCARD_NS}", get_vcard)
-    server.hooks.on(f"iq-set/self/{VCARD_NS}", set_vcard)
-    server.hooks.on(f"iq-set/bare/{VCARD_NS}", set_other)
+    module.add_feature(VCARD_NS)
+    module.hook(f"iq-get/self/{VCARD_NS}", get_vcard)
+    module.hook(f"iq-get/bare/{VCARD_NS}", get_vcard)
+    module.hook(f"iq-set/self/{VCARD_NS}", set_vcard)
+    module.hook(f"iq-set/bare/{VCARD_NS}", set_other)

@@ -17,18 +17,18 @@ from mlink.modules.disco import SERVER_NAME
 from mlink.modules.util import iq_result
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.module import Module
 
 VERSION_NS = "jabber:iq:version"
 
 
-def register(server: Server) -> None:
+def setup(module: Module) -> None:
     async def handle_version(event: StanzaEvent) -> bool:
         query = ET.Element(f"{{{VERSION_NS}}}query")
         ET.SubElement(query, f"{{{VERSION_NS}}}name").text = SERVER_NAME
         ET.SubElement(query, f"{{{VERSION_NS}}}version").text = __version__
-        await server.router.route(iq_result(event.stanza, query))
+        await module.router.route(iq_result(event.stanza, query))
         return True
 
-    server.hooks.add_feature(VERSION_NS)
-    server.hooks.on(f"iq-get/host/{VERSION_NS}", handle_version)
+    module.add_feature(VERSION_NS)
+    module.hook(f"iq-get/host/{VERSION_NS}", handle_version)

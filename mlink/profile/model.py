@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -50,11 +50,28 @@ from mlink.profile.fields import (
     resolve_fields,
 )
 from mlink.store import StoreError
+from mlink.util.keyed_lock import KeyedLock
 
 if TYPE_CHECKING:
-    from mlink.server import Server
+    from mlink.config_model import Config
+    from mlink.directory.base import Directory
+    from mlink.module import Module
+    from mlink.store import Store
 
-log = logging.getLogger("mlink.profile")
+log = logging.getLogger(__name__)
+
+
+class ProfileHost(Protocol):
+    """What a ProfileService needs of the server: its configuration, the
+    directory, the store, and a way to tell other shards of a change."""
+
+    @property
+    def config(self) -> Config: ...
+    @property
+    def directory(self) -> Directory: ...
+    @property
+    def store(self) -> Store: ...
+    def changed(self, user: str, what: str) -> None: ...
 
 Value = str | bytes
 # Users whose directory attributes are kept in memory: a large roster's
@@ -68,7 +85,7 @@ MAX_TEXT_VALUE_CHARS = 4096
 # Event (`Hooks.notify`, handlers get the user's bare JID) fired after a
 # user's photo changed through mlink, so the avatar module re-announces it.
 PHOTO_CHANGED = "profile/photo-changed"
-# The name other shards know this cache by (`Server.cache_invalidators`).
+# The name this module's per-user cache has on every shard (`Module.user_cache`).
 CACHE_NAME = "profile"
 DIRECTORY_DOWN_TEXT = "the directory is unavailable; try again later"
 
@@ -110,12 +127,6 @@ class _Cached:
     attributes: dict[str, list[bytes]]
 
 
-@dataclass(slots=True)
-class _UserLock:
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    users: int = 0
-
-
 def normalise(spec: FieldSpec, values: Sequence[Value]) -> tuple[Value, ...]:
     """Values as compared and stored: text stripped, empty values dropped,
     order kept (the first value is the one single-valued uses show)."""
@@ -145,7 +156,7 @@ def _encode(value: Value) -> bytes:
 class ProfileService:
     """Profiles of local users under the configured field policies."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: ProfileHost) -> None:
         self.server = server
         cfg = server.config.profiles
         # ProfileConfigError here stops the server with the configuration problem.
@@ -154,7 +165,8 @@ class ProfileService:
         self.max_photo_bytes = int(cfg.max_photo_bytes)
         self._attributes = directory_attributes(self.fields.values())
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
-        self._locks: dict[str, _UserLock] = {}
+        # One writer per user at a time: compare-then-modify must not interleave.
+        self._locks: KeyedLock[str] = KeyedLock()
 
     # -- reads ------------------------------------------------------------------
 
@@ -233,7 +245,7 @@ class ProfileService:
         for name in changes:
             if name not in self.fields:
                 raise ProfileError("bad-request", f"unknown profile field {name!r}")
-        async with self._user_lock(jid):
+        async with self._locks.hold(jid):
             return await self._update_locked(jid, changes)
 
     async def _update_locked(self, jid: str, changes: Mapping[str, Sequence[Value]]) -> dict[
@@ -338,44 +350,37 @@ class ProfileService:
                         f"{name} is longer than {MAX_TEXT_VALUE_CHARS} characters; nothing "
                         "was changed")
 
-    def _user_lock(self, jid: str) -> _LockContext:
-        return _LockContext(self._locks, jid)
+class _ModuleProfileHost:
+    """What a ProfileService needs, from a module's context."""
+
+    def __init__(self, module: Module) -> None:
+        self._module = module
+        self.changed_user: Callable[[str], None] = lambda user: None
+
+    @property
+    def config(self) -> Config:
+        return self._module.config
+
+    @property
+    def directory(self) -> Directory:
+        return self._module.directory
+
+    @property
+    def store(self) -> Store:
+        return self._module.data
+
+    def changed(self, user: str, what: str) -> None:
+        self.changed_user(user)
 
 
-class _LockContext:
-    """One writer per user at a time (compare-then-modify must not
-    interleave); the lock is dropped when nobody holds or waits for it."""
-
-    def __init__(self, locks: dict[str, _UserLock], jid: str) -> None:
-        self._locks = locks
-        self._jid = jid
-
-    async def __aenter__(self) -> None:
-        entry = self._locks.setdefault(self._jid, _UserLock())
-        entry.users += 1
-        try:
-            await entry.lock.acquire()
-        except BaseException:
-            self._release_user(entry)
-            raise
-
-    async def __aexit__(self, *exc: object) -> None:
-        entry = self._locks[self._jid]
-        entry.lock.release()
-        self._release_user(entry)
-
-    def _release_user(self, entry: _UserLock) -> None:
-        entry.users -= 1
-        if entry.users == 0:
-            self._locks.pop(self._jid, None)
-
-
-def profiles_of(server: Server) -> ProfileService:
+def profiles_of(module: Module) -> ProfileService:
     """The server's one ProfileService, created on first use (the vCard,
     XEP-0154 and avatar modules share it, and so its cache)."""
-    service = getattr(server, "_profile_service", None)
-    if service is None:
-        service = ProfileService(server)
-        server._profile_service = service  # type: ignore[attr-defined]
-        server.cache_invalidators[CACHE_NAME] = service.invalidate
-    return service
+
+    def create() -> ProfileService:
+        host = _ModuleProfileHost(module)
+        service = ProfileService(host)
+        host.changed_user = module.user_cache(CACHE_NAME, service.invalidate)
+        return service
+
+    return module.shared("profiles", create)

@@ -62,18 +62,17 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-import trio
-
 from mlink.directory.base import DirectoryError, DirectoryUnavailable, NoSuchUser
 from mlink.jid import InvalidJID, parse_jid
 from mlink.store import RosterItem, Store, StoreError
 from mlink.store.model import SUBSCRIPTION_STATES
+from mlink.util.keyed_lock import KeyedLock
 
 if TYPE_CHECKING:
     from mlink.directory.base import Directory
-    from mlink.server import Server
+    from mlink.module import Module
 
-log = logging.getLogger("mlink.rosters")
+log = logging.getLogger(__name__)
 
 # Bytes of the hashes in roster versions: 64 bits make an accidental match
 # of two different rosters' versions negligible.
@@ -439,8 +438,10 @@ class RosterCache:
         # Told the user whose roster or pending requests this process wrote,
         # so that other shards drop their cached copies (see Server.changed).
         self.on_change: Callable[[str], None] = lambda user: None
-        # Per-user locks, kept only while someone holds or waits for one.
-        self._locks: dict[str, tuple[trio.Lock, list[int]]] = {}
+        # Per-user locks, kept only while someone holds or waits for one;
+        # once nobody works on a user, its load generation goes too.
+        self._locks: KeyedLock[str] = KeyedLock(
+            lambda user: self._generations.pop(user, None))
 
     # -- reading ------------------------------------------------------------------
 
@@ -478,22 +479,11 @@ class RosterCache:
     async def locked(self, user: str) -> AsyncIterator[UserRoster]:
         """Hold `user`'s roster lock; yields the roster to read and change
         through `put`, `delete`, `add_pending` and `drop_pending`."""
-        entry = self._locks.get(user)
-        if entry is None:
-            entry = self._locks[user] = (trio.Lock(), [0])
-        lock, waiters = entry
-        waiters[0] += 1
-        try:
-            async with lock:
-                roster = self._cached.get(user)
-                if roster is None:
-                    roster = await self._load(user)
-                yield roster
-        finally:
-            waiters[0] -= 1
-            if not waiters[0]:
-                del self._locks[user]
-                self._generations.pop(user, None)
+        async with self._locks.hold(user):
+            roster = self._cached.get(user)
+            if roster is None:
+                roster = await self._load(user)
+            yield roster
 
     async def _load(self, user: str) -> UserRoster:
         generation = self._generations.get(user, 0)
@@ -600,29 +590,28 @@ class RosterCache:
         return changes
 
 
-def _static_attribute(server: Server) -> str | None:
-    rosters_config = getattr(getattr(server, "config", None), "rosters", None)
-    return getattr(rosters_config, "static_attribute", None) or None
+def _static_attribute(module: Module) -> str | None:
+    return module.config.rosters.static_attribute or None
 
 
-def rosters_of(server: Server) -> RosterCache:
+def rosters_of(module: Module) -> RosterCache:
     """The server's roster cache, created on first use by whichever module
-    registers first (the roster, presence and subscription modules share it;
+    sets up first (the roster, presence and subscription modules share it;
     other modules such as blocking may read it). Personal rosters live in
     the directory when the configuration names a static roster attribute."""
-    cache: RosterCache | None = getattr(server, "rosters", None)
-    if cache is None:
-        attribute = _static_attribute(server)
-        personal: PersonalRosters | None = None
-        if attribute is not None:
-            personal = StaticRosters(lambda: server.directory, attribute)
-        cache = RosterCache(
-            lambda: server.store,
-            lambda user: server.sessions.online(parse_jid(user)),
-            personal,
-        )
-        cache.on_change = lambda user: server.changed(user, "roster")
-        server.cache_invalidators["roster"] = cache.invalidate
-        server.rosters = cache
+    return module.shared("rosters", lambda: _new_roster_cache(module))
+
+
+def _new_roster_cache(module: Module) -> RosterCache:
+    attribute = _static_attribute(module)
+    personal: PersonalRosters | None = None
+    if attribute is not None:
+        personal = StaticRosters(lambda: module.directory, attribute)
+    cache = RosterCache(
+        lambda: module.data,
+        lambda user: module.router.sessions.online(parse_jid(user)),
+        personal,
+    )
+    cache.on_change = module.user_cache("rosters", cache.invalidate)
     return cache
 

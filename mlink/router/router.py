@@ -16,6 +16,8 @@ import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING
 
+import trio
+
 from mlink.hooks import Hooks, StanzaEvent, iq_child_namespace
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.sessions import SessionInfo, SessionTable
@@ -24,7 +26,7 @@ from mlink.stream.errors import stanza_error
 if TYPE_CHECKING:
     from mlink.shard.cluster import Cluster
 
-log = logging.getLogger("mlink.router")
+log = logging.getLogger(__name__)
 
 # RFC 6121 §4.1/§4.7.2.3: valid presence types; anything else is bad-request.
 PRESENCE_TYPES = frozenset(
@@ -43,7 +45,10 @@ class Router:
         self._account_exists = account_exists
         # Other shards' sessions (set by a shard worker; None in one process).
         self.cluster: Cluster | None = None
-        self._depth = 0  # nesting of route calls: flush cross-shard work at 0
+        # Nesting of batches per routing task: cross-shard work is flushed
+        # when the task's outermost batch ends. Per task, so one handler
+        # awaiting the directory never holds back another task's stanzas.
+        self._depth: dict[object, int] = {}
 
     async def account_exists(self, bare: JID) -> bool:
         """Whether `bare` is an account here; online users exist for sure."""
@@ -55,12 +60,40 @@ class Router:
 
     # -- what modules may ask and do ------------------------------------------------
 
+    def online(self, bare: JID) -> bool:
+        """Whether `bare` has a bound session on any shard."""
+        return self.sessions.online(bare) or (
+            self.cluster is not None and self.cluster.online(bare))
+
     def resources(self, bare: JID) -> list[SessionInfo]:
         """The bound sessions of a user (available or not), on any shard."""
         local = [conn.info for conn in self.sessions.of_user(bare)]
         if self.cluster is None:
             return local
         return local + self.cluster.resources(bare)
+
+    def local_resources(self, bare: JID) -> list[SessionInfo]:
+        """The bound sessions of a user on this shard only: what this shard
+        decides about (see `deliver_local_available`)."""
+        return [conn.info for conn in self.sessions.of_user(bare)]
+
+    def deliver_local_available(self, bare: JID, stanza: ET.Element) -> int:
+        """Queue `stanza` for the available sessions of `bare` on this shard;
+        how many got it."""
+        count = 0
+        for conn in self.sessions.of_user(bare):
+            if conn.info.available:
+                conn.deliver(stanza)
+                count += 1
+        return count
+
+    def deliver_to_available(self, bare: JID, stanza: ET.Element) -> None:
+        """Queue `stanza` for every available session of `bare` on any
+        shard; each shard decides for its own sessions when the stanza
+        reaches it, so no interleaving with a login elsewhere loses it."""
+        self.deliver_local_available(bare, stanza)
+        if self.cluster is not None:
+            self.cluster.deliver_to_available(bare, stanza)
 
     def session(self, full: JID) -> SessionInfo | None:
         conn = self.sessions.get(full)
@@ -102,22 +135,44 @@ class Router:
     def batch(self) -> Iterator[None]:
         """Group what routing queues for other shards until the outermost
         batch ends: a presence broadcast then costs one frame per shard."""
-        self._depth += 1
+        try:
+            task: object = trio.lowlevel.current_task()
+        except RuntimeError:
+            task = None  # outside Trio (unit tests of the router)
+        depth = self._depth.get(task, 0)
+        self._depth[task] = depth + 1
         try:
             yield
         finally:
-            self._depth -= 1
-            if self._depth == 0 and self.cluster is not None:
-                self.cluster.flush()
+            if depth:
+                self._depth[task] = depth
+            else:
+                del self._depth[task]
+                if self.cluster is not None:
+                    self.cluster.flush()
 
     async def route_from_client(self, origin: SessionInfo, stanza: ET.Element) -> None:
         """A stanza from a bound local client, its `from` already stamped."""
         with self.batch():
-            await self._from_client(origin, stanza)
+            try:
+                await self._from_client(origin, stanza)
+            except Exception:
+                # A module's bug costs this stanza, not the stream or the
+                # shard: the sender hears internal-server-error (RFC 6120
+                # §8.3.3.5), the log has the traceback once.
+                log.exception("handling %s (%s) from %s failed", _kind(stanza),
+                              iq_child_namespace(stanza) or "-", origin.jid)
+                await self._internal_error(stanza)
             # What other shards know of this session (presence, priority,
-            # interest, carbons) may have changed.
+            # interest, module fields) may have changed.
             if self.cluster is not None and self.sessions.get(origin.jid) is not None:
                 self.cluster.announce(origin)
+
+    async def _internal_error(self, stanza: ET.Element) -> None:
+        try:
+            await self.bounce(stanza, "internal-server-error")
+        except Exception:
+            log.exception("could not bounce a stanza after an internal error")
 
     async def _from_client(self, origin: SessionInfo, stanza: ET.Element) -> None:
         to_text = stanza.get("to")
@@ -253,9 +308,11 @@ class Router:
         if scope == "full":
             self.deliver(event.to, event.stanza)
         elif scope == "bare":
-            for info in self.resources(event.to):
-                if info.available:
-                    self.deliver(info.jid, event.stanza)
+            self.deliver_to_available(event.to, event.stanza)
+
+
+def _kind(stanza: ET.Element) -> str:
+    return stanza.tag.rpartition("}")[2]
 
 
 def _scope(to: JID) -> str:

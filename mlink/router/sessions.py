@@ -1,7 +1,7 @@
 """Who is online: bound sessions by full and bare JID.
 
 Modules see `SessionInfo` records (plain data: JID, priority, presence,
-flags), never the connection objects, and deliver through the router; so a
+and the fields modules declare), never the connection objects, and deliver through the router; so a
 session can later live in another shard process, with its `SessionInfo`
 replicated, without any module changing.
 """
@@ -12,7 +12,7 @@ import itertools
 import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from mlink.jid import JID
 
@@ -33,8 +33,8 @@ class SessionInfo:
     # RFC 6121 §2.1.6: requested the roster, so it gets roster pushes and
     # subscription requests.
     interested: bool = False
-    carbons: bool = False  # XEP-0280 enabled
-    blocklist_requested: bool = False  # XEP-0191 §3.3: gets blocklist pushes
+    # Values of the per-session fields modules declare (`mlink.router.fields`).
+    fields: dict[str, Any] = field(default_factory=dict)
     # Full or bare JIDs that got directed presence from this session, owed
     # an unavailable presence when it ends (RFC 6121 §4.6.3).
     directed_to: set[str] = field(default_factory=set)

@@ -42,6 +42,8 @@ __all__ = [
 # Strongest first. tls-exporter binds to the whole TLS 1.3 session; the
 # end-point binding only proves which certificate the client saw; tls-unique
 # is the legacy TLS <= 1.2 binding (broken by triple-handshake without EMS).
+# XEP-0440: the stream feature listing the binding types a server verifies.
+SASL_CB_NS = "urn:xmpp:sasl-cb:0"
 CB_TYPES_BY_PREFERENCE: tuple[str, ...] = ("tls-exporter", "tls-server-end-point", "tls-unique")
 
 # RFC 9266 §2: the exporter label and output length for tls-exporter.

@@ -10,7 +10,8 @@ I/O or imports trio.
 
 Unknown users: `provide_secret(None)` does NOT fail at once. It answers with a
 plausible server-first message (a salt derived from the user name with a
-per-process key, the default iteration count) and fails with `not-authorized`
+key the server keeps in its data directory, so it is the same on every
+shard and after a restart; the default iteration count) and fails with `not-authorized`
 only after the client-final message, exactly like a wrong password. A
 client therefore cannot probe which accounts exist; mlink logs the true
 reason on its side, since the caller knows it passed None.
@@ -44,9 +45,9 @@ NONCE_BYTES = 18
 # the parsing and SASLprep work per attempt.
 MAX_SCRAM_MESSAGE = 4096
 
-# Per-process key for the fake salts of unknown users (see module docstring).
-# Stable for the life of the process, so two probes for the same missing
-# user see the same salt, like a real account would show.
+# Fallback key for the fake salts of unknown users when the caller passes
+# none (unit tests, tools): stable for the life of the process. A server
+# passes the persistent key of its data directory instead.
 _MOCK_SALT_KEY = os.urandom(32)
 
 # RFC 5802 §7 grammar pieces.
@@ -128,6 +129,7 @@ class ScramMechanism:
         cb_offered: bool = False,
         *,
         nonce_source: Callable[[], str] = default_nonce,
+        mock_salt_key: bytes | None = None,
     ) -> None:
         if hash_name not in HASHES:
             raise ValueError(f"unknown SCRAM mechanism: {hash_name!r}")
@@ -140,6 +142,9 @@ class ScramMechanism:
             raise ValueError(f"{self.name} needs channel-binding data")
         self._cb_offered = cb_offered or plus
         self._nonce_source = nonce_source
+        # A server passes its persistent key (see `load_mock_salt_key`), so
+        # every shard and every restart shows an unknown user the same salt.
+        self._mock_salt_key = mock_salt_key or _MOCK_SALT_KEY
         self._state = _State.START
         # Filled in while the exchange proceeds.
         self._gs2_header = ""
@@ -316,7 +321,7 @@ class ScramMechanism:
         user name so the server-first message looks like a real account's.
         """
         key = f"{self.base_mechanism}\x00{self._username}".encode()
-        salt = hmac.digest(_MOCK_SALT_KEY, key, "sha256")[:SALT_BYTES]
+        salt = hmac.digest(self._mock_salt_key, key, "sha256")[:SALT_BYTES]
         size = hashlib.new(self._digest).digest_size
         return ScramSecret(
             self.base_mechanism, DEFAULT_ITERATIONS, salt, os.urandom(size), os.urandom(size)

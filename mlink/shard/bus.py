@@ -46,7 +46,7 @@ from mlink.shard.frames import (
     encode_hello,
 )
 
-log = logging.getLogger("mlink.shard.bus")
+log = logging.getLogger(__name__)
 
 # Bytes queued for one peer and not yet written. At local-socket speed
 # (~1 GB/s) this is ~16 ms of traffic, so it fills only when the peer has

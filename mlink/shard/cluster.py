@@ -3,11 +3,24 @@ across the bus.
 
 Every shard announces its sessions (SESSION_UP on bind and whenever what
 routing needs of them changes: priority, availability, presence, roster
-interest, carbons; SESSION_DOWN when they end), so any shard resolves any
+interest, module-declared fields; SESSION_DOWN when they end), so any shard resolves any
 local-domain JID without asking. A stanza for a session elsewhere crosses
 the bus once; deliveries made while routing one stanza are grouped per
 destination shard and identical payload, so a presence broadcast to many
 contacts costs one FANOUT frame per shard, not one frame per contact.
+
+Decisions about a session are made on the shard that holds it. Presence
+to a bare JID is delivered on each shard to that shard's own available
+sessions: the sender's shard delivers locally and sends the stanza, with
+the bare JID as recipient, to every other shard, which delivers it to its
+own available sessions when the frame arrives. Whatever the order in which
+two users on two shards log in, each one's broadcast meets the other's
+session in its true state (the race that a replicated "available" flag
+lost). Probes are answered the same way (`Module.send_bus`, presence).
+
+Objects that must live in one place (a room, a resumption token) are
+homed by `owner(key)`: a stable hash of the key over the configured shard
+count, the same on every shard.
 
 When a peer shard dies, every shard drops its sessions; the lowest-numbered
 live shard then announces their end (`session/closed`), which sends the
@@ -18,10 +31,12 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.router.fields import field_registry
 from mlink.router.sessions import SessionInfo
 from mlink.shard import frames
 from mlink.shard.bus import Bus
@@ -32,7 +47,7 @@ from mlink.xml.serialize import CLIENT_NS, Shared, serialize
 if TYPE_CHECKING:
     from mlink.server import Server
 
-log = logging.getLogger("mlink.cluster")
+log = logging.getLogger(__name__)
 
 _WRAP_OPEN = f"<s xmlns='{CLIENT_NS}'>".encode()
 _WRAP_CLOSE = b"</s>"
@@ -78,27 +93,49 @@ class Cluster:
     def online(self, bare: JID) -> bool:
         return bare in self._by_bare
 
+    def owner(self, key: str) -> int:
+        """The shard that owns `key`: CRC-32 of its UTF-8 bytes modulo the
+        shard count (stable across processes and restarts, unlike hash())."""
+        return zlib.crc32(key.encode("utf-8")) % max(1, self.bus.shards)
+
+    def send_module(self, channel: str, payload: bytes, shard: int | None) -> None:
+        """A module's bytes to the same module on `shard` (None: all others)."""
+        frame = Frame(FrameType.MODULE, frames.encode_module(channel, payload))
+        if shard is None:
+            self.bus.broadcast(frame)
+        elif shard != self.shard:
+            self.bus.send(shard, frame)
+
+    def deliver_to_available(self, bare: JID, stanza: ET.Element) -> None:
+        """Queue `stanza` for the available sessions of `bare` on every
+        other shard, each shard deciding for its own sessions on arrival."""
+        for shard in self.bus.peers:
+            self._queue(shard, str(bare), stanza)
+
     def deliver(self, full: JID, stanza: ET.Element) -> bool:
         """Queue `stanza` for a session on another shard; grouped with the
         same payload for the same shard until `flush`."""
         remote = self._by_full.get(full)
         if remote is None:
             return False
+        self._queue(remote.shard, str(full), stanza)
+        return True
+
+    def _queue(self, shard: int, target: str, stanza: ET.Element) -> None:
         to = stanza.attrib.pop("to", None)
         try:
             payload = serialize(stanza)
         finally:
             if to is not None:
                 stanza.set("to", to)
-        # The receiver looks the session up by `full` but must deliver the
-        # stanza with the `to` it had (a bare JID stays bare, RFC 6121
+        # The receiver looks the session up by `target` (a full JID, or a
+        # bare JID: that user's available sessions there) but must deliver
+        # the stanza with the `to` it had (a bare JID stays bare, RFC 6121
         # §3.1.2): both travel in one recipient entry, NUL-separated (XML
         # has no NUL, so no JID contains one).
-        target = str(full)
         if to is not None and to != target:
             target = f"{target}\0{to}"
-        self._pending.setdefault((remote.shard, payload), []).append(target)
-        return True
+        self._pending.setdefault((shard, payload), []).append(target)
 
     def flush(self) -> None:
         """Send what routing one stanza queued: one frame per shard and payload."""
@@ -117,12 +154,13 @@ class Cluster:
 
     def announce(self, info: SessionInfo) -> None:
         """SESSION_UP for a local session when what others route by changed."""
-        snapshot = (info.priority, info.presence, info.interested, info.carbons,
-                    info.blocklist_requested)
+        fields = field_registry.encode(info)
+        snapshot = (info.priority, info.presence, info.interested, tuple(fields))
         if self._announced.get(info.session_id) == snapshot:
             return
         self._announced[info.session_id] = snapshot
-        self.bus.broadcast(Frame(FrameType.SESSION_UP, frames.encode_session_up(_entry(info))))
+        entry = _entry(info, fields)
+        self.bus.broadcast(Frame(FrameType.SESSION_UP, frames.encode_session_up(entry)))
 
     def announce_down(self, info: SessionInfo) -> None:
         self._announced.pop(info.session_id, None)
@@ -175,6 +213,16 @@ class Cluster:
                 invalidator = self.server.cache_invalidators.get(what)
                 if invalidator is not None:
                     invalidator(user)
+            elif kind is FrameType.MODULE:
+                channel, data = frames.decode_module(frame.payload)
+                handler = self.server.bus_handlers.get(channel)
+                if handler is not None:
+                    with self.server.router.batch():
+                        await handler(frame.source, data)
+        except Exception:
+            # One bad frame or a module's crash on it must not end the bus
+            # connection (and with it every session of the peer shard).
+            log.exception("handling a %s frame from shard %d failed", kind.name, frame.source)
         finally:
             self.flush()
 
@@ -205,6 +253,10 @@ class Cluster:
     async def _receive_stanza(self, full: JID, to: str, stanza: ET.Element) -> None:
         router = self.server.router
         stanza.set("to", to)
+        if not full.resource:
+            # A bare recipient: this shard's available sessions of the user.
+            router.deliver_local_available(full, stanza)
+            return
         if router.deliver(full, stanza):
             return
         # The session ended while the frame travelled: what the RFC says
@@ -222,9 +274,15 @@ class Cluster:
         for target in recipients:
             full, _, to = target.partition("\0")
             try:
-                conn = sessions.get(parse_jid(full))
+                jid = parse_jid(full)
             except InvalidJID:
                 continue
+            if not jid.resource:
+                for conn in sessions.of_user(jid):
+                    if conn.info.available:
+                        conn.deliver(shared.addressed(to or full))
+                continue
+            conn = sessions.get(jid)
             if conn is not None:
                 conn.deliver(shared.addressed(to or full))
 
@@ -232,8 +290,8 @@ class Cluster:
         full = parse_jid(entry.jid)
         presence = parse_stanza(entry.presence) if entry.available and entry.presence else None
         info = SessionInfo(full, presence=presence, priority=entry.priority,
-                           interested=entry.interested, carbons=entry.carbons,
-                           blocklist_requested=entry.blocklist_requested,
+                           interested=entry.interested,
+                           fields=field_registry.decode(entry.fields),
                            initial_presence_sent=entry.available, session_id=entry.session_id)
         if entry.available and presence is None:
             info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
@@ -258,7 +316,9 @@ class Cluster:
             self.bus.send(shard, Frame(FrameType.TABLE_SNAPSHOT, payload, flags))
 
 
-def _entry(info: SessionInfo) -> SessionEntry:
+def _entry(info: SessionInfo, fields: list[tuple[str, bytes]] | None = None) -> SessionEntry:
     presence = serialize(info.presence) if info.presence is not None else b""
+    if fields is None:
+        fields = field_registry.encode(info)
     return SessionEntry(str(info.jid), info.session_id, info.priority, info.available,
-                        presence, info.interested, info.carbons, info.blocklist_requested)
+                        presence, info.interested, tuple(fields))

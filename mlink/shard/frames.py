@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 # Bumped on any incompatible change. All shards of one server run the same
 # code, so a mismatch means a stale process or a foreign peer: refuse it.
-FRAME_VERSION = 1
+FRAME_VERSION = 2
 # The largest frame (header + payload) a decoder accepts and an encoder
 # produces. It bounds the memory one peer can make a shard buffer while a
 # frame arrives. It must hold the largest stanza (256 KiB by default, a
@@ -61,8 +61,10 @@ _SESSION = struct.Struct(">QbB")  # session id, priority, flag bits below
 # Session flag bits: what other shards need to route as this shard would.
 SESSION_AVAILABLE = 0x01  # sent available presence (RFC 6121 §4.2)
 SESSION_INTERESTED = 0x02  # requested the roster: gets pushes (§2.1.6)
-SESSION_CARBONS = 0x04  # enabled message carbons (XEP-0280)
-SESSION_BLOCKLIST = 0x08  # requested the blocklist: gets its pushes (XEP-0191)
+# Module-declared session fields (`mlink.router.fields`) follow the presence
+# as (name, value) pairs: a u8 count, then u8-length names and u16-length
+# values. The frame layer does not know what any of them mean.
+MAX_SESSION_FIELDS = 255
 
 
 class FrameError(ValueError):
@@ -93,8 +95,11 @@ class FrameType(enum.IntEnum):
     # End the named session on the receiving shard with a stream error: a
     # bind of the same full JID elsewhere replaced it (RFC 6120 §7.7.2.2).
     KICK = 10
-    # A user's durable data (roster, blocklist) changed: drop cached copies.
+    # A user's durable data changed: drop cached copies (a named cache).
     INVALIDATE = 11
+    # Opaque bytes from a module to the same module on the receiving shard
+    # (`Module.send_bus`): a channel name and a payload.
+    MODULE = 12
 
 
 # Byte value -> FrameType: a dict lookup is cheaper than FrameType(value).
@@ -186,6 +191,9 @@ class _Reader:
         self.pos += st.size
         return values
 
+    def u8(self) -> int:
+        return self._take(_U8)[0]
+
     def u16(self) -> int:
         return self._take(_U16)[0]
 
@@ -242,8 +250,8 @@ class SessionEntry:
     available: bool = False
     presence: bytes = b""
     interested: bool = False
-    carbons: bool = False
-    blocklist_requested: bool = False
+    # Module-declared replicated fields: (name, encoded value) pairs.
+    fields: tuple[tuple[str, bytes], ...] = ()
 
 
 def _session_bytes(entry: SessionEntry) -> bytes:
@@ -255,20 +263,38 @@ def _session_bytes(entry: SessionEntry) -> bytes:
             entry.session_id,
             entry.priority,
             (SESSION_AVAILABLE if entry.available else 0)
-            | (SESSION_INTERESTED if entry.interested else 0)
-            | (SESSION_CARBONS if entry.carbons else 0)
-            | (SESSION_BLOCKLIST if entry.blocklist_requested else 0),
+            | (SESSION_INTERESTED if entry.interested else 0),
         )
         + _stanza(entry.presence)
+        + _fields(entry.fields)
     )
+
+
+def _fields(fields: Sequence[tuple[str, bytes]]) -> bytes:
+    if len(fields) > MAX_SESSION_FIELDS:
+        raise FrameError(f"{len(fields)} session fields exceed {MAX_SESSION_FIELDS}")
+    parts = [_U8.pack(len(fields))]
+    for name, value in fields:
+        raw = name.encode("utf-8")
+        if len(raw) > 0xFF or len(value) > 0xFFFF:
+            raise FrameError(f"session field {name!r} is too large")
+        parts.append(_U8.pack(len(raw)) + raw + _U16.pack(len(value)) + value)
+    return b"".join(parts)
 
 
 def _read_session(r: _Reader) -> SessionEntry:
     jid = r.jid()
     sid, priority, bits = r.session()
-    return SessionEntry(jid, sid, priority, bool(bits & SESSION_AVAILABLE), r.blob(_U32),
-                        bool(bits & SESSION_INTERESTED), bool(bits & SESSION_CARBONS),
-                        bool(bits & SESSION_BLOCKLIST))
+    presence = r.blob(_U32)
+    fields = []
+    for _ in range(r.u8()):
+        try:
+            name = r.blob(_U8).decode("utf-8")
+        except UnicodeDecodeError:
+            raise FrameError("session field name is not UTF-8") from None
+        fields.append((name, r.blob(_U16)))
+    return SessionEntry(jid, sid, priority, bool(bits & SESSION_AVAILABLE), presence,
+                        bool(bits & SESSION_INTERESTED), tuple(fields))
 
 
 def encode_hello(shards: int) -> bytes:
@@ -418,7 +444,7 @@ def decode_kick(payload: bytes) -> tuple[str, int, str]:
 
 
 def encode_invalidate(user: str, what: str) -> bytes:
-    """`what` names the cache: "roster" or "blocklist"."""
+    """`what` names the cache (as registered with the cluster)."""
     return _jid(user) + _jid(what)
 
 
@@ -427,3 +453,15 @@ def decode_invalidate(payload: bytes) -> tuple[str, str]:
     user, what = r.jid(), r.jid()
     r.end()
     return user, what
+
+
+def encode_module(channel: str, data: bytes) -> bytes:
+    """A module's message: its channel ("<module>/<name>") and payload."""
+    return _jid(channel) + _stanza(data)
+
+
+def decode_module(payload: bytes) -> tuple[str, bytes]:
+    r = _Reader(payload)
+    channel, data = r.jid(), r.blob(_U32)
+    r.end()
+    return channel, data

@@ -89,6 +89,40 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (user, field)
         ) WITHOUT ROWID""",
     ),
+    # 2 -> 3: stores of modules (mlink.store.module_store), namespaced by
+    # module and store name, so a new feature adds no table or method here;
+    # a module's own tables are versioned in module_schema. Private XML
+    # storage (XEP-0049) moves into its module's map store.
+    (
+        """CREATE TABLE module_kv (
+            module TEXT NOT NULL,
+            store TEXT NOT NULL,
+            user TEXT NOT NULL,
+            item_key TEXT NOT NULL,
+            value BLOB NOT NULL,
+            PRIMARY KEY (module, store, user, item_key)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE module_archive (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            module TEXT NOT NULL,
+            store TEXT NOT NULL,
+            user TEXT NOT NULL,
+            at REAL NOT NULL,
+            with_jid TEXT NOT NULL DEFAULT '',
+            value BLOB NOT NULL
+        )""",
+        # Paging a user's archive newest-first, and filtering by peer.
+        "CREATE INDEX module_archive_by_user ON module_archive (module, store, user, id)",
+        """CREATE INDEX module_archive_by_peer
+            ON module_archive (module, store, user, with_jid, id)""",
+        """CREATE TABLE module_schema (
+            module TEXT PRIMARY KEY,
+            version INTEGER NOT NULL
+        ) WITHOUT ROWID""",
+        """INSERT INTO module_kv (module, store, user, item_key, value)
+            SELECT 'private', 'xml', user, element_key, xml FROM private_xml""",
+        "DROP TABLE private_xml",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -298,6 +298,11 @@ class Store:
         """A single-statement read (its own implicit snapshot)."""
         return await self._run(self._reader, None, work)
 
+    # Module stores (mlink.store.module_store) run their own statements
+    # through the same connections, threads and error mapping.
+    write = _write
+    read = _read
+
     # --- rosters (RFC 6121 §2) -------------------------------------------------
 
     async def roster(self, user: str) -> tuple[int, dict[str, RosterItem]]:
@@ -483,30 +488,6 @@ class Store:
 
     # --- private XML storage (XEP-0049) --------------------------------------------
 
-    async def private_get(self, user: str, key: str) -> bytes | None:
-        """The stored element for `key` (the caller's namespace-qualified
-        name, e.g. `{storage:bookmarks}storage`), or None."""
-
-        def work(conn: sqlite3.Connection) -> bytes | None:
-            row = conn.execute(
-                "SELECT xml FROM private_xml WHERE user = ? AND element_key = ?", (user, key)
-            ).fetchone()
-            return None if row is None else bytes(row[0])
-
-        return await self._read1(work)
-
-    async def private_put(self, user: str, key: str, xml: bytes) -> None:
-        """Store (replacing) the element for `key`."""
-        data = bytes(xml)
-
-        def work(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR REPLACE INTO private_xml (user, element_key, xml) VALUES (?, ?, ?)",
-                (user, key, data),
-            )
-
-        await self._write(work)
-
     # --- last activity (XEP-0012) ----------------------------------------------------
 
     async def last_activity_put(self, user: str, when: float, status: str) -> None:
@@ -582,9 +563,10 @@ class Store:
                 "subscription_request",
                 "offline_message",
                 "block",
-                "private_xml",
                 "last_activity",
                 "profile_field",
+                "module_kv",
+                "module_archive",
             ):
                 conn.execute(f"DELETE FROM {table} WHERE user = ?", (user,))
 

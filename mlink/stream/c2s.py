@@ -2,10 +2,19 @@
 
 Bytes go in through `receive_data`, which returns the events the connection
 must act on; bytes to write accumulate and are taken with `data_to_send`.
-The machine never waits: where an answer needs the directory (a password, a
-SCRAM secret) or the session table (a bind), it emits an event and the
-driver reports back with `password_checked`, `secret_found`, `bind_done`.
+The machine never waits: where an answer needs the outside world (a SASL
+mechanism's credential, a bind in the session table), it emits an event and
+the driver reports back with `credential_provided` or `bind_done`. SASL
+mechanisms and stream features come from registries the server fills from
+its modules, so this file knows no mechanism and no extension.
 The same machine serves TCP and, behind a framing adapter, WebSocket.
+
+h11's discipline: which driver call each state accepts is in one table
+(`DRIVER_CALLS`); a call in another state is a bug in mlink and raises
+`LocalProtocolError`, except after the stream closed, where late answers
+(the client sent `<auth/>` and `</stream:stream>` in one packet) are
+dropped. Whatever the client sends is answered with a stream or SASL error,
+never an assertion.
 """
 
 from __future__ import annotations
@@ -15,12 +24,22 @@ import binascii
 import enum
 import secrets
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 from mlink.config_model import DEFAULT_MAX_DEPTH, DEFAULT_MAX_STANZA_BYTES
 from mlink.jid import JID, InvalidJID, parse_jid, prep_localpart, prep_resource
-from mlink.sasl import mechanisms as sasl
-from mlink.sasl.secrets import ScramSecret
+from mlink.sasl import events as sasl
+from mlink.sasl.registry import (
+    UNAVAILABLE,
+    Mechanism,
+    NeedCredential,
+    SaslRegistry,
+    SaslStreamInfo,
+    builtin_providers,
+    encode_sasl,
+)
 from mlink.stream.errors import stanza_error
 from mlink.stream.framing import FRAMING_NS, Framing, TCPFraming, WebSocketFraming
 from mlink.xml.parser import (
@@ -32,13 +51,12 @@ from mlink.xml.parser import (
     XMLStreamError,
     XMLStreamParser,
 )
-from mlink.xml.serialize import CLIENT_NS
+from mlink.xml.serialize import CLIENT_NS, serialize
 
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 BIND_NS = "urn:ietf:params:xml:ns:xmpp-bind"
 SESSION_NS = "urn:ietf:params:xml:ns:xmpp-session"
-SASL_CB_NS = "urn:xmpp:sasl-cb:0"
 STANZA_TAGS = frozenset(f"{{{CLIENT_NS}}}{n}" for n in ("message", "presence", "iq"))
 # Bytes of randomness in stream ids and generated resources: 96 bits make a
 # collision across every session a server will ever see negligible.
@@ -54,6 +72,19 @@ class State(enum.Enum):
     CLOSED = "closed"
 
 
+class LocalProtocolError(RuntimeError):
+    """The driver called the machine in a state that does not accept the
+    call: a bug in mlink, never a client's doing (h11's name for it)."""
+
+
+# Which driver callback each state accepts (see the module docstring).
+DRIVER_CALLS: dict[str, frozenset[State]] = {
+    "tls_started": frozenset({State.WAIT_HEADER}),
+    "credential_provided": frozenset({State.WAIT_AUTH_RESULT}),
+    "bind_done": frozenset({State.WAIT_BIND_RESULT}),
+}
+
+
 # Events for the connection driver -------------------------------------------------
 
 
@@ -64,19 +95,13 @@ class StartTLS:
 
 
 @dataclass(slots=True)
-class CheckPassword:
-    """PLAIN: ask the directory, then call `password_checked`."""
+class CredentialRequested:
+    """A SASL mechanism needs `request` answered for the bare JID `jid`
+    (its kind names the credential source): ask, then call
+    `credential_provided`."""
 
     jid: str
-    password: str
-
-
-@dataclass(slots=True)
-class FindSecret:
-    """SCRAM: fetch the user's secret, then call `secret_found`."""
-
-    jid: str
-    mechanism: str  # SCRAM-SHA-1 or SCRAM-SHA-256
+    request: NeedCredential
 
 
 @dataclass(slots=True)
@@ -101,6 +126,14 @@ class BindRequested:
 
 
 @dataclass(slots=True)
+class NonzaReceived:
+    """A top-level element of a namespace a module handles (a stream
+    extension's own elements, not a stanza), on an established stream."""
+
+    element: ET.Element
+
+
+@dataclass(slots=True)
 class StanzaReceived:
     """A stanza from the bound client, its `from` stamped."""
 
@@ -120,14 +153,32 @@ class StreamEnded:
 
 C2SEvent = (
     StartTLS
-    | CheckPassword
-    | FindSecret
+    | CredentialRequested
     | AuthFailed
     | Authenticated
     | BindRequested
+    | NonzaReceived
     | StanzaReceived
     | StreamEnded
 )
+
+
+class FeatureView:
+    """What a stream-feature provider sees of the stream (`mlink.module`)."""
+
+    __slots__ = ("tls_active", "authenticated", "websocket")
+
+    def __init__(self, tls_active: bool, authenticated: bool, websocket: bool) -> None:
+        self.tls_active = tls_active
+        self.authenticated = authenticated
+        self.websocket = websocket
+
+
+def _default_sasl() -> SaslRegistry:
+    registry = SaslRegistry()
+    for provider in builtin_providers():
+        registry.add_mechanism(provider)
+    return registry
 
 
 @dataclass(slots=True)
@@ -140,11 +191,17 @@ class StreamSettings:
     tls_active: bool = False  # direct TLS (XEP-0368): already encrypted
     max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
-    # Features modules add: `extra_features` in every <stream:features>
-    # (e.g. XEP-0115 caps), `session_features` after authentication (e.g.
-    # roster versioning), both already serialised.
-    extra_features: bytes = b""
-    session_features: bytes = b""
+    # What modules add to <stream:features>: (provider, after authentication
+    # only). A provider returns the element to offer, or None.
+    feature_providers: tuple[tuple[Callable[[Any], ET.Element | None], bool], ...] = ()
+    # The SASL mechanisms and credential sources (the built-in ones unless
+    # the server passes its own registry).
+    sasl: SaslRegistry = field(default_factory=_default_sasl)
+    # Namespaces of top-level elements modules handle once the stream is
+    # established (`NonzaReceived`); any other unknown element ends the stream.
+    nonza_namespaces: frozenset[str] = frozenset()
+    # Key for SCRAM's believable salts of unknown users (`mlink.sasl.mock_key`).
+    mock_salt_key: bytes | None = None
     websocket: bool = False  # RFC 7395 framing: use receive_message
 
 
@@ -163,9 +220,10 @@ class C2SStream:
         self._out: list[bytes] = []
         self.framing: Framing = WebSocketFraming() if settings.websocket else TCPFraming()
         self._parser = self._new_parser()
-        self._mechanism: sasl.Mechanism | None = None
+        self._mechanism: Mechanism | None = None
         self._auth_jid: str | None = None
         self._offered_mechanisms: list[str] = []
+        self._sasl_stream: SaslStreamInfo | None = None
         self._bind_iq: ET.Element | None = None
         self._sent_close = False
 
@@ -245,30 +303,44 @@ class C2SStream:
 
     # -- driver callbacks -------------------------------------------------------
 
+    def _driver_call(self, name: str) -> bool:
+        """Whether the driver's call `name` applies now: False once the
+        stream is closed (a late answer), LocalProtocolError when the state
+        never accepts it."""
+        if self.state is State.CLOSED:
+            return False
+        if self.state not in DRIVER_CALLS[name]:
+            raise LocalProtocolError(f"{name} called in state {self.state.value}")
+        return True
+
     def tls_started(self, channel_binding: dict[str, bytes]) -> None:
         """The socket is now TLS; expect a fresh stream header."""
+        if not self._driver_call("tls_started"):
+            return
         self.tls_active = True
         self.channel_binding = channel_binding
         self._restart()
 
-    def password_checked(self, ok: bool | None) -> list[C2SEvent]:
-        """PLAIN result: True, False, or None when the directory is down."""
-        assert self._mechanism is not None and self.state is State.WAIT_AUTH_RESULT
-        if ok is None:
-            return self._sasl_failure("temporary-auth-failure")
-        return self._sasl_step(self._mechanism.password_result(ok))
-
-    def secret_found(self, secret: ScramSecret | None, unavailable: bool = False) -> list[C2SEvent]:
-        assert self._mechanism is not None and self.state is State.WAIT_AUTH_RESULT
-        if unavailable:
+    def credential_provided(self, answer: Any) -> list[C2SEvent]:
+        """The answer to the last `CredentialRequested` (`UNAVAILABLE` when
+        the source could not decide: temporary-auth-failure)."""
+        if not self._driver_call("credential_provided"):
+            return []
+        mechanism = self._mechanism
+        if mechanism is None:
+            raise LocalProtocolError("credential_provided without a mechanism")
+        if answer is UNAVAILABLE:
             return self._sasl_failure("temporary-auth-failure")
         self.state = State.NEGOTIATING
-        return self._sasl_step(self._mechanism.provide_secret(secret))
+        return self._sasl_step(mechanism.provide(answer))
 
     def bind_done(self, resource: str | None, condition: str | None = None) -> None:
         """The session table bound `resource`, or refused with `condition`."""
+        if not self._driver_call("bind_done"):
+            return
         iq = self._bind_iq
-        assert iq is not None and self.jid is not None
+        if iq is None or self.jid is None:
+            raise LocalProtocolError("bind_done without a bind request")
         self._bind_iq = None
         if resource is None:
             self.state = State.NEGOTIATING
@@ -353,44 +425,53 @@ class C2SStream:
             self._send_header()
 
     def _features(self) -> bytes:
-        parts: list[str] = []
+        elements: list[ET.Element] = []
         s = self.settings
         if not self.tls_active and s.tls_available and not self._authenticated and \
                 not s.websocket:
-            req = "<required/>" if s.tls_required else ""
-            parts.append(f"<starttls xmlns='{TLS_NS}'>{req}</starttls>")
+            starttls = ET.Element(f"{{{TLS_NS}}}starttls")
+            if s.tls_required:
+                ET.SubElement(starttls, f"{{{TLS_NS}}}required")
+            elements.append(starttls)
         if not self._authenticated:
-            mechs = self._mechanisms_now()
-            self._offered_mechanisms = mechs
-            if mechs:
-                parts.append(f"<mechanisms xmlns='{SASL_NS}'>")
-                parts.extend(f"<mechanism>{m}</mechanism>" for m in mechs)
-                parts.append("</mechanisms>")
-                if self.channel_binding:
-                    # XEP-0440: which channel-binding types we can verify.
-                    parts.append(f"<sasl-channel-binding xmlns='{SASL_CB_NS}'>")
-                    parts.extend(
-                        f"<channel-binding type='{t}'/>"
-                        for t in sasl.channel_binding_element_types(set(self.channel_binding))
-                    )
-                    parts.append("</sasl-channel-binding>")
+            stream = self._sasl_info()
+            offered = s.sasl.offered(stream) if self._sasl_allowed() else []
+            self._offered_mechanisms = [p.name for p in offered]
+            elements.extend(s.sasl.features(stream, self._offered_mechanisms))
         else:
-            parts.append(f"<bind xmlns='{BIND_NS}'/>")
+            elements.append(ET.Element(f"{{{BIND_NS}}}bind"))
             # RFC 3921 session establishment, optional since RFC 6121.
-            parts.append(f"<session xmlns='{SESSION_NS}'><optional/></session>")
-        out = "".join(parts).encode()
-        if self._authenticated:
-            out += s.session_features
-        return self.framing.features(out + s.extra_features)
+            session = ET.Element(f"{{{SESSION_NS}}}session")
+            ET.SubElement(session, f"{{{SESSION_NS}}}optional")
+            elements.append(session)
+        view = FeatureView(self.tls_active, self._authenticated, s.websocket)
+        for provider, after_auth in s.feature_providers:
+            if after_auth and not self._authenticated:
+                continue
+            offered_element = provider(view)
+            if offered_element is not None:
+                elements.append(offered_element)
+        return self.framing.features(b"".join(serialize(e) for e in elements))
 
-    def _mechanisms_now(self) -> list[str]:
-        if self.settings.tls_required and not self.tls_active:
-            return []
-        return sasl.available_mechanisms(
-            tls=self.tls_active,
-            cb_types=set(self.channel_binding),
-            plain_allowed=self.tls_active or not self.settings.tls_required,
+    def _sasl_allowed(self) -> bool:
+        return self.tls_active or not self.settings.tls_required
+
+    def _sasl_info(self) -> SaslStreamInfo:
+        """What mechanisms may know of this stream; -PLUS offered or not is
+        worked out first, since SCRAM's downgrade check needs it."""
+        s = self.settings
+        base = SaslStreamInfo(
+            domain=self.domain or "",
+            tls_active=self.tls_active,
+            channel_binding=dict(self.channel_binding),
+            mock_salt_key=s.mock_salt_key,
+            plain_allowed=self.tls_active or not s.tls_required,
         )
+        plus = any(p.name.endswith("-PLUS") for p in s.sasl.offered(base))
+        info = SaslStreamInfo(base.domain, base.tls_active, base.channel_binding, plus,
+                              base.mock_salt_key, base.plain_allowed)
+        self._sasl_stream = info
+        return info
 
     # -- elements ---------------------------------------------------------------
 
@@ -399,6 +480,8 @@ class C2SStream:
         if self.state is State.ESTABLISHED:
             if tag in STANZA_TAGS:
                 return self._stamp(elem)
+            if tag[:1] == "{" and tag[1:].partition("}")[0] in self.settings.nonza_namespaces:
+                return [NonzaReceived(elem)]
             return self._nonza(elem)
         if tag.startswith("{" + TLS_NS + "}"):
             return self._on_starttls(elem)
@@ -454,14 +537,16 @@ class C2SStream:
         if self.settings.tls_required and not self.tls_active:
             return self._sasl_failure("encryption-required")
         name = elem.get("mechanism", "")
-        mech = None
-        if name in self._offered_mechanisms:
-            mech = sasl.create_mechanism(
-                name,
-                sasl.ChannelBinding(dict(self.channel_binding)) if self.channel_binding else None,
-                any(m.endswith("-PLUS") for m in self._offered_mechanisms),
-            )
-        if mech is None:
+        stream = self._sasl_stream
+        provider = None
+        if stream is not None and name in self._offered_mechanisms:
+            provider = next((p for p in self.settings.sasl.offered(stream) if p.name == name),
+                            None)
+        if provider is None or stream is None:
+            return self._sasl_failure("invalid-mechanism")
+        try:
+            mech = provider.create(stream)
+        except ValueError:
             return self._sasl_failure("invalid-mechanism")
         self._mechanism = mech
         text = elem.text
@@ -487,9 +572,9 @@ class C2SStream:
         """Translate one mechanism event into wire bytes and driver events."""
         if isinstance(ev, sasl.Challenge):
             self.state = State.NEGOTIATING
-            self._out.append(self._sasl_bytes("challenge", ev.data))
+            self._out.append(encode_sasl("challenge", ev.data))
             return []
-        if isinstance(ev, sasl.NeedPassword | sasl.NeedSecret):
+        if isinstance(ev, NeedCredential):
             jid = self._user_jid(ev.username)
             if jid is None:
                 return self._sasl_failure("not-authorized")
@@ -497,21 +582,23 @@ class C2SStream:
                 return self._sasl_failure("invalid-authzid")
             self._auth_jid = jid
             self.state = State.WAIT_AUTH_RESULT
-            if isinstance(ev, sasl.NeedPassword):
-                return [CheckPassword(jid, ev.password)]
-            return [FindSecret(jid, ev.mechanism)]
+            return [CredentialRequested(jid, ev)]
         if isinstance(ev, sasl.Success):
             jid = self._auth_jid
-            assert jid is not None
-            self._out.append(self._sasl_bytes("success", ev.additional_data))
+            mechanism = self._mechanism
+            if jid is None or mechanism is None:
+                # A mechanism that succeeds without naming a user it asked
+                # about is broken: refuse rather than authenticate nobody.
+                return self._sasl_failure("temporary-auth-failure")
+            self._out.append(encode_sasl("success", ev.additional_data))
             self._authenticated = True
-            name = self._mechanism.name  # type: ignore[union-attr]
             self._mechanism = None
             self.jid = parse_jid(jid)
             self._restart()
-            return [Authenticated(self.jid, name)]
-        assert isinstance(ev, sasl.Failure)
-        return self._sasl_failure(ev.condition, ev.text or "")
+            return [Authenticated(self.jid, mechanism.name)]
+        if isinstance(ev, sasl.Failure):
+            return self._sasl_failure(ev.condition, ev.text or "")
+        raise LocalProtocolError(f"unknown SASL event {type(ev).__name__}")
 
     def _sasl_failure(self, condition: str, text: str = "") -> list[C2SEvent]:
         jid = self._auth_jid
@@ -523,13 +610,6 @@ class C2SStream:
             body += f"<text xml:lang='en'>{text}</text>"
         self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
         return [AuthFailed(jid, condition)]
-
-    @staticmethod
-    def _sasl_bytes(tag: str, data: bytes | None) -> bytes:
-        if data is None:
-            return f"<{tag} xmlns='{SASL_NS}'/>".encode()
-        payload = base64.b64encode(data).decode() if data else "="
-        return f"<{tag} xmlns='{SASL_NS}'>{payload}</{tag}>".encode()
 
     def _user_jid(self, username: str) -> str | None:
         """The bare JID a SASL username names on this stream's domain."""

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from mlink.directory.base import DirectoryUnavailable
 from mlink.jid import JID
 from mlink.router.sessions import SessionInfo
+from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
 
 if TYPE_CHECKING:
     from mlink.server import Server
 
-log = logging.getLogger("mlink.c2s")
+log = logging.getLogger(__name__)
 
 # One read at most this many bytes: small enough that the stanza-size limit
 # is enforced within one read, large enough for a burst of stanzas.
@@ -60,6 +60,7 @@ class ClientConnection:
         self._sending = False  # the writer is in `send_all`
         self._bound = False
         self._scope = trio.CancelScope()
+        self.peer = _peer_name(stream)
 
     # -- Session interface (used by the router, never awaits) --------------------
 
@@ -84,9 +85,14 @@ class ClientConnection:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
-                    if not self.direct_tls or await self._start_tls():
-                        await self._read_until_authenticated()
-                        await self._read_loop()
+                    try:
+                        if not self.direct_tls or await self._start_tls():
+                            await self._read_until_authenticated()
+                            await self._read_loop()
+                    except c2s.LocalProtocolError:
+                        # Our bug, not the client's: say so on the wire once.
+                        log.exception("%s: stream machine misused", self.peer)
+                        self.kick("internal-server-error")
                     await self._finish()
                     nursery.cancel_scope.cancel()
             finally:
@@ -107,7 +113,7 @@ class ClientConnection:
                 if not await self._read_once():
                     return
         if scope.cancelled_caught and not self._closing:
-            log.info("closing unauthenticated connection: timeout")
+            log.info("%s: closing unauthenticated connection: timeout", self.peer)
             self.kick("connection-timeout", "authentication took too long")
 
     async def _read_loop(self) -> None:
@@ -142,47 +148,49 @@ class ClientConnection:
                 await self._drain()
                 if not await self._start_tls():
                     return
-            elif isinstance(ev, c2s.CheckPassword):
-                await self._check_password(ev)
-            elif isinstance(ev, c2s.FindSecret):
-                await self._find_secret(ev)
+            elif isinstance(ev, c2s.CredentialRequested):
+                await self._answer_credential(ev)
+            elif isinstance(ev, c2s.NonzaReceived):
+                await self.server.nonza_received(self.info, ev.element)
             elif isinstance(ev, c2s.BindRequested):
                 await self._bind(ev)
             elif isinstance(ev, c2s.AuthFailed):
-                log.info("authentication failed for %s: %s", ev.jid or "?", ev.condition)
+                log.info("%s: authentication failed for %s: %s", self.peer, ev.jid or "?",
+                         ev.condition)
             elif isinstance(ev, c2s.Authenticated):
-                log.info("authenticated %s with %s", ev.jid, ev.mechanism)
+                log.info("%s: authenticated %s with %s", self.peer, ev.jid, ev.mechanism)
             elif isinstance(ev, c2s.StreamEnded):
                 self._closing = True
         self._flush_machine()
 
-    async def _check_password(self, ev: c2s.CheckPassword) -> None:
-        try:
-            ok: bool | None = await self.server.directory.check_password(ev.jid, ev.password)
-        except DirectoryUnavailable as exc:
-            log.warning("directory unavailable while authenticating %s: %s", ev.jid, exc)
-            ok = None
-        await self._handle(self.xmpp.password_checked(ok))
-
-    async def _find_secret(self, ev: c2s.FindSecret) -> None:
-        try:
-            secret = await self.server.directory.scram_secret(ev.jid, ev.mechanism)
-        except DirectoryUnavailable as exc:
-            log.warning("directory unavailable while authenticating %s: %s", ev.jid, exc)
-            await self._handle(self.xmpp.secret_found(None, unavailable=True))
-            return
-        await self._handle(self.xmpp.secret_found(secret))
+    async def _answer_credential(self, ev: c2s.CredentialRequested) -> None:
+        """Ask the source registered for the mechanism's request; a missing
+        source or a source that crashes answers `temporary-auth-failure`."""
+        request = ev.request
+        source = self.server.sasl.source(request.kind)
+        answer: object = UNAVAILABLE
+        if source is None:
+            log.error("%s: no credential source for %r", self.peer, request.kind)
+        else:
+            try:
+                answer = await source(ev.jid, request)
+            except Exception:
+                log.exception("%s: credential source %r failed for %s", self.peer,
+                              request.kind, ev.jid)
+        await self._handle(self.xmpp.credential_provided(answer))
 
     async def _bind(self, ev: c2s.BindRequested) -> None:
-        assert self.xmpp.jid is not None
+        if self.xmpp.jid is None:
+            raise c2s.LocalProtocolError("bind requested before authentication")
         full = await self.server.bind_session(self, self.xmpp.jid.bare, ev.resource)
         self._bound = True
         self.xmpp.bind_done(full.resource)
-        log.info("bound %s", full)
+        log.info("%s: bound %s", self.peer, full)
 
     async def _start_tls(self) -> bool:
         tls = self.server.tls
-        assert tls is not None
+        if tls is None:
+            raise c2s.LocalProtocolError("STARTTLS without a certificate")
         ssl_stream = trio.SSLStream(
             self.transport, tls.context, server_side=True, https_compatible=False
         )
@@ -190,7 +198,7 @@ class ClientConnection:
             with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
                 await ssl_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
-            log.info("TLS handshake failed: %s", exc)
+            log.info("%s: TLS handshake failed: %s", self.peer, exc)
             self._closing = True
             return False
         self.transport = ssl_stream
@@ -257,3 +265,15 @@ class ClientConnection:
                     # Everything up to the closing tag is out: stop reading.
                     self._scope.cancel()
                     return
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    """"address:port" of the peer, for log lines about this connection."""
+    sock = getattr(stream, "socket", None)
+    try:
+        peer = sock.getpeername() if sock is not None else None
+    except OSError:
+        peer = None
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"[{peer[0]}]:{peer[1]}" if ":" in str(peer[0]) else f"{peer[0]}:{peer[1]}"
+    return "?"

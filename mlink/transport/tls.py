@@ -9,7 +9,7 @@ from pathlib import Path
 from mlink.sasl.channel_binding import UnsupportedCertificate, tls_server_end_point
 from mlink.transport.tls_exporter import tls_exporter
 
-log = logging.getLogger("mlink.tls")
+log = logging.getLogger(__name__)
 
 # XEP-0368 §4: direct TLS c2s connections negotiate this ALPN protocol.
 ALPN_C2S = "xmpp-client"

@@ -42,7 +42,7 @@ from mlink.xml.serialize import escape_attr
 if TYPE_CHECKING:
     from mlink.server import Server
 
-log = logging.getLogger("mlink.websocket")
+log = logging.getLogger(__name__)
 
 # RFC 7395 §3.1 leaves the path to the server; Prosody, ejabberd and most
 # web clients' defaults use this one.

@@ -1,0 +1,207 @@
+"""Stores of one module: namespaced key-value, map and archive stores.
+
+Why: a new feature must not add methods to the central `Store`. A module
+asks its context for `module.store.map("name")` (per user: key -> bytes),
+`module.store.keyval("name")` (per user: one value) or
+`module.store.archive("name")` (per user: an append-only, paged log, the
+shape XEP-0313 archives and audit logs need), all in the shared SQLite file,
+namespaced by module and store name. A module that needs tables of its own
+declares migrations with `schema(steps)`; the server applies them when it
+opens the store, versioned per module in `module_schema`, each step in one
+transaction like the core's own migrations.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlink.store.sqlite import Store
+
+# Rows one archive query may return: a page, not a dump (XEP-0059 paging
+# asks for pages; 500 bounds memory and the time one query holds a thread).
+MAX_ARCHIVE_PAGE = 500
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivedItem:
+    id: int
+    at: float
+    with_jid: str
+    value: bytes
+
+
+class ModuleStore:
+    """The stores of module `module` (see the module docstring)."""
+
+    def __init__(self, store: Callable[[], Store], module: str) -> None:
+        self._store = store
+        self.module = module
+        self.migrations: tuple[tuple[str, ...], ...] = ()
+
+    def map(self, name: str) -> MapStore:
+        return MapStore(self._store, self.module, name)
+
+    def keyval(self, name: str) -> KeyValueStore:
+        return KeyValueStore(MapStore(self._store, self.module, name))
+
+    def archive(self, name: str) -> ArchiveStore:
+        return ArchiveStore(self._store, self.module, name)
+
+    def schema(self, steps: Sequence[Sequence[str]]) -> None:
+        """This module's own tables: step n takes its schema from version n
+        to n+1. Append steps in new releases; never edit a shipped one."""
+        self.migrations = tuple(tuple(step) for step in steps)
+
+    async def migrate(self) -> int:
+        """Apply pending steps (the server calls this once the store is
+        open); returns the version found before."""
+        steps, module = self.migrations, self.module
+
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT version FROM module_schema WHERE module = ?",
+                               (module,)).fetchone()
+            found = 0 if row is None else int(row[0])
+            if found > len(steps):
+                raise sqlite3.DatabaseError(
+                    f"module {module} has schema version {found}; this mlink knows {len(steps)}")
+            for step in steps[found:]:
+                for statement in step:
+                    conn.execute(statement)
+            if found < len(steps):
+                conn.execute("INSERT OR REPLACE INTO module_schema (module, version) "
+                             "VALUES (?, ?)", (module, len(steps)))
+            return found
+
+        return await self._store().write(work)
+
+
+class MapStore:
+    """Per user: key -> bytes."""
+
+    def __init__(self, store: Callable[[], Store], module: str, name: str) -> None:
+        self._store = store
+        self._ns = (module, name)
+
+    async def get(self, user: str, key: str) -> bytes | None:
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute(
+                "SELECT value FROM module_kv WHERE module = ? AND store = ? AND user = ? "
+                "AND item_key = ?", (*ns, user, key)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._store().read(work)
+
+    async def items(self, user: str) -> dict[str, bytes]:
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> dict[str, bytes]:
+            rows = conn.execute(
+                "SELECT item_key, value FROM module_kv WHERE module = ? AND store = ? "
+                "AND user = ?", (*ns, user))
+            return {key: bytes(value) for key, value in rows}
+
+        return await self._store().read(work)
+
+    async def set(self, user: str, key: str, value: bytes | None) -> None:
+        """Store `value` under `key` (None deletes it); durable on return."""
+        ns = self._ns
+        data = None if value is None else bytes(value)
+
+        def work(conn: sqlite3.Connection) -> None:
+            if data is None:
+                conn.execute("DELETE FROM module_kv WHERE module = ? AND store = ? AND user = ? "
+                             "AND item_key = ?", (*ns, user, key))
+            else:
+                conn.execute("INSERT OR REPLACE INTO module_kv (module, store, user, item_key, "
+                             "value) VALUES (?, ?, ?, ?, ?)", (*ns, user, key, data))
+
+        await self._store().write(work)
+
+    async def clear(self, user: str) -> None:
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM module_kv WHERE module = ? AND store = ? AND user = ?",
+                         (*ns, user))
+
+        await self._store().write(work)
+
+
+class KeyValueStore:
+    """Per user: one value."""
+
+    def __init__(self, backing: MapStore) -> None:
+        self._map = backing
+
+    async def get(self, user: str) -> bytes | None:
+        return await self._map.get(user, "")
+
+    async def set(self, user: str, value: bytes | None) -> None:
+        await self._map.set(user, "", value)
+
+
+class ArchiveStore:
+    """Per user: an append-only log, read in pages by id."""
+
+    def __init__(self, store: Callable[[], Store], module: str, name: str) -> None:
+        self._store = store
+        self._ns = (module, name)
+
+    async def append(self, user: str, value: bytes, with_jid: str = "",
+                     at: float | None = None) -> int:
+        """Add an item; returns its id (increasing: arrival order)."""
+        ns, when, data = self._ns, time.time() if at is None else at, bytes(value)
+
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "INSERT INTO module_archive (module, store, user, at, with_jid, value) "
+                "VALUES (?, ?, ?, ?, ?, ?)", (*ns, user, when, with_jid, data))
+            return int(cur.lastrowid or 0)
+
+        return await self._store().write(work)
+
+    async def page(self, user: str, *, before: int | None = None, after: int | None = None,
+                   with_jid: str | None = None, limit: int = MAX_ARCHIVE_PAGE,
+                   newest_first: bool = False) -> list[ArchivedItem]:
+        """Up to `limit` items with ids in (after, before), oldest first
+        unless `newest_first` (the last page of an archive)."""
+        ns, limit = self._ns, max(0, min(limit, MAX_ARCHIVE_PAGE))
+        where = ["module = ?", "store = ?", "user = ?"]
+        args: list[object] = [*ns, user]
+        if with_jid is not None:
+            where.append("with_jid = ?")
+            args.append(with_jid)
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        if after is not None:
+            where.append("id > ?")
+            args.append(after)
+        order = "DESC" if newest_first else "ASC"
+        sql = (f"SELECT id, at, with_jid, value FROM module_archive WHERE {' AND '.join(where)} "
+               f"ORDER BY id {order} LIMIT ?")
+        args.append(limit)
+
+        def work(conn: sqlite3.Connection) -> list[ArchivedItem]:
+            return [ArchivedItem(int(i), float(at), w, bytes(v))
+                    for i, at, w, v in conn.execute(sql, args)]
+
+        return await self._store().read(work)
+
+    async def delete_before(self, user: str, at: float) -> int:
+        """Retention: drop items older than `at`; returns how many."""
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("DELETE FROM module_archive WHERE module = ? AND store = ? "
+                               "AND user = ? AND at < ?", (*ns, user, at))
+            return int(cur.rowcount)
+
+        return await self._store().write(work)

@@ -1,0 +1,1 @@
+"""Building blocks the core and modules share (locks, caches)."""
