@@ -322,6 +322,7 @@ class LDAPConfig(Frozen):
         "server", kind=LDAPURL(), default_doc="ldap://127.0.0.1:389",
         cardinality="inside `<ldap>`, one or more",
         required="<ldap> needs at least one <server>ldap://host:port</server>",
+        comment="Tried in order until one answers.",
         doc="An LDAP URL, `ldap://host[:port]`, `ldaps://host[:port]` or `ldapi://socket`. "
             "Servers are tried in the order given until one answers.",
     )
@@ -413,6 +414,7 @@ class DirectoryConfig(Frozen):
               "`<ldap>` for `ldap` (required). Giving the other one is an error.",
         comment="Where users and their credentials live.",
         example=_LDAP_EXAMPLE,
+        example_when=lambda d: d.backend == "embedded",
     )
     backend: str = attr(
         "backend", "embedded",
@@ -752,6 +754,7 @@ class Config(Frozen):
     domains: tuple[str, ...] = texts(
         "domain", kind=Domain(), cardinality="one or more, required",
         required="no <domain>: at least one domain must be served", check=_check_domains,
+        comment="The XMPP domains served: users are user@domain. One or more.",
         doc="Text content: an XMPP service domain this server hosts; users are "
             "`user@domain`. At least one is required; the same domain twice is an error.\n\n"
             "Domains are normalised as RFC 7622 domainparts: surrounding whitespace and a "
@@ -788,13 +791,14 @@ class Config(Frozen):
         default_factory=lambda: MappingProxyType({}))
     data_dir: Path = attr(
         "dir", Path("."), kind=PathKind(), element="data",
+        comment="Where the server keeps its state (rosters, offline messages).",
         default_from=lambda chk, v: absolute_path(chk.base),
         default_doc="the configuration file's directory",
         doc="Where the server keeps its state (rosters, offline messages and the like). "
             "Relative to the configuration file.",
     )
     log_level: str = attr(
-        "level", "info", element="log",
+        "level", "info", element="log", comment="debug, info, warning, error or critical.",
         kind=Choice(LOG_LEVELS, "'level' on <log> must be one of {hint}", lower=True),
         doc="`debug`, `info`, `warning`, `error` or `critical` (case-insensitive). Applies "
             "live on reload.",
@@ -804,11 +808,3 @@ class Config(Frozen):
         Frozen.__post_init__(self)
         if isinstance(self.module_options, dict):
             object.__setattr__(self, "module_options", MappingProxyType(dict(self.module_options)))
-
-
-# Comments `mlink init` writes above the elements that are attributes of
-# the root's children (<data>, <log>), and their docs headings.
-ATTRIBUTE_ELEMENTS: dict[str, tuple[str, str]] = {
-    "data": ("at most once", "Where the server keeps its state (rosters, offline messages)."),
-    "log": ("at most once", "debug, info, warning, error or critical."),
-}

@@ -468,6 +468,8 @@ class Setting:
     cardinality: str = ""
     # For where="custom": a commented example `mlink init` writes.
     example: str = ""
+    # The comment above it in the file `mlink init` writes.
+    comment: str = ""
 
 
 def _field(setting: Setting, default: Any = MISSING, factory: Any = MISSING) -> Any:
@@ -537,8 +539,11 @@ class ElementSpec:
     notes: str = ""
     # The comment above the element in the file `mlink init` writes.
     comment: str = ""
-    # A commented example `mlink init` writes when the section is all defaults.
+    # A commented example `mlink init` writes when the section is all
+    # defaults; with `example_when`, written after the element when that
+    # is true of the value instead.
     example: str = ""
+    example_when: Callable[[Any], bool] | None = None
     extra: tuple[ExtraAttribute, ...] = ()
     # Cross-field checks and contextual values once the fields are read:
     # (checker, element or None, parent element, object, values so far) -> object.
