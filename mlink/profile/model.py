@@ -52,6 +52,7 @@ from mlink.profile.fields import (
 from mlink.store import StoreError
 
 if TYPE_CHECKING:
+    from mlink.config_model import Config
     from mlink.server import Server
 
 log = logging.getLogger("mlink.profile")
@@ -155,6 +156,17 @@ class ProfileService:
         self._attributes = directory_attributes(self.fields.values())
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._locks: dict[str, _UserLock] = {}
+
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded configuration's profile policies. The cache is
+        dropped: entries were read for the old fields and attributes.
+        ProfileConfigError (before anything changes) when they cannot work."""
+        fields = resolve_fields(config)
+        self.fields = fields
+        self.cache_seconds = float(config.profiles.cache_seconds)
+        self.max_photo_bytes = int(config.profiles.max_photo_bytes)
+        self._attributes = directory_attributes(fields.values())
+        self._cache.clear()
 
     # -- reads ------------------------------------------------------------------
 
