@@ -122,3 +122,49 @@ def test_changed_limit_applies_to_new_connections(
         finally:
             client.close()
             established.close()
+
+
+class _FakeServer:
+    """What apply_config touches of a Server."""
+
+    def __init__(self, config: object) -> None:
+        from mlink.hooks import Hooks
+
+        self.config = config
+        self.tls = None
+        self.hooks = Hooks()
+
+
+def test_apply_config_swaps_and_notifies_or_changes_nothing(
+        tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    import dataclasses
+
+    import trio
+
+    from mlink.config_model import Config, LimitsConfig, TLSConfig
+    from mlink.reload import ReloadError, apply_config
+
+    old = Config(path=tmp_path / "mlink.xml", domains=["example.com"], listeners=[],
+                 tls=TLSConfig(required=False))
+    server = _FakeServer(old)
+    seen: list[object] = []
+
+    async def on_reload(config: object) -> None:
+        seen.append(config)
+
+    server.hooks.on("config/reloaded", on_reload)
+    cert, key = cert_files
+    new = dataclasses.replace(old, limits=LimitsConfig(max_stanza_bytes=LOWERED_LIMIT),
+                              tls=TLSConfig(cert, key))
+    trio.run(apply_config, server, new)
+    assert server.config is new and server.tls is not None and seen == [new]
+    broken = tmp_path / "broken.pem"
+    broken.write_text("not a certificate")
+    bad = dataclasses.replace(old, tls=TLSConfig(broken, key))
+    try:
+        trio.run(apply_config, server, bad)
+    except ReloadError as exc:
+        assert "cannot load certificate" in str(exc) and "\n" not in str(exc)
+    else:
+        raise AssertionError("a broken certificate was applied")
+    assert server.config is new and seen == [new]
