@@ -1,163 +1,810 @@
-"""The configuration as the server sees it, whatever file it came from.
+"""The configuration schema: what mlink.xml may say, and the snapshot the
+server holds.
 
-`mlink.config.load_config(path)` fills these from the XML file; tests and
-tools may build them directly.
+Each class is one XML element (its `XML` ElementSpec), each field one
+attribute or child (its `Setting`, see `mlink.config_schema`), with its
+documentation and the reason for its default. `mlink.config.load_config`
+reads the file against this schema, `mlink.config_render` writes it, and
+`mlink.config_doc` generates the reference in docs/configuration.md.
+
+Every class is a frozen dataclass: the server holds one immutable
+snapshot and a reload replaces it whole, so no reader ever sees half of
+an old configuration and half of a new one. Lists given to a constructor
+are kept as tuples. Tests and tools may build these directly.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from mlink.config_schema import (
+    DN,
+    LDAPURL,
+    AttributeName,
+    Bool,
+    Checker,
+    Choice,
+    Domain,
+    ElementSpec,
+    ExtraAttribute,
+    FieldName,
+    Filter,
+    Frozen,
+    Host,
+    Int,
+    Network,
+    Origin,
+    PathKind,
+    PositiveFloat,
+    Raw,
+    RedirectURI,
+    SimpleFilter,
+    Str,
+    absolute_path,
+    attr,
+    base_dn_for_domain,
+    custom,
+    not_in_file,
+    section,
+    sections,
+    texts,
+)
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element
 
 # RFC 6120 §13.12 asks servers to accept stanzas of at least 10,000 bytes;
 # 256 KiB leaves room for avatars in vCards and large forms while bounding
-# the memory one connection can pin.
+# the memory one connection can pin. (The same reason is the `why` of
+# LimitsConfig.max_stanza_bytes, which the docs show.)
 DEFAULT_MAX_STANZA_BYTES = 256 * 1024
-# Real stanzas nest a dozen levels at most (forms in pubsub in iq); 64 stops
-# a deep-nesting attack long before it costs anything.
+# RFC 6120 §13.12: a server must accept stanzas of at least 10,000 bytes, so
+# a lower limit would break conforming clients.
+MIN_STANZA_BYTES = 10_000
+# Real stanzas nest a dozen levels at most; see LimitsConfig.max_depth.
 DEFAULT_MAX_DEPTH = 64
-# An unauthenticated connection has this long to finish SASL and bind, as
-# Prosody's c2s_timeout: long enough for a slow mobile link, short enough
-# that idle sockets cannot pile up.
+# Time to finish SASL and bind, as Prosody's c2s_timeout; see
+# LimitsConfig.auth_timeout.
 DEFAULT_AUTH_TIMEOUT = 60.0
-# Messages stored per user while offline (XEP-0160), as Prosody's default:
-# enough for a weekend away, small enough that one spammer cannot fill the
-# store for a user; past it, senders get service-unavailable.
+# Messages stored per offline user (XEP-0160), as Prosody's default; see
+# LimitsConfig.max_offline_messages.
 DEFAULT_MAX_OFFLINE_MESSAGES = 100
+# Profile cache lifetime; see ProfilesConfig.cache_seconds.
+DEFAULT_PROFILE_CACHE_SECONDS = 60.0
+# Largest avatar; see ProfilesConfig.max_photo_bytes.
+DEFAULT_MAX_PHOTO_BYTES = 192 * 1024
+# base64 turns 3 bytes into 4: a photo larger than 3/4 of the stanza limit
+# could never be sent in a vCard or avatar stanza, so the file is refused.
+BASE64_RATIO = (3, 4)
+# Directory group re-read interval; see RostersConfig.refresh_seconds.
+DEFAULT_GROUP_REFRESH_SECONDS = 300.0
+# Highest TCP port number (ports are 16-bit); 0 asks the OS for a free port,
+# which tests use.
+MAX_PORT = 65535
+# Each LDAP connection is a socket and a server-side session; a few dozen is
+# already more than one mlink process can keep busy, and a typo like
+# pool-size="8000" should not open thousands of connections to the
+# directory.
+MAX_LDAP_POOL_SIZE = 256
+# Default port per listener type: the IANA ports for xmpp-client and
+# xmpps-client (XEP-0368), and Prosody/ejabberd's usual HTTP and HTTPS ports.
+LISTENER_DEFAULT_PORTS: dict[str, int] = {
+    "c2s": 5222, "tls": 5223, "websocket": 5280, "websocket-tls": 5281,
+}
+# Listener types that need the certificate of <tls>.
+TLS_LISTENER_KINDS = ("tls", "websocket-tls")
+# The names of Python's logging levels, so the value maps directly.
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+BACKENDS = ("embedded", "ldap")
+# Who owns a profile field (white paper, "Operational Model"; docs/directory.md).
+PROFILE_POLICIES = ("directory", "update", "static", "local")
+# The modules loaded when <modules> does not say otherwise, in load order
+# (order matters only where two modules hook one event at one priority).
+DEFAULT_MODULES = (
+    "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
+    "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
+)
 
 
-@dataclass(slots=True)
-class ListenerConfig:
-    # "c2s" (STARTTLS), "tls" (direct TLS, XEP-0368), "websocket" (RFC 7395
-    # over plain HTTP) or "websocket-tls" (RFC 7395 over HTTPS: wss://)
-    kind: str
-    port: int
-    address: str = "0.0.0.0"
+# -- listeners ---------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class TLSConfig:
-    certificate: Path | None = None
-    key: Path | None = None
-    # RFC 6120 §5.3.1: servers should require TLS before SASL.
-    required: bool = True
+def _check_listeners(chk: Checker, items: list[tuple[Element, ListenerConfig]]) -> None:
+    seen: dict[tuple[str, int], int | None] = {}
+    for elem, lc in items:
+        if lc.port != 0:
+            key = (lc.address, lc.port)
+            if key in seen:
+                chk.fail(elem, f"{lc.address} port {lc.port} already used at line {seen[key]}")
+            seen[key] = chk.line(elem)
 
 
-@dataclass(slots=True)
-class WebSocketConfig:
+@dataclass(frozen=True, slots=True)
+class ListenerConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "listen", "one or more, required",
+        doc="A port on which clients connect. At least one is required.",
+        comment="Where clients connect. type: c2s = XMPP with STARTTLS (RFC 6120),\n"
+                "tls = direct TLS (XEP-0368), websocket = XMPP over WebSocket\n"
+                "(RFC 7395) on plain HTTP, websocket-tls = the same on HTTPS (wss://).\n"
+                "port 0 picks a free port.",
+    )
+    kind: str = attr(
+        "type", kind=Choice(tuple(LISTENER_DEFAULT_PORTS),
+                            "unknown listener type {value!r} (use c2s, tls, websocket or "
+                            "websocket-tls)"),
+        required="<listen> needs a 'type' attribute (c2s, tls, websocket or websocket-tls)",
+        doc="`c2s`: XMPP over TCP with STARTTLS (RFC 6120). `tls`: direct TLS, the stream "
+            "starts after the TLS handshake (XEP-0368); needs a certificate. `websocket`: "
+            "XMPP over WebSocket (RFC 7395) on plain HTTP (`ws://`). `websocket-tls`: the "
+            "same on HTTPS (`wss://`) with the `<tls>` certificate; needs a certificate. "
+            "See [WebSocket listeners](#websocket-listeners).",
+    )
+    port: int = attr(
+        "port", kind=Int(0, MAX_PORT),
+        default_from=lambda chk, v: LISTENER_DEFAULT_PORTS[v["kind"]],
+        default_doc="5222 for `c2s`, 5223 for `tls`, 5280 for `websocket`, 5281 for "
+                    "`websocket-tls`",
+        doc="TCP port, `0`..`65535`. `0` lets the system choose a free port (useful in "
+            "tests). Two listeners cannot share an address and non-zero port.",
+        why="The IANA ports for xmpp-client and xmpps-client (XEP-0368), and "
+            "Prosody's usual HTTP and HTTPS ports.",
+    )
+    address: str = attr(
+        "address", "0.0.0.0", kind=Host(),
+        doc="Address to bind: an IPv4 or IPv6 address (`::` for all IPv6 addresses) or a "
+            "host name such as `localhost`.",
+    )
+
+
+# -- TLS -------------------------------------------------------------------------------
+
+
+def _finish_tls(chk: Checker, elem: Element | None, parent: Element, tls: TLSConfig,
+                values: Mapping[str, Any]) -> TLSConfig:
+    if elem is not None and (tls.certificate is None) != (tls.key is None):
+        chk.fail(elem, "<tls> needs both 'certificate' and 'key', or neither")
+    if tls.certificate is None:
+        # Without a certificate these settings could never work; say so
+        # now rather than when the first client connects.
+        where = elem if elem is not None else parent
+        for listener in values.get("listeners", ()):
+            if listener.kind in TLS_LISTENER_KINDS:
+                chk.fail(where,
+                         f'a type="{listener.kind}" listener needs <tls certificate=... key=...>')
+        if tls.required:
+            chk.fail(where, "TLS is required but no certificate is configured: give <tls "
+                            'certificate=... key=...>, or required="false" for local testing only')
+    return tls
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "tls", "at most once", finish=_finish_tls,
+        notes="`certificate` and `key` go together. Without a certificate the file is refused "
+              "if `required` is `true` (no client could ever log in) or if there is a "
+              '`type="tls"` or `type="websocket-tls"` listener. `required="false"` without a '
+              "certificate is meant for local testing only: passwords would cross the network "
+              "in the clear.\n\n"
+              'Omitting `<tls>` is the same as `<tls required="true"/>`, which needs a '
+              "certificate; so in practice a configuration always has a `<tls>` element.\n\n"
+              "The certificate and key are read again on reload: new connections get the "
+              "new ones.",
+        comment='Certificate and private key (PEM). required="true": clients must\n'
+                "start TLS before they may authenticate (RFC 6120 5.3.1).",
+    )
+    certificate: Path | None = attr(
+        "certificate", None, kind=PathKind(must_exist=True), default_doc="none",
+        doc="PEM certificate (chain) file. Must exist. Should cover every `<domain>`.",
+    )
+    key: Path | None = attr(
+        "key", None, kind=PathKind(must_exist=True), default_doc="none",
+        doc="PEM private key for the certificate. Must exist; keep it mode 0600.",
+    )
+    required: bool = attr(
+        "required", True, kind=Bool(),
+        doc="When `true`, clients must establish TLS before authenticating; on `c2s` ports "
+            "STARTTLS is mandatory.",
+        why="RFC 6120 §5.3.1: servers should require TLS before SASL.",
+    )
+
+
+# -- WebSocket ------------------------------------------------------------------------
+
+_WEBSOCKET_EXAMPLE = """\
+<websocket see-other-uri="wss://other.example.org/xmpp-websocket">
+  <origin>https://chat.example.org</origin>
+  <trusted-proxy>10.0.0.1</trusted-proxy>
+</websocket>"""
+
+
+@dataclass(frozen=True, slots=True)
+class WebSocketConfig(Frozen):
     """XMPP over WebSocket (RFC 7395) settings shared by the websocket listeners."""
 
-    # Origin values (scheme://host[:port], lower case) whose pages may open
-    # the endpoint; empty allows every origin.
-    origins: list[str] = field(default_factory=list)
-    # Addresses or networks of TLS-terminating reverse proxies: a plain ws://
-    # stream from them counts as encrypted, as one from loopback does.
-    trusted_proxies: list[str] = field(default_factory=list)
-    # RFC 7395 §3.6.1: when set, every stream is redirected here.
-    see_other_uri: str | None = None
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "websocket", "at most once",
+        doc="Settings shared by the `websocket` and `websocket-tls` listeners. Omitted: every "
+            "origin allowed, no trusted proxies, no redirect.",
+        comment="XMPP over WebSocket: allowed page origins (none listed: all),\n"
+                "reverse proxies whose plain ws:// counts as encrypted, and an\n"
+                "optional see-other-uri redirecting every stream (RFC 7395).",
+        example=_WEBSOCKET_EXAMPLE,
+    )
+    origins: tuple[str, ...] = texts(
+        "origin", kind=Origin(), cardinality="inside `<websocket>`, any number",
+        doc="Text `scheme://host[:port]` exactly as browsers send it in the `Origin` header "
+            "(`https://chat.example.org`; no path; case-insensitive). When at least one is "
+            "listed, a WebSocket handshake whose `Origin` is not in the list is refused with "
+            "HTTP 403, so other sites' pages cannot use the endpoint with their visitors' "
+            "browsers. A handshake without `Origin` is not from a browser page and is allowed "
+            "(any other client can send any Origin, so the check cannot protect against "
+            "them). None listed: all origins are allowed, the right default for a standalone "
+            "server whose users bring their own web client.",
+    )
+    trusted_proxies: tuple[str, ...] = texts(
+        "trusted-proxy", kind=Network(), cardinality="inside `<websocket>`, any number",
+        doc="An IP address or network (`10.0.0.5`, `10.0.0.0/8`, `2001:db8::/64`) of a "
+            "TLS-terminating reverse proxy. A plain `ws://` stream from it counts as encrypted "
+            "(see [WebSocket listeners](#websocket-listeners)), and host-meta believes its "
+            "`X-Forwarded-Proto: https` when writing `wss://` links.",
+    )
+    see_other_uri: str | None = attr(
+        "see-other-uri", None, kind=RedirectURI(), default_doc="none",
+        doc="When set, every WebSocket stream is answered with `<open/>` and then "
+            '`<close see-other-uri="..."/>` (RFC 7395 §3.6.1), sending clients to another '
+            "endpoint (a `ws://`, `wss://`, or BOSH `http(s)://` URI), e.g. while moving the "
+            "service. Clients refuse a redirect from `wss://` to `ws://`.",
+    )
 
 
-@dataclass(slots=True)
-class LDAPConfig:
-    servers: list[str] = field(default_factory=lambda: ["ldap://127.0.0.1:389"])
-    base_dn: str = ""
-    bind_dn: str = ""
-    bind_password: str = ""
-    users_dn: str = ""  # defaults to ou=People,<base_dn> when empty
-    jid_attribute: str = "mail"
-    user_filter: str = "(objectClass=inetOrgPerson)"
-    scram_attribute: str = "authPassword"
-    pool_size: int = 8
-    timeout: float = 5.0
+# -- directory ------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class EmbeddedConfig:
-    file: Path = Path("directory.ldif")
-    base_dn: str = "dc=localhost"
+def _finish_ldap(chk: Checker, elem: Element | None, parent: Element, cfg: LDAPConfig,
+                 values: Mapping[str, Any]) -> LDAPConfig:
+    if elem is None:
+        return cfg
+    if elem.get("bind-password") is not None and elem.get("bind-password-file") is not None:
+        chk.fail(elem, "give 'bind-password' or 'bind-password-file', not both")
+    raw = elem.get("bind-password-file")
+    if raw is not None:
+        from mlink.config_schema import Invalid, ParseEnv
+
+        try:
+            path = PathKind(must_exist=True).parse(raw, ParseEnv(chk.base, values))
+        except Invalid as exc:
+            chk.fail(elem, exc.message("'bind-password-file' on <ldap>"))
+        cfg = dataclasses.replace(cfg, bind_password=_read_password(chk, elem, path))
+    if cfg.bind_password and not cfg.bind_dn:
+        chk.fail(elem, "a bind password is given but no 'bind-dn'")
+    return cfg
 
 
-@dataclass(slots=True)
-class DirectoryConfig:
-    backend: str = "embedded"  # "embedded" or "ldap"
-    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
-    ldap: LDAPConfig = field(default_factory=LDAPConfig)
+# A password file holds one line; refusing big files keeps a wrong path (a
+# log, a disk image) from being read whole.
+MAX_PASSWORD_FILE_BYTES = 64 * 1024
 
 
-@dataclass(slots=True)
-class LimitsConfig:
-    max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
-    max_depth: int = DEFAULT_MAX_DEPTH
-    auth_timeout: float = DEFAULT_AUTH_TIMEOUT
-    max_offline_messages: int = DEFAULT_MAX_OFFLINE_MESSAGES
+def _read_password(chk: Checker, elem: Element, path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            raw = f.read(MAX_PASSWORD_FILE_BYTES + 1)
+    except OSError as exc:
+        chk.fail(elem, f"cannot read bind-password-file {str(path)!r}: {exc.strerror}")
+    if len(raw) > MAX_PASSWORD_FILE_BYTES:
+        chk.fail(elem, f"bind-password-file {str(path)!r} is too large for a password")
+    try:
+        # Editors add a final newline; it is never part of the password.
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        chk.fail(elem, f"bind-password-file {str(path)!r} is not UTF-8")
 
 
-@dataclass(slots=True)
-class ProfileFieldConfig:
+@dataclass(frozen=True, slots=True)
+class LDAPConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "ldap", 'inside `<directory backend="ldap">`, exactly once', finish=_finish_ldap,
+        extra=(ExtraAttribute(
+            "bind-password-file", "none",
+            "File holding the bind password (one line; a final newline is ignored). Relative "
+            "to the configuration file. Must exist. Not together with `bind-password`."),),
+        notes="A bind password without a `bind-dn` is an error.\n\n"
+              "Children: one or more `<server>`.",
+    )
+    servers: tuple[str, ...] = texts(
+        "server", kind=LDAPURL(), default_doc="ldap://127.0.0.1:389",
+        cardinality="inside `<ldap>`, one or more",
+        required="<ldap> needs at least one <server>ldap://host:port</server>",
+        comment="Tried in order until one answers.",
+        doc="An LDAP URL, `ldap://host[:port]`, `ldaps://host[:port]` or `ldapi://socket`. "
+            "Servers are tried in the order given until one answers.",
+    )
+    base_dn: str = attr(
+        "base", "", kind=DN(), required="<ldap> needs a 'base' attribute",
+        doc="Base DN of the directory, e.g. `dc=example,dc=com`.",
+    )
+    bind_dn: str = attr(
+        "bind-dn", "", kind=DN(), default_doc="none (anonymous)",
+        doc="DN mlink binds as to search users and read credentials.",
+    )
+    bind_password: str = attr(
+        "bind-password", "", kind=Raw(), default_doc="none",
+        doc="Password for `bind-dn`. Prefer `bind-password-file`, or make the configuration "
+            "file readable only by mlink.",
+    )
+    users_dn: str = attr(
+        "users", "", kind=DN(), default_doc="`ou=People,<base>`",
+        default_from=lambda chk, v: f"ou=People,{v['base_dn']}",
+        doc="Subtree searched for users.",
+    )
+    jid_attribute: str = attr(
+        "jid-attribute", "mail", kind=Str(),
+        doc="Attribute holding a user's bare JID (`user@domain`).",
+    )
+    user_filter: str = attr(
+        "filter", "(objectClass=inetOrgPerson)", kind=SimpleFilter(),
+        doc="LDAP filter that an entry must also match to be an XMPP user; must be a "
+            "parenthesised filter.",
+    )
+    scram_attribute: str = attr(
+        "scram-attribute", "authPassword", kind=Str(),
+        doc="Attribute holding SCRAM secrets (RFC 3112 `authPassword` syntax), used for "
+            "SCRAM-SHA-1/SCRAM-SHA-256 without knowing the password.",
+    )
+    pool_size: int = attr(
+        "pool-size", 8, kind=Int(1, MAX_LDAP_POOL_SIZE),
+        doc=f"Connections kept open to the LDAP server, 1..{MAX_LDAP_POOL_SIZE}.",
+        why="A few dozen connections is already more than one mlink process can keep busy, "
+            'and a typo like pool-size="8000" should not open thousands.',
+    )
+    timeout: float = attr(
+        "timeout", 5.0, kind=PositiveFloat(),
+        doc="Seconds to wait for the LDAP server per operation; positive. When it expires, "
+            'authentication fails with a temporary error, not "wrong password".',
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "embedded", 'inside `<directory backend="embedded">`, at most once',
+    )
+    file: Path = attr(
+        "file", Path("directory.ldif"), kind=PathKind(),
+        default_from=lambda chk, v: absolute_path(chk.base / "directory.ldif"),
+        doc="The LDIF file holding users. Relative to the configuration file. Need not "
+            "exist yet.",
+    )
+    base_dn: str = attr(
+        "base", "dc=localhost", kind=DN(),
+        default_from=lambda chk, v: base_dn_for_domain(v["domains"][0]),
+        default_doc="from the first domain: `example.com` → `dc=example,dc=com`, `localhost` "
+                    "→ `dc=localhost`",
+        doc="Base DN of the entries in the file. Users are under `ou=People,<base>`. Keeping "
+            "LDAP's shape means the file can be loaded into OpenLDAP with `slapadd` later.",
+    )
+
+
+_LDAP_EXAMPLE = """\
+To use an LDAP server instead:
+<directory backend="ldap">
+  <ldap base="dc=example,dc=com" bind-dn="cn=mlink,dc=example,dc=com"
+        bind-password-file="ldap-password" users="ou=People,dc=example,dc=com"
+        jid-attribute="mail" filter="(objectClass=inetOrgPerson)"
+        scram-attribute="authPassword" pool-size="8" timeout="5">
+    <server>ldap://127.0.0.1:389</server>
+  </ldap>
+</directory>"""
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "directory", "at most once",
+        doc="Where users and their credentials live. Omitted: the embedded backend with its "
+            "defaults.",
+        notes="Its one child must match the backend: `<embedded>` for `embedded` (optional), "
+              "`<ldap>` for `ldap` (required). Giving the other one is an error.",
+        comment="Where users and their credentials live.",
+        example=_LDAP_EXAMPLE,
+        example_when=lambda d: d.backend == "embedded",
+    )
+    backend: str = attr(
+        "backend", "embedded",
+        kind=Choice(BACKENDS, "unknown directory backend {value!r} (use embedded or ldap)"),
+        doc="`embedded`: users in an LDIF file managed by mlink. `ldap`: users in an LDAP "
+            "server.",
+    )
+    embedded: EmbeddedConfig = section(
+        EmbeddedConfig, "embedded",
+        only_if=lambda v: v["backend"] == "embedded",
+        not_applicable='<embedded> does not apply with backend="{backend}"',
+    )
+    ldap: LDAPConfig = section(
+        LDAPConfig, "ldap",
+        only_if=lambda v: v["backend"] == "ldap",
+        not_applicable='<ldap> does not apply with backend="{backend}"',
+        required='backend="ldap" needs an <ldap> element',
+        required_if=lambda v: v["backend"] == "ldap",
+    )
+
+
+# -- limits -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "limits", "at most once",
+        doc="Per-connection protection against memory and slow-client attacks. Changed limits "
+            "apply to connections made after a reload.",
+        comment="Per-connection protection: largest stanza in bytes, deepest\n"
+                "element nesting, seconds allowed to authenticate; messages kept\n"
+                "per offline user.",
+    )
+    max_stanza_bytes: int = attr(
+        "stanza-bytes", DEFAULT_MAX_STANZA_BYTES, kind=Int(MIN_STANZA_BYTES),
+        default_doc="`262144` (256 KiB)",
+        doc=f"Largest stanza accepted, in bytes; at least {MIN_STANZA_BYTES}. Larger stanzas "
+            "close the stream with `policy-violation`.",
+        why="RFC 6120 §13.12 asks servers to accept stanzas of at least 10,000 bytes; 256 KiB "
+            "leaves room for avatars in vCards and large forms while bounding the memory one "
+            "connection can pin.",
+    )
+    max_depth: int = attr(
+        "depth", DEFAULT_MAX_DEPTH, kind=Int(1),
+        doc="Deepest element nesting accepted within a stream; at least 1.",
+        why="Real stanzas nest a dozen levels at most (forms in pubsub in iq); 64 stops a "
+            "deep-nesting attack long before it costs anything.",
+    )
+    auth_timeout: float = attr(
+        "auth-timeout", DEFAULT_AUTH_TIMEOUT, kind=PositiveFloat(),
+        doc="Seconds an unauthenticated connection has to finish TLS, SASL and resource "
+            "binding; positive, may be fractional.",
+        why="As Prosody's c2s_timeout: long enough for a slow mobile link, short enough that "
+            "idle sockets cannot pile up.",
+    )
+    max_offline_messages: int = attr(
+        "offline-limit", DEFAULT_MAX_OFFLINE_MESSAGES, kind=Int(0),
+        doc="Messages stored per user while the user is offline (XEP-0160); past it, senders "
+            "get `service-unavailable`. `0` stores none.",
+        why="As Prosody's default: enough for a weekend away, small enough that one spammer "
+            "cannot fill the store for a user.",
+    )
+
+
+# -- profiles ---------------------------------------------------------------------------
+
+
+def _finish_field(chk: Checker, elem: Element | None, parent: Element, f: ProfileFieldConfig,
+                  values: Mapping[str, Any]) -> ProfileFieldConfig:
+    where = elem if elem is not None else parent
+    if f.policy == "static":
+        if f.value is None:
+            chk.fail(where, f"static field {f.name!r} needs a 'value'")
+        if f.attribute is not None:
+            chk.fail(where, f"static field {f.name!r} is not read from the directory: "
+                            "'attribute' does not apply")
+    elif f.value is not None:
+        chk.fail(where, f"'value' applies only to policy=\"static\", not {f.policy!r}")
+    if f.policy == "local" and f.attribute is not None:
+        chk.fail(where, f"local field {f.name!r} is never sent to the directory: "
+                        "'attribute' does not apply")
+    return f
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileFieldConfig(Frozen):
     """One profile field's source (white paper, "Operational Model")."""
 
-    name: str  # XEP-0154 field name, e.g. "display_name", "mobile", "nickname"
-    policy: str  # "directory" | "update" | "static" | "local"
-    attribute: str | None = None  # LDAP attribute (directory/update)
-    value: str | None = None  # the one value for every user (static)
+    XML: ClassVar[ElementSpec] = ElementSpec("field", "inside `<profiles>`", finish=_finish_field)
+    name: str = attr(
+        "name", kind=FieldName(),
+        required="<field> needs a 'name' attribute (an XEP-0154 field name)",
+        doc="XEP-0154 field name (`display_name`, `mobile`, `photo_data`, ...): lower-case "
+            "letters, digits and `_`. Unknown names are reported at startup by the profile "
+            "module.",
+    )
+    policy: str = attr(
+        "policy",
+        kind=Choice(PROFILE_POLICIES,
+                    "unknown policy {value!r} for field {name!r} (use {hint})"),
+        required="<field name={name!r}> needs a 'policy' (" + ", ".join(PROFILE_POLICIES) + ")",
+        doc="`directory` (read from the directory, clients may not change it), `update` (read "
+            "from it, client changes written back), `static` (one value for everyone), `local` "
+            "(kept by mlink, never sent to the directory).",
+    )
+    attribute: str | None = attr(
+        "attribute", None, kind=AttributeName(), default_doc="the field's default mapping",
+        doc="LDAP attribute name or OID, for `directory` and `update` only.",
+    )
+    value: str | None = attr(
+        "value", None, kind=Raw(), default_doc="none",
+        doc="The value every user gets; required with `static`, refused otherwise.",
+    )
 
 
-# How long a profile read from the directory is served from memory before
-# the directory is asked again: changes made directly in the directory show
-# within a minute, while a busy roster's vCard fetches hit LDAP rarely.
-DEFAULT_PROFILE_CACHE_SECONDS = 60.0
-# jpegPhoto values are avatars, not photo albums: 192 KiB fits any sensible
-# avatar and, base64-encoded (x4/3), still fits the default 256 KiB stanza.
-DEFAULT_MAX_PHOTO_BYTES = 192 * 1024
+def _check_fields(chk: Checker, items: list[tuple[Element, ProfileFieldConfig]]) -> None:
+    first_line: dict[str, int | None] = {}
+    for elem, f in items:
+        if f.name in first_line:
+            chk.fail(elem, f"field {f.name!r} given twice (first at line {first_line[f.name]})")
+        first_line[f.name] = chk.line(elem)
 
 
-@dataclass(slots=True)
-class ProfilesConfig:
+def _largest_photo(values: Mapping[str, Any]) -> int:
+    most, per = BASE64_RATIO
+    limits = values.get("limits", LimitsConfig())
+    return int(limits.max_stanza_bytes * most // per)
+
+
+def _finish_profiles(chk: Checker, elem: Element | None, parent: Element, p: ProfilesConfig,
+                     values: Mapping[str, Any]) -> ProfilesConfig:
+    largest = _largest_photo(values)
+    if elem is not None and p.max_photo_bytes > largest:
+        limits = values.get("limits", LimitsConfig())
+        chk.fail(elem, f"'max-photo-bytes' {p.max_photo_bytes} cannot fit in a stanza once "
+                       f"base64-encoded: at most {largest} with stanza-bytes="
+                       f"{limits.max_stanza_bytes} in <limits>")
+    return p
+
+
+_PROFILES_EXAMPLE = """\
+<profiles cache-seconds="60" max-photo-bytes="196608">
+  <field name="display_name" policy="directory"/>
+  <field name="mobile" policy="update" attribute="mobile"/>
+  <field name="org_name" policy="static" value="Example Corp"/>
+  <field name="nickname" policy="local"/>
+</profiles>"""
+
+
+@dataclass(frozen=True, slots=True)
+class ProfilesConfig(Frozen):
     """Per-field mapping and policy; fields not listed take the defaults of
     `mlink.profile.fields` (XEP-0154's LDAP mapping, local where none)."""
 
-    fields: list[ProfileFieldConfig] = field(default_factory=list)
-    cache_seconds: float = DEFAULT_PROFILE_CACHE_SECONDS
-    max_photo_bytes: int = DEFAULT_MAX_PHOTO_BYTES
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "profiles", "at most once", finish=_finish_profiles,
+        doc="Where each profile field (vCard, XEP-0154, avatar) comes from and who may change "
+            "it; see [directory.md](directory.md) for the mapping and the policies. Omitted: "
+            "every field takes its default (XEP-0154's LDAP attribute with policy `directory`, "
+            "`local` where there is none). Policies apply live on reload.",
+        notes="Children: any number of `<field>`, each field name at most once.",
+        comment="Profiles (vCard, XEP-0154, avatars): per field, who owns it.\n"
+                "directory = read from the directory, clients may not change it;\n"
+                "update = read from it, client changes written back to it;\n"
+                "static = one value for everyone; local = kept by mlink.",
+        example=_PROFILES_EXAMPLE,
+    )
+    fields: tuple[ProfileFieldConfig, ...] = sections(
+        ProfileFieldConfig, "field", check=_check_fields)
+    cache_seconds: float = attr(
+        "cache-seconds", DEFAULT_PROFILE_CACHE_SECONDS, kind=PositiveFloat(),
+        doc="How long a profile read from the directory is served from memory; a change made "
+            "directly in the directory shows within this time. Positive.",
+        why="Changes made directly in the directory show within a minute, while a busy "
+            "roster's vCard fetches hit LDAP rarely.",
+    )
+    max_photo_bytes: int = attr(
+        "max-photo-bytes", DEFAULT_MAX_PHOTO_BYTES, kind=Int(1),
+        default_from=lambda chk, v: min(DEFAULT_MAX_PHOTO_BYTES, _largest_photo(v)),
+        default_doc="`196608` (192 KiB), or 3/4 of `stanza-bytes` if that is less",
+        doc="Largest photo (`jpegPhoto`, avatar) accepted. At most 3/4 of `<limits "
+            "stanza-bytes>`: base64 makes it 4/3 larger, and a photo that cannot fit in a "
+            "stanza could never be sent.",
+        why="jpegPhoto values are avatars, not photo albums: 192 KiB fits any sensible avatar "
+            "and, base64-encoded, still fits the default 256 KiB stanza.",
+    )
 
 
-# How often directory groups are read again so that membership changes
-# reach online users: five minutes, as a change of department is not urgent
-# and a 5,000-member group costs a few paged searches.
-DEFAULT_GROUP_REFRESH_SECONDS = 300.0
+# -- rosters -------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class RosterGroupConfig:
+def _finish_group(chk: Checker, elem: Element | None, parent: Element, g: RosterGroupConfig,
+                  values: Mapping[str, Any]) -> RosterGroupConfig:
+    where = elem if elem is not None else parent
+    if (g.dn is None) == (g.filter is None):
+        chk.fail(where, "<group> needs either 'dn' (one group) or 'filter' "
+                        "(every group it finds), not both")
+    if g.dn is not None and g.base is not None:
+        chk.fail(where, "'base' applies to a <group filter=...>, not to one dn")
+    if elem is not None and g.name is not None and elem.get("name-attribute") is not None:
+        chk.fail(where, "give 'name' (a literal roster group name) or 'name-attribute', "
+                        "not both")
+    return g
+
+
+@dataclass(frozen=True, slots=True)
+class RosterGroupConfig(Frozen):
     """A directory group (or every group a filter finds) whose members all
     see each other in their rosters (roster pre-population)."""
 
-    dn: str | None = None  # one group entry
-    filter: str | None = None  # or every group matching this under `base`
-    base: str | None = None  # search base for `filter` (default ou=Groups,<base>)
-    name_attribute: str = "cn"  # where the roster group name comes from
-    name: str | None = None  # or this literal name
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "group", "inside `<rosters>`", finish=_finish_group,
+        notes="The same group (`dn`, or `filter` and `base`) twice is an error. Members come "
+              "from `member`, `uniqueMember` and `memberUid`.",
+    )
+    dn: str | None = attr("dn", None, kind=DN(), default_doc="",
+                          doc="One group entry. Give `dn` or `filter`, not both.")
+    filter: str | None = attr(
+        "filter", None, kind=Filter(), default_doc="",
+        doc="Every entry this LDAP filter (RFC 4515, checked when the file is read) finds "
+            "below `base`.",
+    )
+    base: str | None = attr("base", None, kind=DN(), default_doc="`ou=Groups,<base DN>`",
+                            doc="Search base for `filter`; not with `dn`.")
+    name_attribute: str = attr(
+        "name-attribute", "cn", kind=AttributeName(), hide_default=True,
+        doc="Attribute of the group whose first value is the roster group name.",
+    )
+    name: str | None = attr("name", None, kind=Str(), default_doc="",
+                            doc="A literal roster group name instead; not with "
+                                "`name-attribute`.")
 
 
-@dataclass(slots=True)
-class RostersConfig:
-    groups: list[RosterGroupConfig] = field(default_factory=list)
-    refresh_seconds: float = DEFAULT_GROUP_REFRESH_SECONDS
+def _check_groups(chk: Checker, items: list[tuple[Element, RosterGroupConfig]]) -> None:
+    from mlink.directory.names import normalize_dn
+
+    first_line: dict[tuple[str, str, str], int | None] = {}
+    for elem, g in items:
+        key = (normalize_dn(g.dn or ""), g.filter or "", normalize_dn(g.base or ""))
+        if key in first_line:
+            chk.fail(elem, f"the same <group> is given twice (first at line {first_line[key]})")
+        first_line[key] = chk.line(elem)
+
+
+_ROSTERS_EXAMPLE = """\
+<rosters refresh-seconds="300" static-attribute="mlinkRosterItem">
+  <group dn="cn=sales,ou=Groups,dc=example,dc=com"/>
+  <group filter="(objectClass=groupOfNames)" name-attribute="description"/>
+</rosters>"""
+
+
+@dataclass(frozen=True, slots=True)
+class RostersConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "rosters", "at most once",
+        doc="Directory groups whose members see each other in their rosters, and where "
+            "personal rosters are kept; see [directory.md](directory.md).",
+        notes="Children: any number of `<group>`.",
+        comment="Rosters from the directory: members of each group see each other;\n"
+                "static-attribute keeps personal rosters in the users' entries.",
+        example=_ROSTERS_EXAMPLE,
+    )
+    groups: tuple[RosterGroupConfig, ...] = sections(
+        RosterGroupConfig, "group", check=_check_groups)
+    refresh_seconds: float = attr(
+        "refresh-seconds", DEFAULT_GROUP_REFRESH_SECONDS, kind=PositiveFloat(),
+        doc="How often the groups are read again; membership changes reach online users "
+            "within this time. Positive.",
+        why="Five minutes: a change of department is not urgent, and a 5,000-member group "
+            "costs a few paged searches.",
+    )
     # Static rosters: keep each user's personal roster in their directory
     # entry (this attribute) instead of mlink's store; None = the store.
-    static_attribute: str | None = None
+    static_attribute: str | None = attr(
+        "static-attribute", None, kind=AttributeName(),
+        default_doc="none (rosters in mlink's store)",
+        doc="Keep each user's personal roster in this attribute of their directory entry "
+            "(`mlinkRosterItem` from the mlink schema), one value per contact.",
+    )
 
 
-@dataclass(slots=True)
-class Config:
-    path: Path | None
-    domains: list[str]
-    listeners: list[ListenerConfig]
-    tls: TLSConfig = field(default_factory=TLSConfig)
-    directory: DirectoryConfig = field(default_factory=DirectoryConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
-    profiles: ProfilesConfig = field(default_factory=ProfilesConfig)
-    rosters: RostersConfig = field(default_factory=RostersConfig)
-    data_dir: Path = Path(".")
-    log_level: str = "info"
+# -- modules ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModuleEntry(Frozen):
+    """One `<module>` element as written (the loader turns the list into
+    `Config.modules` and `Config.module_options`)."""
+
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "module", "inside `<modules>`, any number",
+        notes="Children: the module's options, one element per option holding its value as "
+              "text (`<max-messages>200</max-messages>`), as the module's `OPTIONS` class "
+              "declares them. Options given to a module without `OPTIONS` are an error.",
+    )
+    name: str = attr(
+        "name", kind=Str(), required="<module> needs a 'name' attribute",
+        doc="A default module's name (`carbons`), meaning `mlink.modules.<name>`, or the "
+            "dotted import path of another module (`example.mymodule`).",
+    )
+    enabled: bool = attr(
+        "enabled", True, kind=Bool(),
+        doc="`false` turns a default module off. A module that is not a default is enabled "
+            "by being listed.",
+    )
+
+
+def _parse_modules(chk: Any, elem: Element | None, values: Mapping[str, Any]) -> Any:
+    return chk.modules(elem)
+
+
+# -- the whole file ---------------------------------------------------------------------
+
+
+def _check_domains(chk: Checker, items: list[tuple[Element, str]]) -> None:
+    first_line: dict[str, int | None] = {}
+    for elem, domain in items:
+        if domain in first_line:
+            chk.fail(elem, f"domain {domain!r} given twice (first at line {first_line[domain]})")
+        first_line[domain] = chk.line(elem)
+
+
+_MODULES_EXAMPLE = """\
+<modules>
+  <module name="carbons" enabled="false"/>
+  <module name="offline"><max-messages>200</max-messages></module>
+  <module name="example.mymodule"/>
+</modules>"""
+
+
+@dataclass(frozen=True, slots=True)
+class Config(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec("mlink", "root, required")
+
+    path: Path | None = not_in_file()
+    domains: tuple[str, ...] = texts(
+        "domain", kind=Domain(), cardinality="one or more, required",
+        required="no <domain>: at least one domain must be served", check=_check_domains,
+        comment="The XMPP domains served: users are user@domain. One or more.",
+        doc="Text content: an XMPP service domain this server hosts; users are "
+            "`user@domain`. At least one is required; the same domain twice is an error.\n\n"
+            "Domains are normalised as RFC 7622 domainparts: surrounding whitespace and a "
+            "trailing dot are removed, case is folded, and internationalised names are "
+            "converted with IDNA to their ASCII form (`bücher.de` becomes `xn--bcher-kva.de`), "
+            "the form in which the server compares JIDs. Each label must be letters, digits "
+            "and inner hyphens, at most 63 characters; the whole name at most 253. IP "
+            "addresses are not accepted.\n\n"
+            "The first domain also provides the default base DN of the embedded directory.",
+    )
+    listeners: tuple[ListenerConfig, ...] = sections(
+        ListenerConfig, "listen", required="no <listen>: the server would accept no connections",
+        check=_check_listeners,
+    )
+    tls: TLSConfig = section(TLSConfig, "tls")
+    directory: DirectoryConfig = section(DirectoryConfig, "directory")
+    limits: LimitsConfig = section(LimitsConfig, "limits")
+    websocket: WebSocketConfig = section(WebSocketConfig, "websocket")
+    profiles: ProfilesConfig = section(ProfilesConfig, "profiles")
+    rosters: RostersConfig = section(RostersConfig, "rosters")
+    # Enabled module names in load order (see `mlink.config.load_config`).
+    modules: tuple[str, ...] = custom(
+        "modules", DEFAULT_MODULES, parse=_parse_modules, cardinality="at most once",
+        doc="Which feature modules run, and their options. Omitted: the default set, "
+            "in this order: " + ", ".join(f"`{m}`" for m in DEFAULT_MODULES) + ". Modules "
+            "load in that order minus the disabled ones, then the other listed modules in "
+            "file order. Module options apply live on reload; the module list needs a "
+            "restart.",
+        example=_MODULES_EXAMPLE,
+    )
+    # Module name -> its parsed OPTIONS instance, for enabled modules that
+    # define OPTIONS.
+    module_options: Mapping[str, object] = field(
+        default_factory=lambda: MappingProxyType({}))
+    data_dir: Path = attr(
+        "dir", Path("."), kind=PathKind(), element="data",
+        comment="Where the server keeps its state (rosters, offline messages).",
+        default_from=lambda chk, v: absolute_path(chk.base),
+        default_doc="the configuration file's directory",
+        doc="Where the server keeps its state (rosters, offline messages and the like). "
+            "Relative to the configuration file.",
+    )
+    log_level: str = attr(
+        "level", "info", element="log", comment="debug, info, warning, error or critical.",
+        kind=Choice(LOG_LEVELS, "'level' on <log> must be one of {hint}", lower=True),
+        doc="`debug`, `info`, `warning`, `error` or `critical` (case-insensitive). Applies "
+            "live on reload.",
+    )
+
+    def __post_init__(self) -> None:
+        Frozen.__post_init__(self)
+        if isinstance(self.module_options, dict):
+            object.__setattr__(self, "module_options", MappingProxyType(dict(self.module_options)))

@@ -1,31 +1,169 @@
-"""Write mlink's XML configuration file (reading it is `mlink.config`).
+"""Write mlink's XML configuration file from the schema (reading it is
+`mlink.config`).
 
-The text is commented for a human reader and loads back (`load_config`) to
-an equal `Config`. The format is described in docs/configuration.md.
+The text is commented for a human reader (each element's `comment` in the
+schema) and loads back (`load_config`) to an equal `Config`. Sections left
+at their defaults are written as commented examples, so the options are
+discoverable from the file itself. The format is described in
+docs/configuration.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
-from mlink.config_model import Config, ProfilesConfig, RostersConfig
+from mlink.config_model import DEFAULT_MODULES, Config
+from mlink.config_schema import Setting, option_setting, setting_of
 
 __all__ = ["render_config", "write_config"]
 
+# Attributes go on one line up to this width, then one per line, aligned.
+MAX_LINE = 100
+INDENT = "  "
 
-def _rel(path: Path, base: Path) -> str:
-    """`path` relative to the config directory when inside it, so a setup
-    directory can be moved or copied as a whole; absolute otherwise."""
+
+def _comment(text: str, indent: str) -> list[str]:
+    lines = text.splitlines()
+    if not lines:
+        return []
+    pad = indent + " " * len("<!-- ")
+    out = [f"{indent}<!-- {lines[0]}"] + [f"{pad}{line}" for line in lines[1:]]
+    out[-1] += " -->"
+    return out
+
+
+def _commented(example: str, indent: str) -> list[str]:
+    return [f"{indent}<!--"] + [f"{indent}{line}" for line in example.splitlines()] + \
+        [f"{indent}-->"]
+
+
+def _settings(cls: type) -> list[tuple[dataclasses.Field[Any], Setting]]:
+    return [(f, s) for f in dataclasses.fields(cls) if (s := setting_of(f)) is not None]
+
+
+def _attrs(obj: Any, base: Path, element: str | None = None) -> list[str]:
+    out = []
+    for f, s in _settings(type(obj)):
+        if s.where != "attr" or s.element != element or s.kind is None:
+            continue
+        value = getattr(obj, f.name)
+        if value is None or value == "":
+            continue
+        if s.hide_default and value == f.default:
+            continue
+        out.append(f"{s.xml}={quoteattr(s.kind.render(value, base))}")
+    return out
+
+
+def _open_tag(tag: str, attrs: list[str], indent: str, empty: bool) -> list[str]:
+    end = "/>" if empty else ">"
+    one = f"{indent}<{tag}{''.join(' ' + a for a in attrs)}{end}"
+    if len(one) <= MAX_LINE or len(attrs) < 2:
+        return [one]
+    pad = indent + " " * (len(tag) + 2)
+    lines = [f"{indent}<{tag} {attrs[0]}"] + [f"{pad}{a}" for a in attrs[1:]]
+    lines[-1] += end
+    return lines
+
+
+def _element(obj: Any, tag: str, base: Path, indent: str) -> list[str]:
+    body = _children(obj, base, indent + INDENT, top=False)
+    attrs = _attrs(obj, base)
+    if not body:
+        return _open_tag(tag, attrs, indent, empty=True)
+    return _open_tag(tag, attrs, indent, empty=False) + body + [f"{indent}</{tag}>"]
+
+
+def _is_default(obj: Any) -> bool:
     try:
-        return Path(os.path.abspath(path)).relative_to(os.path.abspath(base)).as_posix() or "."
-    except ValueError:
-        return str(path)
+        return bool(obj == type(obj)())
+    except TypeError:
+        return False
 
 
-def _fmt_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+def _children(obj: Any, base: Path, indent: str, top: bool) -> list[str]:
+    out: list[str] = []
+    done_elements: set[str] = set()
+    for f, s in _settings(type(obj)):
+        value = getattr(obj, f.name)
+        lines: list[str] = []
+        comment = s.comment
+        if s.where == "attr" and s.element is not None and s.element not in done_elements:
+            done_elements.add(s.element)
+            lines = [f"{indent}<{s.element} {' '.join(_attrs(obj, base, s.element))}/>"]
+        elif s.where == "texts":
+            lines = [f"{indent}<{s.xml}>{escape(str(v))}</{s.xml}>" for v in value]
+        elif s.where == "sections" and s.cls is not None and s.xml is not None:
+            comment = comment or s.cls.XML.comment
+            for item in value:
+                lines += _element(item, s.xml, base, indent)
+        elif s.where == "section" and s.cls is not None and s.xml is not None:
+            spec = s.cls.XML
+            comment = comment or spec.comment
+            if s.only_if is not None and not s.only_if({**_values(obj), f.name: value}):
+                continue
+            if spec.example and spec.example_when is None and _is_default(value):
+                lines = _commented(spec.example, indent)
+            else:
+                lines = _element(value, s.xml, base, indent)
+                if spec.example and spec.example_when is not None and spec.example_when(value):
+                    lines += _commented(spec.example, indent)
+        elif s.where == "custom" and f.name == "modules":
+            comment = "Feature modules: all defaults run unless turned off here."
+            lines = _render_modules(obj, base, indent)
+        if not lines:
+            continue
+        if top:
+            out.append("")
+        out += _comment(comment, indent) + lines
+    return out
+
+
+def _values(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _render_modules(cfg: Config, base: Path, indent: str) -> list[str]:
+    """<modules> when the list or any option differs from the defaults;
+    otherwise a commented example."""
+    inner = indent + INDENT
+    body: list[str] = []
+    for name in DEFAULT_MODULES:
+        if name not in cfg.modules:
+            body.append(f'{inner}<module name={quoteattr(name)} enabled="false"/>')
+    extra = [m for m in cfg.modules if m not in DEFAULT_MODULES]
+    for name in [m for m in cfg.modules if m in DEFAULT_MODULES] + extra:
+        options = _options(cfg.module_options.get(name), base, inner + INDENT)
+        if options:
+            body += [f"{inner}<module name={quoteattr(name)}>", *options, f"{inner}</module>"]
+        elif name in extra:
+            body.append(f"{inner}<module name={quoteattr(name)}/>")
+    if not body:
+        from mlink.config_model import _MODULES_EXAMPLE
+
+        return _commented(_MODULES_EXAMPLE, indent)
+    return [f"{indent}<modules>", *body, f"{indent}</modules>"]
+
+
+def _options(options: object, base: Path, indent: str) -> list[str]:
+    """The options that differ from their defaults, one element each."""
+    if options is None or not dataclasses.is_dataclass(options):
+        return []
+    out = []
+    for f in dataclasses.fields(options):
+        if not f.init:
+            continue
+        s = option_setting(f)
+        value = getattr(options, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        assert s.kind is not None
+        out.append(f"{indent}<{s.xml}>{escape(s.kind.render(value, base))}</{s.xml}>")
+    return out
 
 
 def render_config(cfg: Config, base_dir: Path) -> str:
@@ -34,210 +172,16 @@ def render_config(cfg: Config, base_dir: Path) -> str:
     Paths are written relative to `base_dir` (where the file will live) when
     they lie inside it. Loading the result gives back an equal `Config`.
     """
-    q = quoteattr
     out: list[str] = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         "<!-- mlink configuration. Every element and attribute is described in",
         "     docs/configuration.md. Relative paths are taken from this file's",
         "     directory. Unknown elements or attributes are errors. -->",
         "<mlink>",
-        "  <!-- The XMPP domains served: users are user@domain. One or more. -->",
     ]
-    out += [f"  <domain>{escape(domain)}</domain>" for domain in cfg.domains]
-    out += [
-        "",
-        "  <!-- Where clients connect. type: c2s = XMPP with STARTTLS (RFC 6120),",
-        "       tls = direct TLS (XEP-0368), websocket = XMPP over WebSocket",
-        "       (RFC 7395) on plain HTTP, websocket-tls = the same on HTTPS (wss://).",
-        "       port 0 picks a free port. -->",
-    ]
-    for listener in cfg.listeners:
-        out.append(
-            f'  <listen type={q(listener.kind)} port="{listener.port}"'
-            f" address={q(listener.address)}/>"
-        )
-    tls_attrs = ""
-    if cfg.tls.certificate is not None:
-        tls_attrs += f" certificate={q(_rel(cfg.tls.certificate, base_dir))}"
-    if cfg.tls.key is not None:
-        tls_attrs += f" key={q(_rel(cfg.tls.key, base_dir))}"
-    out += [
-        "",
-        '  <!-- Certificate and private key (PEM). required="true": clients must',
-        "       start TLS before they may authenticate (RFC 6120 5.3.1). -->",
-        f'  <tls{tls_attrs} required="{"true" if cfg.tls.required else "false"}"/>',
-        "",
-        "  <!-- Where users and their credentials live. -->",
-        f"  <directory backend={q(cfg.directory.backend)}>",
-    ]
-    if cfg.directory.backend == "embedded":
-        emb = cfg.directory.embedded
-        out += [
-            "    <!-- An LDIF file holding the users and their credentials. -->",
-            f"    <embedded file={q(_rel(emb.file, base_dir))} base={q(emb.base_dn)}/>",
-            "  </directory>",
-            "  <!-- To use an LDAP server instead:",
-            '  <directory backend="ldap">',
-            '    <ldap base="dc=example,dc=com" bind-dn="cn=mlink,dc=example,dc=com"',
-            '          bind-password-file="ldap-password" users="ou=People,dc=example,dc=com"',
-            '          jid-attribute="mail" filter="(objectClass=inetOrgPerson)"',
-            '          scram-attribute="authPassword" pool-size="8" timeout="5">',
-            "      <server>ldap://127.0.0.1:389</server>",
-            "    </ldap>",
-            "  </directory>",
-            "  -->",
-        ]
-    else:
-        ldap = cfg.directory.ldap
-        attrs = [f"base={q(ldap.base_dn)}"]
-        if ldap.bind_dn:
-            attrs.append(f"bind-dn={q(ldap.bind_dn)}")
-        if ldap.bind_password:
-            attrs.append(f"bind-password={q(ldap.bind_password)}")
-        attrs += [
-            f"users={q(ldap.users_dn or 'ou=People,' + ldap.base_dn)}",
-            f"jid-attribute={q(ldap.jid_attribute)}",
-            f"filter={q(ldap.user_filter)}",
-            f"scram-attribute={q(ldap.scram_attribute)}",
-            f'pool-size="{ldap.pool_size}"',
-            f'timeout="{_fmt_number(ldap.timeout)}"',
-        ]
-        out.append("    <ldap " + ("\n          ".join(attrs)) + ">")
-        out.append("      <!-- Tried in order until one answers. -->")
-        out += [f"      <server>{escape(url)}</server>" for url in ldap.servers]
-        out += ["    </ldap>", "  </directory>"]
-    lim = cfg.limits
-    out += [
-        "",
-        "  <!-- Per-connection protection: largest stanza in bytes, deepest",
-        "       element nesting, seconds allowed to authenticate; messages kept",
-        "       per offline user. -->",
-        f'  <limits stanza-bytes="{lim.max_stanza_bytes}" depth="{lim.max_depth}"'
-        f' auth-timeout="{_fmt_number(lim.auth_timeout)}"'
-        f' offline-limit="{lim.max_offline_messages}"/>',
-    ]
-    out += _render_websocket(cfg)
-    out += _render_profiles(cfg)
-    out += _render_rosters(cfg)
-    out += [
-        "",
-        "  <!-- Where the server keeps its state (rosters, offline messages). -->",
-        f"  <data dir={q(_rel(cfg.data_dir, base_dir))}/>",
-        "",
-        "  <!-- debug, info, warning, error or critical. -->",
-        f"  <log level={q(cfg.log_level)}/>",
-        "</mlink>",
-        "",
-    ]
+    out += _children(cfg, Path(base_dir), INDENT, top=True)[1:]  # no blank line first
+    out += ["</mlink>", ""]
     return "\n".join(out)
-
-
-def _render_websocket(cfg: Config) -> list[str]:
-    """The <websocket> element when anything is set; otherwise a commented
-    example, so the options are discoverable from the file itself."""
-    ws = cfg.websocket
-    out = [
-        "",
-        "  <!-- XMPP over WebSocket: allowed page origins (none listed: all),",
-        "       reverse proxies whose plain ws:// counts as encrypted, and an",
-        "       optional see-other-uri redirecting every stream (RFC 7395). -->",
-    ]
-    if not (ws.origins or ws.trusted_proxies or ws.see_other_uri):
-        return out + [
-            "  <!--",
-            '  <websocket see-other-uri="wss://other.example.org/xmpp-websocket">',
-            "    <origin>https://chat.example.org</origin>",
-            "    <trusted-proxy>10.0.0.1</trusted-proxy>",
-            "  </websocket>",
-            "  -->",
-        ]
-    attrs = f" see-other-uri={quoteattr(ws.see_other_uri)}" if ws.see_other_uri else ""
-    out.append(f"  <websocket{attrs}>")
-    out += [f"    <origin>{escape(origin)}</origin>" for origin in ws.origins]
-    out += [f"    <trusted-proxy>{escape(proxy)}</trusted-proxy>" for proxy in ws.trusted_proxies]
-    out.append("  </websocket>")
-    return out
-
-
-def _render_profiles(cfg: Config) -> list[str]:
-    """<profiles> when fields are set or limits changed; otherwise a
-    commented example (docs/directory.md explains the policies)."""
-    pr = cfg.profiles
-    default = ProfilesConfig()
-    out = [
-        "",
-        "  <!-- Profiles (vCard, XEP-0154, avatars): per field, who owns it.",
-        "       directory = read from the directory, clients may not change it;",
-        "       update = read from it, client changes written back to it;",
-        "       static = one value for everyone; local = kept by mlink. -->",
-    ]
-    if not pr.fields and (pr.cache_seconds, pr.max_photo_bytes) == (
-        default.cache_seconds, default.max_photo_bytes
-    ):
-        return out + [
-            "  <!--",
-            '  <profiles cache-seconds="60" max-photo-bytes="196608">',
-            '    <field name="display_name" policy="directory"/>',
-            '    <field name="mobile" policy="update" attribute="mobile"/>',
-            '    <field name="org_name" policy="static" value="Example Corp"/>',
-            '    <field name="nickname" policy="local"/>',
-            "  </profiles>",
-            "  -->",
-        ]
-    out.append(
-        f'  <profiles cache-seconds="{_fmt_number(pr.cache_seconds)}"'
-        f' max-photo-bytes="{pr.max_photo_bytes}">'
-    )
-    for f in pr.fields:
-        attrs = f"name={quoteattr(f.name)} policy={quoteattr(f.policy)}"
-        if f.attribute is not None:
-            attrs += f" attribute={quoteattr(f.attribute)}"
-        if f.value is not None:
-            attrs += f" value={quoteattr(f.value)}"
-        out.append(f"    <field {attrs}/>")
-    out.append("  </profiles>")
-    return out
-
-
-def _render_rosters(cfg: Config) -> list[str]:
-    """<rosters> when anything is set; otherwise a commented example."""
-    ro = cfg.rosters
-    default = RostersConfig()
-    out = [
-        "",
-        "  <!-- Rosters from the directory: members of each group see each other;",
-        "       static-attribute keeps personal rosters in the users' entries. -->",
-    ]
-    if not ro.groups and ro.static_attribute is None and (
-        ro.refresh_seconds == default.refresh_seconds
-    ):
-        return out + [
-            "  <!--",
-            '  <rosters refresh-seconds="300" static-attribute="mlinkRosterItem">',
-            '    <group dn="cn=sales,ou=Groups,dc=example,dc=com"/>',
-            '    <group filter="(objectClass=groupOfNames)" name-attribute="description"/>',
-            "  </rosters>",
-            "  -->",
-        ]
-    attrs = f' refresh-seconds="{_fmt_number(ro.refresh_seconds)}"'
-    if ro.static_attribute is not None:
-        attrs += f" static-attribute={quoteattr(ro.static_attribute)}"
-    out.append(f"  <rosters{attrs}>")
-    for g in ro.groups:
-        parts = []
-        if g.dn is not None:
-            parts.append(f"dn={quoteattr(g.dn)}")
-        if g.filter is not None:
-            parts.append(f"filter={quoteattr(g.filter)}")
-        if g.base is not None:
-            parts.append(f"base={quoteattr(g.base)}")
-        if g.name is not None:
-            parts.append(f"name={quoteattr(g.name)}")
-        elif g.name_attribute != "cn":
-            parts.append(f"name-attribute={quoteattr(g.name_attribute)}")
-        out.append(f"    <group {' '.join(parts)}/>")
-    out.append("  </rosters>")
-    return out
 
 
 def write_config(cfg: Config, path: Path, *, overwrite: bool = False) -> None:

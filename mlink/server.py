@@ -81,7 +81,7 @@ class Server:
         # Cache name -> drop the named user's cached copy (see `changed`).
         self.cache_invalidators: dict[str, Callable[[str], None]] = {}
         # Services modules share (`Module.shared`), by name.
-        self._shared: dict[str, Any] = {}
+        self.shared_services: dict[str, Any] = {}
         self._module_stores: dict[str, ModuleStore] = {}
         # Module bus channels ("<module>/<name>") -> handler (`Module.on_bus`).
         self.bus_handlers: dict[str, BusHandler] = {}
@@ -95,7 +95,7 @@ class Server:
         self.mock_salt_key = load_mock_salt_key(config.data_dir)
         # Namespaces of nonzas modules handle on established streams.
         self.nonza_namespaces: set[str] = set()
-        self.modules = load_modules(self, getattr(config, "modules", None))
+        self.modules = load_modules(self, config.modules)
         self.connections: set[ClientConnection] = set()
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -176,9 +176,9 @@ class Server:
         self.background_tasks.append((name, task))
 
     def shared_service(self, name: str, factory: Callable[[], Any]) -> Any:
-        if name not in self._shared:
-            self._shared[name] = factory()
-        return self._shared[name]
+        if name not in self.shared_services:
+            self.shared_services[name] = factory()
+        return self.shared_services[name]
 
     def module_store(self, module: str) -> ModuleStore:
         found = self._module_stores.get(module)

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from mlink.sasl.secrets import derive_secret
 from mlink.sasl.registry import UNAVAILABLE
+from mlink.sasl.secrets import derive_secret
 from mlink.stream import c2s
 
 HEADER = (

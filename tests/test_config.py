@@ -87,12 +87,12 @@ def test_good_file_loads(tls_files: Path, monkeypatch: pytest.MonkeyPatch) -> No
     cfg = load_config(path)
     base = tls_files
     assert cfg.path == path
-    assert cfg.domains == ["example.com", "chat.example.org"]
-    assert cfg.listeners == [
+    assert cfg.domains == ("example.com", "chat.example.org")
+    assert cfg.listeners == (
         ListenerConfig("c2s", 5222, "0.0.0.0"),
         ListenerConfig("tls", 5223, "0.0.0.0"),
         ListenerConfig("websocket", 5280, "::1"),
-    ]
+    )
     assert cfg.tls == TLSConfig(base / "cert.pem", base / "sub" / "key.pem", True)
     assert cfg.directory.backend == "embedded"
     assert cfg.directory.embedded.file == base / "directory.ldif"
@@ -113,7 +113,7 @@ def test_defaults(tmp_path: Path) -> None:
     (tmp_path / "c").write_text("")
     (tmp_path / "k").write_text("")
     cfg = load_config(path)
-    assert cfg.listeners == [ListenerConfig("tls", 5223, "0.0.0.0")]
+    assert cfg.listeners == (ListenerConfig("tls", 5223, "0.0.0.0"),)
     assert cfg.tls.required is True
     assert cfg.directory.backend == "embedded"
     assert cfg.directory.embedded.base_dn == "dc=localhost"
@@ -391,7 +391,7 @@ def test_init_creates_loadable_setup(tmp_path: Path, embedded_directory: None) -
     path = init_setup(target, domain="Example.com", c2s_port=15222, tls_port=0, ws_port=15280)
     assert path == target / "mlink.xml"
     cfg = load_config(path)
-    assert cfg.domains == ["example.com"]
+    assert cfg.domains == ("example.com",)
     assert [(lsn.kind, lsn.port) for lsn in cfg.listeners] == [
         ("c2s", 15222),
         ("tls", 0),
@@ -446,7 +446,7 @@ def _handshake(cert: Path, key: Path, hostname: str) -> None:
 
 def test_init_localhost_default(tmp_path: Path, embedded_directory: None) -> None:
     cfg = load_config(init_setup(tmp_path))
-    assert cfg.domains == ["localhost"]
+    assert cfg.domains == ("localhost",)
     assert cfg.directory.embedded.base_dn == "dc=localhost"
     assert [lsn.port for lsn in cfg.listeners] == [5222, 5223, 5280, 5281]
 

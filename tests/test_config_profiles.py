@@ -50,28 +50,28 @@ def test_full_example(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, FULL))
     assert cfg.profiles.cache_seconds == 60
     assert cfg.profiles.max_photo_bytes == 196608
-    assert cfg.profiles.fields == [
+    assert cfg.profiles.fields == (
         ProfileFieldConfig("display_name", "directory"),
         ProfileFieldConfig("mobile", "update", attribute="mobile"),
         ProfileFieldConfig("org_name", "static", value="Example & Co"),
         ProfileFieldConfig("nickname", "local"),
-    ]
+    )
     assert cfg.rosters.refresh_seconds == 2.5
     assert cfg.rosters.static_attribute == "mlinkRosterItem"
-    assert cfg.rosters.groups == [
+    assert cfg.rosters.groups == (
         RosterGroupConfig(dn="cn=sales,ou=Groups,dc=example,dc=com"),
         RosterGroupConfig(filter="(objectClass=groupOfNames)",
                           base="ou=Groups,dc=example,dc=com", name_attribute="description"),
         RosterGroupConfig(dn="cn=eng,ou=Groups,dc=example,dc=com", name="Engineering"),
-    ]
+    )
 
 
 def test_defaults_when_absent(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, HEAD + "</mlink>\n"))
-    assert cfg.profiles.fields == []
+    assert cfg.profiles.fields == ()
     assert cfg.profiles.cache_seconds == DEFAULT_PROFILE_CACHE_SECONDS
     assert cfg.profiles.max_photo_bytes == DEFAULT_MAX_PHOTO_BYTES
-    assert cfg.rosters.groups == []
+    assert cfg.rosters.groups == ()
     assert cfg.rosters.refresh_seconds == DEFAULT_GROUP_REFRESH_SECONDS
     assert cfg.rosters.static_attribute is None
 

@@ -199,8 +199,8 @@ def test_websocket_config_loads_and_renders_back(config_path: Path, tmp_path: Pa
     config_path.write_text(text.replace(
         "<websocket>", "<websocket see-other-uri='wss://b.example/xmpp-websocket'>"))
     cfg = load_config(config_path)
-    assert cfg.websocket.origins == ["https://chat.example.org"]
-    assert cfg.websocket.trusted_proxies == ["10.0.0.1/32"]
+    assert cfg.websocket.origins == ("https://chat.example.org",)
+    assert cfg.websocket.trusted_proxies == ("10.0.0.1/32",)
     assert cfg.websocket.see_other_uri == "wss://b.example/xmpp-websocket"
     again = config_path.parent / "again.xml"
     again.write_text(render_config(cfg, config_path.parent))

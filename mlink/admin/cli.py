@@ -70,6 +70,11 @@ def _build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", type=Path)
     status.set_defaults(func=cmd_status)
 
+    reload = sub.add_parser("reload", help="make the running server re-read its configuration")
+    reload.add_argument("--config", type=Path,
+                        help="the file the server was started with (it finds the server)")
+    reload.set_defaults(func=cmd_reload)
+
     check = sub.add_parser("check", help="validate a configuration and its directory")
     check.add_argument("--config", type=Path)
     check.set_defaults(func=cmd_check)
@@ -210,6 +215,30 @@ def cmd_status(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CommandError(str(exc)) from None
     print(format_status(status))
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running server to re-read its file. The server's verdict is
+    printed: a refused file gives its one-line `file:line: problem` and
+    exit status 1, the server keeps its configuration. The server is found
+    through the data directory the file names, read leniently so that a
+    broken file still reaches the server (which logs the refusal too)."""
+    from mlink.config import data_dir_hint
+    from mlink.shard.supervisor import request_reload
+
+    path = _config_path(args.config)
+    try:
+        answer = request_reload(data_dir_hint(path))
+    except OSError as exc:
+        # No server to ask: still say what is wrong with the file, if anything.
+        load_config(path)
+        raise CommandError(str(exc)) from None
+    if not answer.get("ok"):
+        raise CommandError(str(answer.get("error", "the server refused the reload")))
+    print(f"{path}: configuration reloaded")
+    for name in answer.get("restart", []):
+        print(f"{path}: {name} changed: needs a restart to apply")
     return 0
 
 

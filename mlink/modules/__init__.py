@@ -15,17 +15,13 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from mlink.config_model import DEFAULT_MODULES
 from mlink.module import Module
 
 if TYPE_CHECKING:
     from mlink.module import ModuleHost
 
-# The default set, in load order. Order matters only where two modules hook
-# one event at the same priority.
-DEFAULT_MODULES: tuple[str, ...] = (
-    "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
-    "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
-)
+__all__ = ["DEFAULT_MODULES", "ModuleLoadError", "import_module_file", "load_modules"]
 
 
 class ModuleLoadError(Exception):

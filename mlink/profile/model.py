@@ -168,6 +168,17 @@ class ProfileService:
         # One writer per user at a time: compare-then-modify must not interleave.
         self._locks: KeyedLock[str] = KeyedLock()
 
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded configuration's profile policies. The cache is
+        dropped: entries were read for the old fields and attributes.
+        ProfileConfigError (before anything changes) when they cannot work."""
+        fields = resolve_fields(config)
+        self.fields = fields
+        self.cache_seconds = float(config.profiles.cache_seconds)
+        self.max_photo_bytes = int(config.profiles.max_photo_bytes)
+        self._attributes = directory_attributes(fields.values())
+        self._cache.clear()
+
     # -- reads ------------------------------------------------------------------
 
     async def get(self, jid: str) -> Profile:

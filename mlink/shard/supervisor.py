@@ -1,5 +1,6 @@
 """`mlink serve`: start N shard processes, restart the ones that die, stop
-them all on SIGTERM/SIGINT, and answer `mlink status`.
+them all on SIGTERM/SIGINT, reload the configuration on SIGHUP, and answer
+`mlink status` and `mlink reload`.
 
 The supervisor holds no sessions and never touches client traffic: every
 shard binds every listener itself (SO_REUSEPORT), so a supervisor bug
@@ -56,6 +57,15 @@ CONTROL_SOCKET = "mlink.control"
 STATUS_CLIENT_TIMEOUT = 10.0
 # sockaddr_un holds 108 bytes including the terminating NUL.
 MAX_UNIX_PATH = 107
+# How long each shard has to re-read the file and apply it: a few
+# milliseconds of parsing and a certificate load; a shard slower than this
+# is stuck, and the reload reports it rather than hang.
+RELOAD_TIMEOUT = 10.0
+# A client of the control socket sends its request line within this time;
+# one that sends nothing (an older `mlink status`) gets the status.
+REQUEST_TIMEOUT = 2.0
+# The longest request line a control client may send.
+MAX_REQUEST_BYTES = 4096
 
 
 def default_shards(config: Config) -> int:
@@ -114,12 +124,19 @@ class ShardState:
     stats: dict[str, Any] | None = None
     stats_lock: trio.Lock = field(default_factory=trio.Lock)
     stats_reply: trio.Event = field(default_factory=trio.Event)
+    reload_result: dict[str, Any] | None = None
+    reload_reply: trio.Event = field(default_factory=trio.Event)
 
 
 class Supervisor:
     def __init__(self, config_path: Path, config: Config, shards: int) -> None:
         self.config_path = config_path
+        # The configuration in force; replaced by each accepted reload.
         self.config = config
+        # Fixed at start: a reload that moves the data directory needs a
+        # restart, and the socket to remove at exit is the one we made.
+        self.control_socket = control_path(config)
+        self._reload_lock = trio.Lock()
         self.shards = [ShardState(i) for i in range(shards)]
         self.bus_dir: Path | None = None
         self.started = time.monotonic()
@@ -135,11 +152,12 @@ class Supervisor:
         """Supervise until stopped; 0 after a requested stop, 1 when the
         shards could not start."""
         self.bus_dir = Path(tempfile.mkdtemp(prefix="mlink-bus-"))  # mode 0700
-        listener = await _listen_control(control_path(self.config))
+        listener = await _listen_control(self.control_socket)
         try:
             async with trio.open_nursery() as services:
                 self._services = services
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
+                                               signal.SIGHUP) as signals:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
@@ -151,7 +169,7 @@ class Supervisor:
         finally:
             with trio.CancelScope(shield=True):
                 await listener.aclose()
-            _unlink(control_path(self.config))
+            _unlink(self.control_socket)
             shutil.rmtree(self.bus_dir, ignore_errors=True)
         log.info("stopped")
         return 1 if self.failed else 0
@@ -179,6 +197,11 @@ class Supervisor:
 
     async def _watch_signals(self, signals: Any) -> None:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                if not self.stopping and self._services is not None:
+                    log.info("received SIGHUP; reloading %s", self.config_path)
+                    self._services.start_soon(self.reload)
+                continue
             if not self.stopping:
                 log.info("received %s; stopping %d shard(s)", signal.Signals(signum).name,
                          len(self.shards))
@@ -262,9 +285,75 @@ class Supervisor:
                 elif op == "stats":
                     state.stats = message
                     state.stats_reply.set()
+                elif op == "reloaded":
+                    state.reload_result = message
+                    state.reload_reply.set()
         except (ControlError, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as exc:
             log.warning("shard %d control channel failed: %s", state.index, exc)
+
+    # -- reload -------------------------------------------------------------------
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the configuration file and have every shard apply it.
+
+        The supervisor reads it first, so a bad file is refused once, with
+        its one-line error, and no shard is asked. Settings that need a
+        restart are logged here, once, not by every shard. The answer is
+        what `mlink reload` prints: `ok`, `error`, `restart` (names)."""
+        from mlink.config import ConfigError
+        from mlink.reload import load_checked, restart_needed
+
+        async with self._reload_lock:
+            try:
+                new = load_checked(self.config_path)
+            except ConfigError as exc:
+                log.error("configuration reload refused: %s", exc)
+                return {"ok": False, "error": str(exc)}
+            results: dict[int, dict[str, Any] | None] = {}
+
+            async def ask(state: ShardState) -> None:
+                results[state.index] = await self._shard_reload(state)
+
+            async with trio.open_nursery() as nursery:
+                for state in self.shards:
+                    nursery.start_soon(ask, state)
+            errors = [(i, r.get("error", "no answer") if r else "no answer")
+                      for i, r in sorted(results.items()) if r is None or not r.get("ok")]
+            applied = len(self.shards) - len(errors)
+            for index, error in errors:
+                log.error("shard %d did not apply the reload: %s", index, error)
+            if applied == 0 and self.shards:
+                return {"ok": False, "error": errors[0][1]}
+            restart = restart_needed(self.config, new)
+            for name in restart:
+                log.warning("%s changed in %s: needs a restart to apply", name,
+                            self.config_path)
+            if new.log_level != self.config.log_level:
+                logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
+            self.config = new
+            log.info("configuration reloaded by %d of %d shard(s)", applied, len(self.shards))
+            answer: dict[str, Any] = {"ok": not errors, "restart": restart}
+            if errors:
+                answer["error"] = "; ".join(f"shard {i}: {e}" for i, e in errors)
+            return answer
+
+    async def _shard_reload(self, state: ShardState) -> dict[str, Any] | None:
+        """One shard's reload answer; None when it is down or stuck. A
+        shard that is down reads the file when it restarts anyway."""
+        async with state.stats_lock:
+            control = state.control
+            if control is None or not state.ready:
+                return {"ok": True, "down": True}
+            state.reload_reply = trio.Event()
+            state.reload_result = None
+            with trio.move_on_after(RELOAD_TIMEOUT):
+                try:
+                    await control.send({"op": "reload"})
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return None
+                await state.reload_reply.wait()
+            return state.reload_result
 
     # -- status -------------------------------------------------------------------
 
@@ -315,10 +404,16 @@ class Supervisor:
                 nursery.start_soon(self._answer_status, stream)
 
     async def _answer_status(self, stream: trio.SocketStream) -> None:
+        """One request per connection: a line `{"op": "reload"}` or
+        `{"op": "status"}`; nothing within REQUEST_TIMEOUT means status."""
         async with stream:
             try:
-                data = json.dumps(await self.status()).encode() + b"\n"
-                await stream.send_all(data)
+                request = await _read_request(stream)
+                if request.get("op") == "reload":
+                    reply = await self.reload()
+                else:
+                    reply = await self.status()
+                await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, OSError):
                 pass  # the client went away; nothing to tell
 
@@ -327,6 +422,22 @@ class Supervisor:
             await trio.sleep(STATUS_LOG_INTERVAL)
             for line in format_status(await self.status()).splitlines():
                 log.info("status: %s", line)
+
+
+async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
+    """The client's request line, or {} when it sends none in time."""
+    buffer = b""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        while b"\n" not in buffer and len(buffer) <= MAX_REQUEST_BYTES:
+            chunk = await stream.receive_some(MAX_REQUEST_BYTES)
+            if not chunk:
+                break
+            buffer += chunk
+    try:
+        request = json.loads(buffer.split(b"\n", 1)[0] or b"{}")
+    except ValueError:
+        return {}
+    return request if isinstance(request, dict) else {}
 
 
 def _describe_status(code: int | None) -> str:
@@ -387,21 +498,32 @@ def run_supervisor(config_path: Path, config: Config, shards: int) -> int:
 
 def query_status(config: Config) -> dict[str, Any]:
     """Ask the running supervisor for its status; OSError when none runs."""
-    path = control_path(config)
+    return _request(control_path(config), {"op": "status"}, STATUS_CLIENT_TIMEOUT)
+
+
+def request_reload(data_dir: Path) -> dict[str, Any]:
+    """Ask the supervisor running on `data_dir` to reload its configuration
+    file; its answer (`ok`, `error`, `restart`). OSError when none runs."""
+    # Every shard gets RELOAD_TIMEOUT, in parallel; allow for the file read.
+    return _request(data_dir / CONTROL_SOCKET, {"op": "reload"}, RELOAD_TIMEOUT * 2)
+
+
+def _request(path: Path, request: dict[str, Any], timeout: float) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(STATUS_CLIENT_TIMEOUT)
+        sock.settimeout(timeout)
         try:
             sock.connect(str(path))
         except (FileNotFoundError, ConnectionRefusedError):
             raise OSError(f"no server is running (no control socket at {path})") from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
         chunks = []
         while chunk := sock.recv(65536):
             chunks.append(chunk)
     try:
-        status: dict[str, Any] = json.loads(b"".join(chunks))
+        reply: dict[str, Any] = json.loads(b"".join(chunks))
     except ValueError:
-        raise OSError(f"{path}: the server sent an unreadable status") from None
-    return status
+        raise OSError(f"{path}: the server sent an unreadable answer") from None
+    return reply
 
 
 def _duration(seconds: float) -> str:

@@ -88,8 +88,14 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
     """Answer the supervisor; its end closing means it is gone: stop."""
     try:
         while (message := await control.receive()) is not None:
-            if message.get("op") == "stats":
+            op = message.get("op")
+            if op == "stats":
                 await control.send(shard_stats(server, bus, started))
+            elif op == "reload":
+                from mlink.reload import reload_from_file
+
+                result = await reload_from_file(server)
+                await control.send({"op": "reloaded", **result})
     except (ControlError, trio.BrokenResourceError, OSError) as exc:
         log.warning("control channel failed: %s", exc)
     if not stop.is_set():
@@ -115,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--control-fd", type=int)
     args = p.parse_args(argv)
+    # Reloading is the supervisor's to coordinate: a SIGHUP reaching the
+    # whole process group (a closed terminal) must not kill the shards.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = load_config(args.config)
     except ConfigError as exc:

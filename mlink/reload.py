@@ -1,0 +1,142 @@
+"""Apply a reloaded configuration to a running server.
+
+`mlink reload` and SIGHUP make the supervisor read the file again; each
+shard then calls `reload_from_file`, which reads it itself (a snapshot
+holds module option objects that do not cross a process boundary) and
+`apply_config`s it. A file that cannot be used is refused with its
+one-line `file:line: problem` and the running configuration stays:
+everything that can fail (reading, profile checks, loading the new
+certificate) happens before anything is swapped.
+
+What changes live: the TLS certificate and key for new connections, the
+log level, limits (stream settings are built per connection from
+`server.config`), profile policies, and whatever modules take from the
+`config/reloaded` event (their options, roster groups). What needs a
+restart is listed by `restart_needed`, which the supervisor logs once.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlink.config import ConfigError, load_config
+from mlink.config_model import Config
+
+if TYPE_CHECKING:
+    from mlink.server import Server
+    from mlink.transport.tls import ServerTLS
+
+log = logging.getLogger(__name__)
+
+# The event modules hook to take a new configuration (the new Config is
+# the event); it fires after the server's own settings are swapped.
+RELOADED_EVENT = "config/reloaded"
+
+# Settings that only a restart applies, by the name the log gives them:
+# the listening sockets, the served domains (the router and directory are
+# built for them), the directory connection, where the store lives, the
+# WebSocket endpoints (built per listener at start) and which modules run.
+RESTART_SETTINGS: tuple[tuple[str, Callable[[Config], object]], ...] = (
+    ("listeners (<listen>)", lambda c: c.listeners),
+    ("domains (<domain>)", lambda c: c.domains),
+    ("directory backend and servers (<directory>)", lambda c: c.directory),
+    ("data directory (<data dir>)", lambda c: c.data_dir),
+    ("WebSocket settings (<websocket>)", lambda c: c.websocket),
+    ("module list (<modules>)", lambda c: c.modules),
+    ("static roster attribute (<rosters static-attribute>)",
+     lambda c: c.rosters.static_attribute),
+)
+
+
+class ReloadError(Exception):
+    """A configuration that loads but cannot be applied (a certificate
+    that does not parse, a profile policy that cannot work); one line."""
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The settings that differ between `old` and `new` and keep their old
+    value until the server restarts."""
+    return [name for name, get in RESTART_SETTINGS if get(old) != get(new)]
+
+
+def load_checked(path: Path) -> Config:
+    """`load_config` plus the checks only feature code can make (unknown
+    profile field names), as `mlink check` and `mlink serve` do; every
+    problem raised as a one-line ConfigError."""
+    from mlink.profile import check_profiles
+
+    config = load_config(path)
+    problems = check_profiles(config)
+    if problems:
+        raise ConfigError(path, None, problems[0])
+    return config
+
+
+def _new_tls(config: Config) -> ServerTLS | None:
+    """A ServerTLS for `config`, read now: a certificate renewed in place
+    (Let's Encrypt rewrites the same path) is picked up too."""
+    from mlink.transport.tls import ServerTLS
+
+    tls = config.tls
+    if tls.certificate is None or tls.key is None:
+        return None
+    try:
+        return ServerTLS(tls.certificate, tls.key)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ReloadError(f"{config.path}: cannot load certificate {str(tls.certificate)!r} "
+                          f"with key {str(tls.key)!r}: {exc}") from None
+
+
+def _set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
+
+
+async def apply_config(server: Server, new: Config) -> None:
+    """Make `new` the running configuration of `server`, applying what can
+    change live; ReloadError, with nothing changed, when it cannot be.
+
+    New connections read `server.config` and `server.tls` when they start,
+    so swapping them is what makes limits and the certificate apply to new
+    connections while established ones keep what they negotiated.
+    """
+    from mlink.profile.fields import ProfileConfigError
+
+    tls = _new_tls(new)
+    profiles = server.shared_services.get("profiles")
+    if profiles is not None:
+        from mlink.profile.fields import resolve_fields
+
+        try:
+            resolve_fields(new)
+        except ProfileConfigError as exc:
+            raise ReloadError(f"{new.path}: {exc}") from None
+    old = server.config
+    server.tls = tls
+    server.config = new
+    if new.log_level != old.log_level:
+        _set_log_level(new.log_level)
+        log.info("log level is now %s", new.log_level)
+    if profiles is not None:
+        profiles.apply_config(new)
+    await server.hooks.notify(RELOADED_EVENT, new)
+
+
+async def reload_from_file(server: Server, path: Path | None = None) -> dict[str, Any]:
+    """Read `path` (default: the file the server was started from) and
+    apply it. The result goes back to the supervisor as is: `ok`, and
+    `error` (one line) when the file was refused."""
+    path = path or server.config.path
+    if path is None:
+        return {"ok": False, "error": "the server was not started from a file"}
+    try:
+        new = load_checked(path)
+        await apply_config(server, new)
+    except (ConfigError, ReloadError) as exc:
+        log.error("configuration reload refused: %s", exc)
+        return {"ok": False, "error": str(exc)}
+    log.info("configuration reloaded from %s", path)
+    return {"ok": True}
