@@ -69,13 +69,6 @@ class ModuleHost(Protocol):
     @property
     def shard(self) -> int: ...
     def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None: ...
-    def add_nonza_handler(self, namespace: str, handler: Handler) -> None:
-        """Handle top-level elements of `namespace` on established streams
-        (a stream extension's own elements); the handler gets a
-        `mlink.hooks.NonzaEvent`. Without one, such elements end the stream."""
-        self._host.nonza_namespaces.add(namespace)
-        self._host.hooks.on(f"nonza/{namespace}", handler)
-
     def add_sasl_mechanism(self, provider: MechanismProvider) -> None: ...
     def add_credential_source(self, kind: str, source: CredentialSource) -> None: ...
 

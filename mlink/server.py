@@ -41,6 +41,7 @@ from mlink.stream.c2s import StreamSettings
 
 if TYPE_CHECKING:
     from mlink.shard.bus import Bus
+from mlink.transport.accept import AcceptLoop
 from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
@@ -100,6 +101,7 @@ class Server:
         self._no_connections = trio.Event()
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
+        self.accept_loops: list[AcceptLoop] = []
 
     # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
 
@@ -263,7 +265,9 @@ class Server:
                 self.bound_ports[lc.kind] = port
                 log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
                          lc.address, port)
-                nursery.start_soon(self._accept_loop, listener, handler)
+                loop = AcceptLoop(listener, handler)
+                self.accept_loops.append(loop)
+                nursery.start_soon(self._serve_listener, loop)
             for name, task in self.background_tasks:
                 nursery.start_soon(self._run_background, name, task)
             task_status.started()
@@ -276,21 +280,9 @@ class Server:
         except Exception:
             log.exception("background task of module %s crashed", name)
 
-    async def _accept_loop(
-        self,
-        listener: trio.SocketListener,
-        handler: Callable[[trio.SocketStream], Awaitable[None]],
-    ) -> None:
-        async with listener, trio.open_nursery() as nursery:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    # EMFILE and friends: log, back off, keep serving.
-                    log.warning("accept failed: %s", exc)
-                    await trio.sleep(0.1)
-                    continue
-                nursery.start_soon(handler, stream)
+    async def _serve_listener(self, loop: AcceptLoop) -> None:
+        async with trio.open_nursery() as connections:
+            await loop.run(connections)
 
     async def _handle(self, stream: trio.SocketStream, direct_tls: bool) -> None:
         await self.run_connection(ClientConnection(self, stream, direct_tls))

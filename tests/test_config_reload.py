@@ -133,6 +133,7 @@ class _FakeServer:
         self.config = config
         self.tls = None
         self.hooks = Hooks()
+        self.shared_services: dict[str, object] = {}
 
 
 def test_apply_config_swaps_and_notifies_or_changes_nothing(

@@ -19,6 +19,7 @@ import trio.testing
 
 import mlink.store.sqlite
 from mlink.store import SCHEMA_VERSION, RosterItem, SchemaTooNewError, Store, StoreError
+from mlink.store.module_store import ModuleStore
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -311,16 +312,16 @@ async def test_blocklist(store: Store) -> None:
 
 async def test_private_storage(store: Store) -> None:
     key = "{storage:bookmarks}storage"
-    assert await store.private_get(ALICE, key) is None
-    await store.private_put(ALICE, key, b"<storage xmlns='storage:bookmarks'/>")
-    await store.private_put(ALICE, "{x:y}z", b"<z xmlns='x:y'/>")
-    assert await store.private_get(ALICE, key) == b"<storage xmlns='storage:bookmarks'/>"
-    await store.private_put(ALICE, key, b"<storage xmlns='storage:bookmarks'><c/></storage>")
+    assert await ModuleStore(lambda: store, "private").map("xml").get(ALICE, key) is None
+    await ModuleStore(lambda: store, "private").map("xml").set(ALICE, key, b"<storage xmlns='storage:bookmarks'/>")
+    await ModuleStore(lambda: store, "private").map("xml").set(ALICE, "{x:y}z", b"<z xmlns='x:y'/>")
+    assert await ModuleStore(lambda: store, "private").map("xml").get(ALICE, key) == b"<storage xmlns='storage:bookmarks'/>"
+    await ModuleStore(lambda: store, "private").map("xml").set(ALICE, key, b"<storage xmlns='storage:bookmarks'><c/></storage>")
     assert (
-        await store.private_get(ALICE, key) == b"<storage xmlns='storage:bookmarks'><c/></storage>"
+        await ModuleStore(lambda: store, "private").map("xml").get(ALICE, key) == b"<storage xmlns='storage:bookmarks'><c/></storage>"
     )
-    assert await store.private_get(ALICE, "{x:y}z") == b"<z xmlns='x:y'/>"
-    assert await store.private_get(BOB, key) is None
+    assert await ModuleStore(lambda: store, "private").map("xml").get(ALICE, "{x:y}z") == b"<z xmlns='x:y'/>"
+    assert await ModuleStore(lambda: store, "private").map("xml").get(BOB, key) is None
 
 
 async def test_last_activity(store: Store) -> None:
@@ -336,7 +337,7 @@ async def test_delete_user_data(store: Store) -> None:
     await store.subscription_request_put(ALICE, CAROL, b"<presence/>")
     await store.offline_put(ALICE, msg(1), 10)
     await store.block(ALICE, [CAROL])
-    await store.private_put(ALICE, "{a:b}c", b"<c/>")
+    await ModuleStore(lambda: store, "private").map("xml").set(ALICE, "{a:b}c", b"<c/>")
     await store.last_activity_put(ALICE, 1.0, "x")
     await store.roster_put(BOB, RosterItem(ALICE))
     await store.offline_put(BOB, msg(2), 10)
@@ -347,7 +348,7 @@ async def test_delete_user_data(store: Store) -> None:
     assert await store.subscription_requests(ALICE) == []
     assert await store.offline_count(ALICE) == 0
     assert await store.blocklist(ALICE) == set()
-    assert await store.private_get(ALICE, "{a:b}c") is None
+    assert await ModuleStore(lambda: store, "private").map("xml").get(ALICE, "{a:b}c") is None
     assert await store.last_activity(ALICE) is None
     # Bob's data is untouched.
     assert set((await store.roster(BOB))[1]) == {ALICE}
@@ -367,14 +368,14 @@ async def test_survives_reopen(db_path: Path) -> None:
         await s.subscription_request_put(ALICE, CAROL, b"<presence/>")
         await s.offline_put(ALICE, msg(1), 10)
         await s.block(ALICE, [CAROL])
-        await s.private_put(ALICE, "{a:b}c", b"<c/>")
+        await ModuleStore(lambda: s, "private").map("xml").set(ALICE, "{a:b}c", b"<c/>")
         await s.last_activity_put(ALICE, 5.0, "bye")
     async with await Store.open(db_path) as s:
         assert await s.roster(ALICE) == (v, {BOB: item})
         assert await s.subscription_requests(ALICE) == [(CAROL, b"<presence/>")]
         assert [m for _, m in await s.offline_fetch(ALICE)] == [msg(1)]
         assert await s.blocklist(ALICE) == {CAROL}
-        assert await s.private_get(ALICE, "{a:b}c") == b"<c/>"
+        assert await ModuleStore(lambda: s, "private").map("xml").get(ALICE, "{a:b}c") == b"<c/>"
         assert await s.last_activity(ALICE) == (5.0, "bye")
 
 
@@ -505,3 +506,53 @@ def test_shards_opening_a_new_store_together(tmp_path):
         for proc in procs:
             _, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
+
+
+# --- module stores ----------------------------------------------------------------------
+
+
+async def test_module_stores_are_namespaced_by_module_and_name(store: Store) -> None:
+    mine, theirs = ModuleStore(lambda: store, "mine"), ModuleStore(lambda: store, "theirs")
+    await mine.map("a").set(ALICE, "k", b"1")
+    await mine.map("b").set(ALICE, "k", b"2")
+    await theirs.map("a").set(ALICE, "k", b"3")
+    assert await mine.map("a").items(ALICE) == {"k": b"1"}
+    assert await mine.map("b").get(ALICE, "k") == b"2"
+    assert await theirs.map("a").get(ALICE, "k") == b"3"
+    assert await mine.map("a").get(BOB, "k") is None
+    await mine.map("a").set(ALICE, "k", None)
+    assert await mine.map("a").get(ALICE, "k") is None
+    await mine.keyval("v").set(ALICE, b"x")
+    assert await mine.keyval("v").get(ALICE) == b"x"
+    await store.delete_user_data(ALICE)
+    assert await mine.map("b").items(ALICE) == {} and await mine.keyval("v").get(ALICE) is None
+
+
+async def test_module_archive_pages_by_id(store: Store) -> None:
+    log = ModuleStore(lambda: store, "mine").archive("log")
+    ids = [await log.append(ALICE, f"m{i}".encode(), with_jid=BOB if i % 2 else CAROL,
+                            at=1000.0 + i) for i in range(10)]
+    assert ids == sorted(ids)
+    last = await log.page(ALICE, limit=3, newest_first=True)
+    assert [item.value for item in last] == [b"m9", b"m8", b"m7"]
+    earlier = await log.page(ALICE, before=last[-1].id, limit=3, newest_first=True)
+    assert [item.value for item in earlier] == [b"m6", b"m5", b"m4"]
+    with_bob = await log.page(ALICE, with_jid=BOB, after=ids[4])
+    assert [item.value for item in with_bob] == [b"m5", b"m7", b"m9"]
+    assert await log.delete_before(ALICE, 1005.0) == 5
+    assert [item.value for item in await log.page(ALICE)][:1] == [b"m5"]
+
+
+async def test_module_schema_migrations_apply_once(store: Store) -> None:
+    own = ModuleStore(lambda: store, "mine")
+    own.schema([["CREATE TABLE mine_thing (id INTEGER PRIMARY KEY, v TEXT)"]])
+    assert await own.migrate() == 0
+    assert await own.migrate() == 1  # already there: nothing run again
+    own.schema([["CREATE TABLE mine_thing (id INTEGER PRIMARY KEY, v TEXT)"],
+                ["ALTER TABLE mine_thing ADD COLUMN w TEXT"]])
+    assert await own.migrate() == 1
+
+    def columns(conn: sqlite3.Connection) -> list[str]:
+        return [row[1] for row in conn.execute("PRAGMA table_info(mine_thing)")]
+
+    assert await store.read(columns) == ["id", "v", "w"]

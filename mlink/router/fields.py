@@ -2,11 +2,12 @@
 
 The core's `SessionInfo` knows only what RFC 6120/6121 routing needs (the
 JID, presence, priority, roster interest). A module that keeps state per
-session (XEP-0280 carbons enabled, XEP-0191 blocklist requested, a stream
-management counter) declares a `SessionField`; values live in
+session (whether the session asked for copies of its user's messages, a
+counter of a stream extension) declares a `SessionField`; values live in
 `SessionInfo.fields`. A field declared with a codec travels with the
 session's announcement to the other shards, so a module there sees the same
-value; the bus frames carry opaque (name, bytes) pairs and name no XEP.
+value; the bus frames carry opaque (name, bytes) pairs and name no
+extension.
 """
 
 from __future__ import annotations

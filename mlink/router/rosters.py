@@ -440,8 +440,7 @@ class RosterCache:
         self.on_change: Callable[[str], None] = lambda user: None
         # Per-user locks, kept only while someone holds or waits for one;
         # once nobody works on a user, its load generation goes too.
-        self._locks: KeyedLock[str] = KeyedLock(
-            lambda user: self._generations.pop(user, None))
+        self._locks: KeyedLock[str] = KeyedLock(self._forget_generation)
 
     # -- reading ------------------------------------------------------------------
 
@@ -474,6 +473,9 @@ class RosterCache:
         ways, answered from memory (probes, which come by the thousand when
         a member of a large group logs in)."""
         return bool(self.groups.shared_with(user, contact))
+
+    def _forget_generation(self, user: str) -> None:
+        self._generations.pop(user, None)
 
     @asynccontextmanager
     async def locked(self, user: str) -> AsyncIterator[UserRoster]:

@@ -92,15 +92,19 @@ class SaslStreamInfo:
 
 
 class Mechanism(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def receive(self, data: bytes | None) -> GenericEvent: ...
     def provide(self, answer: Any) -> GenericEvent: ...
 
 
 class MechanismProvider(Protocol):
-    name: str
-    strength: int  # advertised strongest first
+    @property
+    def name(self) -> str: ...
+    @property
+    def strength(self) -> int:
+        """Advertised strongest first."""
 
     def offered(self, stream: SaslStreamInfo) -> bool: ...
     def create(self, stream: SaslStreamInfo) -> Mechanism: ...

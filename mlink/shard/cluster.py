@@ -282,9 +282,9 @@ class Cluster:
                     if conn.info.available:
                         conn.deliver(shared.addressed(to or full))
                 continue
-            conn = sessions.get(jid)
-            if conn is not None:
-                conn.deliver(shared.addressed(to or full))
+            found = sessions.get(jid)
+            if found is not None:
+                found.deliver(shared.addressed(to or full))
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:
         full = parse_jid(entry.jid)

@@ -188,7 +188,7 @@ class StreamSettings:
     domains: frozenset[str]
     tls_available: bool  # a certificate is configured (STARTTLS can be offered)
     tls_required: bool  # SASL only after TLS
-    tls_active: bool = False  # direct TLS (XEP-0368): already encrypted
+    tls_active: bool = False  # direct TLS: already encrypted
     max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
     # What modules add to <stream:features>: (provider, after authentication
@@ -240,7 +240,7 @@ class C2SStream:
         self._out = []
         return out
 
-    def receive_data(self, data: bytes) -> list[C2SEvent]:
+    def receive_data(self, data: bytes | bytearray) -> list[C2SEvent]:
         if self.state is State.CLOSED:
             return []
         try:
@@ -284,7 +284,7 @@ class C2SStream:
         )
         return out
 
-    def _dispatch(self, events: list) -> list[C2SEvent]:
+    def _dispatch(self, events: list[Stanza | StreamOpen | StreamClose]) -> list[C2SEvent]:
         out: list[C2SEvent] = []
         for ev in events:
             if self.state is State.CLOSED:

@@ -113,7 +113,7 @@ class XMLStreamParser:
         """Inside the stream element, with no stanza open."""
         return self._depth == 1
 
-    def feed(self, data: bytes) -> list[StreamEvent]:
+    def feed(self, data: bytes | bytearray) -> list[StreamEvent]:
         """Parse `data`; raise XMLStreamError on anything that ends the stream."""
         if self._closed:
             # RFC 6120 §4.4: nothing may follow the closing tag.
