@@ -78,6 +78,9 @@ MAX_DOMAIN_LENGTH = 253
 # pool-size="8000" should not open thousands of connections to the
 # directory.
 MAX_LDAP_POOL_SIZE = 256
+# The directory's change feed polls at most this often: a smaller
+# `changes-seconds` would only load the directory server.
+MIN_DIRECTORY_CHANGES_SECONDS = 0.2
 
 # Default port per listener type: the IANA ports for xmpp-client and
 # xmpps-client (XEP-0368), and Prosody/ejabberd's usual HTTP and HTTPS ports.
@@ -510,8 +513,13 @@ class _Loader:
         )
         if elem is None:
             return directory
-        self.check_shape(elem, ("backend",), ("embedded", "ldap"))
+        self.check_shape(elem, ("backend", "changes-seconds"), ("embedded", "ldap"))
         backend = self.attr_str(elem, "backend", "embedded")
+        directory.changes_seconds = self.attr_float(elem, "changes-seconds",
+                                                    directory.changes_seconds)
+        if directory.changes_seconds < MIN_DIRECTORY_CHANGES_SECONDS:
+            self.fail(elem, f"'changes-seconds' must be at least "
+                            f"{MIN_DIRECTORY_CHANGES_SECONDS}")
         if backend not in BACKENDS:
             self.fail(elem, f"unknown directory backend {backend!r} (use embedded or ldap)")
         directory.backend = backend

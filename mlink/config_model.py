@@ -77,11 +77,19 @@ class EmbeddedConfig:
     base_dn: str = "dc=localhost"
 
 
+# How often the directory's change feed looks for changes (static rosters
+# and group memberships edited in the directory reach online users within
+# it): a few seconds; one indexed LDAP search per poll and shard.
+# (Kept equal to mlink.directory.port.DEFAULT_CHANGES_SECONDS.)
+DEFAULT_DIRECTORY_CHANGES_SECONDS = 3.0
+
+
 @dataclass(slots=True)
 class DirectoryConfig:
     backend: str = "embedded"  # "embedded" or "ldap"
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     ldap: LDAPConfig = field(default_factory=LDAPConfig)
+    changes_seconds: float = DEFAULT_DIRECTORY_CHANGES_SECONDS
 
 
 @dataclass(slots=True)
