@@ -145,9 +145,11 @@ class Directory(abc.ABC):
     async def changes(self, interval: float | None = None) -> AsyncIterator[list[Change]]:
         """Batches of changed entries (`mlink.directory.port.Change`: kind
         add/modify/delete, DN, the entry after the change, the user's bare
-        JID when it is a user), from now on, each change once, every
+        JID when it is a user), each change once, every
         `interval` seconds at most (default: the configured
-        `changes-seconds`). Survives the directory going away: the changes
+        `changes-seconds`). The first batch is empty and marks the moment
+        from which every change is reported. Survives the directory going
+        away: the changes
         made meanwhile come when it answers again. Iterate it in one task
         for as long as the changes are wanted.
 

@@ -483,11 +483,14 @@ class EmbeddedPort(DirectoryPort):
             else:
                 failing = False
                 now = {k: e for k, e in snap.by_dn.items() if is_under(k, base_key)}
-                if last is not None:
+                if last is None:
+                    last = now
+                    yield []  # the baseline is taken: changes from here on are reported
+                else:
                     batch = _diff(last, now)
+                    last = now
                     if batch:
                         yield batch
-                last = now
             with trio.move_on_after(interval):
                 await self._written.wait()
 

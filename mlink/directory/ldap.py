@@ -319,10 +319,19 @@ class LDAPPort(DirectoryPort):
                         base, _SCOPES[scope], filter, attrs, timeout=self.timeout,
                         sizelimit=size_limit, page_size=PAGE_SIZE,
                     )
-                    return [_to_entry(e) async for e in results]
-                found = await conn.search(base, _SCOPES[scope], filter, attrs,
-                                          timeout=self.timeout, sizelimit=size_limit)
-                return [_to_entry(e) for e in found]
+                    entries = [_to_entry(e) async for e in results]
+                else:
+                    found = await conn.search(base, _SCOPES[scope], filter, attrs,
+                                              timeout=self.timeout, sizelimit=size_limit)
+                    entries = [_to_entry(e) for e in found]
+                if not entries and not await conn.search(
+                        base, LDAPSearchScope.BASE, "(objectClass=*)", ["1.1"],
+                        timeout=self.timeout):
+                    # bonsai answers noSuchObject with no entries; tell the
+                    # caller, as the port promises (one more round trip,
+                    # for empty results only).
+                    raise NoSuchEntry(base)
+                return entries
             except bonsai.SizeLimitError as exc:
                 raise SizeLimitExceeded(f"more than {size_limit} entries under {base}") from exc
             except (bonsai.NoSuchObjectError, bonsai.InvalidDN) as exc:
@@ -426,7 +435,8 @@ class LDAPPort(DirectoryPort):
         interval = max(MIN_CHANGES_SECONDS, interval)
         now = datetime.datetime.now(datetime.UTC)
         newest = now - datetime.timedelta(seconds=FEED_CLOCK_SKEW_SECONDS)
-        seen: dict[tuple[str, str], datetime.datetime] = {}
+        seen: dict[tuple[str, str], datetime.datetime] = {}  # (DN key, CSN) -> stamp
+        known: dict[str, datetime.datetime] = {}  # DN key -> stamp, same window
         baseline = True
         down = False
         while True:
@@ -452,20 +462,29 @@ class LDAPPort(DirectoryPort):
                 if stamp is None:
                     continue
                 csn = entry.first("entryCSN") or entry.first("modifyTimestamp")
-                ident = (normalize_dn(entry.dn), str(csn))
+                key = normalize_dn(entry.dn)
+                ident = (key, str(csn))
                 if ident in seen:
                     continue
+                # Created and not changed since (timestamps have seconds
+                # only, so an entry seen before is a modify in any case).
+                created = (entry.first("createTimestamp") == entry.first("modifyTimestamp")
+                           and key not in known)
                 seen[ident] = stamp
+                known[key] = stamp
                 newest = max(newest, stamp)
                 if not baseline:
-                    created = entry.first("createTimestamp") == entry.first("modifyTimestamp")
                     batch.append(Change("add" if created else "modify", entry.dn,
-                                        _user_attributes(entry)))
+                                        _user_attributes(entry), key=key))
             horizon = newest - datetime.timedelta(seconds=2 * FEED_OVERLAP_SECONDS)
             for ident in [i for i, stamp in seen.items() if stamp < horizon]:
                 del seen[ident]
-            baseline = False
-            if batch:
+            for key in [k for k, stamp in known.items() if stamp < horizon]:
+                del known[key]
+            if baseline:
+                baseline = False
+                yield []  # the baseline is taken: changes from here on are reported
+            elif batch:
                 yield batch
             await trio.sleep(interval)
 

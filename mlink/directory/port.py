@@ -205,9 +205,11 @@ class DirectoryPort(abc.ABC):
     @abc.abstractmethod
     def changes(self, base: str, interval: float = DEFAULT_CHANGES_SECONDS
                 ) -> AsyncIterator[list[Change]]:
-        """Batches of entries changed under `base` from now on, each change
-        once. Survives the server going away and coming back: the outage is
-        logged and the changes made meanwhile arrive when it answers again.
+        """Batches of entries changed under `base`, each change once. The
+        first batch is empty: it comes once the feed has taken its baseline,
+        and every change after that moment is reported. Survives the server
+        going away and coming back: the outage is logged and the changes
+        made meanwhile arrive when it answers again.
         Runs until the consumer stops iterating (or is cancelled)."""
 
     async def ping(self) -> None:

@@ -66,6 +66,7 @@ import trio
 
 from mlink.directory.base import DirectoryError, DirectoryUnavailable, NoSuchUser
 from mlink.jid import InvalidJID, parse_jid
+from mlink.router.directory_watch import follow_static_rosters
 from mlink.store import RosterItem, Store, StoreError
 from mlink.store.model import SUBSCRIPTION_STATES
 
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
     from mlink.directory.base import Directory
     from mlink.server import Server
 
-log = logging.getLogger("mlink.rosters")
+log = logging.getLogger(__name__)
 
 # Bytes of the hashes in roster versions: 64 bits make an accidental match
 # of two different rosters' versions negligible.
@@ -577,6 +578,26 @@ class RosterCache:
         self.on_change(roster.user)
         return True
 
+    async def reload_personal(self, user: str) -> list[SharedChange]:
+        """Read `user`'s personal roster again because it changed outside
+        mlink (a static roster edited in the directory). Only for a cached
+        (online) roster; returns each merged item that changed, every one
+        with the roster's new version, for pushes."""
+        if user not in self._cached:
+            return []
+        async with self.locked(user) as roster:
+            version, items = await self.personal.load(user)
+            if version == roster.personal_version:
+                return []
+            before = dict(roster.items)
+            roster.personal_version = version
+            roster.personal = items
+            self._attach_shared(roster)
+            return [SharedChange(user, contact, before.get(contact), roster.items.get(contact),
+                                 roster.version)
+                    for contact in sorted(set(before) | set(roster.items))
+                    if before.get(contact) != roster.items.get(contact)]
+
     # -- shared groups ----------------------------------------------------------------
 
     def set_groups(self, groups: Iterable[SharedGroup]) -> list[SharedChange]:
@@ -624,5 +645,8 @@ def rosters_of(server: Server) -> RosterCache:
         cache.on_change = lambda user: server.changed(user, "roster")
         server.cache_invalidators["roster"] = cache.invalidate
         server.rosters = cache
+        if attribute is not None:
+            # Items edited in the directory reach online users as pushes.
+            follow_static_rosters(server, cache)
     return cache
 
