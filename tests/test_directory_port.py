@@ -205,10 +205,11 @@ async def test_feed_reports_changes_once(backend: Backend) -> None:
         nursery.start_soon(collector.run)
         await _first_poll(collector)
         # Through mlink: a profile change of alice.
-        await backend.directory.modify_user("alice@example.com", {"title": [b"Feed tester"]})
+        await backend.directory.modify_user("alice@example.com",
+                                            {"roomNumber": [b"Feed tester"]})
         change = await collector.wait_for("modify", ALICE_DN)
         assert change.user == "alice@example.com"
-        assert change.entry is not None and change.entry.get("title") == ["Feed tester"]
+        assert change.entry is not None and change.entry.get("roomNumber") == ["Feed tester"]
         # By hand: a new group under the test OU.
         group_dn = f"cn=newgroup,{backend.ou}"
         backend.edit_by_hand(f"dn: {group_dn}\nobjectClass: groupOfNames\ncn: newgroup\n"
@@ -218,7 +219,7 @@ async def test_feed_reports_changes_once(backend: Backend) -> None:
         assert added.entry is not None and added.entry.get("cn") == ["newgroup"]
         assert backend.directory.touches_groups(added, [])
         # A few more intervals: nothing is reported twice.
-        await backend.directory.modify_user("alice@example.com", {"title": []})
+        await backend.directory.modify_user("alice@example.com", {"roomNumber": []})
         await collector.wait_for("modify", ALICE_DN)
         with trio.fail_after(DEADLINE):
             while collector.count(ALICE_DN) < 2:
@@ -250,14 +251,15 @@ async def test_feed_survives_a_slapd_restart(slapd: Slapd, ldap_config: Director
                     await trio.sleep(FEED_SECONDS * 3)
             finally:
                 slapd.start()
-            slapd.ldapmodify(f"dn: {CAROL_DN}\nchangetype: modify\nreplace: title\n"
-                             "title: After the restart\n")
+            slapd.ldapmodify(f"dn: {CAROL_DN}\nchangetype: modify\nreplace: roomNumber\n"
+                             "roomNumber: After the restart\n")
             change = await collector.wait_for("modify", CAROL_DN)
             assert change.user == "carol@example.com"
-            assert change.entry is not None and change.entry.get("title") == ["After the restart"]
+            assert change.entry is not None
+            assert change.entry.get("roomNumber") == ["After the restart"]
             nursery.cancel_scope.cancel()
     finally:
-        slapd.ldapmodify(f"dn: {CAROL_DN}\nchangetype: modify\ndelete: title\n")
+        slapd.ldapmodify(f"dn: {CAROL_DN}\nchangetype: modify\ndelete: roomNumber\n")
         await directory.aclose()
 
 
