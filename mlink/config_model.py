@@ -34,6 +34,7 @@ from mlink.config_schema import (
     ExtraAttribute,
     FieldName,
     Filter,
+    FloatAtLeast,
     Frozen,
     Host,
     Int,
@@ -404,6 +405,13 @@ To use an LDAP server instead:
 </directory>"""
 
 
+# How often the directory's change feed looks for changes (kept equal to
+# mlink.directory.port.DEFAULT_CHANGES_SECONDS), and the floor below which
+# polling would only load the directory server.
+DEFAULT_DIRECTORY_CHANGES_SECONDS = 3.0
+MIN_DIRECTORY_CHANGES_SECONDS = 0.2
+
+
 @dataclass(frozen=True, slots=True)
 class DirectoryConfig(Frozen):
     XML: ClassVar[ElementSpec] = ElementSpec(
@@ -433,6 +441,14 @@ class DirectoryConfig(Frozen):
         not_applicable='<ldap> does not apply with backend="{backend}"',
         required='backend="ldap" needs an <ldap> element',
         required_if=lambda v: v["backend"] == "ldap",
+    )
+    changes_seconds: float = attr(
+        "changes-seconds", DEFAULT_DIRECTORY_CHANGES_SECONDS,
+        kind=FloatAtLeast(MIN_DIRECTORY_CHANGES_SECONDS), hide_default=True,
+        doc="How often the directory's change feed looks for changes: static rosters and "
+            "group memberships edited in the directory reach online users within it.",
+        why="A few seconds: one indexed LDAP search per poll and shard; a smaller value "
+            "would only load the directory server.",
     )
 
 

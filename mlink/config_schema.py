@@ -211,6 +211,25 @@ class Int(Kind):
         return value
 
 
+class FloatAtLeast(Kind):
+    doc = "number"
+
+    def __init__(self, minimum: float) -> None:
+        self.minimum = minimum
+        self.doc = f"number, at least {fmt_number(minimum)}"
+
+    def parse(self, raw: str, env: ParseEnv) -> float:
+        raw = raw.strip()
+        if not _UFLOAT_RE.match(raw):
+            raise Invalid(f"must be a number, not {raw!r}")
+        if float(raw) < self.minimum:
+            raise Invalid(f"must be at least {fmt_number(self.minimum)}, not {raw}")
+        return float(raw)
+
+    def render(self, value: Any, base: Path) -> str:
+        return fmt_number(value)
+
+
 class PositiveFloat(Kind):
     doc = "positive number"
 

@@ -501,3 +501,17 @@ def test_documented_examples_load(tmp_path: Path) -> None:
         block = block.replace('"fullchain.pem"', '"cert.pem"').replace('"privkey.pem"', '"key.pem"')
         backends.add(load_config(write(tmp_path, block, f"doc{i}.xml")).directory.backend)
     assert backends == {"embedded", "ldap"}
+
+
+def test_directory_changes_seconds(tmp_path: Path) -> None:
+    """The change feed's interval: a few seconds by default, configurable,
+    refused below the floor with the usual one-line error."""
+    body = '<domain>localhost</domain><listen type="tls"/><tls certificate="c" key="k"/>'
+    (tmp_path / "c").write_text("")
+    (tmp_path / "k").write_text("")
+    cfg = load_config(write(tmp_path, f"<mlink>{body}</mlink>"))
+    assert cfg.directory.changes_seconds == 3.0
+    cfg = load_config(write(tmp_path, f'<mlink>{body}<directory changes-seconds="1.5"/></mlink>'))
+    assert cfg.directory.changes_seconds == 1.5
+    error = error_for(write(tmp_path, f'<mlink>{body}<directory changes-seconds="0.01"/></mlink>'))
+    assert "changes-seconds" in str(error)

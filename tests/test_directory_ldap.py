@@ -13,6 +13,7 @@ from mlink.directory import open_directory
 from mlink.directory.base import DirectoryError, DirectoryUnavailable, NoSuchUser, UserExists
 from mlink.directory.ldap import LDAPDirectory
 from mlink.directory.names import escape_dn_value, escape_filter_value
+from mlink.directory.port import Modification
 
 
 @pytest.fixture
@@ -101,21 +102,9 @@ async def test_set_password_adds_secrets_to_foreign_user(directory: LDAPDirector
     finally:
         await directory.set_password(jid, slapd.users[jid])
         # Take the secrets away again so carol stays "foreign" for other tests.
-        conn_fn = _remove_auth_password(directory, jid)
-        await directory._call(conn_fn)
-
-
-def _remove_auth_password(directory: LDAPDirectory, jid: str):
-    from bonsai import LDAPEntry, LDAPModOp
-
-    async def fn(conn):
-        entry = await directory._find_on(conn, jid, ["1.1"])
-        change = LDAPEntry(str(entry.dn), conn)
-        change.change_attribute("authPassword", LDAPModOp.DELETE)
-        change.change_attribute("objectClass", LDAPModOp.DELETE, "mlinkUser")
-        await change.modify()
-
-    return fn
+        dn = "mail=carol@example.com,ou=People,dc=example,dc=com"
+        await directory.port.modify(dn, [Modification("delete", "authPassword"),
+                                         Modification("delete", "objectClass", ("mlinkUser",))])
 
 
 async def test_import_1000_users(directory: LDAPDirectory):
@@ -147,7 +136,7 @@ async def test_concurrent_requests_share_the_pool(directory: LDAPDirectory):
         for i in range(50):
             nursery.start_soon(one, i)
     assert results == [True] * 50
-    assert len(directory._idle) <= directory.config.pool_size
+    assert len(directory.port._idle) <= directory.config.pool_size
 
 
 async def test_server_down_then_back(directory: LDAPDirectory, slapd):
@@ -159,7 +148,7 @@ async def test_server_down_then_back(directory: LDAPDirectory, slapd):
             directory.list_users(),
             directory.ping(),
         ):
-            with trio.fail_after(directory.timeout * 4):
+            with trio.fail_after(directory.port.timeout * 4):
                 with pytest.raises(DirectoryUnavailable):
                     await call
     # Same port, same data: the pool reconnects on the next request.

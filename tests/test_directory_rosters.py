@@ -51,6 +51,8 @@ STATIC_ATTRIBUTE = "mlinkRosterItem"
 # The refresh interval of the groups server, and how long a change may take
 # to show: a refresh, the LDAP searches, the pushes; generous for slow CI.
 REFRESH_SECONDS = 1
+# The static-roster server's directory change feed interval.
+FEED_SECONDS = 0.5
 CHANGE_TIMEOUT = 15.0
 
 
@@ -151,9 +153,10 @@ def ldap(slapd: Slapd) -> Iterator[Ldap]:
         tools.delete(*sorted(tools.created, key=lambda dn: not dn.endswith(GROUPS_DN)))
 
 
-def directory_xml(slapd: Slapd) -> str:
+def directory_xml(slapd: Slapd, changes_seconds: float | None = None) -> str:
+    feed = "" if changes_seconds is None else f' changes-seconds="{changes_seconds}"'
     return (
-        '<directory backend="ldap">'
+        f'<directory backend="ldap"{feed}>'
         f'<ldap base="{slapd.base_dn}" bind-dn="{slapd.bind_dn}" '
         f'bind-password="{slapd.bind_password}" pool-size="4" timeout="5">'
         f"<server>{slapd.url}</server></ldap></directory>"
@@ -440,7 +443,7 @@ def static_server(slapd: Slapd, ldap: Ldap, tmp_path_factory: pytest.TempPathFac
                   cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
     rosters = f'<rosters static-attribute="{STATIC_ATTRIBUTE}"/>'
     setup = tmp_path_factory.mktemp("mlink-static")
-    with start_mlink(setup, DOMAIN, cert_files, ldap=directory_xml(slapd),
+    with start_mlink(setup, DOMAIN, cert_files, ldap=directory_xml(slapd, FEED_SECONDS),
                      edit_config=with_rosters(rosters)) as server:
         yield server
 
@@ -495,5 +498,69 @@ def test_static_roster_lives_in_the_directory_entry(static_server, ldap, ca_file
         assert item.get("subscription") == "remove"
         values = ldap.values(user_dn(owner), STATIC_ATTRIBUTE)
         assert sorted(values) == sorted([foreign, "not a roster item"]), values
+    finally:
+        logins.close_all()
+
+
+def test_static_item_edited_with_ldapmodify_is_pushed(static_server, ldap, ca_file):
+    """An item added to the user's entry with ldapmodify reaches the online
+    user as a roster push, without a new login; removing it pushes a
+    remove. Within the change feed's interval, not at the next login."""
+    owner, friend = ldap.new_users(2)
+    logins = Login(static_server, ca_file)
+    try:
+        client = logins(owner, available=False)
+        assert roster_items(client.roster()) == {}
+        value = json.dumps({"jid": friend, "name": "Added by hand", "groups": ["Ops"],
+                            "subscription": "both"})
+        ldap.run("ldapmodify", f"dn: {user_dn(owner)}\nchangetype: modify\n"
+                               f"add: objectClass\nobjectClass: mlinkUser\n-\n"
+                               f"add: {STATIC_ATTRIBUTE}\n{STATIC_ATTRIBUTE}: {value}\n")
+        item, ver = push_item_within(client, friend)
+        assert item.get("name") == "Added by hand" and groups_of(item) == ["Ops"]
+        assert item.get("subscription") == "both"
+        assert ver
+        # The roster the client fetches now agrees with the push.
+        assert set(roster_items(client.roster())) == {friend}
+
+        ldap.modify(user_dn(owner), "delete", STATIC_ATTRIBUTE, value)
+        item, ver_after = push_item_within(client, friend)
+        assert item.get("subscription") == "remove"
+        assert ver_after != ver
+        assert roster_items(client.roster()) == {}
+    finally:
+        logins.close_all()
+
+
+# -- the change feed, not the periodic refresh, brings group changes -----------------
+
+
+@pytest.fixture(scope="module")
+def feed_server(slapd: Slapd, ldap: Ldap, tmp_path_factory: pytest.TempPathFactory,
+                cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    """Test groups refreshed only every five minutes, the directory's change
+    feed polled twice a second: a change that shows at once came by the feed."""
+    rosters = (
+        '<rosters refresh-seconds="300">'
+        f'<group filter="(&amp;(objectClass=groupOfNames)(cn={PREFIX}-team-*))" '
+        f'base="{GROUPS_DN}" name-attribute="description"/>'
+        "</rosters>"
+    )
+    setup = tmp_path_factory.mktemp("mlink-feed")
+    with start_mlink(setup, DOMAIN, cert_files, ldap=directory_xml(slapd, changes_seconds=0.5),
+                     edit_config=with_rosters(rosters)) as server:
+        server.wait_for_log(r"directory groups loaded")
+        yield server
+
+
+def test_group_member_added_reaches_online_member_through_the_feed(feed_server, ca_file, ldap):
+    member, newcomer = ldap.new_users(2)
+    group_dn, name = ldap.new_group([member])
+    logins = Login(feed_server, ca_file)
+    try:
+        client = logins(member)
+        ldap.modify(group_dn, "add", "member", user_dn(newcomer))
+        # Within CHANGE_TIMEOUT, far below the 300 s refresh interval.
+        expect_group_push(client, newcomer, [name])
     finally:
         logins.close_all()

@@ -1,8 +1,10 @@
 """The directory: users and credentials (see `mlink.directory.base`).
 
-`open_directory(cfg)` picks the backend named by the configuration:
-`embedded` (an LDIF file, `mlink.directory.embedded`) or `ldap`
-(`mlink.directory.ldap`, which needs bonsai).
+One implementation (`mlink.directory.core.PortDirectory`) on one port of
+LDAP operations (`mlink.directory.port`). `open_directory(cfg)` picks the
+port named by the configuration: `embedded` (an LDIF file,
+`mlink.directory.embedded`) or `ldap` (`mlink.directory.ldap`, which needs
+bonsai).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ def open_directory(cfg: DirectoryConfig) -> Directory:
     if backend == "embedded":
         from mlink.directory.embedded import EmbeddedDirectory
 
-        return EmbeddedDirectory(cfg.embedded)
+        return EmbeddedDirectory(cfg.embedded, cfg.changes_seconds)
     if backend == "ldap":
         from mlink.directory.ldap import LDAPDirectory
 
-        return LDAPDirectory(cfg.ldap)
+        return LDAPDirectory(cfg.ldap, cfg.changes_seconds)
     raise DirectoryError(f"unknown directory backend {cfg.backend!r} (embedded or ldap)")

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
 
 from mlink.config_model import RosterGroupConfig
 from mlink.sasl.secrets import ScramSecret
+
+if TYPE_CHECKING:
+    from mlink.directory.port import Change
 
 # PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
 # parallel; more than the cores buys nothing.
@@ -135,6 +141,27 @@ class Directory(abc.ABC):
         in the result. A group found by two specs is reported once, as the
         first spec found it.
         """
+
+    async def changes(self, interval: float | None = None) -> AsyncIterator[list[Change]]:
+        """Batches of changed entries (`mlink.directory.port.Change`: kind
+        add/modify/delete, DN, the entry after the change, the user's bare
+        JID when it is a user), each change once, every
+        `interval` seconds at most (default: the configured
+        `changes-seconds`). The first batch is empty and marks the moment
+        from which every change is reported. Survives the directory going
+        away: the changes
+        made meanwhile come when it answers again. Iterate it in one task
+        for as long as the changes are wanted.
+
+        This default knows of no changes and waits forever, for directories
+        (test doubles) that cannot tell."""
+        await trio.sleep_forever()
+        yield []  # pragma: no cover - unreachable; makes this a generator
+
+    def touches_groups(self, change: Change, specs: Sequence[RosterGroupConfig]) -> bool:
+        """Whether `change` may change what `roster_groups(specs)` returns.
+        True unless the directory can tell better."""
+        return True
 
     async def ping(self) -> None:
         """Raise DirectoryUnavailable unless the directory answers."""

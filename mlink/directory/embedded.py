@@ -1,4 +1,5 @@
-"""The embedded directory: users in an LDIF file, laid out as in LDAP.
+"""The embedded directory: entries in an LDIF file, served by an in-process
+port that behaves like slapd where mlink can tell.
 
 The file holds the same DIT and attributes as the LDAP layout, so moving to
 OpenLDAP is `slapadd -n1 -l directory.ldif` (after loading
@@ -14,13 +15,27 @@ share a localpart), and the JID attribute itself. `uid` holds the localpart,
 simple bind works after slapadd) and `authPassword` one RFC 5803 value per
 SCRAM mechanism. No clear password is ever stored.
 
+`EmbeddedPort` implements `mlink.directory.port.DirectoryPort` over the file:
+searches evaluate RFC 4515 filters (`mlink.directory.filters`) over the
+entries, with an index on `mail` and `uid` so a login is a dictionary
+lookup; a modify of a user entry is checked against the user schema as
+slapd would (`mlink.directory.schema`); a bind checks the stored hashes.
+`EmbeddedDirectory` is the shared directory code (`mlink.directory.core`)
+on it.
+
 Concurrency: every write takes an exclusive `flock` on `<file>.lock`, re-reads
-the file if another process changed it, applies the change, writes a temp
-file in the same directory, fsyncs it, renames it over the file and fsyncs
-the directory. Readers `stat` the file on each lookup (cheap) and reload it
-when its inode, size or mtime changed, so a user added by the CLI in another
-process can log in without a restart. File I/O and PBKDF2 run in worker
-threads, never on the Trio loop.
+the file if another process changed it, applies the operations to a copy,
+writes a temp file in the same directory, fsyncs it, renames it over the file
+and fsyncs the directory: a batch of operations is all or nothing. Readers
+`stat` the file on each lookup (cheap) and reload it when its inode, size or
+mtime changed, so a user added by the CLI in another process can log in
+without a restart. File I/O and PBKDF2 run in worker threads, never on the
+Trio loop.
+
+Change feed: a write through this port wakes the feed at once; a change by
+another process (the CLI) or by hand is found by the same `stat` at every
+interval, and the feed reports what differs between the entries it last
+reported and the file now (adds, modifies and deletes alike).
 """
 
 from __future__ import annotations
@@ -33,42 +48,56 @@ import hmac
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from mlink.config_model import EmbeddedConfig, RosterGroupConfig
+from mlink.config_model import EmbeddedConfig
 from mlink.directory import ldif, schema
-from mlink.directory.base import (
-    DERIVE_THREADS,
-    Directory,
-    DirectoryError,
-    DirectoryGroup,
-    NoSuchUser,
-    UserExists,
-)
-from mlink.directory.filters import FilterError, matches, parse_filter
-from mlink.directory.groups import UserIndex, dedupe, resolve_group
+from mlink.directory.base import DERIVE_THREADS, DirectoryError, DirectoryRefused
+from mlink.directory.core import Layout, PortDirectory
+from mlink.directory.filters import Filter, FilterError, matches, parse_filter
+from mlink.directory.ldif import Entry, Value
 from mlink.directory.names import (
-    CREDENTIAL_ATTRIBUTES,
-    GROUPS_RDN,
-    MLINK_ATTRIBUTES,
-    MLINK_CLASS,
-    USER_OBJECT_CLASSES,
-    check_bare_jid,
     escape_dn_value,
     is_under,
+    normalize_dn,
+    parent_key,
+    rdn_value,
 )
-from mlink.directory.names import normalize_dn as normalize_any_dn
-from mlink.sasl.secrets import ScramSecret, derive_all
+from mlink.directory.port import (
+    DEFAULT_CHANGES_SECONDS,
+    MIN_CHANGES_SECONDS,
+    Add,
+    Change,
+    Delete,
+    DirectoryPort,
+    EntryExists,
+    Modification,
+    Modify,
+    NoSuchEntry,
+    Operation,
+    PasswordModify,
+    Scope,
+    SizeLimitExceeded,
+)
+from mlink.sasl.secrets import ScramSecret
 
-log = logging.getLogger("mlink.directory")
+log = logging.getLogger(__name__)
 
 PEOPLE_RDN = "ou=People"
 SSHA_SALT_BYTES = 8
+# Attributes with an equality index: a login looks a user up by `mail`
+# (the JID attribute) and groups by `uid`; both are then dictionary lookups,
+# not a filter evaluated over every entry.
+INDEXED_ATTRIBUTES = ("mail", "uid")
+# Above this many candidate entries a search runs in a worker thread, so a
+# bulk read (every user, 5,000 group members) never holds the loop.
+THREAD_SEARCH_ENTRIES = 2000
+# The user schema applies to entries of this class.
+USER_CLASS = "inetorgperson"
 
 
 # --- password hashes -----------------------------------------------------
@@ -100,36 +129,7 @@ def verify_user_password(stored: str, password: str) -> bool:
     return False
 
 
-# --- DN helpers ----------------------------------------------------------
-
-
-def normalize_dn(dn: str) -> str:
-    """A comparison key for DNs we write ourselves: lower case, no spaces
-    around separators. (Not a full RFC 4514 matcher; enough for our keys.)"""
-    parts = []
-    for rdn in _split_dn(dn):
-        name, _, value = rdn.partition("=")
-        parts.append(f"{name.strip().lower()}={value.strip().lower()}")
-    return ",".join(parts)
-
-
-def _split_dn(dn: str) -> list[str]:
-    parts, cur, esc = [], [], False
-    for ch in dn:
-        if esc:
-            cur.append(ch)
-            esc = False
-        elif ch == "\\":
-            cur.append(ch)
-            esc = True
-        elif ch == ",":
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    if cur or parts:
-        parts.append("".join(cur))
-    return parts
+# --- layout helpers ------------------------------------------------------
 
 
 def user_dn(jid: str, base_dn: str) -> str:
@@ -138,10 +138,8 @@ def user_dn(jid: str, base_dn: str) -> str:
 
 def base_entries(base_dn: str, organization: str | None = None) -> list[ldif.Entry]:
     """The base entry and ou=People for a new directory."""
-    first = _split_dn(base_dn)[0] if base_dn else ""
-    attr, _, value = first.partition("=")
-    attr = attr.strip().lower()
-    value = value.strip().replace("\\", "")
+    attr = base_dn.split(",", 1)[0].partition("=")[0].strip().lower() if base_dn else ""
+    value = rdn_value(base_dn) if base_dn else ""
     org = organization or value
     if attr == "dc":
         top = {"objectClass": ["top", "dcObject", "organization"], "dc": [value], "o": [org]}
@@ -153,16 +151,6 @@ def base_entries(base_dn: str, organization: str | None = None) -> list[ldif.Ent
         raise DirectoryError(f"base DN {base_dn!r} must start with dc=, o= or ou=")
     people = {"objectClass": ["top", "organizationalUnit"], "ou": ["People"]}
     return [ldif.Entry(base_dn, top), ldif.Entry(f"{PEOPLE_RDN},{base_dn}", people)]
-
-
-def _check_jid(jid: str) -> None:
-    check_bare_jid(jid)
-    if not jid.isascii():
-        # inetOrgPerson's mail is an IA5String: slapd would refuse the entry.
-        raise DirectoryError(
-            f"{jid!r}: the JID attribute 'mail' only holds ASCII (IA5String); "
-            "non-ASCII JIDs need another JID attribute, which needs the LDAP backend"
-        )
 
 
 # --- the state of one file -----------------------------------------------
@@ -178,52 +166,366 @@ def _signature(path: Path) -> Signature | None:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def _fold(value: Value) -> str:
+    """An index key: equality without case and with spaces collapsed."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(value.lower().split())
+
+
 @dataclass(slots=True)
 class _Snapshot:
-    """The parsed file: every entry in order, and the users by JID key."""
+    """The parsed file: every entry in order, by normalised DN, and the
+    equality indexes."""
 
     signature: Signature | None
-    entries: list[ldif.Entry]
-    users: dict[str, ldif.Entry] = field(default_factory=dict)  # jid key -> entry
+    entries: list[Entry]
+    by_dn: dict[str, Entry] = field(default_factory=dict)
+    index: dict[str, dict[str, list[Entry]]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, signature: Signature | None, entries: list[ldif.Entry],
-              base_dn: str) -> _Snapshot:
-        people = normalize_dn(f"{PEOPLE_RDN},{base_dn}")
-        users: dict[str, ldif.Entry] = {}
+    def build(cls, signature: Signature | None, entries: list[Entry]) -> _Snapshot:
+        snap = cls(signature, entries)
+        snap.index = {attr: {} for attr in INDEXED_ATTRIBUTES}
         for entry in entries:
-            rdn_parent = _split_dn(entry.dn)[1:]
-            if normalize_dn(",".join(rdn_parent)) != people:
-                continue
-            classes = {str(c).lower() for c in entry.get("objectClass")}
-            mail = entry.first("mail")
-            if "inetorgperson" in classes and isinstance(mail, str):
-                users[mail.lower()] = entry
-        return cls(signature, entries, users)
+            snap.by_dn[normalize_dn(entry.dn)] = entry
+            for attr in INDEXED_ATTRIBUTES:
+                for value in entry.get(attr):
+                    snap.index[attr].setdefault(_fold(value), []).append(entry)
+        return snap
+
+    def candidates(self, flt: Filter) -> list[Entry]:
+        """Entries that may match `flt`: those of one index key when the
+        filter (or a term of its top-level AND) is an indexed equality."""
+        terms = flt.parts if flt.op == "&" else (flt,)
+        for term in terms:
+            if term.op == "=" and term.attribute.lower() in self.index:
+                return list(self.index[term.attribute.lower()].get(_fold(term.value), []))
+        return self.entries
 
 
-def _key(jid: str) -> str:
-    # mail matches without case in LDAP (caseIgnoreIA5Match); do the same.
-    return jid.lower()
+def _getter(entry: Entry):  # noqa: ANN202 - a small closure factory
+    """`get(name)` for filters, aliases (commonName, ...) included."""
+
+    def get(name: str) -> list[Value]:
+        return entry.get(schema.canonical(name) or name)
+
+    return get
 
 
-class EmbeddedDirectory(Directory):
-    """Users in an LDIF file; see the module docstring for the layout.
+def _project(entry: Entry, attributes: Sequence[str]) -> Entry:
+    """A copy of `entry` with the attributes asked for, keyed as asked."""
+    if not attributes or "*" in attributes:
+        return entry.copy()
+    out = Entry(entry.dn)
+    for name in attributes:
+        if name == "1.1":
+            continue
+        values = entry.get(schema.canonical(name) or name)
+        if values:
+            out.attrs[name] = values
+    return out
 
-    A missing file is an empty directory with the base DIT of
-    `config.base_dn`; the first write creates it.
-    """
 
-    def __init__(self, config: EmbeddedConfig) -> None:
-        self.path = Path(config.file)
-        self.base_dn = config.base_dn
+def _is_user(entry: Entry) -> bool:
+    return USER_CLASS in {str(c).lower() for c in entry.get("objectClass")}
+
+
+def _stored_values(name: str, values: Sequence[Value], user: bool) -> list[Value]:
+    """Values as the file keeps them: checked against the user schema for
+    a user entry, else text when UTF-8."""
+    if user:
+        return schema.decode_values(name, values)
+    out: list[Value] = []
+    for value in values:
+        if isinstance(value, bytes):
+            try:
+                out.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                out.append(value)
+        else:
+            out.append(value)
+    return out
+
+
+def _modify_entry(entry: Entry, mods: Sequence[Modification]) -> None:
+    """Apply `mods` to `entry` (a copy) as slapd would, or raise."""
+    user = _is_user(entry)
+    for mod in mods:
+        low = mod.attribute.lower()
+        name = mod.attribute
+        if user and low != "objectclass":
+            name = schema.canonical(mod.attribute) or mod.attribute
+        values = _stored_values(name, mod.values, user and low != "objectclass")
+        current = entry.get(name)
+        if mod.op == "replace":
+            after = values
+        elif mod.op == "add":
+            folded = {_fold(v) for v in current}
+            for value in values:
+                if _fold(value) in folded:
+                    raise DirectoryRefused(f"{name}: value #0 already exists")
+            after = current + values
+        else:  # delete
+            if not current:
+                raise DirectoryRefused(f"{name}: no such attribute")
+            if values:
+                gone = {_fold(v) for v in values}
+                if not gone <= {_fold(v) for v in current}:
+                    raise DirectoryRefused(f"{name}: no such value")
+                after = [v for v in current if _fold(v) not in gone]
+            else:
+                after = []
+        if user and low != "objectclass":
+            name = schema.check_user_attribute(mod.attribute, after)
+        entry.set(name, after)
+
+
+class EmbeddedPort(DirectoryPort):
+    """The port on an LDIF file; see the module docstring.
+
+    A missing file is an empty directory with the base DIT of `base_dn`;
+    the first write creates it."""
+
+    def __init__(self, path: Path, base_dn: str) -> None:
+        self.path = Path(path)
+        self.base_dn = base_dn
         self.lock_path = self.path.with_name(self.path.name + ".lock")
         self._snap: _Snapshot | None = None
         self._reload_lock = trio.Lock()
         self._write_lock = trio.Lock()
         self._limiter = trio.CapacityLimiter(DERIVE_THREADS)
+        # Set (and replaced) by every write through this port: wakes the feed.
+        self._written = trio.Event()
 
-    # --- creation ---------------------------------------------------------
+    # --- reading ----------------------------------------------------------
+
+    def _load_sync(self) -> _Snapshot:
+        """Read and parse the file (worker thread)."""
+        for _ in range(5):
+            before = _signature(self.path)
+            if before is None:
+                return _Snapshot.build(None, base_entries(self.base_dn))
+            try:
+                text = self.path.read_text(encoding="utf-8")
+            except FileNotFoundError:
+                continue
+            # Renames are atomic, but make sure what we read is what we stat.
+            if _signature(self.path) == before:
+                return _Snapshot.build(before, ldif.parse(text))
+        raise DirectoryError(f"{self.path} keeps changing while being read")
+
+    async def _current(self) -> _Snapshot:
+        """The snapshot, reloaded if the file changed since we read it."""
+        snap = self._snap
+        if snap is not None and _signature(self.path) == snap.signature:
+            return snap
+        async with self._reload_lock:
+            snap = self._snap
+            if snap is None or _signature(self.path) != snap.signature:
+                try:
+                    snap = await trio.to_thread.run_sync(self._load_sync)
+                except (OSError, ldif.LDIFError) as exc:
+                    raise DirectoryError(f"cannot read {self.path}: {exc}") from exc
+                log.debug("loaded %s: %d entries", self.path, len(snap.entries))
+                self._snap = snap
+            return snap
+
+    async def bind(self, dn: str, password: str) -> bool:
+        """The SCRAM-SHA-256 secret when the entry has one (what mlink
+        writes), else the `userPassword` hashes slapd would check."""
+        if not password:
+            return False
+        entry = (await self._current()).by_dn.get(normalize_dn(dn))
+        if entry is None:
+            return False
+        secret = _secret_of(entry, "SCRAM-SHA-256")
+        if secret is not None:
+            return await trio.to_thread.run_sync(
+                secret.matches_password, password, limiter=self._limiter
+            )
+        for stored in entry.get("userPassword"):
+            if isinstance(stored, bytes):
+                stored = stored.decode("utf-8", "replace")
+            if verify_user_password(stored, password):
+                return True
+        return False
+
+    async def search(
+        self,
+        base: str,
+        scope: Scope,
+        filter: str,
+        attributes: Sequence[str] = (),
+        *,
+        size_limit: int = 0,
+        paged: bool = False,
+        timeout_factor: float = 1.0,
+    ) -> list[Entry]:
+        snap = await self._current()
+        base_key = normalize_dn(base)
+        if base_key not in snap.by_dn:
+            raise NoSuchEntry(base)
+        try:
+            flt = parse_filter(filter or "(objectClass=*)")
+        except FilterError as exc:
+            raise DirectoryError(f"bad search filter {filter!r}: {exc}") from exc
+        candidates = snap.candidates(flt)
+
+        def run() -> list[Entry]:
+            found = []
+            for entry in candidates:
+                key = normalize_dn(entry.dn)
+                if scope is Scope.BASE:
+                    inside = key == base_key
+                elif scope is Scope.ONELEVEL:
+                    inside = parent_key(key) == base_key
+                else:
+                    inside = is_under(key, base_key)
+                if inside and matches(flt, _getter(entry)):
+                    found.append(_project(entry, attributes))
+            return found
+
+        if len(candidates) > THREAD_SEARCH_ENTRIES:
+            found = await trio.to_thread.run_sync(run)
+        else:
+            found = run()
+        if size_limit and len(found) > size_limit:
+            raise SizeLimitExceeded(f"more than {size_limit} entries under {base}")
+        return found
+
+    async def compare(self, dn: str, attribute: str, value: Value) -> bool:
+        entry = (await self._current()).by_dn.get(normalize_dn(dn))
+        if entry is None:
+            raise NoSuchEntry(dn)
+        return _fold(value) in {_fold(v) for v in _getter(entry)(attribute)}
+
+    async def ping(self) -> None:
+        await self._current()
+
+    async def aclose(self) -> None:
+        self._snap = None
+
+    # --- writing ----------------------------------------------------------
+
+    def _apply_sync(self, snap: _Snapshot, op: Operation) -> None:
+        """One operation on the working copy (worker thread, file locked)."""
+        if isinstance(op, Add):
+            key = normalize_dn(op.entry.dn)
+            if key in snap.by_dn:
+                raise EntryExists(op.entry.dn)
+            parent = parent_key(key)
+            if parent and parent not in snap.by_dn and key != normalize_dn(self.base_dn):
+                raise NoSuchEntry(f"{op.entry.dn}: no parent entry")
+            entry = Entry(op.entry.dn)
+            for name, values in op.entry.attrs.items():
+                entry.set(name, _stored_values(name, values, False))
+            snap.entries.append(entry)
+            snap.by_dn[key] = entry
+            return
+        key = normalize_dn(op.dn)
+        entry = snap.by_dn.get(key)
+        if entry is None:
+            raise NoSuchEntry(op.dn)
+        if isinstance(op, Modify):
+            _modify_entry(entry, op.changes)
+        elif isinstance(op, PasswordModify):
+            if not op.password:
+                raise DirectoryRefused("empty password")
+            entry.set("userPassword", [ssha_hash(op.password)])
+        elif isinstance(op, Delete):
+            if any(is_under(other, key) and other != key for other in snap.by_dn):
+                raise DirectoryRefused(f"{op.dn}: subordinate objects must be deleted first")
+            snap.entries.remove(entry)
+            del snap.by_dn[key]
+
+    async def write(self, operations: Sequence[Operation]) -> None:
+        """All of `operations` in one file write, or none of them."""
+        operations = list(operations)
+
+        def work() -> _Snapshot:
+            with _file_lock(self.lock_path):
+                snap = self._snap
+                if snap is None or _signature(self.path) != snap.signature:
+                    snap = self._load_sync()
+                work_snap = _Snapshot.build(snap.signature, [e.copy() for e in snap.entries])
+                for op in operations:
+                    self._apply_sync(work_snap, op)
+                _atomic_write(self.path, ldif.dumps(work_snap.entries, header=_HEADER))
+                return _Snapshot.build(_signature(self.path), work_snap.entries)
+
+        async with self._write_lock:
+            try:
+                self._snap = await trio.to_thread.run_sync(work)
+            except OSError as exc:
+                raise DirectoryError(f"cannot write {self.path}: {exc}") from exc
+        self._written.set()
+        self._written = trio.Event()
+
+    # --- the change feed ------------------------------------------------------
+
+    async def changes(self, base: str, interval: float = DEFAULT_CHANGES_SECONDS
+                      ) -> AsyncIterator[list[Change]]:
+        """What differs between the entries last reported and the file now,
+        after every write through this port and every `interval` (for
+        writes by other processes or by hand, seen by the file's stat)."""
+        interval = max(MIN_CHANGES_SECONDS, interval)
+        base_key = normalize_dn(base)
+        last: dict[str, Entry] | None = None
+        failing = False
+        while True:
+            try:
+                snap = await self._current()
+            except DirectoryError as exc:
+                if not failing:
+                    log.warning("directory change feed: %s; retrying every %.1f s", exc, interval)
+                failing = True
+            else:
+                failing = False
+                now = {k: e for k, e in snap.by_dn.items() if is_under(k, base_key)}
+                if last is None:
+                    last = now
+                    yield []  # the baseline is taken: changes from here on are reported
+                else:
+                    batch = _diff(last, now)
+                    last = now
+                    if batch:
+                        yield batch
+            with trio.move_on_after(interval):
+                await self._written.wait()
+
+
+def _diff(before: dict[str, Entry], after: dict[str, Entry]) -> list[Change]:
+    batch: list[Change] = []
+    for key, entry in after.items():
+        old = before.get(key)
+        if old is None:
+            batch.append(Change("add", entry.dn, entry.copy(), key=key))
+        elif old is not entry and _attr_key(old) != _attr_key(entry):
+            batch.append(Change("modify", entry.dn, entry.copy(), key=key))
+    for key, entry in before.items():
+        if key not in after:
+            batch.append(Change("delete", entry.dn, None, key=key))
+    return batch
+
+
+def _attr_key(entry: Entry) -> dict[str, list[Value]]:
+    return {name.lower(): values for name, values in entry.attrs.items()}
+
+
+class EmbeddedDirectory(PortDirectory):
+    """Users in an LDIF file: the shared directory code on `EmbeddedPort`."""
+
+    def __init__(self, config: EmbeddedConfig,
+                 changes_seconds: float = DEFAULT_CHANGES_SECONDS) -> None:
+        self.path = Path(config.file)
+        self.base_dn = config.base_dn
+        layout = Layout(
+            base_dn=config.base_dn,
+            users_dn=f"{PEOPLE_RDN},{config.base_dn}",
+            user_filter="(objectClass=inetOrgPerson)",
+        )
+        super().__init__(EmbeddedPort(self.path, config.base_dn), layout, changes_seconds)
 
     @classmethod
     async def create(
@@ -244,259 +546,6 @@ class EmbeddedDirectory(Directory):
         await trio.to_thread.run_sync(write)
         return cls(EmbeddedConfig(file=path, base_dn=base_dn))
 
-    # --- reading ----------------------------------------------------------
-
-    def _load_sync(self) -> _Snapshot:
-        """Read and parse the file (worker thread)."""
-        for _ in range(5):
-            before = _signature(self.path)
-            if before is None:
-                return _Snapshot.build(None, base_entries(self.base_dn), self.base_dn)
-            try:
-                text = self.path.read_text(encoding="utf-8")
-            except FileNotFoundError:
-                continue
-            # Renames are atomic, but make sure what we read is what we stat.
-            if _signature(self.path) == before:
-                return _Snapshot.build(before, ldif.parse(text), self.base_dn)
-        raise DirectoryError(f"{self.path} keeps changing while being read")
-
-    async def _current(self) -> _Snapshot:
-        """The snapshot, reloaded if the file changed since we read it."""
-        snap = self._snap
-        if snap is not None and _signature(self.path) == snap.signature:
-            return snap
-        async with self._reload_lock:
-            snap = self._snap
-            if snap is None or _signature(self.path) != snap.signature:
-                try:
-                    snap = await trio.to_thread.run_sync(self._load_sync)
-                except (OSError, ldif.LDIFError) as exc:
-                    raise DirectoryError(f"cannot read {self.path}: {exc}") from exc
-                log.debug("loaded %s: %d users", self.path, len(snap.users))
-                self._snap = snap
-            return snap
-
-    async def _user(self, jid: str) -> ldif.Entry | None:
-        return (await self._current()).users.get(_key(jid))
-
-    async def check_password(self, jid: str, password: str) -> bool:
-        if not password:
-            return False
-        entry = await self._user(jid)
-        if entry is None:
-            return False
-        secret = _secret_of(entry, "SCRAM-SHA-256")
-        if secret is not None:
-            return await trio.to_thread.run_sync(
-                secret.matches_password, password, limiter=self._limiter
-            )
-        for stored in entry.get("userPassword"):
-            if isinstance(stored, bytes):
-                stored = stored.decode("utf-8", "replace")
-            if verify_user_password(stored, password):
-                return True
-        return False
-
-    async def scram_secret(self, jid: str, mechanism: str) -> ScramSecret | None:
-        entry = await self._user(jid)
-        if entry is None:
-            return None
-        secret = _secret_of(entry, mechanism)
-        if secret is None:
-            log.info("%s has no authPassword value for %s (provisioned by another tool?); "
-                     "PLAIN still works over TLS", jid, mechanism)
-        return secret
-
-    async def user_exists(self, jid: str) -> bool:
-        return await self._user(jid) is not None
-
-    async def list_users(self) -> list[str]:
-        snap = await self._current()
-        return sorted(str(e.first("mail")) for e in snap.users.values())
-
-    async def ping(self) -> None:
-        await self._current()
-
-    async def aclose(self) -> None:
-        self._snap = None
-
-    # --- writing ----------------------------------------------------------
-
-    async def _write(self, change: Callable[[_Snapshot], object]) -> object:
-        """Apply `change` to a fresh copy of the file's state and write it.
-
-        `change` runs in a worker thread under the file lock; it may raise
-        to abort (nothing is written) and returns the result of the call.
-        """
-
-        def work() -> tuple[_Snapshot, object]:
-            with _file_lock(self.lock_path):
-                snap = self._snap
-                if snap is None or _signature(self.path) != snap.signature:
-                    snap = self._load_sync()
-                entries = [e.copy() for e in snap.entries]
-                work_snap = _Snapshot.build(snap.signature, entries, self.base_dn)
-                result = change(work_snap)
-                _atomic_write(self.path, ldif.dumps(work_snap.entries, header=_HEADER))
-                sig = _signature(self.path)
-                return _Snapshot.build(sig, work_snap.entries, self.base_dn), result
-
-        async with self._write_lock:
-            try:
-                snap, result = await trio.to_thread.run_sync(work)
-            except OSError as exc:
-                raise DirectoryError(f"cannot write {self.path}: {exc}") from exc
-            self._snap = snap
-            return result
-
-    def _new_entry(self, jid: str, password_attrs: dict[str, list[ldif.Value]]) -> ldif.Entry:
-        local = jid.split("@", 1)[0]
-        attrs: dict[str, list[ldif.Value]] = {
-            "objectClass": list(USER_OBJECT_CLASSES),
-            "cn": [local],
-            "sn": [local],
-            "uid": [local],
-            "mail": [jid],
-        }
-        attrs.update(password_attrs)
-        return ldif.Entry(user_dn(jid, self.base_dn), attrs)
-
-    async def _password_attrs(self, password: str) -> dict[str, list[ldif.Value]]:
-        return await trio.to_thread.run_sync(_password_attrs, password, limiter=self._limiter)
-
-    async def add_user(self, jid: str, password: str) -> None:
-        _check_jid(jid)
-        if await self.user_exists(jid):
-            raise UserExists(jid)
-        attrs = await self._password_attrs(password)
-
-        def change(snap: _Snapshot) -> None:
-            if _key(jid) in snap.users:
-                raise UserExists(jid)
-            snap.entries.append(self._new_entry(jid, attrs))
-
-        await self._write(change)
-
-    async def set_password(self, jid: str, password: str) -> None:
-        if not await self.user_exists(jid):
-            raise NoSuchUser(jid)
-        attrs = await self._password_attrs(password)
-
-        def change(snap: _Snapshot) -> None:
-            entry = snap.users.get(_key(jid))
-            if entry is None:
-                raise NoSuchUser(jid)
-            _apply_password(entry, attrs)
-
-        await self._write(change)
-
-    async def delete_user(self, jid: str) -> None:
-        def change(snap: _Snapshot) -> None:
-            entry = snap.users.get(_key(jid))
-            if entry is None:
-                raise NoSuchUser(jid)
-            snap.entries.remove(entry)
-
-        await self._write(change)
-
-    async def import_users(self, pairs: Iterable[tuple[str, str]]) -> int:
-        pairs = list(pairs)
-        for jid, _ in pairs:
-            _check_jid(jid)
-
-        def derive() -> list[dict[str, list[ldif.Value]]]:
-            with ThreadPoolExecutor(DERIVE_THREADS) as pool:
-                return list(pool.map(_password_attrs, (pw for _, pw in pairs), chunksize=64))
-
-        derived = await trio.to_thread.run_sync(derive)
-
-        def change(snap: _Snapshot) -> int:
-            for (jid, _), attrs in zip(pairs, derived, strict=True):
-                entry = snap.users.get(_key(jid))
-                if entry is None:
-                    entry = self._new_entry(jid, attrs)
-                    snap.entries.append(entry)
-                    snap.users[_key(jid)] = entry
-                else:
-                    _apply_password(entry, attrs)
-            return len(pairs)
-
-        result = await self._write(change)
-        assert isinstance(result, int)
-        return result
-
-    # --- profiles and groups ----------------------------------------------
-
-    async def user_attributes(
-        self, jid: str, attributes: Sequence[str]
-    ) -> dict[str, list[bytes]] | None:
-        entry = await self._user(jid)
-        if entry is None:
-            return None
-        out: dict[str, list[bytes]] = {}
-        for name in attributes:
-            if name.lower() in CREDENTIAL_ATTRIBUTES:
-                continue  # never profile data (see names.CREDENTIAL_ATTRIBUTES)
-            values = entry.get(schema.canonical(name) or name)
-            if values:
-                out[name] = [v.encode("utf-8") if isinstance(v, str) else v for v in values]
-        return out
-
-    async def modify_user(self, jid: str, changes: Mapping[str, Sequence[bytes]]) -> None:
-        """Checked against `mlink.directory.schema` first (DirectoryRefused
-        in slapd's words), then applied to a copy and written atomically by
-        `_write`: a refused change leaves the file untouched."""
-        plan = schema.check_modification(changes)
-        adds_mlink = any(name.lower() in MLINK_ATTRIBUTES and values for name, values in plan)
-
-        def change(snap: _Snapshot) -> None:
-            entry = snap.users.get(_key(jid))
-            if entry is None:
-                raise NoSuchUser(jid)
-            for name, values in plan:
-                entry.set(name, values)
-            classes = entry.get("objectClass")
-            if adds_mlink and MLINK_CLASS.lower() not in {str(c).lower() for c in classes}:
-                entry.set("objectClass", [*classes, MLINK_CLASS])
-
-        await self._write(change)
-
-    async def roster_groups(self, specs: Sequence[RosterGroupConfig]) -> list[DirectoryGroup]:
-        """Groups are entries anywhere in the file (by convention under
-        ou=Groups), added by editing it; the file is re-read when it
-        changes. Resolution runs in a worker thread: a 5,000-member group
-        is a few milliseconds of CPU that the loop need not wait on."""
-        snap = await self._current()
-        return await trio.to_thread.run_sync(self._resolve_groups, snap, list(specs))
-
-    def _resolve_groups(
-        self, snap: _Snapshot, specs: list[RosterGroupConfig]
-    ) -> list[DirectoryGroup]:
-        users = UserIndex()
-        for entry in snap.users.values():
-            uids = [str(u) for u in entry.get("uid")]
-            users.add(entry.dn, str(entry.first("mail")), uids)
-        by_dn = {normalize_any_dn(e.dn): e for e in snap.entries}
-        found: list[DirectoryGroup] = []
-        for spec in specs:
-            if spec.dn:
-                entry = by_dn.get(normalize_any_dn(spec.dn))
-                if entry is None:
-                    log.warning("roster group %s: no such entry in %s", spec.dn, self.path)
-                    continue
-                found.append(resolve_group(entry.dn, entry.get, spec, users))
-                continue
-            try:
-                flt = parse_filter(spec.filter or "(objectClass=*)")
-            except FilterError as exc:
-                raise DirectoryError(f"roster group filter {spec.filter!r}: {exc}") from exc
-            base = normalize_any_dn(spec.base or f"{GROUPS_RDN},{self.base_dn}")
-            for key, entry in by_dn.items():
-                if is_under(key, base) and matches(flt, entry.get):
-                    found.append(resolve_group(entry.dn, entry.get, spec, users))
-        return dedupe(found)
-
 
 _HEADER = (
     "mlink embedded directory. Written by mlink: edit with `mlink user ...`.\n"
@@ -504,7 +553,7 @@ _HEADER = (
 )
 
 
-def _secret_of(entry: ldif.Entry, mechanism: str) -> ScramSecret | None:
+def _secret_of(entry: Entry, mechanism: str) -> ScramSecret | None:
     for value in entry.get("authPassword"):
         if isinstance(value, bytes):
             continue
@@ -512,24 +561,6 @@ def _secret_of(entry: ldif.Entry, mechanism: str) -> ScramSecret | None:
         if secret is not None and secret.mechanism == mechanism:
             return secret
     return None
-
-
-def _password_attrs(password: str) -> dict[str, list[ldif.Value]]:
-    """userPassword and authPassword values for a password (PBKDF2: slow)."""
-    if not password:
-        raise DirectoryError("empty password")
-    return {
-        "userPassword": [ssha_hash(password)],
-        "authPassword": [s.to_auth_password() for s in derive_all(password)],
-    }
-
-
-def _apply_password(entry: ldif.Entry, attrs: dict[str, list[ldif.Value]]) -> None:
-    classes = entry.get("objectClass")
-    if "mlinkuser" not in {str(c).lower() for c in classes}:
-        entry.set("objectClass", [*classes, "mlinkUser"])
-    for name, values in attrs.items():
-        entry.set(name, values)
 
 
 @contextlib.contextmanager

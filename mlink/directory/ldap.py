@@ -1,4 +1,8 @@
-"""The LDAP directory backend (bonsai), pooled, with timeouts and failover.
+"""The LDAP port (bonsai): a pool of connections, timeouts, failover, and a
+change feed that polls `modifyTimestamp`.
+
+`LDAPPort` speaks the operations of `mlink.directory.port`; `LDAPDirectory`
+is the directory (accounts, groups, profiles: `mlink.directory.core`) on it.
 
 Connections are `bonsai.trio.TrioLDAPConnection`s, so searches and writes
 wait on the Trio loop without a thread hop. Two hazards were measured and
@@ -26,24 +30,26 @@ account. On a connection failure every idle connection is dropped too (after
 a server restart they are all dead) and the request is retried once on a
 fresh connection. Opening a connection tries the configured servers in
 order, starting from the last one that answered. Any failure to reach a
-server ends as `DirectoryUnavailable`.
+server ends as `DirectoryUnavailable`. A paged search is consumed to its
+last page inside one pooled call (bonsai #99: materialising the iterator
+elsewhere kills the connection).
 
-Passwords: `check_password` binds as the user's DN on a short-lived
-connection, so the directory's password policy (lockout, expiry) applies;
-an empty password is refused without binding (RFC 4513 §5.1.2: an
-unauthenticated bind would "succeed"). `add_user`/`set_password` write the
-RFC 5803 `authPassword` values and set `userPassword` with the RFC 3062
-password modify extended operation, so the directory hashes it per its own
-policy (olcPasswordHash) and mlink never stores a clear password.
+Binds (`bind`) use a short-lived connection of their own, so the
+directory's password policy (lockout, expiry) applies to the user.
+
+The change feed: bonsai offers neither persistent search nor syncrepl, so
+`changes` polls with `(modifyTimestamp>=T)` under the base (see its
+docstring for how nothing is missed or repeated). Deletions are invisible to
+such a poll; they show through the consumers' periodic full reads.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import bonsai
@@ -51,33 +57,32 @@ import trio
 from bonsai import LDAPEntry, LDAPModOp, LDAPSearchScope
 from bonsai.trio import TrioLDAPConnection
 
-from mlink.config_model import LDAPConfig, RosterGroupConfig
+from mlink.config_model import LDAPConfig
 from mlink.directory.base import (
-    DERIVE_THREADS,
-    Directory,
     DirectoryError,
-    DirectoryGroup,
     DirectoryRefused,
     DirectoryUnavailable,
-    NoSuchUser,
-    UserExists,
 )
-from mlink.directory.filters import FilterError, parse_filter
-from mlink.directory.groups import UserIndex, dedupe, group_attributes, resolve_group
-from mlink.directory.names import (
-    CREDENTIAL_ATTRIBUTES,
-    GROUPS_RDN,
-    MLINK_ATTRIBUTES,
-    MLINK_CLASS,
-    USER_OBJECT_CLASSES,
-    check_bare_jid,
-    escape_dn_value,
-    escape_filter_value,
+from mlink.directory.core import Layout, PortDirectory
+from mlink.directory.ldif import Entry, Value
+from mlink.directory.names import escape_filter_value, normalize_dn
+from mlink.directory.port import (
+    DEFAULT_CHANGES_SECONDS,
+    MIN_CHANGES_SECONDS,
+    Add,
+    Change,
+    Delete,
+    DirectoryPort,
+    EntryExists,
+    Modify,
+    NoSuchEntry,
+    Operation,
+    PasswordModify,
+    Scope,
+    SizeLimitExceeded,
 )
-from mlink.directory.schema import check_writable
-from mlink.sasl.secrets import HASHES, ScramSecret, derive_all
 
-log = logging.getLogger("mlink.directory")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -85,11 +90,24 @@ T = TypeVar("T")
 # size limit (500), so paging, not the limit, decides; a 5,000-user
 # directory is ten round trips.
 PAGE_SIZE = 500
-# Reading every user and every group is many pages, not one request: it
-# gets this many per-request timeouts in all (a minute at the default 5 s).
-# A 5,000-member group loads in well under a second on a local slapd; the
-# bound is only there for a pathologically slow server.
-BULK_TIMEOUT_FACTOR = 12
+# The change feed asks again for changes stamped up to this long before the
+# newest one it saw: a write committed a little after a later-stamped one
+# (two masters, a slow transaction) is still found; changes seen twice are
+# recognised by their entryCSN and reported once.
+FEED_OVERLAP_SECONDS = 5
+# At start the feed assumes the server's clock may be this far from ours;
+# what changed in that window before it started is read once as the
+# baseline and not reported.
+FEED_CLOCK_SKEW_SECONDS = 60
+# Operational attributes the feed reads beside the user attributes.
+FEED_ATTRIBUTES = ("*", "modifyTimestamp", "createTimestamp", "entryCSN")
+
+_SCOPES = {
+    Scope.BASE: LDAPSearchScope.BASE,
+    Scope.ONELEVEL: LDAPSearchScope.ONELEVEL,
+    Scope.SUBTREE: LDAPSearchScope.SUBTREE,
+}
+_OPS = {"add": LDAPModOp.ADD, "delete": LDAPModOp.DELETE, "replace": LDAPModOp.REPLACE}
 
 
 def _is_connection_failure(exc: BaseException) -> bool:
@@ -100,28 +118,43 @@ def _is_connection_failure(exc: BaseException) -> bool:
     return isinstance(exc, bonsai.LDAPError) and getattr(exc, "code", 0) < 0
 
 
-class LDAPDirectory(Directory):
-    """Users in an LDAP directory; see the module docstring."""
+def _to_entry(entry: LDAPEntry) -> Entry:
+    """bonsai's entry as the port's (str values when UTF-8, else bytes)."""
+    return Entry(str(entry.dn), {name: list(values) for name, values in entry.items()
+                                 if name.lower() != "dn"})
+
+
+def _generalized_time(moment: datetime.datetime) -> str:
+    return moment.astimezone(datetime.UTC).strftime("%Y%m%d%H%M%SZ")
+
+
+def _parse_generalized_time(value: Value | None) -> datetime.datetime | None:
+    if value is None:
+        return None
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    if isinstance(value, datetime.datetime):
+        return value
+    try:
+        return datetime.datetime.strptime(text[:14], "%Y%m%d%H%M%S").replace(tzinfo=datetime.UTC)
+    except ValueError:
+        return None
+
+
+class LDAPPort(DirectoryPort):
+    """The port on an LDAP server; see the module docstring."""
 
     def __init__(self, config: LDAPConfig) -> None:
         if not config.servers:
             raise DirectoryError("no LDAP server configured")
         self.config = config
+        self.base_dn = config.base_dn
         self.timeout = float(config.timeout)
         # Bounds libldap's blocking TCP connect (see the module docstring).
         os.environ.setdefault("LDAPNETWORK_TIMEOUT", str(max(1, math.ceil(self.timeout))))
-        self.users_dn = config.users_dn or f"ou=People,{config.base_dn}"
-        user_filter = config.user_filter.strip() or "(objectClass=*)"
-        if not user_filter.startswith("("):
-            user_filter = f"({user_filter})"
-        self.user_filter = user_filter
-        self.jid_attr = config.jid_attribute
-        self.scram_attr = config.scram_attribute
         size = max(1, int(config.pool_size))
+        self.pool_size = size
         self._idle: list[bonsai.LDAPConnection] = []
         self._slots = trio.Semaphore(size)
-        # PBKDF2 runs in worker threads, a few at a time.
-        self._derive_threads = trio.CapacityLimiter(DERIVE_THREADS)
         self._preferred = 0  # index of the server that last answered
         self._generation = 0  # bumped when the pool is flushed
         self._closed = False
@@ -245,43 +278,12 @@ class LDAPDirectory(Directory):
         else:
             self._idle.append(conn)
 
-    # --- lookups ----------------------------------------------------------
 
-    def _user_filter(self, jid: str) -> str:
-        return f"(&{self.user_filter}({self.jid_attr}={escape_filter_value(jid)}))"
+    # --- the port ----------------------------------------------------------
 
-    async def _find_on(
-        self, conn: TrioLDAPConnection, jid: str, attrs: list[str]
-    ) -> LDAPEntry | None:
-        try:
-            found = await conn.search(
-                self.users_dn,
-                LDAPSearchScope.SUBTREE,
-                self._user_filter(jid),
-                attrs,
-                timeout=self.timeout,
-                sizelimit=2,
-            )
-        except bonsai.SizeLimitError:
-            found = [None, None]
-        except bonsai.NoSuchObjectError:
-            log.error("LDAP: the users DN %r does not exist", self.users_dn)
-            return None
-        if len(found) > 1:
-            log.error("LDAP: several entries have %s=%s; refusing to choose", self.jid_attr, jid)
-            return None
-        return found[0] if found else None
-
-    async def _find(self, jid: str, attrs: list[str]) -> LDAPEntry | None:
-        return await self._call(lambda conn: self._find_on(conn, jid, attrs))
-
-    async def check_password(self, jid: str, password: str) -> bool:
+    async def bind(self, dn: str, password: str) -> bool:
         if not password:
             return False  # an unauthenticated bind would "succeed"
-        entry = await self._find(jid, ["1.1"])
-        if entry is None:
-            return False
-        dn = str(entry.dn)
         with trio.move_on_after(self.timeout * (len(self.config.servers) + 1)):
             try:
                 conn = await self._connect(dn, password)
@@ -296,43 +298,116 @@ class LDAPDirectory(Directory):
             return True
         raise DirectoryUnavailable("LDAP bind timed out")
 
-    async def scram_secret(self, jid: str, mechanism: str) -> ScramSecret | None:
-        if mechanism not in HASHES:
-            return None
-        entry = await self._find(jid, [self.scram_attr])
-        if entry is None:
-            return None
-        for value in entry.get(self.scram_attr, []):
-            if isinstance(value, bytes):
-                value = value.decode("ascii", "replace")
-            secret = ScramSecret.from_auth_password(value)
-            if secret is not None and secret.mechanism == mechanism:
-                return secret
-        log.info(
-            "%s (%s) has no %s value for %s; provisioned by another tool? "
-            "PLAIN still works over TLS; setting the password through mlink adds it",
-            jid, entry.dn, self.scram_attr, mechanism,
-        )
-        return None
+    async def search(
+        self,
+        base: str,
+        scope: Scope,
+        filter: str,
+        attributes: Sequence[str] = (),
+        *,
+        size_limit: int = 0,
+        paged: bool = False,
+        timeout_factor: float = 1.0,
+    ) -> list[Entry]:
+        attrs = list(attributes) or None
 
-    async def user_exists(self, jid: str) -> bool:
-        return await self._find(jid, ["1.1"]) is not None
+        async def run(conn: TrioLDAPConnection) -> list[Entry]:
+            try:
+                if paged:
+                    # Consume every page inside this one call (bonsai #99).
+                    results = await conn.paged_search(
+                        base, _SCOPES[scope], filter, attrs, timeout=self.timeout,
+                        sizelimit=size_limit, page_size=PAGE_SIZE,
+                    )
+                    entries = [_to_entry(e) async for e in results]
+                else:
+                    found = await conn.search(base, _SCOPES[scope], filter, attrs,
+                                              timeout=self.timeout, sizelimit=size_limit)
+                    entries = [_to_entry(e) for e in found]
+                if not entries and not await conn.search(
+                        base, LDAPSearchScope.BASE, "(objectClass=*)", ["1.1"],
+                        timeout=self.timeout):
+                    # bonsai answers noSuchObject with no entries; tell the
+                    # caller, as the port promises (one more round trip,
+                    # for empty results only).
+                    raise NoSuchEntry(base)
+                return entries
+            except bonsai.SizeLimitError as exc:
+                raise SizeLimitExceeded(f"more than {size_limit} entries under {base}") from exc
+            except (bonsai.NoSuchObjectError, bonsai.InvalidDN) as exc:
+                raise NoSuchEntry(base) from exc
 
-    async def list_users(self) -> list[str]:
-        filt = f"(&{self.user_filter}({self.jid_attr}=*))"
+        return await self._call(run, self.timeout * timeout_factor)
 
-        async def search(conn: TrioLDAPConnection) -> list[str]:
-            jids: list[str] = []
-            # Consume every page inside this one call (bonsai #99).
-            results = await conn.paged_search(
-                self.users_dn, LDAPSearchScope.SUBTREE, filt, [self.jid_attr],
-                timeout=self.timeout, page_size=PAGE_SIZE,
-            )
-            async for entry in results:
-                jids.extend(str(v) for v in entry.get(self.jid_attr, [])[:1])
-            return jids
+    async def compare(self, dn: str, attribute: str, value: Value) -> bool:
+        """A base search with an equality filter: bonsai has no compare
+        operation, and the answer (the attribute's equality rule) is the
+        same where the service account may read the attribute."""
+        text = value.decode("utf-8") if isinstance(value, bytes) else value
+        found = await self.search(dn, Scope.BASE, f"({attribute}={escape_filter_value(text)})",
+                                  ["1.1"])
+        return bool(found)
 
-        return sorted(await self._call(search))
+    async def write(self, operations: Sequence[Operation]) -> None:
+        """Operations on one DN in order on one connection; different DNs
+        on up to `pool_size` connections at once (bulk imports)."""
+        chains: dict[str, list[Operation]] = {}
+        for op in operations:
+            dn = op.entry.dn if isinstance(op, Add) else op.dn
+            chains.setdefault(normalize_dn(dn), []).append(op)
+        if len(chains) == 1:
+            (chain,) = chains.values()
+            await self._call(lambda conn: self._apply(conn, chain))
+            return
+        send, receive = trio.open_memory_channel[list[Operation]](0)
+
+        async def worker(receive: trio.MemoryReceiveChannel[list[Operation]]) -> None:
+            async with receive:
+                async for chain in receive:
+                    await self._call(lambda conn, c=chain: self._apply(conn, c))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(min(self.pool_size, len(chains))):
+                nursery.start_soon(worker, receive.clone())
+            receive.close()
+            async with send:
+                for chain in chains.values():
+                    await send.send(chain)
+
+    async def _apply(self, conn: TrioLDAPConnection, chain: list[Operation]) -> None:
+        for op in chain:
+            try:
+                await self._apply_one(conn, op)
+            except bonsai.LDAPError as exc:
+                if _is_connection_failure(exc):
+                    raise
+                if isinstance(exc, bonsai.AlreadyExists):
+                    raise EntryExists(op.entry.dn if isinstance(op, Add) else "") from exc
+                if isinstance(exc, bonsai.NoSuchObjectError):
+                    raise NoSuchEntry(getattr(op, "dn", "")) from exc
+                log.info("LDAP refused %s: %s", type(op).__name__, exc)
+                raise DirectoryRefused(_ldap_message(exc)) from exc
+
+    async def _apply_one(self, conn: TrioLDAPConnection, op: Operation) -> None:
+        if isinstance(op, Add):
+            new = LDAPEntry(op.entry.dn)
+            for name, values in op.entry.attrs.items():
+                new[name] = list(values)
+            await conn.add(new, timeout=self.timeout)
+        elif isinstance(op, Modify):
+            change = LDAPEntry(op.dn, conn)
+            for mod in op.changes:
+                values = [v if isinstance(v, bytes) else v.encode("utf-8") for v in mod.values]
+                try:
+                    change.change_attribute(mod.attribute, _OPS[mod.op], *values)
+                except ValueError as exc:
+                    # bonsai refuses values equal but for case, client side.
+                    raise DirectoryRefused(f"{mod.attribute}: {exc}") from exc
+            await change.modify(timeout=self.timeout)
+        elif isinstance(op, Delete):
+            await conn.delete(op.dn, timeout=self.timeout)
+        elif isinstance(op, PasswordModify):
+            await conn.modify_password(op.dn, op.password, timeout=self.timeout)
 
     async def ping(self) -> None:
         await self._call(lambda conn: conn.whoami(timeout=self.timeout))
@@ -341,265 +416,103 @@ class LDAPDirectory(Directory):
         self._closed = True
         self._flush()
 
-    # --- writes -----------------------------------------------------------
+    # --- the change feed ------------------------------------------------------
 
-    def _new_dn(self, jid: str) -> str:
-        return f"{self.jid_attr}={escape_dn_value(jid)},{self.users_dn}"
+    async def changes(self, base: str, interval: float = DEFAULT_CHANGES_SECONDS
+                      ) -> AsyncIterator[list[Change]]:
+        """Poll `(modifyTimestamp>=T)` under `base` every `interval`.
 
-    async def _upsert_on(
-        self,
-        conn: TrioLDAPConnection,
-        jid: str,
-        password: str,
-        secrets: list[str],
-        create: bool | None,
-    ) -> None:
-        """Create (create=True), update (False) or either (None) one user."""
-        entry = await self._find_on(conn, jid, ["objectClass"])
-        if entry is None and create is False:
-            raise NoSuchUser(jid)
-        if entry is not None and create is True:
-            raise UserExists(jid)
-        if entry is None:
-            dn = self._new_dn(jid)
-            local = jid.split("@", 1)[0]
-            new = LDAPEntry(dn)
-            new["objectClass"] = list(USER_OBJECT_CLASSES)
-            new["cn"] = [local]
-            new["sn"] = [local]
-            new["uid"] = [local]
-            new[self.jid_attr] = [jid]
-            new[self.scram_attr] = secrets
+        T trails the newest modifyTimestamp seen by FEED_OVERLAP_SECONDS, so
+        every poll also returns the changes of the last few seconds again;
+        each is remembered by (DN, entryCSN) (or its modifyTimestamp where
+        the server keeps no entryCSN) until it falls out of the window, and
+        reported once. The timestamps have one-second resolution, which is
+        why T cannot simply be the newest one seen plus one second. At start
+        T is our clock minus FEED_CLOCK_SKEW_SECONDS and what that first
+        poll finds is the baseline, not a change. A failed poll (server
+        down) keeps T, so what changed during the outage comes with the
+        first poll that succeeds."""
+        interval = max(MIN_CHANGES_SECONDS, interval)
+        now = datetime.datetime.now(datetime.UTC)
+        newest = now - datetime.timedelta(seconds=FEED_CLOCK_SKEW_SECONDS)
+        seen: dict[tuple[str, str], datetime.datetime] = {}  # (DN key, CSN) -> stamp
+        known: dict[str, datetime.datetime] = {}  # DN key -> stamp, same window
+        baseline = True
+        down = False
+        while True:
+            since = newest - datetime.timedelta(seconds=FEED_OVERLAP_SECONDS)
             try:
-                await conn.add(new, timeout=self.timeout)
-            except bonsai.AlreadyExists as exc:
-                raise UserExists(jid) from exc
-            try:
-                await conn.modify_password(dn, password, timeout=self.timeout)
-            except bonsai.LDAPError:
-                try:  # do not leave a user without a userPassword behind
-                    await conn.delete(dn, timeout=self.timeout)
-                except bonsai.LDAPError:
-                    log.exception("LDAP: could not remove half-created %s", dn)
-                raise
-            return
-        dn = str(entry.dn)
-        change = LDAPEntry(dn, conn)
-        classes = {str(c).lower() for c in entry.get("objectClass", [])}
-        if MLINK_CLASS.lower() not in classes:
-            change.change_attribute("objectClass", LDAPModOp.ADD, MLINK_CLASS)
-        change.change_attribute(self.scram_attr, LDAPModOp.REPLACE, *secrets)
-        await change.modify(timeout=self.timeout)
-        await conn.modify_password(dn, password, timeout=self.timeout)
+                found = await self.search(
+                    base, Scope.SUBTREE, f"(modifyTimestamp>={_generalized_time(since)})",
+                    FEED_ATTRIBUTES, paged=True,
+                )
+            except DirectoryError as exc:
+                if not down:
+                    log.warning("directory change feed: poll failed (%s); retrying every "
+                                "%.1f s", exc, interval)
+                down = True
+                await trio.sleep(interval)
+                continue
+            if down:
+                log.info("directory change feed: the directory answers again")
+                down = False
+            batch: list[Change] = []
+            for entry in found:
+                stamp = _parse_generalized_time(entry.first("modifyTimestamp"))
+                if stamp is None:
+                    continue
+                csn = entry.first("entryCSN") or entry.first("modifyTimestamp")
+                key = normalize_dn(entry.dn)
+                ident = (key, str(csn))
+                if ident in seen:
+                    continue
+                # Created and not changed since (timestamps have seconds
+                # only, so an entry seen before is a modify in any case).
+                created = (entry.first("createTimestamp") == entry.first("modifyTimestamp")
+                           and key not in known)
+                seen[ident] = stamp
+                known[key] = stamp
+                newest = max(newest, stamp)
+                if not baseline:
+                    batch.append(Change("add" if created else "modify", entry.dn,
+                                        _user_attributes(entry), key=key))
+            horizon = newest - datetime.timedelta(seconds=2 * FEED_OVERLAP_SECONDS)
+            for ident in [i for i, stamp in seen.items() if stamp < horizon]:
+                del seen[ident]
+            for key in [k for k, stamp in known.items() if stamp < horizon]:
+                del known[key]
+            if baseline:
+                baseline = False
+                yield []  # the baseline is taken: changes from here on are reported
+            elif batch:
+                yield batch
+            await trio.sleep(interval)
 
-    async def _secrets(self, password: str) -> list[str]:
-        if not password:
-            raise DirectoryError("empty password")
-        secrets = await trio.to_thread.run_sync(
-            derive_all, password, limiter=self._derive_threads
+
+def _user_attributes(entry: Entry) -> Entry:
+    """The entry without the operational attributes the feed asked for."""
+    skip = {"modifytimestamp", "createtimestamp", "entrycsn"}
+    return Entry(entry.dn, {k: v for k, v in entry.attrs.items() if k.lower() not in skip})
+
+
+class LDAPDirectory(PortDirectory):
+    """Users in an LDAP directory: the shared directory code on `LDAPPort`."""
+
+    def __init__(self, config: LDAPConfig, changes_seconds: float = DEFAULT_CHANGES_SECONDS
+                 ) -> None:
+        port = LDAPPort(config)
+        user_filter = config.user_filter.strip() or "(objectClass=*)"
+        if not user_filter.startswith("("):
+            user_filter = f"({user_filter})"
+        layout = Layout(
+            base_dn=config.base_dn,
+            users_dn=config.users_dn or f"ou=People,{config.base_dn}",
+            user_filter=user_filter,
+            jid_attribute=config.jid_attribute,
+            scram_attribute=config.scram_attribute,
         )
-        return [s.to_auth_password() for s in secrets]
-
-    async def add_user(self, jid: str, password: str) -> None:
-        check_bare_jid(jid)
-        secrets = await self._secrets(password)
-        await self._call(lambda c: self._upsert_on(c, jid, password, secrets, True))
-
-    async def set_password(self, jid: str, password: str) -> None:
-        secrets = await self._secrets(password)
-        await self._call(lambda c: self._upsert_on(c, jid, password, secrets, False))
-
-    async def delete_user(self, jid: str) -> None:
-        async def delete(conn: TrioLDAPConnection) -> None:
-            entry = await self._find_on(conn, jid, ["1.1"])
-            if entry is None:
-                raise NoSuchUser(jid)
-            await conn.delete(str(entry.dn), timeout=self.timeout)
-
-        await self._call(delete)
-
-    # --- profiles and groups ----------------------------------------------
-
-    async def user_attributes(
-        self, jid: str, attributes: Sequence[str]
-    ) -> dict[str, list[bytes]] | None:
-        wanted = [a for a in attributes if a.lower() not in CREDENTIAL_ATTRIBUTES]
-        # "1.1" asks for no attributes (RFC 4511 §4.5.1.8): just the entry.
-        entry = await self._find(jid, wanted or ["1.1"])
-        if entry is None:
-            return None
-        out: dict[str, list[bytes]] = {}
-        for name in wanted:
-            values = entry.get(name)  # LDAPEntry compares names without case
-            if values:
-                out[name] = [_as_bytes(v) for v in values]
-        return out
-
-    async def modify_user(self, jid: str, changes: Mapping[str, Sequence[bytes]]) -> None:
-        """One LDAP modify with a replace per attribute (RFC 4511 §4.6: a
-        replace without values deletes the attribute, and is no error when
-        it is absent). The server applies a modify atomically, so a refused
-        value leaves every other one unchanged."""
-        seen: set[str] = set()
-        for name, values in changes.items():
-            if name.lower() in seen:
-                raise DirectoryError(f"attribute {name!r} given twice in one change")
-            seen.add(name.lower())
-            check_writable(name.lower(), self.jid_attr, name)
-            if name.lower() == self.scram_attr.lower():
-                check_writable("authpassword", self.jid_attr, name)
-            for value in values:
-                if not isinstance(value, bytes | bytearray):
-                    raise DirectoryError(f"{name}: values must be bytes, not {type(value)}")
-        adds_mlink = any(n.lower() in MLINK_ATTRIBUTES and v for n, v in changes.items())
-
-        async def modify(conn: TrioLDAPConnection) -> None:
-            entry = await self._find_on(conn, jid, ["objectClass"])
-            if entry is None:
-                raise NoSuchUser(jid)
-            change = LDAPEntry(str(entry.dn), conn)
-            classes = {str(c).lower() for c in entry.get("objectClass", [])}
-            if adds_mlink and MLINK_CLASS.lower() not in classes:
-                change.change_attribute("objectClass", LDAPModOp.ADD, MLINK_CLASS)
-            for name, values in changes.items():
-                try:
-                    change.change_attribute(name, LDAPModOp.REPLACE, *[bytes(v) for v in values])
-                except ValueError as exc:
-                    # bonsai refuses values equal but for case, client side.
-                    raise DirectoryRefused(f"{name}: {exc}") from exc
-            try:
-                await change.modify(timeout=self.timeout)
-            except bonsai.NoSuchObjectError as exc:
-                raise NoSuchUser(jid) from exc
-            except bonsai.LDAPError as exc:
-                if _is_connection_failure(exc):
-                    raise
-                log.info("LDAP refused a change of %s (%s): %s", jid, entry.dn, exc)
-                raise DirectoryRefused(_ldap_message(exc)) from exc
-
-        if changes:
-            await self._call(modify)
-
-    async def _user_index(self) -> UserIndex:
-        """Every user once: one paged search giving DN, JID and uids."""
-        filt = f"(&{self.user_filter}({self.jid_attr}=*))"
-
-        async def search(conn: TrioLDAPConnection) -> UserIndex:
-            index = UserIndex()
-            # Consume every page inside this one call (bonsai #99).
-            results = await conn.paged_search(
-                self.users_dn, LDAPSearchScope.SUBTREE, filt, [self.jid_attr, "uid"],
-                timeout=self.timeout, page_size=PAGE_SIZE,
-            )
-            async for entry in results:
-                jids = entry.get(self.jid_attr, [])
-                if jids:
-                    uids = [_as_text(u) for u in entry.get("uid", [])]
-                    index.add(str(entry.dn), _as_text(jids[0]), uids)
-            return index
-
-        return await self._call(search, self.timeout * BULK_TIMEOUT_FACTOR)
-
-    async def _group_entries(self, spec: RosterGroupConfig) -> list[tuple[str, dict[str, list]]]:
-        """(DN, attributes by lower-case name) of the entries `spec` names."""
-        attrs = group_attributes(spec)
-
-        def plain(entry: LDAPEntry) -> tuple[str, dict[str, list]]:
-            return str(entry.dn), {a.lower(): list(entry.get(a, [])) for a in attrs}
-
-        if spec.dn:
-            async def read(conn: TrioLDAPConnection) -> list[tuple[str, dict[str, list]]]:
-                try:
-                    found = await conn.search(
-                        spec.dn, LDAPSearchScope.BASE, "(objectClass=*)", attrs,
-                        timeout=self.timeout,
-                    )
-                except (bonsai.NoSuchObjectError, bonsai.InvalidDN):
-                    log.warning("roster group %s: no such entry", spec.dn)
-                    return []
-                return [plain(e) for e in found]
-
-            return await self._call(read, self.timeout * BULK_TIMEOUT_FACTOR)
-        try:
-            parse_filter(spec.filter or "")
-        except FilterError as exc:
-            raise DirectoryError(f"roster group filter {spec.filter!r}: {exc}") from exc
-        base = spec.base or f"{GROUPS_RDN},{self.config.base_dn}"
-
-        async def search(conn: TrioLDAPConnection) -> list[tuple[str, dict[str, list]]]:
-            try:
-                results = await conn.paged_search(
-                    base, LDAPSearchScope.SUBTREE, spec.filter, attrs,
-                    timeout=self.timeout, page_size=PAGE_SIZE,
-                )
-                return [plain(e) async for e in results]
-            except bonsai.NoSuchObjectError:
-                log.warning("roster groups: search base %s does not exist", base)
-                return []
-
-        return await self._call(search, self.timeout * BULK_TIMEOUT_FACTOR)
-
-    async def roster_groups(self, specs: Sequence[RosterGroupConfig]) -> list[DirectoryGroup]:
-        """One paged search of users, then one read or paged search per
-        spec; members map to JIDs by lookups in memory (mlink.directory.groups)."""
-        if not specs:
-            return []
-        users = await self._user_index()
-        found: list[DirectoryGroup] = []
-        for spec in specs:
-            for dn, attrs in await self._group_entries(spec):
-                found.append(
-                    resolve_group(dn, lambda name, a=attrs: a.get(name.lower(), []), spec, users)
-                )
-        return dedupe(found)
-
-    async def import_users(self, pairs: Iterable[tuple[str, str]]) -> int:
-        """Derive every secret first (a few threads; PBKDF2 releases the
-        GIL), then upsert with one task per pooled connection."""
-        pairs = list(pairs)
-        for jid, password in pairs:
-            check_bare_jid(jid)
-            if not password:
-                raise DirectoryError(f"{jid}: empty password")
-
-        def derive() -> list[list[str]]:
-            def one(password: str) -> list[str]:
-                return [s.to_auth_password() for s in derive_all(password)]
-
-            with ThreadPoolExecutor(DERIVE_THREADS) as pool:
-                return list(pool.map(one, (pw for _, pw in pairs), chunksize=64))
-
-        derived = await trio.to_thread.run_sync(derive)
-        send, receive = trio.open_memory_channel[tuple[str, str, list[str]]](0)
-
-        async def worker(receive: trio.MemoryReceiveChannel) -> None:
-            async with receive:
-                async for jid, password, secrets in receive:
-                    await self._call(
-                        lambda c, j=jid, p=password, s=secrets: self._upsert_on(c, j, p, s, None)
-                    )
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(max(1, int(self.config.pool_size))):
-                nursery.start_soon(worker, receive.clone())
-            receive.close()
-            async with send:
-                for (jid, password), secrets in zip(pairs, derived, strict=True):
-                    await send.send((jid, password, secrets))
-        return len(pairs)
-
-
-def _as_bytes(value: object) -> bytes:
-    """bonsai gives str for values that decode as UTF-8, bytes otherwise."""
-    if isinstance(value, bytes):
-        return value
-    return str(value).encode("utf-8")
-
-
-def _as_text(value: object) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
+        super().__init__(port, layout, changes_seconds)
+        self.config = config
 
 
 def _ldap_message(exc: bonsai.LDAPError) -> str:

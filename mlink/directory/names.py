@@ -149,3 +149,9 @@ def rdn_value(dn: str) -> str:
 def is_under(dn_key: str, base_key: str) -> bool:
     """True when normalised `dn_key` is `base_key` or below it (subtree)."""
     return dn_key == base_key or dn_key.endswith("," + base_key)
+
+
+def parent_key(dn_key: str) -> str:
+    """The normalised DN of the parent of normalised `dn_key` ("" at the top)."""
+    rdns = _split_unescaped(dn_key, ",")
+    return ",".join(rdns[1:])

@@ -1,4 +1,4 @@
-"""The user-entry schema the embedded directory enforces on `modify_user`.
+"""The user-entry schema the embedded port enforces on a modify.
 
 The embedded file must stay loadable by `slapadd` and behave like slapd, so
 a change slapd would refuse is refused here too, with a message in slapd's
@@ -8,15 +8,16 @@ UTF-8, removing a required attribute. The classes are those of a user entry
 (person, organizationalPerson, inetOrgPerson: RFC 4519 and RFC 2798;
 mlinkUser: conf/mlink-schema.ldif).
 
-Credentials and identity are refused on both backends (see
+Credentials and identity are refused by `check_writable`, on both backends
+(`mlink.directory.core` calls it before any profile write; see
 `mlink.directory.names.CREDENTIAL_ATTRIBUTES`): they are not profile data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
-from mlink.directory.base import DirectoryError, DirectoryRefused
+from mlink.directory.base import DirectoryRefused
 from mlink.directory.names import CREDENTIAL_ATTRIBUTES
 
 # Canonical spelling of every attribute a user entry may hold.
@@ -72,52 +73,51 @@ def canonical(name: str) -> str | None:
     return USER_ATTRIBUTES.get(low)
 
 
-def check_modification(
-    changes: Mapping[str, Sequence[bytes]], jid_attribute: str = "mail"
-) -> list[tuple[str, list[str | bytes]]]:
-    """Validate `changes` as slapd would and return them as (canonical
-    name, values) with text decoded; DirectoryRefused on the first problem,
-    before anything is written."""
-    plan: list[tuple[str, list[str | bytes]]] = []
-    seen: set[str] = set()
-    for raw_name, values in changes.items():
-        name = canonical(raw_name)
-        if name is None:
-            raise DirectoryRefused(f"attribute '{raw_name}' not allowed")
-        low = name.lower()
-        if low in seen:
-            raise DirectoryError(f"attribute '{raw_name}' given twice in one change")
-        seen.add(low)
-        check_writable(low, jid_attribute, raw_name)
-        if low in REQUIRED and not values:
-            raise DirectoryRefused(f"object class 'person' requires attribute '{name}'")
-        if low in SINGLE_VALUED and len(values) > 1:
-            raise DirectoryRefused(f"attribute '{name}' cannot have multiple values")
-        decoded: list[str | bytes] = []
-        for value in values:
-            if not isinstance(value, bytes | bytearray):
-                raise DirectoryError(f"{raw_name}: values must be bytes, not {type(value)}")
-            if low in BINARY_ATTRIBUTES:
-                decoded.append(bytes(value))
-                continue
-            invalid = f"{name}: value #{len(decoded)} invalid per syntax"
+def decode_values(name: str, values: Sequence[str | bytes]) -> list[str | bytes]:
+    """`values` of attribute `name` (canonical) as the embedded file keeps
+    them: octets for binary attributes, text otherwise; DirectoryRefused in
+    slapd's words for a value that breaks the syntax or comes twice."""
+    low = name.lower()
+    decoded: list[str | bytes] = []
+    for value in values:
+        if low in BINARY_ATTRIBUTES:
+            decoded.append(value if isinstance(value, bytes) else value.encode("utf-8"))
+            continue
+        invalid = f"{name}: value #{len(decoded)} invalid per syntax"
+        if isinstance(value, bytes | bytearray):
             try:
                 text = bytes(value).decode("utf-8")
             except UnicodeDecodeError:
                 raise DirectoryRefused(invalid) from None
-            if not text or (low in IA5_ATTRIBUTES and not text.isascii()):
-                raise DirectoryRefused(invalid)
-            decoded.append(text)
-        keys: set[str | bytes] = set()
-        for index, value in enumerate(decoded):
-            # Without case, as bonsai's value list compares them (even for
-            # caseExactMatch attributes): both backends refuse the same.
-            key = value.lower() if isinstance(value, str) else value
-            if key in keys:
-                raise DirectoryRefused(f"{name}: value #{index} provided more than once")
-            keys.add(key)
-        plan.append((name, decoded))
-    return plan
+        else:
+            text = value
+        if not text or (low in IA5_ATTRIBUTES and not text.isascii()):
+            raise DirectoryRefused(invalid)
+        decoded.append(text)
+    keys: set[str | bytes] = set()
+    for index, value in enumerate(decoded):
+        # Without case, as bonsai's value list compares them (even for
+        # caseExactMatch attributes): both backends refuse the same.
+        key = value.lower() if isinstance(value, str) else value
+        if key in keys:
+            raise DirectoryRefused(f"{name}: value #{index} provided more than once")
+        keys.add(key)
+    return decoded
+
+
+def check_user_attribute(raw_name: str, values_after: Sequence[str | bytes]) -> str:
+    """The canonical name of `raw_name`, after checking that a user entry
+    may hold `values_after` in it (allowed by its classes, single-valued
+    attributes, the MUST attributes of person); DirectoryRefused otherwise."""
+    name = canonical(raw_name)
+    if name is None:
+        raise DirectoryRefused(f"attribute '{raw_name}' not allowed")
+    low = name.lower()
+    if low in REQUIRED and not values_after:
+        raise DirectoryRefused(f"object class 'person' requires attribute '{name}'")
+    if low in SINGLE_VALUED and len(values_after) > 1:
+        raise DirectoryRefused(f"attribute '{name}' cannot have multiple values")
+    return name
 
 
 def check_writable(low: str, jid_attribute: str, shown: str) -> None:

@@ -3,7 +3,10 @@
 The configuration (`<rosters>`, `config.rosters.groups`) lists directory
 groups, by DN or by filter. A background task resolves them all with one
 `Directory.roster_groups` call (paged searches, done by the directory layer)
-when the server starts and every `refresh_seconds` after, and installs the
+when the server starts, within the directory change feed's interval of a
+change that may touch a group (`mlink.router.directory_watch`), and every
+`refresh_seconds` anyway (a polled LDAP feed cannot see deletions); a
+reload's new group list applies at once. It installs the
 result in the roster cache's in-memory `GroupIndex`
 (`mlink.router.rosters`). Rosters handed out merge the group items in, so a
 login, a roster get, a presence broadcast or a probe never searches the
@@ -24,8 +27,8 @@ member added or removed, a group renamed, created or gone) gets:
   user the contact's, with no subscription handshake; a contact that no
   longer shares presence gets unavailable, both ways.
 
-Refresh runs in the server's nursery (`server.background_tasks`), so it ends
-with the server; a bug in one refresh is logged and the next one runs.
+Refresh runs in the server's nursery (`Module.spawn`), so it ends with the
+server; a bug in one refresh is logged and the next one runs.
 """
 
 from __future__ import annotations
@@ -35,13 +38,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import trio
-
-from mlink.config_model import RosterGroupConfig
+from mlink.config_model import Config, RosterGroupConfig
 from mlink.directory.base import DirectoryError
 from mlink.jid import parse_jid
 from mlink.modules import presence
 from mlink.modules.roster import push
+from mlink.router.directory_watch import follow_groups
 from mlink.router.rosters import RosterCache, SharedChange, rosters_of
 from mlink.store import RosterItem
 
@@ -64,20 +66,24 @@ _SENDS_US_PRESENCE = frozenset({"to", "both"})
 def setup(module: Module) -> None:
     specs = list(module.config.rosters.groups)
     if not specs:
-        return
+        return  # groups configured later (by a reload) take a restart
     rosters = rosters_of(module)
     interval = max(MIN_REFRESH_SECONDS, module.config.rosters.refresh_seconds)
+    # Refreshes at start, within the directory feed's interval of a change
+    # to a group, and every `interval` as a safety net.
+    follower = follow_groups(module, specs, lambda: refresh(module, rosters, follower.specs),
+                             interval)
 
-    async def refresh_forever() -> None:
-        while True:
-            try:
-                ok = await refresh(module, rosters, specs)
-            except Exception:
-                log.exception("refreshing directory groups failed")
-                ok = False
-            await trio.sleep(interval if ok else min(interval, RETRY_SECONDS))
+    async def reloaded(config: Config) -> None:
+        """A reload may change the groups and the interval: the next
+        refresh (run at once) uses them."""
+        groups = list(config.rosters.groups)
+        if groups != follower.specs or config.rosters.refresh_seconds != follower.interval:
+            follower.specs = groups
+            follower.interval = max(MIN_REFRESH_SECONDS, config.rosters.refresh_seconds)
+            follower.changed()
 
-    module.spawn(refresh_forever)
+    module.hook("config/reloaded", reloaded)
 
 
 async def refresh(module: Module, rosters: RosterCache,

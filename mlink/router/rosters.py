@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from mlink.directory.base import DirectoryError, DirectoryUnavailable, NoSuchUser
 from mlink.jid import InvalidJID, parse_jid
+from mlink.router.directory_watch import follow_static_rosters
 from mlink.store import RosterItem, Store, StoreError
 from mlink.store.model import SUBSCRIPTION_STATES
 from mlink.util.keyed_lock import KeyedLock
@@ -569,6 +570,26 @@ class RosterCache:
         self.on_change(roster.user)
         return True
 
+    async def reload_personal(self, user: str) -> list[SharedChange]:
+        """Read `user`'s personal roster again because it changed outside
+        mlink (a static roster edited in the directory). Only for a cached
+        (online) roster; returns each merged item that changed, every one
+        with the roster's new version, for pushes."""
+        if user not in self._cached:
+            return []
+        async with self.locked(user) as roster:
+            version, items = await self.personal.load(user)
+            if version == roster.personal_version:
+                return []
+            before = dict(roster.items)
+            roster.personal_version = version
+            roster.personal = items
+            self._attach_shared(roster)
+            return [SharedChange(user, contact, before.get(contact), roster.items.get(contact),
+                                 roster.version)
+                    for contact in sorted(set(before) | set(roster.items))
+                    if before.get(contact) != roster.items.get(contact)]
+
     # -- shared groups ----------------------------------------------------------------
 
     def set_groups(self, groups: Iterable[SharedGroup]) -> list[SharedChange]:
@@ -615,5 +636,8 @@ def _new_roster_cache(module: Module) -> RosterCache:
         personal,
     )
     cache.on_change = module.user_cache("rosters", cache.invalidate)
+    if attribute is not None:
+        # Items edited in the directory reach online users as pushes.
+        follow_static_rosters(module, cache)
     return cache
 

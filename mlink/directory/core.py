@@ -1,0 +1,464 @@
+"""The directory, written once on the port: accounts, groups, profile
+attributes (and through them static rosters) and the change feed.
+
+`PortDirectory` implements `mlink.directory.base.Directory` with nothing but
+the operations of `mlink.directory.port.DirectoryPort`, so the LDAP server
+and the embedded LDIF file get one behaviour: one way to find a user, one
+set of write checks (credentials and identity are never profile data; see
+`mlink.directory.schema.check_writable`), one group resolution. What
+differs between backends is data, a `Layout` (where users live and which
+attribute holds the JID), and what the server itself enforces (slapd's
+schema, or the embedded port's imitation of it).
+
+Users: one entry per user under `users_dn` matching `user_filter`, the bare
+JID in `jid_attribute`, the RFC 5803 SCRAM secrets in `scram_attribute`. A
+password is checked by binding as the user (the server's password policy
+applies); it is set as SCRAM secrets (written here) plus `userPassword`
+through the RFC 3062 password modify operation (hashed by the server), so no
+clear password is ever stored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import trio
+
+from mlink.config_model import RosterGroupConfig
+from mlink.directory.base import (
+    DERIVE_THREADS,
+    Directory,
+    DirectoryError,
+    DirectoryGroup,
+    DirectoryRefused,
+    NoSuchUser,
+    UserExists,
+)
+from mlink.directory.filters import FilterError, parse_filter
+from mlink.directory.groups import UserIndex, dedupe, group_attributes, resolve_group
+from mlink.directory.ldif import Entry, Value
+from mlink.directory.names import (
+    CREDENTIAL_ATTRIBUTES,
+    GROUPS_RDN,
+    MLINK_ATTRIBUTES,
+    MLINK_CLASS,
+    USER_OBJECT_CLASSES,
+    check_bare_jid,
+    escape_dn_value,
+    escape_filter_value,
+    is_under,
+    normalize_dn,
+    rdn_value,
+)
+from mlink.directory.port import (
+    DEFAULT_CHANGES_SECONDS,
+    Add,
+    Change,
+    DirectoryPort,
+    EntryExists,
+    Modification,
+    Modify,
+    NoSuchEntry,
+    Operation,
+    PasswordModify,
+    Scope,
+    SizeLimitExceeded,
+)
+from mlink.directory.schema import check_writable
+from mlink.sasl.secrets import HASHES, ScramSecret, derive_all
+
+log = logging.getLogger(__name__)
+
+# Reading every user and every group is many pages, not one request: it
+# gets this many per-request timeouts in all (a minute at the default 5 s).
+# A 5,000-member group loads in well under a second on a local slapd; the
+# bound is only there for a pathologically slow server.
+BULK_TIMEOUT_FACTOR = 12
+# A user lookup asks for two entries: a second one means the JID is not
+# unique, and mlink refuses to choose.
+USER_LOOKUP_LIMIT = 2
+# Object classes of the group shapes `mlink.directory.groups` reads; a
+# change to such an entry may change a roster group.
+GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "posixgroup"})
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """Where users are and how they are named."""
+
+    base_dn: str
+    users_dn: str
+    user_filter: str
+    jid_attribute: str = "mail"
+    scram_attribute: str = "authPassword"
+
+    @property
+    def groups_dn(self) -> str:
+        """Where roster groups live unless a <group base=...> says otherwise."""
+        return f"{GROUPS_RDN},{self.base_dn}"
+
+
+class PortDirectory(Directory):
+    """`Directory` on a `DirectoryPort`; see the module docstring."""
+
+    def __init__(self, port: DirectoryPort, layout: Layout,
+                 changes_seconds: float = DEFAULT_CHANGES_SECONDS) -> None:
+        self.port = port
+        self.layout = layout
+        self.changes_seconds = changes_seconds
+        # PBKDF2 runs in worker threads, a few at a time.
+        self._derive_threads = trio.CapacityLimiter(DERIVE_THREADS)
+        self._users_key = normalize_dn(layout.users_dn)
+
+    # --- finding users ------------------------------------------------------
+
+    def _user_filter(self, jid: str) -> str:
+        return (f"(&{self.layout.user_filter}"
+                f"({self.layout.jid_attribute}={escape_filter_value(jid)}))")
+
+    async def _find(self, jid: str, attributes: Sequence[str]) -> Entry | None:
+        """The user's entry, or None when there is none (or several: a JID
+        must name one user, and guessing would let one log in as another)."""
+        try:
+            found = await self.port.search(
+                self.layout.users_dn, Scope.SUBTREE, self._user_filter(jid),
+                list(attributes) or ["1.1"], size_limit=USER_LOOKUP_LIMIT,
+            )
+        except SizeLimitExceeded:
+            found = [Entry(""), Entry("")]
+        except NoSuchEntry:
+            log.error("directory: the users DN %r does not exist", self.layout.users_dn)
+            return None
+        if len(found) > 1:
+            log.error("directory: several entries have %s=%s; refusing to choose",
+                      self.layout.jid_attribute, jid)
+            return None
+        return found[0] if found else None
+
+    def _check_new_jid(self, jid: str) -> None:
+        check_bare_jid(jid)
+        if self.layout.jid_attribute.lower() == "mail" and not jid.isascii():
+            # inetOrgPerson's mail is an IA5String: the server would refuse it.
+            raise DirectoryError(
+                f"{jid!r}: the JID attribute 'mail' only holds ASCII (IA5String); "
+                "non-ASCII JIDs need another JID attribute (jid-attribute on <ldap>)"
+            )
+
+    # --- authentication -----------------------------------------------------
+
+    async def check_password(self, jid: str, password: str) -> bool:
+        if not password:
+            return False
+        entry = await self._find(jid, ["1.1"])
+        if entry is None:
+            return False
+        return await self.port.bind(entry.dn, password)
+
+    async def scram_secret(self, jid: str, mechanism: str) -> ScramSecret | None:
+        if mechanism not in HASHES:
+            return None
+        attr = self.layout.scram_attribute
+        entry = await self._find(jid, [attr])
+        if entry is None:
+            return None
+        for value in entry.get(attr):
+            if isinstance(value, bytes):
+                value = value.decode("ascii", "replace")
+            secret = ScramSecret.from_auth_password(value)
+            if secret is not None and secret.mechanism == mechanism:
+                return secret
+        log.info(
+            "%s (%s) has no %s value for %s; provisioned by another tool? "
+            "PLAIN still works over TLS; setting the password through mlink adds it",
+            jid, entry.dn, attr, mechanism,
+        )
+        return None
+
+    async def user_exists(self, jid: str) -> bool:
+        return await self._find(jid, ["1.1"]) is not None
+
+    async def list_users(self) -> list[str]:
+        entries = await self._all_users([self.layout.jid_attribute])
+        return sorted(_text(e.get(self.layout.jid_attribute)[0]) for e in entries)
+
+    async def _all_users(self, attributes: list[str]) -> list[Entry]:
+        """Every user entry that has a JID, read in pages."""
+        filt = f"(&{self.layout.user_filter}({self.layout.jid_attribute}=*))"
+        try:
+            return await self.port.search(self.layout.users_dn, Scope.SUBTREE, filt, attributes,
+                                          paged=True, timeout_factor=BULK_TIMEOUT_FACTOR)
+        except NoSuchEntry:
+            log.error("directory: the users DN %r does not exist", self.layout.users_dn)
+            return []
+
+    async def ping(self) -> None:
+        await self.port.ping()
+
+    async def aclose(self) -> None:
+        await self.port.aclose()
+
+    # --- administration -----------------------------------------------------
+
+    def _new_entry(self, jid: str, secrets: list[str]) -> Entry:
+        local = jid.split("@", 1)[0]
+        dn = f"{self.layout.jid_attribute}={escape_dn_value(jid)},{self.layout.users_dn}"
+        attrs: dict[str, list[Value]] = {
+            "objectClass": list(USER_OBJECT_CLASSES),
+            "cn": [local],
+            "sn": [local],
+            "uid": [local],
+            self.layout.jid_attribute: [jid],
+            self.layout.scram_attribute: list(secrets),
+        }
+        return Entry(dn, attrs)
+
+    def _password_update(self, entry: Entry, secrets: list[str]) -> Modify:
+        """New SCRAM secrets for an existing entry, adding mlinkUser when
+        another tool created the entry without it."""
+        mods: list[Modification] = []
+        classes = {str(c).lower() for c in entry.get("objectClass")}
+        if MLINK_CLASS.lower() not in classes:
+            mods.append(Modification("add", "objectClass", (MLINK_CLASS,)))
+        mods.append(Modification("replace", self.layout.scram_attribute, tuple(secrets)))
+        return Modify(entry.dn, tuple(mods))
+
+    async def _secrets(self, password: str) -> list[str]:
+        if not password:
+            raise DirectoryError("empty password")
+        secrets = await trio.to_thread.run_sync(
+            derive_all, password, limiter=self._derive_threads
+        )
+        return [s.to_auth_password() for s in secrets]
+
+    async def add_user(self, jid: str, password: str) -> None:
+        self._check_new_jid(jid)
+        if await self.user_exists(jid):
+            raise UserExists(jid)
+        secrets = await self._secrets(password)
+        entry = self._new_entry(jid, secrets)
+        try:
+            await self.port.add(entry)
+        except EntryExists as exc:
+            raise UserExists(jid) from exc
+        try:
+            await self.port.password_modify(entry.dn, password)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:  # do not leave a user without a userPassword behind
+                    await self.port.delete(entry.dn)
+                except DirectoryError:
+                    log.exception("directory: could not remove half-created %s", entry.dn)
+            raise
+
+    async def set_password(self, jid: str, password: str) -> None:
+        secrets = await self._secrets(password)
+        entry = await self._find(jid, ["objectClass"])
+        if entry is None:
+            raise NoSuchUser(jid)
+        try:
+            await self.port.write([self._password_update(entry, secrets),
+                                   PasswordModify(entry.dn, password)])
+        except NoSuchEntry as exc:
+            raise NoSuchUser(jid) from exc
+
+    async def delete_user(self, jid: str) -> None:
+        entry = await self._find(jid, ["1.1"])
+        if entry is None:
+            raise NoSuchUser(jid)
+        try:
+            await self.port.delete(entry.dn)
+        except NoSuchEntry as exc:
+            raise NoSuchUser(jid) from exc
+
+    async def import_users(self, pairs: Iterable[tuple[str, str]]) -> int:
+        """Derive every secret first (a few threads; PBKDF2 releases the
+        GIL), read the existing users once, then hand the port one batch
+        (the embedded file is written once; LDAP spreads it over the pool)."""
+        pairs = list(pairs)
+        for jid, password in pairs:
+            self._check_new_jid(jid)
+            if not password:
+                raise DirectoryError(f"{jid}: empty password")
+
+        def derive() -> list[list[str]]:
+            def one(password: str) -> list[str]:
+                return [s.to_auth_password() for s in derive_all(password)]
+
+            with ThreadPoolExecutor(DERIVE_THREADS) as pool:
+                return list(pool.map(one, (pw for _, pw in pairs), chunksize=64))
+
+        derived = await trio.to_thread.run_sync(derive)
+        existing = {_text(e.get(self.layout.jid_attribute)[0]).lower(): e
+                    for e in await self._all_users([self.layout.jid_attribute, "objectClass"])}
+        operations: list[Operation] = []
+        for (jid, password), secrets in zip(pairs, derived, strict=True):
+            entry = existing.get(jid.lower())
+            if entry is None:
+                entry = self._new_entry(jid, secrets)
+                existing[jid.lower()] = entry
+                operations.append(Add(entry))
+            else:
+                operations.append(self._password_update(entry, secrets))
+            operations.append(PasswordModify(entry.dn, password))
+        await self.port.write(operations)
+        return len(pairs)
+
+    # --- profile attributes ---------------------------------------------------
+
+    async def user_attributes(
+        self, jid: str, attributes: Sequence[str]
+    ) -> dict[str, list[bytes]] | None:
+        wanted = [a for a in attributes if a.lower() not in CREDENTIAL_ATTRIBUTES]
+        # "1.1" asks for no attributes (RFC 4511 §4.5.1.8): just the entry.
+        entry = await self._find(jid, wanted or ["1.1"])
+        if entry is None:
+            return None
+        out: dict[str, list[bytes]] = {}
+        for name in wanted:
+            values = entry.get(name)
+            if values:
+                out[name] = [_as_bytes(v) for v in values]
+        return out
+
+    async def modify_user(self, jid: str, changes: Mapping[str, Sequence[bytes]]) -> None:
+        """One modify with a replace per attribute (RFC 4511 §4.6: a
+        replace without values deletes the attribute, and is no error when
+        it is absent). The server (or the embedded port, as slapd would)
+        applies it atomically, so a refused value leaves every other one
+        unchanged."""
+        seen: set[str] = set()
+        for name, values in changes.items():
+            if name.lower() in seen:
+                raise DirectoryError(f"attribute {name!r} given twice in one change")
+            seen.add(name.lower())
+            check_writable(name.lower(), self.layout.jid_attribute, name)
+            if name.lower() == self.layout.scram_attribute.lower():
+                check_writable("authpassword", self.layout.jid_attribute, name)
+            for value in values:
+                if not isinstance(value, bytes | bytearray):
+                    raise DirectoryError(f"{name}: values must be bytes, not {type(value)}")
+        if not changes:
+            return
+        entry = await self._find(jid, ["objectClass"])
+        if entry is None:
+            raise NoSuchUser(jid)
+        mods: list[Modification] = []
+        classes = {str(c).lower() for c in entry.get("objectClass")}
+        adds_mlink = any(n.lower() in MLINK_ATTRIBUTES and v for n, v in changes.items())
+        if adds_mlink and MLINK_CLASS.lower() not in classes:
+            mods.append(Modification("add", "objectClass", (MLINK_CLASS,)))
+        for name, values in changes.items():
+            mods.append(Modification("replace", name, tuple(bytes(v) for v in values)))
+        try:
+            await self.port.modify(entry.dn, mods)
+        except NoSuchEntry as exc:
+            raise NoSuchUser(jid) from exc
+        except DirectoryRefused as exc:
+            log.info("directory refused a change of %s (%s): %s", jid, entry.dn, exc)
+            raise
+
+    # --- groups ---------------------------------------------------------------
+
+    async def _user_index(self) -> UserIndex:
+        """Every user once: one paged search giving DN, JID and uids."""
+        index = UserIndex()
+        for entry in await self._all_users([self.layout.jid_attribute, "uid"]):
+            jids = entry.get(self.layout.jid_attribute)
+            if jids:
+                index.add(entry.dn, _text(jids[0]), [_text(u) for u in entry.get("uid")])
+        return index
+
+    async def _group_entries(self, spec: RosterGroupConfig) -> list[Entry]:
+        attrs = group_attributes(spec)
+        if spec.dn:
+            try:
+                return await self.port.search(spec.dn, Scope.BASE, "(objectClass=*)", attrs,
+                                              timeout_factor=BULK_TIMEOUT_FACTOR)
+            except NoSuchEntry:
+                log.warning("roster group %s: no such entry", spec.dn)
+                return []
+        try:
+            parse_filter(spec.filter or "")
+        except FilterError as exc:
+            raise DirectoryError(f"roster group filter {spec.filter!r}: {exc}") from exc
+        base = spec.base or self.layout.groups_dn
+        try:
+            return await self.port.search(base, Scope.SUBTREE, spec.filter or "", attrs,
+                                          paged=True, timeout_factor=BULK_TIMEOUT_FACTOR)
+        except NoSuchEntry:
+            log.warning("roster groups: search base %s does not exist", base)
+            return []
+
+    async def roster_groups(self, specs: Sequence[RosterGroupConfig]) -> list[DirectoryGroup]:
+        """One paged search of users, then one read or paged search per
+        spec; members map to JIDs by lookups in memory (mlink.directory.groups)."""
+        if not specs:
+            return []
+        users = await self._user_index()
+        found: list[DirectoryGroup] = []
+        for spec in specs:
+            for entry in await self._group_entries(spec):
+                found.append(resolve_group(entry.dn, entry.get, spec, users))
+        return dedupe(found)
+
+    # --- the change feed ------------------------------------------------------
+
+    async def changes(self, interval: float | None = None) -> AsyncIterator[list[Change]]:
+        """The port's feed under the base DN, each change marked with the
+        user's bare JID when it is a user entry (see Directory.changes)."""
+        seconds = self.changes_seconds if interval is None else interval
+        jid_attr = self.layout.jid_attribute
+        async for batch in self.port.changes(self.layout.base_dn, seconds):
+            marked = []
+            for change in batch:
+                user = None
+                if is_under(change.key, self._users_key) and change.key != self._users_key:
+                    jids = change.entry.get(jid_attr) if change.entry is not None else []
+                    if jids:
+                        user = _text(jids[0])
+                    elif change.kind == "delete":
+                        user = _jid_from_dn(change.dn, jid_attr)
+                marked.append(Change(change.kind, change.dn, change.entry, user, change.key))
+            yield marked
+
+    def touches_groups(self, change: Change, specs: Sequence[RosterGroupConfig]) -> bool:
+        """Whether `change` may change the resolution of `specs`: an entry
+        a spec names or searches under, an entry shaped like a group, or a
+        user that appeared or went (a member value may name them)."""
+        if change.kind != "modify" and change.user is not None:
+            return True
+        if change.entry is not None:
+            classes = {str(c).lower() for c in change.entry.get("objectClass")}
+            if classes & GROUP_CLASSES:
+                return True
+        for spec in specs:
+            if spec.dn and normalize_dn(spec.dn) == change.key:
+                return True
+            if spec.filter and is_under(change.key, normalize_dn(spec.base or
+                                                                 self.layout.groups_dn)):
+                return True
+        return False
+
+
+def _jid_from_dn(dn: str, jid_attribute: str) -> str | None:
+    """The JID in a user DN named by its JID attribute (`mail=a@b,...`)."""
+    first = dn.split(",", 1)[0]
+    if first.partition("=")[0].strip().lower() != jid_attribute.lower():
+        return None
+    return rdn_value(dn) or None
+
+
+def _as_bytes(value: object) -> bytes:
+    """Values are str when they decode as UTF-8, bytes otherwise."""
+    if isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8")
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
