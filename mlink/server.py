@@ -102,6 +102,9 @@ class Server:
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
+        # The nursery `serve` runs everything in, once it runs: modules'
+        # tasks spawned later start there too.
+        self._nursery: trio.Nursery | None = None
 
     # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
 
@@ -152,13 +155,24 @@ class Server:
             await self.hooks.notify("session/bound", conn.info)
         return full
 
+    def detach_session(self, conn: ClientConnection) -> bool:
+        """Take `conn` out of the session table here and on every shard, at
+        once (it is ending): stanzas for it now take the "no such resource"
+        path instead of vanishing into a closing connection. False when it
+        was not (or no longer) bound."""
+        if not self.sessions.unbind(conn):
+            return False
+        if self.router.cluster is not None:
+            self.router.cluster.announce_down(conn.info)
+        return True
+
     async def session_ended(self, conn: ClientConnection) -> None:
         """Announce the end of a bound session once (unavailable presence
         and the like), even while the connection's task is being cancelled."""
-        if not self.sessions.unbind(conn):
+        if conn.ended:
             return
-        if self.router.cluster is not None:
-            self.router.cluster.announce_down(conn.info)
+        conn.ended = True
+        self.detach_session(conn)
         with trio.CancelScope(shield=True), trio.move_on_after(SHUTDOWN_GRACE):
             try:
                 with self.router.batch():
@@ -175,7 +189,10 @@ class Server:
     # -- ModuleHost (mlink.module): what modules reach through their context --------
 
     def spawn_background(self, name: str, task: Callable[[], Awaitable[None]]) -> None:
-        self.background_tasks.append((name, task))
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_background, name, task)
+        else:
+            self.background_tasks.append((name, task))
 
     def shared_service(self, name: str, factory: Callable[[], Any]) -> Any:
         if name not in self.shared_services:
@@ -270,6 +287,7 @@ class Server:
                 nursery.start_soon(self._serve_listener, loop)
             for name, task in self.background_tasks:
                 nursery.start_soon(self._run_background, name, task)
+            self._nursery = nursery
             task_status.started()
 
     async def _run_background(self, name: str, task: Callable[[], Awaitable[None]]) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from mlink.hooks import Hooks, StanzaEvent, iq_child_namespace
 from mlink.jid import JID, InvalidJID, parse_jid
-from mlink.router.sessions import SessionInfo, SessionTable
+from mlink.router.sessions import Connection, SessionInfo, SessionTable
 from mlink.stream.errors import stanza_error
 
 if TYPE_CHECKING:
@@ -105,10 +105,19 @@ class Router:
         """Queue `stanza` for one session, here or on another shard; False
         if it is not bound anywhere."""
         conn = self.sessions.get(full)
-        if conn is not None:
-            conn.deliver(stanza)
+        if conn is not None and conn.deliver(stanza):
             return True
         return self.cluster is not None and self.cluster.deliver(full, stanza)
+
+    def deliver_tracked(self, full: JID, stanza: ET.Element) -> WriteReceipt | None:
+        """Queue `stanza` for a session on this shard, to learn when it has
+        really been written (a stanza held in the store until then, such as
+        an offline message); None when no such session is here."""
+        conn = self.sessions.get(full)
+        if conn is None:
+            return None
+        mark = conn.deliver_tracked(stanza)
+        return None if mark is None else WriteReceipt(conn, mark)
 
     def is_local(self, jid: JID) -> bool:
         return jid.domain in self.domains
@@ -309,6 +318,25 @@ class Router:
             self.deliver(event.to, event.stanza)
         elif scope == "bare":
             self.deliver_to_available(event.to, event.stanza)
+
+
+class WriteReceipt:
+    """When a tracked stanza left for its session (`Router.deliver_tracked`)."""
+
+    __slots__ = ("_conn", "_mark")
+
+    def __init__(self, conn: Connection, mark: int) -> None:
+        self._conn = conn
+        self._mark = mark
+
+    async def written(self) -> bool:
+        """Until written (True) or the session ended first (False)."""
+        return await self._conn.written(self._mark)
+
+    @property
+    def done(self) -> bool:
+        """Written already."""
+        return self._conn.is_written(self._mark)
 
 
 def _kind(stanza: ET.Element) -> str:

@@ -54,8 +54,20 @@ class Connection(Protocol):
 
     info: SessionInfo
 
-    def deliver(self, stanza: ET.Element) -> None:
-        """Queue `stanza` for the client without waiting."""
+    def deliver(self, stanza: ET.Element, keep: bool = True) -> bool:
+        """Queue `stanza` for the client without waiting; False when the
+        session is ending. With `keep`, a stanza the session never writes
+        is routed again when it ends (another resource, offline, a bounce)."""
+
+    def deliver_tracked(self, stanza: ET.Element) -> int | None:
+        """Queue `stanza`, never to be routed again: the output mark it is
+        written by, or None when the session is ending."""
+
+    async def written(self, mark: int) -> bool:
+        """Until the output reaches `mark` (True) or the session ends (False)."""
+
+    def is_written(self, mark: int) -> bool:
+        """Whether the output reached `mark`."""
 
     def kick(self, condition: str, text: str = "") -> None:
         """End the session with a stream error, without waiting."""

@@ -417,16 +417,25 @@ class Store:
 
         return await self._write(work)
 
-    async def offline_fetch(self, user: str) -> list[tuple[int, bytes]]:
-        """(id, stanza) pairs, oldest first. Nothing is removed: the caller
-        deletes the ids it actually delivered, so a crash mid-delivery
-        loses nothing."""
+    async def offline_fetch(self, user: str, limit: int | None = None,
+                            max_bytes: int | None = None) -> list[tuple[int, bytes]]:
+        """(id, stanza) pairs, oldest first: at most `limit` of them and,
+        past the first, at most `max_bytes` in all. Nothing is removed: the
+        caller deletes the ids it actually delivered, so a crash
+        mid-delivery loses nothing."""
 
         def work(conn: sqlite3.Connection) -> list[tuple[int, bytes]]:
             rows = conn.execute(
-                "SELECT id, stanza FROM offline_message WHERE user = ? ORDER BY id", (user,)
-            ).fetchall()
-            return [(int(i), bytes(stanza)) for i, stanza in rows]
+                "SELECT id, stanza FROM offline_message WHERE user = ? ORDER BY id LIMIT ?",
+                (user, -1 if limit is None else limit))
+            out: list[tuple[int, bytes]] = []
+            size = 0
+            for row_id, stanza in rows:
+                size += len(stanza)
+                if out and max_bytes is not None and size > max_bytes:
+                    break
+                out.append((int(row_id), bytes(stanza)))
+            return out
 
         return await self._read1(work)
 

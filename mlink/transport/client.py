@@ -22,6 +22,7 @@ from mlink.jid import JID
 from mlink.router.sessions import SessionInfo
 from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
+from mlink.util.outbuffer import OutputBuffer
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -51,32 +52,67 @@ class ClientConnection:
         settings = server.stream_settings(tls_active=direct_tls)
         self.xmpp = c2s.C2SStream(settings)
         self.info = SessionInfo(JID("", "", ""))
-        self._outbox: list[bytes] = []
-        self._outbox_bytes = 0
-        self._has_output = trio.Event()
-        self._drained = trio.Event()
-        self._drained.set()
+        # Stanzas queued for the client; message and iq chunks carry their
+        # stanza, so a session cut before they are written can hand them
+        # back to the router (offline storage, another resource, a bounce).
+        self.out: OutputBuffer[ET.Element] = OutputBuffer(MAX_OUTBOX_BYTES)
         self._closing = False
         self._sending = False  # the writer is in `send_all`
         self._bound = False
+        # Set by Server.session_ended: the session's end was announced.
+        self.ended = False
+        self._kicked = trio.Event()
+        # Stanzas taken back from a cut session, routed again at its end.
+        self._orphans: list[ET.Element] = []
         self._scope = trio.CancelScope()
         self.peer = _peer_name(stream)
 
     # -- Session interface (used by the router, never awaits) --------------------
 
-    def deliver(self, stanza: ET.Element) -> None:
-        if not self._closing:
-            self._queue(self.xmpp.framing.stanza(stanza))
+    def deliver(self, stanza: ET.Element, keep: bool = True) -> bool:
+        """Queue `stanza`; False when the session is ending (the caller
+        treats it as gone). With `keep`, a message or iq that is never
+        written is routed again when the session ends."""
+        if self._closing:
+            return False
+        kind = stanza.tag
+        item = stanza if keep and (kind == _MESSAGE or kind == _IQ) else None
+        self._queue(self.xmpp.framing.stanza(stanza), item)
+        return True
+
+    def deliver_tracked(self, stanza: ET.Element) -> int | None:
+        """Queue `stanza`, never to be routed again; the output mark it is
+        written by (see `written`), or None when the session is ending."""
+        if not self.deliver(stanza, keep=False):
+            return None
+        return self.out.mark()
+
+    async def written(self, mark: int) -> bool:
+        """Wait until the output reaches `mark`: True once written, False
+        when the session ends first."""
+        while self.out.written < mark:
+            if self._closing and not self._sending and not self.out.pending:
+                return False
+            await self.out.wait_progress()
+        return True
+
+    def is_written(self, mark: int) -> bool:
+        return self.out.written >= mark
 
     def kick(self, condition: str, text: str = "") -> None:
+        """End the session with a stream error, at once as far as anyone
+        else can tell: it leaves the session table (and the other shards'
+        tables) now, so stanzas for it take the "no such resource" path;
+        its closing bytes get CLOSE_GRACE to leave, then the connection is
+        cut whether or not the client reads."""
         if self._closing:
             return
         self.xmpp.close(condition, text)
         self._flush_machine()
         self._closing = True
-        # The writer ends the connection once all is out, even when the
-        # closing tag was written through.
-        self._has_output.set()
+        if self._bound:
+            self.server.detach_session(self)
+        self._kicked.set()
 
     # -- tasks ----------------------------------------------------------------
 
@@ -85,6 +121,7 @@ class ClientConnection:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer)
+                    nursery.start_soon(self._close_when_kicked)
                     try:
                         if not self.direct_tls or await self._start_tls():
                             await self._read_until_authenticated()
@@ -96,9 +133,11 @@ class ClientConnection:
                     await self._finish()
                     nursery.cancel_scope.cancel()
             finally:
+                self._orphans.extend(self.out.discard())
                 if self._bound:
                     self._bound = False
                     await self.server.session_ended(self)
+                await self._route_orphans()
                 with trio.move_on_after(CLOSE_GRACE) as cleanup:
                     cleanup.shield = True
                     try:
@@ -145,7 +184,7 @@ class ClientConnection:
                 continue
             self._flush_machine()
             if isinstance(ev, c2s.StartTLS):
-                await self._drain()
+                await self.out.wait_drained()
                 if not await self._start_tls():
                     return
             elif isinstance(ev, c2s.CredentialRequested):
@@ -210,7 +249,35 @@ class ClientConnection:
         """Flush the last bytes, and give the peer time for its closing tag."""
         self._flush_machine()
         with trio.move_on_after(CLOSE_GRACE):
-            await self._drain()
+            await self.out.wait_drained()
+
+    async def _close_when_kicked(self) -> None:
+        """A kicked session's bytes get CLOSE_GRACE; then the connection is
+        cut, even if the writer is stuck on a client that stopped reading."""
+        await self._kicked.wait()
+        with trio.move_on_after(CLOSE_GRACE):
+            await self.out.wait_drained()
+            while self._sending:
+                await self.out.wait_progress()
+            return
+        log.info("%s: closing bytes not taken within %.0f s; cutting", self.peer, CLOSE_GRACE)
+        self._scope.cancel()
+
+    async def _route_orphans(self) -> None:
+        """Stanzas accepted for this session and never written go where
+        the RFC sends a stanza for a resource that is not there (RFC 6121
+        §8.5.3.2): another resource, offline storage, or a bounce."""
+        orphans, self._orphans = self._orphans, []
+        if not orphans:
+            return
+        log.info("%s: %d stanza(s) not written to %s routed again", self.peer, len(orphans),
+                 self.info.jid)
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
+            for stanza in orphans:
+                try:
+                    await self.server.router.route(stanza)
+                except Exception:
+                    log.exception("%s: routing a stanza again failed", self.peer)
 
     # -- writing --------------------------------------------------------------
 
@@ -218,53 +285,52 @@ class ClientConnection:
         for message in self.xmpp.messages_to_send():
             self._queue(message)
 
-    def _queue(self, data: bytes) -> None:
-        if not self._outbox and not self._sending and type(self.transport) is trio.SocketStream:
+    def _queue(self, data: bytes, item: ET.Element | None = None) -> None:
+        out = self.out
+        if not out.pending and not self._sending and type(self.transport) is trio.SocketStream:
+            # Write-through: nothing queued, nothing being written.
             fd = self.transport.socket.fileno()
             if fd >= 0 and data:
                 try:
                     sent = os.write(fd, data)
                 except OSError:
                     sent = 0  # full (or broken: the writer finds out)
+                out.note_written_through(sent)
                 if sent == len(data):
                     return
                 data = data[sent:]
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        self._drained = trio.Event() if self._drained.is_set() else self._drained
-        self._has_output.set()
-        if self._outbox_bytes > MAX_OUTBOX_BYTES and not self._closing:
-            log.warning("%s is not reading; closing", self.info.jid)
-            self._outbox.clear()
-            self._outbox_bytes = 0
+        if not out.fits(len(data)) and not self._closing:
+            log.warning("%s: %s is not reading; closing", self.peer, self.info.jid)
+            out.push(data, item)
+            self._orphans.extend(out.discard())
             self.kick("policy-violation", "too much unread data")
-
-    async def _drain(self) -> None:
-        await self._drained.wait()
+            return
+        out.push(data, item)
 
     async def _writer(self) -> None:
+        out = self.out
         while True:
-            await self._has_output.wait()
-            self._has_output = trio.Event()
-            batch = self._outbox
-            self._outbox = []
-            self._outbox_bytes = 0
+            await out.wait_ready()
+            batch = out.take()
+            size = sum(len(chunk) for chunk in batch)
             self._sending = True
             try:
                 await self._send(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._closing = True
-                self._drained.set()
                 self._scope.cancel()
                 return
             finally:
                 self._sending = False
-            if not self._outbox:
-                self._drained.set()
-                if self._closing:
-                    # Everything up to the closing tag is out: stop reading.
-                    self._scope.cancel()
-                    return
+            out.written_now(size)
+            if not out.pending and self._closing:
+                # Everything up to the closing tag is out: stop reading.
+                self._scope.cancel()
+                return
+
+
+_MESSAGE = "{jabber:client}message"
+_IQ = "{jabber:client}iq"
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
