@@ -82,6 +82,15 @@ class LogReader:
                     raise AssertionError(f"no log line matching {pattern!r}:\n{self.text()}")
                 self._cond.wait(remaining)
 
+    def find(self, pattern: str, since: int = 0) -> re.Match[str] | None:
+        """The first match of `pattern` in a line logged after `since`, now."""
+        regex = re.compile(pattern)
+        with self._cond:
+            for line in self.lines[since:]:
+                if m := regex.search(line):
+                    return m
+        return None
+
     def text(self) -> str:
         return "".join(self.lines)
 
