@@ -48,6 +48,7 @@ USER, PASSWORD = "prober", "prober-pw"
 # A loopback reply that takes longer than this means the server is wedged.
 READ_TIMEOUT = 900.0
 KIB = 1024
+SASL_CAP = 4096  # mlink.sasl.plain.MAX_PLAIN_MESSAGE, scram.MAX_SCRAM_MESSAGE
 HAN = "\u4e00"  # a Han character: makes every KATAKANA MIDDLE DOT legal (RFC 5892 A.7)
 
 
@@ -89,6 +90,21 @@ def prepare_ms(text: str) -> tuple[float, str]:
         parse_jid(text)
         outcome = "valid"
     except InvalidJID:
+        outcome = "invalid"
+    return (time.perf_counter() - started) * 1000, outcome
+
+
+def sasl_user_ms(text: str) -> tuple[float, str]:
+    """SASLprep then localpart preparation, as a SASL PLAIN or SCRAM user
+    name gets them (both mechanisms refuse messages over 4,096 octets)."""
+    from mlink.jid import InvalidJID, prep_localpart
+    from mlink.sasl.saslprep import SASLprepError, saslprep
+
+    started = time.perf_counter()
+    try:
+        prep_localpart(saslprep(text, allow_unassigned=True))
+        outcome = "valid"
+    except (InvalidJID, SASLprepError):
         outcome = "invalid"
     return (time.perf_counter() - started) * 1000, outcome
 
@@ -304,6 +320,12 @@ def main() -> None:
                         said = "/".join(sorted({r[2] for r in served}))
                     print(f"{name:24} {size:>4} {ms:>11.1f} {stall:>9} {reply:>9}  "
                           f"{said or outcome}", flush=True)
+            # SASL user names: at most the 4,096-octet message cap.
+            for name, char in (("sasl-user katakana", "\u30fb"), ("sasl-user arabic", "\u0664")):
+                text = char * (SASL_CAP // len(char.encode()) - 1) + HAN
+                runs = [sasl_user_ms(text) for _ in range(args.reps)]
+                ms = statistics.median(r[0] for r in runs)
+                print(f"{name:24} {4:>4} {ms:>11.1f} {'':>9} {'':>9}  {runs[0][1]}", flush=True)
             if prober is not None:
                 prober.stop.set()
                 prober.join()
