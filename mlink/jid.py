@@ -18,6 +18,7 @@ bench/jid_stall.py).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -97,6 +98,8 @@ class _Context:
         self._has_hkh: bool | None = None
         self._has_arabic_indic: bool | None = None
         self._has_extended_arabic_indic: bool | None = None
+        # precis-i18n has no public name for a code point's joining type.
+        self._join_type: Callable[[int], str | None] = ucd._join_type  # type: ignore[attr-defined]
 
     def error(self, offset: int) -> str:
         """'' when the context rule for `value[offset]` holds, else its name."""
@@ -136,8 +139,7 @@ class _Context:
         """Whether the first non-transparent character along `walk` has a
         joining type in `wanted` (False when there is none)."""
         for i in walk:
-            # precis-i18n has no public name for a code point's joining type.
-            join_type = self._ucd._join_type(ord(self._value[i]))
+            join_type = self._join_type(ord(self._value[i]))
             if join_type != _JOIN_TRANSPARENT:
                 return join_type in wanted
         return False
