@@ -62,6 +62,16 @@ def _distinct_cjk(size: int) -> str:
     return "".join(chr(0x4E00 + i % 20000) for i in range(size // 3))
 
 
+def _idn_labels(size: int) -> str:
+    """Many short labels of distinct ideographs, each one that IDNA accepts
+    (17 ideographs: a 59-octet ACE label), so the codec does every label."""
+    labels, total, k = [], 0, 0
+    while total + 52 <= size:
+        labels.append("".join(chr(0x4E00 + 17 * k + i) for i in range(17)))
+        total, k = total + 52, k + 1
+    return ".".join(labels)
+
+
 # name -> builder(size in octets) -> JID text
 PATTERNS: dict[str, Callable[[int], str]] = {
     # U+30FB ... U+4E00 as resourcepart: A.7 rescans the string per dot.
@@ -76,6 +86,8 @@ PATTERNS: dict[str, Callable[[int], str]] = {
     "zwnj-resource": lambda n: f"{DOMAIN}/" + _repeat("\u0628\u200c", n, 12),
     # Distinct ideographs as domainpart: IDNA2003 Punycode is quadratic.
     "cjk-domain": _distinct_cjk,
+    # Valid labels up to the size: the slowest domain left under the bound.
+    "idn-labels-domain": _idn_labels,
 }
 
 
