@@ -410,6 +410,46 @@ def test_bad_stream_header(server, ca_file, stream_header, condition):
     assert "<stream:features" not in text, text
 
 
+# JIDs of 64 KB that PRECIS once prepared in time quadratic in their length
+# (the RFC 5892 context rules rescanned the string per KATAKANA MIDDLE DOT or
+# Arabic-Indic digit): minutes of a stalled shard for one packet (issue 12,
+# item 4; the timings are in bench/jid_stall.py, not here). A part over
+# 4 x 1023 octets is now refused on its length alone.
+PRECIS_HEAVY_BYTES = 64 * 1024
+PRECIS_HEAVY = {
+    # The last character (Han) makes every dot legal, so each one was checked.
+    "katakana-resource": f"{DOMAIN}/" + "\u30fb" * (PRECIS_HEAVY_BYTES // 3) + "\u4e00",
+    "katakana-localpart": "\u30fb" * (PRECIS_HEAVY_BYTES // 3) + f"\u4e00@{DOMAIN}",
+    "arabic-indic-resource": f"{DOMAIN}/" + "\u0664" * (PRECIS_HEAVY_BYTES // 2),
+}
+
+
+@pytest.mark.parametrize("to", list(PRECIS_HEAVY.values()), ids=list(PRECIS_HEAVY))
+def test_precis_heavy_to_is_host_unknown_while_others_are_served(server, ca_file, to):
+    # Like any `to` that is not one of our domains (see the test above).
+    other, _ = logged_in(server, ca_file)
+    client = RawClient(server.c2s_port, ca_file)
+    try:
+        client.send(header(to))
+        ping(other, DOMAIN)
+        text = expect_stream_error(client, "host-unknown")
+        assert text.index("<stream:stream") < text.index("<stream:error>"), text
+        assert "<stream:features" not in text, text
+        ping(other, DOMAIN)
+    finally:
+        other.close()
+
+
+def test_precis_heavy_bind_resource_is_bad_request(server, ca_file):
+    client = authenticated(server, ca_file)
+    heavy = "\u30fb" * (PRECIS_HEAVY_BYTES // 3) + "\u4e00"
+    client.send(f"<iq type='set' id='heavy'><bind xmlns='{BIND_NS}'>"
+                f"<resource>{heavy}</resource></bind></iq>")
+    reply = read_stanza(client, "iq", "heavy")
+    assert stanza_error_of(reply) == ("modify", "bad-request")
+    client.close()
+
+
 def test_bad_header_after_tls_is_reported_encrypted(server, ca_file):
     client = RawClient(server.c2s_port, ca_file)
     client.open(DOMAIN)
