@@ -88,6 +88,9 @@ class Server:
         self.bus_handlers: dict[str, BusHandler] = {}
         # What modules add to <stream:features>: (provider, after authentication).
         self.stream_feature_providers: list[tuple[FeatureProvider, bool]] = []
+        # The nursery `serve` runs everything in, once it runs: modules'
+        # tasks spawned later start there too (set before modules load).
+        self._nursery: trio.Nursery | None = None
         self.sasl = SaslRegistry()
         for provider in builtin_providers():
             self.sasl.add_mechanism(provider)
@@ -102,9 +105,6 @@ class Server:
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
-        # The nursery `serve` runs everything in, once it runs: modules'
-        # tasks spawned later start there too.
-        self._nursery: trio.Nursery | None = None
 
     # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
 
