@@ -45,6 +45,7 @@ from mlink.transport.accept import AcceptLoop
 from mlink.transport.client import ClientConnection
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
+from mlink.util.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class Server:
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
+        self.watchdog = LoopWatchdog()
 
     # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
 
@@ -287,6 +289,7 @@ class Server:
                 nursery.start_soon(self._serve_listener, loop)
             for name, task in self.background_tasks:
                 nursery.start_soon(self._run_background, name, task)
+            nursery.start_soon(self.watchdog.run)
             self._nursery = nursery
             task_status.started()
 

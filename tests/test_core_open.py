@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.rawclient import RawClient, ping, read_stanza, read_stanza_text, stanza_error_of
-from tests.serverproc import DOMAIN, LogReader, start_mlink
+from tests.serverproc import DOMAIN, LogReader, mlink, start_mlink
 
 PROBE_NS = "urn:mlink:test:probe"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -36,8 +36,8 @@ def with_probe_module(text: str) -> str:
 
 
 class Shards:
-    def __init__(self, log: LogReader, port: int, ca_file: Path) -> None:
-        self.log, self.port, self.ca_file = log, port, ca_file
+    def __init__(self, log: LogReader, port: int, ca_file: Path, config: Path) -> None:
+        self.log, self.port, self.ca_file, self.config = log, port, ca_file, config
         self.clients: list[RawClient] = []
 
     def on_shard(self, shard: int, connect: object) -> RawClient:
@@ -74,7 +74,7 @@ def server(tmp_path_factory, cert_files, ca_file) -> Iterator[Shards]:
     users = {f"{user}@{DOMAIN}": pw for user, pw in USERS.items()}
     with start_mlink(setup, DOMAIN, cert_files, users=users, shards=2,
                      edit_config=with_probe_module) as proc:
-        yield Shards(proc.log, proc.c2s_port, ca_file)
+        yield Shards(proc.log, proc.c2s_port, ca_file, proc.config)
 
 
 @pytest.fixture
@@ -139,3 +139,18 @@ def test_a_waiting_handler_holds_back_no_other_cross_shard_message(shards):
     bob.send(f"<iq type='set' id='r1'><release xmlns='{PROBE_NS}'/></iq>")
     assert read_stanza(bob, "iq", "r1").get("type") == "result"
     assert read_stanza(alice, "iq", "h1").get("type") == "result"
+
+
+def test_a_blocked_loop_is_logged_with_its_cause_and_counted(shards):
+    """Issue 12: a stall over 100 ms is logged once with what caused it,
+    and `mlink status` counts it for the shard."""
+    alice = shards.login_on(0, "alice")
+    mark = shards.log.mark()
+    alice.send(f"<iq type='set' id='b1'><block xmlns='{PROBE_NS}' seconds='0.4'/></iq>")
+    assert read_stanza(alice, "iq", "b1").get("type") == "result"
+    shards.log.wait_for(r"shard-0 .*event loop stalled \d+ ms", TIMEOUT, mark)
+    shards.log.wait_for(r"in block_the_loop", TIMEOUT, mark)
+    status = mlink("status", "--config", str(shards.config))
+    row = next(line for line in status.stdout.splitlines() if line.split()[:1] == ["0"])
+    assert int(row.split()[7]) >= 1, status.stdout
+    assert "block_the_loop" in status.stdout

@@ -543,15 +543,19 @@ def format_status(status: dict[str, Any]) -> str:
         f"supervisor pid {status['pid']}, up {_duration(status['uptime'])}, "
         f"{len(shards)} shard(s), {sessions} session(s)",
         f"{'shard':>5} {'pid':>8} {'state':<8} {'uptime':>8} {'restarts':>8} "
-        f"{'conns':>7} {'sessions':>8}",
+        f"{'conns':>7} {'sessions':>8} {'stalls':>6} {'longest':>8}",
     ]
     for s in shards:
         stats = s["stats"] or {}
+        loop = stats.get("loop") or {}
+        longest = f"{loop['longest_ms']:.0f}ms" if loop.get("stalls") else "-"
         lines.append(
             f"{s['index']:>5} {s['pid'] or '-':>8} {s['state']:<8} {_duration(s['uptime']):>8} "
             f"{s['restarts']:>8} {stats.get('connections', '-'):>7} "
-            f"{stats.get('sessions', '-'):>8}"
+            f"{stats.get('sessions', '-'):>8} {loop.get('stalls', '-'):>6} {longest:>8}"
         )
+        if loop.get("cause"):
+            lines.append(f"      longest stall in: {loop['cause']}")
     links = [(s["index"], stats) for s in shards if (stats := s["stats"])]
     if any(stats["bus"] for _, stats in links):
         lines.append("bus links (from->to: frames/bytes out, frames/bytes in, mean batch, "

@@ -40,6 +40,9 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         "connections": len(server.connections),
         "sessions": len(server.sessions),
         "peers_up": sorted(bus.peers),
+        # Event-loop stalls over 100 ms (mlink.util.watchdog): a shard can
+        # answer "ready" and still have made its users wait.
+        "loop": server.watchdog.stats.as_dict(),
         "bus": {str(i): s.as_dict() for i, s in bus.stats().items()},
     }
 
@@ -52,8 +55,6 @@ async def run_shard(config: Config, index: int, shards: int, bus_dir: Path,
     started = time.monotonic()
     bus = UnixSocketBus(index, shards, bus_dir)
     server = Server(config)
-    server.shard_index = index  # type: ignore[attr-defined]
-    server.bus = bus  # type: ignore[attr-defined]
     server.attach_bus(bus)
     control = None
     if control_fd is not None:

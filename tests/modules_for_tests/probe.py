@@ -7,6 +7,7 @@ a file under mlink/.
 
 from __future__ import annotations
 
+import time
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -59,6 +60,11 @@ class TokenProvider:
         return TokenMechanism()
 
 
+def block_the_loop(seconds: float) -> None:
+    """A handler that forgets to await: the loop watchdog must name it."""
+    time.sleep(seconds)
+
+
 def setup(module: Module) -> None:
     tag = module.session_field("tag", "", Codec(str.encode, lambda b: b.decode()))
     released = trio.Event()
@@ -78,6 +84,8 @@ def setup(module: Module) -> None:
             await released.wait()
         elif name == "release":
             released.set()
+        elif name == "block":
+            block_the_loop(float(child.get("seconds", "0.3")))
         await module.router.route(iq_result(event.stanza))
         return True
 
