@@ -75,6 +75,10 @@ DEFAULT_AUTH_TIMEOUT = 60.0
 # Messages stored per offline user (XEP-0160), as Prosody's default; see
 # LimitsConfig.max_offline_messages.
 DEFAULT_MAX_OFFLINE_MESSAGES = 100
+# Output queued for one client; see LimitsConfig.max_output_bytes. At least
+# one largest stanza must fit (RFC 6120 §13.12's 10,000 bytes, with room).
+DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
+MIN_OUTPUT_BYTES = 64 * 1024
 # Profile cache lifetime; see ProfilesConfig.cache_seconds.
 DEFAULT_PROFILE_CACHE_SECONDS = 60.0
 # Largest avatar; see ProfilesConfig.max_photo_bytes.
@@ -493,6 +497,15 @@ class LimitsConfig(Frozen):
             "get `service-unavailable`. `0` stores none.",
         why="As Prosody's default: enough for a weekend away, small enough that one spammer "
             "cannot fill the store for a user.",
+    )
+    max_output_bytes: int = attr(
+        "output-bytes", DEFAULT_MAX_OUTPUT_BYTES, kind=Int(MIN_OUTPUT_BYTES),
+        doc="Bytes queued for one client and not yet taken by it; past it the session ends "
+            "with `policy-violation`, and what was not written goes to offline storage or "
+            "back to its sender. A single result larger than this is answered with "
+            "`resource-constraint` instead of ending the session.",
+        why="A client that stops reading may not pin more of our memory; 4 MiB holds many "
+            "large stanzas, as Prosody ends slow clients.",
     )
 
 

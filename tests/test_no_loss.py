@@ -10,6 +10,7 @@ real TLS with raw clients:
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -107,3 +108,33 @@ def test_messages_for_a_session_cut_for_not_reading_reach_offline_storage(server
     got = back.read_until(later[-1], BULK_TIMEOUT)
     missing = [t for t in later if t not in got]
     assert missing == [], f"{len(missing)} of {LATER_MESSAGES} later messages lost"
+
+
+# A small output bound, and a roster larger than it.
+SMALL_OUTPUT = 65536
+BIG_ROSTER_ITEMS = 80
+LONG_NAME = "n" * 1000
+
+
+def small_output(text: str) -> str:
+    edited = re.sub(r'output-bytes="\d+"', f'output-bytes="{SMALL_OUTPUT}"', text)
+    assert edited != text
+    return edited
+
+
+def test_a_result_larger_than_the_output_bound_is_refused_not_fatal(
+        tmp_path: Path, cert_files: tuple[Path, Path], ca_file: Path) -> None:
+    """Issue 12, finding 3: a roster over the output bound used to end its
+    owner's stream on every fetch, so the account could never fetch it."""
+    with start_mlink(tmp_path, DOMAIN, cert_files, users=USERS,
+                     edit_config=small_output) as server:
+        erin = login(server, ca_file, ERIN)
+        for n in range(BIG_ROSTER_ITEMS):
+            erin.send(f"<iq type='set' id='s{n}'><query xmlns='jabber:iq:roster'>"
+                      f"<item jid='contact{n}@example.org' name='{LONG_NAME}'/></query></iq>")
+            erin.read_until(f"id='s{n}'")
+        erin.send("<iq type='get' id='big'><query xmlns='jabber:iq:roster'/></iq>")
+        reply = erin.read_until(r"id='big'.*?</iq>")
+        assert "type='error'" in reply and "resource-constraint" in reply, reply[:500]
+        round_trip(erin)  # the stream goes on
+        assert not erin.eof

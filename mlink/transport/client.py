@@ -22,6 +22,7 @@ from mlink.jid import JID
 from mlink.router.sessions import SessionInfo
 from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
+from mlink.stream.errors import stanza_error
 from mlink.util.outbuffer import OutputBuffer
 
 if TYPE_CHECKING:
@@ -32,9 +33,6 @@ log = logging.getLogger(__name__)
 # One read at most this many bytes: small enough that the stanza-size limit
 # is enforced within one read, large enough for a burst of stanzas.
 MAX_READ = 16 * 1024
-# A client that stops reading may not pin more than this much of our memory;
-# past it the session ends (`policy-violation`), as Prosody ends slow clients.
-MAX_OUTBOX_BYTES = 4 * 1024 * 1024
 # How long a TLS handshake may take before the connection is dropped.
 TLS_HANDSHAKE_TIMEOUT = 30.0
 # After we send our closing tag, how long we wait for the peer's before
@@ -55,7 +53,8 @@ class ClientConnection:
         # Stanzas queued for the client; message and iq chunks carry their
         # stanza, so a session cut before they are written can hand them
         # back to the router (offline storage, another resource, a bounce).
-        self.out: OutputBuffer[ET.Element] = OutputBuffer(MAX_OUTBOX_BYTES)
+        self.out: OutputBuffer[ET.Element] = OutputBuffer(
+            server.config.limits.max_output_bytes)
         self._closing = False
         self._sending = False  # the writer is in `send_all`
         self._bound = False
@@ -77,8 +76,32 @@ class ClientConnection:
             return False
         kind = stanza.tag
         item = stanza if keep and (kind == _MESSAGE or kind == _IQ) else None
-        self._queue(self.xmpp.framing.stanza(stanza), item)
+        data = self.xmpp.framing.stanza(stanza)
+        if len(data) > self.out.limit:
+            data = self._too_large(stanza, data)
+            item = None
+        self._queue(data, item)
         return True
+
+    def _too_large(self, stanza: ET.Element, data: bytes) -> bytes:
+        """A single stanza larger than the output bound would end the
+        session every time (a huge roster, a big stored element): a result
+        becomes `resource-constraint` (RFC 6120 §8.3.3.18), anything else
+        is dropped with a log line (nothing a client sent can be this big)."""
+        log.warning("%s: %d-byte %s for %s exceeds the output bound", self.peer, len(data),
+                    stanza.tag.rpartition("}")[2], self.info.jid)
+        if stanza.tag == _IQ and stanza.get("type") == "result":
+            # The error answers the request the result was for: addressed as
+            # the request would be, so `stanza_error` swaps it back.
+            request = ET.Element(_IQ, {"type": "get", "id": stanza.get("id", "")})
+            if (to := stanza.get("to")) is not None:
+                request.set("from", to)
+            if (sender := stanza.get("from")) is not None:
+                request.set("to", sender)
+            error = stanza_error(request, "resource-constraint",
+                                 "the result is too large to send")
+            return self.xmpp.framing.stanza(error)
+        return b""
 
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again; the output mark it is
