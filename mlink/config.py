@@ -219,7 +219,7 @@ class _Loader:
         root = self.root
         if root.tag != "mlink":
             self.fail(root, f"the root element must be <mlink>, not <{root.tag}>")
-        config = self.build(Config, root, root, ChainMap())
+        config: Config = self.build(Config, root, root, ChainMap())
         return dataclasses.replace(config, path=absolute_path(self.path))
 
     def build(self, cls: Any, elem: Element | None, parent: Element,
@@ -338,9 +338,10 @@ class _Loader:
                   if entry.enabled and entry.name not in DEFAULT_MODULES]
         options: dict[str, object] = {}
         for name in order:
-            child = listed[name][0] if name in listed else None
-            module = self.import_module(name, child if child is not None else (elem or self.root))
-            parsed = self.module_options(name, module, child)
+            given = listed[name][0] if name in listed else None
+            where = given if given is not None else (elem if elem is not None else self.root)
+            module = self.import_module(name, where)
+            parsed = self.module_options(name, module, given)
             if parsed is not None:
                 options[name] = parsed
         for name, (child, entry) in listed.items():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.sax.saxutils import escape, quoteattr
 
 from mlink.config_model import DEFAULT_MODULES, Config
@@ -98,11 +98,11 @@ def _children(obj: Any, base: Path, indent: str, top: bool) -> list[str]:
         elif s.where == "texts":
             lines = [f"{indent}<{s.xml}>{escape(str(v))}</{s.xml}>" for v in value]
         elif s.where == "sections" and s.cls is not None and s.xml is not None:
-            comment = comment or s.cls.XML.comment
+            comment = comment or cast(Any, s.cls).XML.comment
             for item in value:
                 lines += _element(item, s.xml, base, indent)
         elif s.where == "section" and s.cls is not None and s.xml is not None:
-            spec = s.cls.XML
+            spec = cast(Any, s.cls).XML
             comment = comment or spec.comment
             if s.only_if is not None and not s.only_if({**_values(obj), f.name: value}):
                 continue

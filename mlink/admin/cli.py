@@ -284,7 +284,7 @@ def _password(args: argparse.Namespace) -> str:
             raise CommandError(f"{args.password_file}: cannot read: {exc.strerror}") from None
     if not password:
         raise CommandError("the password is empty")
-    return password
+    return str(password)
 
 
 def _with_directory(config: Config, action):  # type: ignore[no-untyped-def]

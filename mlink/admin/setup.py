@@ -13,6 +13,7 @@ import inspect
 import ipaddress
 import os
 from pathlib import Path
+from typing import Any
 
 from mlink.config import (
     LISTENER_DEFAULT_PORTS,
@@ -196,13 +197,13 @@ def init_setup(
 
         cfg = Config(
             path=absolute_path(config_path),
-            domains=[domain],
-            listeners=[
+            domains=(domain,),
+            listeners=(
                 ListenerConfig(kind="c2s", port=c2s_port),
                 ListenerConfig(kind="tls", port=tls_port),
                 ListenerConfig(kind="websocket", port=ws_port),
                 *_wss_listener(ws_port, (c2s_port, tls_port)),
-            ],
+            ),
             tls=TLSConfig(certificate=tls_cert, key=tls_key, required=True),
             directory=DirectoryConfig(
                 backend="embedded",
@@ -242,7 +243,7 @@ def _create_directory(path: Path, base_dn: str, domain: str) -> None:
     from mlink.directory.embedded import EmbeddedDirectory
 
     async def create() -> None:
-        result = EmbeddedDirectory.create(path, base_dn, domain)
+        result: Any = EmbeddedDirectory.create(path, base_dn, domain)
         if inspect.isawaitable(result):
             result = await result
         aclose = getattr(result, "aclose", None)

@@ -48,7 +48,7 @@ import hmac
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +141,7 @@ def base_entries(base_dn: str, organization: str | None = None) -> list[ldif.Ent
     attr = base_dn.split(",", 1)[0].partition("=")[0].strip().lower() if base_dn else ""
     value = rdn_value(base_dn) if base_dn else ""
     org = organization or value
+    top: dict[str, list[str | bytes]]
     if attr == "dc":
         top = {"objectClass": ["top", "dcObject", "organization"], "dc": [value], "o": [org]}
     elif attr == "o":
@@ -149,7 +150,8 @@ def base_entries(base_dn: str, organization: str | None = None) -> list[ldif.Ent
         top = {"objectClass": ["top", "organizationalUnit"], "ou": [value]}
     else:
         raise DirectoryError(f"base DN {base_dn!r} must start with dc=, o= or ou=")
-    people = {"objectClass": ["top", "organizationalUnit"], "ou": ["People"]}
+    people: dict[str, list[str | bytes]] = {"objectClass": ["top", "organizationalUnit"],
+                                            "ou": ["People"]}
     return [ldif.Entry(base_dn, top), ldif.Entry(f"{PEOPLE_RDN},{base_dn}", people)]
 
 
@@ -204,7 +206,7 @@ class _Snapshot:
         return self.entries
 
 
-def _getter(entry: Entry):  # noqa: ANN202 - a small closure factory
+def _getter(entry: Entry) -> Callable[[str], list[Value]]:
     """`get(name)` for filters, aliases (commonName, ...) included."""
 
     def get(name: str) -> list[Value]:
@@ -424,9 +426,10 @@ class EmbeddedPort(DirectoryPort):
             snap.by_dn[key] = entry
             return
         key = normalize_dn(op.dn)
-        entry = snap.by_dn.get(key)
-        if entry is None:
+        found = snap.by_dn.get(key)
+        if found is None:
             raise NoSuchEntry(op.dn)
+        entry = found
         if isinstance(op, Modify):
             _modify_entry(entry, op.changes)
         elif isinstance(op, PasswordModify):
@@ -564,7 +567,7 @@ def _secret_of(entry: Entry, mechanism: str) -> ScramSecret | None:
 
 
 @contextlib.contextmanager
-def _file_lock(lock_path: Path):
+def _file_lock(lock_path: Path) -> Iterator[None]:
     """Exclusive flock on `lock_path` (blocking: call from a worker thread)."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -50,6 +50,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import TypeVar
 
 import bonsai
@@ -203,7 +204,7 @@ class LDAPPort(DirectoryPort):
             if self._preferred != index:
                 log.warning("LDAP: now using %s", url)
                 self._preferred = index
-            return conn
+            return conn  # type: ignore[no-any-return]
         log.warning("LDAP unreachable: %s", "; ".join(errors))
         raise DirectoryUnavailable("LDAP unreachable: " + "; ".join(errors))
 
@@ -364,7 +365,7 @@ class LDAPPort(DirectoryPort):
         async def worker(receive: trio.MemoryReceiveChannel[list[Operation]]) -> None:
             async with receive:
                 async for chain in receive:
-                    await self._call(lambda conn, c=chain: self._apply(conn, c))
+                    await self._call(partial(self._apply, chain=chain))
 
         async with trio.open_nursery() as nursery:
             for _ in range(min(self.pool_size, len(chains))):
@@ -399,13 +400,14 @@ class LDAPPort(DirectoryPort):
             for mod in op.changes:
                 values = [v if isinstance(v, bytes) else v.encode("utf-8") for v in mod.values]
                 try:
-                    change.change_attribute(mod.attribute, _OPS[mod.op], *values)
+                    change.change_attribute(mod.attribute, _OPS[mod.op],
+                                            *values)  # type: ignore[arg-type]
                 except ValueError as exc:
                     # bonsai refuses values equal but for case, client side.
                     raise DirectoryRefused(f"{mod.attribute}: {exc}") from exc
             await change.modify(timeout=self.timeout)
         elif isinstance(op, Delete):
-            await conn.delete(op.dn, timeout=self.timeout)
+            await conn.delete(op.dn, timeout=self.timeout)  # type: ignore[no-untyped-call]
         elif isinstance(op, PasswordModify):
             await conn.modify_password(op.dn, op.password, timeout=self.timeout)
 

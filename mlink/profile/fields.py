@@ -185,9 +185,9 @@ def resolve_fields(config: Config) -> dict[str, FieldSpec]:
         configured[name] = cfg
     specs: dict[str, FieldSpec] = {}
     for row in FIELD_TABLE:
-        cfg = configured.get(row.name)
-        specs[row.name] = (_default(row, backend, jid_attr) if cfg is None
-                           else _configured(row, cfg, jid_attr))
+        found = configured.get(row.name)
+        specs[row.name] = (_default(row, backend, jid_attr) if found is None
+                           else _configured(row, found, jid_attr))
     if config.profiles.cache_seconds < 0:
         raise ProfileConfigError("profiles cache-seconds must not be negative")
     if config.profiles.max_photo_bytes <= 0:

@@ -135,7 +135,7 @@ def migrate(conn: sqlite3.Connection, path: Path) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if app_id not in (0, APPLICATION_ID):
             raise StoreError(f"{path} is not an mlink database (application_id {app_id:#x})")
         if found > SCHEMA_VERSION:

@@ -106,7 +106,7 @@ def tls_exporter(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> bytes | None:
         return None
     import _ssl
 
-    if not isinstance(inner, _ssl._SSLSocket):
+    if not isinstance(inner, _ssl._SSLSocket):  # type: ignore[attr-defined]
         return None
     ssl_ptr = _read_pointer(inner, _SSLSOCKET_SSL_OFFSET)
     ctx_ptr = _read_pointer(ssl_object.context, _SSLCONTEXT_CTX_OFFSET)

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 from xml.parsers.expat import errors as expat_errors
 
 from mlink.config_model import DEFAULT_MAX_DEPTH, DEFAULT_MAX_STANZA_BYTES
@@ -140,7 +142,10 @@ class XMLStreamParser:
 
     def _collect(self) -> list[StreamEvent]:
         out: list[StreamEvent] = []
-        for kind, item in self._parser.read_events():
+        # The C parser's events: ("start", Element), ("end", Element),
+        # ("start-ns", (prefix, uri)); typed loosely here, checked by kind.
+        events: Iterator[tuple[str, Any]] = self._parser.read_events()  # type: ignore[assignment]
+        for kind, item in events:
             if kind == "start":
                 self._depth += 1
                 if self._depth == 1:
@@ -153,7 +158,8 @@ class XMLStreamParser:
                 if self._depth == 1:
                     out.append(Stanza(item))
                     self._pending = 0
-                    self._root.remove(item)  # type: ignore[union-attr]
+                    if self._root is not None:
+                        self._root.remove(item)
                 elif self._depth == 0:
                     self._closed = True
                     out.append(StreamClose())
@@ -162,7 +168,7 @@ class XMLStreamParser:
                 self._namespaces[prefix] = uri
         return out
 
-    def _check_prolog(self, data: bytes) -> None:
+    def _check_prolog(self, data: bytes | bytearray) -> None:
         """RFC 6120 §11.6: UTF-8 only; refuse other BOMs and declarations."""
         if data[:2] in (b"\xff\xfe", b"\xfe\xff") or data[:4] == b"\x00\x00\xfe\xff":
             raise XMLStreamError("unsupported-encoding", "only UTF-8 is supported")
@@ -177,7 +183,7 @@ class XMLStreamParser:
             if enc and enc.group(1).lower() not in (b"utf-8", b"utf8"):
                 raise XMLStreamError("unsupported-encoding", "only UTF-8 is supported")
 
-    def _scan_forbidden(self, data: bytes) -> None:
+    def _scan_forbidden(self, data: bytes | bytearray) -> None:
         """Refuse `<!` (except CDATA) and `<?` (except the XML declaration)."""
         if b"<" not in data and not self._tail:
             return
