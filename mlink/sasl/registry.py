@@ -89,6 +89,9 @@ class SaslStreamInfo:
     # PLAIN sends the password: offered on encrypted streams, or when the
     # operator made TLS optional.
     plain_allowed: bool = False
+    # The client's certificate (DER), verified by the TLS layer against the
+    # configured client CAs; None when it sent none (SASL EXTERNAL).
+    peer_certificate: bytes | None = None
 
 
 class Mechanism(Protocol):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import enum
 import secrets
 import xml.etree.ElementTree as ET
@@ -213,6 +214,8 @@ class C2SStream:
         self.state = State.WAIT_HEADER
         self.tls_active = settings.tls_active
         self.channel_binding: dict[str, bytes] = {}
+        # The client's verified certificate (DER), for SASL EXTERNAL.
+        self.peer_certificate: bytes | None = None
         self.domain: str | None = None
         self.stream_id = ""
         self.jid: JID | None = None  # bare after SASL, full after bind
@@ -313,12 +316,16 @@ class C2SStream:
             raise LocalProtocolError(f"{name} called in state {self.state.value}")
         return True
 
-    def tls_started(self, channel_binding: dict[str, bytes]) -> None:
-        """The socket is now TLS; expect a fresh stream header."""
+    def tls_started(self, channel_binding: dict[str, bytes],
+                    peer_certificate: bytes | None = None) -> None:
+        """The socket is now TLS; expect a fresh stream header.
+        `peer_certificate` is the client's certificate (DER) when it sent one
+        that the TLS layer verified against the configured client CAs."""
         if not self._driver_call("tls_started"):
             return
         self.tls_active = True
         self.channel_binding = channel_binding
+        self.peer_certificate = peer_certificate
         self._restart()
 
     def credential_provided(self, answer: Any) -> list[C2SEvent]:
@@ -466,10 +473,10 @@ class C2SStream:
             channel_binding=dict(self.channel_binding),
             mock_salt_key=s.mock_salt_key,
             plain_allowed=self.tls_active or not s.tls_required,
+            peer_certificate=self.peer_certificate,
         )
         plus = any(p.name.endswith("-PLUS") for p in s.sasl.offered(base))
-        info = SaslStreamInfo(base.domain, base.tls_active, base.channel_binding, plus,
-                              base.mock_salt_key, base.plain_allowed)
+        info = dataclasses.replace(base, plus_offered=plus)
         self._sasl_stream = info
         return info
 

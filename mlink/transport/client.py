@@ -265,7 +265,9 @@ class ClientConnection:
             return False
         self.transport = ssl_stream
         # trio's SSLStream does not forward the SSLObject; see tls_exporter.
-        self.xmpp.tls_started(tls.channel_binding(ssl_stream._ssl_object))
+        ssl_object = ssl_stream._ssl_object
+        self.xmpp.tls_started(tls.channel_binding(ssl_object),
+                              ssl_object.getpeercert(binary_form=True))
         return True
 
     async def _finish(self) -> None:
