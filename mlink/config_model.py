@@ -358,6 +358,19 @@ class LDAPConfig(Frozen):
         doc="LDAP filter that an entry must also match to be an XMPP user; must be a "
             "parenthesised filter.",
     )
+    password_policy: str = attr(
+        "password-policy", "", kind=DN(), default_doc="none (each user's pwdPolicySubentry)",
+        hide_default=True,
+        doc="DN of the password policy entry (slapd's ppolicy `olcPPolicyDefault`) whose "
+            "rules SCRAM logins follow: lockout, expiry, expiry warnings.",
+        why="PLAIN is checked by a bind, where the directory applies its policy itself; "
+            "SCRAM never binds, so mlink reads the same policy and applies it.",
+    )
+    disabled_filter: str = attr(
+        "disabled-filter", "", kind=Filter(), default_doc="none", hide_default=True,
+        doc="An LDAP filter matching disabled accounts, refused by every mechanism, e.g. "
+            "Active Directory's `(userAccountControl:1.2.840.113556.1.4.803:=2)`.",
+    )
     scram_attribute: str = attr(
         "scram-attribute", "authPassword", kind=Str(),
         doc="Attribute holding SCRAM secrets (RFC 3112 `authPassword` syntax), used for "

@@ -17,7 +17,7 @@ import trio
 
 from mlink.config_model import Config, ListenerConfig
 from mlink.directory import open_directory
-from mlink.directory.base import Directory, DirectoryUnavailable
+from mlink.directory.base import Directory, DirectoryError, DirectoryUnavailable
 from mlink.hooks import Hooks, NonzaEvent
 from mlink.jid import JID
 from mlink.module import BusHandler, FeatureProvider
@@ -29,6 +29,7 @@ from mlink.sasl.registry import (
     PASSWORD,
     SCRAM_SECRET,
     UNAVAILABLE,
+    CredentialAnswer,
     CredentialSource,
     MechanismProvider,
     NeedCredential,
@@ -111,18 +112,52 @@ class Server:
     # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
 
     async def _check_password(self, jid: str, request: NeedCredential) -> object:
+        password = request.detail["password"]
         try:
-            return await self.directory.check_password(jid, request.detail["password"])
+            ok = await self.directory.check_password(jid, password)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
+        if ok:
+            # The directory just confirmed this is the current password:
+            # if the SCRAM secrets are missing or stale (the password was
+            # changed elsewhere), derive fresh ones, off the login's path.
+            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+        return ok
+
+    async def _renew_scram(self, jid: str, password: str) -> None:
+        try:
+            await self.directory.renew_scram(jid, password)
+        except DirectoryError as exc:
+            log.warning("SCRAM secrets of %s not renewed: %s", jid, exc)
 
     async def _scram_secret(self, jid: str, request: NeedCredential) -> object:
+        """The secret, with the directory's verdict (locked, expired) held
+        back until the client has proved its password."""
         try:
-            return await self.directory.scram_secret(jid, request.detail["mechanism"])
+            login = await self.directory.scram_login(jid, request.detail["mechanism"])
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
+        verdict = login.verdict
+        if verdict.condition == "not-authorized" or login.secret is None:
+            return None  # fails at the proof, like a wrong password
+        refusal = (verdict.condition, verdict.text) if verdict.condition else None
+        return CredentialAnswer(login.secret, refusal, verdict.notice)
+
+    async def auth_failed(self, jid: str | None, mechanism: str | None, condition: str,
+                          counted: bool) -> None:
+        """A failed SASL attempt: a wrong SCRAM proof against the user's
+        real secret counts in the directory, so its lockout (ppolicy)
+        applies as it does to binds. A user whose secrets are missing or
+        stale is not counted: the password may well have been right."""
+        if jid is None or condition != "not-authorized" or mechanism is None or not counted:
+            return
+        if mechanism.startswith("SCRAM-"):
+            try:
+                await self.directory.record_failure(jid)
+            except DirectoryUnavailable as exc:
+                log.warning("failed login of %s not recorded in the directory: %s", jid, exc)
 
     async def nonza_received(self, info: SessionInfo, element: ET.Element) -> None:
         """A module's nonza from an established stream: its handler runs

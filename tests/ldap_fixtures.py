@@ -130,13 +130,20 @@ class Slapd:
 
     # --- the OpenLDAP tools, as the rootdn --------------------------------
 
-    def _tool(self, name: str, *args: str, stdin: str | None = None) -> str:
+    def run_as(self, dn: str, password: str, name: str, *args: str,
+               stdin: str | None = None) -> str:
+        """An OpenLDAP tool bound as `dn` (a user changing their own
+        password, say), not as the rootdn."""
+        return self._tool(name, *args, stdin=stdin, bind=(dn, password))
+
+    def _tool(self, name: str, *args: str, stdin: str | None = None,
+              bind: tuple[str, str] | None = None) -> str:
         program = shutil.which(name)
         if program is None:
             raise RuntimeError(f"{name} not found: install ldap-utils")
+        dn, password = bind or (self.root_dn, self.root_password)
         proc = subprocess.run(
-            [program, "-x", "-H", self.url, "-D", self.root_dn, "-w", self.root_password,
-             *args],
+            [program, "-x", "-H", self.url, "-D", dn, "-w", password, *args],
             input=stdin, capture_output=True, text=True, timeout=TOOL_TIMEOUT,
         )
         if proc.returncode != 0:
@@ -172,7 +179,8 @@ class Slapd:
 
 @contextlib.contextmanager
 def private_slapd(
-    workdir: Path, *ldifs: Path, samples: bool = True, size_limit: int | None = None
+    workdir: Path, *ldifs: Path, samples: bool = True, size_limit: int | None = None,
+    ppolicy: bool = False,
 ) -> Iterator[Slapd]:
     """A slapd of the caller's own, in `workdir` (which must not exist or be
     empty), with conf/base.ldif, the samples unless `samples` is False, and
@@ -184,6 +192,8 @@ def private_slapd(
         args += ["--size-limit", str(size_limit)]
     if not samples:
         args.append("--no-users")
+    if ppolicy:
+        args.append("--ppolicy")
     for path in ldifs:
         args += ["--ldif", str(path)]
     url, pid = _parse(run_slapd_tool(*args))

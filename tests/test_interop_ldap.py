@@ -45,15 +45,28 @@ def test_wrong_password_against_slapd(ldap_server, ca_file, mechanism):
     assert result.failed_auth and result.bound_jid is None
 
 
-def test_user_without_scram_secret_logs_in_with_plain_only(ldap_server, ca_file):
-    """carol was provisioned by another tool: userPassword, no authPassword."""
-    ok = slixmpp_login("carol@example.com", "carol-secret", ldap_server.c2s_port, "PLAIN", ca_file)
-    assert ok.bound_jid is not None
-    mark = ldap_server.log.mark()
-    scram = slixmpp_login("carol@example.com", "carol-secret", ldap_server.c2s_port,
-                          "SCRAM-SHA-256", ca_file)
-    assert scram.failed_auth and scram.bound_jid is None
-    ldap_server.wait_for_log(r"carol@example\.com.*(authPassword|SCRAM)", mark)
+def test_user_without_scram_secret_gets_one_at_her_first_plain_login(
+        ldap_server, slapd, ca_file):
+    """fran is provisioned by another tool: userPassword, no authPassword.
+    SCRAM fails until a PLAIN login (checked by a bind) derives her secrets;
+    from then on SCRAM works too."""
+    jid, dn = "fran@example.com", "mail=fran@example.com,ou=People,dc=example,dc=com"
+    slapd.ldapadd(f"dn: {dn}\nobjectClass: inetOrgPerson\ncn: fran\nsn: fran\n"
+                  f"mail: {jid}\nuserPassword: fran-secret\n")
+    try:
+        mark = ldap_server.log.mark()
+        scram = slixmpp_login(jid, "fran-secret", ldap_server.c2s_port, "SCRAM-SHA-256",
+                              ca_file)
+        assert scram.failed_auth and scram.bound_jid is None
+        ldap_server.wait_for_log(r"fran@example\.com.*(authPassword|SCRAM)", mark)
+        ok = slixmpp_login(jid, "fran-secret", ldap_server.c2s_port, "PLAIN", ca_file)
+        assert ok.bound_jid is not None
+        ldap_server.wait_for_log(r"SCRAM secrets of fran@example\.com renewed", mark)
+        again = slixmpp_login(jid, "fran-secret", ldap_server.c2s_port, "SCRAM-SHA-256",
+                              ca_file)
+        assert again.bound_jid is not None
+    finally:
+        slapd.ldapdelete(dn)
 
 
 def test_user_added_with_the_cli_logs_in_with_scram(ldap_server, ca_file):

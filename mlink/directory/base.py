@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mlink.config_model import RosterGroupConfig
+from mlink.directory.policy import Verdict
 from mlink.sasl.secrets import ScramSecret
 
 if TYPE_CHECKING:
@@ -24,6 +25,15 @@ if TYPE_CHECKING:
 # PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
 # parallel; more than the cores buys nothing.
 DERIVE_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+@dataclass(frozen=True, slots=True)
+class ScramLogin:
+    """A SCRAM login's secret (None: no such user or no secret) and the
+    directory's verdict on the account."""
+
+    secret: ScramSecret | None
+    verdict: Verdict = Verdict()
 
 
 class DirectoryError(Exception):
@@ -78,6 +88,21 @@ class Directory(abc.ABC):
         """True when `password` is right for `jid`; False for a wrong
         password or an unknown user (the caller must not tell them apart).
         Raises DirectoryUnavailable when it cannot decide."""
+
+    async def scram_login(self, jid: str, mechanism: str) -> ScramLogin:
+        """The secret for a SCRAM login and the directory's verdict on the
+        account (locked, expired, secrets stale: mlink.directory.policy).
+        Backends without a policy answer with the secret alone."""
+        return ScramLogin(await self.scram_secret(jid, mechanism))
+
+    async def record_failure(self, jid: str) -> None:  # noqa: B027 (optional hook)
+        """Count a failed non-bind login (a wrong SCRAM proof) where the
+        directory counts failures, so its lockout applies to every mechanism."""
+
+    async def renew_scram(self, jid: str, password: str) -> bool:
+        """After a successful password login: store fresh SCRAM secrets if
+        the stored ones are missing or stale. True if it wrote them."""
+        return False
 
     @abc.abstractmethod
     async def scram_secret(self, jid: str, mechanism: str) -> ScramSecret | None:

@@ -20,7 +20,9 @@ clear password is ever stored.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import secrets as secrets_module
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ from mlink.directory.base import (
     DirectoryGroup,
     DirectoryRefused,
     NoSuchUser,
+    ScramLogin,
     UserExists,
 )
 from mlink.directory.filters import FilterError, parse_filter
@@ -52,6 +55,15 @@ from mlink.directory.names import (
     is_under,
     normalize_dn,
     rdn_value,
+)
+from mlink.directory.policy import (
+    POLICY_ATTRIBUTES,
+    STATE_ATTRIBUTES,
+    PasswordPolicy,
+    Verdict,
+    binding_state,
+    binding_value,
+    judge,
 )
 from mlink.directory.port import (
     DEFAULT_CHANGES_SECONDS,
@@ -94,6 +106,10 @@ class Layout:
     user_filter: str
     jid_attribute: str = "mail"
     scram_attribute: str = "authPassword"
+    # The ppolicy entry whose rules SCRAM logins follow ("" = each user's
+    # pwdPolicySubentry only), and a filter that marks disabled accounts.
+    password_policy_dn: str = ""
+    disabled_filter: str = ""
 
     @property
     def groups_dn(self) -> str:
@@ -111,6 +127,8 @@ class PortDirectory(Directory):
         self.changes_seconds = changes_seconds
         # PBKDF2 runs in worker threads, a few at a time.
         self._derive_threads = trio.CapacityLimiter(DERIVE_THREADS)
+        # Password policy entries by DN: (when read, the policy or None).
+        self._policies: dict[str, tuple[float, PasswordPolicy | None]] = {}
         self._users_key = normalize_dn(layout.users_dn)
 
     # --- finding users ------------------------------------------------------
@@ -158,24 +176,125 @@ class PortDirectory(Directory):
         return await self.port.bind(entry.dn, password)
 
     async def scram_secret(self, jid: str, mechanism: str) -> ScramSecret | None:
+        login = await self.scram_login(jid, mechanism)
+        return None if login.verdict.refused else login.secret
+
+    async def scram_login(self, jid: str, mechanism: str) -> ScramLogin:
+        """The secret, and the directory's verdict on the account, from one
+        search (see mlink.directory.policy): locked, disabled, expired or
+        must-change accounts are refused, secrets derived from a password
+        changed since are refused, an expiry warning becomes a notice."""
         if mechanism not in HASHES:
-            return None
+            return ScramLogin(None)
         attr = self.layout.scram_attribute
-        entry = await self._find(jid, [attr])
+        entry = await self._find(jid, [attr, "userPassword", *STATE_ATTRIBUTES])
         if entry is None:
+            return ScramLogin(None)
+        values = entry.get(attr)
+        secret = _pick_secret(values, mechanism)
+        if secret is None:
+            log.info("%s (%s) has no %s value for %s; provisioned by another tool? PLAIN "
+                     "still works over TLS and renews it", jid, entry.dn, attr, mechanism)
+            return ScramLogin(None)
+        binding = binding_state(values, entry.get("userPassword"))
+        if binding == "stale":
+            log.warning("SCRAM refused for %s: its secrets predate a password change made "
+                        "outside mlink; the next PLAIN login renews them", jid)
+            return ScramLogin(None, Verdict("not-authorized"))
+        state = {name.lower(): entry.get(name) for name in STATE_ATTRIBUTES}
+        verdict = judge(state, await self._policy_for(state), _now(),
+                        await self._is_disabled(entry))
+        if verdict.refused:
+            log.info("SCRAM refused for %s: %s", jid, verdict.text)
+        return ScramLogin(secret, verdict)
+
+    async def _policy_for(self, state: dict[str, list[Value]]) -> PasswordPolicy | None:
+        """The user's ppolicy entry (pwdPolicySubentry, else the configured
+        default), cached for POLICY_CACHE_SECONDS: it changes rarely, and a
+        login storm must not read it once per login."""
+        subentry = state.get("pwdpolicysubentry") or []
+        dn = _text(subentry[0]) if subentry else self.layout.password_policy_dn
+        if not dn:
             return None
-        for value in entry.get(attr):
-            if isinstance(value, bytes):
-                value = value.decode("ascii", "replace")
-            secret = ScramSecret.from_auth_password(value)
-            if secret is not None and secret.mechanism == mechanism:
-                return secret
-        log.info(
-            "%s (%s) has no %s value for %s; provisioned by another tool? "
-            "PLAIN still works over TLS; setting the password through mlink adds it",
-            jid, entry.dn, attr, mechanism,
-        )
-        return None
+        now = trio.current_time()
+        cached = self._policies.get(dn)
+        if cached is not None and now - cached[0] < POLICY_CACHE_SECONDS:
+            return cached[1]
+        try:
+            found = await self.port.search(dn, Scope.BASE, "(objectClass=*)",
+                                           list(POLICY_ATTRIBUTES))
+        except NoSuchEntry:
+            log.warning("password policy entry %s not found", dn)
+            found = []
+        policy = PasswordPolicy.from_entry(
+            {name.lower(): found[0].get(name) for name in POLICY_ATTRIBUTES}) if found else None
+        self._policies[dn] = (now, policy)
+        return policy
+
+    async def _is_disabled(self, entry: Entry) -> bool:
+        flt = self.layout.disabled_filter
+        if not flt:
+            return False
+        try:
+            hits = await self.port.search(entry.dn, Scope.BASE, flt, ["1.1"])
+        except NoSuchEntry:
+            return True
+        return bool(hits)
+
+    async def record_failure(self, jid: str) -> None:
+        """A failed SCRAM proof counts in the directory as a failed bind
+        would: bind as the user with a password nobody has, so the
+        directory's own lockout (ppolicy pwdMaxFailure) sees every guess."""
+        entry = await self._find(jid, ["1.1"])
+        if entry is not None:
+            await self.port.bind(entry.dn, FAILURE_PASSWORD_PREFIX + secrets_token())
+
+    async def renew_scram(self, jid: str, password: str) -> bool:
+        """After a successful PLAIN login (a bind: the password is the
+        directory's current one): derive and store fresh SCRAM secrets when
+        the stored ones are missing, stale or unbound. True if renewed."""
+        attr = self.layout.scram_attribute
+        entry = await self._find(jid, [attr, "userPassword", "objectClass"])
+        if entry is None:
+            return False
+        values = entry.get(attr)
+        if binding_state(values, entry.get("userPassword")) == "bound" and all(
+                _pick_secret(values, m) is not None for m in HASHES):
+            return False
+        secrets = await self._secrets(password)
+        binding = binding_value(entry.get("userPassword"))
+        await self.port.write([self._password_update(
+            entry, secrets + ([binding] if binding else []))])
+        log.info("SCRAM secrets of %s renewed after a password login", jid)
+        return True
+
+    async def _bind_secrets(self, dns_and_secrets: Sequence[tuple[str, list[str]]]) -> None:
+        """After mlink set passwords: store each user's secrets with the
+        binding to the userPassword value the directory now holds. One
+        read (a base search, or one paged search of all users for a batch)
+        and one write, however many users."""
+        if not dns_and_secrets:
+            return
+        wanted = {normalize_dn(dn): (dn, secrets) for dn, secrets in dns_and_secrets}
+        if len(wanted) <= BIND_SECRETS_ONE_BY_ONE:
+            found: list[Entry] = []
+            for dn, _ in wanted.values():
+                found += await self.port.search(dn, Scope.BASE, "(objectClass=*)",
+                                                ["userPassword"])
+        else:
+            found = await self.port.search(
+                self.layout.users_dn, Scope.SUBTREE, self.layout.user_filter, ["userPassword"],
+                paged=True, timeout_factor=BULK_TIMEOUT_FACTOR)
+        operations: list[Operation] = []
+        for entry in found:
+            target = wanted.get(normalize_dn(entry.dn))
+            binding = binding_value(entry.get("userPassword"))
+            if target is not None and binding is not None:
+                dn, secrets = target
+                operations.append(Modify(dn, (Modification(
+                    "replace", self.layout.scram_attribute, (*secrets, binding)),)))
+        if operations:
+            await self.port.write(operations)
 
     async def user_exists(self, jid: str) -> bool:
         return await self._find(jid, ["1.1"]) is not None
@@ -252,6 +371,7 @@ class PortDirectory(Directory):
                 except DirectoryError:
                     log.exception("directory: could not remove half-created %s", entry.dn)
             raise
+        await self._bind_secrets([(entry.dn, secrets)])
 
     async def set_password(self, jid: str, password: str) -> None:
         secrets = await self._secrets(password)
@@ -263,6 +383,7 @@ class PortDirectory(Directory):
                                    PasswordModify(entry.dn, password)])
         except NoSuchEntry as exc:
             raise NoSuchUser(jid) from exc
+        await self._bind_secrets([(entry.dn, secrets)])
 
     async def delete_user(self, jid: str) -> None:
         entry = await self._find(jid, ["1.1"])
@@ -291,6 +412,7 @@ class PortDirectory(Directory):
                 return list(pool.map(one, (pw for _, pw in pairs), chunksize=64))
 
         derived = await trio.to_thread.run_sync(derive)
+        written: list[tuple[str, list[str]]] = []
         existing = {_text(e.get(self.layout.jid_attribute)[0]).lower(): e
                     for e in await self._all_users([self.layout.jid_attribute, "objectClass"])}
         operations: list[Operation] = []
@@ -303,7 +425,9 @@ class PortDirectory(Directory):
             else:
                 operations.append(self._password_update(entry, secrets))
             operations.append(PasswordModify(entry.dn, password))
+            written.append((entry.dn, secrets))
         await self.port.write(operations)
+        await self._bind_secrets(written)
         return len(pairs)
 
     # --- profile attributes ---------------------------------------------------
@@ -462,3 +586,32 @@ def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+# Up to this many users (a CLI add or passwd), their entries are read one
+# by one after a password change; more (an import) are read in one paged
+# search of all users.
+BIND_SECRETS_ONE_BY_ONE = 8
+# A login storm must not read the password policy entry once per login; a
+# policy edited in the directory applies within this many seconds.
+POLICY_CACHE_SECONDS = 60.0
+# Failed SCRAM proofs are recorded by a bind with a password that starts
+# with this and ends with random bytes: nobody's password, and recognisable
+# in a directory's access log.
+FAILURE_PASSWORD_PREFIX = "mlink-scram-failure-"
+
+
+def secrets_token() -> str:
+    return secrets_module.token_urlsafe(16)
+
+
+def _pick_secret(values: Sequence[Value], mechanism: str) -> ScramSecret | None:
+    for value in values:
+        secret = ScramSecret.from_auth_password(_text(value))
+        if secret is not None and secret.mechanism == mechanism:
+            return secret
+    return None
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)

@@ -512,6 +512,8 @@ class LDAPDirectory(PortDirectory):
             user_filter=user_filter,
             jid_attribute=config.jid_attribute,
             scram_attribute=config.scram_attribute,
+            password_policy_dn=config.password_policy,
+            disabled_filter=config.disabled_filter,
         )
         super().__init__(port, layout, changes_seconds)
         self.config = config

@@ -70,6 +70,20 @@ class CredentialUnavailable:
 
 
 UNAVAILABLE = CredentialUnavailable()
+
+
+@dataclass(frozen=True, slots=True)
+class CredentialAnswer:
+    """An answer with conditions attached: `value` goes to the mechanism;
+    if the exchange then succeeds (the client proved its password),
+    `refusal` (an RFC 6120 §6.5 condition and a text) is sent instead of
+    success — so only someone who knows the password learns that the
+    account is locked or expired — and `notice` is shown to the user after
+    login (a password expiry warning)."""
+
+    value: Any
+    refusal: tuple[str, str] | None = None
+    notice: str | None = None
 GenericEvent = Challenge | NeedCredential | Success | Failure
 
 

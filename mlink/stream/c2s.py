@@ -34,6 +34,7 @@ from mlink.jid import JID, InvalidJID, parse_jid, prep_localpart, prep_resource
 from mlink.sasl import events as sasl
 from mlink.sasl.registry import (
     UNAVAILABLE,
+    CredentialAnswer,
     Mechanism,
     NeedCredential,
     SaslRegistry,
@@ -52,7 +53,7 @@ from mlink.xml.parser import (
     XMLStreamError,
     XMLStreamParser,
 )
-from mlink.xml.serialize import CLIENT_NS, serialize
+from mlink.xml.serialize import CLIENT_NS, escape_text, serialize
 
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -111,12 +112,18 @@ class AuthFailed:
 
     jid: str | None
     condition: str
+    mechanism: str | None = None
+    # Whether the user's real credential was in play (a wrong proof against
+    # the stored secret): only such failures count against the account.
+    counted: bool = False
 
 
 @dataclass(slots=True)
 class Authenticated:
     jid: JID
     mechanism: str
+    # For the user once the session is up (a password expiry warning).
+    notice: str | None = None
 
 
 @dataclass(slots=True)
@@ -227,6 +234,10 @@ class C2SStream:
         self._auth_jid: str | None = None
         self._offered_mechanisms: list[str] = []
         self._sasl_stream: SaslStreamInfo | None = None
+        # Attached to the current credential answer (CredentialAnswer).
+        self._refusal: tuple[str, str] | None = None
+        self._notice: str | None = None
+        self._counted = False
         self._bind_iq: ET.Element | None = None
         self._sent_close = False
 
@@ -338,6 +349,10 @@ class C2SStream:
             raise LocalProtocolError("credential_provided without a mechanism")
         if answer is UNAVAILABLE:
             return self._sasl_failure("temporary-auth-failure")
+        self._counted = isinstance(answer, CredentialAnswer)
+        if isinstance(answer, CredentialAnswer):
+            self._refusal, self._notice = answer.refusal, answer.notice
+            answer = answer.value
         self.state = State.NEGOTIATING
         return self._sasl_step(mechanism.provide(answer))
 
@@ -597,26 +612,35 @@ class C2SStream:
                 # A mechanism that succeeds without naming a user it asked
                 # about is broken: refuse rather than authenticate nobody.
                 return self._sasl_failure("temporary-auth-failure")
+            if self._refusal is not None:
+                # The password was right; the directory says no (locked,
+                # expired): now, and only now, the client may learn why.
+                condition, text = self._refusal
+                return self._sasl_failure(condition, text)
             self._out.append(encode_sasl("success", ev.additional_data))
             self._authenticated = True
             self._mechanism = None
             self.jid = parse_jid(jid)
+            notice, self._notice = self._notice, None
             self._restart()
-            return [Authenticated(self.jid, mechanism.name)]
+            return [Authenticated(self.jid, mechanism.name, notice)]
         if isinstance(ev, sasl.Failure):
             return self._sasl_failure(ev.condition, ev.text or "")
         raise LocalProtocolError(f"unknown SASL event {type(ev).__name__}")
 
     def _sasl_failure(self, condition: str, text: str = "") -> list[C2SEvent]:
         jid = self._auth_jid
+        mechanism = self._mechanism.name if self._mechanism is not None else None
         self._mechanism = None
         self._auth_jid = None
+        self._refusal = self._notice = None
+        counted, self._counted = self._counted, False
         self.state = State.NEGOTIATING
         body = f"<{condition}/>"
         if text:
-            body += f"<text xml:lang='en'>{text}</text>"
+            body += f"<text xml:lang='en'>{escape_text(text)}</text>"
         self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
-        return [AuthFailed(jid, condition)]
+        return [AuthFailed(jid, condition, mechanism, counted)]
 
     def _user_jid(self, username: str) -> str | None:
         """The bare JID a SASL username names on this stream's domain."""

@@ -63,6 +63,9 @@ class ClientConnection:
         self._kicked = trio.Event()
         # Stanzas taken back from a cut session, routed again at its end.
         self._orphans: list[ET.Element] = []
+        # What the directory had to say at login (password expiry), shown
+        # as a headline once the session is bound.
+        self._login_notice: str | None = None
         self._scope = trio.CancelScope()
         self.peer = _peer_name(stream)
 
@@ -217,10 +220,12 @@ class ClientConnection:
             elif isinstance(ev, c2s.BindRequested):
                 await self._bind(ev)
             elif isinstance(ev, c2s.AuthFailed):
-                log.info("%s: authentication failed for %s: %s", self.peer, ev.jid or "?",
-                         ev.condition)
+                log.info("%s: authentication failed for %s with %s: %s", self.peer,
+                         ev.jid or "?", ev.mechanism or "-", ev.condition)
+                await self.server.auth_failed(ev.jid, ev.mechanism, ev.condition, ev.counted)
             elif isinstance(ev, c2s.Authenticated):
                 log.info("%s: authenticated %s with %s", self.peer, ev.jid, ev.mechanism)
+                self._login_notice = ev.notice
             elif isinstance(ev, c2s.StreamEnded):
                 self._closing = True
         self._flush_machine()
@@ -248,6 +253,9 @@ class ClientConnection:
         self._bound = True
         self.xmpp.bind_done(full.resource)
         log.info("%s: bound %s", self.peer, full)
+        if self._login_notice:
+            self._flush_machine()
+            self.deliver(server_headline(full, self._login_notice), keep=False)
 
     async def _start_tls(self) -> bool:
         tls = self.server.tls
@@ -356,6 +364,13 @@ class ClientConnection:
 
 _MESSAGE = "{jabber:client}message"
 _IQ = "{jabber:client}iq"
+
+
+def server_headline(to: JID, text: str) -> ET.Element:
+    """A headline from the server to one session (RFC 6121 §5.2.2)."""
+    message = ET.Element(_MESSAGE, {"type": "headline", "from": to.domain, "to": str(to)})
+    ET.SubElement(message, "{jabber:client}body").text = text
+    return message
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:
