@@ -19,7 +19,7 @@ from mlink.config_model import Config, ListenerConfig
 from mlink.directory import open_directory
 from mlink.directory.base import Directory, DirectoryError, DirectoryUnavailable
 from mlink.hooks import Hooks, NonzaEvent
-from mlink.jid import JID
+from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
 from mlink.router.router import Router
@@ -191,6 +191,22 @@ class Server:
         with self.router.batch():
             await self.hooks.notify("session/bound", conn.info)
         return full
+
+    def end_user_sessions(self, jid: str, text: str) -> int:
+        """End every local session of the account `jid` (deleted, disabled
+        or locked in the directory) with `not-authorized` and `text`; how
+        many."""
+        try:
+            bare = parse_jid(jid).bare
+        except InvalidJID:
+            return 0
+        ended = 0
+        for conn in self.sessions.of_user(bare):
+            conn.kick("not-authorized", text)
+            ended += 1
+        if ended:
+            log.info("ended %d session(s) of %s: %s", ended, bare, text)
+        return ended
 
     def detach_session(self, conn: ClientConnection) -> bool:
         """Take `conn` out of the session table here and on every shard, at

@@ -51,6 +51,14 @@ EXPIRY_DEADLINE = 15.0
 RENEWAL_DEADLINE = 15.0
 
 
+# Passwords changed by a test, for the tests after it.
+PASSWORDS: dict[str, str] = {}
+
+
+def current_password(jid: str) -> str:
+    return PASSWORDS.get(jid, USERS[jid])
+
+
 def user_dn(jid: str) -> str:
     return f"mail={jid},ou=People,dc=example,dc=com"
 
@@ -139,6 +147,7 @@ def test_expiry_warning_reaches_the_user_after_login(server, policy_slapd, ca_fi
     # Set the password again so pwdChangedTime starts now under the policy.
     fresh = "Warned-Passw0rd-" + uuid.uuid4().hex[:6]
     policy_slapd.run_as(user_dn(jid), USERS[jid], "ldappasswd", "-s", fresh, user_dn(jid))
+    PASSWORDS[jid] = fresh
     assert plain(server, ca_file, jid, fresh) == "success"  # renews the secrets
     deadline = time.monotonic() + RENEWAL_DEADLINE
     while True:
@@ -168,3 +177,14 @@ def test_expired_password_is_refused_with_credentials_expired(server, policy_sla
         assert time.monotonic() < deadline, outcome
     # A wrong password is told nothing about it.
     assert scram(server, ca_file, jid, "wrong") == "not-authorized"
+
+
+def test_an_account_locked_by_the_administrator_loses_its_sessions(server, policy_slapd,
+                                                                   ca_file):
+    jid = f"warned@{DOMAIN}"
+    client = RawClient(server.c2s_port, ca_file)
+    client.login(DOMAIN, jid, current_password(jid), resource="r1")
+    policy_slapd.ldapmodify(f"dn: {user_dn(jid)}\nchangetype: modify\n"
+                            "replace: pwdAccountLockedTime\npwdAccountLockedTime: 000001010000Z\n")
+    text = client.read_until(r"</stream:stream>", EXPIRY_DEADLINE)
+    assert "not-authorized" in text and "your account was disabled" in text

@@ -318,7 +318,21 @@ def cmd_user_delete(args: argparse.Namespace) -> int:
     jid = _bare_jid(args.jid, config)
     _with_directory(config, lambda d: d.delete_user(jid))
     print(f"deleted {jid}")
+    _end_sessions(config, jid, "your account was deleted")
     return 0
+
+
+def _end_sessions(config: Config, jid: str, text: str) -> None:
+    """Tell a running server to end `jid`'s sessions on every shard; no
+    server running is no error (nobody is connected then)."""
+    from mlink.shard.supervisor import request_end_user
+
+    try:
+        reply = request_end_user(config.data_dir, jid, text)
+    except OSError:
+        return
+    if reply.get("ok"):
+        print(f"ended {jid}'s sessions on the running server")
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:

@@ -60,11 +60,13 @@ class DirectoryRefused(DirectoryError):
 
 
 class UserExists(DirectoryError):
-    pass
+    def __str__(self) -> str:
+        return f"{self.args[0]} already exists" if self.args else "the user already exists"
 
 
 class NoSuchUser(DirectoryError):
-    pass
+    def __str__(self) -> str:
+        return f"no such user: {self.args[0]}" if self.args else "no such user"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +96,11 @@ class Directory(abc.ABC):
         account (locked, expired, secrets stale: mlink.directory.policy).
         Backends without a policy answer with the secret alone."""
         return ScramLogin(await self.scram_secret(jid, mechanism))
+
+    async def account_verdict(self, jid: str) -> Verdict | None:
+        """The directory's verdict on the account (locked, disabled,
+        expired); None when there is no such user."""
+        return Verdict() if await self.user_exists(jid) else None
 
     async def record_failure(self, jid: str) -> None:  # noqa: B027 (optional hook)
         """Count a failed non-bind login (a wrong SCRAM proof) where the

@@ -241,6 +241,16 @@ class PortDirectory(Directory):
             return True
         return bool(hits)
 
+    async def account_verdict(self, jid: str) -> Verdict | None:
+        """The directory's verdict on the account now; None when there is
+        no such user (deleted)."""
+        entry = await self._find(jid, list(STATE_ATTRIBUTES))
+        if entry is None:
+            return None
+        state = {name.lower(): entry.get(name) for name in STATE_ATTRIBUTES}
+        return judge(state, await self._policy_for(state), _now(),
+                     await self._is_disabled(entry))
+
     async def record_failure(self, jid: str) -> None:
         """A failed SCRAM proof counts in the directory as a failed bind
         would: bind as the user with a password nobody has, so the

@@ -76,6 +76,10 @@ class Verdict:
     condition: str | None = None
     text: str = ""
     notice: str | None = None
+    # A refusal that lasts until an administrator acts (disabled, locked
+    # by hand), as opposed to a timed lockout after failed logins: the
+    # former also ends the account's sessions.
+    lasting: bool = False
 
     @property
     def refused(self) -> bool:
@@ -86,10 +90,12 @@ def judge(attrs: dict[str, list[Value]], policy: PasswordPolicy | None,
           now: datetime.datetime, disabled: bool = False) -> Verdict:
     """The verdict for an entry's state attributes (lower-case names)."""
     if disabled:
-        return Verdict("account-disabled", "this account is disabled")
+        return Verdict("account-disabled", "this account is disabled", lasting=True)
     locked = _first(attrs, "pwdAccountLockedTime")
     if locked is not None:
-        if locked == PERMANENT_LOCK or policy is None or not policy.lockout_duration:
+        if locked == PERMANENT_LOCK:
+            return Verdict("account-disabled", "this account is locked", lasting=True)
+        if policy is None or not policy.lockout_duration:
             return Verdict("account-disabled", "this account is locked")
         since = parse_generalized_time(locked)
         if since is None or now < since + datetime.timedelta(seconds=policy.lockout_duration):

@@ -119,6 +119,15 @@ class Router:
         mark = conn.deliver_tracked(stanza)
         return None if mark is None else WriteReceipt(conn, mark)
 
+    def end_session(self, full: JID, condition: str, text: str = "") -> bool:
+        """End a session on this shard with a stream error; False when it
+        is not here."""
+        conn = self.sessions.get(full)
+        if conn is None:
+            return False
+        conn.kick(condition, text)
+        return True
+
     def is_local(self, jid: JID) -> bool:
         return jid.domain in self.domains
 

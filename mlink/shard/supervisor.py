@@ -411,11 +411,28 @@ class Supervisor:
                 request = await _read_request(stream)
                 if request.get("op") == "reload":
                     reply = await self.reload()
+                elif request.get("op") == "end-user" and isinstance(request.get("jid"), str):
+                    reply = self.end_user(request["jid"], str(request.get("text", "")))
                 else:
                     reply = await self.status()
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
             except (trio.BrokenResourceError, OSError):
                 pass  # the client went away; nothing to tell
+
+    def end_user(self, jid: str, text: str) -> dict[str, Any]:
+        """End `jid`'s sessions on every shard (the account was deleted or
+        disabled); each shard ends its own. Sent without waiting for the
+        shards: a shard that is down has no sessions to end."""
+        sent = 0
+        services = self._services
+        for state in self.shards:
+            control = state.control
+            if control is not None and services is not None:
+                services.start_soon(control.send, {"op": "end-user", "jid": jid,
+                                                         "text": text})
+                sent += 1
+        log.info("ending the sessions of %s on %d shard(s): %s", jid, sent, text)
+        return {"ok": True, "shards": sent}
 
     async def _log_status_periodically(self) -> None:
         while True:
@@ -499,6 +516,13 @@ def run_supervisor(config_path: Path, config: Config, shards: int) -> int:
 def query_status(config: Config) -> dict[str, Any]:
     """Ask the running supervisor for its status; OSError when none runs."""
     return _request(control_path(config), {"op": "status"}, STATUS_CLIENT_TIMEOUT)
+
+
+def request_end_user(data_dir: Path, jid: str, text: str) -> dict[str, Any]:
+    """Ask the supervisor running on `data_dir` to end `jid`'s sessions on
+    every shard. OSError when none runs."""
+    return _request(data_dir / CONTROL_SOCKET, {"op": "end-user", "jid": jid, "text": text},
+                    STATUS_CLIENT_TIMEOUT)
 
 
 def request_reload(data_dir: Path) -> dict[str, Any]:

@@ -97,6 +97,9 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
 
                 result = await reload_from_file(server)
                 await control.send({"op": "reloaded", **result})
+            elif op == "end-user":
+                server.end_user_sessions(str(message.get("jid", "")),
+                                         str(message.get("text", "")))
     except (ControlError, trio.BrokenResourceError, OSError) as exc:
         log.warning("control channel failed: %s", exc)
     if not stop.is_set():
