@@ -139,14 +139,15 @@ class HTTPConnection:
         """Take `data` read from the socket (b"" at end of input); the
         request once its head is complete, None while more is needed.
         Raises HTTPError for a request to refuse, PeerGone at end of input
-        before a whole head. Bytes after the head are kept but not parsed."""
+        before a whole head. Bytes that came with the head and after it are
+        kept in `raw` but not parsed: one request per connection."""
         if self._request is not None:
             return self._request
         if not data:
             raise PeerGone("connection closed before the request head ended")
         self._raw += data
         self._check_size()
-        self._h11.receive_data(data)
+        self._h11.receive_data(bytes(data))
         try:
             event = self._h11.next_event()
         except h11.RemoteProtocolError as exc:
