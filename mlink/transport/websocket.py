@@ -4,8 +4,8 @@ One HTTP port serves three things: the WebSocket endpoint at
 `/xmpp-websocket`, and `/.well-known/host-meta` (XRD) and
 `/.well-known/host-meta.json` (JRD) naming that endpoint, so web clients
 that discover endpoints find it. The request head is read here
-(`mlink.transport.http`); upgrades go on to trio-websocket with the bytes
-replayed, everything else gets a small HTTP response.
+(`mlink.transport.http`, with h11); upgrades go on to trio-websocket
+with the bytes replayed, everything else gets a small HTTP response.
 
 Once open, a WebSocket is driven by `WebSocketClientConnection`, the TCP
 connection class with reading and writing by whole messages: the same
@@ -30,12 +30,13 @@ from mlink.stream.framing import FRAMING_NS, WebSocketFraming
 from mlink.transport.client import TLS_HANDSHAKE_TIMEOUT, ClientConnection
 from mlink.transport.http import (
     HEAD_TIMEOUT,
+    HTTPConnection,
     HTTPError,
     PeerGone,
     ReplayStream,
     Request,
-    read_head,
-    response,
+    receive_request,
+    send_response,
 )
 from mlink.xml.serialize import escape_attr
 
@@ -187,25 +188,31 @@ class WebSocketEndpoint:
 
     async def serve_http(self, stream: trio.abc.Stream, peer: IPAddress | None,
                          channel_binding: dict[str, bytes] | None = None) -> None:
-        """Answer one request on `stream` (already decrypted) from `peer`."""
+        """Answer one request on `stream` (already decrypted) from `peer`,
+        then close it: a WebSocket session, host-meta, or an HTTP error."""
+        conn = HTTPConnection()
         try:
             try:
-                with trio.fail_after(HEAD_TIMEOUT):
-                    request, raw = await read_head(stream)
-                head_only = request.method == "HEAD"
+                request: Request | None = None
+                with trio.move_on_after(HEAD_TIMEOUT):
+                    request = await receive_request(stream, conn)
+                if request is None:
+                    if not conn.started:
+                        return  # a spare preconnected socket: nothing to answer
+                    raise HTTPError(408, "the request head did not arrive within "
+                                         f"{HEAD_TIMEOUT:g} seconds")
                 if request.path == WS_PATH:
                     self.check_upgrade(request)
-                    await self._upgrade(stream, raw, peer, channel_binding or {})
+                    await self._upgrade(stream, conn.raw, peer, channel_binding or {})
                     return
                 body, content_type = self.discovery(request, peer)
-                await self._respond(stream, response(
-                    200, body, content_type, (("Access-Control-Allow-Origin", "*"),),
-                    head_only=head_only))
+                reply = conn.response(200, body, content_type,
+                                      (("Access-Control-Allow-Origin", "*"),))
             except HTTPError as exc:
                 log.info("websocket listener: HTTP %d to %s: %s", exc.status, peer, exc.message)
-                await self._respond(stream, response(
-                    exc.status, f"{exc.message}\n".encode(), extra_headers=exc.headers))
-        except (PeerGone, trio.TooSlowError):
+                reply = conn.error_response(exc)
+            await send_response(stream, reply, RESPONSE_TIMEOUT)
+        except PeerGone:
             pass
         finally:
             with trio.CancelScope(shield=True):
@@ -213,13 +220,6 @@ class WebSocketEndpoint:
                     await stream.aclose()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
-
-    async def _respond(self, stream: trio.abc.Stream, data: bytes) -> None:
-        with trio.move_on_after(RESPONSE_TIMEOUT):
-            try:
-                await stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                pass
 
     def discovery(self, request: Request, peer: IPAddress | None) -> tuple[bytes, str]:
         """The host-meta documents (XEP-0156); 404 for any other path."""
