@@ -112,7 +112,8 @@ PROFILE_POLICIES = ("directory", "update", "static", "local")
 # (order matters only where two modules hook one event at one priority).
 DEFAULT_MODULES = (
     "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
-    "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups", "accounts",
+    "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
+    "accounts", "register",
 )
 
 

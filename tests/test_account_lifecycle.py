@@ -68,3 +68,23 @@ def test_the_cli_says_what_is_wrong_with_a_user_in_one_line(server):
                    "--config", str(server.config), check=False)
     assert exists.returncode != 0
     assert exists.stderr.strip() == f"mlink: stayer@{DOMAIN} already exists"
+
+
+def test_in_band_password_change_on_the_embedded_directory(server, ca_file):
+    jid = f"stayer@{DOMAIN}"
+    client = RawClient(server.c2s_port, ca_file)
+    client.login(DOMAIN, jid, USERS[jid], resource="pw")
+    client.send(f"<iq type='get' id='g' to='{DOMAIN}'><query xmlns='jabber:iq:register'/></iq>")
+    info = client.read_until(r"id='g'.*?</iq>")
+    assert "<registered" in info and "<username>stayer</username>" in info
+    client.send(f"<iq type='set' id='s' to='{DOMAIN}'><query xmlns='jabber:iq:register'>"
+                "<username>stayer</username><password>new-stayer-pw</password></query></iq>")
+    assert "type='result'" in client.read_until("id='s'")
+    client.close()
+    fresh = RawClient(server.c2s_port, ca_file)
+    fresh.starttls(DOMAIN)
+    assert "<success" in fresh.auth_plain(jid, "new-stayer-pw")
+    old = RawClient(server.c2s_port, ca_file)
+    old.starttls(DOMAIN)
+    assert "<not-authorized" in old.auth_plain(jid, USERS[jid])
+    USERS[jid] = "new-stayer-pw"

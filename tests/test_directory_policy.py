@@ -44,7 +44,7 @@ pwdMaxAge: 1
 pwdGraceAuthNLimit: 0
 """
 USERS = {f"{name}@{DOMAIN}": f"{name}-Passw0rd!" for name in
-         ("locky", "changer", "warned", "expiring")}
+         ("locky", "changer", "warned", "expiring", "mover")}
 # A password expires a second after it is set; poll for it this long.
 EXPIRY_DEADLINE = 15.0
 # The renewal after a PLAIN login runs in the background; poll this long.
@@ -188,3 +188,27 @@ def test_an_account_locked_by_the_administrator_loses_its_sessions(server, polic
                             "replace: pwdAccountLockedTime\npwdAccountLockedTime: 000001010000Z\n")
     text = client.read_until(r"</stream:stream>", EXPIRY_DEADLINE)
     assert "not-authorized" in text and "your account was disabled" in text
+
+
+def test_in_band_password_change_follows_the_directory_rules(server, ca_file):
+    """XEP-0077 as Profanity's /changepassword sends it: the directory's
+    quality rule (pwdMinLength 8) refuses a short password with its reason;
+    a good one works at once for PLAIN and SCRAM, the old one nowhere."""
+    jid = f"mover@{DOMAIN}"
+    old, new = USERS[jid], "Moved-Passw0rd-" + uuid.uuid4().hex[:6]
+    client = RawClient(server.c2s_port, ca_file)
+    client.login(DOMAIN, jid, old, resource="r1")
+    register = "<query xmlns='jabber:iq:register'><username>mover</username>"
+    client.send(f"<iq type='set' id='c1' to='{DOMAIN}'>{register}<password>short</password>"
+                "</query></iq>")
+    refused = client.read_until(r"id='c1'.*?</iq>")
+    assert "type='error'" in refused and "not-acceptable" in refused
+    assert "quality" in refused.lower()
+    client.send(f"<iq type='set' id='c2' to='{DOMAIN}'>{register}<password>{new}</password>"
+                "</query></iq>")
+    assert "type='result'" in client.read_until(r"id='c2'")
+    client.close()
+    assert scram(server, ca_file, jid, new) == "success"
+    assert plain(server, ca_file, jid, new) == "success"
+    assert scram(server, ca_file, jid, old) == "not-authorized"
+    assert plain(server, ca_file, jid, old).startswith("not-authorized")

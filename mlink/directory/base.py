@@ -102,6 +102,10 @@ class Directory(abc.ABC):
         expired); None when there is no such user."""
         return Verdict() if await self.user_exists(jid) else None
 
+    async def change_own_password(self, jid: str, password: str) -> None:
+        """The user changes their own password (in-band, XEP-0077)."""
+        await self.set_password(jid, password)
+
     async def record_failure(self, jid: str) -> None:  # noqa: B027 (optional hook)
         """Count a failed non-bind login (a wrong SCRAM proof) where the
         directory counts failures, so its lockout applies to every mechanism."""

@@ -389,11 +389,26 @@ class PortDirectory(Directory):
         if entry is None:
             raise NoSuchUser(jid)
         try:
-            await self.port.write([self._password_update(entry, secrets),
-                                   PasswordModify(entry.dn, password)])
+            # The password first: when the directory refuses it (quality,
+            # history), the secrets of the current password stay.
+            await self.port.write([PasswordModify(entry.dn, password),
+                                   self._password_update(entry, secrets)])
         except NoSuchEntry as exc:
             raise NoSuchUser(jid) from exc
         await self._bind_secrets([(entry.dn, secrets)])
+
+    async def change_own_password(self, jid: str, password: str) -> None:
+        """The user changes their own password (XEP-0077): set as by the
+        administrator (the directory's quality and history rules apply),
+        then cleared of the "must change" mark a change by someone else
+        would leave (ppolicy pwdReset), since the user chose it."""
+        await self.set_password(jid, password)
+        entry = await self._find(jid, ["pwdReset"])
+        if entry is not None and entry.get("pwdReset"):
+            try:
+                await self.port.modify(entry.dn, [Modification("delete", "pwdReset")])
+            except DirectoryRefused as exc:
+                log.warning("could not clear pwdReset of %s: %s", jid, exc)
 
     async def delete_user(self, jid: str) -> None:
         entry = await self._find(jid, ["1.1"])
