@@ -245,21 +245,47 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
 
-    async def ping() -> None:
+    async def ping() -> list[str]:
         from mlink.directory import open_directory
 
         directory = open_directory(config.directory)
         try:
             await directory.ping()
+            return await _exposed_secrets(directory)
         finally:
             await directory.aclose()
 
     try:
-        trio.run(ping)
+        exposed = trio.run(ping)
     except DirectoryUnavailable as exc:
         raise CommandError(f"directory does not answer: {exc}") from None
+    if exposed:
+        raise CommandError(exposed[0])
     print(f"{config.path}: configuration valid; {config.directory.backend} directory answers")
     return 0
+
+
+async def _exposed_secrets(directory: object) -> list[str]:
+    """Problems with who can read credentials in an LDAP directory: SCRAM
+    secrets (and password hashes) must be readable by the service account
+    only, or anyone who reads them can log in (SCRAM) or crack them."""
+    from mlink.directory.ldap import LDAPDirectory, LDAPPort
+
+    if not isinstance(directory, LDAPDirectory) or not isinstance(directory.port, LDAPPort):
+        return []  # the embedded file is written with mode 0600
+    cfg = directory.config
+    attributes = [cfg.scram_attribute, "userPassword"]
+    users = cfg.users_dn or f"ou=People,{cfg.base_dn}"
+    try:
+        readable = await directory.port.readable_by("", "", users, attributes)
+    except Exception as exc:  # noqa: BLE001 - an anonymous bind refused is fine
+        log.debug("anonymous read check: %s", exc)
+        return []
+    if readable:
+        return [f"anonymous clients can read {' or '.join(attributes)} of {readable[0]}: "
+                "restrict them to the service account (see conf/mlink-acl.ldif, "
+                "docs/ldap.md)"]
+    return []
 
 
 def _bare_jid(text: str, config: Config) -> str:

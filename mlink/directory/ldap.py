@@ -282,6 +282,25 @@ class LDAPPort(DirectoryPort):
 
     # --- the port ----------------------------------------------------------
 
+    async def readable_by(self, dn: str, password: str, base: str,
+                          attributes: Sequence[str]) -> list[str]:
+        """DNs under `base` whose `attributes` someone bound as `dn` ("" for
+        anonymous) can read: `mlink check` uses it to prove that secrets
+        are readable only by the service account."""
+        with trio.fail_after(self.timeout * 2):
+            conn = await self._connect(dn, password)
+        try:
+            filt = "(|" + "".join(f"({a}=*)" for a in attributes) + ")"
+            with trio.fail_after(self.timeout * 2):
+                found = await conn.search(base, bonsai.LDAPSearchScope.SUBTREE, filt,
+                                          list(attributes), sizelimit=READABLE_PROBE_ENTRIES)
+        except (bonsai.SizeLimitError, bonsai.NoSuchObjectError):
+            found = []
+        finally:
+            _close(conn)
+        return [str(e.dn) for e in found
+                if any(e.get(a) for a in attributes)]
+
     async def bind(self, dn: str, password: str) -> bool:
         if not password:
             return False  # an unauthenticated bind would "succeed"
@@ -517,6 +536,10 @@ class LDAPDirectory(PortDirectory):
         )
         super().__init__(port, layout, changes_seconds)
         self.config = config
+
+
+# Entries `readable_by` looks at: one readable secret is one too many.
+READABLE_PROBE_ENTRIES = 5
 
 
 def _ldap_message(exc: bonsai.LDAPError) -> str:
