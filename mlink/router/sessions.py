@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mlink.jid import JID
+from mlink.router.index import JidIndex
 
 # Bytes of randomness in a server-generated resource (RFC 6120 §7.6.2.1
 # asks for a resource unique among the user's sessions; 64 bits suffice).
@@ -75,8 +76,7 @@ class Connection(Protocol):
 
 class SessionTable:
     def __init__(self) -> None:
-        self._by_full: dict[JID, Connection] = {}
-        self._by_bare: dict[JID, dict[str, Connection]] = {}
+        self._index: JidIndex[Connection] = JidIndex()
         self._session_ids = itertools.count(1)
 
     def bind(self, conn: Connection, bare: JID, resource: str | None) -> JID:
@@ -87,14 +87,13 @@ class SessionTable:
         the old one is usually a dead connection the client is replacing.
         The caller must announce the old session's end (`replaced`).
         """
-        resources = self._by_bare.setdefault(bare, {})
+        resources = self._index.resources(bare)
         if resource is None:
             resource = secrets.token_hex(GENERATED_RESOURCE_BYTES)
             while resource in resources:
                 resource = secrets.token_hex(GENERATED_RESOURCE_BYTES)
         full = JID(bare.local, bare.domain, resource)
-        resources[resource] = conn
-        self._by_full[full] = conn
+        self._index.put(full, conn)
         conn.info = SessionInfo(full, session_id=next(self._session_ids))
         return full
 
@@ -102,32 +101,27 @@ class SessionTable:
         """The connection holding `bare/resource` now, which a bind would end."""
         if resource is None:
             return None
-        return self._by_bare.get(bare, {}).get(resource)
+        return self._index.resource(bare, resource)
 
     def unbind(self, conn: Connection) -> bool:
         """Remove `conn`; False when it was not (or no longer) bound."""
         full = conn.info.jid
-        if self._by_full.get(full) is not conn:
+        if self._index.get(full) is not conn:
             return False
-        del self._by_full[full]
-        resources = self._by_bare.get(full.bare)
-        if resources is not None:
-            resources.pop(full.resource, None)
-            if not resources:
-                del self._by_bare[full.bare]
+        self._index.remove(full)
         return True
 
     def get(self, full: JID) -> Connection | None:
-        return self._by_full.get(full)
+        return self._index.get(full)
 
     def of_user(self, bare: JID) -> list[Connection]:
-        return list(self._by_bare.get(bare, {}).values())
+        return list(self._index.resources(bare).values())
 
     def online(self, bare: JID) -> bool:
-        return bare in self._by_bare
+        return self._index.has_user(bare)
 
     def __len__(self) -> int:
-        return len(self._by_full)
+        return len(self._index)
 
     def all(self) -> list[Connection]:
-        return list(self._by_full.values())
+        return self._index.values()

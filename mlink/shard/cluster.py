@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.fields import field_registry
+from mlink.router.index import JidIndex
 from mlink.router.sessions import SessionInfo
 from mlink.shard import frames
 from mlink.shard.bus import Bus
@@ -72,8 +73,7 @@ class Cluster:
         self.server = server
         self.bus = bus
         self.shard = bus.shard
-        self._by_full: dict[JID, RemoteSession] = {}
-        self._by_bare: dict[JID, dict[str, RemoteSession]] = {}
+        self._remote: JidIndex[RemoteSession] = JidIndex()
         # What each local session last announced, to send only changes.
         self._announced: dict[int, tuple[object, ...]] = {}
         # Deliveries waiting for the end of the current routing step:
@@ -84,14 +84,14 @@ class Cluster:
     # -- the router's questions -------------------------------------------------
 
     def resources(self, bare: JID) -> list[SessionInfo]:
-        return [r.info for r in self._by_bare.get(bare, {}).values()]
+        return [r.info for r in self._remote.resources(bare).values()]
 
     def session(self, full: JID) -> SessionInfo | None:
-        remote = self._by_full.get(full)
+        remote = self._remote.get(full)
         return remote.info if remote is not None else None
 
     def online(self, bare: JID) -> bool:
-        return bare in self._by_bare
+        return self._remote.has_user(bare)
 
     def owner(self, key: str) -> int:
         """The shard that owns `key`: CRC-32 of its UTF-8 bytes modulo the
@@ -115,7 +115,7 @@ class Cluster:
     def deliver(self, full: JID, stanza: ET.Element) -> bool:
         """Queue `stanza` for a session on another shard; grouped with the
         same payload for the same shard until `flush`."""
-        remote = self._by_full.get(full)
+        remote = self._remote.get(full)
         if remote is None:
             return False
         self._queue(remote.shard, str(full), stanza)
@@ -169,7 +169,7 @@ class Cluster:
 
     def replace_remote(self, full: JID) -> None:
         """A local bind takes `full`: end the session holding it elsewhere."""
-        remote = self._by_full.get(full)
+        remote = self._remote.get(full)
         if remote is None:
             return
         self._remove(full, remote.session_id)
@@ -228,13 +228,13 @@ class Cluster:
 
     async def peer_up(self, shard: int) -> None:
         # Whatever we knew of it is stale (it may have restarted): ask anew.
-        for full, remote in list(self._by_full.items()):
+        for full, remote in self._remote.items():
             if remote.shard == shard:
                 self._remove(full, remote.session_id)
         self.bus.send(shard, Frame(FrameType.TABLE_REQUEST))
 
     async def peer_down(self, shard: int) -> None:
-        lost = [r for r in self._by_full.values() if r.shard == shard]
+        lost = [r for r in self._remote.values() if r.shard == shard]
         for remote in lost:
             self._remove(remote.info.jid, remote.session_id)
         if not lost:
@@ -296,19 +296,13 @@ class Cluster:
         if entry.available and presence is None:
             info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
         remote = RemoteSession(shard, entry.session_id, info)
-        self._by_full[full] = remote
-        self._by_bare.setdefault(full.bare, {})[full.resource] = remote
+        self._remote.put(full, remote)
 
     def _remove(self, full: JID, session_id: int) -> None:
-        remote = self._by_full.get(full)
+        remote = self._remote.get(full)
         if remote is None or remote.session_id != session_id:
             return
-        del self._by_full[full]
-        resources = self._by_bare.get(full.bare)
-        if resources is not None:
-            resources.pop(full.resource, None)
-            if not resources:
-                del self._by_bare[full.bare]
+        self._remote.remove(full)
 
     def _send_table(self, shard: int) -> None:
         entries = [_entry(conn.info) for conn in self.server.sessions.all()]
