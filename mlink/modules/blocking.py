@@ -25,6 +25,7 @@ from mlink.modules.util import iq_result
 from mlink.router.rosters import rosters_of
 from mlink.router.sessions import SessionInfo
 from mlink.stream.errors import stanza_error
+from mlink.util.user_cache import UserCache
 from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
@@ -65,35 +66,28 @@ MAX_CACHED_BLOCKLISTS = 100_000
 
 
 class Blocklists:
-    """Blocklists by user, cached while the user has sessions.
-
-    A load that overlaps a change must not cache what it read before the
-    change: each committed change bumps the user's generation, and a load
-    caches its result only if the generation did not move meanwhile."""
+    """Blocklists by user, cached while the user has sessions (bounded; a
+    load that overlaps a change does not cache: mlink.util.user_cache)."""
 
     def __init__(self, module: Module) -> None:
         self._module = module
         self._changed = module.user_cache("blocklists", self.invalidate)
-        self._cache: dict[JID, frozenset[str]] = {}
-        self._generation: dict[JID, int] = {}
+        self._cache: UserCache[JID, frozenset[str]] = UserCache(MAX_CACHED_BLOCKLISTS)
 
     async def get(self, user: JID) -> frozenset[str]:
         user = user.bare
         cached = self._cache.get(user)
         if cached is not None:
             return cached
-        generation = self._generation.get(user, 0)
-        items = frozenset(await self._module.data.blocklist(str(user)))
-        router = self._module.router
+        load = self._cache.begin(user)
+        try:
+            items = frozenset(await self._module.data.blocklist(str(user)))
+        except BaseException:
+            self._cache.finish(user, load, frozenset(), keep=False)
+            raise
         # Online on any shard: every stanza to the user is checked against
         # the list, wherever it arrives (other shards' changes invalidate).
-        online = router.online(user)
-        if online and self._generation.get(user, 0) == generation:
-            if len(self._cache) >= MAX_CACHED_BLOCKLISTS:
-                # Users whose last session ended on another shard are never
-                # `forget`-ten here: drop the oldest entry to stay bounded.
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[user] = items
+        self._cache.finish(user, load, items, keep=self._module.router.online(user))
         return items
 
     async def blocks(self, user: JID, other: JID) -> bool:
@@ -118,14 +112,11 @@ class Blocklists:
     def invalidate(self, user_text: str) -> None:
         """Drop the cached list (changed here or, in a sharded server, on
         another shard) and keep overlapping loads from caching it."""
-        user = parse_jid(user_text).bare
-        self._generation[user] = self._generation.get(user, 0) + 1
-        self._cache.pop(user, None)
+        self._cache.invalidate(parse_jid(user_text).bare)
 
     def forget(self, user: JID) -> None:
         """The user's last session ended: free its cache entry."""
-        self._cache.pop(user, None)
-        self._generation.pop(user, None)
+        self._cache.forget(user)
 
 
 def blocked_error(stanza: ET.Element) -> ET.Element:
