@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from xml.sax.saxutils import escape as xml_escape
 
 from mlink.config_model import DEFAULT_MAX_DEPTH, DEFAULT_MAX_STANZA_BYTES
 from mlink.jid import JID, InvalidJID, parse_jid, prep_localpart, prep_resource
@@ -225,6 +226,10 @@ class C2SStream:
         self._parser = self._new_parser()
         self._mechanism: Mechanism | None = None
         self._auth_jid: str | None = None
+        # The mechanism asked without a username: the identity comes from
+        # outside the exchange (EXTERNAL: the TLS certificate), its source
+        # works it out, and the mechanism's Success names the user.
+        self._identity_from_source = False
         self._offered_mechanisms: list[str] = []
         self._sasl_stream: SaslStreamInfo | None = None
         self._bind_iq: ET.Element | None = None
@@ -582,6 +587,12 @@ class C2SStream:
             self._out.append(encode_sasl("challenge", ev.data))
             return []
         if isinstance(ev, NeedCredential):
+            if not ev.username:
+                # No user yet (SASL EXTERNAL without an authzid): the source
+                # is asked with an empty JID and decides who this is.
+                self._identity_from_source = True
+                self.state = State.WAIT_AUTH_RESULT
+                return [CredentialRequested("", ev)]
             jid = self._user_jid(ev.username)
             if jid is None:
                 return self._sasl_failure("not-authorized")
@@ -592,6 +603,8 @@ class C2SStream:
             return [CredentialRequested(jid, ev)]
         if isinstance(ev, sasl.Success):
             jid = self._auth_jid
+            if jid is None and self._identity_from_source and ev.username:
+                jid = self._user_jid(ev.username)
             mechanism = self._mechanism
             if jid is None or mechanism is None:
                 # A mechanism that succeeds without naming a user it asked
@@ -600,6 +613,7 @@ class C2SStream:
             self._out.append(encode_sasl("success", ev.additional_data))
             self._authenticated = True
             self._mechanism = None
+            self._identity_from_source = False
             self.jid = parse_jid(jid)
             self._restart()
             return [Authenticated(self.jid, mechanism.name)]
@@ -611,10 +625,12 @@ class C2SStream:
         jid = self._auth_jid
         self._mechanism = None
         self._auth_jid = None
+        self._identity_from_source = False
         self.state = State.NEGOTIATING
         body = f"<{condition}/>"
         if text:
-            body += f"<text xml:lang='en'>{text}</text>"
+            # Texts may quote what the client or a certificate said.
+            body += f"<text xml:lang='en'>{xml_escape(text)}</text>"
         self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
         return [AuthFailed(jid, condition)]
 
