@@ -75,6 +75,8 @@ __all__ = [
 MAX_CONFIG_BYTES = 1024 * 1024
 # Where plain module names live: "carbons" is mlink.modules.carbons.
 MODULES_PACKAGE = "mlink.modules"
+# SASL EXTERNAL (XEP-0178): enabled by <tls><client-ca>, not a default.
+EXTERNAL_MODULE = "sasl_external"
 
 
 class ConfigError(Exception):
@@ -336,6 +338,13 @@ class _Loader:
         order = [name for name in DEFAULT_MODULES if name not in disabled]
         order += [entry.name for _, entry in entries
                   if entry.enabled and entry.name not in DEFAULT_MODULES]
+        # Client certificates are of no use without SASL EXTERNAL, and
+        # EXTERNAL none without them: <tls><client-ca> turns the module on
+        # (unless it is disabled by name); it is no default otherwise.
+        tls = self.root.find("tls")
+        if (tls is not None and tls.find("client-ca") is not None
+                and EXTERNAL_MODULE not in order and EXTERNAL_MODULE not in disabled):
+            order.append(EXTERNAL_MODULE)
         options: dict[str, object] = {}
         for name in order:
             given = listed[name][0] if name in listed else None

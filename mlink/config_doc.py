@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from mlink.config import EXTERNAL_MODULE
 from mlink.config_model import DEFAULT_MODULES, Config, ModuleEntry
 from mlink.config_schema import Setting, fmt_number, option_setting, setting_of
 
@@ -106,7 +107,8 @@ def _modules(s: Setting, out: list[str]) -> None:
     out += [f"### `<modules>` ({s.cardinality})", "", s.doc, "", "```", s.example, "```", ""]
     _section(ModuleEntry, out)
     documented = []
-    for name in DEFAULT_MODULES:
+    # The defaults, and the module <tls><client-ca> enables.
+    for name in (*DEFAULT_MODULES, EXTERNAL_MODULE):
         options = getattr(importlib.import_module(f"mlink.modules.{name}"), "OPTIONS", None)
         if options is None:
             continue

@@ -186,6 +186,9 @@ def _finish_tls(chk: Checker, elem: Element | None, parent: Element, tls: TLSCon
         if tls.required:
             chk.fail(where, "TLS is required but no certificate is configured: give <tls "
                             'certificate=... key=...>, or required="false" for local testing only')
+        if tls.client_cas:
+            chk.fail(where, "<client-ca> needs the server's own certificate: give <tls "
+                            "certificate=... key=...>")
     return tls
 
 
@@ -218,6 +221,17 @@ class TLSConfig(Frozen):
         doc="When `true`, clients must establish TLS before authenticating; on `c2s` ports "
             "STARTTLS is mandatory.",
         why="RFC 6120 §5.3.1: servers should require TLS before SASL.",
+    )
+    client_cas: tuple[Path, ...] = texts(
+        "client-ca", kind=PathKind(must_exist=True), cardinality="inside `<tls>`, any number",
+        doc="Text content: a PEM file of CA certificates (roots and intermediates) that "
+            "issue client certificates, for SASL EXTERNAL (XEP-0178); repeat for several "
+            "files. Given: the `tls` and `c2s` listeners ask every client for a certificate "
+            "(optional: a client without one still uses SCRAM or PLAIN), verify a certificate "
+            "sent against these CAs only, and the `sasl_external` module is enabled (see its "
+            "options and docs/security.md). A certificate's dates and revocation are checked "
+            "at authentication, so the client is told why it is refused. Read again on "
+            "reload. Not asked on `websocket-tls` listeners (browsers would prompt).",
     )
 
 

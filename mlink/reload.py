@@ -85,7 +85,7 @@ def _new_tls(config: Config) -> ServerTLS | None:
     if tls.certificate is None or tls.key is None:
         return None
     try:
-        return ServerTLS(tls.certificate, tls.key)
+        return ServerTLS(tls.certificate, tls.key, tls.client_cas)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise ReloadError(f"{config.path}: cannot load certificate {str(tls.certificate)!r} "
                           f"with key {str(tls.key)!r}: {exc}") from None

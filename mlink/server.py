@@ -69,7 +69,7 @@ class Server:
         self.directory = directory if directory is not None else open_directory(config.directory)
         tls_cfg = config.tls
         self.tls = (
-            ServerTLS(tls_cfg.certificate, tls_cfg.key)
+            ServerTLS(tls_cfg.certificate, tls_cfg.key, tls_cfg.client_cas)
             if tls_cfg.certificate is not None and tls_cfg.key is not None
             else None
         )

@@ -33,9 +33,13 @@ def header(domain: str) -> bytes:
 
 class RawClient:
     def __init__(self, port: int, ca_file: Path | None = None, direct_tls: bool = False,
-                 host: str = "127.0.0.1") -> None:
+                 host: str = "127.0.0.1",
+                 client_cert: tuple[Path, Path] | None = None) -> None:
+        """`client_cert` (certificate, key): presented when the server asks
+        for one (SASL EXTERNAL)."""
         self.sock: socket.socket = socket.create_connection((host, port), timeout=READ_TIMEOUT)
         self.ca_file = ca_file
+        self.client_cert = client_cert
         self.buffer = b""
         self.eof = False
         if direct_tls:
@@ -45,6 +49,8 @@ class RawClient:
         ctx = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
         if max_version is not None:
             ctx.maximum_version = max_version
+        if self.client_cert is not None:
+            ctx.load_cert_chain(str(self.client_cert[0]), str(self.client_cert[1]))
         self.sock = ctx.wrap_socket(self.sock, server_hostname="localhost")
 
     def send(self, data: bytes | str) -> None:

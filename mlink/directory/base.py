@@ -178,6 +178,12 @@ class Directory(abc.ABC):
         first spec found it.
         """
 
+    async def users_with_certificate(self, certificate: bytes) -> list[str]:
+        """Bare JIDs of the users whose `userCertificate;binary` holds
+        exactly `certificate` (DER), for SASL EXTERNAL's directory mapping.
+        This default knows no certificates (test doubles)."""
+        return []
+
     async def changes(self, interval: float | None = None) -> AsyncIterator[list[Change]]:
         """Batches of changed entries (`mlink.directory.port.Change`: kind
         add/modify/delete, DN, the entry after the change, the user's bare

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import trio
+from cryptography import x509
 
 from mlink.config_model import RosterGroupConfig
 from mlink.directory.base import (
@@ -92,6 +93,10 @@ BULK_TIMEOUT_FACTOR = 12
 # A user lookup asks for two entries: a second one means the JID is not
 # unique, and mlink refuses to choose.
 USER_LOOKUP_LIMIT = 2
+# The attribute a user's certificates live in (RFC 4523), binary transfer.
+USER_CERTIFICATE = "userCertificate;binary"
+# Users one certificate may map to: more is a directory mistake, refused.
+CERTIFICATE_LOOKUP_LIMIT = 8
 # Object classes of the group shapes `mlink.directory.groups` reads; a
 # change to such an entry may change a roster group.
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "posixgroup"})
@@ -308,6 +313,39 @@ class PortDirectory(Directory):
 
     async def user_exists(self, jid: str) -> bool:
         return await self._find(jid, ["1.1"]) is not None
+
+    async def users_with_certificate(self, certificate: bytes) -> list[str]:
+        """One search, two assertions: the DER value itself (what the
+        embedded port compares) or RFC 4523's certificateExactMatch by
+        serial number and issuer (what slapd's equality rule for
+        userCertificate takes; a DER assertion is undefined there). Matches
+        are then compared byte for byte, so a serial/issuer collision never
+        maps a certificate to the wrong user."""
+        try:
+            cert = x509.load_der_x509_certificate(certificate)
+        except ValueError:
+            return []
+        der = "".join(f"\\{b:02x}" for b in certificate)
+        issuer = cert.issuer.rfc4514_string().replace('"', '""')
+        exact = escape_filter_value(
+            f'{{ serialNumber {cert.serial_number}, issuer rdnSequence:"{issuer}" }}')
+        filt = (f"(&{self.layout.user_filter}"
+                f"(|({USER_CERTIFICATE}={der})(userCertificate={exact})))")
+        jid_attr = self.layout.jid_attribute
+        try:
+            found = await self.port.search(
+                self.layout.users_dn, Scope.SUBTREE, filt, [jid_attr, USER_CERTIFICATE],
+                size_limit=CERTIFICATE_LOOKUP_LIMIT)
+        except (NoSuchEntry, SizeLimitExceeded) as exc:
+            log.error("directory: certificate lookup failed: %s", type(exc).__name__)
+            return []
+        users = []
+        for entry in found:
+            values = [_as_bytes(v) for v in entry.get(USER_CERTIFICATE)]
+            jid = entry.first(jid_attr)
+            if certificate in values and jid is not None:
+                users.append(_text(jid).lower())
+        return sorted(set(users))
 
     async def list_users(self) -> list[str]:
         entries = await self._all_users([self.layout.jid_attribute])

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 # A configured filter is a line or two; deeper nesting than this is a
 # mistake, and the recursive parser must not be driven into Python's limit.
 MAX_FILTER_DEPTH = 32
-MAX_FILTER_LENGTH = 4096
+# Room for a certificate assertion (SASL EXTERNAL's directory mapping):
+# three characters (\\XX) per byte of a DER certificate of up to 5 KB.
+MAX_FILTER_LENGTH = 16384
 
 Value = str | bytes
 
@@ -117,7 +119,8 @@ class _Parser:
             attribute = attribute[:-1]
         if ":" in attribute:
             raise FilterError(f"extensible matches (':=') are not supported, at offset {start}")
-        if not attribute or not all(c.isalnum() or c in "-." for c in attribute):
+        # Options (RFC 4512 §2.5: `userCertificate;binary`) are part of the name.
+        if not attribute or not all(c.isalnum() or c in "-.;" for c in attribute):
             raise FilterError(f"bad attribute name {attribute!r} at offset {start}")
         raw = body[eq + 1 :]
         where = start + eq + 1

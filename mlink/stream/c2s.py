@@ -232,6 +232,10 @@ class C2SStream:
         self._parser = self._new_parser()
         self._mechanism: Mechanism | None = None
         self._auth_jid: str | None = None
+        # The mechanism asked without a username: the identity comes from
+        # outside the exchange (EXTERNAL: the TLS certificate), its source
+        # works it out, and the mechanism's Success names the user.
+        self._identity_from_source = False
         self._offered_mechanisms: list[str] = []
         self._sasl_stream: SaslStreamInfo | None = None
         # Attached to the current credential answer (CredentialAnswer).
@@ -597,6 +601,12 @@ class C2SStream:
             self._out.append(encode_sasl("challenge", ev.data))
             return []
         if isinstance(ev, NeedCredential):
+            if not ev.username:
+                # No user yet (SASL EXTERNAL without an authzid): the source
+                # is asked with an empty JID and decides who this is.
+                self._identity_from_source = True
+                self.state = State.WAIT_AUTH_RESULT
+                return [CredentialRequested("", ev)]
             jid = self._user_jid(ev.username)
             if jid is None:
                 return self._sasl_failure("not-authorized")
@@ -607,6 +617,8 @@ class C2SStream:
             return [CredentialRequested(jid, ev)]
         if isinstance(ev, sasl.Success):
             jid = self._auth_jid
+            if jid is None and self._identity_from_source and ev.username:
+                jid = self._user_jid(ev.username)
             mechanism = self._mechanism
             if jid is None or mechanism is None:
                 # A mechanism that succeeds without naming a user it asked
@@ -620,6 +632,7 @@ class C2SStream:
             self._out.append(encode_sasl("success", ev.additional_data))
             self._authenticated = True
             self._mechanism = None
+            self._identity_from_source = False
             self.jid = parse_jid(jid)
             notice, self._notice = self._notice, None
             self._restart()
@@ -635,9 +648,11 @@ class C2SStream:
         self._auth_jid = None
         self._refusal = self._notice = None
         counted, self._counted = self._counted, False
+        self._identity_from_source = False
         self.state = State.NEGOTIATING
         body = f"<{condition}/>"
         if text:
+            # Texts may quote what the client or a certificate said.
             body += f"<text xml:lang='en'>{escape_text(text)}</text>"
         self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
         return [AuthFailed(jid, condition, mechanism, counted)]

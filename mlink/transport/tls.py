@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Sequence
 from pathlib import Path
 
 from mlink.sasl.channel_binding import UnsupportedCertificate, tls_server_end_point
@@ -13,16 +14,31 @@ log = logging.getLogger(__name__)
 
 # XEP-0368 §4: direct TLS c2s connections negotiate this ALPN protocol.
 ALPN_C2S = "xmpp-client"
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME (1.1.0+; the ssl module has no name
+# for it): the chain is verified but not the validity dates, so an expired
+# client certificate reaches SASL EXTERNAL and is refused there with a text
+# the user can read, instead of as an opaque TLS alert.
+VERIFY_NO_CHECK_TIME = 0x200000
 
 
 class ServerTLS:
     """The certificate, the SSL context and what SCRAM-PLUS needs of them."""
 
-    def __init__(self, certificate: Path, key: Path) -> None:
+    def __init__(self, certificate: Path, key: Path, client_cas: Sequence[Path] = ()) -> None:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         # TLS 1.0/1.1 are deprecated (RFC 8996); 1.2 is the floor.
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(certificate), str(key))
+        if client_cas:
+            # Client certificates (SASL EXTERNAL): asked for, never required,
+            # so a client without one still logs in with SCRAM or PLAIN. A
+            # certificate sent is verified against these CAs only (not the
+            # system store); its dates and revocation are judged at SASL
+            # time, where the refusal can say why.
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+            for ca in client_cas:
+                ctx.load_verify_locations(cafile=str(ca))
+            ctx.verify_flags |= VERIFY_NO_CHECK_TIME
         ctx.set_alpn_protocols([ALPN_C2S])
         self.context = ctx
         der = ssl.PEM_cert_to_DER_cert(_first_pem(certificate.read_text()))
