@@ -73,10 +73,10 @@ def test_bad_file_is_refused_and_the_server_keeps_running(
         tmp_path: Path, cert_files: tuple[Path, Path], ca_file: Path) -> None:
     with start_mlink(tmp_path / "setup", DOMAIN, cert_files) as server:
         good = server.config.read_text()
-        lines = good.splitlines()
-        at = next(i for i, line in enumerate(lines) if "<limits" in line)
-        lines[at] = '  <limits stanza-bytes="12"/>'
-        server.config.write_text("\n".join(lines) + "\n")
+        # The <limits> element (one line or several) with a bad value.
+        bad = re.sub(r"<limits\b[^>]*/>", '<limits stanza-bytes="12"/>', good, count=1)
+        at = bad[:bad.index("<limits")].count("\n")
+        server.config.write_text(bad)
         mark = server.log.mark()
         done = mlink("reload", "--config", str(server.config), check=False)
         assert done.returncode == 1

@@ -32,7 +32,9 @@ class Served:
     def shard_rows(self) -> dict[int, dict[str, str]]:
         """`mlink status` rows: index -> pid, state, restarts, sessions."""
         rows = {}
-        for m in re.finditer(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s+\S+\s+(\d+)\s+(\S+)\s+(\S+)$",
+        # index pid state uptime restarts conns sessions [stalls longest]
+        for m in re.finditer(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s+\S+\s+(\d+)\s+(\S+)\s+(\S+)"
+                             r"(?:\s+\S+\s+\S+)?$",
                              self.status(), re.M):
             rows[int(m[1])] = {"pid": m[2], "state": m[3], "restarts": m[4],
                                "sessions": m[6]}
