@@ -114,10 +114,16 @@ class Server:
     async def _check_password(self, jid: str, request: NeedCredential) -> object:
         password = request.detail["password"]
         try:
-            ok = await self.directory.check_password(jid, password)
+            ok, verdict = await self.directory.password_login(jid, password)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
+        if verdict.condition is not None:
+            # The directory said why (its ppolicy control): tell the user.
+            return CredentialAnswer(True, (verdict.condition, verdict.text))
+        if ok and verdict.notice:
+            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            return CredentialAnswer(True, None, verdict.notice)
         if ok:
             # The directory just confirmed this is the current password:
             # if the SCRAM secrets are missing or stale (the password was

@@ -102,6 +102,11 @@ class Directory(abc.ABC):
         expired); None when there is no such user."""
         return Verdict() if await self.user_exists(jid) else None
 
+    async def password_login(self, jid: str, password: str) -> tuple[bool, Verdict]:
+        """A password login (PLAIN): whether the password is right, and the
+        directory's reason to refuse (locked, expired) or its warning."""
+        return await self.check_password(jid, password), Verdict()
+
     async def change_own_password(self, jid: str, password: str) -> None:
         """The user changes their own password (in-band, XEP-0077)."""
         await self.set_password(jid, password)

@@ -172,6 +172,18 @@ class PortDirectory(Directory):
 
     # --- authentication -----------------------------------------------------
 
+    async def password_login(self, jid: str, password: str) -> tuple[bool, Verdict]:
+        if not password:
+            return False, Verdict()
+        entry = await self._find(jid, ["1.1"])
+        if entry is None:
+            return False, Verdict()
+        ok, verdict = await self.port.bind_outcome(entry.dn, password)
+        if ok and not verdict.refused and self.layout.disabled_filter \
+                and await self._is_disabled(entry):
+            return ok, Verdict("account-disabled", "this account is disabled", lasting=True)
+        return ok, verdict
+
     async def check_password(self, jid: str, password: str) -> bool:
         if not password:
             return False

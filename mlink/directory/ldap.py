@@ -67,6 +67,7 @@ from mlink.directory.base import (
 from mlink.directory.core import Layout, PortDirectory
 from mlink.directory.ldif import Entry, Value
 from mlink.directory.names import escape_filter_value, normalize_dn
+from mlink.directory.policy import Verdict, expiry_notice
 from mlink.directory.port import (
     DEFAULT_CHANGES_SECONDS,
     MIN_CHANGES_SECONDS,
@@ -171,7 +172,8 @@ class LDAPPort(DirectoryPort):
         stream = await trio.open_tcp_stream(parsed.host, parsed.port)
         await stream.aclose()
 
-    async def _connect(self, user: str, password: str) -> TrioLDAPConnection:
+    async def _connect(self, user: str, password: str,
+                       policy: list[dict[str, int]] | None = None) -> TrioLDAPConnection:
         """Open and bind a connection, trying servers in order.
 
         AuthenticationError and other answers from a server propagate; an
@@ -186,16 +188,25 @@ class LDAPPort(DirectoryPort):
             client = bonsai.LDAPClient(url)
             client.set_credentials("SIMPLE", user=user, password=password)
             client.set_async_connection_class(TrioLDAPConnection)
+            if policy is not None:
+                # Ask for the password-policy response control (expiry
+                # warnings, grace logins; failures as AccountLocked, ...).
+                client.set_password_policy(True)
             try:
                 with trio.fail_after(self.timeout):
                     await self._probe(url)
                     conn = await client.connect(is_async=True, timeout=self.timeout)
+                    if policy is not None and isinstance(conn, tuple):
+                        conn, control = conn
+                        policy.append(dict(control or {}))
             except trio.TooSlowError:
                 errors.append(f"{url}: no answer within {self.timeout}s")
                 continue
             except OSError as exc:
                 errors.append(f"{url}: {exc}")
                 continue
+            except bonsai.PasswordPolicyError:
+                raise  # the server answered: locked, expired (its codes look like I/O errors)
             except bonsai.LDAPError as exc:
                 if not _is_connection_failure(exc):
                     raise
@@ -300,6 +311,40 @@ class LDAPPort(DirectoryPort):
             _close(conn)
         return [str(e.dn) for e in found
                 if any(e.get(a) for a in attributes)]
+
+    async def bind_outcome(self, dn: str, password: str) -> tuple[bool, Verdict]:
+        """A bind with the password-policy control: whether it succeeded,
+        and the directory's reason when it did not (locked, expired, must
+        change) or its warning when it did (expiry soon, grace logins)."""
+        if not password:
+            return False, Verdict()
+        with trio.move_on_after(self.timeout * (len(self.config.servers) + 1)):
+            controls: list[dict[str, int]] = []
+            try:
+                conn = await self._connect(dn, password, controls)
+            except bonsai.AccountLocked:
+                return False, Verdict("account-disabled", "this account is locked")
+            except bonsai.PasswordExpired:
+                return False, Verdict("credentials-expired", "the password has expired: change it")
+            except bonsai.ChangeAfterReset:
+                return False, Verdict("credentials-expired",
+                                      "the password was reset: change it before logging in")
+            except (bonsai.AuthenticationError, bonsai.UnwillingToPerform) as exc:
+                log.debug("LDAP bind as %s refused: %s", dn, exc)
+                return False, Verdict()
+            except bonsai.LDAPError as exc:
+                log.info("LDAP bind as %s failed: %s", dn, exc)
+                return False, Verdict()
+            _close(conn)
+            control = controls[0] if controls else {}
+            expire, grace = int(control.get("expire", -1)), int(control.get("grace", -1))
+            if expire > 0:
+                return True, Verdict(notice=expiry_notice(expire))
+            if grace >= 0:
+                return True, Verdict(notice=f"Your password has expired; {grace} login(s) "
+                                            "left before the account is locked: change it.")
+            return True, Verdict()
+        raise DirectoryUnavailable("LDAP bind timed out")
 
     async def bind(self, dn: str, password: str) -> bool:
         if not password:

@@ -30,6 +30,7 @@ from typing import Literal
 from mlink.directory.base import DirectoryError
 from mlink.directory.ldif import Entry, Value
 from mlink.directory.names import normalize_dn
+from mlink.directory.policy import Verdict
 
 __all__ = [
     "Add",
@@ -155,6 +156,11 @@ class DirectoryPort(abc.ABC):
         False for a wrong one, an unknown DN or a policy refusal (locked,
         expired). An empty password is False without asking (RFC 4513
         §5.1.2: an unauthenticated bind would "succeed")."""
+
+    async def bind_outcome(self, dn: str, password: str) -> tuple[bool, Verdict]:
+        """`bind`, with the directory's reason or warning where it has a
+        password policy to give one (LDAP's ppolicy control)."""
+        return await self.bind(dn, password), Verdict()
 
     @abc.abstractmethod
     async def search(
