@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -509,12 +510,15 @@ def test_static_item_edited_with_ldapmodify_is_pushed(static_server, ldap, ca_fi
     owner, friend = ldap.new_users(2)
     logins = Login(static_server, ca_file)
     try:
+        mark = static_server.log.mark()
         client = logins(owner, available=False)
         assert roster_items(client.roster()) == {}
+        # The PLAIN login gave the owner SCRAM secrets, and with them the
+        # mlinkUser class that allows mlinkRosterItem.
+        static_server.wait_for_log(rf"SCRAM secrets of {re.escape(owner)} renewed", mark)
         value = json.dumps({"jid": friend, "name": "Added by hand", "groups": ["Ops"],
                             "subscription": "both"})
         ldap.run("ldapmodify", f"dn: {user_dn(owner)}\nchangetype: modify\n"
-                               f"add: objectClass\nobjectClass: mlinkUser\n-\n"
                                f"add: {STATIC_ATTRIBUTE}\n{STATIC_ATTRIBUTE}: {value}\n")
         item, ver = push_item_within(client, friend)
         assert item.get("name") == "Added by hand" and groups_of(item) == ["Ops"]
