@@ -228,3 +228,19 @@ async def test_wrong_service_password_is_unavailable(ldap_config):
     with pytest.raises(DirectoryUnavailable):
         await d.user_exists("alice@example.com")
     await d.aclose()
+
+
+async def test_any_valid_localpart_can_be_provisioned(directory: LDAPDirectory):
+    """RFC 7622 allows '#', '+', ',' and friends in a localpart; the DN is
+    escaped (RFC 4514), or named by a digest where libldap cannot take the
+    character, and the account works like any other."""
+    for jid in ("hash#1@example.org", "#lead@example.org", "a+b,c;d@example.org"):
+        await directory.add_user(jid, "Passw0rd-long")
+        try:
+            assert await directory.check_password(jid, "Passw0rd-long")
+            await directory.set_password(jid, "Passw0rd-other")
+            assert await directory.check_password(jid, "Passw0rd-other")
+            assert jid in await directory.list_users()
+        finally:
+            await directory.delete_user(jid)
+        assert not await directory.user_exists(jid)

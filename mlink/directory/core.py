@@ -21,6 +21,7 @@ clear password is ever stored.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import secrets as secrets_module
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
@@ -295,30 +296,31 @@ class PortDirectory(Directory):
         log.info("SCRAM secrets of %s renewed after a password login", jid)
         return True
 
-    async def _bind_secrets(self, dns_and_secrets: Sequence[tuple[str, list[str]]]) -> None:
+    async def _bind_secrets(self, jids_and_secrets: Sequence[tuple[str, list[str]]]) -> None:
         """After mlink set passwords: store each user's secrets with the
-        binding to the userPassword value the directory now holds. One
-        read (a base search, or one paged search of all users for a batch)
-        and one write, however many users."""
-        if not dns_and_secrets:
+        binding to the userPassword value the directory now holds. Entries
+        are found by JID (the directory's own DN form, whatever escaping
+        it normalised), one by one for a few users, in one paged search of
+        all users for a batch; then one write."""
+        if not jids_and_secrets:
             return
-        wanted = {normalize_dn(dn): (dn, secrets) for dn, secrets in dns_and_secrets}
+        wanted = {jid.lower(): secrets for jid, secrets in jids_and_secrets}
+        attr = self.layout.jid_attribute
+        found: list[Entry] = []
         if len(wanted) <= BIND_SECRETS_ONE_BY_ONE:
-            found: list[Entry] = []
-            for dn, _ in wanted.values():
-                found += await self.port.search(dn, Scope.BASE, "(objectClass=*)",
-                                                ["userPassword"])
+            for jid, _ in jids_and_secrets:
+                entry = await self._find(jid, [attr, "userPassword"])
+                if entry is not None:
+                    found.append(entry)
         else:
-            found = await self.port.search(
-                self.layout.users_dn, Scope.SUBTREE, self.layout.user_filter, ["userPassword"],
-                paged=True, timeout_factor=BULK_TIMEOUT_FACTOR)
+            found = await self._all_users([attr, "userPassword"])
         operations: list[Operation] = []
         for entry in found:
-            target = wanted.get(normalize_dn(entry.dn))
+            values = entry.get(attr)
+            secrets = wanted.get(_text(values[0]).lower()) if values else None
             binding = binding_value(entry.get("userPassword"))
-            if target is not None and binding is not None:
-                dn, secrets = target
-                operations.append(Modify(dn, (Modification(
+            if secrets is not None and binding is not None:
+                operations.append(Modify(entry.dn, (Modification(
                     "replace", self.layout.scram_attribute, (*secrets, binding)),)))
         if operations:
             await self.port.write(operations)
@@ -383,10 +385,19 @@ class PortDirectory(Directory):
 
     def _new_entry(self, jid: str, secrets: list[str]) -> Entry:
         local = jid.split("@", 1)[0]
-        dn = f"{self.layout.jid_attribute}={escape_dn_value(jid)},{self.layout.users_dn}"
+        names: list[Value] = [local]
+        if any(ch in jid for ch in DN_UNSAFE_CHARACTERS):
+            # libldap (under bonsai) cannot parse a DN whose value holds a
+            # bare '#', and slapd hands DNs back with it unescaped (RFC 4514
+            # escapes it only first): name such entries by a digest instead.
+            rdn = "jid-" + hashlib.sha256(jid.encode()).hexdigest()[:DN_DIGEST_CHARS]
+            names.append(rdn)
+            dn = f"cn={rdn},{self.layout.users_dn}"
+        else:
+            dn = f"{self.layout.jid_attribute}={escape_dn_value(jid)},{self.layout.users_dn}"
         attrs: dict[str, list[Value]] = {
             "objectClass": list(USER_OBJECT_CLASSES),
-            "cn": [local],
+            "cn": names,
             "sn": [local],
             "uid": [local],
             self.layout.jid_attribute: [jid],
@@ -431,7 +442,7 @@ class PortDirectory(Directory):
                 except DirectoryError:
                     log.exception("directory: could not remove half-created %s", entry.dn)
             raise
-        await self._bind_secrets([(entry.dn, secrets)])
+        await self._bind_secrets([(jid, secrets)])
 
     async def set_password(self, jid: str, password: str) -> None:
         secrets = await self._secrets(password)
@@ -445,7 +456,7 @@ class PortDirectory(Directory):
                                    self._password_update(entry, secrets)])
         except NoSuchEntry as exc:
             raise NoSuchUser(jid) from exc
-        await self._bind_secrets([(entry.dn, secrets)])
+        await self._bind_secrets([(jid, secrets)])
 
     async def change_own_password(self, jid: str, password: str) -> None:
         """The user changes their own password (XEP-0077): set as by the
@@ -500,7 +511,7 @@ class PortDirectory(Directory):
             else:
                 operations.append(self._password_update(entry, secrets))
             operations.append(PasswordModify(entry.dn, password))
-            written.append((entry.dn, secrets))
+            written.append((jid, secrets))
         await self.port.write(operations)
         await self._bind_secrets(written)
         return len(pairs)
@@ -663,6 +674,11 @@ def _text(value: object) -> str:
     return str(value)
 
 
+# Characters of a JID that cannot appear in an LDAP DN handed to bonsai
+# (see _new_entry), and how much of a SHA-256 names such an entry instead:
+# 80 bits, no collision among any realistic number of users.
+DN_UNSAFE_CHARACTERS = "#"
+DN_DIGEST_CHARS = 20
 # Up to this many users (a CLI add or passwd), their entries are read one
 # by one after a password change; more (an import) are read in one paged
 # search of all users.

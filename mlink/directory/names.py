@@ -24,15 +24,18 @@ def escape_filter_value(value: str) -> str:
 
 
 def escape_dn_value(value: str) -> str:
-    """Escape an attribute value for a DN string (RFC 4514 §2.4)."""
+    """Escape an attribute value for a DN string (RFC 4514 §2.4). A '#'
+    is escaped wherever it is (RFC 4514 requires it only first, and allows
+    it anywhere): libldap's DN parser, under bonsai, refuses a bare '#'
+    inside a value, and RFC 7622 localparts may hold one."""
     out = []
     last = len(value) - 1
     for i, ch in enumerate(value):
-        if ch in '\\"+,;<=>':
+        if ch in '\\"+,;<=>#':
             out.append("\\" + ch)
         elif ch == "\0":
             out.append("\\00")
-        elif (i == 0 and ch in " #") or (i == last and ch == " "):
+        elif (i == 0 and ch == " ") or (i == last and ch == " "):
             out.append("\\" + ch)
         else:
             out.append(ch)
