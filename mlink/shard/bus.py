@@ -45,6 +45,7 @@ from mlink.shard.frames import (
     encode_frame,
     encode_hello,
 )
+from mlink.util.outbuffer import OutputBuffer
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,9 @@ class _Peer:
     stream: trio.SocketStream | None = None
     # Ends the live connection (a newer one replaces it, or it failed).
     scope: trio.CancelScope | None = None
-    pending: list[bytes] = field(default_factory=list)
-    # Bytes queued or being written: the buffer limit counts both.
-    pending_bytes: int = 0
-    wakeup: trio.Event = field(default_factory=trio.Event)
+    # Frames queued or being written (the limit counts both); set up with
+    # the bus's limit in UnixSocketBus.__init__.
+    out: OutputBuffer[bytes] = field(default_factory=lambda: OutputBuffer(0))
     dropped_since_log: int = 0
     last_drop_log: float = float("-inf")
     # Set when the live connection has finished reporting its end.
@@ -191,7 +191,8 @@ class UnixSocketBus(Bus):
         self.bus_dir = bus_dir
         self.handler: BusHandler = handler if handler is not None else NullHandler()
         self.outbound_limit = outbound_limit
-        self._peers = {i: _Peer(i) for i in range(shards) if i != shard}
+        self._peers = {i: _Peer(i, out=OutputBuffer(outbound_limit))
+                       for i in range(shards) if i != shard}
         self._hello = encode_frame(FrameType.HELLO, shard, encode_hello(shards))
 
     # -- the interface ------------------------------------------------------------
@@ -242,13 +243,11 @@ class UnixSocketBus(Bus):
         if peer.stream is None:
             peer.stats.drops_down += 1
             return False
-        if peer.pending_bytes + len(data) > self.outbound_limit:
+        if not peer.out.fits(len(data)):
             peer.stats.drops_full += 1
             self._log_drop(peer)
             return False
-        peer.pending.append(data)
-        peer.pending_bytes += len(data)
-        peer.wakeup.set()
+        peer.out.push(data)
         return True
 
     def _log_drop(self, peer: _Peer) -> None:
@@ -263,9 +262,8 @@ class UnixSocketBus(Bus):
     async def _writer(self, peer: _Peer, stream: trio.SocketStream) -> None:
         """Drain the peer's buffer, everything pending in one write."""
         while True:
-            await peer.wakeup.wait()
-            peer.wakeup = trio.Event()
-            batch, peer.pending = peer.pending, []
+            await peer.out.wait_ready()
+            batch = peer.out.take()
             data = b"".join(batch)
             try:
                 await stream.send_all(data)
@@ -273,7 +271,7 @@ class UnixSocketBus(Bus):
                 # The reader sees the end too and closes the connection.
                 log.info("bus: sending to shard %d failed: %s", peer.index, exc)
                 return
-            peer.pending_bytes -= len(data)
+            peer.out.written_now(len(data))
             peer.stats.frames_out += len(batch)
             peer.stats.bytes_out += len(data)
             peer.stats.writes += 1
@@ -418,10 +416,9 @@ class UnixSocketBus(Bus):
         except FrameError as exc:
             log.warning("bus: shard %d sent a bad frame: %s; reconnecting", peer.index, exc)
         finally:
-            lost = len(peer.pending)
-            peer.stats.drops_down += lost
-            peer.pending, peer.pending_bytes = [], 0
-            peer.wakeup = trio.Event()
+            # Frames never written: counted as dropped, as for a peer down.
+            peer.stats.drops_down += peer.out.frames_queued
+            peer.out.discard()
             peer.stream = None
             with trio.CancelScope(shield=True):
                 try:

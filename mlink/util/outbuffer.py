@@ -48,6 +48,11 @@ class OutputBuffer(Generic[T]):
         self._progress = trio.Event()
 
     @property
+    def frames_queued(self) -> int:
+        """Chunks queued and not taken by the writer."""
+        return len(self._chunks)
+
+    @property
     def pending(self) -> int:
         """Bytes pushed and not yet written."""
         return self._pending
