@@ -1,0 +1,56 @@
+"""Findings of the fuzz targets (tests/fuzz, issue 12), one test each.
+
+Why here and fast: `tools/fuzz` runs for minutes; these replay what it found
+in milliseconds on every test run. Each named test states the finding as a
+protocol scenario, written so that it failed before the fix; the replay
+tests below feed every seed and every saved crash input through its target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlink.stream import c2s
+from tests.fuzz.harness import TARGETS, TCP_HEADER
+
+FUZZ_DIR = Path(__file__).parent / "fuzz"
+STREAMS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
+
+
+def _inputs(kind: str) -> list[tuple[str, Path]]:
+    """(target, file) for every input saved under tests/fuzz/<kind>/."""
+    return [(d.name, f) for d in sorted((FUZZ_DIR / kind).iterdir()) if d.is_dir()
+            for f in sorted(d.iterdir())]
+
+
+def _stream() -> c2s.C2SStream:
+    stream = c2s.C2SStream(c2s.StreamSettings(
+        domains=frozenset({"example.com"}), tls_available=True, tls_required=True,
+        tls_active=True))
+    assert stream.receive_data(TCP_HEADER) == []
+    stream.data_to_send()
+    return stream
+
+
+@pytest.mark.parametrize("target, path", _inputs("corpus"), ids=lambda v: getattr(v, "name", v))
+def test_seed_corpus_passes_its_target(target: str, path: Path) -> None:
+    TARGETS[target](path.read_bytes())
+
+
+@pytest.mark.parametrize("target, path", _inputs("crashes"), ids=lambda v: getattr(v, "name", v))
+def test_saved_crash_passes_its_target(target: str, path: Path) -> None:
+    TARGETS[target](path.read_bytes())
+
+
+def test_peer_stream_error_is_answered_with_our_closing_tag() -> None:
+    """c2s finding: a client that reports a stream error and closes its
+    stream got no closing tag back (RFC 6120 §4.4: the receiver of a
+    closing tag sends its own), so the connection ended half-closed."""
+    stream = _stream()
+    events = stream.receive_data(
+        f"<stream:error><conflict xmlns='{STREAMS_NS}'/></stream:error>"
+        "</stream:stream>".encode())
+    assert events == [c2s.StreamEnded(None, peer_closed=True)]
+    assert stream.data_to_send() == b"</stream:stream>"
