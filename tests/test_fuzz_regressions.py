@@ -54,3 +54,19 @@ def test_peer_stream_error_is_answered_with_our_closing_tag() -> None:
         "</stream:stream>".encode())
     assert events == [c2s.StreamEnded(None, peer_closed=True)]
     assert stream.data_to_send() == b"</stream:stream>"
+
+
+def test_pipelined_auth_and_close_then_a_late_answer() -> None:
+    """Issue 12 finding 5, kept by the c2s target's seeds: <auth/> and the
+    stream close in one packet. The machine closes at once with its closing
+    tag; the credential answer that arrives afterwards is dropped, not an
+    error, and sends nothing (no <success/> after the closing tag)."""
+    stream = _stream()
+    events = stream.receive_data(
+        b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
+        b"AGFsaWNlAHBlbmNpbA==</auth></stream:stream>")
+    assert [type(ev) for ev in events] == [c2s.CredentialRequested, c2s.StreamEnded]
+    assert events[1] == c2s.StreamEnded(None, peer_closed=True)
+    assert stream.data_to_send() == b"</stream:stream>"
+    assert stream.credential_provided(True) == []
+    assert stream.data_to_send() == b""
