@@ -33,6 +33,7 @@ import functools
 import hashlib
 import hmac
 import random
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -79,6 +80,8 @@ TCP_HEADER = (
     "<?xml version='1.0'?><stream:stream xmlns='jabber:client' "
     f"xmlns:stream='http://etherx.jabber.org/streams' to='{DOMAIN}' version='1.0'>"
 ).encode()
+# How every stream the server opens over TCP begins (TCPFraming.header).
+SERVER_DECLARATION = b"<?xml version='1.0'?>"
 WS_OPEN = f"<open xmlns='{FRAMING_NS}' to='{DOMAIN}' version='1.0'/>".encode()
 
 # c2s flag bits (first input byte).
@@ -223,6 +226,7 @@ class C2SDriver:
             self.stream.channel_binding = dict(CHANNEL_BINDING)
         self.deferred: list[c2s.CredentialRequested | c2s.BindRequested] = []
         self.ended = False
+        self.tcp_output: list[bytes] = []
 
     def feed(self, packet: bytes) -> None:
         if self.websocket:
@@ -271,14 +275,30 @@ class C2SDriver:
         pending, self.deferred = self.deferred, []
         for request in pending:
             self.answer(request)
+        self._check_tcp_output()
         if self.stream.state is c2s.State.CLOSED:
             assert self.stream.receive_data(b"<presence/>") == []
             assert self.stream.receive_message(b"<presence/>") == []
 
     def _take_output(self) -> bytes:
         if self.websocket:
-            return b"".join(self.stream.messages_to_send())
-        return self.stream.data_to_send()
+            messages = self.stream.messages_to_send()
+            for message in messages:
+                # RFC 7395 §3.3.3: every message is one complete element,
+                # parsable on its own (its namespaces declared in it).
+                ET.fromstring(message)
+            return b"".join(messages)
+        out = self.stream.data_to_send()
+        self.tcp_output.append(out)
+        return out
+
+    def _check_tcp_output(self) -> None:
+        """Everything the server wrote is well-formed XML: one document per
+        stream, each beginning with the server's XML declaration."""
+        for document in b"".join(self.tcp_output).split(SERVER_DECLARATION)[1:]:
+            parser = ET.XMLPullParser()
+            parser.feed(SERVER_DECLARATION + document)
+            list(parser.read_events())
 
     def _check_ending(self, out: bytes, ev: c2s.StreamEnded) -> None:
         """A stream that ends says so on the wire (RFC 6120 §4.4, RFC 7395)."""
