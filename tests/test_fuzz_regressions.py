@@ -8,6 +8,8 @@ tests below feed every seed and every saved crash input through its target.
 
 from __future__ import annotations
 
+import base64
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,21 @@ def test_pipelined_auth_and_close_then_a_late_answer() -> None:
     assert stream.data_to_send() == b"</stream:stream>"
     assert stream.credential_provided(True) == []
     assert stream.data_to_send() == b""
+
+
+@pytest.mark.parametrize("client_first", [b"n,,x", b"n,,n=alice"])
+def test_sasl_failure_text_is_escaped(client_first: bytes) -> None:
+    """c2s finding (WebSocket target: a message that does not parse): a SCRAM
+    failure's text, "expected n=<user>,r=<nonce>", went out with its `<` and
+    `>` unescaped, so the <failure/> was not well-formed XML and a client's
+    parser ended the stream instead of reading the SASL failure."""
+    stream = _stream()
+    token = base64.b64encode(client_first).decode()
+    events = stream.receive_data(
+        f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{token}</auth>"
+        .encode())
+    assert events == [c2s.AuthFailed(None, "malformed-request")]
+    failure = ET.fromstring(stream.data_to_send())
+    assert failure.tag == "{urn:ietf:params:xml:ns:xmpp-sasl}failure"
+    assert failure.findtext("{urn:ietf:params:xml:ns:xmpp-sasl}text") == \
+        "expected n=<user>,r=<nonce>"

@@ -51,7 +51,7 @@ from mlink.xml.parser import (
     XMLStreamError,
     XMLStreamParser,
 )
-from mlink.xml.serialize import CLIENT_NS, serialize
+from mlink.xml.serialize import CLIENT_NS, escape_text, serialize
 
 TLS_NS = "urn:ietf:params:xml:ns:xmpp-tls"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
@@ -608,7 +608,8 @@ class C2SStream:
         self.state = State.NEGOTIATING
         body = f"<{condition}/>"
         if text:
-            body += f"<text xml:lang='en'>{text}</text>"
+            # Mechanism texts quote grammar ("n=<user>"): escape them.
+            body += f"<text xml:lang='en'>{escape_text(text)}</text>"
         self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
         return [AuthFailed(jid, condition)]
 
