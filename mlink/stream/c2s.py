@@ -523,8 +523,9 @@ class C2SStream:
 
     def _nonza(self, elem: ET.Element) -> list[C2SEvent]:
         if elem.tag == f"{{{STREAM_NS}}}error":
-            # The peer reported a stream error: it is closing; so do we.
-            return [self._end(None, peer_closed=True)]
+            # The peer reported a stream error: it is closing; so do we,
+            # with our closing tag (RFC 6120 §4.4), as for a plain close.
+            return [self._on_close()]
         if not elem.tag.startswith("{") or elem.tag.startswith("{" + CLIENT_NS + "}"):
             if elem.tag.startswith("{") or elem.tag in ("message", "presence", "iq"):
                 return [self._fail("unsupported-stanza-type")]
