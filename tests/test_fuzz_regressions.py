@@ -85,7 +85,7 @@ def test_sasl_failure_text_is_escaped(client_first: bytes) -> None:
     events = stream.receive_data(
         f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{token}</auth>"
         .encode())
-    assert events == [c2s.AuthFailed(None, "malformed-request")]
+    assert events == [c2s.AuthFailed(None, "malformed-request", "SCRAM-SHA-1")]
     failure = ET.fromstring(stream.data_to_send())
     assert failure.tag == "{urn:ietf:params:xml:ns:xmpp-sasl}failure"
     assert failure.findtext("{urn:ietf:params:xml:ns:xmpp-sasl}text") == \
