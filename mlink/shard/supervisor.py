@@ -28,6 +28,7 @@ import trio
 
 from mlink.config_model import Config
 from mlink.shard.control import ControlError, LineChannel
+from mlink.shard.fdlimit import raise_nofile_limit
 
 log = logging.getLogger("mlink.supervisor")
 
@@ -489,7 +490,9 @@ async def _listen_control(path: Path) -> trio.SocketListener:
 
 
 def run_supervisor(config_path: Path, config: Config, shards: int) -> int:
-    """Block running the supervisor; its exit status."""
+    """Block running the supervisor; its exit status. The shards it starts
+    inherit the raised file-descriptor limit."""
+    raise_nofile_limit()
     return trio.run(Supervisor(config_path, config, shards).run)
 
 
