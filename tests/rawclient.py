@@ -33,8 +33,12 @@ def header(domain: str) -> bytes:
 
 class RawClient:
     def __init__(self, port: int, ca_file: Path | None = None, direct_tls: bool = False,
-                 host: str = "127.0.0.1") -> None:
-        self.sock: socket.socket = socket.create_connection((host, port), timeout=READ_TIMEOUT)
+                 host: str = "127.0.0.1", source: str | None = None) -> None:
+        """`source`: the local address to connect from (another loopback
+        address, for per-address limits)."""
+        self.sock: socket.socket = socket.create_connection(
+            (host, port), timeout=READ_TIMEOUT,
+            source_address=(source, 0) if source is not None else None)
         self.ca_file = ca_file
         self.buffer = b""
         self.eof = False

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -169,7 +170,8 @@ class AuthThrottle:
             score = self.addresses.score(address, now)
         if account is not None:
             score = max(score, self.accounts.score(account, now))
-        over = int(score) - self.free_failures
+        # Rounded up: a failure being forgotten still counts until it is.
+        over = math.ceil(score) - self.free_failures
         if over < 0:
             return 0.0
         return min(self.max_delay, AUTH_DELAY_BASE * 2.0 ** min(over, 32))
