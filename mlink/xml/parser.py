@@ -34,6 +34,9 @@ _SCAN_TAIL = len(_CDATA_OPEN) - 1
 _XML_DECL = re.compile(rb"<\?xml\s[^>]*?\?>")
 _ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
 _UNDEFINED_ENTITY = expat_errors.codes[expat_errors.XML_ERROR_UNDEFINED_ENTITY]
+# XML whitespace (XML 1.0 §2.3 S) and `>`, as byte values.
+_WHITESPACE = frozenset(b" \t\r\n")
+_GT = ord(">")
 
 
 class XMLStreamError(Exception):
@@ -152,11 +155,15 @@ class XMLStreamParser:
         if self._depth != 1:
             self._partial = self._depth > 1
         else:
-            tail = data.rstrip()
-            if tail:
+            # The last byte that is not whitespace, found without copying
+            # the chunk (a stanza's bytes rarely end in more than a newline).
+            last = len(data) - 1
+            while last >= 0 and data[last] in _WHITESPACE:
+                last -= 1
+            if last >= 0:
                 # `_pending` is reset when a stanza ends in this chunk; bytes
                 # after it that do not end on `>` are a stanza begun.
-                self._partial = self._pending > 0 or not tail.endswith(b">")
+                self._partial = self._pending > 0 or data[last] != _GT
             # Whitespace alone (a keepalive) changes nothing.
         return events
 
