@@ -50,7 +50,16 @@ from tests.rawclient import (
 from tests.rawclient import (
     resource as new_resource,
 )
-from tests.serverproc import ALICE, ALICE_PW, BOB, BOB_PW, DOMAIN, MlinkProcess, start_mlink
+from tests.serverproc import (
+    ALICE,
+    ALICE_PW,
+    BOB,
+    BOB_PW,
+    DOMAIN,
+    MlinkProcess,
+    mlink,
+    start_mlink,
+)
 
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
 ROSTER_NS = "jabber:iq:roster"
@@ -329,6 +338,10 @@ def test_refusals_are_logged_once_per_interval(conn_server, ca_file):
     assert len(lines) <= 1, lines
     for client in idle:
         client.close()
+    # `mlink status` counts them.
+    status = mlink("status", "--config", str(conn_server.config)).stdout
+    match = re.search(r"shard 0 limits: (\d+) connection\(s\) refused", status)
+    assert match and int(match.group(1)) >= 5, status
 
 
 # -- resources per account ----------------------------------------------------------
@@ -440,6 +453,13 @@ def test_roster_items_per_user(session_server, ca_file):
     refused_set = roster_set(client, contacts[-1])
     assert stanza_error_of(refused_set) == ("cancel", "not-allowed")
     assert f"at most {ROSTER_ITEMS}" in error_text(refused_set)
+    # A subscription request would add an item too: refused the same way.
+    stranger = f"s-{uuid.uuid4().hex[:6]}@example.net"
+    client.send(f"<presence to='{stranger}' type='subscribe'/>")
+    bounced = client.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}presence"
+                            and s.get("type") == "error", "the subscribe bounced")
+    assert stanza_error_of(bounced) == ("cancel", "not-allowed")
+    assert f"at most {ROSTER_ITEMS}" in error_text(bounced)
     # Changing an item already there is not adding one.
     assert roster_set(client, contacts[0], "renamed").get("type") == "result"
     removed = client.iq("set", f"<query xmlns='{ROSTER_NS}'><item jid='{contacts[0]}' "

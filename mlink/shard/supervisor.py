@@ -556,6 +556,14 @@ def format_status(status: dict[str, Any]) -> str:
             f"{stats.get('sessions', '-'):>8}"
         )
     links = [(s["index"], stats) for s in shards if (stats := s["stats"])]
+    for index, stats in links:
+        limits = stats.get("limits") or {}
+        if any(limits.values()):
+            lines.append(
+                f"  shard {index} limits: {limits.get('refused', 0)} connection(s) refused, "
+                f"{limits.get('penalised_addresses', 0)} address(es) and "
+                f"{limits.get('penalised_accounts', 0)} account(s) with authentication "
+                "failures on record")
     if any(stats["bus"] for _, stats in links):
         lines.append("bus links (from->to: frames/bytes out, frames/bytes in, mean batch, "
                      "drops full/down, connects):")

@@ -39,6 +39,11 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         "uptime": time.monotonic() - started,
         "connections": len(server.connections),
         "sessions": len(server.sessions),
+        # The abuse limits at work (docs/security.md): connections refused
+        # at accept, addresses and accounts with authentication penalties.
+        "limits": {"refused": server.connection_limiter.refused,
+                   "penalised_addresses": len(server.auth_throttle.addresses),
+                   "penalised_accounts": len(server.auth_throttle.accounts)},
         "peers_up": sorted(bus.peers),
         "bus": {str(i): s.as_dict() for i, s in bus.stats().items()},
     }
