@@ -617,8 +617,8 @@ class LimitsConfig(Frozen):
     max_roster_items: int = attr(
         "roster-items", DEFAULT_MAX_ROSTER_ITEMS, kind=Int(0), hide_default=True,
         doc="Personal roster items one user may have (items from directory groups are not "
-            "counted); a roster set adding one more is refused with `not-allowed`. `0`: no "
-            "limit.",
+            "counted); a roster set or subscription request adding one more is refused with "
+            "`not-allowed`. `0`: no limit.",
         why="Far more contacts than people keep; small enough that a roster result stays well "
             "within the 4 MiB a session may have queued.",
     )
