@@ -79,6 +79,38 @@ DEFAULT_MAX_OFFLINE_MESSAGES = 100
 # one largest stanza must fit (RFC 6120 §13.12's 10,000 bytes, with room).
 DEFAULT_MAX_OUTPUT_BYTES = 4 * 1024 * 1024
 MIN_OUTPUT_BYTES = 64 * 1024
+# -- abuse limits (LimitsConfig; docs/security.md compares them with Prosody's
+# and ejabberd's defaults). Per shard where they count connections or
+# failures: shards share no memory, and a shared counter would cost a bus
+# round trip on every accept.
+# SASL failures one stream may have before it ends with policy-violation:
+# RFC 6120 §6.4.5 asks for "at least 2 and no more than 5" retries.
+DEFAULT_AUTH_FAILURES_PER_STREAM = 5
+# Failures an address or an account may have before answers are delayed.
+DEFAULT_AUTH_FREE_FAILURES = 5
+# The longest delay put before a credential check of a penalised address
+# or account: long enough to make guessing slow, short enough that a user
+# whose account is being guessed at can still log in.
+DEFAULT_AUTH_MAX_DELAY = 10.0
+# One recorded failure is forgotten per this many seconds.
+DEFAULT_AUTH_FORGET_SECONDS = 60.0
+# Connections (any state) from one address, per shard.
+DEFAULT_CONNECTIONS_PER_ADDRESS = 100
+# Connections from one address that have not authenticated yet, per shard.
+DEFAULT_UNAUTHENTICATED_PER_ADDRESS = 10
+# Resources bound at once for one account: Prosody's max_resources default,
+# ejabberd's example max_user_sessions.
+DEFAULT_MAX_RESOURCES = 10
+# Stanzas per second a session may send on average, and the burst it may
+# send at once (a login: roster, disco, presence, a hundred room joins).
+DEFAULT_STANZA_RATE = 50.0
+DEFAULT_STANZA_BURST = 200
+# Seconds a stanza may take from its first byte to its last.
+DEFAULT_READ_TIMEOUT = 60.0
+# Personal roster items per user (directory-group items are not counted).
+DEFAULT_MAX_ROSTER_ITEMS = 1000
+# Bytes of XEP-0049 private XML per user (keys and values).
+DEFAULT_MAX_PRIVATE_BYTES = 1024 * 1024
 # Profile cache lifetime; see ProfilesConfig.cache_seconds.
 DEFAULT_PROFILE_CACHE_SECONDS = 60.0
 # Largest avatar; see ProfilesConfig.max_photo_bytes.
@@ -491,11 +523,13 @@ class DirectoryConfig(Frozen):
 class LimitsConfig(Frozen):
     XML: ClassVar[ElementSpec] = ElementSpec(
         "limits", "at most once",
-        doc="Per-connection protection against memory and slow-client attacks. Changed limits "
-            "apply to connections made after a reload.",
+        doc="Protection against memory, flooding, guessing and slow-client attacks, per "
+            "connection, address and account; docs/security.md compares them with Prosody's "
+            "and ejabberd's. Changed limits apply to connections made after a reload.",
         comment="Per-connection protection: largest stanza in bytes, deepest\n"
                 "element nesting, seconds allowed to authenticate; messages kept\n"
-                "per offline user.",
+                "per offline user. More limits (authentication, connections per\n"
+                "address, resources, stanza rate, quotas): docs/security.md.",
     )
     max_stanza_bytes: int = attr(
         "stanza-bytes", DEFAULT_MAX_STANZA_BYTES, kind=Int(MIN_STANZA_BYTES),
@@ -534,6 +568,108 @@ class LimitsConfig(Frozen):
             "`resource-constraint` instead of ending the session.",
         why="A client that stops reading may not pin more of our memory; 4 MiB holds many "
             "large stanzas, as Prosody ends slow clients.",
+    )
+    auth_failures_per_stream: int = attr(
+        "auth-failures-per-stream", DEFAULT_AUTH_FAILURES_PER_STREAM, kind=Int(1),
+        hide_default=True,
+        doc="SASL failures one stream may have; the last one is followed by a "
+            "`policy-violation` stream error. Failures that are the server's fault "
+            "(`temporary-auth-failure`) do not count.",
+        why="RFC 6120 §6.4.5 asks servers to allow at least 2 and no more than 5 retries; 5 "
+            "failures leave room for a client that tries SCRAM-PLUS, SCRAM and PLAIN with one "
+            "mistyped password and still bound guessing on one stream.",
+    )
+    auth_free_failures: int = attr(
+        "auth-free-failures", DEFAULT_AUTH_FREE_FAILURES, kind=Int(0), hide_default=True,
+        doc="Failed authentications (`not-authorized`) an address, or an account, may have "
+            "before each further attempt is delayed, the delay doubling from half a second "
+            "with every further failure up to `auth-max-delay`. Counted per shard, in memory.",
+        why="A few typos cost nothing; a guessing run slows down at once. Per account as well "
+            "as per address, so that guessing one password from many addresses is slowed too.",
+    )
+    auth_max_delay: float = attr(
+        "auth-max-delay", DEFAULT_AUTH_MAX_DELAY, kind=FloatAtLeast(0), hide_default=True,
+        doc="Longest delay, in seconds, before a credential check of a penalised address or "
+            "account; `0` turns the delays off.",
+        why="Ten seconds makes guessing slow while a user whose account is under attack can "
+            "still log in (a lockout would hand the attacker a denial of service).",
+    )
+    auth_forget_seconds: float = attr(
+        "auth-forget-seconds", DEFAULT_AUTH_FORGET_SECONDS, kind=PositiveFloat(), hide_default=True,
+        doc="One recorded failure of an address or account is forgotten per this many seconds.",
+        why="A minute: a user who mistyped a few times is back to no delay within minutes; a "
+            "guesser keeps paying.",
+    )
+    connections_per_address: int = attr(
+        "connections-per-address", DEFAULT_CONNECTIONS_PER_ADDRESS, kind=Int(0), hide_default=True,
+        doc="Connections one IP address (an IPv6 /64) may hold at once, per shard; more are "
+            "closed at accept. `0`: no limit. Loopback and WebSocket trusted proxies are exempt "
+            "while `exempt-loopback` is true (proxies always).",
+        why="Generous for a NAT with many users behind one address, small enough that one "
+            "host cannot take the server's file descriptors.",
+    )
+    unauthenticated_per_address: int = attr(
+        "unauthenticated-per-address", DEFAULT_UNAUTHENTICATED_PER_ADDRESS, kind=Int(0),
+        hide_default=True,
+        doc="Connections from one IP address (an IPv6 /64) that have not authenticated yet, per "
+            "shard; more are closed at accept. `0`: no limit.",
+        why="Clients authenticate within a second of connecting; ten lets a household "
+            "reconnect at once, and stops one host from holding thousands of idle sockets.",
+    )
+    exempt_loopback: bool = attr(
+        "exempt-loopback", True, kind=Bool(), hide_default=True,
+        doc="Whether connections from this machine (127.0.0.0/8, ::1) are exempt from the "
+            "per-address limits, the address part of the authentication delays and the stanza "
+            "rate.",
+        why="A reverse proxy or TLS terminator on this machine makes every client look local; "
+            "local bots, gateways and benchmarks are trusted.",
+    )
+    max_resources: int = attr(
+        "max-resources", DEFAULT_MAX_RESOURCES, kind=Int(0), hide_default=True,
+        doc="Resources one account may bind at once (on every shard together); one more bind "
+            "is refused with `resource-constraint` (RFC 6120 §7.6.2.1). Replacing a session "
+            "with the same resource is always allowed. `0`: no limit.",
+        why="Prosody's max_resources default and ejabberd's example max_user_sessions: enough "
+            "for every device a person has.",
+    )
+    stanza_rate: float = attr(
+        "stanza-rate", DEFAULT_STANZA_RATE, kind=FloatAtLeast(0), hide_default=True,
+        doc="Stanzas per second one session may send on average (a token bucket); above it "
+            "the server stops reading from the session until the rate is met again: nothing is "
+            "dropped. `0`: no limit.",
+        why="About Prosody's suggested 10 kB/s for c2s in stanzas; far above what a person "
+            "types, low enough that one client cannot flood a shard.",
+    )
+    stanza_burst: int = attr(
+        "stanza-burst", DEFAULT_STANZA_BURST, kind=Int(1), hide_default=True,
+        doc="Stanzas a session may send at once before `stanza-rate` applies (the bucket's "
+            "size).",
+        why="A login sends roster, disco and presence requests and perhaps a hundred room "
+            "joins at once; that must not wait.",
+    )
+    read_timeout: float = attr(
+        "read-timeout", DEFAULT_READ_TIMEOUT, kind=PositiveFloat(), hide_default=True,
+        doc="Seconds a stanza may take from its first byte to its last; a stanza still "
+            "incomplete then ends the stream with `connection-timeout`. A session idle between "
+            "stanzas is never timed out by this.",
+        why="A full-size stanza arrives in well under a minute on any working link; a client "
+            "that sends half a stanza and stalls (slowloris) is cut within one.",
+    )
+    max_roster_items: int = attr(
+        "roster-items", DEFAULT_MAX_ROSTER_ITEMS, kind=Int(0), hide_default=True,
+        doc="Personal roster items one user may have (items from directory groups are not "
+            "counted); a roster set or subscription request adding one more is refused with "
+            "`not-allowed`. `0`: no limit.",
+        why="Far more contacts than people keep; small enough that a roster result stays well "
+            "within the 4 MiB a session may have queued.",
+    )
+    max_private_bytes: int = attr(
+        "private-bytes", DEFAULT_MAX_PRIVATE_BYTES, kind=Int(0), hide_default=True,
+        default_doc="`1048576` (1 MiB)",
+        doc="Bytes of private XML storage (XEP-0049) one user may keep, keys included; a set "
+            "beyond it is refused with `not-allowed`. `0`: no limit.",
+        why="Bookmarks of hundreds of rooms and client settings fit many times over; a result "
+            "holding all of it stays well within the 4 MiB a session may have queued.",
     )
 
 

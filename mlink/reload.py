@@ -117,6 +117,7 @@ async def apply_config(server: Server, new: Config) -> None:
     old = server.config
     server.tls = tls
     server.config = new
+    server.apply_limits()
     if new.log_level != old.log_level:
         _set_log_level(new.log_level)
         log.info("log level is now %s", new.log_level)

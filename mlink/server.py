@@ -6,7 +6,9 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
+import secrets
 import socket
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
@@ -38,12 +40,14 @@ from mlink.sasl.registry import (
 )
 from mlink.store import DEFAULT_FILENAME, Store
 from mlink.store.module_store import ModuleStore
-from mlink.stream.c2s import StreamSettings
+from mlink.stream.c2s import ID_BYTES, StreamSettings
+from mlink.stream.framing import TCPFraming
 
 if TYPE_CHECKING:
     from mlink.shard.bus import Bus
 from mlink.transport.accept import AcceptLoop
-from mlink.transport.client import ClientConnection
+from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnection
+from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
 from mlink.util.watchdog import LoopWatchdog
@@ -60,6 +64,8 @@ SHUTDOWN_GRACE = 5.0
 WEBSOCKET_KINDS = ("websocket", "websocket-tls")
 # Listener kinds that need the configured certificate.
 TLS_KINDS = ("tls", "websocket-tls")
+# A connection refused at accept gets this long to take its stream error.
+REFUSAL_SEND_TIMEOUT = 1.0
 
 
 class Server:
@@ -108,6 +114,31 @@ class Server:
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
         self.watchdog = LoopWatchdog()
+        # Per-shard abuse limits (mlink.transport.limits, docs/security.md).
+        limits = config.limits
+        self.connection_limiter = ConnectionLimiter(
+            limits.connections_per_address, limits.unauthenticated_per_address,
+            limits.exempt_loopback)
+        self.auth_throttle = AuthThrottle(limits.auth_free_failures, limits.auth_max_delay,
+                                          limits.auth_forget_seconds)
+        self.apply_limits()
+
+    def apply_limits(self) -> None:
+        """Make the limiters follow `self.config` (at start and on reload),
+        keeping what they have counted."""
+        limits = self.config.limits
+        limiter = self.connection_limiter
+        limiter.per_address = limits.connections_per_address
+        limiter.unauthenticated_limit = limits.unauthenticated_per_address
+        limiter.loopback_exempt = limits.exempt_loopback
+        # Proxies carry many clients each: never counted as one address.
+        limiter.trusted = tuple(ipaddress.ip_network(p, strict=False)
+                                for p in self.config.websocket.trusted_proxies)
+        throttle = self.auth_throttle
+        throttle.free_failures = limits.auth_free_failures
+        throttle.max_delay = limits.auth_max_delay
+        throttle.forget = throttle.addresses.forget = throttle.accounts.forget = \
+            limits.auth_forget_seconds
 
     # -- the built-in credential sources (SASL PLAIN and SCRAM) --------------------
 
@@ -184,8 +215,15 @@ class Server:
             return False
 
     async def bind_session(self, conn: ClientConnection, bare: JID, resource: str | None) -> JID:
-        """Bind `conn`, ending a session that holds the same full JID."""
+        """Bind `conn`, ending a session that holds the same full JID;
+        BindRefused when the account has all the resources it may have."""
         old = self.sessions.replaced(bare, resource)
+        most = self.config.limits.max_resources
+        if old is None and most and len(self.router.resources(bare)) >= most:
+            # RFC 6120 §7.6.2.1: "the account has reached a limit on the
+            # number of simultaneous connected resources allowed".
+            raise BindRefused("resource-constraint",
+                              f"resource limit reached: at most {most} resources")
         if old is not None:
             old.kick("conflict", "replaced by a new session with the same resource")
             await self.session_ended(old)  # type: ignore[arg-type]
@@ -311,6 +349,7 @@ class Server:
             tls_active=tls_active,
             max_stanza_bytes=limits.max_stanza_bytes,
             max_depth=limits.max_depth,
+            max_auth_failures=limits.auth_failures_per_stream,
             feature_providers=tuple(self.stream_feature_providers),
             sasl=self.sasl,
             nonza_namespaces=frozenset(self.nonza_namespaces),
@@ -341,7 +380,7 @@ class Server:
                 self.bound_ports[lc.kind] = port
                 log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
                          lc.address, port)
-                loop = AcceptLoop(listener, handler)
+                loop = AcceptLoop(listener, partial(self._admit, handler, lc.kind))
                 self.accept_loops.append(loop)
                 nursery.start_soon(self._serve_listener, loop)
             for name, task in self.background_tasks:
@@ -361,6 +400,48 @@ class Server:
     async def _serve_listener(self, loop: AcceptLoop) -> None:
         async with trio.open_nursery() as connections:
             await loop.run(connections)
+
+    async def _admit(self, handler: Callable[[trio.SocketStream], Awaitable[None]], kind: str,
+                     stream: trio.SocketStream) -> None:
+        """Apply the per-address connection limits at accept, before any TLS
+        or XML work: a refused connection costs a few bytes and a close."""
+        try:
+            address = stream.socket.getpeername()[0]
+        except (OSError, IndexError, TypeError):
+            address = None
+        admitted = self.connection_limiter.admit(address)
+        if not isinstance(admitted, ConnectionSlot):
+            self.connection_limiter.note_refused(admitted, trio.current_time())
+            await self._refuse(stream, kind)
+            return
+        token = CONNECTION_SLOT.set(admitted)
+        try:
+            await handler(stream)
+        finally:
+            admitted.release()
+            CONNECTION_SLOT.reset(token)
+
+    async def _refuse(self, stream: trio.SocketStream, kind: str) -> None:
+        """Close a refused connection cleanly: on the plain c2s listener the
+        client first gets a stream header and a `policy-violation` stream
+        error (RFC 6120 §4.9.1.1 allows an error before the client's header),
+        so it knows not to retry at once; TLS and HTTP listeners just close."""
+        with trio.move_on_after(REFUSAL_SEND_TIMEOUT):
+            try:
+                if kind == "c2s":
+                    framing = TCPFraming()
+                    data = framing.header(secrets.token_urlsafe(ID_BYTES),
+                                          sorted(self.domains)[0], None)
+                    data += b"".join(framing.error(
+                        "policy-violation", "too many connections from your address"))
+                    await stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        with trio.CancelScope(shield=True):
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
 
     async def _handle(self, stream: trio.SocketStream, direct_tls: bool) -> None:
         await self.run_connection(ClientConnection(self, stream, direct_tls))

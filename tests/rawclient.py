@@ -34,10 +34,14 @@ def header(domain: str) -> bytes:
 class RawClient:
     def __init__(self, port: int, ca_file: Path | None = None, direct_tls: bool = False,
                  host: str = "127.0.0.1",
-                 client_cert: tuple[Path, Path] | None = None) -> None:
+                 client_cert: tuple[Path, Path] | None = None,
+                 source: str | None = None) -> None:
         """`client_cert` (certificate, key): presented when the server asks
-        for one (SASL EXTERNAL)."""
-        self.sock: socket.socket = socket.create_connection((host, port), timeout=READ_TIMEOUT)
+        for one (SASL EXTERNAL). `source`: the local address to connect from
+        (another loopback address, for per-address limits)."""
+        self.sock: socket.socket = socket.create_connection(
+            (host, port), timeout=READ_TIMEOUT,
+            source_address=(source, 0) if source is not None else None)
         self.ca_file = ca_file
         self.client_cert = client_cert
         self.buffer = b""

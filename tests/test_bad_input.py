@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from mlink.config_model import DEFAULT_AUTH_FAILURES_PER_STREAM
 from tests.rawclient import (
     BIND_NS,
     CLIENT_NS,
@@ -280,18 +281,34 @@ def test_stanza_after_auth_before_bind_is_not_authorized(server, ca_file):
 # -- SASL ---------------------------------------------------------------------------
 
 
-def test_200_wrong_passwords_on_one_stream_then_the_right_one(server, ca_file):
+def test_wrong_passwords_on_one_stream_then_the_right_one(server, ca_file):
+    """RFC 6120 §6.4.5: retries are allowed on the stream (up to the limit)."""
     client = tls_client(server, ca_file)
-    for attempt in range(200):
+    for attempt in range(DEFAULT_AUTH_FAILURES_PER_STREAM - 1):
         reply = client.auth_plain(ALICE, f"wrong-{attempt}")
         assert sasl_failure(reply) == "not-authorized", (attempt, reply)
         assert not client.eof, f"stream closed after {attempt + 1} failures"
     assert "<success" in client.auth_plain(ALICE, ALICE_PW)
     assert f"<bind xmlns='{BIND_NS}'" in client.open(DOMAIN)
-    client.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
+    client.send(f"<iq type='set' id='b'><bind xmlns='{BIND_NS}'>"
                 f"<resource>{resource()}</resource></bind></iq>")
     assert read_stanza(client, "iq", "b").get("type") == "result"
     ping(client, DOMAIN)
+
+
+def test_too_many_wrong_passwords_on_one_stream_end_it(server, ca_file):
+    """RFC 6120 §6.4.5: past the retries allowed, the SASL failure is
+    followed by a `policy-violation` stream error (an account nobody has,
+    so that the per-account delays do not reach the other tests)."""
+    client = tls_client(server, ca_file)
+    guessed = f"guess-{uuid.uuid4().hex[:8]}@{DOMAIN}"
+    for attempt in range(DEFAULT_AUTH_FAILURES_PER_STREAM - 1):
+        assert sasl_failure(client.auth_plain(guessed, f"wrong-{attempt}")) == "not-authorized"
+    reply = client.auth_plain(guessed, "wrong-last")
+    assert sasl_failure(reply) == "not-authorized", reply
+    text = reply + client.wait_closed(QUICK)
+    assert stream_error(text) == "policy-violation", text
+    assert text.rstrip().endswith("</stream:stream>"), text
 
 
 def test_wrong_password_on_separate_connections(server, ca_file):

@@ -231,3 +231,40 @@ def test_server_close_with_conflict():
     ended = stream.close("conflict", "replaced")
     assert ended.condition == "conflict"
     assert stream_error(stream.data_to_send().decode()) == "conflict"
+
+
+def test_failures_past_the_limit_end_the_stream_with_policy_violation():
+    """RFC 6120 §6.4.5: the last failure allowed is followed by a stream
+    error; a failure that is the server's fault does not count."""
+    stream = c2s.C2SStream(c2s.StreamSettings(
+        domains=frozenset({"example.com"}), tls_available=True, tls_required=True,
+        tls_active=True, max_auth_failures=2))
+    open_stream(stream)
+    token = base64.b64encode(b"\0alice\0secret").decode()
+    auth = f"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{token}</auth>"
+    send(stream, auth)
+    stream.credential_provided(UNAVAILABLE)  # temporary-auth-failure: not counted
+    send(stream, auth)
+    stream.credential_provided(False)
+    assert stream.state is c2s.State.NEGOTIATING
+    send(stream, auth)
+    events = stream.credential_provided(False)
+    out = stream.data_to_send().decode()
+    assert [type(e) for e in events] == [c2s.AuthFailed, c2s.StreamEnded]
+    assert events[1].condition == "policy-violation"
+    assert "<not-authorized/>" in out and "<policy-violation" in out
+    assert stream.state is c2s.State.CLOSED
+
+
+def test_stanza_in_progress_ignores_idle_streams_and_keepalives():
+    stream = make()
+    plain_login(stream)
+    assert not stream.stanza_in_progress
+    send(stream, HEADER.format(to="example.com"))
+    assert not stream.stanza_in_progress
+    for partial, expected in [(" ", False), ("<iq type='get' id='1'", True),
+                              (" to='example.com'>", True), ("<ping xmlns='urn:xmpp:ping'/>", True),
+                              ("</iq>", False), ("\n", False), ("<presence/><pres", True),
+                              ("ence/>", False)]:
+        stream._parser.feed(partial.encode())
+        assert stream.stanza_in_progress is expected, partial

@@ -135,6 +135,9 @@ class _FakeServer:
         self.hooks = Hooks()
         self.shared_services: dict[str, object] = {}
 
+    def apply_limits(self) -> None:
+        """The real server re-reads its limits here; nothing to do."""
+
 
 def test_apply_config_swaps_and_notifies_or_changes_nothing(
         tmp_path: Path, cert_files: tuple[Path, Path]) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import os
 import secrets as secrets_module
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -82,7 +83,13 @@ from mlink.directory.port import (
     SizeLimitExceeded,
 )
 from mlink.directory.schema import check_writable
-from mlink.sasl.secrets import HASHES, ScramSecret, derive_all
+from mlink.sasl.secrets import (
+    DEFAULT_ITERATIONS,
+    HASHES,
+    SALT_BYTES,
+    ScramSecret,
+    derive_all,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +128,13 @@ class Layout:
     def groups_dn(self) -> str:
         """Where roster groups live unless a <group base=...> says otherwise."""
         return f"{GROUPS_RDN},{self.base_dn}"
+
+
+# What an unknown user's password is checked against: a secret no password
+# derives (random keys), with the salt size and iteration count mlink writes,
+# so the check costs what an existing user's does.
+_UNKNOWN_USER_SECRET = ScramSecret("SCRAM-SHA-256", DEFAULT_ITERATIONS, os.urandom(SALT_BYTES),
+                                   os.urandom(32), os.urandom(32))
 
 
 class PortDirectory(Directory):
@@ -190,6 +204,11 @@ class PortDirectory(Directory):
             return False
         entry = await self._find(jid, ["1.1"])
         if entry is None:
+            # As much work as checking an existing user's password (the
+            # PBKDF2 mlink stores), so the answer's timing does not tell
+            # who has an account. Only unknown users pay it.
+            await trio.to_thread.run_sync(_UNKNOWN_USER_SECRET.matches_password, password,
+                                          limiter=self._derive_threads)
             return False
         return await self.port.bind(entry.dn, password)
 

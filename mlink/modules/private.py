@@ -51,11 +51,20 @@ def setup(module: Module) -> None:
             return True
         user = str(event.sender.bare)
         if iq.get("type") == "set":
+            items: dict[str, bytes] = {}
             for key, child in zip(keys, children, strict=True):
                 assert key is not None
                 child.tail = None
                 # Bytes carry their namespace declaration: they parse alone.
-                await elements.set(user, key, serialize(child, stream_ns=""))
+                items[key] = serialize(child, stream_ns="")
+            most = module.config.limits.max_private_bytes
+            if not await elements.set_within(user, items, most):
+                # A quota, permanent until something is removed: `not-allowed`
+                # (RFC 6120 §8.3.3.10), the figure in the text. Nothing of
+                # the set is stored.
+                await router.bounce(iq, "not-allowed",
+                                    f"private storage is full: at most {most} bytes")
+                return True
             await router.route(iq_result(iq))
             return True
         answer = ET.Element(query.tag)

@@ -154,9 +154,15 @@ async def roster_set(module: Module, rosters: RosterCache, user: JID,
         if len(group.encode()) > MAX_NAME_BYTES:
             raise RosterSetError("not-acceptable", "group name too long")
     c = str(contact)
+    most = module.config.limits.max_roster_items
     async with rosters.locked(str(user)) as roster:
         old = roster.personal.get(c)
         shared = roster.shared_groups(c)
+        if most and old is None and not shared and len(roster.personal) >= most:
+            # A quota, permanent until items are removed: `not-allowed`
+            # (RFC 6120 §8.3.3.10), with the figure in the text.
+            raise RosterSetError("not-allowed",
+                                 f"your roster is full: at most {most} items")
         new = RosterItem(
             c, name, tuple(g for g in groups if g not in shared),
             subscription=old.subscription if old else "none",

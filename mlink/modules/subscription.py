@@ -201,6 +201,12 @@ async def outbound_transition(module: Module, rosters: RosterCache, user: JID, c
                 if sub in ("from", "both"):
                     out.forward = out.send_unavailable = True
                 new = replace(item, subscription=_DROP_FROM.get(sub, sub), approved=False)
+        most = module.config.limits.max_roster_items
+        if item is None and new is not None and most and len(roster.personal) >= most:
+            # A subscription request (or pre-approval) would add a roster
+            # item past the quota a roster set is held to (`roster-items`).
+            out.refused = f"your roster is full: at most {most} items"
+            return out
         if new is not None and new != item:
             push(module, roster, await rosters.put(roster, new))
     return out

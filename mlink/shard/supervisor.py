@@ -28,6 +28,7 @@ import trio
 
 from mlink.config_model import Config
 from mlink.shard.control import ControlError, LineChannel
+from mlink.shard.fdlimit import raise_nofile_limit
 
 log = logging.getLogger("mlink.supervisor")
 
@@ -506,7 +507,9 @@ async def _listen_control(path: Path) -> trio.SocketListener:
 
 
 def run_supervisor(config_path: Path, config: Config, shards: int) -> int:
-    """Block running the supervisor; its exit status."""
+    """Block running the supervisor; its exit status. The shards it starts
+    inherit the raised file-descriptor limit."""
+    raise_nofile_limit()
     return trio.run(Supervisor(config_path, config, shards).run)
 
 
@@ -581,6 +584,14 @@ def format_status(status: dict[str, Any]) -> str:
         if loop.get("cause"):
             lines.append(f"      longest stall in: {loop['cause']}")
     links = [(s["index"], stats) for s in shards if (stats := s["stats"])]
+    for index, stats in links:
+        limits = stats.get("limits") or {}
+        if any(limits.values()):
+            lines.append(
+                f"  shard {index} limits: {limits.get('refused', 0)} connection(s) refused, "
+                f"{limits.get('penalised_addresses', 0)} address(es) and "
+                f"{limits.get('penalised_accounts', 0)} account(s) with authentication "
+                "failures on record")
     if any(stats["bus"] for _, stats in links):
         lines.append("bus links (from->to: frames/bytes out, frames/bytes in, mean batch, "
                      "drops full/down, connects):")

@@ -39,6 +39,11 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         "uptime": time.monotonic() - started,
         "connections": len(server.connections),
         "sessions": len(server.sessions),
+        # The abuse limits at work (docs/security.md): connections refused
+        # at accept, addresses and accounts with authentication penalties.
+        "limits": {"refused": server.connection_limiter.refused,
+                   "penalised_addresses": len(server.auth_throttle.addresses),
+                   "penalised_accounts": len(server.auth_throttle.accounts)},
         "peers_up": sorted(bus.peers),
         # Event-loop stalls over 100 ms (mlink.util.watchdog): a shard can
         # answer "ready" and still have made its users wait.

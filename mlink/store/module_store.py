@@ -124,6 +124,33 @@ class MapStore:
 
         await self._store().write(work)
 
+    async def set_within(self, user: str, items: dict[str, bytes], max_bytes: int) -> bool:
+        """Store every item of `items` in one transaction, unless the user's
+        keys and values would then take more than `max_bytes` (0: no
+        limit): False, and nothing written. Checked and written under the
+        store's write lock, so two sets at once (two resources, two shards)
+        cannot both squeeze past the quota."""
+        ns = self._ns
+        rows = [(key, bytes(value)) for key, value in items.items()]
+        added = sum(len(key.encode()) + len(value) for key, value in rows)
+
+        def work(conn: sqlite3.Connection) -> bool:
+            if max_bytes:
+                marks = ", ".join("?" for _ in rows)
+                (kept,) = conn.execute(
+                    "SELECT COALESCE(SUM(LENGTH(CAST(item_key AS BLOB)) + LENGTH(value)), 0) "
+                    "FROM module_kv WHERE module = ? AND store = ? AND user = ? "
+                    f"AND item_key NOT IN ({marks})",
+                    (*ns, user, *(key for key, _ in rows))).fetchone()
+                if int(kept) + added > max_bytes:
+                    return False
+            conn.executemany(
+                "INSERT OR REPLACE INTO module_kv (module, store, user, item_key, value) "
+                "VALUES (?, ?, ?, ?, ?)", [(*ns, user, key, value) for key, value in rows])
+            return True
+
+        return await self._store().write(work)
+
     async def clear(self, user: str) -> None:
         ns = self._ns
 

@@ -29,7 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlink.config_model import DEFAULT_MAX_DEPTH, DEFAULT_MAX_STANZA_BYTES
+from mlink.config_model import (
+    DEFAULT_AUTH_FAILURES_PER_STREAM,
+    DEFAULT_MAX_DEPTH,
+    DEFAULT_MAX_STANZA_BYTES,
+)
 from mlink.jid import JID, InvalidJID, parse_jid, prep_localpart, prep_resource
 from mlink.sasl import events as sasl
 from mlink.sasl.registry import (
@@ -63,6 +67,9 @@ STANZA_TAGS = frozenset(f"{{{CLIENT_NS}}}{n}" for n in ("message", "presence", "
 # Bytes of randomness in stream ids and generated resources: 96 bits make a
 # collision across every session a server will ever see negligible.
 ID_BYTES = 12
+# SASL failures that are the server's fault, not the client's: they do not
+# count towards the per-stream limit.
+SERVER_SIDE_FAILURES = frozenset({"temporary-auth-failure"})
 
 
 class State(enum.Enum):
@@ -199,6 +206,9 @@ class StreamSettings:
     tls_active: bool = False  # direct TLS: already encrypted
     max_stanza_bytes: int = DEFAULT_MAX_STANZA_BYTES
     max_depth: int = DEFAULT_MAX_DEPTH
+    # SASL failures one stream may have; the last is followed by a
+    # policy-violation stream error (RFC 6120 §6.4.5).
+    max_auth_failures: int = DEFAULT_AUTH_FAILURES_PER_STREAM
     # What modules add to <stream:features>: (provider, after authentication
     # only). A provider returns the element to offer, or None.
     feature_providers: tuple[tuple[Callable[[Any], ET.Element | None], bool], ...] = ()
@@ -244,6 +254,7 @@ class C2SStream:
         self._counted = False
         self._bind_iq: ET.Element | None = None
         self._sent_close = False
+        self.auth_failures = 0  # SASL failures on this stream so far
 
     # -- bytes ----------------------------------------------------------------
 
@@ -360,8 +371,10 @@ class C2SStream:
         self.state = State.NEGOTIATING
         return self._sasl_step(mechanism.provide(answer))
 
-    def bind_done(self, resource: str | None, condition: str | None = None) -> None:
-        """The session table bound `resource`, or refused with `condition`."""
+    def bind_done(self, resource: str | None, condition: str | None = None,
+                  text: str = "") -> None:
+        """The session table bound `resource`, or refused with `condition`
+        (and `text`)."""
         if not self._driver_call("bind_done"):
             return
         iq = self._bind_iq
@@ -370,7 +383,7 @@ class C2SStream:
         self._bind_iq = None
         if resource is None:
             self.state = State.NEGOTIATING
-            self._send_element(stanza_error(iq, condition or "internal-server-error"))
+            self._send_element(stanza_error(iq, condition or "internal-server-error", text))
             return
         self.jid = JID(self.jid.local, self.jid.domain, resource)
         self.state = State.ESTABLISHED
@@ -393,6 +406,12 @@ class C2SStream:
     @property
     def authenticated(self) -> bool:
         return self._authenticated
+
+    @property
+    def stanza_in_progress(self) -> bool:
+        """A stanza (or header) is started and not finished: a read timeout
+        applies, unlike to a stream idle between stanzas."""
+        return self._parser.stanza_in_progress
 
     # -- stream header ----------------------------------------------------------
 
@@ -656,7 +675,14 @@ class C2SStream:
             # Texts may quote what the client or a certificate said.
             body += f"<text xml:lang='en'>{escape_text(text)}</text>"
         self._out.append(f"<failure xmlns='{SASL_NS}'>{body}</failure>".encode())
-        return [AuthFailed(jid, condition, mechanism, counted)]
+        failed = AuthFailed(jid, condition, mechanism, counted)
+        if condition not in SERVER_SIDE_FAILURES:
+            self.auth_failures += 1
+            if self.auth_failures >= self.settings.max_auth_failures:
+                # RFC 6120 §6.4.5: past the retries allowed, the stream ends.
+                return [failed, self._fail("policy-violation",
+                                           "too many authentication failures")]
+        return [failed]
 
     def _user_jid(self, username: str) -> str | None:
         """The bare JID a SASL username names on this stream's domain."""

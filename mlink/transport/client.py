@@ -11,7 +11,9 @@ stanza; only what the socket does not take is left to the writer.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ from mlink.router.sessions import SessionInfo
 from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
 from mlink.stream.errors import stanza_error
+from mlink.transport.limits import ConnectionSlot, TokenBucket
 from mlink.util.outbuffer import OutputBuffer
 
 if TYPE_CHECKING:
@@ -38,6 +41,26 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 # After we send our closing tag, how long we wait for the peer's before
 # closing the socket anyway (RFC 6120 §4.4 asks us to wait "a reasonable time").
 CLOSE_GRACE = 2.0
+# SASL conditions that count as a failed guess for the authentication delays
+# (a mechanism the client does not manage, or an abort, guesses nothing).
+GUESS_FAILURES = frozenset({"not-authorized", "invalid-authzid"})
+
+# The per-address slot of the connection being set up, set by the server's
+# accept guard around the listener's handler (`Server._admit`): the
+# connection is created further down that task (for WebSocket, after the
+# HTTP upgrade), so a context variable reaches it without threading the slot
+# through every transport.
+CONNECTION_SLOT: contextvars.ContextVar[ConnectionSlot | None] = contextvars.ContextVar(
+    "mlink_connection_slot", default=None)
+
+
+class BindRefused(Exception):
+    """A resource bind the server refuses: the stanza error to answer."""
+
+    def __init__(self, condition: str, text: str) -> None:
+        super().__init__(text)
+        self.condition = condition
+        self.text = text
 
 
 class ClientConnection:
@@ -68,6 +91,19 @@ class ClientConnection:
         self._login_notice: str | None = None
         self._scope = trio.CancelScope()
         self.peer = _peer_name(stream)
+        # Where the per-address limits count this connection (None: not
+        # admitted through a listener, e.g. in tests).
+        self.slot = CONNECTION_SLOT.get()
+        limits = server.config.limits
+        exempt = self.slot is None or self.slot.exempt
+        # The stanza rate (None: unlimited or exempt) and the partial-stanza
+        # deadline (inf: no stanza in progress).
+        self._bucket: TokenBucket | None = (
+            TokenBucket(limits.stanza_rate, limits.stanza_burst, trio.current_time())
+            if limits.stanza_rate > 0 and not exempt else None)
+        self._read_timeout = limits.read_timeout
+        self._stall_deadline = math.inf
+        self._rate_logged = False
 
     # -- Session interface (used by the router, never awaits) --------------------
 
@@ -187,15 +223,35 @@ class ClientConnection:
                 return
 
     async def _read_once(self) -> bool:
-        """Read and handle one chunk; False when the peer is gone."""
+        """Read and handle one chunk; False when the peer is gone or a
+        stanza it started stalled past the read timeout."""
+        deadline = self._stall_deadline
         try:
-            data = await self.transport.receive_some(MAX_READ)
+            if deadline == math.inf:
+                data = await self.transport.receive_some(MAX_READ)
+            else:
+                data = b""
+                with trio.move_on_at(deadline) as stalled:
+                    data = await self.transport.receive_some(MAX_READ)
+                if stalled.cancelled_caught:
+                    log.info("%s: closing %s: a stanza stalled for %.0f s", self.peer,
+                             self.info.jid or "unauthenticated stream", self._read_timeout)
+                    self.kick("connection-timeout", "stanza not completed in time")
+                    return False
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
             self._closing = True
             return False
         await self._handle(self.xmpp.receive_data(data))
+        # Only a stanza started and not finished is timed, from the end of
+        # the read that left it unfinished (after any rate-limit pause, which
+        # is ours, not the client's); an idle stream never is.
+        if self.xmpp.stanza_in_progress:
+            if self._stall_deadline == math.inf:
+                self._stall_deadline = trio.current_time() + self._read_timeout
+        else:
+            self._stall_deadline = math.inf
         return True
 
     async def _send(self, messages: list[bytes]) -> None:
@@ -206,6 +262,9 @@ class ClientConnection:
         for ev in events:
             if isinstance(ev, c2s.StanzaReceived):
                 self._flush_machine()
+                bucket = self._bucket
+                if bucket is not None and not bucket.take():
+                    await self._over_rate(bucket)
                 await self.server.router.route_from_client(self.info, ev.element)
                 continue
             self._flush_machine()
@@ -222,10 +281,16 @@ class ClientConnection:
             elif isinstance(ev, c2s.AuthFailed):
                 log.info("%s: authentication failed for %s with %s: %s", self.peer,
                          ev.jid or "?", ev.mechanism or "-", ev.condition)
+                if ev.condition in GUESS_FAILURES:
+                    self.server.auth_throttle.failed(self._throttle_address(), ev.jid,
+                                                     trio.current_time())
                 await self.server.auth_failed(ev.jid, ev.mechanism, ev.condition, ev.counted)
             elif isinstance(ev, c2s.Authenticated):
                 log.info("%s: authenticated %s with %s", self.peer, ev.jid, ev.mechanism)
                 self._login_notice = ev.notice
+                self.server.auth_throttle.succeeded(str(ev.jid))
+                if self.slot is not None:
+                    self.slot.authenticated()
             elif isinstance(ev, c2s.StreamEnded):
                 self._closing = True
         self._flush_machine()
@@ -234,6 +299,13 @@ class ClientConnection:
         """Ask the source registered for the mechanism's request; a missing
         source or a source that crashes answers `temporary-auth-failure`."""
         request = ev.request
+        delay = self.server.auth_throttle.delay(self._throttle_address(), ev.jid,
+                                                trio.current_time())
+        if delay > 0:
+            # Before the check, whatever its outcome: see AuthThrottle.
+            log.info("%s: authentication for %s delayed %.1f s after repeated failures",
+                     self.peer, ev.jid, delay)
+            await trio.sleep(delay)
         source = self.server.sasl.source(request.kind)
         answer: object = UNAVAILABLE
         if source is None:
@@ -249,13 +321,37 @@ class ClientConnection:
     async def _bind(self, ev: c2s.BindRequested) -> None:
         if self.xmpp.jid is None:
             raise c2s.LocalProtocolError("bind requested before authentication")
-        full = await self.server.bind_session(self, self.xmpp.jid.bare, ev.resource)
+        try:
+            full = await self.server.bind_session(self, self.xmpp.jid.bare, ev.resource)
+        except BindRefused as exc:
+            log.info("%s: bind refused for %s: %s", self.peer, self.xmpp.jid, exc.text)
+            self.xmpp.bind_done(None, exc.condition, exc.text)
+            return
         self._bound = True
         self.xmpp.bind_done(full.resource)
         log.info("%s: bound %s", self.peer, full)
         if self._login_notice:
             self._flush_machine()
             self.deliver(server_headline(full, self._login_notice), keep=False)
+
+    async def _over_rate(self, bucket: TokenBucket) -> None:
+        """The session sent faster than its stanza rate: stop reading (this
+        is the reader task) until the rate is met again, as Prosody's
+        mod_limits pauses the connection. Nothing is dropped; the client's
+        own socket buffer holds what it sends meanwhile."""
+        wait = bucket.wait(trio.current_time())
+        if wait <= 0:
+            return
+        if not self._rate_logged:
+            self._rate_logged = True
+            log.info("%s: %s is over the stanza rate; reading paused", self.peer,
+                     self.info.jid)
+        await trio.sleep(wait)
+
+    def _throttle_address(self) -> str | None:
+        """The address the authentication delays count (None when exempt)."""
+        slot = self.slot
+        return None if slot is None or slot.exempt else slot.key
 
     async def _start_tls(self) -> bool:
         tls = self.server.tls

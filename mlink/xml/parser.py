@@ -36,6 +36,9 @@ _SCAN_TAIL = len(_CDATA_OPEN) - 1
 _XML_DECL = re.compile(rb"<\?xml\s[^>]*?\?>")
 _ENCODING = re.compile(rb"""encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
 _UNDEFINED_ENTITY = expat_errors.codes[expat_errors.XML_ERROR_UNDEFINED_ENTITY]
+# XML whitespace (XML 1.0 §2.3 S) and `>`, as byte values.
+_WHITESPACE = frozenset(b" \t\r\n")
+_GT = ord(">")
 
 
 class XMLStreamError(Exception):
@@ -84,6 +87,7 @@ class XMLStreamParser:
         "_tail",
         "_closed",
         "_decl_at",
+        "_partial",
         "max_stanza_bytes",
         "max_depth",
     )
@@ -107,6 +111,7 @@ class XMLStreamParser:
         self._tail = b""
         self._closed = False
         self._decl_at = 0  # where an XML declaration may stand (after a BOM)
+        self._partial = False  # a stanza is started and not finished
         self.max_stanza_bytes = max_stanza_bytes
         self.max_depth = max_depth
 
@@ -114,6 +119,16 @@ class XMLStreamParser:
     def between_stanzas(self) -> bool:
         """Inside the stream element, with no stanza open."""
         return self._depth == 1
+
+    @property
+    def stanza_in_progress(self) -> bool:
+        """Whether the bytes fed so far end inside a stanza (one started and
+        not finished, its start tag included): what a read timeout must
+        catch, unlike a stream idle between stanzas. A start tag cut inside
+        an attribute value that holds `>` right after a complete stanza is
+        taken for complete until the next bytes arrive (expat reports no
+        byte offsets; the next read settles it)."""
+        return self._partial
 
     def feed(self, data: bytes | bytearray) -> list[StreamEvent]:
         """Parse `data`; raise XMLStreamError on anything that ends the stream."""
@@ -134,11 +149,25 @@ class XMLStreamParser:
             raise XMLStreamError("policy-violation", "stanza too large")
         try:
             self._parser.feed(data)
-            return self._collect()
+            events = self._collect()
         except ET.ParseError as exc:
             if exc.code == _UNDEFINED_ENTITY:
                 raise XMLStreamError("restricted-xml", "entity reference") from None
             raise XMLStreamError("not-well-formed", str(exc)) from None
+        if self._depth != 1:
+            self._partial = self._depth > 1
+        else:
+            # The last byte that is not whitespace, found without copying
+            # the chunk (a stanza's bytes rarely end in more than a newline).
+            last = len(data) - 1
+            while last >= 0 and data[last] in _WHITESPACE:
+                last -= 1
+            if last >= 0:
+                # `_pending` is reset when a stanza ends in this chunk; bytes
+                # after it that do not end on `>` are a stanza begun.
+                self._partial = self._pending > 0 or data[last] != _GT
+            # Whitespace alone (a keepalive) changes nothing.
+        return events
 
     def _collect(self) -> list[StreamEvent]:
         out: list[StreamEvent] = []
@@ -150,6 +179,8 @@ class XMLStreamParser:
                 self._depth += 1
                 if self._depth == 1:
                     self._root = item
+                    # The header is not part of the first stanza.
+                    self._pending = 0
                     out.append(StreamOpen(item.tag, dict(item.attrib), self._namespaces))
                 elif self._depth > self.max_depth:
                     raise XMLStreamError("policy-violation", "nesting too deep")
