@@ -50,6 +50,7 @@ from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnectio
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
+from mlink.util.heaptrim import HeapTrimmer
 from mlink.util.watchdog import LoopWatchdog
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,9 @@ class Server:
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
         self.watchdog = LoopWatchdog()
+        # Returns the heap pages that logged-out connections freed (see
+        # mlink/util/heaptrim.py: without it RSS grew with every cycle).
+        self.heap_trimmer = HeapTrimmer()
         # Per-shard abuse limits (mlink.transport.limits, docs/security.md).
         limits = config.limits
         self.connection_limiter = ConnectionLimiter(
@@ -386,6 +390,7 @@ class Server:
             for name, task in self.background_tasks:
                 nursery.start_soon(self._run_background, name, task)
             nursery.start_soon(self.watchdog.run)
+            nursery.start_soon(self.heap_trimmer.run)
             self._nursery = nursery
             task_status.started()
 
@@ -458,6 +463,7 @@ class Server:
             log.exception("connection handler crashed")
         finally:
             self.connections.discard(conn)
+            self.heap_trimmer.connection_closed()
             if not self.connections:
                 self._no_connections.set()
 

@@ -62,8 +62,26 @@ def use_revision(rev: str, workdir: Path) -> str:
     return commit
 
 
+def mlink_command() -> list[str]:
+    """How to run this tree's mlink. A git worktree has no `.venv` of its
+    own: then the interpreter running the bench runs `mlink.admin.cli`,
+    and `mlink_env()` puts this tree first on PYTHONPATH, so the server
+    (and the shards it starts with the same interpreter and environment)
+    import this tree's code, not the checkout the venv was installed from."""
+    script = ROOT / ".venv" / "bin" / "mlink"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "mlink.admin.cli"]
+
+
+def mlink_env() -> dict[str, str]:
+    """Environment overrides for every mlink command: this tree's code
+    first on PYTHONPATH, unless `use_revision` chose an exported one."""
+    return {"PYTHONPATH": str(ROOT), **MLINK_ENV}
+
+
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MLINK_ENV})
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **mlink_env()})
     if done.returncode:
         raise RuntimeError(f"{' '.join(cmd[:3])} failed: {done.stderr.strip()[-500:]}")
 
@@ -134,14 +152,14 @@ class Mlink(Server):
         self.dir = workdir / "mlink-setup"
         self.config = self.dir / "mlink.xml"
 
-    def mlink(self) -> str:
-        return str(ROOT / ".venv" / "bin" / "mlink")
+    def mlink(self) -> list[str]:
+        return mlink_command()
 
     def env(self) -> dict[str, str]:
-        return dict(MLINK_ENV)
+        return mlink_env()
 
     def setup(self, users: list[tuple[str, str]], cert: tuple[Path, Path] | None) -> None:
-        cmd = [self.mlink(), "init", str(self.dir), "--domain", self.domain,
+        cmd = [*self.mlink(), "init", str(self.dir), "--domain", self.domain,
                "--c2s-port", str(self.port), "--tls-port", str(self.port + 1),
                "--ws-port", str(self.port + 2)]
         if cert:
@@ -155,7 +173,7 @@ class Mlink(Server):
         self.config.write_text(text)
         lst = self.workdir / "users.txt"
         lst.write_text("".join(f"{u}@{self.domain} {p}\n" for u, p in users))
-        _run([self.mlink(), "user", "import", str(lst), "--config", str(self.config)])
+        _run([*self.mlink(), "user", "import", str(lst), "--config", str(self.config)])
 
     def scram_entries(self, users: list[tuple[str, str]]) -> dict[str, str]:
         """The generator's SCRAM cache for these users, from the salts in the
@@ -179,7 +197,7 @@ class Mlink(Server):
         return self.dir / "cert.pem", self.dir / "key.pem"
 
     def command(self) -> list[str]:
-        cmd = [self.mlink(), "serve", "--config", str(self.config)]
+        cmd = [*self.mlink(), "serve", "--config", str(self.config)]
         if self.shards is not None:
             cmd += ["--shards", str(self.shards)]
         return cmd
@@ -195,8 +213,8 @@ class Mlink(Server):
 
 
 def supports_shards() -> bool:
-    out = subprocess.run([str(ROOT / ".venv" / "bin" / "mlink"), "serve", "--help"],
-                         capture_output=True, text=True, env={**os.environ, **MLINK_ENV})
+    out = subprocess.run([*mlink_command(), "serve", "--help"],
+                         capture_output=True, text=True, env={**os.environ, **mlink_env()})
     return "--shards" in out.stdout
 
 

@@ -26,6 +26,7 @@ from mlink.config import ConfigError, load_config
 from mlink.config_model import Config
 from mlink.shard.bus import UnixSocketBus
 from mlink.shard.control import ControlError, LineChannel, find_oserror
+from mlink.util.memdebug import MemoryReporter
 
 log = logging.getLogger("mlink.shard")
 
@@ -48,6 +49,8 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         # Event-loop stalls over 100 ms (mlink.util.watchdog): a shard can
         # answer "ready" and still have made its users wait.
         "loop": server.watchdog.stats.as_dict(),
+        # Heap trims after logouts (mlink.util.heaptrim) and their cost.
+        "heap_trim": server.heap_trimmer.stats.as_dict(),
         "bus": {str(i): s.as_dict() for i, s in bus.stats().items()},
     }
 
@@ -71,6 +74,9 @@ async def run_shard(config: Config, index: int, shards: int, bus_dir: Path,
             nursery.start_soon(_watch_signals, signals, stop)
             await nursery.start(bus.run)
             await nursery.start(server.serve)
+            reporter = MemoryReporter.from_env()
+            if reporter is not None:
+                nursery.start_soon(_memory_reports, reporter, server)
             if control is not None:
                 await control.send({"op": "ready", "pid": os.getpid(),
                                     "ports": dict(server.bound_ports)})
@@ -80,6 +86,13 @@ async def run_shard(config: Config, index: int, shards: int, bus_dir: Path,
             # down" announcements reach the other shards.
             await server.shutdown()
             nursery.cancel_scope.cancel()
+
+
+async def _memory_reports(reporter: MemoryReporter, server: Any) -> None:
+    """Debug only (MLINK_DEBUG_MEMORY set): a memory report per SIGUSR1."""
+    with trio.open_signal_receiver(signal.SIGUSR1) as signals:
+        async for _ in signals:
+            reporter.report(server)
 
 
 async def _watch_signals(signals: Any, stop: trio.Event) -> None:
