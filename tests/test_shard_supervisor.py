@@ -132,7 +132,7 @@ def test_two_shards_serve_restart_after_sigkill_and_stop_cleanly(two_shards, ca_
     served.log.join()
     for i in (0, 1):
         served.log.wait_for(rf"shard {i} \(pid \d+\) exited with status 0", 0, mark)
-    served.log.wait_for(r"mlink.supervisor: stopped", 0, mark)
+    served.log.wait_for(r"mlink.shard.supervisor: stopped", 0, mark)
     assert not (served.config.parent / "mlink.control").exists()
     gone = mlink("status", "--config", str(served.config), check=False)
     assert gone.returncode == 1 and "no server is running" in gone.stderr

@@ -19,7 +19,7 @@ from mlink.config_model import Config
 from mlink.directory.base import DirectoryError, DirectoryUnavailable
 from mlink.jid import InvalidJID, parse_jid
 
-log = logging.getLogger("mlink")
+log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG = Path("mlink.xml")
 DEFAULT_SETUP_DIR = Path("mlink-data")

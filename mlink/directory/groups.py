@@ -29,7 +29,7 @@ from mlink.directory.base import DirectoryGroup
 from mlink.directory.names import normalize_dn, rdn_value
 from mlink.jid import InvalidJID, parse_jid
 
-log = logging.getLogger("mlink.directory")
+log = logging.getLogger(__name__)
 
 DN_MEMBER_ATTRIBUTES = ("member", "uniqueMember")
 UID_MEMBER_ATTRIBUTE = "memberUid"

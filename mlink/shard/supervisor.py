@@ -30,7 +30,7 @@ from mlink.config_model import Config
 from mlink.shard.control import ControlError, LineChannel
 from mlink.shard.fdlimit import raise_nofile_limit
 
-log = logging.getLogger("mlink.supervisor")
+log = logging.getLogger(__name__)
 
 # Restart delays for a shard that dies: the first restart is quick (a
 # one-off crash costs half a second of that shard's capacity), then the

@@ -28,7 +28,7 @@ from mlink.shard.bus import UnixSocketBus
 from mlink.shard.control import ControlError, LineChannel, find_oserror
 from mlink.util.memdebug import MemoryReporter
 
-log = logging.getLogger("mlink.shard")
+log = logging.getLogger(__name__)
 
 
 def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, Any]:
