@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 class OutputBuffer(Generic[T]):
     __slots__ = ("limit", "_chunks", "_items", "_inflight", "_pending", "_pushed", "written",
-                 "_ready", "_drained", "_progress")
+                 "_ready", "_drained", "_progress", "_watchers")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -46,6 +46,9 @@ class OutputBuffer(Generic[T]):
         self._drained = trio.Event()
         self._drained.set()
         self._progress = trio.Event()
+        # Tasks in wait_progress: only they need waking (the hot path then
+        # creates no Event per write).
+        self._watchers = 0
 
     @property
     def frames_queued(self) -> int:
@@ -121,8 +124,13 @@ class OutputBuffer(Generic[T]):
 
     async def wait_progress(self) -> None:
         """Until the writer reports progress (or the buffer is discarded)."""
-        await self._progress.wait()
+        self._watchers += 1
+        try:
+            await self._progress.wait()
+        finally:
+            self._watchers -= 1
 
     def _wake_progress(self) -> None:
-        self._progress.set()
-        self._progress = trio.Event()
+        if self._watchers:
+            self._progress.set()
+            self._progress = trio.Event()
