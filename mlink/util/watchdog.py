@@ -32,6 +32,10 @@ STALL_SECONDS = 0.1
 HEARTBEAT_SECONDS = 0.05
 # Frames of the stalled thread's stack shown in the log line.
 STACK_FRAMES = 8
+# At most one log line per this many seconds (every stall is counted): a
+# saturated shard is late at every heartbeat, and a line with a stack for
+# each would add to the load it reports.
+LOG_INTERVAL = 10.0
 
 
 @dataclass
@@ -53,6 +57,8 @@ class LoopWatchdog:
         self._loop_thread = threading.get_ident()
         self._stalled_since: float | None = None
         self._stack = ""
+        self._last_log = float("-inf")
+        self._unlogged = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
@@ -84,7 +90,12 @@ class LoopWatchdog:
         if gap > stats.longest:
             stats.longest = gap
             stats.last_cause = _innermost(stack)
-        log.warning("event loop stalled %.0f ms%s", gap * 1000,
+        self._unlogged += 1
+        if now - self._last_log < LOG_INTERVAL:
+            return
+        more = f" ({self._unlogged - 1} more since the last report)" if self._unlogged > 1 else ""
+        self._last_log, self._unlogged = now, 0
+        log.warning("event loop stalled %.0f ms%s%s", gap * 1000, more,
                     f"; it was running:\n{stack}" if stack else "")
 
     def _check(self) -> None:
