@@ -28,7 +28,8 @@ from mlink.shard.bus import UnixSocketBus
 from mlink.shard.control import ControlError, LineChannel, find_oserror
 from mlink.util.memdebug import MemoryReporter
 
-log = logging.getLogger(__name__)
+# Run as `python -m mlink.shard.worker`, where __name__ is "__main__".
+log = logging.getLogger("mlink.shard.worker" if __name__ == "__main__" else __name__)
 
 
 def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, Any]:
