@@ -276,6 +276,40 @@ _WEBSOCKET_EXAMPLE = """\
 </websocket>"""
 
 
+# In-memory caches of a shard; see CachesConfig.
+DEFAULT_JID_CACHE = 16384
+DEFAULT_PROFILE_CACHE = 10_000
+DEFAULT_BLOCKLIST_CACHE = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class CachesConfig(Frozen):
+    """Bounds of the per-shard caches (their sizes show in `mlink status`)."""
+
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "caches", "at most once",
+        doc="How many entries each in-memory cache of a shard may hold; the oldest (least "
+            "recently used) go first. Omitted: the defaults.",
+    )
+    jids: int = attr(
+        "jids", DEFAULT_JID_CACHE, kind=Int(1), hide_default=True,
+        doc="Prepared JIDs (PRECIS work done once per distinct address).",
+        why="About 0.3-0.4 KiB each: 16,384 stay under 8 MiB even when an attacker sends "
+            "distinct addresses, and cover every contact of the users online.",
+    )
+    profiles: int = attr(
+        "profiles", DEFAULT_PROFILE_CACHE, kind=Int(1), hide_default=True,
+        doc="Users whose directory profile attributes are kept (vCard, avatars).",
+        why="A busy roster's vCard fetches hit the directory rarely; memory stays bounded.",
+    )
+    blocklists: int = attr(
+        "blocklists", DEFAULT_BLOCKLIST_CACHE, kind=Int(1), hide_default=True,
+        doc="Blocklists (XEP-0191) of users online on any shard.",
+        why="Each is a small set of JIDs; 100,000 covers every user a large deployment has "
+            "online at once.",
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class WebSocketConfig(Frozen):
     """XMPP over WebSocket (RFC 7395) settings shared by the websocket listeners."""
@@ -966,6 +1000,7 @@ class Config(Frozen):
     directory: DirectoryConfig = section(DirectoryConfig, "directory")
     limits: LimitsConfig = section(LimitsConfig, "limits")
     websocket: WebSocketConfig = section(WebSocketConfig, "websocket")
+    caches: CachesConfig = section(CachesConfig, "caches", hide_default=True)
     profiles: ProfilesConfig = section(ProfilesConfig, "profiles")
     rosters: RostersConfig = section(RostersConfig, "rosters")
     # Enabled module names in load order (see `mlink.config.load_config`).

@@ -106,6 +106,8 @@ def _children(obj: Any, base: Path, indent: str, top: bool) -> list[str]:
             comment = comment or spec.comment
             if s.only_if is not None and not s.only_if({**_values(obj), f.name: value}):
                 continue
+            if s.hide_default and _is_default(value):
+                continue  # an advanced section: written only when set
             if spec.example and spec.example_when is None and _is_default(value):
                 lines = _commented(spec.example, indent)
             else:

@@ -282,3 +282,16 @@ def _parse(text: str) -> JID:
 
 
 _parse_cached = lru_cache(maxsize=JID_CACHE_ENTRIES)(_parse)
+
+
+def set_cache_size(entries: int) -> None:
+    """Resize the JID cache (the server does at start, from `<caches>`)."""
+    global _parse_cached
+    if entries != _parse_cached.cache_info().maxsize:
+        _parse_cached = lru_cache(maxsize=entries)(_parse)
+
+
+def cache_size() -> tuple[int, int]:
+    """(entries now, bound) of the JID cache, for `mlink status`."""
+    info = _parse_cached.cache_info()
+    return info.currsize, info.maxsize or 0

@@ -116,6 +116,9 @@ async def apply_config(server: Server, new: Config) -> None:
             raise ReloadError(f"{new.path}: {exc}") from None
     old = server.config
     server.tls = tls
+    from mlink.jid import set_cache_size
+
+    set_cache_size(new.caches.jids)
     server.config = new
     server.apply_limits()
     if new.log_level != old.log_level:

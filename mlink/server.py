@@ -22,6 +22,8 @@ from mlink.directory import open_directory
 from mlink.directory.base import Directory, DirectoryError, DirectoryUnavailable
 from mlink.hooks import Hooks, NonzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.jid import cache_size as jid_cache_size
+from mlink.jid import set_cache_size as set_jid_cache_size
 from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
 from mlink.router.router import Router
@@ -100,6 +102,7 @@ class Server:
         # The nursery `serve` runs everything in, once it runs: modules'
         # tasks spawned later start there too (set before modules load).
         self._nursery: trio.Nursery | None = None
+        set_jid_cache_size(config.caches.jids)
         self.sasl = SaslRegistry()
         for provider in builtin_providers():
             self.sasl.add_mechanism(provider)
@@ -239,6 +242,16 @@ class Server:
         with self.router.batch():
             await self.hooks.notify("session/bound", conn.info)
         return full
+
+    def cache_sizes(self) -> dict[str, tuple[int, int]]:
+        """(entries, bound) of each bounded cache, for `mlink status`."""
+        sizes = {"jids": jid_cache_size()}
+        for name, service in (("profiles", "profiles"), ("blocklists", "blocking/lists")):
+            found = self.shared_services.get(service)
+            size = getattr(found, "size", None)
+            if size is not None:
+                sizes[name] = size
+        return sizes
 
     def end_user_sessions(self, jid: str, text: str) -> int:
         """End every local session of the account `jid` (deleted, disabled

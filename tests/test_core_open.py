@@ -154,3 +154,11 @@ def test_a_blocked_loop_is_logged_with_its_cause_and_counted(shards):
     row = next(line for line in status.stdout.splitlines() if line.split()[:1] == ["0"])
     assert int(row.split()[7]) >= 1, status.stdout
     assert "block_the_loop" in status.stdout
+
+
+def test_status_shows_the_bounded_caches(shards):
+    shards.login_on(0, "alice")
+    status = mlink("status", "--config", str(shards.config)).stdout
+    caches = [line for line in status.splitlines() if "caches:" in line]
+    assert len(caches) == 2, status  # one line per shard
+    assert all("jids " in line and "/16384" in line for line in caches), caches

@@ -60,9 +60,6 @@ def candidates(jid: JID) -> tuple[str, ...]:
     return tuple(out)
 
 
-# Blocklists kept in memory per shard: each is small (a set of JIDs), and
-# 100,000 covers every user a large deployment has online at once.
-MAX_CACHED_BLOCKLISTS = 100_000
 
 
 class Blocklists:
@@ -72,7 +69,7 @@ class Blocklists:
     def __init__(self, module: Module) -> None:
         self._module = module
         self._changed = module.user_cache("blocklists", self.invalidate)
-        self._cache: UserCache[JID, frozenset[str]] = UserCache(MAX_CACHED_BLOCKLISTS)
+        self._cache: UserCache[JID, frozenset[str]] = UserCache(module.config.caches.blocklists)
 
     async def get(self, user: JID) -> frozenset[str]:
         user = user.bare
@@ -114,6 +111,11 @@ class Blocklists:
         another shard) and keep overlapping loads from caching it."""
         self._cache.invalidate(parse_jid(user_text).bare)
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(entries, bound), for `mlink status`."""
+        return len(self._cache), self._cache.max_entries
+
     def forget(self, user: JID) -> None:
         """The user's last session ended: free its cache entry."""
         self._cache.forget(user)
@@ -132,7 +134,7 @@ def setup(module: Module) -> None:
     # XEP-0191 §3.3: sessions that requested the list get its pushes, on
     # whichever shard the change is made (replicated with the session).
     requested = module.session_field("requested", False, BOOL_CODEC)
-    lists = Blocklists(module)
+    lists = module.shared("blocking/lists", lambda: Blocklists(module))
     rosters = rosters_of(module)
     # Stanzas this module sends past its own filters (the unavailable
     # presence XEP-0191 §3.3 owes a newly blocked contact), by identity,

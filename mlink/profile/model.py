@@ -74,9 +74,6 @@ class ProfileHost(Protocol):
     def changed(self, user: str, what: str) -> None: ...
 
 Value = str | bytes
-# Users whose directory attributes are kept in memory: a large roster's
-# vCard fetches stay cached, and memory stays bounded (oldest dropped first).
-MAX_CACHED_PROFILES = 10_000
 # Values of one field a client may set: real profiles have a handful of
 # phone numbers at most; this only stops a request from ballooning.
 MAX_VALUES_PER_FIELD = 16
@@ -162,11 +159,17 @@ class ProfileService:
         # ProfileConfigError here stops the server with the configuration problem.
         self.fields: dict[str, FieldSpec] = resolve_fields(server.config)
         self.cache_seconds = float(cfg.cache_seconds)
+        self.max_cached = server.config.caches.profiles
         self.max_photo_bytes = int(cfg.max_photo_bytes)
         self._attributes = directory_attributes(self.fields.values())
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         # One writer per user at a time: compare-then-modify must not interleave.
         self._locks: KeyedLock[str] = KeyedLock()
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(entries, bound) of the directory-attribute cache, for `mlink status`."""
+        return len(self._cache), self.max_cached
 
     def apply_config(self, config: Config) -> None:
         """Take a reloaded configuration's profile policies. The cache is
@@ -175,6 +178,7 @@ class ProfileService:
         fields = resolve_fields(config)
         self.fields = fields
         self.cache_seconds = float(config.profiles.cache_seconds)
+        self.max_cached = config.caches.profiles
         self.max_photo_bytes = int(config.profiles.max_photo_bytes)
         self._attributes = directory_attributes(fields.values())
         self._cache.clear()
@@ -210,7 +214,7 @@ class ProfileService:
         attributes = {name.lower(): list(values) for name, values in found.items()}
         self._cache[jid] = _Cached(trio.current_time(), attributes)
         self._cache.move_to_end(jid)
-        while len(self._cache) > MAX_CACHED_PROFILES:
+        while len(self._cache) > self.max_cached:
             self._cache.popitem(last=False)
         return attributes, False
 

@@ -583,6 +583,10 @@ def format_status(status: dict[str, Any]) -> str:
         )
         if loop.get("cause"):
             lines.append(f"      longest stall in: {loop['cause']}")
+        caches = stats.get("caches") or {}
+        if caches:
+            lines.append("      caches: " + ", ".join(
+                f"{name} {size[0]}/{size[1]}" for name, size in sorted(caches.items())))
     links = [(s["index"], stats) for s in shards if (stats := s["stats"])]
     for index, stats in links:
         limits = stats.get("limits") or {}

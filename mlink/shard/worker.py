@@ -50,6 +50,8 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         # Event-loop stalls over 100 ms (mlink.util.watchdog): a shard can
         # answer "ready" and still have made its users wait.
         "loop": server.watchdog.stats.as_dict(),
+        # Bounded caches: (entries, bound) each.
+        "caches": server.cache_sizes(),
         # Heap trims after logouts (mlink.util.heaptrim) and their cost.
         "heap_trim": server.heap_trimmer.stats.as_dict(),
         "bus": {str(i): s.as_dict() for i, s in bus.stats().items()},
