@@ -93,19 +93,26 @@ class HeapTrimmer:
     def connection_closed(self) -> None:
         self._closed += 1
 
-    def trim_if_due(self) -> bool:
-        """Called every TRIM_INTERVAL_SECONDS: trim if enough connections
-        closed since the last trim and either none closed since the last
-        call (the wave is over) or the last trim is long ago."""
+    def due(self) -> bool:
+        """Called every TRIM_INTERVAL_SECONDS: whether to trim now — enough
+        connections closed since the last trim, and either none closed
+        since the last call (the wave is over) or the last trim is long
+        ago. Resets the counts when it says yes."""
         quiet = self._closed == self._closed_at_last_look
         self._closed_at_last_look = self._closed
         if self._trim is None or self._closed < TRIM_AFTER_CLOSED:
             return False
-        started = time.monotonic()
-        if not quiet and started - self._last_trim < TRIM_BUSY_INTERVAL_SECONDS:
+        now = time.monotonic()
+        if not quiet and now - self._last_trim < TRIM_BUSY_INTERVAL_SECONDS:
             return False
         self._closed = self._closed_at_last_look = 0
-        self._last_trim = started
+        self._last_trim = now
+        return True
+
+    def trim_if_due(self) -> bool:
+        """`due`, then collect and trim here (tests and tools)."""
+        if not self.due() or self._trim is None:
+            return False
         started = time.perf_counter()
         gc.collect()
         self._trim(0)
@@ -114,9 +121,18 @@ class HeapTrimmer:
         return True
 
     async def run(self) -> None:
-        if self._trim is None:
+        trim = self._trim
+        if trim is None:
             log.debug("no malloc_trim in this C library; freed heap pages stay resident")
             return
         while True:
             await trio.sleep(TRIM_INTERVAL_SECONDS)
-            self.trim_if_due()
+            if not self.due():
+                continue
+            started = time.perf_counter()
+            gc.collect()
+            # malloc_trim walks the whole heap; ctypes releases the GIL for
+            # the call, so in a worker thread it does not hold up the loop.
+            await trio.to_thread.run_sync(trim, 0)
+            self.stats.trims += 1
+            self.stats.seconds += time.perf_counter() - started
