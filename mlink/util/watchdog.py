@@ -102,8 +102,14 @@ class LoopWatchdog:
         """In the thread: catch the loop while it is stuck, for the log."""
         while not self._stop.wait(HEARTBEAT_SECONDS):
             with self._lock:
-                late = time.monotonic() - self._last_tick - HEARTBEAT_SECONDS
+                now = time.monotonic()
+                late = now - self._last_tick - HEARTBEAT_SECONDS
                 if late < STALL_SECONDS or self._stack:
+                    continue
+                if now - self._last_log < LOG_INTERVAL and late <= self.stats.longest:
+                    # Neither a report due nor a new longest stall: skip the
+                    # stack (formatting it holds the GIL, and a saturated
+                    # shard is late at every beat).
                     continue
                 frame = sys._current_frames().get(self._loop_thread)
                 if frame is not None:
