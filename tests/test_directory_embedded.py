@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -212,15 +211,28 @@ async def test_filter_like_jid_finds_nothing(directory: EmbeddedDirectory):
     assert await directory.scram_secret("*", "SCRAM-SHA-256") is None
 
 
-async def test_import_1000_users_writes_once(directory: EmbeddedDirectory, path: Path):
+async def test_import_1000_users_writes_once(directory: EmbeddedDirectory, path: Path,
+                                             monkeypatch: pytest.MonkeyPatch):
+    """However many users, an import rewrites the file a fixed number of
+    times: once for the entries and passwords, once for the SCRAM secrets
+    bound to the password hashes the directory then holds."""
     await directory.add_user("u0@example.com", "before")
     pairs = [(f"u{i}@example.com", f"pw{i}") for i in range(1000)]
-    before = os.stat(path).st_ino
+    import mlink.directory.embedded as embedded_module
+
+    writes: list[Path] = []
+    real_write = embedded_module._atomic_write
+
+    def counting_write(target: Path, text: str) -> None:
+        writes.append(target)
+        real_write(target, text)
+
+    monkeypatch.setattr(embedded_module, "_atomic_write", counting_write)
     start = time.monotonic()
     assert await directory.import_users(pairs) == 1000
     elapsed = time.monotonic() - start
     assert elapsed < 30, elapsed
-    assert os.stat(path).st_ino != before
+    assert writes == [path, path]
     users = await directory.list_users()
     assert len(users) == 1000
     assert await directory.check_password("u0@example.com", "pw0")  # updated
