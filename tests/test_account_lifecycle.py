@@ -5,19 +5,16 @@ exist."""
 
 from __future__ import annotations
 
-import re
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.placement import TIMEOUT, Placement
 from tests.rawclient import RawClient
 from tests.serverproc import DOMAIN, MlinkProcess, mlink, start_mlink
 
 USERS = {f"leaver@{DOMAIN}": "leaver-pw", f"stayer@{DOMAIN}": "stayer-pw"}
-TIMEOUT = 30.0
-PLACEMENT_TRIES = 40
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +26,7 @@ def server(tmp_path_factory: pytest.TempPathFactory,
 
 
 def login_on(server: MlinkProcess, ca_file: Path, shard: int, jid: str) -> RawClient:
-    for _ in range(PLACEMENT_TRIES):
-        mark = server.log.mark()
-        client = RawClient(server.c2s_port, ca_file)
-        full = client.login(DOMAIN, jid, USERS[jid], resource="r-" + uuid.uuid4().hex[:6])
-        m = server.log.wait_for(rf"shard-(\d+) .*bound {re.escape(full)}$", TIMEOUT, mark)
-        if int(m[1]) == shard:
-            return client
-        client.close()
-    raise AssertionError(f"no login landed on shard {shard}")
+    return Placement(server.log, server.c2s_port, ca_file, USERS).login_on(shard, jid)
 
 
 def test_deleting_a_user_ends_their_sessions_on_every_shard(server, ca_file):

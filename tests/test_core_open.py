@@ -8,23 +8,18 @@ shards, asserting what clients receive."""
 from __future__ import annotations
 
 import base64
-import re
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.placement import TIMEOUT, Placement
 from tests.rawclient import RawClient, ping, read_stanza, read_stanza_text, stanza_error_of
-from tests.serverproc import DOMAIN, LogReader, mlink, start_mlink
+from tests.serverproc import DOMAIN, mlink, start_mlink
 
 PROBE_NS = "urn:mlink:test:probe"
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
-TIMEOUT = 30.0
-# SO_REUSEPORT spreads connections by a hash: a client reaches a given shard
-# within a few tries; this bounds the loop.
-PLACEMENT_TRIES = 40
 # Replication of a session field is asynchronous: poll for it, this often.
 REPLICATION_POLLS = 50
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
@@ -36,37 +31,9 @@ def with_probe_module(text: str) -> str:
         "  <modules><module name='tests.modules_for_tests.probe'/></modules>\n</mlink>")
 
 
-class Shards:
-    def __init__(self, log: LogReader, port: int, ca_file: Path, config: Path) -> None:
-        self.log, self.port, self.ca_file, self.config = log, port, ca_file, config
-        self.clients: list[RawClient] = []
-
-    def on_shard(self, shard: int, connect: object) -> RawClient:
-        """A connection that landed on `shard`; `connect(client)` logs in
-        and returns the text the server logs with the shard number."""
-        for _ in range(PLACEMENT_TRIES):
-            mark = self.log.mark()
-            client = RawClient(self.port, self.ca_file)
-            pattern = connect(client)  # type: ignore[operator]
-            m = self.log.wait_for(rf"shard-(\d+) .*{pattern}", TIMEOUT, mark)
-            if int(m[1]) == shard:
-                self.clients.append(client)
-                return client
-            client.close()
-        raise AssertionError(f"no connection landed on shard {shard}")
-
-    def login_on(self, shard: int, user: str) -> RawClient:
-        def connect(client: RawClient) -> str:
-            client.jid = client.login(  # type: ignore[attr-defined]
-                DOMAIN, f"{user}@{DOMAIN}", USERS[user], resource="r-" + uuid.uuid4().hex[:8])
-            return rf"bound {re.escape(client.jid)}$"  # type: ignore[attr-defined]
-
-        return self.on_shard(shard, connect)
-
-    def close_all(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.clients.clear()
+class Shards(Placement):
+    def login_on(self, shard: int, user: str) -> RawClient:  # type: ignore[override]
+        return super().login_on(shard, f"{user}@{DOMAIN}")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +42,7 @@ def server(tmp_path_factory, cert_files, ca_file) -> Iterator[Shards]:
     users = {f"{user}@{DOMAIN}": pw for user, pw in USERS.items()}
     with start_mlink(setup, DOMAIN, cert_files, users=users, shards=2,
                      edit_config=with_probe_module) as proc:
-        yield Shards(proc.log, proc.c2s_port, ca_file, proc.config)
+        yield Shards(proc.log, proc.c2s_port, ca_file, users, proc.config)
 
 
 @pytest.fixture

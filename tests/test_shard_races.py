@@ -9,16 +9,14 @@ import base64
 import re
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
+from tests.placement import TIMEOUT, Placement
 from tests.rawclient import RawClient
-from tests.serverproc import DOMAIN, LogReader, start_mlink
+from tests.serverproc import DOMAIN, start_mlink
 
 SASL_NS = "urn:ietf:params:xml:ns:xmpp-sasl"
-TIMEOUT = 30.0
-PLACEMENT_TRIES = 40
 # Logins at the same moment: the defect showed in 3-4 of 5 trials.
 SIMULTANEOUS_TRIALS = 6
 # SCRAM attempts for one unknown user: enough to reach both shards.
@@ -26,30 +24,10 @@ PROBE_ATTEMPTS = 24
 USERS = {"dave": "dave-pw", "erin": "erin-pw"}
 
 
-class Shards:
-    def __init__(self, log: LogReader, port: int, ca_file: Path) -> None:
-        self.log, self.port, self.ca_file = log, port, ca_file
-        self.clients: list[RawClient] = []
-
+class Shards(Placement):
     def bound_on(self, shard: int, user: str) -> RawClient:
         """A session of `user` bound on `shard`, no presence sent yet."""
-        for _ in range(PLACEMENT_TRIES):
-            mark = self.log.mark()
-            client = RawClient(self.port, self.ca_file)
-            jid = client.login(DOMAIN, f"{user}@{DOMAIN}", USERS[user],
-                               resource="r-" + uuid.uuid4().hex[:8])
-            m = self.log.wait_for(rf"shard-(\d+) .*bound {re.escape(jid)}$", TIMEOUT, mark)
-            if int(m[1]) == shard:
-                client.jid = jid  # type: ignore[attr-defined]
-                self.clients.append(client)
-                return client
-            client.close()
-        raise AssertionError(f"no login of {user} landed on shard {shard}")
-
-    def close_all(self) -> None:
-        for client in self.clients:
-            client.close()
-        self.clients.clear()
+        return self.login_on(shard, f"{user}@{DOMAIN}")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +35,7 @@ def server(tmp_path_factory, cert_files, ca_file) -> Iterator[Shards]:
     setup = tmp_path_factory.mktemp("races") / "s"
     users = {f"{user}@{DOMAIN}": pw for user, pw in USERS.items()}
     with start_mlink(setup, DOMAIN, cert_files, users=users, shards=2) as proc:
-        shards = Shards(proc.log, proc.c2s_port, ca_file)
+        shards = Shards(proc.log, proc.c2s_port, ca_file, users)
         subscribe_both(shards)
         yield shards
 

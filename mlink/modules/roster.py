@@ -23,7 +23,6 @@ having the item reappear at the next login.
 from __future__ import annotations
 
 import logging
-import secrets
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
@@ -31,6 +30,7 @@ from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.modules import presence
 from mlink.modules.util import iq_result
+from mlink.router.roster_push import ROSTER_NS, item_element, push_item
 from mlink.router.rosters import RosterCache, RosterUnavailable, UserRoster, rosters_of
 from mlink.router.sessions import SessionInfo
 from mlink.store import RosterItem, StoreError
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROSTER_NS = "jabber:iq:roster"
 ROSTERVER_FEATURE = "{urn:xmpp:features:rosterver}ver"
 # RFC 6121 §2.1.2.4 / §2.3.3: "server-configured limits" on the lengths of
 # item names and group names; as long as a JID part (RFC 7622 §3.1).
@@ -219,23 +218,6 @@ async def remove_item(module: Module, rosters: RosterCache, user: JID, contact: 
 # -- helpers the presence and subscription modules share ------------------------------
 
 
-def item_element(item: RosterItem, remove: bool = False) -> ET.Element:
-    """`<item/>` as in a roster result or push (§2.1.2)."""
-    attrs = {"jid": item.jid, "subscription": "remove" if remove else item.subscription}
-    if remove:
-        return ET.Element(f"{{{ROSTER_NS}}}item", attrs)
-    if item.name:
-        attrs["name"] = item.name
-    if item.ask:
-        attrs["ask"] = "subscribe"
-    if item.approved:
-        attrs["approved"] = "true"
-    elem = ET.Element(f"{{{ROSTER_NS}}}item", attrs)
-    for group in item.groups:
-        ET.SubElement(elem, f"{{{ROSTER_NS}}}group").text = group
-    return elem
-
-
 def push(module: Module, roster: UserRoster, item: RosterItem, remove: bool = False,
          version: str | None = None) -> None:
     """§2.1.6: a roster push of `item` to each interested resource. Sent
@@ -244,14 +226,7 @@ def push(module: Module, roster: UserRoster, item: RosterItem, remove: bool = Fa
     several changes gives each the version right after it."""
     if version is None:
         version = roster.version
-    for info in module.router.resources(parse_jid(roster.user)):
-        if not info.interested:
-            continue
-        iq = ET.Element(f"{{{CLIENT_NS}}}iq", {
-            "type": "set", "id": "push-" + secrets.token_hex(6), "to": str(info.jid)})
-        query = ET.SubElement(iq, f"{{{ROSTER_NS}}}query", {"ver": version})
-        query.append(item_element(item, remove))
-        module.router.deliver(info.jid, iq)
+    push_item(module.router, roster.user, item, remove, version)
 
 
 def store_failed(module: Module, stanza: ET.Element, exc: StoreError | None = None) -> None:

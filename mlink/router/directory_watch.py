@@ -30,17 +30,14 @@ sessions of removed users).
 from __future__ import annotations
 
 import logging
-import secrets
-import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
 from mlink.directory.base import DirectoryError
-from mlink.jid import parse_jid
+from mlink.router.roster_push import push_item
 from mlink.store import RosterItem, StoreError
-from mlink.xml.serialize import CLIENT_NS
 
 if TYPE_CHECKING:
     from mlink.config_model import RosterGroupConfig
@@ -51,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ROSTER_NS = "jabber:iq:roster"
 # When a group refresh fails (directory unreachable), try again after at
 # most this long, however long the refresh interval: the outage is usually
 # short and, at start, nobody has group items until a load succeeds.
@@ -115,43 +111,14 @@ def watch_of(module: Module) -> DirectoryWatch:
 # -- static rosters ---------------------------------------------------------------------
 
 
-def roster_push(module: Module, user: str, item: RosterItem, remove: bool,
-                version: str) -> None:
-    """RFC 6121 §2.1.6: a push of `item` to each interested resource of
-    `user`, without `from` (clients take that as from their own account)."""
-    for info in module.router.resources(parse_jid(user)):
-        if not info.interested:
-            continue
-        iq = ET.Element(f"{{{CLIENT_NS}}}iq", {
-            "type": "set", "id": "push-" + secrets.token_hex(6), "to": str(info.jid)})
-        query = ET.SubElement(iq, f"{{{ROSTER_NS}}}query", {"ver": version})
-        query.append(_item_element(item, remove))
-        module.router.deliver(info.jid, iq)
-
-
-def _item_element(item: RosterItem, remove: bool) -> ET.Element:
-    attrs = {"jid": item.jid, "subscription": "remove" if remove else item.subscription}
-    if remove:
-        return ET.Element(f"{{{ROSTER_NS}}}item", attrs)
-    if item.name:
-        attrs["name"] = item.name
-    if item.ask:
-        attrs["ask"] = "subscribe"
-    if item.approved:
-        attrs["approved"] = "true"
-    elem = ET.Element(f"{{{ROSTER_NS}}}item", attrs)
-    for group in item.groups:
-        ET.SubElement(elem, f"{{{ROSTER_NS}}}group").text = group
-    return elem
-
-
 def push_changes(module: Module, changes: Sequence[SharedChange]) -> None:
     """A push per changed item; an item gone is pushed as `remove`."""
     for change in changes:
         if change.after is None:
-            roster_push(module, change.user, RosterItem(change.contact), True, change.version)
+            push_item(module.router, change.user, RosterItem(change.contact), True,
+                      change.version)
         else:
-            roster_push(module, change.user, change.after, False, change.version)
+            push_item(module.router, change.user, change.after, False, change.version)
 
 
 def follow_static_rosters(module: Module, rosters: RosterCache) -> None:

@@ -1,10 +1,11 @@
-"""Which SASL mechanisms mlink offers, and the factory the stream layer uses.
+"""The built-in mechanisms as plain sans-IO objects, without the registry.
 
-Why a single entry point: the stream layer should not know mechanism
-classes. It asks `available_mechanisms()` what to advertise, and for each
-`<auth mechanism='X'/>` calls `create_mechanism()` and then drives the
-returned object with `receive()` (plus `password_result()` for PLAIN or
-`provide_secret()` for SCRAM), acting on the events from `mlink.sasl.events`.
+The stream layer offers and creates mechanisms through the registry
+(`mlink.sasl.registry`), whose providers hold the advertising rules. This
+module answers the same questions for code that drives `PlainMechanism` and
+`ScramMechanism` directly (their own `password_result()` / `provide_secret()`
+calls, as the tests do): `available_mechanisms()` is the registry's answer,
+so there is one set of rules.
 
 DIGEST-MD5 is never offered (RFC 6331 moved it to Historic). Sans-IO: no trio.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mlink.sasl.channel_binding import (
-    CB_TYPES_BY_PREFERENCE,
     ChannelBinding,
     channel_binding_element_types,
 )
@@ -29,6 +29,7 @@ from mlink.sasl.events import (
     Success,
 )
 from mlink.sasl.plain import PlainMechanism, authzid_allowed
+from mlink.sasl.registry import SaslRegistry, SaslStreamInfo, builtin_providers
 from mlink.sasl.scram import ScramMechanism
 
 __all__ = [
@@ -53,13 +54,11 @@ __all__ = [
 
 # Everything mlink can run, strongest first. Clients generally pick the first
 # mechanism they support from the advertised list, so order matters.
-MECHANISM_NAMES: tuple[str, ...] = (
-    "SCRAM-SHA-256-PLUS",
-    "SCRAM-SHA-1-PLUS",
-    "SCRAM-SHA-256",
-    "SCRAM-SHA-1",
-    "PLAIN",
-)
+_BUILTIN = SaslRegistry()
+for _provider in builtin_providers():
+    _BUILTIN.add_mechanism(_provider)
+MECHANISM_NAMES: tuple[str, ...] = tuple(
+    p.name for p in sorted(builtin_providers(), key=lambda p: -p.strength))
 
 Mechanism = PlainMechanism | ScramMechanism
 
@@ -71,15 +70,10 @@ def available_mechanisms(tls: bool, cb_types: Iterable[str], plain_allowed: bool
     understands; PLAIN is listed only when the caller allows it (TLS is up,
     or the operator does not require TLS), because it sends the password.
     """
-    has_cb = tls and any(name in CB_TYPES_BY_PREFERENCE for name in cb_types)
-    names: list[str] = []
-    for name in MECHANISM_NAMES:
-        if name.endswith("-PLUS") and not has_cb:
-            continue
-        if name == "PLAIN" and not plain_allowed:
-            continue
-        names.append(name)
-    return names
+    stream = SaslStreamInfo(domain="", tls_active=tls,
+                            channel_binding={name: b"" for name in cb_types},
+                            plain_allowed=plain_allowed)
+    return [p.name for p in _BUILTIN.offered(stream)]
 
 
 def create_mechanism(

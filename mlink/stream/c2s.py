@@ -40,6 +40,7 @@ from mlink.sasl.registry import (
     UNAVAILABLE,
     CredentialAnswer,
     Mechanism,
+    MechanismProvider,
     NeedCredential,
     SaslRegistry,
     SaslStreamInfo,
@@ -246,7 +247,8 @@ class C2SStream:
         # outside the exchange (EXTERNAL: the TLS certificate), its source
         # works it out, and the mechanism's Success names the user.
         self._identity_from_source = False
-        self._offered_mechanisms: list[str] = []
+        # The mechanisms offered in the last features, by name, strongest first.
+        self._offered: dict[str, MechanismProvider] = {}
         self._sasl_stream: SaslStreamInfo | None = None
         # Attached to the current credential answer (CredentialAnswer).
         self._refusal: tuple[str, str] | None = None
@@ -479,10 +481,9 @@ class C2SStream:
                 ET.SubElement(starttls, f"{{{TLS_NS}}}required")
             elements.append(starttls)
         if not self._authenticated:
-            stream = self._sasl_info()
-            offered = s.sasl.offered(stream) if self._sasl_allowed() else []
-            self._offered_mechanisms = [p.name for p in offered]
-            elements.extend(s.sasl.features(stream, self._offered_mechanisms))
+            stream, offered = self._sasl_offer()
+            self._offered = {p.name: p for p in offered} if self._sasl_allowed() else {}
+            elements.extend(s.sasl.features(stream, list(self._offered)))
         else:
             elements.append(ET.Element(f"{{{BIND_NS}}}bind"))
             # RFC 3921 session establishment, optional since RFC 6121.
@@ -501,9 +502,10 @@ class C2SStream:
     def _sasl_allowed(self) -> bool:
         return self.tls_active or not self.settings.tls_required
 
-    def _sasl_info(self) -> SaslStreamInfo:
-        """What mechanisms may know of this stream; -PLUS offered or not is
-        worked out first, since SCRAM's downgrade check needs it."""
+    def _sasl_offer(self) -> tuple[SaslStreamInfo, list[MechanismProvider]]:
+        """What mechanisms may know of this stream, and those offered on it;
+        whether a -PLUS one is offered goes into the former, since SCRAM's
+        downgrade check needs it."""
         s = self.settings
         base = SaslStreamInfo(
             domain=self.domain or "",
@@ -513,10 +515,11 @@ class C2SStream:
             plain_allowed=self.tls_active or not s.tls_required,
             peer_certificate=self.peer_certificate,
         )
-        plus = any(p.name.endswith("-PLUS") for p in s.sasl.offered(base))
+        offered = s.sasl.offered(base)
+        plus = any(p.name.endswith("-PLUS") for p in offered)
         info = dataclasses.replace(base, plus_offered=plus)
         self._sasl_stream = info
-        return info
+        return info, offered
 
     # -- elements ---------------------------------------------------------------
 
@@ -584,10 +587,7 @@ class C2SStream:
             return self._sasl_failure("encryption-required")
         name = elem.get("mechanism", "")
         stream = self._sasl_stream
-        provider = None
-        if stream is not None and name in self._offered_mechanisms:
-            provider = next((p for p in self.settings.sasl.offered(stream) if p.name == name),
-                            None)
+        provider = self._offered.get(name)
         if provider is None or stream is None:
             return self._sasl_failure("invalid-mechanism")
         try:
