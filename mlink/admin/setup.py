@@ -22,7 +22,6 @@ from mlink.config import (
     base_dn_for_domain,
     load_config,
     normalise_domain,
-    write_config,
 )
 from mlink.config_model import (
     Config,
@@ -31,6 +30,7 @@ from mlink.config_model import (
     ListenerConfig,
     TLSConfig,
 )
+from mlink.config_render import write_config
 
 __all__ = [
     "CERT_FILE",
