@@ -160,20 +160,23 @@ class Server:
             # The directory said why (its ppolicy control): tell the user.
             return CredentialAnswer(True, (verdict.condition, verdict.text))
         if ok and verdict.notice:
-            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            self.spawn_background("refresh-credentials",
+                                  partial(self._refresh_credentials, jid, password))
             return CredentialAnswer(True, None, verdict.notice)
         if ok:
             # The directory just confirmed this is the current password:
-            # if the SCRAM secrets are missing or stale (the password was
-            # changed elsewhere), derive fresh ones, off the login's path.
-            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            # rehash an outdated userPassword (embedded), and if the SCRAM
+            # secrets are missing or stale (the password was changed
+            # elsewhere) derive fresh ones, off the login's path.
+            self.spawn_background("refresh-credentials",
+                                  partial(self._refresh_credentials, jid, password))
         return ok
 
-    async def _renew_scram(self, jid: str, password: str) -> None:
+    async def _refresh_credentials(self, jid: str, password: str) -> None:
         try:
-            await self.directory.renew_scram(jid, password)
+            await self.directory.refresh_credentials(jid, password)
         except DirectoryError as exc:
-            log.warning("SCRAM secrets of %s not renewed: %s", jid, exc)
+            log.warning("stored credentials of %s not refreshed: %s", jid, exc)
 
     async def _scram_secret(self, jid: str, request: NeedCredential) -> object:
         """The secret, with the directory's verdict (locked, expired) held

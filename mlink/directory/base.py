@@ -115,9 +115,11 @@ class Directory(abc.ABC):
         """Count a failed non-bind login (a wrong SCRAM proof) where the
         directory counts failures, so its lockout applies to every mechanism."""
 
-    async def renew_scram(self, jid: str, password: str) -> bool:
-        """After a successful password login: store fresh SCRAM secrets if
-        the stored ones are missing or stale. True if it wrote them."""
+    async def refresh_credentials(self, jid: str, password: str) -> bool:
+        """After a successful password login, bring what is stored of the
+        password up to date: an outdated `userPassword` hash replaced where
+        mlink hashes (the embedded directory), then fresh SCRAM secrets if
+        the stored ones are missing or stale. True if it wrote anything."""
         return False
 
     @abc.abstractmethod
