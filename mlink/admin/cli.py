@@ -245,7 +245,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
 
-    async def ping() -> list[str]:
+    async def ping() -> tuple[list[str], list[str]]:
         from mlink.directory import open_directory
 
         directory = open_directory(config.directory)

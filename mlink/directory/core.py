@@ -36,6 +36,7 @@ from cryptography import x509
 from mlink.config_model import RosterGroupConfig
 from mlink.directory.base import (
     DERIVE_THREADS,
+    CertificateAuthority,
     Directory,
     DirectoryError,
     DirectoryGroup,
@@ -105,6 +106,12 @@ BULK_TIMEOUT_FACTOR = 12
 USER_LOOKUP_LIMIT = 2
 # The attribute a user's certificates live in (RFC 4523), binary transfer.
 USER_CERTIFICATE = "userCertificate;binary"
+# RFC 4523 CA entries (pkiCA in OpenLDAP's core schema; the older
+# certificationAuthority from RFC 2256), and what SASL EXTERNAL reads of them.
+CA_FILTER = "(|(objectClass=pkiCA)(objectClass=certificationAuthority))"
+CA_ATTRIBUTES = ("cACertificate;binary", "certificateRevocationList;binary")
+# A deployment has a handful of issuing CAs; more is a mistaken base DN.
+CA_LOOKUP_LIMIT = 64
 # Users one certificate may map to: more is a directory mistake, refused.
 CERTIFICATE_LOOKUP_LIMIT = 8
 # Object classes of the group shapes `mlink.directory.groups` reads; a
@@ -390,6 +397,29 @@ class PortDirectory(Directory):
             if certificate in values and jid is not None:
                 users.append(_text(jid).lower())
         return sorted(set(users))
+
+    async def certificate_authorities(self, base: str) -> list[CertificateAuthority]:
+        """CA entries under `base`, read with the `;binary` transfer option
+        RFC 4523 requires for certificates and CRLs (values stored without
+        it, as some tools do, are taken too)."""
+        try:
+            found = await self.port.search(base, Scope.SUBTREE, CA_FILTER,
+                                           list(CA_ATTRIBUTES), size_limit=CA_LOOKUP_LIMIT)
+        except NoSuchEntry:
+            log.error("directory: the CA entries' DN %r does not exist", base)
+            return []
+        except SizeLimitExceeded:
+            log.error("directory: more than %d CA entries under %r; none used",
+                      CA_LOOKUP_LIMIT, base)
+            return []
+        return [CertificateAuthority(
+            entry.dn,
+            tuple(_as_bytes(v) for name in ("cACertificate;binary", "cACertificate")
+                  for v in entry.get(name)),
+            tuple(_as_bytes(v) for name in ("certificateRevocationList;binary",
+                                            "certificateRevocationList")
+                  for v in entry.get(name)),
+        ) for entry in found]
 
     async def list_users(self) -> list[str]:
         entries = await self._all_users([self.layout.jid_attribute])
