@@ -436,10 +436,14 @@ class Supervisor:
         return {"ok": True, "shards": sent}
 
     async def _log_status_periodically(self) -> None:
+        """The status table in the log, at DEBUG: useful when chasing a
+        problem, noise in an INFO log (`mlink status` shows it on demand)."""
         while True:
             await trio.sleep(STATUS_LOG_INTERVAL)
+            if not log.isEnabledFor(logging.DEBUG):
+                continue
             for line in format_status(await self.status()).splitlines():
-                log.info("status: %s", line)
+                log.debug("status: %s", line)
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
