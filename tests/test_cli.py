@@ -271,3 +271,8 @@ def test_init_refuses_a_bad_address(tmp_path: Path, bad: str) -> None:
     proc = mlink("init", str(tmp_path / "s"), "--address", bad, check=False)
     assert "--address" in one_line_failure(proc)
     assert not (tmp_path / "s" / "mlink.xml").exists()
+
+
+def test_status_names_the_version(embedded_server: MlinkProcess) -> None:
+    out = mlink("status", "--config", str(embedded_server.config))
+    assert out.stdout.startswith(f"mlink {__version__}, supervisor pid "), out.stdout

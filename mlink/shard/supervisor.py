@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from mlink import __version__
 from mlink.config_model import Config
 from mlink.shard.control import ControlError, LineChannel
 from mlink.shard.fdlimit import raise_nofile_limit
@@ -396,7 +397,8 @@ class Supervisor:
                 "restarts": state.restarts,
                 "stats": replies.get(state.index),
             })
-        return {"pid": os.getpid(), "uptime": now - self.started, "shards": shards}
+        return {"pid": os.getpid(), "uptime": now - self.started, "shards": shards,
+                "version": __version__}
 
     async def _serve_status(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
@@ -570,8 +572,10 @@ def format_status(status: dict[str, Any]) -> str:
     """The status as people read it: one line per shard, one per bus link."""
     shards = status["shards"]
     sessions = sum((s["stats"] or {}).get("sessions", 0) for s in shards)
+    version = status.get("version")
     lines = [
-        f"supervisor pid {status['pid']}, up {_duration(status['uptime'])}, "
+        (f"mlink {version}, " if version else "")
+        + f"supervisor pid {status['pid']}, up {_duration(status['uptime'])}, "
         f"{len(shards)} shard(s), {sessions} session(s)",
         f"{'shard':>5} {'pid':>8} {'state':<8} {'uptime':>8} {'restarts':>8} "
         f"{'conns':>7} {'sessions':>8} {'stalls':>6} {'longest':>8}",
