@@ -1042,6 +1042,14 @@ class Config(Frozen):
             "live on reload.",
     )
 
+    log_file: Path | None = attr(
+        "file", None, kind=PathKind(), element="log", default_doc="standard error",
+        doc="Write the log to this file (appended; relative to the configuration file) "
+            "instead of standard error, which is what journald collects under systemd. "
+            "SIGUSR1 makes the server reopen it after logrotate moved it away. Needs a "
+            "restart to change.",
+    )
+
     def __post_init__(self) -> None:
         Frozen.__post_init__(self)
         if isinstance(self.module_options, dict):

@@ -205,12 +205,10 @@ def _checked(config: Config) -> Config:
     return config
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, file: Path | None = None) -> None:
+    from mlink.util.logsetup import configure_logging
+
+    configure_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s", file)
 
 
 # -- commands ---------------------------------------------------------------------
@@ -259,7 +257,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_ports_free(config)
     except (ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_file)
     _warn_if_directory_silent(config)
     try:
         return run_supervisor(path, config, shards)

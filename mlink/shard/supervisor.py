@@ -30,6 +30,7 @@ from mlink import __version__
 from mlink.config_model import Config
 from mlink.shard.control import ControlError, LineChannel
 from mlink.shard.fdlimit import raise_nofile_limit
+from mlink.util.logsetup import ReopeningFileHandler
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Supervisor:
             async with trio.open_nursery() as services:
                 self._services = services
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                               signal.SIGHUP) as signals:
+                                               signal.SIGHUP, signal.SIGUSR1) as signals:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
@@ -199,6 +200,16 @@ class Supervisor:
 
     async def _watch_signals(self, signals: Any) -> None:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                # logrotate moved the log file: reopen ours, and the shards'.
+                for handler in logging.getLogger().handlers:
+                    if isinstance(handler, ReopeningFileHandler):
+                        handler.request_reopen()
+                for state in self.shards:
+                    if state.process is not None and state.process.returncode is None:
+                        state.process.send_signal(signal.SIGUSR1)
+                log.info("received SIGUSR1; log file reopened")
+                continue
             if signum == signal.SIGHUP:
                 if not self.stopping and self._services is not None:
                     log.info("received SIGHUP; reloading %s", self.config_path)
