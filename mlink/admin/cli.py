@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import trio
 
@@ -101,6 +101,19 @@ def _build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a configuration and its directory")
     check.add_argument("--config", type=Path)
     check.set_defaults(func=cmd_check)
+
+    session = sub.add_parser("session", help="list or end sessions on the running server")
+    session_sub = session.add_subparsers(metavar="ACTION")
+    slist = session_sub.add_parser("list", help="the connected sessions, one per line")
+    slist.add_argument("--user", metavar="JID", help="only this user's sessions")
+    slist.add_argument("--config", type=Path)
+    slist.set_defaults(func=cmd_session_list)
+    kick = session_sub.add_parser("kick", help="end a session (full JID) or all of a user's")
+    kick.add_argument("jid")
+    kick.add_argument("--reason", default="", metavar="TEXT",
+                      help="shown to the user with the stream error")
+    kick.add_argument("--config", type=Path)
+    kick.set_defaults(func=cmd_session_kick)
 
     user = sub.add_parser("user", help="manage user accounts")
     user_sub = user.add_subparsers(metavar="ACTION")
@@ -511,6 +524,60 @@ def _end_sessions(config: Config, jid: str, text: str) -> None:
         return
     if reply.get("ok"):
         print(f"ended {jid}'s sessions on the running server")
+
+
+def _any_jid(text: str, config: Config) -> str:
+    """A bare or full JID of a served domain."""
+    try:
+        jid = parse_jid(text)
+    except InvalidJID as exc:
+        raise CommandError(f"invalid JID {text!r}: {exc}") from None
+    if not jid.local:
+        raise CommandError(f"{text!r} is not a user JID (user@domain[/resource])")
+    if jid.domain not in config.domains:
+        raise CommandError(f"{jid.domain} is not a domain this server serves")
+    return str(jid)
+
+
+def cmd_session_list(args: argparse.Namespace) -> int:
+    """`JID  shard N  ADDRESS` per session, sorted by JID."""
+    from mlink.shard.supervisor import request_sessions
+
+    config = _load(args.config)
+    user = _bare_jid(args.user, config) if args.user else None
+    try:
+        reply = request_sessions(config.data_dir, user)
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
+    for one in sorted(reply.get("sessions", []), key=lambda s: (s["jid"], s["shard"])):
+        print(f"{one['jid']}  shard {one['shard']}  {one.get('address', '')}".rstrip())
+    _warn_unanswered(reply)
+    return 0
+
+
+def cmd_session_kick(args: argparse.Namespace) -> int:
+    from mlink.shard.supervisor import request_kick
+
+    config = _load(args.config)
+    jid = _any_jid(args.jid, config)
+    try:
+        reply = request_kick(config.data_dir, jid, args.reason or "ended by an administrator")
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
+    _warn_unanswered(reply)
+    ended = reply.get("ended", [])
+    if not ended:
+        raise CommandError(f"no session of {jid} on the running server")
+    for full in ended:
+        print(f"ended {full}")
+    return 0
+
+
+def _warn_unanswered(reply: dict[str, Any]) -> None:
+    missing: list[int] = reply.get("unanswered") or []
+    if missing:
+        print(f"mlink: warning: shard(s) {', '.join(map(str, missing))} did not answer",
+              file=sys.stderr)
 
 
 def cmd_user_list(args: argparse.Namespace) -> int:

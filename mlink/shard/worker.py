@@ -122,6 +122,16 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
             elif op == "end-user":
                 server.end_user_sessions(str(message.get("jid", "")),
                                          str(message.get("text", "")))
+            elif op == "sessions":
+                user = message.get("user")
+                await control.send({"op": "sessions", "shard": bus.shard,
+                                    "sessions": server.session_list(
+                                        str(user) if user else None)})
+            elif op == "kick":
+                await control.send({"op": "kicked", "shard": bus.shard,
+                                    "ended": server.kick_sessions(
+                                        str(message.get("jid", "")),
+                                        str(message.get("text", "")))})
     except (ControlError, trio.BrokenResourceError, OSError) as exc:
         log.warning("control channel failed: %s", exc)
     if not stop.is_set():
