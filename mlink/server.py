@@ -11,7 +11,7 @@ import logging
 import secrets
 import socket
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,9 @@ class Server:
             if tls_cfg.certificate is not None and tls_cfg.key is not None
             else None
         )
+        # CA certificates (DER) modules added to the client CAs (from the
+        # directory): kept so that a reload's new TLS context has them too.
+        self.module_client_cas: list[bytes] = []
         self.sessions = SessionTable()
         self.hooks = Hooks()
         self.router = Router(self.domains, self.sessions, self.hooks, self._account_exists)
@@ -160,20 +163,23 @@ class Server:
             # The directory said why (its ppolicy control): tell the user.
             return CredentialAnswer(True, (verdict.condition, verdict.text))
         if ok and verdict.notice:
-            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            self.spawn_background("refresh-credentials",
+                                  partial(self._refresh_credentials, jid, password))
             return CredentialAnswer(True, None, verdict.notice)
         if ok:
             # The directory just confirmed this is the current password:
-            # if the SCRAM secrets are missing or stale (the password was
-            # changed elsewhere), derive fresh ones, off the login's path.
-            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            # rehash an outdated userPassword (embedded), and if the SCRAM
+            # secrets are missing or stale (the password was changed
+            # elsewhere) derive fresh ones, off the login's path.
+            self.spawn_background("refresh-credentials",
+                                  partial(self._refresh_credentials, jid, password))
         return ok
 
-    async def _renew_scram(self, jid: str, password: str) -> None:
+    async def _refresh_credentials(self, jid: str, password: str) -> None:
         try:
-            await self.directory.renew_scram(jid, password)
+            await self.directory.refresh_credentials(jid, password)
         except DirectoryError as exc:
-            log.warning("SCRAM secrets of %s not renewed: %s", jid, exc)
+            log.warning("stored credentials of %s not refreshed: %s", jid, exc)
 
     async def _scram_secret(self, jid: str, request: NeedCredential) -> object:
         """The secret, with the directory's verdict (locked, expired) held
@@ -269,6 +275,39 @@ class Server:
             log.info("ended %d session(s) of %s: %s", ended, bare, text)
         return ended
 
+    def session_list(self, user: str | None = None) -> list[dict[str, str]]:
+        """This shard's bound sessions (of `user`, a bare JID, when given),
+        for `mlink session list` and the console: full JID and address."""
+        if user is not None:
+            try:
+                conns = self.sessions.of_user(parse_jid(user).bare)
+            except InvalidJID:
+                return []
+        else:
+            conns = self.sessions.all()
+        return [{"jid": str(conn.info.jid), "address": str(getattr(conn, "peer", ""))}
+                for conn in conns]
+
+    def kick_sessions(self, jid: str, text: str) -> list[str]:
+        """End the local session `jid` (a full JID) or every local session
+        of `jid` (a bare JID) with `policy-violation` and `text`, as an
+        administrator's kick; the full JIDs ended."""
+        try:
+            target = parse_jid(jid)
+        except InvalidJID:
+            return []
+        if target.resource:
+            found = self.sessions.get(target)
+            conns = [found] if found is not None else []
+        else:
+            conns = self.sessions.of_user(target)
+        ended = [str(conn.info.jid) for conn in conns]
+        for conn in conns:
+            conn.kick("policy-violation", text)
+        if ended:
+            log.info("kicked %s: %s", ", ".join(ended), text)
+        return ended
+
     def detach_session(self, conn: ClientConnection) -> bool:
         """Take `conn` out of the session table here and on every shard, at
         once (it is ending): stanzas for it now take the "no such resource"
@@ -343,6 +382,14 @@ class Server:
 
     def add_credential_source(self, kind: str, source: CredentialSource) -> None:
         self.sasl.add_credential_source(kind, source)
+
+    def trust_client_cas(self, certificates: Sequence[bytes]) -> None:
+        """Client CAs supplied by a module: applied to the TLS context now,
+        and again to each context a reload builds."""
+        new = [der for der in certificates if der not in self.module_client_cas]
+        self.module_client_cas.extend(new)
+        if self.tls is not None:
+            self.tls.trust_client_cas(new)
 
     def register_cache(self, name: str, invalidate: Callable[[str], None]) -> Callable[[str], None]:
         """Register a per-user cache under `name`; returns `changed(user)`,
