@@ -52,6 +52,7 @@ from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnectio
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
+from mlink.util.counters import ShardCounters
 from mlink.util.heaptrim import HeapTrimmer
 from mlink.util.watchdog import LoopWatchdog
 
@@ -121,6 +122,8 @@ class Server:
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
         self.watchdog = LoopWatchdog()
+        # Stanzas and logins by kind, for the console's /metrics.
+        self.counters = ShardCounters()
         # Returns the heap pages that logged-out connections freed (see
         # mlink/util/heaptrim.py: without it RSS grew with every cycle).
         self.heap_trimmer = HeapTrimmer()

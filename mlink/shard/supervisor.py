@@ -168,6 +168,12 @@ class Supervisor:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
+                    if self.config.console.enabled:
+                        # Imported only here: the web stack stays out of
+                        # shards and of servers without a console.
+                        from mlink.console import serve_console
+
+                        await services.start(serve_console, self)
                     log.info("starting %d shard(s)", len(self.shards))
                     async with trio.open_nursery() as shard_tasks:
                         for state in self.shards:
@@ -504,6 +510,16 @@ class Supervisor:
                 sent += 1
         log.info("ending the sessions of %s on %d shard(s): %s", jid, sent, text)
         return {"ok": True, "shards": sent}
+
+    def invalidate(self, user: str, what: str) -> None:
+        """Have every shard drop its cached `what` ("profile") of `user`,
+        which the console changed; sent without waiting, like end_user."""
+        services = self._services
+        for state in self.shards:
+            control = state.control
+            if control is not None and services is not None:
+                services.start_soon(control.send, {"op": "invalidate", "user": user,
+                                                   "what": what})
 
     async def _log_status_periodically(self) -> None:
         """The status table in the log, at DEBUG: useful when chasing a
