@@ -64,8 +64,10 @@ log = logging.getLogger(__name__)
 audit = logging.getLogger("mlink.console.audit")
 
 TEMPLATES = Path(__file__).with_name("templates")
-# The console's own floor for passwords it sets; the directory's quality
-# rules (ppolicy) apply on top. The embedded directory has none of its own.
+# The console's own floor for the passwords it sets in the embedded
+# directory, which has no quality rules of its own. An LDAP directory
+# decides itself (ppolicy's pwdMinLength, pwdCheckQuality, history), and its
+# refusal text is shown: a floor here would hide its rules and words.
 MIN_PASSWORD_CHARS = 8
 # Users listed per search: the directory may hold many thousands.
 MAX_LISTED_USERS = 200
@@ -77,7 +79,9 @@ SECURITY_HEADERS = [
      b"default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; "
      b"frame-ancestors 'none'; base-uri 'none'"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),
+    # Not no-referrer: with it Chromium sends "Origin: null" on our own
+    # forms, and the origin check could not tell them from a foreign page.
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
     (b"strict-transport-security", b"max-age=31536000"),
 ]
@@ -193,6 +197,11 @@ class Console:
 
             self.store = await Store.open(self.config.data_dir / DEFAULT_FILENAME)
 
+    def _password_floor(self) -> int:
+        """The console's minimum length: MIN_PASSWORD_CHARS for the
+        embedded directory, none where an LDAP directory has its own rules."""
+        return MIN_PASSWORD_CHARS if self.config.directory.backend == "embedded" else 1
+
     def _fields(self) -> dict[str, FieldSpec]:
         """The profile fields under the configuration in force (a reload
         may have changed the policies)."""
@@ -217,7 +226,9 @@ class Console:
     async def _checked_form(self, request: Request, session: ConsoleSession) -> FormData:
         """The POSTed form, after the CSRF and origin checks (403 otherwise)."""
         origin = request.headers.get("origin")
-        if origin is not None and origin != f"https://{request.headers.get('host', '')}":
+        # HTTP/2 has no Host header: the URL Starlette builds uses
+        # :authority or the listener's address.
+        if origin is not None and origin != f"https://{request.url.netloc}":
             raise HTTPException(403, "cross-origin request refused")
         form = await request.form(max_files=0, max_fields=64)
         token = form.get("csrf")
@@ -410,7 +421,8 @@ class Console:
         if domain not in session.admin_domains:
             errors["domain"] = "Not a domain you administer."
         password = str(form.get("password", ""))
-        _check_new_password(password, str(form.get("confirm", "")), errors)
+        _check_new_password(password, str(form.get("confirm", "")), errors,
+                            self._password_floor())
         jid = f"{local}@{domain}"
         if not errors:
             try:
@@ -526,7 +538,8 @@ class Console:
         form = request.state.form
         errors: dict[str, str] = {}
         password = str(form.get("password", ""))
-        _check_new_password(password, str(form.get("confirm", "")), errors)
+        _check_new_password(password, str(form.get("confirm", "")), errors,
+                            self._password_floor())
         if not errors:
             try:
                 await self.directory.set_password(jid, password)
@@ -632,7 +645,7 @@ class Console:
             return RedirectResponse("/login", 303)
         policy = await self.directory.password_status(session.jid)
         return self.render(request, "me.html", session, status_code, fields=view,
-                           policy=policy, min_password=MIN_PASSWORD_CHARS,
+                           policy=policy, min_password=self._password_floor(),
                            errors=errors or {}, today=datetime.datetime.now(datetime.UTC))
 
     async def my_profile(self, request: Request, session: ConsoleSession) -> Response:
@@ -663,7 +676,8 @@ class Console:
         ok, verdict = await self.directory.password_login(session.jid, current)
         if not ok and verdict.condition != "credentials-expired":
             errors["current"] = "This is not your current password."
-        _check_new_password(password, str(form.get("confirm", "")), errors)
+        _check_new_password(password, str(form.get("confirm", "")), errors,
+                            self._password_floor())
         if not errors and password == current:
             errors["password"] = "The new password must differ from the current one."
         if not errors:
@@ -708,9 +722,12 @@ class Console:
         return Response(render_metrics(status), media_type=CONTENT_TYPE_LATEST)
 
 
-def _check_new_password(password: str, confirm: str, errors: dict[str, str]) -> None:
-    if len(password) < MIN_PASSWORD_CHARS:
-        errors["password"] = f"At least {MIN_PASSWORD_CHARS} characters."
+def _check_new_password(password: str, confirm: str, errors: dict[str, str],
+                        floor: int = MIN_PASSWORD_CHARS) -> None:
+    if not password:
+        errors["password"] = "A password is required."
+    elif len(password) < floor:
+        errors["password"] = f"At least {floor} characters."
     elif any(unicodedata.category(c) == "Cc" for c in password):
         errors["password"] = "Control characters are not allowed."
     elif password != confirm:
