@@ -53,7 +53,7 @@ from mlink.directory.base import (
     UserExists,
 )
 from mlink.jid import InvalidJID, parse_jid, prep_localpart
-from mlink.profile.fields import PHOTO_FIELD, FieldSpec
+from mlink.profile.fields import PHOTO_FIELD, FieldSpec, jid_attribute
 from mlink.profile.model import MAX_TEXT_VALUE_CHARS, ProfileError, ProfileService
 
 if TYPE_CHECKING:
@@ -468,12 +468,15 @@ class Console:
             if exc.condition == "service-unavailable":
                 raise DirectoryUnavailable(exc.text) from exc
             raise
+        identity = {jid_attribute(self.config).lower(), "uid", "objectclass"}
         view = []
         for name, spec in fields.items():
             values = profile.get(name)
             if name == PHOTO_FIELD or spec.binary:
                 continue
             editable = spec.policy in (("directory", "update") if admin else ("update", "local"))
+            if spec.from_directory and spec.attribute.lower() in identity:
+                editable = False  # the user's address and name: not profile data
             text = [v for v in values if isinstance(v, str)]
             view.append({"name": name, "label": name.replace("_", " "),
                          "policy": spec.policy, "all_values": text,

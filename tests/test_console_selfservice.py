@@ -1,0 +1,130 @@
+"""Self-service in the web console (issue 17, item 3), in Chromium, against
+a slapd with the password-policy overlay (pwdMinLength 8 with quality
+checking, 90-day expiry): the page shows the policy and the expiry date;
+a weak password is refused with the directory's own words; a good one
+works at once, and the old one stops working for PLAIN and SCRAM; a
+profile change made there shows in another user's vCard."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.console_browser import browser, console_url, log_in, new_page, screenshot
+from tests.ldap_fixtures import Slapd, private_slapd
+from tests.rawclient import RawClient, read_stanza
+from tests.scramclient import plain_auth, scram_auth
+from tests.serverproc import MlinkProcess, start_mlink
+
+__all__ = ["browser"]  # the fixture, used by name
+
+DOMAIN = "example.com"
+POLICY_DN = "cn=default,ou=Policies,dc=example,dc=com"
+MOVER, MOVER_PW = f"mover@{DOMAIN}", "mover-Passw0rd!"
+READER, READER_PW = f"reader@{DOMAIN}", "reader-Passw0rd!"
+POSER, POSER_PW = f"poser@{DOMAIN}", "poser-Passw0rd!"
+USERS = {MOVER: MOVER_PW, READER: READER_PW, POSER: POSER_PW}
+VCARD_NS = "vcard-temp"
+# The console, and a field users may change (LDAP fields default to `directory`).
+EXTRA = ('<console port="0"/>'
+         '<profiles><field name="display_name" policy="update"/></profiles>')
+
+
+@pytest.fixture(scope="module")
+def policy_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    with private_slapd(tmp_path_factory.mktemp("console-ppolicy") / "slapd",
+                       ppolicy=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def server(policy_slapd: Slapd, tmp_path_factory: pytest.TempPathFactory,
+           cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    s = policy_slapd
+    directory = (
+        '<directory backend="ldap">'
+        f'<ldap base="{s.base_dn}" bind-dn="{s.bind_dn}" bind-password="{s.bind_password}" '
+        f'password-policy="{POLICY_DN}" pool-size="4" timeout="5">'
+        f"<server>{s.url}</server></ldap></directory>"
+    )
+    setup = tmp_path_factory.mktemp("mlink-console-ppolicy")
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, ldap=directory,
+                     edit_config=lambda t: t.replace("</mlink>", EXTRA + "</mlink>")) as proc:
+        yield proc
+
+
+def outcome(server: MlinkProcess, ca_file: Path, mechanism: str, jid: str,
+            password: str) -> str:
+    client = RawClient(server.c2s_port, ca_file)
+    try:
+        client.starttls(DOMAIN)
+        if mechanism == "PLAIN":
+            return plain_auth(client, jid, password)
+        return scram_auth(client, jid.split("@")[0], password, mechanism)
+    finally:
+        client.close()
+
+
+def vcard_of(client: RawClient, jid: str) -> str:
+    stanza_id = "v-" + uuid.uuid4().hex[:8]
+    client.send(f"<iq type='get' id='{stanza_id}' to='{jid}'><vCard xmlns='{VCARD_NS}'/></iq>")
+    reply = read_stanza(client, "iq", stanza_id)
+    assert reply.get("type") == "result", reply
+    fn = reply.find(f"{{{VCARD_NS}}}vCard/{{{VCARD_NS}}}FN")
+    return fn.text or "" if fn is not None else ""
+
+
+def test_password_change_under_the_directory_policy(server, browser, ca_file):
+    base = console_url(server)
+    page = new_page(browser, base)
+    log_in(page, MOVER, MOVER_PW)
+    assert page.url.endswith("/me")
+    policy = page.locator("#policy").inner_text()
+    assert "expire after 90 days" in policy
+    assert re.search(r"Yours expires on \d{4}-\d\d-\d\d", policy), policy
+    screenshot(page, "me")
+    form = page.locator("#password")
+
+    def change(current: str, new: str) -> None:
+        form.get_by_label("Current password").fill(current)
+        form.get_by_label("New password").fill(new)
+        form.get_by_label("Again").fill(new)
+        form.get_by_role("button", name="Change password").click()
+
+    change(MOVER_PW, "short")
+    refused = page.locator("#password .field-error").inner_text()
+    # slapd's own words for its quality rule (pwdMinLength 8, pwdCheckQuality).
+    assert refused.startswith("The directory refused it:") and "quality" in refused.lower()
+    screenshot(page, "me-refused")
+    new = "Moved-Passw0rd-" + uuid.uuid4().hex[:6]
+    change(MOVER_PW, new)
+    assert "Your password was changed." in page.locator(".flash").inner_text()
+    for mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-1"):
+        assert outcome(server, ca_file, mechanism, MOVER, new) == "success", mechanism
+        assert outcome(server, ca_file, mechanism, MOVER, MOVER_PW).startswith(
+            "not-authorized"), mechanism
+    server.wait_for_log(rf"audit: {re.escape(MOVER)} changed own password")
+
+
+def test_profile_change_in_self_service_shows_in_another_users_vcard(server, browser,
+                                                                     ca_file):
+    reader = RawClient(server.c2s_port, ca_file)
+    reader.login(DOMAIN, READER, READER_PW, resource="r")
+    try:
+        before = vcard_of(reader, POSER)  # now cached by the shard
+        name = "Poser " + uuid.uuid4().hex[:6]
+        assert before != name
+        page = new_page(browser, console_url(server))
+        log_in(page, POSER, POSER_PW)
+        page.locator("#profile").get_by_label("display name").fill(name)
+        page.locator("#profile").get_by_role("button", name="Save profile").click()
+        assert "Profile saved." in page.locator(".flash").inner_text()
+        # The console had the shards drop their cached copy: no wait for
+        # the cache's lifetime.
+        assert vcard_of(reader, POSER) == name
+    finally:
+        reader.close()
