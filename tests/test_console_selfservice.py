@@ -3,7 +3,10 @@ a slapd with the password-policy overlay (pwdMinLength 8 with quality
 checking, 90-day expiry): the page shows the policy and the expiry date;
 a weak password is refused with the directory's own words; a good one
 works at once, and the old one stops working for PLAIN and SCRAM; a
-profile change made there shows in another user's vCard."""
+profile change made there shows in another user's vCard. With the same
+directory: administrators named by a directory group, disabling an
+account (ppolicy's administrative lock) ends its sessions, and a directory
+that stops answering gives a clear page."""
 
 from __future__ import annotations
 
@@ -14,7 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.console_browser import browser, console_url, log_in, new_page, screenshot
+from tests.console_browser import (
+    SCREENSHOTS,
+    browser,
+    console_url,
+    log_in,
+    new_page,
+    screenshot,
+)
 from tests.ldap_fixtures import Slapd, private_slapd
 from tests.rawclient import RawClient, read_stanza
 from tests.scramclient import plain_auth, scram_auth
@@ -27,10 +37,15 @@ POLICY_DN = "cn=default,ou=Policies,dc=example,dc=com"
 MOVER, MOVER_PW = f"mover@{DOMAIN}", "mover-Passw0rd!"
 READER, READER_PW = f"reader@{DOMAIN}", "reader-Passw0rd!"
 POSER, POSER_PW = f"poser@{DOMAIN}", "poser-Passw0rd!"
-USERS = {MOVER: MOVER_PW, READER: READER_PW, POSER: POSER_PW}
+LOCKED, LOCKED_PW = f"locked@{DOMAIN}", "locked-Passw0rd!"
+USERS = {MOVER: MOVER_PW, READER: READER_PW, POSER: POSER_PW, LOCKED: LOCKED_PW}
+# The sample data's sales group: alice and bob (conf/groups.ldif).
+ADMIN_GROUP = "cn=sales,ou=Groups,dc=example,dc=com"
+ALICE, ALICE_PW = f"alice@{DOMAIN}", "alice-secret"
+CAROL, CAROL_PW = f"carol@{DOMAIN}", "carol-secret"
 VCARD_NS = "vcard-temp"
 # The console, and a field users may change (LDAP fields default to `directory`).
-EXTRA = ('<console port="0"/>'
+EXTRA = (f'<console port="0"><admin group="{ADMIN_GROUP}"/></console>'
          '<profiles><field name="display_name" policy="update"/></profiles>')
 
 
@@ -54,7 +69,11 @@ def server(policy_slapd: Slapd, tmp_path_factory: pytest.TempPathFactory,
     setup = tmp_path_factory.mktemp("mlink-console-ppolicy")
     with start_mlink(setup, DOMAIN, cert_files, users=USERS, ldap=directory,
                      edit_config=lambda t: t.replace("</mlink>", EXTRA + "</mlink>")) as proc:
-        yield proc
+        try:
+            yield proc
+        finally:
+            SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+            (SCREENSHOTS / "selfservice-server.log").write_text(proc.log.text())
 
 
 def outcome(server: MlinkProcess, ca_file: Path, mechanism: str, jid: str,
@@ -128,3 +147,49 @@ def test_profile_change_in_self_service_shows_in_another_users_vcard(server, bro
         assert vcard_of(reader, POSER) == name
     finally:
         reader.close()
+
+
+def test_administrators_are_named_by_a_directory_group(server, browser):
+    base = console_url(server)
+    admin = new_page(browser, base)
+    log_in(admin, ALICE, ALICE_PW)
+    assert admin.url.endswith("/users")
+    assert LOCKED in admin.locator("table").inner_text()
+    other = new_page(browser, base)
+    log_in(other, CAROL, CAROL_PW)
+    assert other.url.endswith("/me")
+    assert other.goto("/users").status == 403
+    assert other.goto("/status").status == 403
+
+
+def test_disabling_an_account_ends_its_sessions(server, browser, ca_file):
+    client = RawClient(server.c2s_port, ca_file)
+    client.login(DOMAIN, LOCKED, LOCKED_PW, resource="r")
+    try:
+        page = new_page(browser, console_url(server))
+        log_in(page, ALICE, ALICE_PW)
+        page.goto(f"/users/{LOCKED}")
+        page.get_by_role("button", name="Disable account").click()
+        assert f"{LOCKED} disabled." in page.locator(".flash").inner_text()
+        assert "this account is locked" in page.locator("main").inner_text()
+        text = client.wait_closed()
+        assert "not-authorized" in text and "your account was disabled" in text
+    finally:
+        client.close()
+    assert outcome(server, ca_file, "PLAIN", LOCKED, LOCKED_PW).startswith("account-disabled")
+    page.get_by_role("button", name="Enable account").click()
+    assert f"{LOCKED} enabled." in page.locator(".flash").inner_text()
+    assert outcome(server, ca_file, "PLAIN", LOCKED, LOCKED_PW) == "success"
+    server.wait_for_log(rf"audit: {re.escape(ALICE)} disabled {re.escape(LOCKED)}")
+
+
+def test_unreachable_directory_gives_a_clear_page(server, policy_slapd, browser):
+    page = new_page(browser, console_url(server))
+    log_in(page, ALICE, ALICE_PW)
+    with policy_slapd.stopped():
+        response = page.goto("/users")
+        assert response.status == 503
+        assert "The directory cannot be reached right now" in page.locator("main").inner_text()
+        assert "Traceback" not in page.content()
+        screenshot(page, "directory-down")
+    assert page.goto("/users").status == 200
