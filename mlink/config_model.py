@@ -445,8 +445,10 @@ class ConsoleConfig(Frozen):
             "`/metrics` (OpenMetrics) for Prometheus. Omitted: no console, no listener. See "
             "[console.md](console.md).",
         notes="Needs the `<tls>` certificate (the console is HTTPS only: its cookies are "
-              "`Secure`). Children: any number of `<admin>` and `<metrics-client>`. Changes "
-              "need a restart.",
+              "`Secure`). Children: any number of `<admin>` and `<metrics-client>`. The "
+              "listener (`port`, `address`, the element itself) changes at a restart; "
+              "`<admin>` and `<metrics-client>` apply on reload (administrators at their next "
+              "login). `mlink init --console-admin JID` writes one on loopback.",
         comment="The web console (administration, self-service, /metrics) on its\n"
                 "own HTTPS listener with the <tls> certificate. Omitted: off.",
         example=_CONSOLE_EXAMPLE,

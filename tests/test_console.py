@@ -26,7 +26,8 @@ ROOT, ROOT_PW = f"root@{DOMAIN}", "root-Passw0rd"
 ORG_ADMIN, ORG_ADMIN_PW = f"orgadmin@{OTHER}", "orgadmin-Passw0rd"
 BOB, BOB_PW = f"bob@{DOMAIN}", "bob-Passw0rd"
 OLGA, OLGA_PW = f"olga@{OTHER}", "olga-Passw0rd"
-USERS = {ROOT: ROOT_PW, ORG_ADMIN: ORG_ADMIN_PW, BOB: BOB_PW, OLGA: OLGA_PW}
+GONE, GONE_PW = f"gone@{DOMAIN}", "gone-Passw0rd"
+USERS = {ROOT: ROOT_PW, ORG_ADMIN: ORG_ADMIN_PW, BOB: BOB_PW, OLGA: OLGA_PW, GONE: GONE_PW}
 CONSOLE = (f'<console port="0"><admin jid="{ROOT}"/>'
            f'<admin jid="{ORG_ADMIN}" domain="{OTHER}"/></console>')
 
@@ -109,6 +110,27 @@ def test_admin_kicks_a_session_and_the_client_sees_the_stream_end(server, base, 
     finally:
         client.close()
     server.wait_for_log(rf"audit: {re.escape(ROOT)} kicked {re.escape(BOB)}/laptop: maintenance")
+
+
+def test_deleting_a_user_ends_their_sessions(server, base, browser, ca_file):
+    client = xmpp_login(server, ca_file, GONE, GONE_PW)
+    try:
+        page = new_page(browser, base)
+        log_in(page, ROOT, ROOT_PW)
+        page.goto(f"/users/{GONE}")
+        delete = page.locator("#delete")
+        delete.get_by_role("button", name="Delete user").click()
+        assert f"Type {GONE} to confirm" in page.locator("#delete").inner_text()
+        page.locator("#delete").get_by_label("Type the address to confirm").fill(GONE)
+        page.locator("#delete").get_by_role("button", name="Delete user").click()
+        page.wait_for_url(re.compile(r"/users$"))
+        assert f"Deleted {GONE}" in page.locator(".flash").inner_text()
+        text = client.wait_closed()
+        assert "not-authorized" in text and "your account was deleted" in text
+    finally:
+        client.close()
+    assert page.goto(f"/users/{GONE}").status == 404
+    server.wait_for_log(rf"audit: {re.escape(ROOT)} deleted user {re.escape(GONE)}")
 
 
 def test_domain_admin_sees_and_changes_only_their_domain(server, base, browser, ca_file):
