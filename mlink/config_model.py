@@ -423,6 +423,10 @@ def _finish_console(chk: Checker, elem: Element | None, parent: Element, c: Cons
     for admin in c.admins:
         if admin.domain is not None and admin.domain not in served:
             chk.fail(elem, f"<admin domain={admin.domain!r}> is not a served <domain>")
+    url = c.public_url
+    if url is not None and (not url.lower().startswith("https://") or len(url) <= 8 or any(
+            ch.isspace() or ch in "<>'\"\\" for ch in url)):
+        chk.fail(elem, f"'public-url' on <console> must be an https:// URL, not {url!r}")
     return dataclasses.replace(c, enabled=True)
 
 
@@ -477,6 +481,12 @@ class ConsoleConfig(Frozen):
         doc="A console session ends this many hours after its login, active or not.",
         why="A stolen session cookie should not be good for ever.",
     )
+    public_url: str | None = attr(
+        "public-url", None, kind=Str(), default_doc="none",
+        doc="The console's address as users reach it (`https://chat.example.org:5443`, or a "
+            "reverse proxy's). Given, the password expiry warning users get at login links "
+            "to their self-service page (`<public-url>/me`).",
+    )
     admins: tuple[AdminConfig, ...] = sections(AdminConfig, "admin")
     metrics_clients: tuple[str, ...] = texts(
         "metrics-client", kind=Network(), cardinality="inside `<console>`, any number",
@@ -484,6 +494,14 @@ class ConsoleConfig(Frozen):
             "`/metrics` without logging in (a Prometheus server). Loopback addresses always "
             "may; others get 403.",
     )
+
+    @property
+    def self_service_url(self) -> str | None:
+        """The self-service page users are sent to, when the console is on
+        and its public URL known."""
+        if not self.enabled or not self.public_url:
+            return None
+        return self.public_url.rstrip("/") + "/me"
 
 
 # -- directory ------------------------------------------------------------------------

@@ -38,21 +38,36 @@ MOVER, MOVER_PW = f"mover@{DOMAIN}", "mover-Passw0rd!"
 READER, READER_PW = f"reader@{DOMAIN}", "reader-Passw0rd!"
 POSER, POSER_PW = f"poser@{DOMAIN}", "poser-Passw0rd!"
 LOCKED, LOCKED_PW = f"locked@{DOMAIN}", "locked-Passw0rd!"
-USERS = {MOVER: MOVER_PW, READER: READER_PW, POSER: POSER_PW, LOCKED: LOCKED_PW}
+WARNED, WARNED_PW = f"warned@{DOMAIN}", "warned-Passw0rd!"
+USERS = {MOVER: MOVER_PW, READER: READER_PW, POSER: POSER_PW, LOCKED: LOCKED_PW,
+         WARNED: WARNED_PW}
+# A policy under which every password is within its expiry warning.
+WARN_POLICY_DN = "cn=warn,ou=Policies,dc=example,dc=com"
+WARN_POLICY = f"""dn: {WARN_POLICY_DN}
+objectClass: top
+objectClass: device
+objectClass: pwdPolicy
+cn: warn
+pwdAttribute: userPassword
+pwdMaxAge: 432000
+pwdExpireWarning: 864000
+"""
+PUBLIC_URL = "https://console.example.com:5443"
 # The sample data's sales group: alice and bob (conf/groups.ldif).
 ADMIN_GROUP = "cn=sales,ou=Groups,dc=example,dc=com"
 ALICE, ALICE_PW = f"alice@{DOMAIN}", "alice-secret"
 CAROL, CAROL_PW = f"carol@{DOMAIN}", "carol-secret"
 VCARD_NS = "vcard-temp"
 # The console, and a field users may change (LDAP fields default to `directory`).
-EXTRA = (f'<console port="0"><admin group="{ADMIN_GROUP}"/></console>'
+EXTRA = (f'<console port="0" public-url="{PUBLIC_URL}"><admin group="{ADMIN_GROUP}"/></console>'
          '<profiles><field name="display_name" policy="update"/></profiles>')
 
 
 @pytest.fixture(scope="module")
 def policy_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    with private_slapd(tmp_path_factory.mktemp("console-ppolicy") / "slapd",
-                       ppolicy=True) as server:
+    work = tmp_path_factory.mktemp("console-ppolicy")
+    (work / "policy.ldif").write_text(WARN_POLICY)
+    with private_slapd(work / "slapd", work / "policy.ldif", ppolicy=True) as server:
         yield server
 
 
@@ -147,6 +162,27 @@ def test_profile_change_in_self_service_shows_in_another_users_vcard(server, bro
         assert vcard_of(reader, POSER) == name
     finally:
         reader.close()
+
+
+def test_expiry_warning_links_to_self_service(server, policy_slapd, browser, ca_file):
+    dn = f"mail={WARNED},ou=People,dc=example,dc=com"
+    policy_slapd.ldapmodify(f"dn: {dn}\nchangetype: modify\n"
+                            f"replace: pwdPolicySubentry\npwdPolicySubentry: {WARN_POLICY_DN}\n")
+    # Set again so that its age counts under the new policy.
+    policy_slapd.run_as(dn, WARNED_PW, "ldappasswd", "-s", WARNED_PW, dn)
+    client = RawClient(server.c2s_port, ca_file)
+    try:
+        client.authenticate(DOMAIN, WARNED, WARNED_PW)  # PLAIN: slapd's own warning
+        client.send("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+        text = client.read_until(r"type='headline'.*?</message>")
+        assert re.search(r"Your password expires in [45] days", text), text
+        assert f"Change it at {PUBLIC_URL}/me" in text
+    finally:
+        client.close()
+    page = new_page(browser, console_url(server))
+    log_in(page, WARNED, WARNED_PW)
+    policy = page.locator("#policy").inner_text()
+    assert "Passwords expire after 5 days." in policy and "Yours expires on" in policy
 
 
 def test_administrators_are_named_by_a_directory_group(server, browser):

@@ -337,7 +337,11 @@ class ClientConnection:
         log.info("%s: bound %s", self.peer, full)
         if self._login_notice:
             self._flush_machine()
-            self.deliver(server_headline(full, self._login_notice), keep=False)
+            notice = self._login_notice
+            page = self.server.config.console.self_service_url
+            if page:  # the password expiry warning links to self-service
+                notice = f"{notice} Change it at {page}"
+            self.deliver(server_headline(full, notice), keep=False)
 
     async def _over_rate(self, bucket: TokenBucket) -> None:
         """The session sent faster than its stanza rate: stop reading (this
