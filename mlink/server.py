@@ -158,7 +158,8 @@ class Server:
     async def _check_password(self, jid: str, request: NeedCredential) -> object:
         password = request.detail["password"]
         try:
-            ok, verdict = await self.directory.password_login(jid, password)
+            with self.counters.timed("password-login"):
+                ok, verdict = await self.directory.password_login(jid, password)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
@@ -188,7 +189,8 @@ class Server:
         """The secret, with the directory's verdict (locked, expired) held
         back until the client has proved its password."""
         try:
-            login = await self.directory.scram_login(jid, request.detail["mechanism"])
+            with self.counters.timed("scram-login"):
+                login = await self.directory.scram_login(jid, request.detail["mechanism"])
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE

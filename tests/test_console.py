@@ -216,3 +216,5 @@ def test_status_page_and_metrics(server, base, browser, ca_file):
     assert re.search(r'mlink_stanzas_total\{direction="in",kind="iq",shard="\d+"\} [1-9]', body)
     assert re.search(r'mlink_stanzas_total\{direction="out",kind="iq",shard="\d+"\} [1-9]', body)
     assert 'mlink_shard_up{shard="0"} 1.0' in body
+    assert re.search(r'mlink_directory_request_seconds_count\{operation="password-login",'
+                     r'shard="\d+"\} [1-9]', body)

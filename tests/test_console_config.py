@@ -77,7 +77,9 @@ def test_metrics_of_a_status_snapshot():
         {"index": 0, "restarts": 1, "stats": {
             "sessions": 3, "connections": 4, "limits": {"refused": 2}, "loop": {"stalls": 0},
             "traffic": {"logins_ok": {"SCRAM-SHA-256": 5}, "logins_failed": {"PLAIN": 1},
-                        "stanzas_in": {"message": 7}, "stanzas_out": {"message": 9}},
+                        "stanzas_in": {"message": 7}, "stanzas_out": {"message": 9},
+                        "directory": {"scram-login": {"requests": 4, "seconds": 0.5,
+                                                      "errors": 1}}},
             "bus": {"1": {"frames_in": 10, "frames_out": 11, "bytes_in": 100,
                           "bytes_out": 110, "drops_full": 0, "drops_down": 2}}}},
         {"index": 1, "restarts": 0, "stats": None}]}
@@ -91,6 +93,9 @@ def test_metrics_of_a_status_snapshot():
         'mlink_bus_frames_total{direction="out",peer="1",shard="0"} 11.0',
         'mlink_bus_drops_total{peer="1",reason="down",shard="0"} 2.0',
         'mlink_shard_restarts_total{shard="0"} 1.0',
+        'mlink_directory_request_seconds_count{operation="scram-login",shard="0"} 4.0',
+        'mlink_directory_request_seconds_sum{operation="scram-login",shard="0"} 0.5',
+        'mlink_directory_errors_total{operation="scram-login",shard="0"} 1.0',
     ):
         assert line in text.splitlines(), line
     assert 'mlink_sessions{shard="1"}' not in text

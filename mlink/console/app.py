@@ -158,7 +158,7 @@ class Console:
             Route("/console.css", self.stylesheet),
             Route("/login", self.login_page, methods=["GET"]),
             Route("/login", self.login, methods=["POST"]),
-            Route("/logout", self.page(self.logout), methods=["POST"]),
+            Route("/logout", self.page(self.logout, allow_must_change=True), methods=["POST"]),
             Route("/users", self.admin(self.users), methods=["GET"]),
             Route("/users", self.admin(self.create_user), methods=["POST"]),
             Route("/users/{jid}", self.admin(self.user), methods=["GET"]),

@@ -17,6 +17,7 @@ from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -57,6 +58,12 @@ class _StatusCollector:
                                       labels=["shard"])
         stalls = CounterMetricFamily("mlink_loop_stalls", "Event-loop stalls over 100 ms.",
                                      labels=["shard"])
+        directory = SummaryMetricFamily(
+            "mlink_directory_request_seconds", "Directory requests on the login path (count "
+            "and total seconds).", labels=["shard", "operation"])
+        directory_errors = CounterMetricFamily(
+            "mlink_directory_errors", "Directory requests that failed: directory unreachable.",
+            labels=["shard", "operation"])
         for shard in status.get("shards", []):
             index = str(shard["index"])
             stats = shard.get("stats")
@@ -75,6 +82,10 @@ class _StatusCollector:
             for direction in ("in", "out"):
                 for kind, count in sorted((traffic.get(f"stanzas_{direction}") or {}).items()):
                     stanzas.add_metric([index, direction, kind], float(count))
+            for operation, figures in sorted((traffic.get("directory") or {}).items()):
+                directory.add_metric([index, operation], int(figures.get("requests", 0)),
+                                     float(figures.get("seconds", 0.0)))
+                directory_errors.add_metric([index, operation], float(figures.get("errors", 0)))
             for peer, link in sorted((stats.get("bus") or {}).items()):
                 for direction in ("in", "out"):
                     frames.add_metric([index, peer, direction],
@@ -84,7 +95,7 @@ class _StatusCollector:
                 drops.add_metric([index, peer, "full"], float(link.get("drops_full", 0)))
                 drops.add_metric([index, peer, "down"], float(link.get("drops_down", 0)))
         yield from (up, restarts, sessions, connections, refused, stalls, logins, stanzas,
-                    frames, bus_bytes, drops)
+                    directory, directory_errors, frames, bus_bytes, drops)
 
 
 def render_metrics(status: dict[str, Any]) -> bytes:

@@ -8,7 +8,10 @@ mechanisms), so the dicts stay tiny; anything else counts as "other".
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +34,28 @@ class ShardCounters:
     stanzas_out: Counter[str] = field(default_factory=Counter)
     logins_ok: Counter[str] = field(default_factory=Counter)
     logins_failed: Counter[str] = field(default_factory=Counter)
+    # Directory requests on the login path, by operation: how many, their
+    # total seconds (a mean over any interval is sum/count), how many
+    # failed because the directory could not be reached.
+    directory_requests: Counter[str] = field(default_factory=Counter)
+    directory_seconds: dict[str, float] = field(default_factory=dict)
+    directory_errors: Counter[str] = field(default_factory=Counter)
+
+    @contextmanager
+    def timed(self, operation: str) -> Iterator[None]:
+        """Count and time one directory request; an exception named
+        DirectoryUnavailable (or a subclass) counts as an error."""
+        started = time.monotonic()
+        try:
+            yield
+        except Exception as exc:
+            if any(c.__name__ == "DirectoryUnavailable" for c in type(exc).__mro__):
+                self.directory_errors[operation] += 1
+            raise
+        finally:
+            self.directory_requests[operation] += 1
+            self.directory_seconds[operation] = (self.directory_seconds.get(operation, 0.0)
+                                                 + time.monotonic() - started)
 
     def login(self, mechanism: str | None, ok: bool) -> None:
         name = mechanism or "none"
@@ -41,4 +66,8 @@ class ShardCounters:
 
     def as_dict(self) -> dict[str, Any]:
         return {"stanzas_in": dict(self.stanzas_in), "stanzas_out": dict(self.stanzas_out),
-                "logins_ok": dict(self.logins_ok), "logins_failed": dict(self.logins_failed)}
+                "logins_ok": dict(self.logins_ok), "logins_failed": dict(self.logins_failed),
+                "directory": {op: {"requests": n,
+                                   "seconds": round(self.directory_seconds.get(op, 0.0), 6),
+                                   "errors": self.directory_errors.get(op, 0)}
+                              for op, n in self.directory_requests.items()}}
