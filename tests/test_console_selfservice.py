@@ -60,7 +60,8 @@ CAROL, CAROL_PW = f"carol@{DOMAIN}", "carol-secret"
 VCARD_NS = "vcard-temp"
 # The console, and a field users may change (LDAP fields default to `directory`).
 EXTRA = (f'<console port="0" public-url="{PUBLIC_URL}"><admin group="{ADMIN_GROUP}"/></console>'
-         '<profiles><field name="display_name" policy="update"/></profiles>')
+         '<profiles><field name="display_name" policy="update"/></profiles>'
+         '<rosters><group dn="cn=engineering,ou=Groups,dc=example,dc=com"/></rosters>')
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +192,16 @@ def test_administrators_are_named_by_a_directory_group(server, browser):
     log_in(admin, ALICE, ALICE_PW)
     assert admin.url.endswith("/users")
     assert LOCKED in admin.locator("table").inner_text()
+    admin.goto("/groups")
+    groups = admin.locator("main").inner_text()
+    assert "engineering" in groups and f"bob@{DOMAIN}" in groups and CAROL in groups
+    screenshot(admin, "groups")
     other = new_page(browser, base)
     log_in(other, CAROL, CAROL_PW)
     assert other.url.endswith("/me")
     assert other.goto("/users").status == 403
     assert other.goto("/status").status == 403
+    assert other.goto("/groups").status == 403
 
 
 def test_disabling_an_account_ends_its_sessions(server, browser, ca_file):

@@ -170,6 +170,7 @@ class Console:
             Route("/sessions", self.admin(self.session_page), methods=["GET"]),
             Route("/sessions/kick", self.admin(self.kick), methods=["POST"]),
             Route("/status", self.admin(self.status), methods=["GET"]),
+            Route("/groups", self.admin(self.groups), methods=["GET"]),
             Route("/me", self.page(self.me, allow_must_change=True), methods=["GET"]),
             Route("/me/profile", self.page(self.my_profile), methods=["POST"]),
             Route("/me/password", self.page(self.my_password, allow_must_change=True),
@@ -632,6 +633,18 @@ class Console:
         _flash(session, f"Ended {len(ended)} session(s): {', '.join(ended)}" if ended
                else "No such session (it may have ended already).")
         return RedirectResponse("/sessions", 303)
+
+    async def groups(self, request: Request, session: ConsoleSession) -> Response:
+        """The directory groups that pre-populate rosters (`<rosters>`),
+        with their members in this administrator's domains; read-only:
+        groups are edited in the directory."""
+        specs = self.config.rosters.groups
+        found = await self.directory.roster_groups(specs) if specs else []
+        rows = [{"name": g.name, "dn": g.key,
+                 "members": sorted(m for m in g.members if session.manages(m))}
+                for g in found]
+        return self.render(request, "groups.html", session, groups=rows,
+                           configured=len(specs))
 
     async def status(self, request: Request, session: ConsoleSession) -> Response:
         status = await self.supervisor.status()
