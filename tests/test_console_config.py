@@ -62,6 +62,20 @@ def test_bad_console_settings_are_refused(tmp_path, console, tls, error):
     assert error in str(info.value)
 
 
+def test_a_console_port_in_use_is_reported_before_start(tmp_path):
+    import socket
+
+    from mlink.shard.supervisor import check_ports_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = load_config(write(tmp_path, f'<console port="{port}"/>'))
+        with pytest.raises(OSError, match=rf"port {port} on 127.0.0.1 is in use \(console\)"):
+            check_ports_free(config)
+
+
 def test_init_enables_the_console_on_loopback(tmp_path):
     config = load_config(init_setup(tmp_path / "setup", domain="example.com",
                                     console_admin="admin@example.com", console_port=0))

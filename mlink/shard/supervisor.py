@@ -96,17 +96,20 @@ def check_ports_free(config: Config) -> None:
     program of the same user already holding the port with it (another
     mlink, say): both would then get a share of the connections, silently.
     A plain bind, without SO_REUSEPORT, fails on any such holder."""
-    for lc in config.listeners:
-        if lc.port == 0:
+    wanted = [(lc.address, lc.port, f"{lc.kind} listener") for lc in config.listeners]
+    if config.console.enabled:
+        wanted.append((config.console.address, config.console.port, "console"))
+    for address, port, what in wanted:
+        if port == 0:
             continue
-        family = socket.AF_INET6 if ":" in lc.address else socket.AF_INET
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((lc.address, lc.port))
+                probe.bind((address, port))
             except OSError as exc:
-                raise OSError(exc.errno, f"port {lc.port} on {lc.address} is in use "
-                              f"({lc.kind} listener)") from None
+                raise OSError(exc.errno, f"port {port} on {address} is in use "
+                              f"({what})") from None
 
 
 def control_path(config: Config) -> Path:
