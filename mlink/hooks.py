@@ -10,6 +10,9 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
   (inbound filters and handlers: subscriptions, probes, blocking).
 - `iq-<type>/<host|self|bare>/<namespace>`: an iq the server answers: to
   the domain, to the sender's own account, or to another account.
+- `hosted/<service>`: any stanza to a subdomain module `<service>` serves
+  (`Module.add_host`, e.g. `conference.<domain>`) or to a JID under it;
+  unconsumed, an iq get/set or message is answered service-unavailable.
 - `message/offline`: a message for a user with no available resource.
 - `message/delivered`: a message was delivered to these local resources.
 
