@@ -22,8 +22,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from mlink.modules.muc.options import OPTIONS, Options
+from mlink.modules.muc.persist import RoomDirectory, rooms_dn
 from mlink.modules.muc.room import MUC_NS
 from mlink.modules.muc.service import LISTING_CHANNEL, ROOM_CHANNEL, MucService
+from mlink.router.directory_watch import watch_of
 
 if TYPE_CHECKING:
     from mlink.module import Module
@@ -59,6 +61,10 @@ def setup(module: Module) -> None:
     module.add_feature(MUC_NS)
     module.on_bus(service.from_bus, channel=ROOM_CHANNEL)
     module.on_bus(service.listing_received, channel=LISTING_CHANNEL)
-    module.spawn(service.history_writer)
     module.spawn(service.listing_publisher)
     module.spawn(service.idle_sweeper)
+    if hosts:
+        service.persist = RoomDirectory(module.directory,
+                                        rooms_dn(module.directory, options.rooms_dn))
+        watch_of(module).subscribe(service.on_directory_changes)
+        module.spawn(service.follow_rooms)

@@ -19,14 +19,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from mlink.directory.base import DirectoryError
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
-from mlink.modules.muc.config import RoomConfig
+from mlink.modules.muc.config import MEMBER_GROUP_FIELD, RoomConfig
 from mlink.modules.muc.options import Options
+from mlink.modules.muc.roles import Affiliation
 from mlink.modules.muc.room import (
     DISCO_INFO_NS,
     DISCO_ITEMS_NS,
     MUC_NS,
+    MUC_OWNER_NS,
     STANZA_ID_NS,
     Effects,
     HistoryEntry,
@@ -37,8 +40,11 @@ from mlink.modules.util import iq_result
 from mlink.xml.serialize import serialize
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from mlink.directory.port import Change
     from mlink.module import Module
-    from mlink.modules.muc.persist import RoomDirectory
+    from mlink.modules.muc.persist import RoomDirectory, RoomRecord
 
 log = logging.getLogger("mlink.modules.muc")
 
@@ -58,9 +64,6 @@ SERVICE_NAME = "Chatrooms"
 # Room history written to the module store, per room: it is trimmed to the
 # room's length this often (in messages appended).
 HISTORY_TRIM_EVERY = 50
-# Writes of history waiting for the store; beyond this the oldest wait (a
-# room's memory history is intact; only the copy for restarts lags).
-HISTORY_QUEUE = 10_000
 
 
 def _encode(stanza: ET.Element) -> bytes:
@@ -84,10 +87,16 @@ class MucService:
         self._listing_dirty = trio.Event()
         self.persist: RoomDirectory | None = None
         self.history_store = module.store.archive("history")
-        send, receive = trio.open_memory_channel[tuple[str, bytes, float]](HISTORY_QUEUE)
-        self._history_send, self._history_receive = send, receive
         self._appended: dict[str, int] = {}
         self.creators = module.store.map("created")
+        # Persistent rooms as last read from the directory (every shard
+        # reads them all; each loads the ones it owns).
+        self.records: dict[JID, RoomRecord] = {}
+        self._rooms_dirty = trio.Event()
+        # Set once the first read of the directory's rooms is done.
+        self.loaded = trio.Event()
+        # Problems of room entries already logged (each is logged once).
+        self._reported: set[str] = set()
 
     @property
     def options(self) -> Options:
@@ -142,6 +151,8 @@ class MucService:
             return
         if kind == "presence":
             effects = room.presence(stanza, sender, to, now)
+        elif kind == "iq" and not await self._check_member_group(room, stanza, sender):
+            return
         elif kind == "message":
             effects = room.message(stanza, sender, to, now)
         else:
@@ -193,17 +204,22 @@ class MucService:
         return found if found is not None else frozenset()
 
     async def apply(self, room: Room, effects: Effects) -> None:
-        """Deliver what the room said and act on what changed."""
-        await self._deliver(room, effects)
-        if effects.history and room.config.persistent:
-            for entry in effects.history:
-                self._queue_history(str(room.jid), entry)
-        if effects.destroyed or (room.empty and not room.config.persistent):
-            await self._drop(room, destroyed=effects.destroyed)
-            return
-        if effects.persist:
+        """Act on what changed and deliver what the room said. A change of
+        a persistent room is in the directory before anyone is told of it
+        (the owner's result included)."""
+        ends = effects.destroyed or (room.empty and not room.config.persistent)
+        if not ends and (effects.persist or (effects.subject_changed
+                                             and room.config.persistent)):
             await self._persist(room)
             self._listing_changed()
+        await self._deliver(room, effects)
+        if effects.history and room.config.persistent:
+            # In the store before this stanza's handling ends, so a restart
+            # right after a message was delivered still has it.
+            for entry in effects.history:
+                await self._keep_history(str(room.jid), entry)
+        if effects.destroyed or (room.empty and not room.config.persistent):
+            await self._drop(room, destroyed=effects.destroyed)
 
     async def _deliver(self, room: Room, effects: Effects) -> None:
         gone: list[JID] = []
@@ -225,18 +241,52 @@ class MucService:
         for owner in room.owners:
             await self.creators.set(owner, str(room.jid), None)
         if room.config.persistent and destroyed and self.persist is not None:
-            await self.persist.delete(room.jid)
+            try:
+                await self.persist.delete(room.jid)
+            except DirectoryError as exc:
+                log.error("room %s not removed from the directory: %s", room.jid, exc)
+            self.records.pop(room.jid, None)
             await self._clear_history(str(room.jid))
         log.info("room %s %s", room.jid, "destroyed" if destroyed else "ended (empty)")
         self._listing_changed()
 
     async def _persist(self, room: Room) -> None:
+        """Write the room's entry (or remove it when it stopped being
+        persistent). A directory that refuses is logged: the live room
+        keeps its state and the next change tries again."""
         if self.persist is None:
             return
-        if room.config.persistent:
-            await self.persist.save(room)
-        else:
-            await self.persist.delete(room.jid)
+        try:
+            if room.config.persistent:
+                await self.persist.save(room)
+            elif room.jid in self.records:
+                await self.persist.delete(room.jid)
+        except DirectoryError as exc:
+            log.error("room %s not written to the directory: %s", room.jid, exc)
+
+    async def _check_member_group(self, room: Room, stanza: ET.Element, sender: JID) -> bool:
+        """An owner's form naming a member group: the group must exist
+        (else item-not-found, nothing changes), and its members become the
+        room's members. False when the stanza was answered here."""
+        if stanza.get("type") != "set" or len(stanza) != 1 or stanza[0].tag != (
+                f"{{{MUC_OWNER_NS}}}query"):
+            return True
+        for field in stanza[0].iter("{jabber:x:data}field"):
+            if field.get("var") != MEMBER_GROUP_FIELD:
+                continue
+            dn = (field.findtext("{jabber:x:data}value") or "").strip()
+            if not dn:
+                room.group_members = None
+                return True
+            if room.affiliation(sender.bare) != Affiliation.OWNER:
+                return True  # the room refuses it as from a non-owner
+            members = await self.persist.group_members(dn) if self.persist else None
+            if members is None:
+                await self.router.bounce(stanza, "item-not-found",
+                                         f"no directory group {dn}")
+                return False
+            room.group_members = members
+        return True
 
     async def destroy(self, room_jid: JID, reason: str = "", alternate: str | None = None
                       ) -> bool:
@@ -249,25 +299,130 @@ class MucService:
         await self.apply(room, effects)
         return True
 
+    # -- persistent rooms from the directory ------------------------------------------
+
+    def rooms_changed(self) -> None:
+        self._rooms_dirty.set()
+
+    async def on_directory_changes(self, batch: Sequence[Change]) -> None:
+        """The change feed: entries under the rooms DN, or groups (a room's
+        member group), make us read the rooms again."""
+        if self.persist is None:
+            return
+        if self.persist.touches([c.key for c in batch]) or any(
+                c.entry is not None and {str(v).lower() for v in c.entry.get("objectClass")}
+                & {"groupofnames", "groupofuniquenames", "posixgroup"} for c in batch):
+            self.rooms_changed()
+        elif any(c.kind == "delete" for c in batch):
+            self.rooms_changed()  # a deleted group shows no class
+
+    async def follow_rooms(self) -> None:
+        """Read the persistent rooms at start, after each change the feed
+        reports, and every `refresh_seconds` anyway (an LDAP feed cannot
+        see deletions)."""
+        while True:
+            self._rooms_dirty = trio.Event()
+            try:
+                await self.reconcile()
+            except DirectoryError as exc:
+                log.warning("persistent rooms not read from the directory: %s", exc)
+            except Exception:
+                log.exception("reading persistent rooms failed")
+            self.loaded.set()
+            with trio.move_on_after(self.options.refresh_seconds):
+                await self._rooms_dirty.wait()
+
+    async def reconcile(self) -> None:
+        """Make our rooms what the directory says: load new ones, apply
+        changes, destroy the removed (their occupants told)."""
+        if self.persist is None:
+            return
+        records, problems = await self.persist.load()
+        for problem in problems:
+            if problem not in self._reported:  # once per problem, not per read
+                log.error("room entry refused, previous configuration kept: %s", problem)
+        self._reported = set(problems)
+        bad = {dn.partition(":")[0] for dn in problems}
+        previous, self.records = self.records, records
+        for jid, record in records.items():
+            if self.module.owner(str(jid)) != self.module.shard:
+                continue
+            room = self.rooms.get(jid)
+            if room is None:
+                await self._load_room(record)
+            elif not room.config.persistent or previous.get(jid) is None or not (
+                    record.same_as(previous[jid])):
+                await self._update_room(room, record)
+        for jid, room in list(self.rooms.items()):
+            if not room.config.persistent or jid in records:
+                continue
+            old = previous.get(jid)
+            if old is not None and old.dn in bad:
+                self.records[jid] = old  # unreadable now: keep the room as it was
+                continue
+            if old is None and jid not in previous:
+                continue  # made persistent here a moment ago, not yet read back
+            log.info("room %s removed from the directory: destroyed", jid)
+            effects = Effects()
+            room.destroy(effects, None, "the room was removed")
+            room.config = room.config.replace(persistent=False)
+            await self.apply(room, effects)
+        for jid, record in records.items():
+            room = self.rooms.get(jid)
+            if room is not None and record.config.member_group:
+                await self._refresh_group(room, record.config.member_group)
+        self._listing_changed()
+
+    async def _load_room(self, record: RoomRecord) -> None:
+        room = Room(record.jid, record.config, record.affiliations, limits=self.limits())
+        room.subject = record.subject
+        if record.config.member_group:
+            room.group_members = await self._group_or_none(record)
+        self.rooms[record.jid] = room
+        await self.load_history(room)
+        log.info("room %s loaded from the directory", record.jid)
+
+    async def _group_or_none(self, record: RoomRecord) -> frozenset[str] | None:
+        assert self.persist is not None
+        members = await self.persist.group_members(record.config.member_group)
+        if members is None:
+            log.error("room %s: member group %s does not exist", record.dn,
+                      record.config.member_group)
+        return members
+
+    async def _update_room(self, room: Room, record: RoomRecord) -> None:
+        """A room entry changed in the directory: the live room follows."""
+        if (record.config == room.config and record.affiliations == room.affiliations
+                and record.subject == room.subject):
+            return
+        effects = Effects()
+        if record.config != room.config:
+            room.change_config(effects, record.config)
+        group = room.group_members
+        if record.affiliations != room.affiliations:
+            effects.out += room.replace_affiliations(record.affiliations, group).out
+        room.subject = record.subject
+        effects.persist = False  # it came from there
+        log.info("room %s changed in the directory", record.jid)
+        await self.apply(room, effects)
+
+    async def _refresh_group(self, room: Room, dn: str) -> None:
+        assert self.persist is not None
+        members = await self.persist.group_members(dn)
+        if members != room.group_members:
+            effects = room.replace_affiliations(room.affiliations, members)
+            await self.apply(room, effects)
+
     # -- history kept for restarts ------------------------------------------------
 
-    def _queue_history(self, room: str, entry: HistoryEntry) -> None:
+    async def _keep_history(self, room: str, entry: HistoryEntry) -> None:
         try:
-            self._history_send.send_nowait((room, _encode(entry.stanza), entry.when))
-        except trio.WouldBlock:
-            log.warning("room history write queue full; a message of %s is not kept", room)
-
-    async def history_writer(self) -> None:
-        """Append persistent rooms' messages to the store, in one task so
-        a room's delivery never waits for the disk."""
-        async for room, data, when in self._history_receive:
-            try:
-                await self.history_store.append(room, data, at=when)
-                count = self._appended[room] = self._appended.get(room, 0) + 1
-                if count % HISTORY_TRIM_EVERY == 0:
-                    await self._trim_history(room)
-            except Exception:
-                log.exception("could not keep a message of room %s", room)
+            await self.history_store.append(room, _encode(entry.stanza), at=entry.when)
+            count = self._appended[room] = self._appended.get(room, 0) + 1
+            if count % HISTORY_TRIM_EVERY == 0:
+                await self._trim_history(room)
+        except Exception:
+            log.exception("could not keep a message of room %s", room)
 
     async def _trim_history(self, room: str) -> None:
         found = self.rooms.get(parse_jid(room))
