@@ -255,3 +255,24 @@ def test_restart_keeps_rooms_config_and_history(tmp_path, cert_files, ca_file):
             finally:
                 stop(again)
 
+
+
+def test_only_members_of_the_creators_group_create_rooms(ldap_muc, tmp_path, cert_files,
+                                                         ca_file):
+    _, slapd = ldap_muc
+
+    def creators(text: str) -> str:
+        return text.replace("</mlink>", '<modules><module name="muc"><create>group</create>'
+                                        f"<create-group>{SALES}</create-group></module>"
+                                        "</modules>\n</mlink>")
+
+    with start_mlink(tmp_path, DOMAIN, cert_files, ldap=directory_xml(slapd),
+                     edit_config=creators, shards=1) as server:
+        alice, carol = LdapClient(server, ca_file, ALICE), LdapClient(server, ca_file, CAROL)
+        try:
+            assert join_error(carol, new_room(), "Carol") == ("cancel", "not-allowed")
+            created = join(alice, new_room(), "Alice")
+            assert 201 in codes(created)
+        finally:
+            alice.raw.close()
+            carol.raw.close()

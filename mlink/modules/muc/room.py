@@ -125,11 +125,12 @@ class Effects:
     def send(self, to: JID, stanza: ET.Element) -> None:
         self.out.append((to, stanza))
 
-    def error(self, stanza: ET.Element, condition: str, text: str = "") -> Effects:
+    def error(self, stanza: ET.Element, condition: str, text: str = "",
+              error_type: str | None = None) -> Effects:
         """Answer `stanza` with a stanza error (the XEP-0045 one)."""
         sender = stanza.get("from")
         if sender and stanza.get("type") not in ("error", "result"):
-            self.send(parse_jid(sender), stanza_error(stanza, condition, text))
+            self.send(parse_jid(sender), stanza_error(stanza, condition, text, error_type))
         return self
 
 
@@ -233,7 +234,8 @@ class Room:
         if self.config.max_users:
             limit = min(limit, self.config.max_users)
         if len(self.occupants) >= limit and aff < Affiliation.ADMIN:
-            return effects.error(stanza, "service-unavailable", "the room is full")
+            # §7.2.10: the room is full, try later.
+            return effects.error(stanza, "service-unavailable", "the room is full", "wait")
         occupant = Occupant(nick, sender, default_role(aff, self.config.moderated), stanza)
         # §7.2.3: the others first, then the newcomer's own presence.
         for other in self.occupants.values():

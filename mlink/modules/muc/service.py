@@ -58,8 +58,10 @@ LISTING_REFRESH_SECONDS = 30.0
 # Changes to the listing are sent at most this often (a burst of room
 # creations is one message).
 LISTING_DEBOUNCE_SECONDS = 0.5
-# How often idle rooms are looked for.
+# How often idle rooms are looked for (at most; a short idle limit is
+# checked a few times within it, but never more often than the minimum).
 IDLE_CHECK_SECONDS = 10.0
+MIN_IDLE_CHECK_SECONDS = 0.25
 SERVICE_NAME = "Chatrooms"
 # Room history written to the module store, per room: it is trimmed to the
 # room's length this often (in messages appended).
@@ -520,8 +522,12 @@ class MucService:
     async def idle_sweeper(self) -> None:
         """Destroy rooms idle past the configured limits."""
         while True:
-            await trio.sleep(IDLE_CHECK_SECONDS)
-            options, now = self.options, time.time()
+            options = self.options
+            limits = [x for x in (options.idle_temporary, options.idle_persistent) if x]
+            # Often enough that a room outlives its limit by a fraction of it.
+            await trio.sleep(max(MIN_IDLE_CHECK_SECONDS, min([IDLE_CHECK_SECONDS,
+                                                              *(x / 4 for x in limits)])))
+            now = time.time()
             for room in list(self.rooms.values()):
                 if room.config.persistent:
                     limit = options.idle_persistent
