@@ -450,6 +450,8 @@ class PortDirectory(Directory):
         return True
 
     async def group_members(self, dn: str) -> frozenset[str] | None:
+        if await self.entry(dn, ["1.1"]) is None:
+            return None  # asked, not configured: no warning for a missing group
         groups = await self.roster_groups([RosterGroupConfig(dn=dn)])
         return groups[0].members if groups else None
 
