@@ -19,6 +19,9 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
 Session events (handlers get a `SessionInfo`, return value ignored):
 - `session/bound`, `session/closed`, `session/initial-presence`.
 
+Server events: `server/stopping` (payload None) before the streams end at
+shutdown, for modules that tell users (a chat room's status 332).
+
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).
 

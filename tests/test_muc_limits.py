@@ -4,6 +4,7 @@ temporary rooms, and who may create rooms."""
 
 from __future__ import annotations
 
+import signal
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -106,3 +107,16 @@ def test_idle_temporary_room_is_destroyed(tmp_path, cert_files, ca_file):
                             timeout=IDLE_WAIT)
         assert gone.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}destroy") is not None
         alice.raw.close()
+
+
+def test_occupants_hear_332_when_the_server_stops(tmp_path, cert_files, ca_file):
+    with start_mlink(tmp_path, DOMAIN, cert_files, users={ALICE: USERS[ALICE]}) as server:
+        alice = Client(server, ca_file, ALICE)
+        room = open_room(alice, "Alice")
+        server.proc.send_signal(signal.SIGTERM)
+        text = alice.raw.read_until(r"</stream:stream>|system-shutdown", IDLE_WAIT)
+        assert f"from='{room}/Alice'" in text or f'from="{room}/Alice"' in text, text
+        assert "code='332'" in text or 'code="332"' in text, text
+        assert text.index("332") < text.index("system-shutdown"), text
+        alice.raw.close()
+        server.proc.wait(timeout=30)

@@ -59,6 +59,7 @@ def setup(module: Module) -> None:
     for host, parent in hosts.items():
         module.add_host(host, parent, service.hosted)
     module.add_feature(MUC_NS)
+    module.hook("server/stopping", lambda _: service.shutdown())
     module.on_bus(service.from_bus, channel=ROOM_CHANNEL)
     module.on_bus(service.listing_received, channel=LISTING_CHANNEL)
     module.spawn(service.listing_publisher)
