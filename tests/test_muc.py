@@ -371,3 +371,17 @@ def test_destroy_with_alternate_venue(clients):
     destroy = gone.find(f"{{{MUC_USER}}}x/{{{MUC_USER}}}destroy")
     assert destroy is not None and destroy.get("jid") == f"new@{SERVICE}"
     assert destroy.findtext(f"{{{MUC_USER}}}reason") == "moved"
+
+
+def test_simultaneous_first_joins_make_one_room(clients):
+    people = [clients(ALICE), clients(BOB), clients(CAROL)]
+    room = new_room()
+    for n, client in enumerate(people):  # all sent before any answer is read
+        client.send(f"<presence to='{room}/p{n}'/>")
+    selves = [c.expect(lambda s, n=n: s.get("from") == f"{room}/p{n}" and 110 in codes(s))
+              for n, c in enumerate(people)]
+    assert sum(201 in codes(s) for s in selves) == 1
+    assert sum(item(s).get("affiliation") == "owner" for s in selves) == 1
+    groupchat(people[2], room, "one room")
+    for client in people:
+        gets_groupchat(client, room, "p2", "one room")

@@ -37,6 +37,7 @@ from mlink.modules.muc.room import (
     Room,
 )
 from mlink.modules.util import iq_result
+from mlink.util.keyed_lock import KeyedLock
 from mlink.xml.serialize import serialize
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class MucService:
         self.router = module.router
         self.hosts = hosts  # service domain -> local domain
         self.rooms: dict[JID, Room] = {}
+        self._room_locks: KeyedLock[str] = KeyedLock()
         # Public rooms of every shard, for disco#items: shard -> [(jid, name)].
         self.listing: dict[int, list[tuple[str, str]]] = {}
         self._listing_dirty = trio.Event()
@@ -135,7 +137,14 @@ class MucService:
         await self.handle(stanza, sender, to)
 
     async def handle(self, stanza: ET.Element, sender: JID, to: JID) -> None:
-        """A stanza for room `to.bare`, on the shard that owns it."""
+        """A stanza for room `to.bare`, on the shard that owns it. One at a
+        time per room: each client's stanzas are handled in that client's
+        task, and a room's handling may await (its creation, the
+        directory), so two first joins must not both create the room."""
+        async with self._room_locks.hold(str(to.bare)):
+            await self._handle(stanza, sender, to)
+
+    async def _handle(self, stanza: ET.Element, sender: JID, to: JID) -> None:
         kind = stanza.tag.rpartition("}")[2]
         now = time.time()
         room = self.rooms.get(to.bare)
@@ -293,13 +302,14 @@ class MucService:
     async def destroy(self, room_jid: JID, reason: str = "", alternate: str | None = None
                       ) -> bool:
         """Destroy a room we own (the command line, the directory)."""
-        room = self.rooms.get(room_jid)
-        if room is None:
-            return False
-        effects = Effects()
-        room.destroy(effects, alternate, reason)
-        await self.apply(room, effects)
-        return True
+        async with self._room_locks.hold(str(room_jid)):
+            room = self.rooms.get(room_jid)
+            if room is None:
+                return False
+            effects = Effects()
+            room.destroy(effects, alternate, reason)
+            await self.apply(room, effects)
+            return True
 
     # -- persistent rooms from the directory ------------------------------------------
 
@@ -349,30 +359,35 @@ class MucService:
         for jid, record in records.items():
             if self.module.owner(str(jid)) != self.module.shard:
                 continue
-            room = self.rooms.get(jid)
-            if room is None:
-                await self._load_room(record)
-            elif not room.config.persistent or previous.get(jid) is None or not (
-                    record.same_as(previous[jid])):
-                await self._update_room(room, record)
-        for jid, room in list(self.rooms.items()):
-            if not room.config.persistent or jid in records:
-                continue
-            old = previous.get(jid)
-            if old is not None and old.dn in bad:
-                self.records[jid] = old  # unreadable now: keep the room as it was
-                continue
-            if old is None and jid not in previous:
-                continue  # made persistent here a moment ago, not yet read back
-            log.info("room %s removed from the directory: destroyed", jid)
-            effects = Effects()
-            room.destroy(effects, None, "the room was removed")
-            room.config = room.config.replace(persistent=False)
-            await self.apply(room, effects)
+            async with self._room_locks.hold(str(jid)):
+                room = self.rooms.get(jid)
+                if room is None:
+                    await self._load_room(record)
+                elif not room.config.persistent or previous.get(jid) is None or not (
+                        record.same_as(previous[jid])):
+                    await self._update_room(room, record)
+        for jid in list(self.rooms):
+            async with self._room_locks.hold(str(jid)):
+                room = self.rooms.get(jid)
+                if room is None or not room.config.persistent or jid in records:
+                    continue
+                old = previous.get(jid)
+                if old is not None and old.dn in bad:
+                    self.records[jid] = old  # unreadable now: keep the room as it was
+                    continue
+                if old is None:
+                    continue  # made persistent here a moment ago, not yet read back
+                log.info("room %s removed from the directory: destroyed", jid)
+                effects = Effects()
+                room.destroy(effects, None, "the room was removed")
+                room.config = room.config.replace(persistent=False)
+                await self.apply(room, effects)
         for jid, record in records.items():
-            room = self.rooms.get(jid)
-            if room is not None and record.config.member_group:
-                await self._refresh_group(room, record.config.member_group)
+            if record.config.member_group and jid in self.rooms:
+                async with self._room_locks.hold(str(jid)):
+                    room = self.rooms.get(jid)
+                    if room is not None:
+                        await self._refresh_group(room, record.config.member_group)
         self._listing_changed()
 
     async def _load_room(self, record: RoomRecord) -> None:
