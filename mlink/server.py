@@ -528,7 +528,10 @@ class Server:
                 self._no_connections.set()
 
     async def shutdown(self) -> None:
-        """End every stream with `system-shutdown` and let them flush."""
+        """End every stream with `system-shutdown` and let them flush.
+        Modules hear `server/stopping` first (rooms tell their occupants)."""
+        with trio.move_on_after(SHUTDOWN_GRACE), self.router.batch():
+            await self.hooks.notify("server/stopping", None)
         for conn in list(self.connections):
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):

@@ -143,6 +143,10 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path, metavar="FILE")
     imp.add_argument("--config", type=Path)
     imp.set_defaults(func=cmd_user_import)
+
+    from mlink.admin.rooms import add_parsers
+
+    add_parsers(sub).set_defaults(func=cmd_room)
     return p
 
 
@@ -613,6 +617,22 @@ def _read_pairs(path: Path, config: Config) -> Iterator[tuple[str, str]]:
             yield _bare_jid(jid_text, config), password
         except CommandError as exc:
             raise CommandError(f"{path}:{number}: {exc}") from None
+
+
+def cmd_room(args: argparse.Namespace) -> int:
+    """`mlink room list|show|create|destroy` (mlink/admin/rooms.py)."""
+    from mlink.admin.rooms import RoomCommandError, run
+
+    if not hasattr(args, "room_action"):
+        raise CommandError("room needs an action: list, show, create or destroy")
+    config = _load(args.config)
+    try:
+        lines = run(args, config)
+    except RoomCommandError as exc:
+        raise CommandError(str(exc)) from None
+    for line in lines:
+        print(line)
+    return 0
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from mlink.directory.names import (
     escape_filter_value,
     is_under,
     normalize_dn,
+    parent_dn,
     rdn_value,
 )
 from mlink.directory.password_hash import scheme_of
@@ -152,6 +153,7 @@ class PortDirectory(Directory):
                  changes_seconds: float = DEFAULT_CHANGES_SECONDS) -> None:
         self.port = port
         self.layout = layout
+        self.base_dn = layout.base_dn
         self.changes_seconds = changes_seconds
         # PBKDF2 runs in worker threads, a few at a time.
         self._derive_threads = trio.CapacityLimiter(DERIVE_THREADS)
@@ -448,6 +450,65 @@ class PortDirectory(Directory):
         except NoSuchEntry:
             log.error("directory: the users DN %r does not exist", self.layout.users_dn)
             return []
+
+    # --- entries of features (rooms) ----------------------------------------------
+
+    async def entries(self, base: str, filter: str = "(objectClass=*)",
+                      attributes: Sequence[str] = ()) -> list[Entry]:
+        try:
+            return await self.port.search(base, Scope.ONELEVEL, filter, list(attributes),
+                                          paged=True, timeout_factor=BULK_TIMEOUT_FACTOR)
+        except NoSuchEntry:
+            return []
+
+    async def entry(self, dn: str, attributes: Sequence[str] = ()) -> Entry | None:
+        try:
+            found = await self.port.search(dn, Scope.BASE, "(objectClass=*)", list(attributes))
+        except NoSuchEntry:
+            return None
+        return found[0] if found else None
+
+    async def put_entry(self, entry: Entry, managed: Sequence[str]) -> None:
+        try:
+            await self.port.add(entry)
+            return
+        except EntryExists:
+            pass
+        except NoSuchEntry:
+            await self._add_container(parent_dn(entry.dn))
+            await self.port.add(entry)
+            return
+        changes = [Modification("replace", name, tuple(entry.get(name))) for name in managed]
+        await self.port.modify(entry.dn, changes)
+
+    async def _add_container(self, dn: str) -> None:
+        """An organizationalUnit for `dn` (`ou=Rooms,<base>`), directly
+        under the base DN; anything deeper is the administrator's to make."""
+        rdn_attr, _, rest = dn.partition("=")
+        value = rest.split(",", 1)[0]
+        if rdn_attr.strip().lower() != "ou" or normalize_dn(parent_dn(dn)) != normalize_dn(
+                self.layout.base_dn):
+            raise NoSuchEntry(f"{dn} does not exist")
+        container = Entry(dn)
+        container.set("objectClass", ["top", "organizationalUnit"])
+        container.set("ou", [value])
+        try:
+            await self.port.add(container)
+        except EntryExists:
+            pass
+
+    async def delete_entry(self, dn: str) -> bool:
+        try:
+            await self.port.delete(dn)
+        except NoSuchEntry:
+            return False
+        return True
+
+    async def group_members(self, dn: str) -> frozenset[str] | None:
+        if await self.entry(dn, ["1.1"]) is None:
+            return None  # asked, not configured: no warning for a missing group
+        groups = await self.roster_groups([RosterGroupConfig(dn=dn)])
+        return groups[0].members if groups else None
 
     async def ping(self) -> None:
         await self.port.ping()
