@@ -96,6 +96,20 @@ class StreamTap(Protocol):
         routed again (another resource, offline storage, a bounce)."""
 
 
+class OutputFilter(Protocol):
+    """A module's hold on what a stream writes (`StreamControl.add_filter`):
+    client state indication keeps unimportant stanzas back while the
+    client is inactive."""
+
+    def take(self, stanza: ET.Element) -> bool:
+        """True: the filter keeps `stanza` (it later sends it with
+        `StreamControl.send_stanza`); False: it is written as usual."""
+
+    def release(self) -> list[ET.Element]:
+        """The connection is gone: everything still kept, in order (it goes
+        to the tap or is routed again; the filter is removed)."""
+
+
 class SessionHold(Protocol):
     """A session whose connection is gone, kept bound for a module
     (`StreamTap.lost`). Stanzas for it keep going to the tap meanwhile."""
@@ -132,6 +146,16 @@ class StreamControl(Protocol):
 
     def set_tap(self, tap: StreamTap | None) -> None:
         """Watch this stream's stanzas (None: stop)."""
+
+    def add_filter(self, output_filter: OutputFilter) -> None:
+        """Let `output_filter` see (and keep) each stanza before it is written."""
+
+    def remove_filter(self, output_filter: OutputFilter) -> None:
+        """Stop filtering (what it kept, it sends itself first)."""
+
+    def send_stanza(self, stanza: ET.Element) -> bool:
+        """Write a stanza past the filters (counted by the tap); False when
+        the stream is ending."""
 
     def drop(self) -> None:
         """Cut the connection as a network failure would (its tap may hold

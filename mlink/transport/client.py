@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mlink.jid import JID
-from mlink.router.sessions import SessionInfo, StreamTap
+from mlink.router.sessions import OutputFilter, SessionInfo, StreamTap
 from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
 from mlink.stream.errors import stanza_error
@@ -96,6 +96,8 @@ class ClientConnection:
         # of ours; `_held` while the session outlives it; `_taken` once
         # another stream carries the session on.
         self.tap: StreamTap | None = None
+        # Modules' holds on output (client state indication), in order.
+        self.filters: list[OutputFilter] = []
         self._lost = False
         self._held = False
         self._taken = False
@@ -117,10 +119,15 @@ class ClientConnection:
 
     # -- Session interface (used by the router, never awaits) --------------------
 
-    def deliver(self, stanza: ET.Element, keep: bool = True) -> bool:
+    def deliver(self, stanza: ET.Element, keep: bool = True, filtered: bool = True) -> bool:
         """Queue `stanza`; False when the session is ending (the caller
         treats it as gone). With `keep`, a message or iq that is never
-        written is routed again when the session ends."""
+        written is routed again when the session ends. A module's output
+        filter may hold it first (`filtered`: not for what it releases)."""
+        if filtered and self.filters and not self._closing:
+            for output_filter in self.filters:
+                if output_filter.take(stanza):
+                    return True
         tap = self.tap
         if self._held:
             # No connection: the tap keeps it for the resumed stream, and
@@ -218,6 +225,7 @@ class ClientConnection:
                         nursery.cancel_scope.cancel()
                 finally:
                     self._orphans.extend(self.out.discard())
+                    self._release_filters()
             if self._lost and self._bound and self.tap is not None and not self.ended:
                 await self._hold()
         finally:
@@ -267,6 +275,29 @@ class ClientConnection:
 
     def set_tap(self, tap: StreamTap | None) -> None:
         self.tap = tap
+
+    def add_filter(self, output_filter: OutputFilter) -> None:
+        if output_filter not in self.filters:
+            self.filters.append(output_filter)
+
+    def remove_filter(self, output_filter: OutputFilter) -> None:
+        if output_filter in self.filters:
+            self.filters.remove(output_filter)
+
+    def send_stanza(self, stanza: ET.Element) -> bool:
+        return self.deliver(stanza, filtered=False)
+
+    def _release_filters(self) -> None:
+        """The connection is gone: what filters hold goes where the rest of
+        the session's output goes (the tap, to be kept for a resumed stream
+        or routed again; else routed again with the unwritten stanzas)."""
+        filters, self.filters = self.filters, []
+        for output_filter in filters:
+            for stanza in output_filter.release():
+                if self.tap is not None:
+                    self.tap.sent(stanza)
+                else:
+                    self._orphans.append(stanza)
 
     def drop(self) -> None:
         if not self._closing:
