@@ -145,7 +145,7 @@ PROFILE_POLICIES = ("directory", "update", "static", "local")
 DEFAULT_MODULES = (
     "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
     "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
-    "accounts", "register", "stream_management", "csi",
+    "accounts", "register", "stream_management", "csi", "mam",
 )
 
 
