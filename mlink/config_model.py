@@ -44,6 +44,7 @@ from mlink.config_schema import (
     PositiveFloat,
     Raw,
     RedirectURI,
+    WebSocketURL,
     SimpleFilter,
     Str,
     absolute_path,
@@ -340,6 +341,15 @@ class WebSocketConfig(Frozen):
             "TLS-terminating reverse proxy. A plain `ws://` stream from it counts as encrypted "
             "(see [WebSocket listeners](#websocket-listeners)), and host-meta believes its "
             "`X-Forwarded-Proto: https` when writing `wss://` links.",
+    )
+    public_url: str | None = attr(
+        "public-url", None, kind=WebSocketURL(),
+        default_doc="`ws(s)://<domain>:<port>/xmpp-websocket` of the listener asked",
+        doc="The WebSocket URL host-meta (XEP-0156) gives clients, e.g. "
+            "`wss://chat.example.org/xmpp-websocket` behind a reverse proxy. Unset, the link "
+            "is built from the served domain the request's `Host` names (else the first "
+            "domain) and the listener's own port and scheme — never from an arbitrary "
+            "`Host` header, which would let anyone point clients elsewhere.",
     )
     see_other_uri: str | None = attr(
         "see-other-uri", None, kind=RedirectURI(), default_doc="none",

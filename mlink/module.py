@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from mlink.hooks import Handler, Hooks
@@ -71,6 +71,7 @@ class ModuleHost(Protocol):
     def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None: ...
     def add_sasl_mechanism(self, provider: MechanismProvider) -> None: ...
     def add_credential_source(self, kind: str, source: CredentialSource) -> None: ...
+    def trust_client_cas(self, certificates: Sequence[bytes]) -> None: ...
 
 
 class Module:
@@ -177,6 +178,12 @@ class Module:
     def add_credential_source(self, kind: str, source: CredentialSource) -> None:
         """Answer a mechanism's credential requests of `kind`."""
         self._host.add_credential_source(kind, source)
+
+    def trust_client_cas(self, certificates: Sequence[bytes]) -> None:
+        """Make the TLS listeners accept client certificates issued by these
+        CAs (DER) besides the configured `<client-ca>` files, from now on
+        and after a reload (CA certificates read from the directory)."""
+        self._host.trust_client_cas(certificates)
 
     def session_field(self, name: str, default: T, codec: FieldCodec[T] | None = None
                       ) -> SessionField[T]:

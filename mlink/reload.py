@@ -115,6 +115,8 @@ async def apply_config(server: Server, new: Config) -> None:
         except ProfileConfigError as exc:
             raise ReloadError(f"{new.path}: {exc}") from None
     old = server.config
+    if tls is not None:
+        tls.trust_client_cas(server.module_client_cas)
     server.tls = tls
     from mlink.jid import set_cache_size
 

@@ -11,7 +11,7 @@ import logging
 import secrets
 import socket
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +82,9 @@ class Server:
             if tls_cfg.certificate is not None and tls_cfg.key is not None
             else None
         )
+        # CA certificates (DER) modules added to the client CAs (from the
+        # directory): kept so that a reload's new TLS context has them too.
+        self.module_client_cas: list[bytes] = []
         self.sessions = SessionTable()
         self.hooks = Hooks()
         self.router = Router(self.domains, self.sessions, self.hooks, self._account_exists)
@@ -160,20 +163,23 @@ class Server:
             # The directory said why (its ppolicy control): tell the user.
             return CredentialAnswer(True, (verdict.condition, verdict.text))
         if ok and verdict.notice:
-            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            self.spawn_background("refresh-credentials",
+                                  partial(self._refresh_credentials, jid, password))
             return CredentialAnswer(True, None, verdict.notice)
         if ok:
             # The directory just confirmed this is the current password:
-            # if the SCRAM secrets are missing or stale (the password was
-            # changed elsewhere), derive fresh ones, off the login's path.
-            self.spawn_background("renew-scram", partial(self._renew_scram, jid, password))
+            # rehash an outdated userPassword (embedded), and if the SCRAM
+            # secrets are missing or stale (the password was changed
+            # elsewhere) derive fresh ones, off the login's path.
+            self.spawn_background("refresh-credentials",
+                                  partial(self._refresh_credentials, jid, password))
         return ok
 
-    async def _renew_scram(self, jid: str, password: str) -> None:
+    async def _refresh_credentials(self, jid: str, password: str) -> None:
         try:
-            await self.directory.renew_scram(jid, password)
+            await self.directory.refresh_credentials(jid, password)
         except DirectoryError as exc:
-            log.warning("SCRAM secrets of %s not renewed: %s", jid, exc)
+            log.warning("stored credentials of %s not refreshed: %s", jid, exc)
 
     async def _scram_secret(self, jid: str, request: NeedCredential) -> object:
         """The secret, with the directory's verdict (locked, expired) held
@@ -352,6 +358,14 @@ class Server:
 
     def add_credential_source(self, kind: str, source: CredentialSource) -> None:
         self.sasl.add_credential_source(kind, source)
+
+    def trust_client_cas(self, certificates: Sequence[bytes]) -> None:
+        """Client CAs supplied by a module: applied to the TLS context now,
+        and again to each context a reload builds."""
+        new = [der for der in certificates if der not in self.module_client_cas]
+        self.module_client_cas.extend(new)
+        if self.tls is not None:
+            self.tls.trust_client_cas(new)
 
     def register_cache(self, name: str, invalidate: Callable[[str], None]) -> Callable[[str], None]:
         """Register a per-user cache under `name`; returns `changed(user)`,

@@ -134,6 +134,7 @@ class _FakeServer:
         self.tls = None
         self.hooks = Hooks()
         self.shared_services: dict[str, object] = {}
+        self.module_client_cas: list[bytes] = []
 
     def apply_limits(self) -> None:
         """The real server re-reads its limits here; nothing to do."""

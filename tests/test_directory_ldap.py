@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import os
 import socket
 
 import pytest
@@ -244,3 +246,27 @@ async def test_any_valid_localpart_can_be_provisioned(directory: LDAPDirectory):
         finally:
             await directory.delete_user(jid)
         assert not await directory.user_exists(jid)
+
+
+async def test_certificate_authorities_from_slapd(directory: LDAPDirectory, slapd):
+    """RFC 4523 CA entries as an organisation's slapd holds them (values with
+    the ;binary option), read for SASL EXTERNAL (issue 13, item 4)."""
+    import trustme
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    ca = trustme.CA()
+    der = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).public_bytes(
+        serialization.Encoding.DER)
+    base = f"ou=CAs-{os.getpid()},{slapd.base_dn}"
+    slapd.ldapadd(
+        f"dn: {base}\nobjectClass: organizationalUnit\nou: CAs-{os.getpid()}\n\n"
+        f"dn: cn=Issuing CA,{base}\nobjectClass: applicationProcess\nobjectClass: pkiCA\n"
+        f"cn: Issuing CA\ncACertificate;binary:: {base64.b64encode(der).decode()}\n")
+    try:
+        (found,) = await directory.certificate_authorities(base)
+        assert found.dn.lower() == f"cn=issuing ca,{base}".lower()
+        assert found.certificates == (der,) and found.crls == ()
+        assert await directory.certificate_authorities(f"ou=nowhere,{slapd.base_dn}") == []
+    finally:
+        slapd.ldapdelete(base, recursive=True)

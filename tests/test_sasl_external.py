@@ -13,7 +13,8 @@ import base64
 import datetime as dt
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ from tests.serverproc import ALICE, ALICE_PW, BOB, BOB_PW, DOMAIN, MlinkProcess,
 
 SASL = "urn:ietf:params:xml:ns:xmpp-sasl"
 CAROL = f"carol@{DOMAIN}"  # no entry in the directory
+DORA, DORA_PW = f"dora@{DOMAIN}", "dora-secret"  # locked by an administrator
+CA_BASE = "ou=CAs,dc=localhost"  # where the directory-CA server finds its CA entry
 DAY = dt.timedelta(days=1)
 # Serial numbers of the certificates the CRL lists, and of the others.
 REVOKED_SERIAL = 666
@@ -127,6 +130,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory,
         "revoked": issuer.issue(where, "revoked", xmpp=(ALICE,), serial=REVOKED_SERIAL),
         "expired": issuer.issue(where, "expired", xmpp=(ALICE,), expired=True),
         "carol": issuer.issue(where, "carol", xmpp=(CAROL,)),
+        "dora": issuer.issue(where, "dora", xmpp=(DORA,)),
         "no-san": issuer.issue(where, "no-san"),
         "other-ca": other.issue(where, "other-ca", xmpp=(ALICE,)),
     }
@@ -144,7 +148,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory,
         return text.replace("</mlink>", modules)
 
     setup_dir = where / "mlink"
-    with start_mlink(setup_dir, DOMAIN, cert_files, users={ALICE: ALICE_PW, BOB: BOB_PW},
+    with start_mlink(setup_dir, DOMAIN, cert_files,
+                     users={ALICE: ALICE_PW, BOB: BOB_PW, DORA: DORA_PW},
                      edit_config=edit) as server:
         yield Setup(server, certs, ca_file, setup_dir / "directory.ldif")
 
@@ -256,6 +261,40 @@ def test_directory_user_certificate_maps(setup: Setup) -> None:
         client.close()
 
 
+def edit_ldif(path: Path, change: Callable[[list[ldif.Entry]], list[ldif.Entry]]) -> None:
+    """Rewrite the running server's embedded directory file, atomically
+    (as another mlink process or an administrator's tool would)."""
+    entries = change(ldif.parse(path.read_text()))
+    fresh = path.with_suffix(".new")
+    fresh.write_text(ldif.dumps(entries))
+    os.replace(fresh, path)
+
+
+def test_account_locked_by_administrator_is_refused(setup: Setup) -> None:
+    """Issue 13: implicit authorisation refuses a valid certificate whose
+    account the directory disables (here a permanent ppolicy lock)."""
+    client = setup.client("dora")
+    try:
+        client.starttls(DOMAIN)
+        assert "<success" in external(client)
+    finally:
+        client.close()
+
+    def lock(entries: list[ldif.Entry]) -> list[ldif.Entry]:
+        for entry in entries:
+            if entry.dn.lower().startswith(f"mail={DORA},"):
+                entry.set("pwdAccountLockedTime", ["000001010000Z"])
+        return entries
+
+    edit_ldif(setup.ldif_path, lock)
+    client = setup.client("dora")
+    try:
+        client.starttls(DOMAIN)
+        assert failure(external(client)) == ("account-disabled", "this account is locked")
+    finally:
+        client.close()
+
+
 def test_client_without_certificate_uses_plain(setup: Setup) -> None:
     client = setup.client(None)
     try:
@@ -332,3 +371,81 @@ def test_der_utf8string() -> None:
     assert _der_utf8string(bytes([0x0C, 0x81, 200]) + long.encode()) == long
     assert _der_utf8string(b"\x16\x03a@b") is None  # an IA5String, not UTF8String
     assert _der_utf8string(b"\x0c\x05a@b") is None  # truncated
+
+
+# -- CA certificates and CRLs held in the directory ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def directory_ca(tmp_path_factory: pytest.TempPathFactory,
+                 cert_files: tuple[Path, Path], ca_file: Path) -> Iterator[Setup]:
+    """A server with no <client-ca> file and no <crl> file: the CA and its
+    CRL are an RFC 4523 pkiCA entry of the (embedded) directory, added
+    while the server runs and read again every second."""
+    where = tmp_path_factory.mktemp("external-directory-ca")
+    issuer = Issuer()
+    certs = {
+        "alice": issuer.issue(where, "alice", xmpp=(ALICE,)),
+        "revoked": issuer.issue(where, "revoked", xmpp=(ALICE,), serial=REVOKED_SERIAL),
+    }
+    crl = x509.load_pem_x509_crl(issuer.crl(where / "ca.crl", (REVOKED_SERIAL,)).read_bytes())
+
+    def edit(text: str) -> str:
+        modules = (f"<modules><module name='sasl_external'><ca-base>{CA_BASE}</ca-base>"
+                   "<ca-refresh>1</ca-refresh></module></modules>\n</mlink>")
+        return text.replace("</mlink>", modules)
+
+    setup_dir = where / "mlink"
+    with start_mlink(setup_dir, DOMAIN, cert_files, users={ALICE: ALICE_PW},
+                     edit_config=edit) as server:
+        ldif_path = setup_dir / "directory.ldif"
+
+        def add_ca(entries: list[ldif.Entry]) -> list[ldif.Entry]:
+            return [*entries,
+                    ldif.Entry(CA_BASE, {"objectClass": ["organizationalUnit"], "ou": ["CAs"]}),
+                    ldif.Entry(f"cn=Test CA,{CA_BASE}", {
+                        "objectClass": ["applicationProcess", "pkiCA"], "cn": ["Test CA"],
+                        "cACertificate;binary": [
+                            issuer.cert.public_bytes(serialization.Encoding.DER)],
+                        "certificateRevocationList;binary": [
+                            crl.public_bytes(serialization.Encoding.DER)],
+                    })]
+
+        edit_ldif(ldif_path, add_ca)
+        yield Setup(server, certs, ca_file, ldif_path)
+
+
+def external_reply_once_offered(setup: Setup, cert: str, wanted: str) -> str:
+    """The answer to EXTERNAL with `cert`, polled until it matches `wanted`
+    (the server reads its CA entries every second), at most 15 s."""
+    deadline = time.monotonic() + 15
+    reply = ""
+    while time.monotonic() < deadline:
+        client = setup.client(cert)
+        try:
+            if "<mechanism>EXTERNAL</mechanism>" in client.starttls(DOMAIN):
+                reply = external(client)
+                if re.search(wanted, reply):
+                    return reply
+        finally:
+            client.close()
+        time.sleep(0.1)  # poll interval, not a synchronisation
+    raise AssertionError(f"no reply matching {wanted!r} within 15 s; last: {reply!r}")
+
+
+def test_directory_ca_and_crl(directory_ca: Setup) -> None:
+    """Issue 13, item 4: a CA certificate and CRL from the directory let a
+    client certificate in and keep a revoked one out; a CA entry removed
+    from the directory stops its certificates at the next read."""
+    external_reply_once_offered(directory_ca, "alice", "<success")
+    reply = external_reply_once_offered(directory_ca, "revoked", "<failure")
+    condition, text = failure(reply)
+    assert condition == "not-authorized"
+    assert re.fullmatch(r"the client certificate has been revoked on \d{4}-\d\d-\d\d", text)
+
+    edit_ldif(directory_ca.ldif_path,
+              lambda entries: [e for e in entries if "ou=cas" not in e.dn.lower()])
+    reply = external_reply_once_offered(directory_ca, "alice", "<failure")
+    condition, text = failure(reply)
+    assert condition == "not-authorized"
+    assert text.endswith("of the client certificate is not a trusted CA"), text

@@ -245,24 +245,59 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
 
-    async def ping() -> list[str]:
+    async def ping() -> tuple[list[str], list[str]]:
         from mlink.directory import open_directory
 
         directory = open_directory(config.directory)
         try:
             await directory.ping()
-            return await _exposed_secrets(directory)
+            return await _exposed_secrets(directory), await _fast_hashes(directory)
         finally:
             await directory.aclose()
 
     try:
-        exposed = trio.run(ping)
+        exposed, warnings = trio.run(ping)
     except DirectoryUnavailable as exc:
         raise CommandError(f"directory does not answer: {exc}") from None
     if exposed:
         raise CommandError(exposed[0])
+    for warning in warnings:
+        print(f"{config.path}: warning: {warning}")
     print(f"{config.path}: configuration valid; {config.directory.backend} directory answers")
     return 0
+
+
+# userPassword schemes an offline guess breaks at GPU speed.
+FAST_HASH_SCHEMES = frozenset({"", "{SSHA}", "{SHA}", "{SSHA256}", "{SSHA512}", "{MD5}",
+                               "{SMD5}", "{CLEARTEXT}"})
+
+
+async def _fast_hashes(directory: object) -> list[str]:
+    """A warning when users' password hashes are fast to crack (see
+    mlink.directory.password_hash): not a failure, since only the next
+    password change (LDAP) or login (embedded) can replace them."""
+    from mlink.directory.core import PortDirectory
+    from mlink.directory.embedded import EmbeddedPort
+
+    if not isinstance(directory, PortDirectory):
+        return []
+    try:
+        schemes = await directory.password_schemes()
+    except DirectoryError as exc:
+        log.debug("password scheme survey: %s", exc)
+        return []
+    fast = {scheme or "clear text": n for scheme, n in schemes.items()
+            if scheme in FAST_HASH_SCHEMES}
+    if not fast:
+        return []
+    listing = ", ".join(f"{n} {scheme}" for scheme, n in sorted(fast.items()))
+    if isinstance(directory.port, EmbeddedPort):
+        remedy = "each is replaced by an Argon2id hash at the user's next password login"
+    else:
+        remedy = ("set the directory's password hash to {ARGON2} (docs/ldap.md); each is "
+                  "replaced when the user next changes the password")
+    return [f"{sum(fast.values())} userPassword values are fast to crack ({listing}): "
+            f"{remedy}"]
 
 
 async def _exposed_secrets(directory: object) -> list[str]:

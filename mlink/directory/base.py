@@ -82,6 +82,15 @@ class DirectoryGroup:
     members: frozenset[str]  # bare JIDs (prepared, as mlink.jid gives them) of known users
 
 
+@dataclass(frozen=True, slots=True)
+class CertificateAuthority:
+    """A CA entry of the directory: its certificates and CRLs, DER."""
+
+    dn: str
+    certificates: tuple[bytes, ...] = ()
+    crls: tuple[bytes, ...] = ()
+
+
 class Directory(abc.ABC):
     """Users and their credentials, wherever they live."""
 
@@ -115,9 +124,11 @@ class Directory(abc.ABC):
         """Count a failed non-bind login (a wrong SCRAM proof) where the
         directory counts failures, so its lockout applies to every mechanism."""
 
-    async def renew_scram(self, jid: str, password: str) -> bool:
-        """After a successful password login: store fresh SCRAM secrets if
-        the stored ones are missing or stale. True if it wrote them."""
+    async def refresh_credentials(self, jid: str, password: str) -> bool:
+        """After a successful password login, bring what is stored of the
+        password up to date: an outdated `userPassword` hash replaced where
+        mlink hashes (the embedded directory), then fresh SCRAM secrets if
+        the stored ones are missing or stale. True if it wrote anything."""
         return False
 
     @abc.abstractmethod
@@ -187,6 +198,13 @@ class Directory(abc.ABC):
         """Bare JIDs of the users whose `userCertificate;binary` holds
         exactly `certificate` (DER), for SASL EXTERNAL's directory mapping.
         This default knows no certificates (test doubles)."""
+        return []
+
+    async def certificate_authorities(self, base: str) -> list[CertificateAuthority]:
+        """The CA entries under `base` (RFC 4523 `pkiCA` or
+        `certificationAuthority`): their `cACertificate;binary` and
+        `certificateRevocationList;binary` values, for SASL EXTERNAL's
+        trust and revocation checks. This default knows none."""
         return []
 
     async def changes(self, interval: float | None = None) -> AsyncIterator[list[Change]]:

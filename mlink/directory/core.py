@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import secrets as secrets_module
+from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from cryptography import x509
 from mlink.config_model import RosterGroupConfig
 from mlink.directory.base import (
     DERIVE_THREADS,
+    CertificateAuthority,
     Directory,
     DirectoryError,
     DirectoryGroup,
@@ -59,6 +61,7 @@ from mlink.directory.names import (
     normalize_dn,
     rdn_value,
 )
+from mlink.directory.password_hash import scheme_of
 from mlink.directory.policy import (
     POLICY_ATTRIBUTES,
     STATE_ATTRIBUTES,
@@ -103,6 +106,12 @@ BULK_TIMEOUT_FACTOR = 12
 USER_LOOKUP_LIMIT = 2
 # The attribute a user's certificates live in (RFC 4523), binary transfer.
 USER_CERTIFICATE = "userCertificate;binary"
+# RFC 4523 CA entries (pkiCA in OpenLDAP's core schema; the older
+# certificationAuthority from RFC 2256), and what SASL EXTERNAL reads of them.
+CA_FILTER = "(|(objectClass=pkiCA)(objectClass=certificationAuthority))"
+CA_ATTRIBUTES = ("cACertificate;binary", "certificateRevocationList;binary")
+# A deployment has a handful of issuing CAs; more is a mistaken base DN.
+CA_LOOKUP_LIMIT = 64
 # Users one certificate may map to: more is a directory mistake, refused.
 CERTIFICATE_LOOKUP_LIMIT = 8
 # Object classes of the group shapes `mlink.directory.groups` reads; a
@@ -296,18 +305,27 @@ class PortDirectory(Directory):
         if entry is not None:
             await self.port.bind(entry.dn, FAILURE_PASSWORD_PREFIX + secrets_token())
 
-    async def renew_scram(self, jid: str, password: str) -> bool:
+    async def refresh_credentials(self, jid: str, password: str) -> bool:
         """After a successful PLAIN login (a bind: the password is the
-        directory's current one): derive and store fresh SCRAM secrets when
-        the stored ones are missing, stale or unbound. True if renewed."""
+        directory's current one): rehash an outdated userPassword where the
+        port hashes passwords itself (the embedded file; an LDAP server
+        keeps its own hashes, see docs/ldap.md), then derive and store fresh
+        SCRAM secrets when the stored ones are missing, stale or unbound
+        (a rehash makes them unbound). True if anything was written."""
         attr = self.layout.scram_attribute
-        entry = await self._find(jid, [attr, "userPassword", "objectClass"])
+        wanted = [attr, "userPassword", "objectClass"]
+        entry = await self._find(jid, wanted)
         if entry is None:
             return False
+        rehashed = await self.port.upgrade_password_hash(entry.dn, password)
+        if rehashed:
+            entry = await self._find(jid, wanted)
+            if entry is None:
+                return True
         values = entry.get(attr)
         if binding_state(values, entry.get("userPassword")) == "bound" and all(
                 _pick_secret(values, m) is not None for m in HASHES):
-            return False
+            return rehashed
         secrets = await self._secrets(password)
         binding = binding_value(entry.get("userPassword"))
         await self.port.write([self._password_update(
@@ -380,9 +398,43 @@ class PortDirectory(Directory):
                 users.append(_text(jid).lower())
         return sorted(set(users))
 
+    async def certificate_authorities(self, base: str) -> list[CertificateAuthority]:
+        """CA entries under `base`, read with the `;binary` transfer option
+        RFC 4523 requires for certificates and CRLs (values stored without
+        it, as some tools do, are taken too)."""
+        try:
+            found = await self.port.search(base, Scope.SUBTREE, CA_FILTER,
+                                           list(CA_ATTRIBUTES), size_limit=CA_LOOKUP_LIMIT)
+        except NoSuchEntry:
+            log.error("directory: the CA entries' DN %r does not exist", base)
+            return []
+        except SizeLimitExceeded:
+            log.error("directory: more than %d CA entries under %r; none used",
+                      CA_LOOKUP_LIMIT, base)
+            return []
+        return [CertificateAuthority(
+            entry.dn,
+            tuple(_as_bytes(v) for name in ("cACertificate;binary", "cACertificate")
+                  for v in entry.get(name)),
+            tuple(_as_bytes(v) for name in ("certificateRevocationList;binary",
+                                            "certificateRevocationList")
+                  for v in entry.get(name)),
+        ) for entry in found]
+
     async def list_users(self) -> list[str]:
         entries = await self._all_users([self.layout.jid_attribute])
         return sorted(_text(e.get(self.layout.jid_attribute)[0]) for e in entries)
+
+    async def password_schemes(self) -> Counter[str]:
+        """How many users' userPassword values use each hash scheme ('' for
+        clear text), for `mlink check`: fast ones ({SSHA}) fall quickly to
+        an offline guess if the entries leak."""
+        counts: Counter[str] = Counter()
+        for entry in await self._all_users(["userPassword"]):
+            for value in entry.get("userPassword"):
+                text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+                counts[scheme_of(text)] += 1
+        return counts
 
     async def _all_users(self, attributes: list[str]) -> list[Entry]:
         """Every user entry that has a JID, read in pages."""

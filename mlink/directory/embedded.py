@@ -11,9 +11,10 @@ OpenLDAP is `slapadd -n1 -l directory.ldif` (after loading
 
 A user's RDN is `mail=<bare JID>`: unique across domains (two domains may
 share a localpart), and the JID attribute itself. `uid` holds the localpart,
-`cn`/`sn` start as the localpart, `userPassword` holds a `{SSHA}` hash (so a
-simple bind works after slapadd) and `authPassword` one RFC 5803 value per
-SCRAM mechanism. No clear password is ever stored.
+`cn`/`sn` start as the localpart, `userPassword` holds an Argon2id hash
+(`mlink.directory.password_hash`: slow to crack if the file leaks, and a
+simple bind works after slapadd into a slapd with its argon2 module) and
+`authPassword` one RFC 5803 value per SCRAM mechanism. No clear password is ever stored.
 
 `EmbeddedPort` implements `mlink.directory.port.DirectoryPort` over the file:
 searches evaluate RFC 4515 filters (`mlink.directory.filters`) over the
@@ -40,15 +41,12 @@ reported and the file now (adds, modifies and deletes alike).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import fcntl
-import hashlib
-import hmac
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +64,12 @@ from mlink.directory.names import (
     normalize_dn,
     parent_key,
     rdn_value,
+)
+from mlink.directory.password_hash import (
+    hash_password,
+    is_outdated,
+    scheme_of,
+    verify_password,
 )
 from mlink.directory.port import (
     DEFAULT_CHANGES_SECONDS,
@@ -88,7 +92,6 @@ from mlink.sasl.secrets import ScramSecret
 log = logging.getLogger(__name__)
 
 PEOPLE_RDN = "ou=People"
-SSHA_SALT_BYTES = 8
 # Attributes with an equality index: a login looks a user up by `mail`
 # (the JID attribute) and groups by `uid`; both are then dictionary lookups,
 # not a filter evaluated over every entry.
@@ -98,35 +101,6 @@ INDEXED_ATTRIBUTES = ("mail", "uid")
 THREAD_SEARCH_ENTRIES = 2000
 # The user schema applies to entries of this class.
 USER_CLASS = "inetorgperson"
-
-
-# --- password hashes -----------------------------------------------------
-
-
-def ssha_hash(password: str) -> str:
-    """A `{SSHA}` userPassword value (salted SHA-1), as slapd writes."""
-    salt = os.urandom(SSHA_SALT_BYTES)
-    digest = hashlib.sha1(password.encode("utf-8") + salt).digest()
-    return "{SSHA}" + base64.b64encode(digest + salt).decode("ascii")
-
-
-def verify_user_password(stored: str, password: str) -> bool:
-    """Check `password` against a `{SSHA}`/`{SHA}`/`{SSHA256}`/`{SSHA512}`
-    value; any other scheme (or clear text) is refused."""
-    schemes = {"{SSHA}": "sha1", "{SHA}": "sha1", "{SSHA256}": "sha256", "{SSHA512}": "sha512"}
-    for prefix, hash_name in schemes.items():
-        if stored[: len(prefix)].upper() == prefix:
-            try:
-                raw = base64.b64decode(stored[len(prefix) :], validate=True)
-            except ValueError:
-                return False
-            size = hashlib.new(hash_name).digest_size
-            digest, salt = raw[:size], raw[size:]
-            if prefix == "{SHA}" and salt:
-                return False
-            mine = hashlib.new(hash_name, password.encode("utf-8") + salt).digest()
-            return hmac.compare_digest(mine, digest)
-    return False
 
 
 # --- layout helpers ------------------------------------------------------
@@ -346,12 +320,14 @@ class EmbeddedPort(DirectoryPort):
             return await trio.to_thread.run_sync(
                 secret.matches_password, password, limiter=self._limiter
             )
-        for stored in entry.get("userPassword"):
-            if isinstance(stored, bytes):
-                stored = stored.decode("utf-8", "replace")
-            if verify_user_password(stored, password):
-                return True
-        return False
+        stored = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                  for v in entry.get("userPassword")]
+        if not stored:
+            return False
+        return await trio.to_thread.run_sync(
+            lambda: any(verify_password(value, password) for value in stored),
+            limiter=self._limiter,
+        )
 
     async def search(
         self,
@@ -410,8 +386,9 @@ class EmbeddedPort(DirectoryPort):
 
     # --- writing ----------------------------------------------------------
 
-    def _apply_sync(self, snap: _Snapshot, op: Operation) -> None:
-        """One operation on the working copy (worker thread, file locked)."""
+    def _apply_sync(self, snap: _Snapshot, op: Operation, hashes: Mapping[int, str]) -> None:
+        """One operation on the working copy (worker thread, file locked);
+        `hashes` holds the new userPassword of each PasswordModify, by id."""
         if isinstance(op, Add):
             key = normalize_dn(op.entry.dn)
             if key in snap.by_dn:
@@ -435,7 +412,7 @@ class EmbeddedPort(DirectoryPort):
         elif isinstance(op, PasswordModify):
             if not op.password:
                 raise DirectoryRefused("empty password")
-            entry.set("userPassword", [ssha_hash(op.password)])
+            entry.set("userPassword", [hashes[id(op)]])
         elif isinstance(op, Delete):
             if any(is_under(other, key) and other != key for other in snap.by_dn):
                 raise DirectoryRefused(f"{op.dn}: subordinate objects must be deleted first")
@@ -445,6 +422,7 @@ class EmbeddedPort(DirectoryPort):
     async def write(self, operations: Sequence[Operation]) -> None:
         """All of `operations` in one file write, or none of them."""
         operations = list(operations)
+        hashes = await self._hash_passwords(operations)
 
         def work() -> _Snapshot:
             with _file_lock(self.lock_path):
@@ -453,7 +431,7 @@ class EmbeddedPort(DirectoryPort):
                     snap = self._load_sync()
                 work_snap = _Snapshot.build(snap.signature, [e.copy() for e in snap.entries])
                 for op in operations:
-                    self._apply_sync(work_snap, op)
+                    self._apply_sync(work_snap, op, hashes)
                 _atomic_write(self.path, ldif.dumps(work_snap.entries, header=_HEADER))
                 return _Snapshot.build(_signature(self.path), work_snap.entries)
 
@@ -464,6 +442,54 @@ class EmbeddedPort(DirectoryPort):
                 raise DirectoryError(f"cannot write {self.path}: {exc}") from exc
         self._written.set()
         self._written = trio.Event()
+
+    async def _hash_passwords(self, operations: Sequence[Operation]) -> dict[int, str]:
+        """The new userPassword hash of every PasswordModify, computed in
+        worker threads side by side before the file is locked: Argon2 is
+        slow by design, and an import of many users must not hold the lock
+        (or one core) for all of them in turn."""
+        hashes: dict[int, str] = {}
+
+        async def one(op: PasswordModify) -> None:
+            hashes[id(op)] = await trio.to_thread.run_sync(
+                hash_password, op.password, limiter=self._limiter)
+
+        wanted = [op for op in operations if isinstance(op, PasswordModify) and op.password]
+        async with trio.open_nursery() as nursery:
+            for op in wanted:
+                nursery.start_soon(one, op)
+        return hashes
+
+    async def upgrade_password_hash(self, dn: str, password: str) -> bool:
+        """Replace an outdated userPassword hash (`{SSHA}`, weaker Argon2)
+        of `dn` by a fresh one of `password`, which just logged in and which
+        the old hash must match. Only the hash changes; nothing else of the
+        entry. True if replaced."""
+        entry = (await self._current()).by_dn.get(normalize_dn(dn))
+        if entry is None:
+            return False
+        stored = [v.decode("utf-8", "replace") if isinstance(v, bytes) else v
+                  for v in entry.get("userPassword")]
+        if not stored or not any(is_outdated(value) for value in stored):
+            return False
+
+        def rehash() -> str | None:
+            # Only the password the stored hash holds: a caller's mistake
+            # must not replace a user's password.
+            if not any(verify_password(value, password) for value in stored):
+                return None
+            return hash_password(password)
+
+        fresh = await trio.to_thread.run_sync(rehash, limiter=self._limiter)
+        if fresh is None:
+            return False
+        # The old values named exactly: if the password changed meanwhile,
+        # the delete fails and the newer password stays.
+        await self.modify(dn, [Modification("delete", "userPassword", tuple(stored)),
+                               Modification("add", "userPassword", (fresh,))])
+        log.info("userPassword of %s rehashed with Argon2id (was %s)", dn,
+                 ", ".join(sorted({scheme_of(v) or "clear text" for v in stored})))
+        return True
 
     # --- the change feed ------------------------------------------------------
 

@@ -208,6 +208,14 @@ class DirectoryPort(abc.ABC):
         """Set `userPassword` through the server (RFC 3062)."""
         await self.write([PasswordModify(dn, password)])
 
+    async def upgrade_password_hash(self, dn: str, password: str) -> bool:
+        """Where the port hashes passwords itself: replace an outdated
+        `userPassword` hash of `dn` by a fresh one of `password` (which has
+        just logged in), changing nothing else. True if replaced. An LDAP
+        server keeps the hashes its own policy wrote: rewriting one there
+        would restart the password's age (ppolicy pwdChangedTime)."""
+        return False
+
     @abc.abstractmethod
     def changes(self, base: str, interval: float = DEFAULT_CHANGES_SECONDS
                 ) -> AsyncIterator[list[Change]]:

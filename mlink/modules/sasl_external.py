@@ -22,15 +22,29 @@ text ("the client certificate expired on ...") instead of a TLS alert:
    JID must have an entry in the directory (implicit authorisation: a valid
    certificate for an unknown user is refused).
 
-Not done here: CRLs and CA certificates read from the directory
-(`certificateRevocationList;binary`, `cACertificate` on CA entries), and
-client certificates on `websocket-tls` listeners.
+With `<ca-base>`, the CA entries under that DN in the directory (RFC 4523
+`pkiCA`/`certificationAuthority`) add their `cACertificate;binary` to the
+CAs the TLS handshake accepts and their `certificateRevocationList;binary`
+to the CRLs; they are read at start and again every `<ca-refresh>` seconds
+or as soon as a CRL read from them passes its nextUpdate. A CA entry
+removed from the directory is refused from the next read on (the issuer
+check above), even though the TLS handshake still accepts it until a reload.
+
+An account that is disabled or locked by an administrator (the directory's
+lasting verdict: `disabled-filter`, a permanent `pwdAccountLockedTime`) is
+refused whatever its certificate (`account-disabled`). The password's own
+state (expiry, a timed lockout after wrong passwords) does not stop a
+certificate login: the password is not what is presented.
+
+Not done here: client certificates on `websocket-tls` listeners.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +52,10 @@ from typing import Any
 import trio
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
-from mlink.config_schema import Invalid, Kind, ParseEnv, PathKind, Str, option
-from mlink.directory.base import DirectoryUnavailable
+from mlink.config_schema import DN, Invalid, Kind, ParseEnv, PathKind, PositiveFloat, Str, option
+from mlink.directory.base import CertificateAuthority, DirectoryUnavailable
 from mlink.jid import InvalidJID, parse_jid
 from mlink.module import Module
 from mlink.sasl.events import Challenge, Failure, Success
@@ -64,6 +79,9 @@ REVOCATION_MODES = ("hard", "soft")
 # A CRL without nextUpdate (RFC 5280 requires one, some CAs omit it) is
 # trusted for this long after it was read, then read again.
 CRL_MAX_AGE = 3600.0
+# How often the CA entries of the directory are read again by default: a CA
+# added or a certificate revoked there is seen within this many seconds.
+DEFAULT_CA_REFRESH = 300.0
 # DER tag and long-form length bit, for the UTF8String inside an xmppAddr.
 DER_UTF8STRING = 0x0C
 DER_LONG_LENGTH = 0x80
@@ -122,11 +140,22 @@ class Options:
         "hard", kind=Revocation(),
         doc="`hard`: a certificate whose issuer has no current CRL is refused "
             "(temporary-auth-failure). `soft`: it is let in, with a warning in the log.")
+    ca_base: str = option(
+        "", xml="ca-base", kind=DN(), default_doc="none",
+        doc="A DN under which the directory holds CA entries (RFC 4523 `pkiCA` or "
+            "`certificationAuthority`): their `cACertificate;binary` are accepted as client "
+            "CAs besides `<client-ca>`, and their `certificateRevocationList;binary` used "
+            "as CRLs besides `<crl>`.")
+    ca_refresh: float = option(
+        DEFAULT_CA_REFRESH, xml="ca-refresh", kind=PositiveFloat(),
+        doc="Seconds between two reads of the CA entries under `<ca-base>` (sooner when "
+            "a CRL read from them passes its nextUpdate).")
 
     def __post_init__(self) -> None:
-        if not self.crl and self.revocation == "hard":
-            raise ValueError("no <crl> and <revocation> is hard: every certificate would be "
-                             "refused; give <crl> files, or <revocation>soft</revocation>")
+        if not self.crl and not self.ca_base and self.revocation == "hard":
+            raise ValueError("no <crl> or <ca-base> and <revocation> is hard: every "
+                             "certificate would be refused; give <crl> files or a "
+                             "<ca-base>, or <revocation>soft</revocation>")
 
 
 OPTIONS = Options
@@ -318,47 +347,50 @@ class Trust:
         return loaded
 
     def issuer_of(self, cert: x509.Certificate, ca_files: tuple[Path, ...],
-                  now: dt.datetime) -> x509.Certificate | None:
-        """The configured CA certificate that signed `cert`, or None."""
+                  now: dt.datetime, more: Sequence[x509.Certificate] = ()
+                  ) -> x509.Certificate | None:
+        """The CA certificate (from the files, or `more` from the
+        directory) that signed `cert`, or None."""
         with self._lock:
-            for path in ca_files:
-                for ca in self._get(path, now, crl=False).certs:
-                    if ca.subject != cert.issuer:
-                        continue
-                    try:
-                        cert.verify_directly_issued_by(ca)
-                    except (ValueError, TypeError, InvalidSignature):
-                        continue
-                    return ca
+            cas = [ca for path in ca_files for ca in self._get(path, now, crl=False).certs]
+        for ca in [*cas, *more]:
+            if ca.subject != cert.issuer:
+                continue
+            try:
+                cert.verify_directly_issued_by(ca)
+            except (ValueError, TypeError, InvalidSignature):
+                continue
+            return ca
         return None
 
-    def revocation(self, cert: x509.Certificate, issuer: x509.Certificate | None,
-                   crl_files: tuple[Path, ...], now: dt.datetime) -> tuple[str, str]:
+    def revocation(self, cert: x509.Certificate, issuer: x509.Certificate,
+                   crl_files: tuple[Path, ...], now: dt.datetime,
+                   more: Sequence[x509.CertificateRevocationList] = ()) -> tuple[str, str]:
         """("good" | "revoked" | "unknown", why) for `cert` from the CRLs of
-        its issuer that are signed by it and current."""
+        its issuer (the files', then `more` from the directory) that are
+        signed by it and current."""
         who = cert.issuer.rfc4514_string()
-        if issuer is None:
-            return "unknown", f"the issuer {who} is not among the configured CAs"
         stale_since: dt.datetime | None = None
         with self._lock:
+            crls: list[x509.CertificateRevocationList] = []
             for path in crl_files:
                 try:
-                    loaded = self._get(path, now, crl=True)
+                    crls += self._get(path, now, crl=True).crls
                 except (OSError, ValueError):
                     continue  # unreadable: as if absent, hard or soft decides
-                for crl in loaded.crls:
-                    if crl.issuer != cert.issuer or not _signed_by(crl, issuer):
-                        continue
-                    next_update = crl.next_update_utc
-                    if next_update is not None and now >= next_update:
-                        stale_since = next_update
-                        continue
-                    if crl.last_update_utc > now:
-                        continue
-                    entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
-                    if entry is not None:
-                        return "revoked", (f"revoked on {entry.revocation_date_utc:%Y-%m-%d}")
-                    return "good", ""
+        for crl in [*crls, *more]:
+            if crl.issuer != cert.issuer or not _signed_by(crl, issuer):
+                continue
+            next_update = crl.next_update_utc
+            if next_update is not None and now >= next_update:
+                stale_since = next_update
+                continue
+            if crl.last_update_utc > now:
+                continue
+            entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
+            if entry is not None:
+                return "revoked", (f"revoked on {entry.revocation_date_utc:%Y-%m-%d}")
+            return "good", ""
         if stale_since is not None:
             return "unknown", f"the CRL of {who} is out of date since {stale_since:%Y-%m-%d %H:%M}"
         return "unknown", f"no CRL of {who}"
@@ -381,11 +413,75 @@ def _signed_by(crl: x509.CertificateRevocationList, issuer: x509.Certificate) ->
         return False
 
 
+class DirectoryCAs:
+    """The CA certificates and CRLs read from the directory's CA entries,
+    kept until `due` says to read them again. Bad values are left out with
+    a log line naming the entry."""
+
+    def __init__(self) -> None:
+        self.read_at: float | None = None  # trio.current_time() of the last read
+        self.certificates: list[x509.Certificate] = []
+        self.crls: list[x509.CertificateRevocationList] = []
+
+    def due(self, now: float, refresh: float, wall: dt.datetime) -> bool:
+        if self.read_at is None or now - self.read_at >= refresh:
+            return True
+        return any(crl.next_update_utc is not None and wall >= crl.next_update_utc
+                   for crl in self.crls)
+
+    def replace(self, found: Sequence[CertificateAuthority], now: float,
+                log: logging.Logger) -> None:
+        certificates, crls = [], []
+        for ca in found:
+            for der in ca.certificates:
+                try:
+                    certificates.append(x509.load_der_x509_certificate(der))
+                except ValueError:
+                    log.warning("CA entry %s: a cACertificate value is not a DER "
+                                "certificate; left out", ca.dn)
+            for der in ca.crls:
+                try:
+                    crls.append(_load_crl(der))
+                except ValueError:
+                    log.warning("CA entry %s: a certificateRevocationList value is not a "
+                                "CRL; left out", ca.dn)
+        self.certificates, self.crls, self.read_at = certificates, crls, now
+
+
 # -- the credential source -------------------------------------------------------------
 
 
 def setup(module: Module) -> None:
     trust = Trust()
+    directory_cas = DirectoryCAs()
+    reading = trio.Lock()
+
+    async def read_directory_cas(force: bool = False) -> None:
+        """Read the CA entries when due (or `force`d), and hand their
+        certificates to the TLS listeners. A directory that does not
+        answer leaves the previous ones in place (the CRLs among them
+        then go stale, and `revocation` decides)."""
+        options: Options = module.options
+        if not options.ca_base:
+            return
+        async with reading:
+            now, wall = trio.current_time(), dt.datetime.now(dt.UTC)
+            if not force and not directory_cas.due(now, options.ca_refresh, wall):
+                return
+            try:
+                found = await module.directory.certificate_authorities(options.ca_base)
+            except DirectoryUnavailable as exc:
+                module.log.warning("CA entries under %s not read: %s", options.ca_base, exc)
+                directory_cas.read_at = now  # not again at every login
+                return
+            directory_cas.replace(found, now, module.log)
+            module.trust_client_cas([c.public_bytes(serialization.Encoding.DER)
+                                     for c in directory_cas.certificates])
+
+    async def keep_directory_cas() -> None:
+        while True:
+            await read_directory_cas(force=True)
+            await trio.sleep(module.options.ca_refresh)
 
     def refuse(subject: str, condition: str, text: str) -> Verdict:
         module.log.info("EXTERNAL refused for certificate %s: %s", subject, text)
@@ -417,13 +513,20 @@ def setup(module: Module) -> None:
             return refuse(subject, "not-authorized", "the client certificate is not valid "
                           f"before {cert.not_valid_before_utc:%Y-%m-%d}")
         ca_files = module.config.tls.client_cas
-        issuer = await trio.to_thread.run_sync(trust.issuer_of, cert, ca_files, now)
-        if issuer is not None and not (issuer.not_valid_before_utc <= now
-                                       <= issuer.not_valid_after_utc):
+        await read_directory_cas()
+        issuer = await trio.to_thread.run_sync(trust.issuer_of, cert, ca_files, now,
+                                               directory_cas.certificates)
+        if issuer is None:
+            # The handshake accepted it, so its CA was trusted once: taken
+            # out of the directory (or an intermediate CA, not supported).
+            return refuse(subject, "not-authorized",
+                          f"the issuer {cert.issuer.rfc4514_string()} of the client "
+                          "certificate is not a trusted CA")
+        if not (issuer.not_valid_before_utc <= now <= issuer.not_valid_after_utc):
             return refuse(subject, "credentials-expired",
                           "the certificate of the issuing CA is out of its validity period")
         status, why = await trio.to_thread.run_sync(
-            trust.revocation, cert, issuer, options.crl, now)
+            trust.revocation, cert, issuer, options.crl, now, directory_cas.crls)
         if status == "revoked":
             return refuse(subject, "not-authorized", f"the client certificate has been {why}")
         if status == "unknown":
@@ -454,8 +557,14 @@ def setup(module: Module) -> None:
                                   "the client certificate is valid for several accounts ("
                                   + ", ".join(chosen) + "): name one as the authzid")
                 target = chosen[0]
-            if not await module.directory.user_exists(target):
+            verdict = await module.directory.account_verdict(target)
+            if verdict is None:
                 return refuse(subject, "not-authorized", f"there is no account {target}")
+            if verdict.refused and verdict.lasting:
+                # Disabled or locked by an administrator: no way in. (A timed
+                # lockout after wrong passwords is about the password.)
+                return refuse(subject, verdict.condition or "account-disabled",
+                              verdict.text or f"the account {target} is disabled")
         except DirectoryUnavailable:
             return UNAVAILABLE
         module.log.info("EXTERNAL: certificate %s accepted for %s", subject, target)
@@ -463,3 +572,5 @@ def setup(module: Module) -> None:
 
     module.add_sasl_mechanism(ExternalProvider())
     module.add_credential_source(CERTIFICATE_KIND, judge)
+    if module.options.ca_base:
+        module.spawn(keep_directory_cas)

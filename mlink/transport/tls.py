@@ -29,24 +29,38 @@ class ServerTLS:
         # TLS 1.0/1.1 are deprecated (RFC 8996); 1.2 is the floor.
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(certificate), str(key))
-        if client_cas:
-            # Client certificates (SASL EXTERNAL): asked for, never required,
-            # so a client without one still logs in with SCRAM or PLAIN. A
-            # certificate sent is verified against these CAs only (not the
-            # system store); its dates and revocation are judged at SASL
-            # time, where the refusal can say why.
-            ctx.verify_mode = ssl.CERT_OPTIONAL
-            for ca in client_cas:
-                ctx.load_verify_locations(cafile=str(ca))
-            ctx.verify_flags |= VERIFY_NO_CHECK_TIME
         ctx.set_alpn_protocols([ALPN_C2S])
         self.context = ctx
+        for ca in client_cas:
+            self._ask_for_client_certificates()
+            ctx.load_verify_locations(cafile=str(ca))
         der = ssl.PEM_cert_to_DER_cert(_first_pem(certificate.read_text()))
         try:
             self._end_point: bytes | None = tls_server_end_point(der)
         except UnsupportedCertificate:
             self._end_point = None
             log.info("certificate signature has no hash: tls-server-end-point not offered")
+
+    def _ask_for_client_certificates(self) -> None:
+        """Client certificates (SASL EXTERNAL): asked for, never required,
+        so a client without one still logs in with SCRAM or PLAIN. A
+        certificate sent is verified against the client CAs only (not the
+        system store); its dates and revocation are judged at SASL time,
+        where the refusal can say why."""
+        self.context.verify_mode = ssl.CERT_OPTIONAL
+        self.context.verify_flags |= VERIFY_NO_CHECK_TIME
+
+    def trust_client_cas(self, certificates: Sequence[bytes]) -> None:
+        """Also accept client certificates issued by these CAs (DER), from
+        now on (CA certificates held in the directory). OpenSSL's store
+        only grows: a CA removed is still accepted by the handshake until
+        the next reload, so whoever supplies CAs must also refuse at SASL
+        time what no current CA issued."""
+        if not certificates:
+            return
+        self._ask_for_client_certificates()
+        for der in certificates:
+            self.context.load_verify_locations(cadata=der)
 
     def channel_binding(self, ssl_object: ssl.SSLObject) -> dict[str, bytes]:
         """Binding data for one established connection, by type name."""
