@@ -149,7 +149,13 @@ class ClientConnection:
         return True
 
     def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
-        """`deliver` for a stanza kept as bytes: no tree, no serialisation."""
+        """`deliver` for a stanza kept as bytes: no tree, no serialisation.
+        A stream whose modules watch its output (stream management counts
+        and keeps every stanza, client state indication holds some) or
+        that is held for resumption takes the tree path, so none of that
+        is bypassed."""
+        if self.filters or self.tap is not None or self._held:
+            return self.deliver(stanza.element(), keep)
         if self._closing:
             return False
         data = self.xmpp.framing.wire(stanza)
@@ -244,7 +250,7 @@ class ClientConnection:
             if self.tap is not None and not self._taken:
                 # Everything the client did not confirm, written or not (a
                 # superset of the unwritten orphans, in order).
-                self._orphans = self.tap.unacked()
+                self._orphans = [*self.tap.unacked()]
             if self._bound:
                 self._bound = False
                 await self.server.session_ended(self)
