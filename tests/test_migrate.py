@@ -4,8 +4,9 @@ passwords and find their rosters; bad files are one line and exit 2 with
 nothing imported; an mlink export moves users and their offline messages
 to another mlink, and back into Prosody.
 
-The Prosody files in tests/data/xep0227 were written by Prosody 0.12's
-`prosody-migrator` (see make_exports.py there, which says how)."""
+The files in tests/data/xep0227 were written by Prosody 0.12's
+`prosody-migrator` and ejabberd 23.01's `export_piefxis` (make_exports.py
+there made them; README.md says how)."""
 
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def plain_login_fails(server: MlinkProcess, ca_file: Path, user: str, password: 
 
 
 @pytest.mark.parametrize(("export", "mechanism"), [("prosody-sha1", "SCRAM-SHA-1"),
-                                                   ("prosody-sha256", "SCRAM-SHA-256")])
+                                                   ("prosody-sha256", "SCRAM-SHA-256"),
+                                                   ("ejabberd", "SCRAM-SHA-1")])
 def test_prosody_users_log_in_with_old_passwords_and_see_their_rosters(
         tmp_path: Path, cert_files, ca_file, export: str, mechanism: str) -> None:
     with start_mlink(tmp_path / "s", DOMAIN, cert_files) as server:
@@ -125,6 +127,12 @@ def test_prosody_users_log_in_with_old_passwords_and_see_their_rosters(
             lambda s: s.tag == f"{{{CLIENT_NS}}}presence" and s.get("type") == "subscribe",
             "alice's subscription request")
         assert request.get("from", "").startswith("alice@localhost")
+        if export == "ejabberd":
+            # ejabberd exports offline messages (Prosody 0.12's migrator cannot).
+            message = carol_client.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}message",
+                                          "alice's offline message")
+            assert (message.get("from"), body_of(message)) == \
+                ("alice@localhost/mig", "Tea at five?")
         carol_client.close()
 
 
@@ -165,6 +173,10 @@ BAD_FILES = {
     "no credentials": (pie("<user name='amy'/>"), 4, "neither a password nor SCRAM"),
     "duplicate user": (pie(GOOD_USER), 4, "given twice"),
     "not pie": ("<roster/>", 1, "not a XEP-0227 file"),
+    "include outside": ("<server-data xmlns='urn:xmpp:pie:0' "
+                        "xmlns:xi='http://www.w3.org/2001/XInclude'>\n"
+                        "<xi:include href='/etc/passwd'/></server-data>", 2,
+                        "only a file name beside this file is followed"),
 }
 
 
@@ -235,7 +247,7 @@ def test_an_mlink_export_imports_back_into_prosody(tmp_path: Path) -> None:
     with prosodyproc.running(setup):
         assert prosodyproc.login_ok(setup, "alice", OLD["alice@localhost"])
         assert not prosodyproc.login_ok(setup, "alice", "not-the-password")
-        client = prosodyproc.ProsodyClient(setup, "alice", OLD["alice@localhost"])
+        client = prosodyproc.PlainClient(setup.port, DOMAIN, "alice", OLD["alice@localhost"])
         reply = client.iq("r", f"<iq type='get' id='r'><query xmlns='{ROSTER_NS}'/></iq>")
         client.close()
     assert "bob@localhost" in reply and "Friends" in reply and "subscription='both'" in reply

@@ -73,6 +73,7 @@ CLIENT_NS = "jabber:client"
 ROSTER_NS = "jabber:iq:roster"
 PRIVATE_NS = "jabber:iq:private"
 VCARD_NS = "vcard-temp"
+XINCLUDE = "{http://www.w3.org/2001/XInclude}include"
 
 # An export bigger than this is refused before it is parsed: the whole
 # tree is held in memory while it is checked (roughly ten times the file).
@@ -127,7 +128,7 @@ class ImportPlan:
 
     users: dict[str, UserData] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
-    warnings: list[str] = field(default_factory=list)
+    read_files: set[Path] = field(default_factory=set)
 
 
 class _Lines:
@@ -339,6 +340,14 @@ def _parse_scram(ctx: _Context, user: UserData, elem: ET.Element) -> None:
         raise ctx.fail(elem, f"scram-credentials iteration count {iterations} outside "
                              f"{MIN_ITERATIONS}..{MAX_ITERATIONS}")
     salt, stored, server = b64("salt"), b64("stored-key"), b64("server-key")
+    if len(stored) not in KEY_BYTES:
+        # ejabberd 23.01's export_piefxis base64-encodes the base64 text it
+        # stores, for the keys and the salt alike: decode all three again.
+        try:
+            salt, stored, server = (base64.b64decode(v, validate=True)
+                                    for v in (salt, stored, server))
+        except (binascii.Error, ValueError):
+            pass  # not that: reported as the wrong key length below
     mechanism = KEY_BYTES.get(len(stored))
     if mechanism is None or len(server) != len(stored) or label not in HASHES:
         raise ctx.fail(elem, f"scram-credentials {label!r} with {len(stored)}-byte keys: "
@@ -363,26 +372,57 @@ def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
-def _read_file(path: Path, domains: frozenset[str], plan: ImportPlan) -> None:
+def _read_file(path: Path, domains: frozenset[str], plan: ImportPlan,
+               host_only: bool = False) -> None:
+    """One file: `<server-data>` (Prosody, and ejabberd's index file), or
+    a `<host>` (the per-host files ejabberd's index includes)."""
+    plan.read_files.add(path.resolve())
     root, lines = _parse(path)
     ctx = _Context(path, lines, domains, plan)
-    if root.tag != _q(PIE_NS, "server-data"):
+    if root.tag == _q(PIE_NS, "host"):
+        _read_host(ctx, root)
+        return
+    if host_only or root.tag != _q(PIE_NS, "server-data"):
+        expected = "<host>" if host_only else f"<server-data xmlns='{PIE_NS}'>"
         raise ctx.fail(root, f"not a XEP-0227 file: the root is <{_local(root.tag)}>, "
-                             f"not <server-data xmlns='{PIE_NS}'>")
+                             f"not {expected}")
     for host in root:
-        if host.tag != _q(PIE_NS, "host"):
+        if host.tag == XINCLUDE:
+            _include(ctx, host)
+        elif host.tag == _q(PIE_NS, "host"):
+            _read_host(ctx, host)
+        else:
             raise ctx.fail(host, f"unexpected <{_local(host.tag)}> in <server-data>")
-        domain = (host.get("jid") or "").strip().lower()
-        if not domain:
-            raise ctx.fail(host, "<host> without a jid")
-        if domain not in domains:
-            raise ctx.fail(host, f"host {domain} is not a domain this server serves "
-                                 f"({', '.join(sorted(domains))})")
-        for elem in host:
-            if elem.tag != _q(PIE_NS, "user"):
-                plan.skipped[_local(elem.tag)] += 1  # host data: rooms, pubsub
-                continue
-            _read_user(ctx, domain, elem)
+
+
+def _include(ctx: _Context, elem: ET.Element) -> None:
+    """ejabberd's `export_piefxis` index: `<xi:include href='..._host.xml'/>`,
+    a file beside it. Only a plain file name is followed (no path, no
+    URL: an import reads nothing the administrator did not point it at)."""
+    href = elem.get("href") or ""
+    if not href or "/" in href or "\\" in href or href.startswith(".") or ":" in href:
+        raise ctx.fail(elem, f"xi:include of {href!r}: only a file name beside this file "
+                             "is followed")
+    target = ctx.path.parent / href
+    if target.resolve() in ctx.plan.read_files:
+        return  # a directory import read it already
+    if not target.is_file():
+        raise ctx.fail(elem, f"xi:include of {href!r}: no such file beside this one")
+    _read_file(target, ctx.domains, ctx.plan, host_only=True)
+
+
+def _read_host(ctx: _Context, host: ET.Element) -> None:
+    domain = (host.get("jid") or "").strip().lower()
+    if not domain:
+        raise ctx.fail(host, "<host> without a jid")
+    if domain not in ctx.domains:
+        raise ctx.fail(host, f"host {domain} is not a domain this server serves "
+                             f"({', '.join(sorted(ctx.domains))})")
+    for elem in host:
+        if elem.tag != _q(PIE_NS, "user"):
+            ctx.plan.skipped[_local(elem.tag)] += 1  # host data: rooms, pubsub
+            continue
+        _read_user(ctx, domain, elem)
 
 
 def _read_user(ctx: _Context, domain: str, elem: ET.Element) -> None:
@@ -427,7 +467,8 @@ def read_plan(path: Path, domains: frozenset[str]) -> ImportPlan:
     """Parse and check every file; MigrationError at the first problem."""
     plan = ImportPlan()
     for file in _files(path):
-        _read_file(file, domains, plan)
+        if file.resolve() not in plan.read_files:  # not included by an index read before
+            _read_file(file, domains, plan)
     return plan
 
 
