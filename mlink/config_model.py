@@ -46,6 +46,7 @@ from mlink.config_schema import (
     RedirectURI,
     SimpleFilter,
     Str,
+    WebSocketURL,
     absolute_path,
     attr,
     base_dn_for_domain,
@@ -340,6 +341,15 @@ class WebSocketConfig(Frozen):
             "TLS-terminating reverse proxy. A plain `ws://` stream from it counts as encrypted "
             "(see [WebSocket listeners](#websocket-listeners)), and host-meta believes its "
             "`X-Forwarded-Proto: https` when writing `wss://` links.",
+    )
+    public_url: str | None = attr(
+        "public-url", None, kind=WebSocketURL(),
+        default_doc="`ws(s)://<domain>:<port>/xmpp-websocket` of the listener asked",
+        doc="The WebSocket URL host-meta (XEP-0156) gives clients, e.g. "
+            "`wss://chat.example.org/xmpp-websocket` behind a reverse proxy. Unset, the link "
+            "is built from the served domain the request's `Host` names (else the first "
+            "domain) and the listener's own port and scheme — never from an arbitrary "
+            "`Host` header, which would let anyone point clients elsewhere.",
     )
     see_other_uri: str | None = attr(
         "see-other-uri", None, kind=RedirectURI(), default_doc="none",
@@ -1030,6 +1040,14 @@ class Config(Frozen):
         kind=Choice(LOG_LEVELS, "'level' on <log> must be one of {hint}", lower=True),
         doc="`debug`, `info`, `warning`, `error` or `critical` (case-insensitive). Applies "
             "live on reload.",
+    )
+
+    log_file: Path | None = attr(
+        "file", None, kind=PathKind(), element="log", default_doc="standard error",
+        doc="Write the log to this file (appended; relative to the configuration file) "
+            "instead of standard error, which is what journald collects under systemd. "
+            "SIGUSR1 makes the server reopen it after logrotate moved it away. Needs a "
+            "restart to change.",
     )
 
     def __post_init__(self) -> None:

@@ -421,6 +421,18 @@ class RedirectURI(Str):
         return uri
 
 
+class WebSocketURL(Str):
+    """A ws:// or wss:// URL that clients are told to use (host-meta)."""
+
+    def parse(self, raw: str, env: ParseEnv) -> str:
+        url = super().parse(raw, env)
+        scheme, sep, rest = url.partition("://")
+        if scheme.lower() not in ("ws", "wss") or not sep or not rest.strip("/") or any(
+                c.isspace() or c in "<>'\"\\{}" for c in url):
+            raise Invalid(f"must be a ws:// or wss:// URL: {url!r}")
+        return url
+
+
 def kind_for_type(annotation: Any) -> Kind:
     """The kind of a plain typed field (module options without `option()`)."""
     name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")

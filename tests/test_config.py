@@ -240,6 +240,12 @@ BAD_FILES = [
         "no certificate",
     ),
     ("stray text", BASE + '<listen type="c2s">5222</listen>\n</mlink>', 4, "takes no text"),
+    (
+        "public url not websocket",
+        BASE + '<listen type="c2s"/>\n<websocket public-url="https://x/y"/>\n</mlink>',
+        5,
+        "must be a ws:// or wss:// URL",
+    ),
     ("log level", BASE + '<listen type="c2s"/>\n<log level="loud"/>\n</mlink>', 5, "level"),
     ("root", '<?xml version="1.0"?>\n<prosody/>', 2, "root element"),
     ("namespaced", '<mlink xmlns="urn:x">\n<domain>a</domain>\n</mlink>', 1, "root element"),

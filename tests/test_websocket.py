@@ -343,6 +343,18 @@ def test_host_meta(embedded_server: MlinkProcess) -> None:
     assert jrd == {"links": [{"rel": "urn:xmpp:alt-connections:websocket", "href": href}]}
 
 
+def test_host_meta_ignores_a_foreign_host(embedded_server: MlinkProcess) -> None:
+    """Issue 18: a Host header naming another site does not make host-meta
+    send clients there; the link names the served domain and this port."""
+    assert embedded_server.ws_port is not None
+    status, _, body = http_request(
+        embedded_server.ws_port,
+        b"GET /.well-known/host-meta.json HTTP/1.1\r\nHost: evil.example\r\n\r\n")
+    assert status == 200
+    href = json.loads(body)["links"][0]["href"]
+    assert href == f"ws://localhost:{embedded_server.ws_port}/xmpp-websocket"
+
+
 def test_host_meta_needs_a_sane_host(embedded_server: MlinkProcess) -> None:
     assert embedded_server.ws_port is not None
     status, _, body = http_request(

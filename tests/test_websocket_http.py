@@ -9,6 +9,8 @@ h11's client side, then end of input."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,6 +256,20 @@ async def test_host_meta_in_process(endpoint: WebSocketEndpoint,
     response, body = parse_response(data, method=b"HEAD")
     assert response.status_code == 200 and body == b""
     assert int(header(response, b"content-length") or 0) > 0
+
+
+async def test_host_meta_names_the_configured_public_url(
+        endpoint: WebSocketEndpoint, autojump_clock: trio.testing.MockClock) -> None:
+    """Behind a reverse proxy the administrator names the public URL, and
+    host-meta gives exactly that, whatever the request's Host."""
+    public = "wss://chat.example.org/xmpp-websocket"
+    config = endpoint.server.config
+    endpoint.server.config = dataclasses.replace(
+        config, websocket=dataclasses.replace(config.websocket, public_url=public))
+    data, _ = await converse(endpoint, GET_JSON.replace(b"Host: localhost", b"Host: evil.example"))
+    response, body = parse_response(data)
+    assert response.status_code == 200
+    assert json.loads(body)["links"][0]["href"] == public
 
 
 async def test_pipelined_requests_get_one_response(

@@ -165,6 +165,7 @@ class WebSocketEndpoint:
         """Serve one accepted TCP connection until it ends."""
         try:
             peer = parse_ip(stream.socket.getpeername()[0])
+            local_port = int(stream.socket.getsockname()[1])
         except OSError:
             await stream.aclose()
             return
@@ -184,10 +185,11 @@ class WebSocketEndpoint:
             assert self.server.tls is not None
             # trio's SSLStream does not forward the SSLObject; see tls_exporter.
             channel_binding = self.server.tls.channel_binding(ssl_stream._ssl_object)
-        await self.serve_http(transport, peer, channel_binding)
+        await self.serve_http(transport, peer, channel_binding, local_port)
 
     async def serve_http(self, stream: trio.abc.Stream, peer: IPAddress | None,
-                         channel_binding: dict[str, bytes] | None = None) -> None:
+                         channel_binding: dict[str, bytes] | None = None,
+                         local_port: int | None = None) -> None:
         """Answer one request on `stream` (already decrypted) from `peer`,
         then close it: a WebSocket session, host-meta, or an HTTP error."""
         conn = HTTPConnection()
@@ -205,7 +207,7 @@ class WebSocketEndpoint:
                     self.check_upgrade(request)
                     await self._upgrade(stream, conn.raw, peer, channel_binding or {})
                     return
-                body, content_type = self.discovery(request, peer)
+                body, content_type = self.discovery(request, peer, local_port)
                 reply = conn.response(200, body, content_type,
                                       (("Access-Control-Allow-Origin", "*"),))
             except HTTPError as exc:
@@ -221,28 +223,45 @@ class WebSocketEndpoint:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
 
-    def discovery(self, request: Request, peer: IPAddress | None) -> tuple[bytes, str]:
+    def discovery(self, request: Request, peer: IPAddress | None,
+                  local_port: int | None = None) -> tuple[bytes, str]:
         """The host-meta documents (XEP-0156); 404 for any other path."""
         if request.path not in (HOST_META_PATH, HOST_META_JSON_PATH):
             raise HTTPError(404, f"nothing here: the XMPP WebSocket endpoint is {WS_PATH}")
         if request.method not in ("GET", "HEAD"):
             raise HTTPError(405, "use GET", (("Allow", "GET, HEAD"),))
-        href = self.endpoint_url(request, peer)
+        href = self.endpoint_url(request, peer, local_port)
         if request.path == HOST_META_JSON_PATH:
             return host_meta_jrd(href), "application/json"
         return host_meta_xrd(href), "application/xrd+xml; charset=utf-8"
 
-    def endpoint_url(self, request: Request, peer: IPAddress | None) -> str:
-        """ws(s)://HOST/xmpp-websocket as the client reached us: the Host
-        header (RFC 9112 §3.2 makes it mandatory), and wss when this
-        listener is TLS or a trusted proxy says the client used https."""
+    def endpoint_url(self, request: Request, peer: IPAddress | None,
+                     local_port: int | None = None) -> str:
+        """The WebSocket URL for clients: `<websocket public-url>` when set;
+        else ws(s)://DOMAIN[:PORT]/xmpp-websocket, where DOMAIN is the served
+        domain the Host header names (else the first one) and PORT the
+        listener's. Never the Host header itself: anyone can send any Host,
+        and a link built from it would send clients elsewhere (a cache or
+        proxy in between could keep such an answer for others). wss when
+        this listener is TLS or a trusted proxy says the client used https
+        (the proxy's port is then the scheme's default)."""
         host = request.header("host")
         if not host or not _HOST_RE.match(host):
             raise HTTPError(400, "a valid Host header is required")
-        secure = self.secure
+        ws = self.server.config.websocket
+        if ws.public_url:
+            return ws.public_url
+        named = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        domains = self.server.config.domains
+        domain = named.lower() if named.lower() in domains else domains[0]
+        secure, port = self.secure, local_port
         if peer is not None and any(peer in net for net in self.trusted_proxies):
-            secure = secure or request.header("x-forwarded-proto") == "https"
-        return f"{'wss' if secure else 'ws'}://{host}{WS_PATH}"
+            if request.header("x-forwarded-proto") == "https":
+                secure, port = True, None
+        scheme = "wss" if secure else "ws"
+        default_port = 443 if secure else 80
+        where = domain if port in (None, default_port) else f"{domain}:{port}"
+        return f"{scheme}://{where}{WS_PATH}"
 
     def check_upgrade(self, request: Request) -> None:
         """RFC 6455 §4.2.1 handshake checks, done here so each refusal gets
