@@ -18,9 +18,11 @@ import pytest
 
 from tests import prosodyproc
 from tests import test_im_services as services
+from tests.ldap_fixtures import private_slapd
 from tests.rawclient import CLIENT_NS, RawClient
 from tests.scramclient import scram_auth
 from tests.serverproc import DOMAIN, MlinkProcess, mlink, serve, start_mlink, stop
+from tests.test_directory_rosters import directory_xml
 from tests.test_im_services import ALICE, BOB, USERS, Client, body_of
 
 DATA = Path(__file__).parent / "data" / "xep0227"
@@ -251,3 +253,23 @@ def test_an_mlink_export_imports_back_into_prosody(tmp_path: Path) -> None:
         reply = client.iq("r", f"<iq type='get' id='r'><query xmlns='{ROSTER_NS}'/></iq>")
         client.close()
     assert "bob@localhost" in reply and "Friends" in reply and "subscription='both'" in reply
+
+
+def test_a_prosody_export_imports_into_an_ldap_directory(tmp_path: Path, cert_files,
+                                                         ca_file) -> None:
+    """On LDAP the accounts are entries with the imported RFC 5803 secrets
+    in authPassword (no userPassword: no password is known), and SCRAM
+    with the old password works."""
+    with private_slapd(tmp_path / "slapd", samples=False) as slapd, \
+            start_mlink(tmp_path / "s", DOMAIN, cert_files, ldap=directory_xml(slapd)) as server:
+        cfg = str(server.config)
+        out = mlink("import", str(DATA / "prosody-sha1"), "--config", cfg)
+        assert out.stdout.startswith("imported 3 accounts (3 new, 0 updated, 0 unchanged)")
+        assert mlink("user", "list", "--config", cfg).stdout.split() == sorted(OLD)
+        for user in ("alice", "carol"):
+            assert scram_login(server, ca_file, user, OLD[f"{user}@localhost"],
+                               "SCRAM-SHA-1") == "success"
+        assert scram_login(server, ca_file, "bob", "alice-old-pw", "SCRAM-SHA-1") \
+            .startswith("not-authorized")
+        again = mlink("import", str(DATA / "prosody-sha1"), "--config", cfg)
+        assert again.stdout.startswith("imported 3 accounts (0 new, 0 updated, 3 unchanged)")
