@@ -10,12 +10,16 @@ there made them; README.md says how)."""
 
 from __future__ import annotations
 
+import sqlite3
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from unittest import mock
 
 import pytest
+import trio
 
+from mlink.admin import xep0227
+from mlink.config import load_config
 from tests import prosodyproc
 from tests import test_im_services as services
 from tests.ldap_fixtures import private_slapd
@@ -273,3 +277,47 @@ def test_a_prosody_export_imports_into_an_ldap_directory(tmp_path: Path, cert_fi
             .startswith("not-authorized")
         again = mlink("import", str(DATA / "prosody-sha1"), "--config", cfg)
         assert again.stdout.startswith("imported 3 accounts (0 new, 0 updated, 3 unchanged)")
+
+
+MAM_PIE = "urn:xmpp:pie:0#mam"
+
+
+def test_a_section_added_later_moves_its_data_both_ways(tmp_path: Path, monkeypatch) -> None:
+    """The hook rooms and archives will use: a Section added to SECTIONS
+    parses its element, writes in the import's transaction and adds its
+    elements to the export; without it the element is only counted as
+    skipped."""
+    mlink("init", str(tmp_path / "s"))
+    config = load_config(tmp_path / "s" / "mlink.xml")
+    source = tmp_path / "in.xml"
+    source.write_text(
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>"
+        "<user name='zed' password='zed-pw'><archive xmlns='urn:xmpp:pie:0#mam'>"
+        "<result xmlns='urn:xmpp:mam:2' id='a1'/><result xmlns='urn:xmpp:mam:2' id='a2'/>"
+        "</archive></user></host></server-data>")
+    summary, plan = trio.run(xep0227.run_import, config, source)
+    assert summary.line(plan.skipped).endswith("; skipped: 1 <archive>")
+
+    def parse(ctx: object, user: xep0227.UserData, elem: ET.Element) -> None:
+        user.extra.setdefault("archive", []).extend(r.get("id") for r in elem)
+
+    def write(conn: sqlite3.Connection, user: xep0227.UserData) -> int:
+        for item in user.extra["archive"]:
+            conn.execute("INSERT INTO module_archive (module, store, user, at, value) "
+                         "VALUES ('test', 'archive', ?, 0, ?)", (user.jid, str(item).encode()))
+        return len(user.extra["archive"])
+
+    def export(conn: sqlite3.Connection) -> dict[str, list[ET.Element]]:
+        out: dict[str, list[ET.Element]] = {}
+        for user, value in conn.execute("SELECT user, value FROM module_archive ORDER BY id"):
+            box = ET.Element(f"{{{MAM_PIE}}}archive", {"ids": bytes(value).decode()})
+            out.setdefault(user, []).append(box)
+        return out
+
+    section = xep0227.Section("archive", (f"{{{MAM_PIE}}}archive",), parse, write, export)
+    monkeypatch.setattr(xep0227, "SECTIONS", (*xep0227.SECTIONS, section))
+    summary, plan = trio.run(xep0227.run_import, config, source)
+    assert summary.line(plan.skipped).endswith("0 offline messages, 2 other items")
+    trio.run(xep0227.run_export, config, tmp_path / "out.xml", False)
+    exported = ET.parse(tmp_path / "out.xml").getroot()
+    assert [a.get("ids") for a in exported.iter(f"{{{MAM_PIE}}}archive")] == ["a1", "a2"]

@@ -119,6 +119,8 @@ class UserData:
     vcard: ET.Element | None = None
     private: dict[str, bytes] = field(default_factory=dict)
     offline: list[bytes] = field(default_factory=list)
+    # What sections added through `SECTIONS` keep, by section name.
+    extra: dict[str, list[object]] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,12 +209,24 @@ class _Context:
 
 @dataclass(frozen=True)
 class Section:
-    """A kind of per-user data: the element(s) it reads in a `<user>` and
-    how. Rooms and archives plug in here once mlink has them: `parse`
-    fills the user's record (raising MigrationError for a bad element)."""
+    """A kind of per-user data and how it moves. The built-in ones only
+    `parse` (their rows are written by `_write_store` and exported by
+    `_user_element`); rooms and archives plug in here once mlink has them,
+    with all three:
 
+    - `parse(ctx, user, elem)` checks an element of a `<user>` and keeps
+      what it needs in `user.extra[name]` (MigrationError for a bad one);
+    - `write(conn, user)`, inside the import's one store transaction,
+      writes it, returning how many rows it wrote (0 when all was there);
+    - `export(conn)`, inside the export's one read transaction, returns
+      the elements to add to each user's `<user>`, by bare JID.
+    """
+
+    name: str
     tags: tuple[str, ...]
     parse: Callable[[_Context, UserData, ET.Element], None]
+    write: Callable[[sqlite3.Connection, UserData], int] | None = None
+    export: Callable[[sqlite3.Connection], dict[str, list[ET.Element]]] | None = None
 
 
 def _bare(ctx: _Context, elem: ET.Element, text: str | None, what: str) -> str:
@@ -358,14 +372,19 @@ def _parse_scram(ctx: _Context, user: UserData, elem: ET.Element) -> None:
 
 
 SECTIONS: tuple[Section, ...] = (
-    Section((_q(SCRAM_NS, "scram-credentials"),), _parse_scram),
-    Section((_q(ROSTER_NS, "query"),), _parse_roster),
-    Section((_q(CLIENT_NS, "presence"), _q(PIE_NS, "presence")), _parse_pending),
-    Section((_q(VCARD_NS, "vCard"),), _parse_vcard),
-    Section((_q(PRIVATE_NS, "query"),), _parse_private),
-    Section((_q(PIE_NS, "offline-messages"),), _parse_offline),
+    Section("scram", (_q(SCRAM_NS, "scram-credentials"),), _parse_scram),
+    Section("roster", (_q(ROSTER_NS, "query"),), _parse_roster),
+    Section("pending", (_q(CLIENT_NS, "presence"), _q(PIE_NS, "presence")), _parse_pending),
+    Section("vcard", (_q(VCARD_NS, "vCard"),), _parse_vcard),
+    Section("private", (_q(PRIVATE_NS, "query"),), _parse_private),
+    Section("offline", (_q(PIE_NS, "offline-messages"),), _parse_offline),
 )
-_BY_TAG = {tag: section for section in SECTIONS for tag in section.tags}
+
+
+def _section_for(tag: str) -> Section | None:
+    """Looked up at each use, so a section added to SECTIONS (by a feature
+    module, or a test) takes part without anything else to update."""
+    return next((section for section in SECTIONS if tag in section.tags), None)
 
 
 def _local(tag: str) -> str:
@@ -436,7 +455,7 @@ def _read_user(ctx: _Context, domain: str, elem: ET.Element) -> None:
     if user.password == "":
         raise ctx.fail(elem, f"user {jid}: empty password")
     for child in elem:
-        section = _BY_TAG.get(child.tag)
+        section = _section_for(child.tag)
         if section is None:
             ctx.plan.skipped[_local(child.tag)] += 1
             continue
@@ -483,6 +502,7 @@ class ImportSummary:
     private: int = 0
     offline: int = 0
     vcards: int = 0
+    other: int = 0  # rows written by sections added to SECTIONS
     warnings: list[str] = field(default_factory=list)
 
     def line(self, skipped: Counter[str]) -> str:
@@ -492,6 +512,8 @@ class ImportSummary:
                 f"{self.roster_items} roster items, {self.pending} subscription requests, "
                 f"{self.vcards} vCards, {self.private} private XML elements, "
                 f"{self.offline} offline messages")
+        if self.other:
+            text += f", {self.other} other items"
         if skipped:
             text += "; skipped: " + ", ".join(f"{n} <{tag}>" for tag, n in
                                               sorted(skipped.items()))
@@ -546,6 +568,9 @@ def _write_store(conn: sqlite3.Connection, users: list[UserData],
             conn.execute("INSERT INTO offline_message (user, stanza) VALUES (?, ?)",
                          (user.jid, stanza))
             summary.offline += 1
+        for section in SECTIONS:
+            if section.write is not None and section.name in user.extra:
+                summary.other += section.write(conn, user)
 
 
 def _groups_json(groups: tuple[str, ...]) -> str:
@@ -624,6 +649,7 @@ class _StoreSnapshot:
     pending: dict[str, list[bytes]] = field(default_factory=dict)
     private: dict[str, list[bytes]] = field(default_factory=dict)
     offline: dict[str, list[bytes]] = field(default_factory=dict)
+    extra: dict[str, list[ET.Element]] = field(default_factory=dict)  # from SECTIONS
 
 
 def _read_store(conn: sqlite3.Connection) -> _StoreSnapshot:
@@ -642,6 +668,10 @@ def _read_store(conn: sqlite3.Connection) -> _StoreSnapshot:
         snap.private.setdefault(user, []).append(bytes(value))
     for user, stanza in conn.execute("SELECT user, stanza FROM offline_message ORDER BY id"):
         snap.offline.setdefault(user, []).append(bytes(stanza))
+    for section in SECTIONS:
+        if section.export is not None:
+            for user, elements in section.export(conn).items():
+                snap.extra.setdefault(user, []).extend(elements)
     return snap
 
 
@@ -692,6 +722,7 @@ def _user_element(jid: str, secrets: list[ScramSecret], snap: _StoreSnapshot,
         box = ET.SubElement(user, _q(PIE_NS, "offline-messages"))
         for data in offline:
             box.append(ET.fromstring(data))
+    user.extend(snap.extra.get(jid, []))
     return user
 
 
