@@ -321,3 +321,26 @@ def test_a_section_added_later_moves_its_data_both_ways(tmp_path: Path, monkeypa
     trio.run(xep0227.run_export, config, tmp_path / "out.xml", False)
     exported = ET.parse(tmp_path / "out.xml").getroot()
     assert [a.get("ids") for a in exported.iter(f"{{{MAM_PIE}}}archive")] == ["a1", "a2"]
+
+
+def test_size_limits_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
+    """A file over the size an import reads, or a stanza over the element
+    limit, is refused before anything is written (limits lowered here;
+    the real ones are 256 MiB and 4 MiB)."""
+    big_message = "x" * 2000
+    source = tmp_path / "big.xml"
+    source.write_text(
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>\n"
+        "<user name='zed' password='zed-pw'><offline-messages>\n"
+        f"<message xmlns='jabber:client' to='zed@localhost'><body>{big_message}</body>"
+        "</message></offline-messages></user></host></server-data>")
+    domains = frozenset({"localhost"})
+    monkeypatch.setattr(xep0227, "MAX_ELEMENT_BYTES", 1000)
+    with pytest.raises(xep0227.MigrationError) as element:
+        xep0227.read_plan(source, domains)
+    assert str(element.value).startswith(f"{source}:3: offline message of ")
+    monkeypatch.setattr(xep0227, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(xep0227.MigrationError) as whole:
+        xep0227.read_plan(source, domains)
+    assert str(whole.value).startswith(f"{source}: ") and "larger than the 1000" in \
+        str(whole.value)

@@ -645,8 +645,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (MigrationError, OSError) as exc:
         raise CommandError(str(exc)) from None
     for jid in summary.without_credentials:
-        print(f"mlink: warning: {jid} has no SCRAM secrets; exported without credentials",
-              file=sys.stderr)
+        print(f"mlink: warning: {jid} has no current SCRAM secrets; exported without "
+              "credentials", file=sys.stderr)
     where = args.file if not args.per_user else f"{len(summary.files)} files in {args.file}"
     print(f"exported {summary.users} accounts to {where}")
     return 0
