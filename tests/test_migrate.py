@@ -344,3 +344,29 @@ def test_size_limits_are_one_line_errors(tmp_path: Path, monkeypatch) -> None:
         xep0227.read_plan(source, domains)
     assert str(whole.value).startswith(f"{source}: ") and "larger than the 1000" in \
         str(whole.value)
+
+
+def test_export_and_import_refuse_a_store_of_another_schema_version(tmp_path: Path) -> None:
+    """A store written by another mlink (here: a newer one) is neither read
+    nor migrated: one line, and the file is as it was."""
+    from mlink.store import SCHEMA_VERSION
+
+    mlink("init", str(tmp_path / "s"))
+    cfg = str(tmp_path / "s" / "mlink.xml")
+    mlink("import", str(DATA / "prosody-sha1"), "--config", cfg)
+    db = tmp_path / "s" / "mlink.sqlite3"
+    conn = sqlite3.connect(db)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    for command in (["export", str(tmp_path / "out.xml")],
+                    ["import", str(DATA / "prosody-sha1")]):
+        proc = mlink(*command, "--config", cfg, check=False)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr.splitlines() == [
+            f"mlink: {db}: store schema version {SCHEMA_VERSION + 1}, but this mlink has "
+            f"version {SCHEMA_VERSION}: run it with the mlink the server runs (a server "
+            "start migrates the store)"], proc.stderr
+    assert not (tmp_path / "out.xml").exists()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
+    conn.close()

@@ -99,6 +99,11 @@ class MigrationError(Exception):
         super().__init__(f"{where}: {' '.join(problem.split())}")
 
 
+class StoreVersionError(Exception):
+    """The store is of another schema version than this mlink's (not a
+    problem of the files: exit status 1, not 2)."""
+
+
 def _q(ns: str, tag: str) -> str:
     return f"{{{ns}}}{tag}"
 
@@ -802,6 +807,43 @@ def _write_document(path: Path, hosts: dict[str, list[ET.Element]]) -> None:
 # -- the commands ---------------------------------------------------------------------
 
 
+def _store_version(db: Path) -> int:
+    """The schema version of an existing store, read without writing."""
+    conn = _connect_read_only(db)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _connect_read_only(db: Path) -> sqlite3.Connection:
+    """A connection that cannot write (SQLite `mode=ro`, `query_only`):
+    an export must never create, migrate or change the live store."""
+    from mlink.store.sqlite import BUSY_TIMEOUT_MS
+
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
+                           timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)  # one worker thread at a time (Store)
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _check_store_version(db: Path) -> None:
+    """Refuse a store of another schema version: opening it here would
+    migrate it under a server still running the older mlink (or could not
+    read a newer one)."""
+    from mlink.store import SCHEMA_VERSION
+
+    try:
+        found = _store_version(db)
+    except sqlite3.Error as exc:
+        raise StoreVersionError(f"{db}: cannot read the store: {exc}") from None
+    if found != SCHEMA_VERSION:
+        raise StoreVersionError(f"{db}: store schema version {found}, but this mlink has "
+                                f"version {SCHEMA_VERSION}: run it with the mlink the server "
+                                "runs (a server start migrates the store)")
+
+
 async def run_import(config: Config, path: Path) -> tuple[ImportSummary, ImportPlan]:
     """`mlink import PATH`: check every file, then write (see the module
     docstring). MigrationError before anything is written."""
@@ -809,26 +851,40 @@ async def run_import(config: Config, path: Path) -> tuple[ImportSummary, ImportP
     from mlink.store import DEFAULT_FILENAME, Store
 
     plan = read_plan(path, frozenset(d.lower() for d in config.domains))
+    db = config.data_dir / DEFAULT_FILENAME
+    if db.exists():
+        _check_store_version(db)
     directory = open_directory(config.directory)
     try:
-        async with await Store.open(config.data_dir / DEFAULT_FILENAME) as store:
+        async with await Store.open(db) as store:
             return await import_plan(config, directory, store, plan), plan
     finally:
         await directory.aclose()
 
 
 async def run_export(config: Config, target: Path, per_user: bool) -> ExportSummary:
-    """`mlink export TARGET`: the store is read only if the server (or an
-    import) created it; a setup that never ran has accounts only."""
+    """`mlink export TARGET`: the store is read through read-only
+    connections, only if the server (or an import) created it; a setup
+    that never ran has accounts only."""
     from mlink.directory import open_directory
     from mlink.store import DEFAULT_FILENAME, Store
 
+    db = config.data_dir / DEFAULT_FILENAME
     directory = open_directory(config.directory)
     try:
-        db = config.data_dir / DEFAULT_FILENAME
         if not db.exists():
             return await export(config, directory, None, target, per_user)
-        async with await Store.open(db) as store:
+        _check_store_version(db)
+        try:
+            writer = _connect_read_only(db)  # never writes: Store's second connection
+            try:
+                reader = _connect_read_only(db)
+            except BaseException:
+                writer.close()
+                raise
+        except sqlite3.Error as exc:
+            raise StoreVersionError(f"{db}: cannot read the store: {exc}") from None
+        async with Store(db, writer, reader) as store:
             return await export(config, directory, store, target, per_user)
     finally:
         await directory.aclose()
