@@ -35,6 +35,8 @@ OLD = {"alice@localhost": "alice-old-pw", "bob@localhost": "bob-old-pw",
        "carol@localhost": "carol-old-pw"}
 ROSTER_NS = "jabber:iq:roster"
 BOOKMARKS_NS = "storage:bookmarks"
+# erin's password in a file that holds it in clear.
+CLEAR_PASSWORD = "erin-clear-pw"
 # Exit status of an import refused for its input (mlink/admin/cli.py).
 BAD_INPUT = 2
 
@@ -223,6 +225,12 @@ def test_an_export_moves_users_and_offline_messages_to_another_mlink(
     imported = mlink("import", str(tmp_path / "all.xml"), "--config",
                      str(new_setup / "mlink.xml"))
     assert "3 offline messages" in imported.stdout
+    # A server that kept clear passwords (ejabberd's `plain` format).
+    clear = tmp_path / "clear.xml"
+    clear.write_text("<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>"
+                     f"<user name='erin' password='{CLEAR_PASSWORD}'/></host></server-data>")
+    mlink("import", str(clear), "--config", str(new_setup / "mlink.xml"))
+    assert CLEAR_PASSWORD not in (new_setup / "directory.ldif").read_text()
     new = serve(new_setup / "mlink.xml", DOMAIN)
     try:
         bob = Client(new, ca_file, BOB)
@@ -235,6 +243,11 @@ def test_an_export_moves_users_and_offline_messages_to_another_mlink(
         item = roster_of(alice)[BOB]
         assert (item.get("name"), groups_of(item)) == ("Bobby", {"Team"})
         alice.close()
+        for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-1"):
+            assert scram_login(new, ca_file, "erin", CLEAR_PASSWORD, mechanism) == "success"
+        erin = RawClient(new.c2s_port, ca_file)
+        assert erin.login(DOMAIN, "erin@localhost", CLEAR_PASSWORD).startswith("erin@localhost/")
+        erin.close()
     finally:
         assert stop(new) == 0, new.log.text()
 
