@@ -638,11 +638,12 @@ BAD_INPUT = 2
 
 def cmd_export(args: argparse.Namespace) -> int:
     from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_export
+    from mlink.store import StoreError
 
     config = _load(args.config)
     try:
         summary = trio.run(run_export, config, args.file, args.per_user)
-    except (MigrationError, StoreVersionError, OSError) as exc:
+    except (MigrationError, StoreVersionError, StoreError, OSError) as exc:
         raise CommandError(str(exc)) from None
     for jid in summary.without_credentials:
         print(f"mlink: warning: {jid} has no current SCRAM secrets; exported without "
@@ -654,6 +655,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_import
+    from mlink.store import StoreError
 
     config = _load(args.config)
     try:
@@ -661,7 +663,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     except MigrationError as exc:
         print(f"mlink: {exc}", file=sys.stderr)
         return BAD_INPUT
-    except StoreVersionError as exc:
+    except (StoreVersionError, StoreError) as exc:
         raise CommandError(str(exc)) from None
     for warning in summary.warnings:
         print(f"mlink: {warning}", file=sys.stderr)

@@ -477,7 +477,11 @@ def _files(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
     found: list[Path] = []
-    for entry in sorted(path.iterdir()):
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise MigrationError(path, None, f"cannot read: {exc.strerror}") from None
+    for entry in entries:
         if entry.suffix == ".xml" and entry.is_file():
             found.append(entry)
             if len(found) > MAX_DIRECTORY_FILES:
