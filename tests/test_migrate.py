@@ -169,7 +169,8 @@ def pie(users: str, host: str = "localhost") -> str:
 BAD_FILES = {
     "syntax": (pie("<user name='amy' password='x'>"), 5, "XML syntax error: mismatched tag"),
     "entity bomb": ("<?xml version='1.0'?>\n<!DOCTYPE lolz [<!ENTITY lol 'lol'>]>\n"
-                    "<server-data xmlns='urn:xmpp:pie:0'>&lol;</server-data>", 2, "forbidden"),
+                    "<server-data xmlns='urn:xmpp:pie:0'>&lol;</server-data>", 2,
+                    "forbidden XML construct: a DOCTYPE declaration"),
     "foreign host": (pie("", host="elsewhere.example"), 2, "not a domain this server serves"),
     "subscription": (pie("<user name='amy' password='x'><query xmlns='jabber:iq:roster'>"
                          "<item jid='zed@localhost' subscription='maybe'/></query></user>"),

@@ -186,8 +186,15 @@ def _parse(path: Path) -> tuple[ET.Element, dict[int, int]]:
         message = re.sub(r":\s*line \d+, column \d+$", "", str(exc))
         raise MigrationError(path, line, f"XML syntax error: {message}") from None
     except DefusedXmlException as exc:
+        what = type(exc).__name__
+        reasons = {
+            "DTDForbidden": "a DOCTYPE declaration (refused: XEP-0227 files have none, and "
+                            "entity expansion is a denial of service)",
+            "EntitiesForbidden": "an entity declaration (refused: no entity is expanded)",
+            "ExternalReferenceForbidden": "an external reference (refused: nothing is fetched)",
+        }
         raise MigrationError(path, parser.parser.CurrentLineNumber,
-                             f"forbidden XML construct ({type(exc).__name__})") from None
+                             f"forbidden XML construct: {reasons.get(what, what)}") from None
     return root, target.lines
 
 
