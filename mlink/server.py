@@ -27,7 +27,7 @@ from mlink.jid import set_cache_size as set_jid_cache_size
 from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
 from mlink.router.router import Router
-from mlink.router.sessions import SessionInfo, SessionTable
+from mlink.router.sessions import SessionInfo, SessionTable, StreamControl
 from mlink.sasl.mock_key import load_mock_salt_key
 from mlink.sasl.registry import (
     PASSWORD,
@@ -214,13 +214,14 @@ class Server:
             except DirectoryUnavailable as exc:
                 log.warning("failed login of %s not recorded in the directory: %s", jid, exc)
 
-    async def nonza_received(self, info: SessionInfo, element: ET.Element) -> None:
-        """A module's nonza from an established stream: its handler runs
+    async def nonza_received(self, info: SessionInfo, element: ET.Element,
+                             stream: StreamControl | None = None) -> None:
+        """A module's nonza from an authenticated stream: its handler runs
         like a stanza's, isolated from the stream on a crash."""
         namespace = element.tag[1:].partition("}")[0]
         try:
             with self.router.batch():
-                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element))
+                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element, stream))
         except Exception:
             log.exception("nonza handler failed: %s from %s", element.tag, info.jid)
 
@@ -253,6 +254,14 @@ class Server:
         with self.router.batch():
             await self.hooks.notify("session/bound", conn.info)
         return full
+
+    def adopt_session(self, conn: ClientConnection, info: SessionInfo) -> None:
+        """`conn` carries on the existing session `info` (resumed by a
+        module after it left the table): bound here, announced everywhere."""
+        self.sessions.adopt(conn, info)
+        cluster = self.router.cluster
+        if cluster is not None:
+            cluster.announce(conn.info)
 
     def cache_sizes(self) -> dict[str, tuple[int, int]]:
         """(entries, bound) of each bounded cache, for `mlink status`."""
@@ -533,7 +542,10 @@ class Server:
                 self._no_connections.set()
 
     async def shutdown(self) -> None:
-        """End every stream with `system-shutdown` and let them flush."""
+        """End every stream with `system-shutdown` and let them flush.
+        Modules hear `server/stopping` first (rooms tell their occupants)."""
+        with trio.move_on_after(SHUTDOWN_GRACE), self.router.batch():
+            await self.hooks.notify("server/stopping", None)
         for conn in list(self.connections):
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
