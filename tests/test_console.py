@@ -17,7 +17,7 @@ import pytest
 
 from tests.console_browser import browser, console_url, csrf_of, log_in, new_page, screenshot
 from tests.rawclient import RawClient, expect_stream_error, ping
-from tests.serverproc import MlinkProcess, start_mlink
+from tests.serverproc import MlinkProcess, mlink, start_mlink
 
 __all__ = ["browser"]  # the fixture, used by name
 
@@ -218,3 +218,30 @@ def test_status_page_and_metrics(server, base, browser, ca_file):
     assert 'mlink_shard_up{shard="0"} 1.0' in body
     assert re.search(r'mlink_directory_request_seconds_count\{operation="password-login",'
                      r'shard="\d+"\} [1-9]', body)
+
+
+def test_persistent_rooms_by_domain(server, base, browser):
+    team, org = f"team@conference.{DOMAIN}", f"org@conference.{OTHER}"
+    mlink("room", "create", team, "--owner", ROOT, "--name", "Team", "--members-only",
+          "--config", str(server.config))
+    mlink("room", "create", org, "--owner", OLGA, "--name", "Org", "--config",
+          str(server.config))
+    delegated = new_page(browser, base)
+    log_in(delegated, ORG_ADMIN, ORG_ADMIN_PW)
+    delegated.goto("/rooms")
+    listing = delegated.locator("table").inner_text()
+    assert org in listing and team not in listing
+    forged = delegated.request.post("/rooms/destroy", form={"csrf": csrf_of(delegated),
+                                                           "jid": team})
+    assert forged.status == 400 and "No such room." in forged.text()
+    page = new_page(browser, base)
+    log_in(page, ROOT, ROOT_PW)
+    page.goto("/rooms")
+    row = page.locator("tr", has_text=team)
+    assert "members-only" in row.inner_text() and f"owner: {ROOT}" in row.inner_text()
+    screenshot(page, "rooms")
+    row.get_by_role("button", name="Destroy").click()
+    assert f"Destroyed {team}" in page.locator(".flash").inner_text()
+    assert team not in page.locator("table").inner_text()
+    assert org in page.locator("table").inner_text()
+    server.wait_for_log(rf"audit: {re.escape(ROOT)} destroyed room {re.escape(team)}")

@@ -171,6 +171,8 @@ class Console:
             Route("/sessions/kick", self.admin(self.kick), methods=["POST"]),
             Route("/status", self.admin(self.status), methods=["GET"]),
             Route("/groups", self.admin(self.groups), methods=["GET"]),
+            Route("/rooms", self.admin(self.rooms), methods=["GET"]),
+            Route("/rooms/destroy", self.admin(self.destroy_room), methods=["POST"]),
             Route("/me", self.page(self.me, allow_must_change=True), methods=["GET"]),
             Route("/me/profile", self.page(self.my_profile), methods=["POST"]),
             Route("/me/password", self.page(self.my_password, allow_must_change=True),
@@ -645,6 +647,70 @@ class Console:
                 for g in found]
         return self.render(request, "groups.html", session, groups=rows,
                            configured=len(specs))
+
+    # -- persistent rooms ---------------------------------------------------------
+
+    def _room_directory(self) -> tuple[Any, dict[str, str]] | None:
+        """The persistent rooms in the directory (as `mlink room` reads
+        them) and the chat services (service domain -> local domain);
+        None when the muc module is not enabled."""
+        if "muc" not in self.config.modules:
+            return None
+        from mlink.modules.muc import service_hosts
+        from mlink.modules.muc.options import Options
+        from mlink.modules.muc.persist import RoomDirectory, rooms_dn
+
+        options = self.config.module_options.get("muc")
+        if not isinstance(options, Options):
+            options = Options()
+        hosts = service_hosts(options, frozenset(self.config.domains))
+        return RoomDirectory(self.directory, rooms_dn(self.directory, options.rooms_dn)), hosts
+
+    async def rooms(self, request: Request, session: ConsoleSession,
+                    errors: Mapping[str, str] | None = None) -> Response:
+        """Persistent rooms of the chat services of this administrator's
+        domains: configuration flags and affiliations; destroy."""
+        found = self._room_directory()
+        rows: list[dict[str, Any]] = []
+        problems: list[str] = []
+        if found is not None:
+            rooms, hosts = found
+            records, problems = await rooms.load()
+            for jid, record in sorted(records.items(), key=lambda item: str(item[0])):
+                if hosts.get(jid.domain) not in session.admin_domains:
+                    continue
+                config = record.config
+                by_kind: dict[str, list[str]] = {}
+                for who, affiliation in sorted(record.affiliations.items()):
+                    by_kind.setdefault(affiliation.name.lower(), []).append(who)
+                rows.append({
+                    "jid": str(jid), "name": config.name, "description": config.description,
+                    "flags": [word for on, word in (
+                        (config.members_only, "members-only"), (config.moderated, "moderated"),
+                        (not config.public, "hidden"), (config.needs_password, "password"),
+                        (config.non_anonymous, "non-anonymous")) if on],
+                    "affiliations": by_kind, "member_group": config.member_group})
+        return self.render(request, "rooms.html", session, 400 if errors else 200,
+                           enabled=found is not None, rooms=rows, errors=errors or {},
+                           problems=problems if session.admin_domains >= set(
+                               self.config.domains) else [])
+
+    async def destroy_room(self, request: Request, session: ConsoleSession) -> Response:
+        found = self._room_directory()
+        raw = str(request.state.form.get("jid", ""))
+        try:
+            jid = parse_jid(raw)
+        except InvalidJID:
+            jid = None
+        if found is None or jid is None or not jid.local or jid.resource \
+                or found[1].get(jid.domain) not in session.admin_domains:
+            return await self.rooms(request, session, {"room": "No such room."})
+        if not await found[0].delete(jid):
+            return await self.rooms(request, session, {"room": "No such room."})
+        self._audit(request, session, "destroyed room", str(jid))
+        _flash(session, f"Destroyed {jid}; the server ends it within the directory feed's "
+                        "interval.")
+        return RedirectResponse("/rooms", 303)
 
     async def status(self, request: Request, session: ConsoleSession) -> Response:
         status = await self.supervisor.status()
