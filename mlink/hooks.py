@@ -10,11 +10,17 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
   (inbound filters and handlers: subscriptions, probes, blocking).
 - `iq-<type>/<host|self|bare>/<namespace>`: an iq the server answers: to
   the domain, to the sender's own account, or to another account.
+- `hosted/<service>`: any stanza to a subdomain module `<service>` serves
+  (`Module.add_host`, e.g. `conference.<domain>`) or to a JID under it;
+  unconsumed, an iq get/set or message is answered service-unavailable.
 - `message/offline`: a message for a user with no available resource.
 - `message/delivered`: a message was delivered to these local resources.
 
 Session events (handlers get a `SessionInfo`, return value ignored):
 - `session/bound`, `session/closed`, `session/initial-presence`.
+
+Server events: `server/stopping` (payload None) before the streams end at
+shutdown, for modules that tell users (a chat room's status 332).
 
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).
@@ -38,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from mlink.jid import JID
 
 if TYPE_CHECKING:
-    from mlink.router.sessions import SessionInfo
+    from mlink.router.sessions import SessionInfo, StreamControl
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +68,14 @@ class StanzaEvent:
 
 @dataclass(slots=True)
 class NonzaEvent:
-    """A top-level non-stanza element of a module's namespace, from the
-    established stream of `session` (event `nonza/<namespace>`)."""
+    """A top-level non-stanza element of a module's namespace, from an
+    authenticated stream (event `nonza/<namespace>`): `session` is the
+    bound session (a blank JID before a bind), `stream` what the handler
+    may do with the stream itself (answer, count stanzas, resume)."""
 
     session: SessionInfo
     element: ET.Element
+    stream: StreamControl | None = None
 
 
 Handler = Callable[[Any], Awaitable[bool | None]]

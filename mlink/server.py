@@ -27,7 +27,7 @@ from mlink.jid import set_cache_size as set_jid_cache_size
 from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
 from mlink.router.router import Router
-from mlink.router.sessions import SessionInfo, SessionTable
+from mlink.router.sessions import SessionInfo, SessionTable, StreamControl
 from mlink.sasl.mock_key import load_mock_salt_key
 from mlink.sasl.registry import (
     PASSWORD,
@@ -52,6 +52,7 @@ from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnectio
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
+from mlink.util.counters import ShardCounters
 from mlink.util.heaptrim import HeapTrimmer
 from mlink.util.watchdog import LoopWatchdog
 
@@ -121,6 +122,8 @@ class Server:
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
         self.watchdog = LoopWatchdog()
+        # Stanzas and logins by kind, for the console's /metrics.
+        self.counters = ShardCounters()
         # Returns the heap pages that logged-out connections freed (see
         # mlink/util/heaptrim.py: without it RSS grew with every cycle).
         self.heap_trimmer = HeapTrimmer()
@@ -155,7 +158,8 @@ class Server:
     async def _check_password(self, jid: str, request: NeedCredential) -> object:
         password = request.detail["password"]
         try:
-            ok, verdict = await self.directory.password_login(jid, password)
+            with self.counters.timed("password-login"):
+                ok, verdict = await self.directory.password_login(jid, password)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
@@ -185,7 +189,8 @@ class Server:
         """The secret, with the directory's verdict (locked, expired) held
         back until the client has proved its password."""
         try:
-            login = await self.directory.scram_login(jid, request.detail["mechanism"])
+            with self.counters.timed("scram-login"):
+                login = await self.directory.scram_login(jid, request.detail["mechanism"])
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
@@ -209,13 +214,14 @@ class Server:
             except DirectoryUnavailable as exc:
                 log.warning("failed login of %s not recorded in the directory: %s", jid, exc)
 
-    async def nonza_received(self, info: SessionInfo, element: ET.Element) -> None:
-        """A module's nonza from an established stream: its handler runs
+    async def nonza_received(self, info: SessionInfo, element: ET.Element,
+                             stream: StreamControl | None = None) -> None:
+        """A module's nonza from an authenticated stream: its handler runs
         like a stanza's, isolated from the stream on a crash."""
         namespace = element.tag[1:].partition("}")[0]
         try:
             with self.router.batch():
-                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element))
+                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element, stream))
         except Exception:
             log.exception("nonza handler failed: %s from %s", element.tag, info.jid)
 
@@ -248,6 +254,14 @@ class Server:
         with self.router.batch():
             await self.hooks.notify("session/bound", conn.info)
         return full
+
+    def adopt_session(self, conn: ClientConnection, info: SessionInfo) -> None:
+        """`conn` carries on the existing session `info` (resumed by a
+        module after it left the table): bound here, announced everywhere."""
+        self.sessions.adopt(conn, info)
+        cluster = self.router.cluster
+        if cluster is not None:
+            cluster.announce(conn.info)
 
     def cache_sizes(self) -> dict[str, tuple[int, int]]:
         """(entries, bound) of each bounded cache, for `mlink status`."""
@@ -528,7 +542,10 @@ class Server:
                 self._no_connections.set()
 
     async def shutdown(self) -> None:
-        """End every stream with `system-shutdown` and let them flush."""
+        """End every stream with `system-shutdown` and let them flush.
+        Modules hear `server/stopping` first (rooms tell their occupants)."""
+        with trio.move_on_after(SHUTDOWN_GRACE), self.router.batch():
+            await self.hooks.notify("server/stopping", None)
         for conn in list(self.connections):
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):

@@ -8,6 +8,7 @@ caller (`mlink.jid`), so backends only map them to entries.
 from __future__ import annotations
 
 import abc
+import datetime
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from mlink.directory.policy import Verdict
 from mlink.sasl.secrets import ScramSecret
 
 if TYPE_CHECKING:
+    from mlink.directory.ldif import Entry
     from mlink.directory.port import Change
 
 # PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
@@ -34,6 +36,20 @@ class ScramLogin:
 
     secret: ScramSecret | None
     verdict: Verdict = Verdict()
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordStatus:
+    """What the directory's password policy says of a user's password, for
+    the self-service page: when it expires, grace logins left, whether it
+    must be changed, and the rules a new one must meet (None: not known)."""
+
+    expires: datetime.datetime | None = None
+    grace_left: int | None = None
+    must_change: bool = False
+    min_length: int | None = None
+    history: int | None = None
+    max_age_days: int | None = None
 
 
 class DirectoryError(Exception):
@@ -94,6 +110,10 @@ class CertificateAuthority:
 class Directory(abc.ABC):
     """Users and their credentials, wherever they live."""
 
+    # The DN everything mlink keeps lies under ("" for a directory that
+    # is not LDAP-shaped, such as a test double).
+    base_dn: str = ""
+
     @abc.abstractmethod
     async def check_password(self, jid: str, password: str) -> bool:
         """True when `password` is right for `jid`; False for a wrong
@@ -119,6 +139,11 @@ class Directory(abc.ABC):
     async def change_own_password(self, jid: str, password: str) -> None:
         """The user changes their own password (in-band, XEP-0077)."""
         await self.set_password(jid, password)
+
+    async def password_status(self, jid: str) -> PasswordStatus | None:
+        """The password policy as it applies to `jid` now; None for no such
+        user. Backends without a policy know nothing more."""
+        return PasswordStatus() if await self.user_exists(jid) else None
 
     async def record_failure(self, jid: str) -> None:  # noqa: B027 (optional hook)
         """Count a failed non-bind login (a wrong SCRAM proof) where the
@@ -227,6 +252,35 @@ class Directory(abc.ABC):
         """Whether `change` may change what `roster_groups(specs)` returns.
         True unless the directory can tell better."""
         return True
+
+    # --- entries of features (rooms), beside the users -------------------------
+    # Defaults for directories (test doubles) that hold nothing else.
+
+    async def entries(self, base: str, filter: str = "(objectClass=*)",
+                      attributes: Sequence[str] = ()) -> list[Entry]:
+        """The entries one level below `base` matching `filter` (every page
+        read); none when `base` does not exist."""
+        return []
+
+    async def entry(self, dn: str, attributes: Sequence[str] = ()) -> Entry | None:
+        """The entry `dn`, or None when there is none."""
+        return None
+
+    async def put_entry(self, entry: Entry, managed: Sequence[str]) -> None:
+        """Add `entry`, or, when its DN exists, make its `managed` attributes
+        what `entry` holds (absent ones removed) in one atomic modify. The
+        parent is created as an organizationalUnit when it is missing
+        directly under `base_dn`. DirectoryRefused, DirectoryUnavailable."""
+        raise DirectoryRefused("this directory keeps no entries besides users")
+
+    async def delete_entry(self, dn: str) -> bool:
+        """Remove `dn`; False when it was not there."""
+        return False
+
+    async def group_members(self, dn: str) -> frozenset[str] | None:
+        """The bare JIDs of the users the group `dn` (groupOfNames and the
+        like, as for roster groups) names, or None when it does not exist."""
+        return None
 
     async def ping(self) -> None:
         """Raise DirectoryUnavailable unless the directory answers."""

@@ -199,7 +199,7 @@ class Cluster:
                 self._upsert(frame.source, frames.decode_session_up(frame.payload))
             elif kind is FrameType.SESSION_DOWN:
                 jid, sid = frames.decode_session_down(frame.payload)
-                self._remove(parse_jid(jid), sid)
+                self._remove(parse_jid(jid), sid, frame.source)
             elif kind is FrameType.TABLE_REQUEST:
                 self._send_table(frame.source)
             elif kind is FrameType.TABLE_SNAPSHOT:
@@ -320,9 +320,12 @@ class Cluster:
         remote = RemoteSession(shard, entry.session_id, info)
         self._remote.put(full, remote)
 
-    def _remove(self, full: JID, session_id: int) -> None:
+    def _remove(self, full: JID, session_id: int, shard: int | None = None) -> None:
+        """Drop the replica of `full` if it is that session (ids are unique
+        per shard only: a session resumed on another shard may reuse the id)."""
         remote = self._remote.get(full)
-        if remote is None or remote.session_id != session_id:
+        if remote is None or remote.session_id != session_id or (
+                shard is not None and remote.shard != shard):
             return
         self._remote.remove(full)
 
