@@ -543,6 +543,52 @@ async def test_module_archive_pages_by_id(store: Store) -> None:
     assert [item.value for item in await log.page(ALICE)][:1] == [b"m5"]
 
 
+async def test_module_archive_group_commits_concurrent_appends(store: Store) -> None:
+    """Appends made while a write is under way share the next commit: 40 at
+    once cost a handful of transactions, each caller gets its own id, and
+    ids follow the order the appends were made in."""
+    log = ModuleStore(lambda: store, "mine").archive("group")
+    writes = 0
+    real_write = store.write
+
+    async def counting_write(work):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        return await real_write(work)
+
+    store.write = counting_write  # type: ignore[method-assign]
+    got: dict[int, int] = {}
+
+    async def one(n: int) -> None:
+        got[n] = await log.append(ALICE, f"g{n}".encode(), at=2000.0 + n)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(40):
+            nursery.start_soon(one, n)
+            await trio.lowlevel.checkpoint()  # start them in order
+    store.write = real_write  # type: ignore[method-assign]
+    assert sorted(got.values()) == [got[n] for n in range(40)]
+    assert len(set(got.values())) == 40
+    assert writes < 10, writes
+    stored = await log.page(ALICE, limit=100)
+    assert [item.value for item in stored] == [f"g{n}".encode() for n in range(40)]
+    assert [item.id for item in stored] == [got[n] for n in range(40)]
+
+
+async def test_module_archive_time_bounds(store: Store) -> None:
+    log = ModuleStore(lambda: store, "mine").archive("timed")
+    for i in range(10):
+        await log.append(ALICE, f"t{i}".encode(), at=5000.0 + i)
+    page = await log.page(ALICE, start=5003.0, end=5006.0)
+    assert [item.value for item in page] == [b"t3", b"t4", b"t5", b"t6"]
+    assert await log.page(ALICE, start=6000.0) == []
+    assert [item.value for item in await log.page(ALICE, end=5001.0, newest_first=True)] == [
+        b"t1", b"t0"]
+    assert await log.delete_older(5005.0, batch=3) == 3
+    assert await log.delete_older(5005.0, batch=3) == 2
+    assert [item.value for item in await log.page(ALICE)][:1] == [b"t5"]
+
+
 async def test_module_schema_migrations_apply_once(store: Store) -> None:
     own = ModuleStore(lambda: store, "mine")
     own.schema([["CREATE TABLE mine_thing (id INTEGER PRIMARY KEY, v TEXT)"]])
