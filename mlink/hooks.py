@@ -16,6 +16,10 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
 Session events (handlers get a `SessionInfo`, return value ignored):
 - `session/bound`, `session/closed`, `session/initial-presence`.
 
+Server events: `server/stopping` (the server; return value ignored) once
+every session has ended at shutdown, while the store is still open: a
+module writes out what it buffered.
+
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).
 

@@ -19,7 +19,7 @@ import trio.testing
 
 import mlink.store.sqlite
 from mlink.store import SCHEMA_VERSION, RosterItem, SchemaTooNewError, Store, StoreError
-from mlink.store.module_store import ModuleStore
+from mlink.store.module_store import ArchiveIds, ModuleStore
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -573,6 +573,29 @@ async def test_module_archive_group_commits_concurrent_appends(store: Store) -> 
     stored = await log.page(ALICE, limit=100)
     assert [item.value for item in stored] == [f"g{n}".encode() for n in range(40)]
     assert [item.id for item in stored] == [got[n] for n in range(40)]
+
+
+def test_archive_ids_are_unique_across_shards_and_ordered_in_time() -> None:
+    zero, one = ArchiveIds(0), ArchiveIds(1)
+    same_ms = [zero.next(1000.0) for _ in range(3000)]  # past 1024 in one millisecond
+    assert same_ms == sorted(same_ms) and len(set(same_ms)) == 3000
+    later = one.next(1000.5)
+    assert later not in same_ms and later % 64 == 1  # the shard is in the low bits
+    assert zero.next(1001.0) > same_ms[-1]
+    assert one.next(2000.0) > zero.next(1999.0)  # time order across shards
+    with pytest.raises(ValueError):
+        ArchiveIds(64)
+
+
+async def test_module_archive_items_with_chosen_ids(store: Store) -> None:
+    log = ModuleStore(lambda: store, "mine").archive("chosen")
+    ids = ArchiveIds(3)
+    chosen = [ids.next(3000.0 + n) for n in range(3)]
+    await log.append_many([(i, ALICE, 3000.0 + n, BOB, f"c{n}".encode())
+                           for n, i in enumerate(chosen)])
+    assert [item.id for item in await log.page(ALICE)] == chosen
+    later = await log.append(ALICE, b"auto")  # the store's own ids stay above
+    assert later > chosen[-1]
 
 
 async def test_module_archive_time_bounds(store: Store) -> None:

@@ -187,6 +187,29 @@ class _Append:
     id: int | None = None
 
 
+class ArchiveIds:
+    """Archive ids made without the store: unique across shards (the shard
+    is in the low 6 bits), increasing on each shard, and in time order
+    across shards to the millisecond: (milliseconds << 10 | sequence) << 6
+    | shard, about 2^57 today. Ids the store assigns itself (`append`) are
+    always above every id used before, so both kinds mix in one log."""
+
+    SHARD_BITS = 6  # up to 64 shards
+    SEQUENCE_BITS = 10  # 1024 ids per millisecond per shard before borrowing the next
+
+    def __init__(self, shard: int) -> None:
+        if not 0 <= shard < 1 << self.SHARD_BITS:
+            raise ValueError(f"shard {shard} does not fit in {self.SHARD_BITS} bits")
+        self.shard = shard
+        self._last = 0
+
+    def next(self, now: float | None = None) -> int:
+        clock = int((time.time() if now is None else now) * 1000) << self.SEQUENCE_BITS
+        counter = max(self._last + 1, clock)
+        self._last = counter
+        return counter << self.SHARD_BITS | self.shard
+
+
 class ArchiveStore:
     """Per user: an append-only log, read in pages by id.
 
@@ -230,11 +253,22 @@ class ArchiveStore:
         ids = []
         for item in batch:
             cur = conn.execute(
-                "INSERT INTO module_archive (module, store, user, at, with_jid, value) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (*self._ns, item.user, item.at, item.with_jid, item.value))
+                "INSERT INTO module_archive (id, module, store, user, at, with_jid, value) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (item.id, *self._ns, item.user, item.at, item.with_jid, item.value))
             ids.append(int(cur.lastrowid or 0))
         return ids
+
+    async def append_many(self, items: Sequence[tuple[int, str, float, str, bytes]]) -> None:
+        """Add items whose ids the caller chose, (id, user, at, with_jid,
+        value) each, in one transaction. Ids must be unique and should grow
+        with time (pages are in id order); `ArchiveIds` makes such ids on
+        every shard without asking the store, so a caller can name an item
+        before it is written."""
+        batch = [_Append(user, at, with_jid, bytes(value), item_id)
+                 for item_id, user, at, with_jid, value in items]
+        if batch:
+            await self._store().write(lambda conn: self._insert(conn, batch))
 
     async def page(self, user: str, *, before: int | None = None, after: int | None = None,
                    with_jid: str | None = None, start: float | None = None,
