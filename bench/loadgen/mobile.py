@@ -11,7 +11,9 @@ same setup, alternating order per rep:
   `<r/>` after every 5 messages and answers the server's requests.
 
 Prints per variant the median over reps of CPU-s per 1000 delivered
-messages and p99 latency at each offered rate.
+messages and p99 latency at each offered rate. Needs a quiet machine: the
+figures are meaningless while other work competes for the cores (check
+`uptime` before and after).
 
     cd bench && /work/main/.venv/bin/python -m loadgen.mobile [--reps 3]
         [--rates 1000,3000] [--seconds 5] [--workdir DIR]
@@ -84,8 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, reps in figures.items():
         for i, rate in enumerate(rates):
-            got = [r[i] for r in reps if len(r) > i]
+            # A failed run (logins refused, nothing delivered) has no figures.
+            got = [r[i] for r in reps if len(r) > i and r[i]["cpu_s_per_1000"] is not None]
             if not got:
+                rows.append([name, int(rate), "failed", "-", "-"])
                 continue
             rows.append([name, int(rate),
                          round(statistics.median(s["delivered_per_s"] for s in got)),
