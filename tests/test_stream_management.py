@@ -215,6 +215,10 @@ def test_expiry_sends_unacknowledged_messages_to_offline_and_bounces_iqs(server,
     text = fresh.read_until("while-away</body>")
     assert ">unread<" in text and text.index(">unread<") < text.index(">while-away<"), text
     assert "urn:xmpp:delay" in text
+    # Routed again, not archived again: the archive has each message once.
+    fresh.send("<iq type='set' id='mam'><query xmlns='urn:xmpp:mam:2' queryid='q'/></iq>")
+    archived = fresh.read_until(r"id=['\"]mam['\"]")
+    assert archived.count(">unread<") == 1 and archived.count(">while-away<") == 1, archived
     fresh.close()
     bob.close()
 

@@ -377,7 +377,11 @@ def setup(module: Module) -> None:
         user = event.to.bare
         for old in message.findall(_q(SID_NS, "stanza-id")):
             if old.get("by") == str(user):
-                message.remove(old)  # forged in our name
+                if event.origin is None:
+                    # Ours, on a message routed again (a session that ended
+                    # before its client confirmed it): archived already.
+                    return False
+                message.remove(old)  # from a client: forged in our name
         if not archivable(message) or event.sender.bare == user:
             return False
         if not router.online(user) and not await router.account_exists(user):
