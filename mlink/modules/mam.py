@@ -388,7 +388,11 @@ def setup(module: Module) -> None:
             return False  # no such account: the router bounces it
         item_id = await store(user, event.sender, message)
         if item_id is not None:
-            ET.SubElement(message, _q(SID_NS, "stanza-id"), {"by": str(user), "id": str(item_id)})
+            # First, not last: the body stays the message's last child, as
+            # the sender wrote it (clients and tools that look for
+            # "</body></message>" keep working).
+            message.insert(0, ET.Element(_q(SID_NS, "stanza-id"),
+                                         {"by": str(user), "id": str(item_id)}))
         return False
 
     async def outgoing(event: StanzaEvent) -> bool:
