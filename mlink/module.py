@@ -156,8 +156,9 @@ class Module:
     def add_account_feature(self, var: str, identity: tuple[str, str, str] | None = None) -> None:
         """A feature (and optional identity) accounts show in disco#info."""
         self._host.hooks.account_features.add(var)
-        if identity is not None:
-            self._host.hooks.account_identities.append(identity)
+        identities = self._host.hooks.account_identities
+        if identity is not None and identity not in identities:
+            identities.append(identity)  # one identity, however many modules name it
 
     def add_stream_feature(self, provider: FeatureProvider, *, authenticated: bool) -> None:
         """Offer an element in <stream:features>: after authentication

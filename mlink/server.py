@@ -284,6 +284,39 @@ class Server:
             log.info("ended %d session(s) of %s: %s", ended, bare, text)
         return ended
 
+    def session_list(self, user: str | None = None) -> list[dict[str, str]]:
+        """This shard's bound sessions (of `user`, a bare JID, when given),
+        for `mlink session list` and the console: full JID and address."""
+        if user is not None:
+            try:
+                conns = self.sessions.of_user(parse_jid(user).bare)
+            except InvalidJID:
+                return []
+        else:
+            conns = self.sessions.all()
+        return [{"jid": str(conn.info.jid), "address": str(getattr(conn, "peer", ""))}
+                for conn in conns]
+
+    def kick_sessions(self, jid: str, text: str) -> list[str]:
+        """End the local session `jid` (a full JID) or every local session
+        of `jid` (a bare JID) with `policy-violation` and `text`, as an
+        administrator's kick; the full JIDs ended."""
+        try:
+            target = parse_jid(jid)
+        except InvalidJID:
+            return []
+        if target.resource:
+            found = self.sessions.get(target)
+            conns = [found] if found is not None else []
+        else:
+            conns = self.sessions.of_user(target)
+        ended = [str(conn.info.jid) for conn in conns]
+        for conn in conns:
+            conn.kick("policy-violation", text)
+        if ended:
+            log.info("kicked %s: %s", ", ".join(ended), text)
+        return ended
+
     def detach_session(self, conn: ClientConnection) -> bool:
         """Take `conn` out of the session table here and on every shard, at
         once (it is ending): stanzas for it now take the "no such resource"
