@@ -190,12 +190,12 @@ class _Append:
 class ArchiveIds:
     """Archive ids made without the store: unique across shards (the shard
     is in the low 6 bits), increasing on each shard, and in time order
-    across shards to the millisecond: (milliseconds << 10 | sequence) << 6
-    | shard, about 2^57 today. Ids the store assigns itself (`append`) are
+    across shards to the microsecond: microseconds since 1970 << 6 | shard
+    (about 2^57 today). More than one id per microsecond on a shard borrows
+    the next microseconds. Ids the store assigns itself (`append`) are
     always above every id used before, so both kinds mix in one log."""
 
     SHARD_BITS = 6  # up to 64 shards
-    SEQUENCE_BITS = 10  # 1024 ids per millisecond per shard before borrowing the next
 
     def __init__(self, shard: int) -> None:
         if not 0 <= shard < 1 << self.SHARD_BITS:
@@ -204,7 +204,7 @@ class ArchiveIds:
         self._last = 0
 
     def next(self, now: float | None = None) -> int:
-        clock = int((time.time() if now is None else now) * 1000) << self.SEQUENCE_BITS
+        clock = int((time.time() if now is None else now) * 1_000_000)
         counter = max(self._last + 1, clock)
         self._last = counter
         return counter << self.SHARD_BITS | self.shard
