@@ -585,6 +585,10 @@ def test_archive_ids_are_unique_across_shards_and_ordered_in_time() -> None:
     assert one.next(2000.000002) > zero.next(2000.000001)  # time order across shards
     with pytest.raises(ValueError):
         ArchiveIds(64)
+    # After a restart with the clock stepped back, ids stay above the store's.
+    restarted = ArchiveIds(0)
+    restarted.above(same_us[-1])
+    assert restarted.next(500.0) > same_us[-1]
 
 
 async def test_module_archive_items_with_chosen_ids(store: Store) -> None:

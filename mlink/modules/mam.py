@@ -87,8 +87,10 @@ MAX_UNWRITTEN = 20_000
 # A query waits this long at most for earlier messages to be written (a
 # failing store must not hang queries; they then show what is written).
 FLUSH_WAIT = 5.0
-# After a failed write (disk full, a locked file), try again after this long.
+# After a failed write (disk full, a locked file), try again after this
+# long, this many times; then item by item, dropping only what still fails.
 WRITE_RETRY = 1.0
+WRITE_RETRIES = 3
 # How often retention runs, and how many items one delete removes.
 RETENTION_INTERVAL = 3600.0
 RETENTION_BATCH = 10_000
@@ -273,9 +275,10 @@ class Writer:
     milliseconds' worth); offline messages are stored durably by their own
     module, before anyone is told they were accepted."""
 
-    def __init__(self, module: Module, archive: ArchiveStore) -> None:
+    def __init__(self, module: Module, archive: ArchiveStore, ids: ArchiveIds) -> None:
         self.module = module
         self.archive = archive
+        self.ids = ids
         self.pending: list[tuple[int, str, float, str, bytes]] = []
         self.added = 0
         self.written = 0
@@ -299,29 +302,46 @@ class Writer:
         await self._progress.wait()
 
     async def run(self) -> None:
+        try:
+            self.ids.above(await self.archive.max_id())
+        except StoreError as exc:
+            self.module.log.warning("could not read the largest archive id: %s", exc)
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             while self.pending:
                 batch = self.pending[:WRITE_BATCH_ITEMS]
-                try:
-                    await self.archive.append_many(batch)
-                except StoreError as exc:
-                    self.module.log.error("archiving %d message(s) failed, will retry: %s",
-                                          len(batch), exc)
-                    await trio.sleep(WRITE_RETRY)
-                    continue
+                await self._write(batch)
                 del self.pending[:len(batch)]
                 self.written += len(batch)
                 progress, self._progress = self._progress, trio.Event()
                 progress.set()
+
+    async def _write(self, batch: list[tuple[int, str, float, str, bytes]]) -> None:
+        """Write `batch`, retrying a failing store a few times; then item by
+        item, so one bad item (an id taken after the clock stepped back)
+        costs itself, logged, and never stalls the archive for everyone."""
+        for attempt in range(WRITE_RETRIES):
+            try:
+                await self.archive.append_many(batch)
+                return
+            except StoreError as exc:
+                self.module.log.error("archiving %d message(s) failed (try %d of %d): %s",
+                                      len(batch), attempt + 1, WRITE_RETRIES, exc)
+                await trio.sleep(WRITE_RETRY)
+        for item in batch:
+            try:
+                await self.archive.append_many([item])
+            except StoreError as exc:
+                self.module.log.error("archived message %d of %s lost: %s", item[0],
+                                      item[1], exc)
 
 
 def setup(module: Module) -> None:
     router = module.router
     archive = module.store.archive("messages")
     ids = ArchiveIds(module.shard)
-    writer = Writer(module, archive)
+    writer = Writer(module, archive, ids)
     prefs_store = module.store.keyval("prefs")
     prefs_cache: dict[str, Prefs] = {}
 

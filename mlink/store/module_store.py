@@ -209,6 +209,12 @@ class ArchiveIds:
         self._last = counter
         return counter << self.SHARD_BITS | self.shard
 
+    def above(self, existing: int) -> None:
+        """Make every later id larger than `existing` (the largest id in
+        the store at start): a clock stepped back across a restart then
+        cannot make an id that is taken already."""
+        self._last = max(self._last, existing >> self.SHARD_BITS)
+
 
 class ArchiveStore:
     """Per user: an append-only log, read in pages by id.
@@ -318,6 +324,15 @@ class ArchiveStore:
                    f"WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?")
             return [ArchivedItem(int(i), float(at), w, bytes(v))
                     for i, at, w, v in conn.execute(sql, (*args, limit))]
+
+        return await self._store().read(work)
+
+    async def max_id(self) -> int:
+        """The largest id in any archive (0: none); one index lookup."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            (found,) = conn.execute("SELECT MAX(id) FROM module_archive").fetchone()
+            return int(found or 0)
 
         return await self._store().read(work)
 
