@@ -37,6 +37,8 @@ Room archives are not implemented here (multi-user chat is being built).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import json
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -85,8 +87,11 @@ MAX_PREFS_JIDS = 1000
 WRITE_BATCH_ITEMS = 500
 MAX_UNWRITTEN = 20_000
 # A query waits this long at most for earlier messages to be written (a
-# failing store must not hang queries; they then show what is written).
+# failing store must not hang queries; they then show what is written) ...
 FLUSH_WAIT = 5.0
+# ... and this long for the other shards to say theirs are written (a shard
+# restarting does not answer; the query then shows what is there).
+REMOTE_FLUSH_WAIT = 2.0
 # After a failed write (disk full, a locked file), try again after this
 # long, this many times; then item by item, dropping only what still fails.
 WRITE_RETRY = 1.0
@@ -342,6 +347,47 @@ def setup(module: Module) -> None:
     archive = module.store.archive("messages")
     ids = ArchiveIds(module.shard)
     writer = Writer(module, archive, ids)
+    # Queries waiting for the other shards' writes: request id -> (answers, done).
+    flushing: dict[int, tuple[list[int], trio.Event]] = {}
+    flush_ids = itertools.count(1)
+
+    async def flush_everywhere() -> None:
+        """Until every shard wrote what it archived so far: messages for a
+        user are archived on the shard that routed them, any of them."""
+        with trio.move_on_after(FLUSH_WAIT):
+            await writer.flush()
+        others = module.shard_count - 1
+        if others <= 0:
+            return
+        req = next(flush_ids)
+        answers: list[int] = []
+        done = trio.Event()
+        flushing[req] = (answers, done)
+        try:
+            module.send_bus(json.dumps({"op": "flush", "req": req}).encode(), channel="flush")
+            with trio.move_on_after(REMOTE_FLUSH_WAIT):
+                await done.wait()
+        finally:
+            del flushing[req]
+
+    async def flush_message(source: int, payload: bytes) -> None:
+        message = json.loads(payload)
+        if message.get("op") == "flush":
+            req = message["req"]
+
+            async def answer() -> None:  # in a task: the bus reader must not wait on the disk
+                with trio.move_on_after(FLUSH_WAIT):
+                    await writer.flush()
+                module.send_bus(json.dumps({"op": "flushed", "req": req}).encode(),
+                                shard=source, channel="flush")
+
+            module.spawn(answer)
+        elif message.get("op") == "flushed":
+            waiting = flushing.get(message["req"])
+            if waiting is not None:
+                waiting[0].append(source)
+                if len(set(waiting[0])) >= module.shard_count - 1:
+                    waiting[1].set()
     prefs_store = module.store.keyval("prefs")
     prefs_cache: dict[str, Prefs] = {}
 
@@ -455,8 +501,7 @@ def setup(module: Module) -> None:
         return True
 
     async def fetch(user: str, q: Query) -> tuple[list[ArchivedItem], bool]:
-        with trio.move_on_after(FLUSH_WAIT):
-            await writer.flush()  # the user's latest messages are in the answer
+        await flush_everywhere()  # the user's latest messages are in the answer
         for anchor in (q.after, q.before):
             if anchor is not None and await archive.get(user, anchor) is None:
                 raise QueryError("item-not-found", f"no archived item {anchor}")
@@ -586,6 +631,7 @@ def setup(module: Module) -> None:
         await writer.flush()
 
     module.hook("server/stopping", stopping)
+    module.on_bus(flush_message, channel="flush")
     module.spawn(retention)
     module.spawn(writer.run)
 
