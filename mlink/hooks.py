@@ -10,15 +10,20 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
   (inbound filters and handlers: subscriptions, probes, blocking).
 - `iq-<type>/<host|self|bare>/<namespace>`: an iq the server answers: to
   the domain, to the sender's own account, or to another account.
+- `hosted/<service>`: any stanza to a subdomain module `<service>` serves
+  (`Module.add_host`, e.g. `conference.<domain>`) or to a JID under it;
+  unconsumed, an iq get/set or message is answered service-unavailable.
 - `message/offline`: a message for a user with no available resource.
 - `message/delivered`: a message was delivered to these local resources.
 
 Session events (handlers get a `SessionInfo`, return value ignored):
 - `session/bound`, `session/closed`, `session/initial-presence`.
 
-Server events: `server/stopping` (the server; return value ignored) once
-every session has ended at shutdown, while the store is still open: a
-module writes out what it buffered.
+Server events (return value ignored): `server/stopping` (payload None)
+before the streams end at shutdown, for modules that tell users (a chat
+room's status 332); `server/stopped` (the server) once every session has
+ended at shutdown, while the store is still open: a module writes out what
+it buffered (the archive's queued writes).
 
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).

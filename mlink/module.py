@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from mlink.hooks import Handler, Hooks
 from mlink.router.fields import FieldCodec, SessionField, field_registry
+from mlink.router.router import HostedDomain
 
 if TYPE_CHECKING:
     from mlink.config_model import Config
@@ -161,6 +162,24 @@ class Module:
         identities = self._host.hooks.account_identities
         if identity is not None and identity not in identities:
             identities.append(identity)  # one identity, however many modules name it
+
+    def add_host(self, domain: str, parent: str, handler: Handler) -> None:
+        """Serve the subdomain `domain` (e.g. `conference.<parent>`): every
+        stanza to it or to a JID under it, from a local client or a module,
+        goes to `handler` (event `hosted/<module name>`, a `StanzaEvent`)
+        instead of being refused as a remote domain; `parent`'s disco#items
+        lists it. One handler serves all of this module's subdomains."""
+        router = self._host.router
+        if domain in router.domains or domain in router.hosted:
+            raise ValueError(f"domain {domain!r} is already served")
+        event = f"hosted/{self.name}"
+        if not self._host.hooks.has(event):
+            self._host.hooks.on(event, handler)
+        router.hosted[domain] = HostedDomain(parent, self.name)
+
+    def hosted_domains(self, parent: str) -> list[str]:
+        """The subdomains modules serve under local domain `parent`."""
+        return self._host.router.hosted_under(parent)
 
     def add_stream_feature(self, provider: FeatureProvider, *, authenticated: bool) -> None:
         """Offer an element in <stream:features>: after authentication

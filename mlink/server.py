@@ -542,7 +542,10 @@ class Server:
                 self._no_connections.set()
 
     async def shutdown(self) -> None:
-        """End every stream with `system-shutdown` and let them flush."""
+        """End every stream with `system-shutdown` and let them flush.
+        Modules hear `server/stopping` first (rooms tell their occupants)."""
+        with trio.move_on_after(SHUTDOWN_GRACE), self.router.batch():
+            await self.hooks.notify("server/stopping", None)
         for conn in list(self.connections):
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
@@ -551,9 +554,9 @@ class Server:
         # store is still open.
         with trio.move_on_after(SHUTDOWN_GRACE):
             try:
-                await self.hooks.notify("server/stopping", self)
+                await self.hooks.notify("server/stopped", self)
             except Exception:
-                log.exception("server/stopping handler failed")
+                log.exception("server/stopped handler failed")
         await self.directory.aclose()
         if self.store is not None:
             await self.store.aclose()

@@ -203,12 +203,13 @@ def test_server_disco_info_lists_identity_and_features(clients):
         assert var in features, features
 
 
-def test_server_disco_items_are_empty(clients):
+def test_server_disco_items_list_the_chat_service(clients):
     alice = clients(ALICE)
     reply = alice.iq("get", f"<query xmlns='{DISCO_ITEMS}'/>", DOMAIN)
     assert reply.get("type") == "result", ET.tostring(reply)
     query = reply.find(f"{{{DISCO_ITEMS}}}query")
-    assert query is not None and len(query) == 0
+    assert query is not None
+    assert [i.get("jid") for i in query] == [f"conference.{DOMAIN}"]
 
 
 def test_caps_in_stream_features_match_disco(im_server, ca_file, clients):

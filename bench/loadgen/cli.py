@@ -69,6 +69,12 @@ def parser() -> argparse.ArgumentParser:
                    help="presence: length of one round of roster set-up (subscribe/subscribed)")
     g.add_argument("--setup-rounds", type=int, default=3,
                    help="presence: set-up rounds at most while rosters are incomplete (0: none)")
+    g = p.add_argument_group("muc")
+    g.add_argument("--rooms", type=int, default=10, help="rooms R")
+    g.add_argument("--occupants", type=int, default=20,
+                   help="occupants O per room (users 1..R*O, each posting at --rate/(R*O))")
+    g.add_argument("--muc-service", default="conference",
+                   help="the service's label: rooms are bench<k>@<label>.<domain>")
     return p
 
 
@@ -77,6 +83,8 @@ def build_spec(a: argparse.Namespace) -> dict[str, Any]:
                                      if a.ramp else [])
     if sum(s for _, s in steps) > MAX_SECONDS:
         raise SystemExit(f"a run is bounded to {MAX_SECONDS:.0f} s")
+    if a.rooms * a.occupants > 100_000:
+        raise SystemExit("rooms x occupants is bounded to 1e5")
     if a.count > 1_000_000 or a.sessions > 100_000 or a.pairs > 50_000:
         raise SystemExit("counts are bounded (logins 1e6, sessions 1e5, pairs 5e4)")
     spec = {
@@ -86,7 +94,8 @@ def build_spec(a: argparse.Namespace) -> dict[str, Any]:
         "count": a.count, "users": a.users, "duration": min(a.duration, MAX_SECONDS),
         "sessions": a.sessions, "pairs": a.pairs, "steps": steps,
         "max_p99_ms": a.max_p99_ms, "contacts": a.contacts, "setup_seconds": a.setup_seconds,
-        "setup_rounds": a.setup_rounds, "sm_every": max(0, a.sm_every),
+        "setup_rounds": a.setup_rounds, "rooms": a.rooms, "occupants": a.occupants,
+        "muc_service": a.muc_service, "sm_every": max(0, a.sm_every),
     }
     return spec
 
@@ -140,7 +149,10 @@ def render(scenario: str, r: dict[str, Any]) -> str:
             f"({r['gen_cpu_share']} core), tls {r['tls']}")
     if "roster" in r:
         head += f"\nroster: {r['roster']}"
-    unit = "msgs" if scenario == "chat" else "changes"
+    if "muc" in r:
+        head += (f"\njoins: {r['muc']}; each message reaches {r['deliveries_per_message']} "
+                 "occupants (delivered/s counts deliveries)")
+    unit = {"chat": "msgs", "muc": "msgs"}.get(scenario, "changes")
     return head + "\n" + table(
         [f"offered {unit}/s", "sent/s", "delivered/s", "p50 ms", "p99 ms", "p99.9 ms",
          "srv CPU s", "CPU s/1000"], rows) + (

@@ -45,6 +45,9 @@ def scenarios(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
                              password="rpw%d", users=a.presence_users, contacts=4,
                              concurrency=20, steps=[(40, 2.0)], setup_seconds=2.0,
                              setup_rounds=0, drain=2.0),
+            "muc": dict(scenario="muc", tls=False, mechanism="PLAIN", rooms=2, occupants=10,
+                        muc_service="conference", concurrency=20, steps=[(20, 2.0)],
+                        drain=2.0),
         }
     return {
         "login-scram-tls": dict(scenario="login", tls=True, mechanism="SCRAM-SHA-256",
@@ -59,6 +62,16 @@ def scenarios(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
                          password="rpw%d", users=a.presence_users, contacts=20,
                          concurrency=50, steps=[(200, 5.0)], setup_seconds=4.0,
                          setup_rounds=0, drain=2.0),
+        # R rooms x O occupants, every occupant posting: 100 msgs/s reach
+        # 2000 occupants/s, the order of the presence scenario's deliveries.
+        "muc": dict(scenario="muc", tls=False, mechanism="PLAIN", rooms=a.muc_rooms,
+                    occupants=a.muc_occupants, muc_service="conference", concurrency=50,
+                    steps=[(a.muc_rate, 5.0)], drain=2.0),
+        # One large room: the join of 1000 occupants, then 5 msgs/s to all.
+        "muc-large": dict(scenario="muc", tls=False, mechanism="PLAIN", rooms=1,
+                          occupants=min(1000, u), muc_service="conference", concurrency=50,
+                          steps=[(5, 5.0)],
+                          drain=3.0),
     }
 
 
@@ -85,6 +98,12 @@ def metrics(name: str, r: dict[str, Any]) -> dict[str, tuple[float | None, str]]
                 "knee delivered msgs/s": (knee, "higher"),
                 "p99 ms @~half knee": (half, "lower")}
     ok = first["delivered"] > 0
+    if "muc" in r:
+        return {"CPU-s/1000 deliveries": (first["cpu_s_per_1000"] if ok else None, "lower"),
+                "deliveries/s": (first["delivered_per_s"] if ok else None, "higher"),
+                "p99 ms": (first["p99_ms"] if ok else None, "lower"),
+                "join phase s": (r["muc"]["join_phase_s"], "lower"),
+                "join p99 ms": (r["muc"]["join_p99_ms"], "lower")}
     return {"CPU-s/1000 deliveries": (first["cpu_s_per_1000"] if ok else None, "lower"),
             "deliveries/s": (first["delivered_per_s"] if ok else None, "higher"),
             "p99 ms": (first["p99_ms"] if ok else None, "lower")}
@@ -110,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=1000)
     p.add_argument("--logins", type=int, default=1000, help="logins per login run")
     p.add_argument("--presence-users", type=int, default=200)
+    p.add_argument("--muc-rooms", type=int, default=10, help="muc: rooms")
+    p.add_argument("--muc-occupants", type=int, default=20, help="muc: occupants per room")
+    p.add_argument("--muc-rate", type=float, default=100.0,
+                   help="muc: groupchat messages/s over all occupants")
     p.add_argument("--mlink-shards", default="",
                    help="also run mlink with --shards N for each N in this list (e.g. 1,2)")
     p.add_argument("--procs", type=int, default=1, help="generator processes")

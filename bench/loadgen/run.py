@@ -31,6 +31,8 @@ ROSTER_RE = re.compile(
     rb"<iq[^>]*id=['\"]roster1['\"][^>]*/>|<iq[^>]*id=['\"]roster1['\"].*?</iq>", re.S)
 BOTH_RE = re.compile(rb"subscription=['\"]both['\"]")
 PHASE_TIMEOUT = 120.0  # no phase of any scenario may take longer
+# muc: the self-presence (status 110) that ends a join, or the error instead.
+SELF_PRESENCE_RE = re.compile(rb"code=['\"]110['\"]")
 
 
 # ----------------------------------------------------------------------------
@@ -359,6 +361,60 @@ class Worker:
         self.close_all()
 
 
+    # -- muc --
+    def room_of(self, n: int) -> str:
+        s = self.spec
+        return f"bench{(n - 1) % s['rooms']}@{s['muc_service']}.{s['domain']}"
+
+    async def join_all(self, lat: array.array) -> None:  # type: ignore[type-arg]
+        """Every session enters its room (no <x/>: the first one creates
+        an instant room), `concurrency` at a time; join latency = until
+        the self-presence."""
+        sem = asyncio.Semaphore(max(1, self.spec["concurrency"] // self.nprocs))
+
+        async def one(n: int, conn: Conn) -> None:
+            async with sem:
+                conn.buf = b""
+                t = time.monotonic_ns()
+                conn.send(f"<presence to='{self.room_of(n)}/n{n}'/>".encode())
+                try:
+                    await conn.expect(SELF_PRESENCE_RE, 60.0)
+                except XMPPError as exc:
+                    self._error(exc)
+                    return
+                lat.append(time.monotonic_ns() - t)
+
+        await asyncio.wait_for(asyncio.gather(*(one(n, c) for n, c in self.conns.items())),
+                               PHASE_TIMEOUT)
+
+    def scenario_muc(self) -> None:
+        s = self.spec
+        mine = list(range(1 + self.index, s["rooms"] * s["occupants"] + 1, self.nprocs))
+        self.loop.run_until_complete(self.login_all(mine, presence=True))
+        for c in self.conns.values():
+            c.hot(self.discard)
+        self.loop.run_until_complete(self.quiet(0.3, 10.0))
+        for c in self.conns.values():
+            c.on_data = None
+        join_lat = array.array("q")
+        t_join = time.monotonic_ns()
+        self.loop.run_until_complete(self.join_all(join_lat))
+        join_s = (time.monotonic_ns() - t_join) / 1e9
+        for c in self.conns.values():
+            c.hot(self.discard)
+        # The presence of every later joiner to every earlier one: let it pass.
+        self.loop.run_until_complete(self.quiet(0.5, 30.0))
+        senders = [(c, f"<message to='{self.room_of(n)}' type='groupchat'><body>t".encode(),
+                    b"</body></message>") for n, c in self.conns.items()]
+        for c in self.conns.values():
+            c.hot(self.make_receiver())
+        go = self.reply({"ready": True, "held": len(self.conns), "senders": len(senders),
+                         "join_lat": join_lat.tobytes(), "join_s": join_s})
+        out = self._traffic(senders, go)
+        self.reply(out)
+        self.close_all()
+
+
 def _worker_main(spec: dict[str, Any], index: int, pipe: Any) -> None:
     proc.raise_nofile()
     try:
@@ -544,6 +600,15 @@ def run_traffic(spec: dict[str, Any], server: proc.ServerProcs,
         roster_min = min(sizes) if sizes else 0
         per_delivery = max(0, roster_min)
         setup = {**(setup or {}), "roster_min": roster_min, "roster_wanted": want}
+    elif spec["scenario"] == "muc":
+        per_delivery = spec["occupants"]  # every occupant, the sender too, gets each message
+        join_lat = array.array("q")
+        for r in res:
+            join_lat.frombytes(r["join_lat"])
+        lats = sorted(join_lat)
+        setup = {"joined": len(lats), "join_phase_s": round(max(r["join_s"] for r in res), 2),
+                 "join_p50_ms": ms(percentile(lats, 0.5)),
+                 "join_p99_ms": ms(percentile(lats, 0.99))}
     else:
         per_delivery = 1
     held = sum(r["held"] for r in res)
@@ -586,13 +651,17 @@ def run_traffic(spec: dict[str, Any], server: proc.ServerProcs,
     })
     secs = sum(s for _, s in steps)
     out["gen_cpu_share"] = round(out["gen_cpu_s"] / secs, 2) if secs else None
-    if setup is not None:
+    if setup is not None and spec["scenario"] == "muc":
+        out["muc"] = setup
+        out["deliveries_per_message"] = per_delivery
+    elif setup is not None:
         out["roster"] = setup
         out["deliveries_per_change"] = per_delivery
     return out
 
 
-SCENARIOS = {"login": run_login, "idle": run_idle, "chat": run_traffic, "presence": run_traffic}
+SCENARIOS = {"login": run_login, "idle": run_idle, "chat": run_traffic, "presence": run_traffic,
+             "muc": run_traffic}
 
 
 def run(spec: dict[str, Any], server: proc.ServerProcs, on_start: Any = None) -> dict[str, Any]:

@@ -36,3 +36,9 @@ statistics = nil
 
 VirtualHost "@DOMAIN@"
 	ssl = { certificate = "@CERT@"; key = "@KEY@"; }
+
+-- The multi-user chat service, as mlink's default (muc scenarios): rooms
+-- are created by the first join, kept in memory only.
+Component "conference.@DOMAIN@" "muc"
+	muc_room_default_history_length = 20
+	max_history_messages = 50

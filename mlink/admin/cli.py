@@ -143,6 +143,26 @@ def _build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", type=Path, metavar="FILE")
     imp.add_argument("--config", type=Path)
     imp.set_defaults(func=cmd_user_import)
+
+    from mlink.admin.rooms import add_parsers
+
+    add_parsers(sub).set_defaults(func=cmd_room)
+    export = sub.add_parser("export", help="write accounts and their data as XEP-0227")
+    export.add_argument("file", type=Path, metavar="FILE")
+    export.add_argument("--per-user", action="store_true",
+                        help="FILE is a directory: one <user>@<host>.xml per user "
+                             "(Prosody's layout, what prosody-migrator reads)")
+    export.add_argument("--config", type=Path)
+    export.set_defaults(func=cmd_export)
+    pie_import = sub.add_parser("import", help="add accounts and their data from XEP-0227 "
+                                               "files (a file, or a directory of them)")
+    pie_import.add_argument("file", type=Path, metavar="FILE")
+    pie_import.add_argument("--config", type=Path)
+    pie_import.set_defaults(func=cmd_import)
+    backup = sub.add_parser("backup", help="copy the store and directory while the server runs")
+    backup.add_argument("dir", type=Path, metavar="DIR")
+    backup.add_argument("--config", type=Path)
+    backup.set_defaults(func=cmd_backup)
     return p
 
 
@@ -613,6 +633,76 @@ def _read_pairs(path: Path, config: Config) -> Iterator[tuple[str, str]]:
             yield _bare_jid(jid_text, config), password
         except CommandError as exc:
             raise CommandError(f"{path}:{number}: {exc}") from None
+
+
+def cmd_room(args: argparse.Namespace) -> int:
+    """`mlink room list|show|create|destroy` (mlink/admin/rooms.py)."""
+    from mlink.admin.rooms import RoomCommandError, run
+
+    if not hasattr(args, "room_action"):
+        raise CommandError("room needs an action: list, show, create or destroy")
+    config = _load(args.config)
+    try:
+        lines = run(args, config)
+    except RoomCommandError as exc:
+        raise CommandError(str(exc)) from None
+    for line in lines:
+        print(line)
+    return 0
+
+
+# Exit status of an import refused for a problem in its input files.
+BAD_INPUT = 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_export
+    from mlink.store import StoreError
+
+    config = _load(args.config)
+    try:
+        summary = trio.run(run_export, config, args.file, args.per_user)
+    except (MigrationError, StoreVersionError, StoreError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    for jid in summary.without_credentials:
+        print(f"mlink: warning: {jid} has no current SCRAM secrets; exported without "
+              "credentials", file=sys.stderr)
+    where = args.file if not args.per_user else f"{len(summary.files)} files in {args.file}"
+    print(f"exported {summary.users} accounts to {where}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_import
+    from mlink.store import StoreError
+
+    config = _load(args.config)
+    try:
+        summary, plan = trio.run(run_import, config, args.file)
+    except MigrationError as exc:
+        print(f"mlink: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    except (StoreVersionError, StoreError) as exc:
+        raise CommandError(str(exc)) from None
+    for warning in summary.warnings:
+        print(f"mlink: {warning}", file=sys.stderr)
+    print(summary.line(plan.skipped))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from mlink.admin.backup import BackupError, run_backup
+
+    config = _load(args.config)
+    try:
+        report = run_backup(config, args.dir)
+    except BackupError as exc:
+        raise CommandError(str(exc)) from None
+    for what, path in report.written:
+        print(f"wrote {path}: {what}")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from mlink.config import (
     base_dn_for_domain,
     load_config,
     normalise_domain,
-    write_config,
 )
 from mlink.config_model import (
     Config,
@@ -32,6 +31,7 @@ from mlink.config_model import (
     ListenerConfig,
     TLSConfig,
 )
+from mlink.config_render import write_config
 from mlink.config_schema import Host, Invalid, ParseEnv
 
 __all__ = [

@@ -20,6 +20,7 @@ from mlink.directory.policy import Verdict
 from mlink.sasl.secrets import ScramSecret
 
 if TYPE_CHECKING:
+    from mlink.directory.ldif import Entry
     from mlink.directory.port import Change
 
 # PBKDF2 in hashlib releases the GIL, so a few threads derive secrets in
@@ -93,6 +94,10 @@ class CertificateAuthority:
 
 class Directory(abc.ABC):
     """Users and their credentials, wherever they live."""
+
+    # The DN everything mlink keeps lies under ("" for a directory that
+    # is not LDAP-shaped, such as a test double).
+    base_dn: str = ""
 
     @abc.abstractmethod
     async def check_password(self, jid: str, password: str) -> bool:
@@ -227,6 +232,35 @@ class Directory(abc.ABC):
         """Whether `change` may change what `roster_groups(specs)` returns.
         True unless the directory can tell better."""
         return True
+
+    # --- entries of features (rooms), beside the users -------------------------
+    # Defaults for directories (test doubles) that hold nothing else.
+
+    async def entries(self, base: str, filter: str = "(objectClass=*)",
+                      attributes: Sequence[str] = ()) -> list[Entry]:
+        """The entries one level below `base` matching `filter` (every page
+        read); none when `base` does not exist."""
+        return []
+
+    async def entry(self, dn: str, attributes: Sequence[str] = ()) -> Entry | None:
+        """The entry `dn`, or None when there is none."""
+        return None
+
+    async def put_entry(self, entry: Entry, managed: Sequence[str]) -> None:
+        """Add `entry`, or, when its DN exists, make its `managed` attributes
+        what `entry` holds (absent ones removed) in one atomic modify. The
+        parent is created as an organizationalUnit when it is missing
+        directly under `base_dn`. DirectoryRefused, DirectoryUnavailable."""
+        raise DirectoryRefused("this directory keeps no entries besides users")
+
+    async def delete_entry(self, dn: str) -> bool:
+        """Remove `dn`; False when it was not there."""
+        return False
+
+    async def group_members(self, dn: str) -> frozenset[str] | None:
+        """The bare JIDs of the users the group `dn` (groupOfNames and the
+        like, as for roster groups) names, or None when it does not exist."""
+        return None
 
     async def ping(self) -> None:
         """Raise DirectoryUnavailable unless the directory answers."""

@@ -149,6 +149,11 @@ def rdn_value(dn: str) -> str:
     return _unescape_dn_value(first.partition("=")[2].strip())
 
 
+def parent_dn(dn: str) -> str:
+    """The DN of `dn`'s parent, as written ("" at the top)."""
+    return ",".join(part.strip() for part in _split_unescaped(dn.strip(), ",")[1:])
+
+
 def is_under(dn_key: str, base_key: str) -> bool:
     """True when normalised `dn_key` is `base_key` or below it (subtree)."""
     return dn_key == base_key or dn_key.endswith("," + base_key)

@@ -155,8 +155,11 @@ def setup(module: Module) -> None:
         if event.stanza[0].get("node") is not None:
             await router.bounce(event.stanza, "item-not-found")
             return True
-        # No components or services on other JIDs yet.
-        await router.route(iq_result(event.stanza, ET.Element(f"{{{DISCO_ITEMS_NS}}}query")))
+        # The services modules run on subdomains (multi-user chat).
+        query = ET.Element(f"{{{DISCO_ITEMS_NS}}}query")
+        for domain in module.hosted_domains(event.to.domain):
+            ET.SubElement(query, f"{{{DISCO_ITEMS_NS}}}item", {"jid": domain})
+        await router.route(iq_result(event.stanza, query))
         return True
 
     async def account_info(event: StanzaEvent) -> bool:

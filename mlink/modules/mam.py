@@ -630,7 +630,7 @@ def setup(module: Module) -> None:
     async def stopping(_server: object) -> None:
         await writer.flush()
 
-    module.hook("server/stopping", stopping)
+    module.hook("server/stopped", stopping)
     module.on_bus(flush_message, channel="flush")
     module.spawn(retention)
     module.spawn(writer.run)

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -36,6 +37,17 @@ PRESENCE_TYPES = frozenset(
 MESSAGE_TYPES = frozenset({"normal", "chat", "groupchat", "headline", "error"})
 
 
+@dataclass(frozen=True, slots=True)
+class HostedDomain:
+    """A subdomain a module serves (`Module.add_host`), such as a multi-user
+    chat service on `conference.<domain>`: stanzas to it or to JIDs under it
+    fire `hosted/<service>`; `parent` is the local domain whose disco#items
+    lists it."""
+
+    parent: str
+    service: str
+
+
 class Router:
     def __init__(self, domains: frozenset[str], sessions: SessionTable, hooks: Hooks,
                  account_exists: Callable[[JID], Awaitable[bool]] | None = None) -> None:
@@ -43,6 +55,8 @@ class Router:
         self.sessions = sessions
         self.hooks = hooks
         self._account_exists = account_exists
+        # Subdomains served by modules (`Module.add_host`), by domain.
+        self.hosted: dict[str, HostedDomain] = {}
         # Other shards' sessions (set by a shard worker; None in one process).
         self.cluster: Cluster | None = None
         # Nesting of batches per routing task: cross-shard work is flushed
@@ -130,6 +144,10 @@ class Router:
 
     def is_local(self, jid: JID) -> bool:
         return jid.domain in self.domains
+
+    def hosted_under(self, parent: str) -> list[str]:
+        """The module-served subdomains listed under local domain `parent`."""
+        return sorted(d for d, h in self.hosted.items() if h.parent == parent)
 
     async def bounce(self, stanza: ET.Element, condition: str, text: str = "",
                      error_type: str | None = None) -> None:
@@ -241,6 +259,10 @@ class Router:
     async def _route(self, event: StanzaEvent, kind: str) -> None:
         to = event.to
         if to.domain not in self.domains:
+            hosted = self.hosted.get(to.domain)
+            if hosted is not None:
+                await self._hosted(event, kind, hosted)
+                return
             # No server-to-server yet: every remote domain is unreachable.
             await self.bounce(event.stanza, "remote-server-not-found")
             return
@@ -253,6 +275,15 @@ class Router:
             await self._iq(event, scope)
         elif kind == "presence":
             self._presence(event, scope)
+
+    async def _hosted(self, event: StanzaEvent, kind: str, hosted: HostedDomain) -> None:
+        """A stanza for a module's subdomain: the module's, whatever its
+        kind; what it leaves is refused as for a JID that offers nothing
+        (an iq get/set or a message is answered service-unavailable)."""
+        if await self.hooks.fire(f"hosted/{hosted.service}", event):
+            return
+        if kind != "presence" and (kind != "iq" or event.stanza.get("type") in ("get", "set")):
+            await self.bounce(event.stanza, "service-unavailable")
 
     async def _iq(self, event: StanzaEvent, scope: str) -> None:
         iq = event.stanza

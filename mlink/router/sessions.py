@@ -12,10 +12,13 @@ import itertools
 import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mlink.jid import JID
 from mlink.router.index import JidIndex
+
+if TYPE_CHECKING:
+    from mlink.xml.serialize import WireStanza
 
 # Bytes of randomness in a server-generated resource (RFC 6120 §7.6.2.1
 # asks for a resource unique among the user's sessions; 64 bits suffice).
@@ -59,6 +62,10 @@ class Connection(Protocol):
         """Queue `stanza` for the client without waiting; False when the
         session is ending. With `keep`, a stanza the session never writes
         is routed again when it ends (another resource, offline, a bounce)."""
+
+    def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
+        """`deliver` for a stanza kept as bytes (from another shard): written
+        without a tree; parsed only if it must be routed again."""
 
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again: the output mark it is

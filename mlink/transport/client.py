@@ -27,6 +27,7 @@ from mlink.stream import c2s
 from mlink.stream.errors import stanza_error
 from mlink.transport.limits import ConnectionSlot, TokenBucket
 from mlink.util.outbuffer import OutputBuffer
+from mlink.xml.serialize import WireStanza
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -76,7 +77,7 @@ class ClientConnection:
         # Stanzas queued for the client; message and iq chunks carry their
         # stanza, so a session cut before they are written can hand them
         # back to the router (offline storage, another resource, a bounce).
-        self.out: OutputBuffer[ET.Element] = OutputBuffer(
+        self.out: OutputBuffer[ET.Element | WireStanza] = OutputBuffer(
             server.config.limits.max_output_bytes)
         self._closing = False
         self._sending = False  # the writer is in `send_all`
@@ -85,7 +86,7 @@ class ClientConnection:
         self.ended = False
         self._kicked = trio.Event()
         # Stanzas taken back from a cut session, routed again at its end.
-        self._orphans: list[ET.Element] = []
+        self._orphans: list[ET.Element | WireStanza] = []
         # What the directory had to say at login (password expiry), shown
         # as a headline once the session is bound.
         self._login_notice: str | None = None
@@ -145,6 +146,23 @@ class ClientConnection:
         self._queue(data, item)
         if tap is not None:
             tap.sent(stanza)  # after it is queued: an ack request follows it
+        return True
+
+    def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
+        """`deliver` for a stanza kept as bytes: no tree, no serialisation.
+        A stream whose modules watch its output (stream management counts
+        and keeps every stanza, client state indication holds some) or
+        that is held for resumption takes the tree path, so none of that
+        is bypassed."""
+        if self.filters or self.tap is not None or self._held:
+            return self.deliver(stanza.element(), keep)
+        if self._closing:
+            return False
+        data = self.xmpp.framing.wire(stanza)
+        if len(data) > self.out.limit:
+            return self.deliver(stanza.element(), keep)
+        kind = stanza.kind
+        self._queue(data, stanza if keep and (kind == "message" or kind == "iq") else None)
         return True
 
     def _too_large(self, stanza: ET.Element, data: bytes) -> bytes:
@@ -232,7 +250,7 @@ class ClientConnection:
             if self.tap is not None and not self._taken:
                 # Everything the client did not confirm, written or not (a
                 # superset of the unwritten orphans, in order).
-                self._orphans = self.tap.unacked()
+                self._orphans = [*self.tap.unacked()]
             if self._bound:
                 self._bound = False
                 await self.server.session_ended(self)
@@ -513,8 +531,9 @@ class ClientConnection:
         log.info("%s: %d stanza(s) not written to %s routed again", self.peer, len(orphans),
                  self.info.jid)
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
-            for stanza in orphans:
+            for orphan in orphans:
                 try:
+                    stanza = orphan.element() if isinstance(orphan, WireStanza) else orphan
                     await self.server.router.route(stanza)
                 except Exception:
                     log.exception("%s: routing a stanza again failed", self.peer)
@@ -525,7 +544,7 @@ class ClientConnection:
         for message in self.xmpp.messages_to_send():
             self._queue(message)
 
-    def _queue(self, data: bytes, item: ET.Element | None = None) -> None:
+    def _queue(self, data: bytes, item: ET.Element | WireStanza | None = None) -> None:
         out = self.out
         if not out.pending and not self._sending and type(self.transport) is trio.SocketStream:
             # Write-through: nothing queued, nothing being written.
