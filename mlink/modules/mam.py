@@ -280,10 +280,13 @@ class Writer:
     milliseconds' worth); offline messages are stored durably by their own
     module, before anyone is told they were accepted."""
 
-    def __init__(self, module: Module, archive: ArchiveStore, ids: ArchiveIds) -> None:
+    def __init__(self, module: Module, archive: ArchiveStore) -> None:
         self.module = module
         self.archive = archive
-        self.ids = ids
+        # Made on first use: modules are set up before the shard joins the
+        # bus, so `module.shard` is only right once the server runs (ids
+        # made with shard 0 on every shard collided).
+        self._ids: ArchiveIds | None = None
         self.pending: list[tuple[int, str, float, str, bytes]] = []
         self.added = 0
         self.written = 0
@@ -305,6 +308,12 @@ class Writer:
 
     async def _next_progress(self) -> None:
         await self._progress.wait()
+
+    @property
+    def ids(self) -> ArchiveIds:
+        if self._ids is None:
+            self._ids = ArchiveIds(self.module.shard)
+        return self._ids
 
     async def run(self) -> None:
         try:
@@ -345,8 +354,7 @@ class Writer:
 def setup(module: Module) -> None:
     router = module.router
     archive = module.store.archive("messages")
-    ids = ArchiveIds(module.shard)
-    writer = Writer(module, archive, ids)
+    writer = Writer(module, archive)
     # Queries waiting for the other shards' writes: request id -> (answers, done).
     flushing: dict[int, tuple[list[int], trio.Event]] = {}
     flush_ids = itertools.count(1)
@@ -431,7 +439,7 @@ def setup(module: Module) -> None:
     async def store(user: JID, peer: JID, message: ET.Element) -> int | None:
         if not await wanted(user, peer):
             return None
-        item_id = ids.next()
+        item_id = writer.ids.next()
         await writer.add((item_id, str(user), time.time(), str(peer.bare),
                           serialize(message, stream_ns="")))
         return item_id
