@@ -250,6 +250,10 @@ def test_bad_input_gets_the_xep_error_and_room_carries_on(clients):
     # An unknown configuration field.
     reply = configure(alice, room, **{"muc#roomconfig_nonsense": "1"})
     assert stanza_error_of(reply) == ("modify", "bad-request")
+    # No nickname, to a room that does not exist: nothing is created.
+    bob.send(f"<presence to='{new_room()}'><x xmlns='{MUC}'/></presence>")
+    err = bob.expect(lambda s: s.get("type") == "error" and s.tag.endswith("presence"))
+    assert stanza_error_of(err)[1] == "jid-malformed"
     # Nothing else disturbed: the room still carries messages.
     groupchat(bob, room, "still here")
     gets_groupchat(alice, room, "Bob", "still here")

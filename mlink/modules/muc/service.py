@@ -153,8 +153,8 @@ class MucService:
                 await self.router.bounce(stanza, "policy-violation", "the message is too large")
                 return
         if room is None:
-            if kind == "presence" and stanza.get("type") is None and to.resource:
-                await self._create(stanza, sender, to, now)
+            if kind == "presence" and stanza.get("type") is None:
+                await self._create(stanza, sender, to, now)  # no nickname: jid-malformed
                 return
             if kind == "presence" or stanza.get("type") in ("error", "result"):
                 return
