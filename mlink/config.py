@@ -3,7 +3,9 @@
 The schema is `mlink.config_model` (see `mlink.config_schema` for its
 vocabulary); this module walks the file with it. Writing the file is
 `mlink.config_render`; `render_config` and `write_config` are re-exported
-here so callers have one module for the file format.
+here so callers have one module for the file format (imported on first use:
+a running server never writes the file, and the writer's imports cost a
+shard several MiB).
 
 The file is read with defusedxml and DTDs are refused outright, so a
 configuration copied from an untrusted place cannot expand entities
@@ -28,7 +30,7 @@ from collections import ChainMap
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType, ModuleType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 from xml.etree.ElementTree import Element, ParseError, TreeBuilder
 
 from defusedxml import DefusedXmlException
@@ -42,7 +44,6 @@ from mlink.config_model import (
     Config,
     ModuleEntry,
 )
-from mlink.config_render import render_config, write_config
 from mlink.config_schema import (
     ElementSpec,
     Invalid,
@@ -69,6 +70,19 @@ __all__ = [
     "render_config",
     "write_config",
 ]
+
+if TYPE_CHECKING:
+    from mlink.config_render import render_config, write_config
+
+
+def __getattr__(name: str) -> Any:
+    # `render_config` and `write_config`, from mlink.config_render on first use.
+    if name in ("render_config", "write_config"):
+        from mlink import config_render
+
+        return getattr(config_render, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # A real configuration is a few kilobytes; refusing anything bigger keeps a
 # wrong path (a log file, a disk image) from being read into memory whole.

@@ -146,7 +146,7 @@ PROFILE_POLICIES = ("directory", "update", "static", "local")
 DEFAULT_MODULES = (
     "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
     "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
-    "accounts", "register", "muc",
+    "accounts", "register", "muc", "stream_management", "csi", "mam", "pep",
 )
 
 
@@ -1040,6 +1040,14 @@ class Config(Frozen):
         kind=Choice(LOG_LEVELS, "'level' on <log> must be one of {hint}", lower=True),
         doc="`debug`, `info`, `warning`, `error` or `critical` (case-insensitive). Applies "
             "live on reload.",
+    )
+
+    log_file: Path | None = attr(
+        "file", None, kind=PathKind(), element="log", default_doc="standard error",
+        doc="Write the log to this file (appended; relative to the configuration file) "
+            "instead of standard error, which is what journald collects under systemd. "
+            "SIGUSR1 makes the server reopen it after logrotate moved it away. Needs a "
+            "restart to change.",
     )
 
     def __post_init__(self) -> None:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 from mlink.jid import JID
 
 if TYPE_CHECKING:
-    from mlink.router.sessions import SessionInfo
+    from mlink.router.sessions import SessionInfo, StreamControl
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,14 @@ class StanzaEvent:
 
 @dataclass(slots=True)
 class NonzaEvent:
-    """A top-level non-stanza element of a module's namespace, from the
-    established stream of `session` (event `nonza/<namespace>`)."""
+    """A top-level non-stanza element of a module's namespace, from an
+    authenticated stream (event `nonza/<namespace>`): `session` is the
+    bound session (a blank JID before a bind), `stream` what the handler
+    may do with the stream itself (answer, count stanzas, resume)."""
 
     session: SessionInfo
     element: ET.Element
+    stream: StreamControl | None = None
 
 
 Handler = Callable[[Any], Awaitable[bool | None]]

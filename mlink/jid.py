@@ -192,6 +192,19 @@ def _too_long(part: str, limit: int = MAX_PART_INPUT_BYTES) -> bool:
     return len(part.encode("utf-8", "surrogatepass")) > limit
 
 
+def _refusal(part: str, exc: UnicodeError) -> str:
+    """What the PRECIS profile refused, in words a user can act on: the
+    character, its code point and the rule ("bad localpart: ' ' (U+0020)
+    is not allowed: spaces"), not the codec's internals."""
+    if isinstance(exc, UnicodeEncodeError) and 0 <= exc.start < len(exc.object):
+        char = exc.object[exc.start]
+        rule = exc.reason.rsplit("/", 1)[-1].replace("_", " ").lower()
+        return f"bad {part}: {char!r} (U+{ord(char):04X}) is not allowed: {rule}"
+    if isinstance(exc, UnicodeEncodeError) and exc.reason.endswith("empty"):
+        return f"empty {part}"
+    return f"bad {part}"
+
+
 def prep_localpart(local: str) -> str:
     """RFC 7622 §3.3: the localpart, prepared (UsernameCaseMapped)."""
     if _too_long(local):
@@ -199,8 +212,12 @@ def prep_localpart(local: str) -> str:
     try:
         out = _USERNAME.enforce(local)
     except UnicodeError as exc:
-        raise InvalidJID(f"bad localpart: {exc}") from None
-    if not out or _LOCAL_FORBIDDEN & set(out) or len(out.encode()) > MAX_PART_BYTES:
+        raise InvalidJID(_refusal("localpart", exc)) from None
+    forbidden = sorted(_LOCAL_FORBIDDEN & set(out))
+    if forbidden:
+        raise InvalidJID(f"bad localpart: {forbidden[0]!r} is not allowed in a localpart "
+                         "(RFC 7622 §3.3.1)")
+    if not out or len(out.encode()) > MAX_PART_BYTES:
         raise InvalidJID("bad localpart")
     return out
 
@@ -212,7 +229,7 @@ def prep_resource(resource: str) -> str:
     try:
         out = _OPAQUE.enforce(resource)
     except UnicodeError as exc:
-        raise InvalidJID(f"bad resourcepart: {exc}") from None
+        raise InvalidJID(_refusal("resourcepart", exc)) from None
     if not out or len(out.encode()) > MAX_PART_BYTES:
         raise InvalidJID("bad resourcepart")
     return out
@@ -237,7 +254,10 @@ def prep_domain(domain: str) -> str:
         )
     except UnicodeError as exc:
         raise InvalidJID(f"bad domainpart: {exc}") from None
-    if len(out) > MAX_PART_BYTES or any(c in out for c in " /@<>'\"&") or ".." in out:
+    forbidden = [c for c in " /@<>'\"&" if c in out]
+    if forbidden:
+        raise InvalidJID(f"bad domainpart: {forbidden[0]!r} is not allowed in a domain")
+    if len(out) > MAX_PART_BYTES or ".." in out:
         raise InvalidJID("bad domainpart")
     return out
 

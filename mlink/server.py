@@ -27,7 +27,7 @@ from mlink.jid import set_cache_size as set_jid_cache_size
 from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
 from mlink.router.router import Router
-from mlink.router.sessions import SessionInfo, SessionTable
+from mlink.router.sessions import SessionInfo, SessionTable, StreamControl
 from mlink.sasl.mock_key import load_mock_salt_key
 from mlink.sasl.registry import (
     PASSWORD,
@@ -209,13 +209,14 @@ class Server:
             except DirectoryUnavailable as exc:
                 log.warning("failed login of %s not recorded in the directory: %s", jid, exc)
 
-    async def nonza_received(self, info: SessionInfo, element: ET.Element) -> None:
-        """A module's nonza from an established stream: its handler runs
+    async def nonza_received(self, info: SessionInfo, element: ET.Element,
+                             stream: StreamControl | None = None) -> None:
+        """A module's nonza from an authenticated stream: its handler runs
         like a stanza's, isolated from the stream on a crash."""
         namespace = element.tag[1:].partition("}")[0]
         try:
             with self.router.batch():
-                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element))
+                await self.hooks.fire(f"nonza/{namespace}", NonzaEvent(info, element, stream))
         except Exception:
             log.exception("nonza handler failed: %s from %s", element.tag, info.jid)
 
@@ -249,6 +250,14 @@ class Server:
             await self.hooks.notify("session/bound", conn.info)
         return full
 
+    def adopt_session(self, conn: ClientConnection, info: SessionInfo) -> None:
+        """`conn` carries on the existing session `info` (resumed by a
+        module after it left the table): bound here, announced everywhere."""
+        self.sessions.adopt(conn, info)
+        cluster = self.router.cluster
+        if cluster is not None:
+            cluster.announce(conn.info)
+
     def cache_sizes(self) -> dict[str, tuple[int, int]]:
         """(entries, bound) of each bounded cache, for `mlink status`."""
         sizes = {"jids": jid_cache_size()}
@@ -273,6 +282,39 @@ class Server:
             ended += 1
         if ended:
             log.info("ended %d session(s) of %s: %s", ended, bare, text)
+        return ended
+
+    def session_list(self, user: str | None = None) -> list[dict[str, str]]:
+        """This shard's bound sessions (of `user`, a bare JID, when given),
+        for `mlink session list` and the console: full JID and address."""
+        if user is not None:
+            try:
+                conns = self.sessions.of_user(parse_jid(user).bare)
+            except InvalidJID:
+                return []
+        else:
+            conns = self.sessions.all()
+        return [{"jid": str(conn.info.jid), "address": str(getattr(conn, "peer", ""))}
+                for conn in conns]
+
+    def kick_sessions(self, jid: str, text: str) -> list[str]:
+        """End the local session `jid` (a full JID) or every local session
+        of `jid` (a bare JID) with `policy-violation` and `text`, as an
+        administrator's kick; the full JIDs ended."""
+        try:
+            target = parse_jid(jid)
+        except InvalidJID:
+            return []
+        if target.resource:
+            found = self.sessions.get(target)
+            conns = [found] if found is not None else []
+        else:
+            conns = self.sessions.of_user(target)
+        ended = [str(conn.info.jid) for conn in conns]
+        for conn in conns:
+            conn.kick("policy-violation", text)
+        if ended:
+            log.info("kicked %s: %s", ", ".join(ended), text)
         return ended
 
     def detach_session(self, conn: ClientConnection) -> bool:

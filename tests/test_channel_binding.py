@@ -17,18 +17,21 @@ import ssl
 import subprocess
 import sys
 import threading
+from typing import Any
 
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, padding, rsa
 from cryptography.x509.oid import NameOID
 
 from mlink.sasl.channel_binding import (
     ChannelBinding,
     UnsupportedCertificate,
     channel_binding_element_types,
+    signature_hash_name,
     tls_server_end_point,
 )
 from mlink.transport.tls_exporter import tls_exporter
@@ -95,6 +98,60 @@ def test_end_point_of_trustme_certificate() -> None:
     pem = cert.cert_chain_pems[0].bytes()
     der = ssl.PEM_cert_to_DER_cert(pem.decode())
     assert tls_server_end_point(der) == hashlib.sha256(der).digest()
+
+
+_RSA_KEY = None
+
+
+def _rsa_key() -> rsa.RSAPrivateKey:
+    global _RSA_KEY
+    if _RSA_KEY is None:
+        _RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return _RSA_KEY
+
+
+_HASHES = [hashes.SHA224(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512(),
+           hashes.SHA3_256()]
+# Every key type with every hash, but the pairs `cryptography` cannot
+# sign or read back (DSA beyond SHA-256): listed, not skipped.
+_SIGNABLE = [(kind, algorithm) for kind in ("rsa", "rsa-pss", "ec", "dsa")
+             for algorithm in _HASHES
+             if not (kind == "dsa" and algorithm.name not in ("sha224", "sha256"))]
+
+
+@pytest.mark.parametrize(("kind", "algorithm"), _SIGNABLE,
+                         ids=[f"{a.name}-{k}" for k, a in _SIGNABLE])
+def test_end_point_hash_read_from_der_agrees_with_cryptography(kind, algorithm) -> None:
+    """The signature hash is read from the DER bytes without `cryptography`
+    (issue 14: that package cost each shard ~9 MiB); it must name the hash
+    `cryptography` finds, for every key type and hash that can sign."""
+    key: Any
+    padding_arg: dict[str, Any] = {}
+    if kind == "dsa":
+        key = dsa.generate_private_key(key_size=2048)
+    elif kind == "ec":
+        key = ec.generate_private_key(ec.SECP256R1())
+    else:
+        key = _rsa_key()
+        if kind == "rsa-pss":
+            padding_arg["rsa_padding"] = padding.PSS(padding.MGF1(algorithm),
+                                                     padding.PSS.DIGEST_LENGTH)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "example.org")])
+    now = datetime.datetime.now(datetime.UTC)
+    try:
+        cert = (
+            x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, algorithm, **padding_arg)
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise AssertionError(f"cryptography cannot sign {kind} with {algorithm.name}") from exc
+    der = cert.public_bytes(serialization.Encoding.DER)
+    expected = x509.load_der_x509_certificate(der).signature_hash_algorithm
+    assert expected is not None
+    assert signature_hash_name(der) == expected.name.replace("-", "_")
+    assert tls_server_end_point(der) == hashlib.new(expected.name, der).digest()
 
 
 def test_end_point_undefined_for_eddsa() -> None:

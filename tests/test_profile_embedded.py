@@ -43,13 +43,14 @@ from tests.test_profile_ldap import (
 DOMAIN = "localhost"
 ALICE, ALICE_PW = "alice@localhost", "alice-secret"
 BOB, BOB_PW = "bob@localhost", "bob-secret"
+CAROL, CAROL_PW = "carol@localhost", "carol-secret"
 MAX_PHOTO_BYTES = 8192
 
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory, cert_files) -> Iterator[MlinkProcess]:
     setup = tmp_path_factory.mktemp("mlink-profiles-embedded")
-    with start_mlink(setup, DOMAIN, cert_files, users={ALICE: ALICE_PW, BOB: BOB_PW},
+    with start_mlink(setup, DOMAIN, cert_files, users={ALICE: ALICE_PW, BOB: BOB_PW, CAROL: CAROL_PW},
                      edit_config=with_profiles(profiles_xml(
                          {"org_name": ("static", "Localhost Ltd")},
                          max_photo_bytes=MAX_PHOTO_BYTES))) as server:
@@ -188,3 +189,34 @@ def test_xep0154_and_avatars_on_the_embedded_directory(embedded, ca_file):
 
     run_session(BOB, BOB_PW, embedded.c2s_port, ca_file, stop)
     assert entry(embedded, BOB).get("jpegPhoto") == []
+
+
+def test_a_client_setting_only_its_own_fields(embedded, ca_file):
+    """What real clients send: a vCard of FN and NICKNAME only, no EMAIL
+    (which the directory owns). It succeeds, FN is read back, and the
+    directory's email stays; FN comes from cn before anyone set one."""
+    q = f"{{{VCARD_NS}}}"
+
+    async def body(client: slixmpp.ClientXMPP) -> tuple[ET.Element, ET.Element, ET.Element]:
+        before = await fetch_vcard(client, CAROL)
+        own = ET.Element(f"{q}vCard")
+        set_text(own, "FN", "Carol Christmas")
+        set_text(own, "NICKNAME", "caz")
+        await send_vcard(client, own)
+        after = await fetch_vcard(client, CAROL)
+        # The same again, now repeating EMAIL unchanged: still fine.
+        again = ET.fromstring(ET.tostring(own))
+        ET.SubElement(ET.SubElement(again, f"{q}EMAIL"), f"{q}USERID").text = CAROL
+        set_text(again, "NICKNAME", "carol")
+        await send_vcard(client, again)
+        return before, after, await fetch_vcard(client, CAROL)
+
+    before, after, last = run_session(CAROL, CAROL_PW, embedded.c2s_port, ca_file, body)
+    assert vtext(before, "FN") == ["carol"]  # cn, as `mlink user add` wrote it
+    assert vtext(after, "FN") == ["Carol Christmas"] and vtext(after, "NICKNAME") == ["caz"]
+    assert vtext(after, "EMAIL/USERID") == [CAROL]
+    assert vtext(last, "NICKNAME") == ["carol"] and vtext(last, "EMAIL/USERID") == [CAROL]
+    stored = entry(embedded, CAROL)
+    assert as_bytes(stored.get("displayName")) == [b"Carol Christmas"]
+    assert as_bytes(stored.get("mail")) == [CAROL.encode()]
+    assert as_bytes(stored.get("sn")) == [b"carol"]  # person must keep sn: omitted, kept

@@ -416,20 +416,57 @@ def test_vcard_set_with_a_directory_field_changes_nothing(pat, slapd, ca_file):
     assert "sneaky" not in vtext(again, "NICKNAME")
 
 
-def test_vcard_clearing_a_directory_field_is_refused(pat, slapd, ca_file):
+def test_vcard_omitting_directory_and_static_fields_keeps_them(pat, slapd, ca_file):
+    """Clients set only their own fields: a vCard without TITLE (directory),
+    ORG (static) and EMAIL (identity) changes the mobile number and keeps
+    the rest as the directory and configuration have them."""
     vcard = fresh_vcard(pat, ca_file)
-    vcard.remove(vcard.find(f"{{{VCARD_NS}}}TITLE"))  # type: ignore[arg-type]
+    q = f"{{{VCARD_NS}}}"
+    for tag in ("TITLE", "ORG", "EMAIL"):
+        vcard.remove(vcard.find(f"{q}{tag}"))  # type: ignore[arg-type]
+    set_tel(vcard, "CELL", "+44 7700 900321")
 
-    async def body(client: slixmpp.ClientXMPP) -> tuple[str, str]:
+    async def body(client: slixmpp.ClientXMPP) -> ET.Element:
+        await send_vcard(client, vcard)
+        return await fetch_vcard(client, PAT)
+
+    after = run_session(PAT, PAT_PW, pat.c2s_port, ca_file, body)
+    assert tel_numbers(after, "CELL") == ["+44 7700 900321"]
+    assert vtext(after, "TITLE") == ["Engineer"]
+    assert vtext(after, "ORG/ORGNAME") == ["Example Corp"]
+    assert vtext(after, "EMAIL/USERID") == [PAT]
+    stored = ldap_entry(slapd, PAT)
+    assert stored["title"] == [b"Engineer"] and stored["mobile"] == [b"+44 7700 900321"]
+    assert "o" not in stored
+
+
+def test_fn_from_cn_and_a_set_of_fn_and_nickname_only(profile_server, slapd, ca_file):
+    """quinn's entry has no displayName: FN shows cn. A vCard of just FN
+    (unchanged) and NICKNAME succeeds; a different FN is refused naming
+    display_name (a directory field here)."""
+    q = f"{{{VCARD_NS}}}"
+    cn = ldap_entry(slapd, QUINN)["cn"][0].decode()
+    assert "displayname" not in ldap_entry(slapd, QUINN)
+
+    async def body(client: slixmpp.ClientXMPP) -> tuple[ET.Element, ET.Element, tuple[str, str]]:
+        before = await fetch_vcard(client, QUINN)
+        own = ET.Element(f"{q}vCard")
+        set_text(own, "FN", cn)
+        set_text(own, "NICKNAME", "q")
+        await send_vcard(client, own)
+        after = await fetch_vcard(client, QUINN)
+        set_text(own, "FN", "Quinn Renamed")
         try:
-            await send_vcard(client, vcard)
+            await send_vcard(client, own)
         except IqError as exc:
-            return iq_error(exc)
-        raise AssertionError("clearing a directory field was accepted")
+            return before, after, iq_error(exc)
+        raise AssertionError("changing a directory FN was accepted")
 
-    condition, text = run_session(PAT, PAT_PW, pat.c2s_port, ca_file, body)
-    assert condition == "not-allowed" and "job_title" in text
-    assert ldap_entry(slapd, PAT)["title"] == [b"Engineer"]
+    before, after, (condition, text) = run_session(
+        QUINN, QUINN_PW, profile_server.c2s_port, ca_file, body)
+    assert vtext(before, "FN") == [cn] == ["quinn"]
+    assert vtext(after, "FN") == [cn] and vtext(after, "NICKNAME") == ["q"]
+    assert condition == "not-allowed" and "display_name" in text
 
 
 def test_vcard_static_field_is_refused(pat, slapd, ca_file):

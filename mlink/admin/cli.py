@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, TextIO
 
 import trio
 
+from mlink import __version__
 from mlink.config import ConfigError, load_config
 from mlink.config_model import Config
 from mlink.directory.base import DirectoryError, DirectoryUnavailable
@@ -24,6 +27,12 @@ log = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path("mlink.xml")
 DEFAULT_SETUP_DIR = Path("mlink-data")
 DEFAULT_DOMAIN = "localhost"
+# Where a system-wide installation keeps its configuration, and the
+# variable that names another file for every command.
+SYSTEM_CONFIG = Path("/etc/mlink/mlink.xml")
+CONFIG_ENV = "MLINK_CONFIG"
+# How long `serve` waits for the directory's first answer before warning.
+DIRECTORY_PROBE_SECONDS = 5.0
 
 
 class CommandError(Exception):
@@ -36,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
         return 2
+    if args.func is not cmd_serve:
+        # A command reports its failure as one line (below); the library's
+        # log records of the same failure would print it a second time.
+        logging.getLogger().setLevel(logging.CRITICAL)
     try:
         return args.func(args) or 0
     except (CommandError, ConfigError, DirectoryError) as exc:
@@ -43,10 +56,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `mlink status | head -2`: the reader left; not an error of ours.
+        # Point stdout at /dev/null so the interpreter's final flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports it
 
 
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlink", description="A directory-centred XMPP server.")
+    p.add_argument("--version", action="version", version=f"mlink {__version__}")
     sub = p.add_subparsers(metavar="COMMAND")
 
     init = sub.add_parser("init", help="create a standalone setup in DIR")
@@ -57,6 +77,9 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--ws-port", type=int, default=5280)
     init.add_argument("--tls-cert", type=Path)
     init.add_argument("--tls-key", type=Path)
+    init.add_argument("--address", default=None, metavar="A",
+                      help="the address every listener binds (default 0.0.0.0: all IPv4 "
+                           "addresses; 127.0.0.1 for this machine only, :: for IPv6 too)")
     init.set_defaults(func=cmd_init)
 
     serve = sub.add_parser("serve", help="run the server")
@@ -79,6 +102,19 @@ def _build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path)
     check.set_defaults(func=cmd_check)
 
+    session = sub.add_parser("session", help="list or end sessions on the running server")
+    session_sub = session.add_subparsers(metavar="ACTION")
+    slist = session_sub.add_parser("list", help="the connected sessions, one per line")
+    slist.add_argument("--user", metavar="JID", help="only this user's sessions")
+    slist.add_argument("--config", type=Path)
+    slist.set_defaults(func=cmd_session_list)
+    kick = session_sub.add_parser("kick", help="end a session (full JID) or all of a user's")
+    kick.add_argument("jid")
+    kick.add_argument("--reason", default="", metavar="TEXT",
+                      help="shown to the user with the stream error")
+    kick.add_argument("--config", type=Path)
+    kick.set_defaults(func=cmd_session_kick)
+
     user = sub.add_parser("user", help="manage user accounts")
     user_sub = user.add_subparsers(metavar="ACTION")
     for name, create, help_text in (
@@ -87,9 +123,13 @@ def _build_parser() -> argparse.ArgumentParser:
     ):
         cmd = user_sub.add_parser(name, help=help_text)
         cmd.add_argument("jid")
-        secret = cmd.add_mutually_exclusive_group(required=True)
-        secret.add_argument("--password")
-        secret.add_argument("--password-file", type=Path)
+        secret = cmd.add_mutually_exclusive_group()
+        secret.add_argument("--password",
+                            help="the password (visible to other local users in the process "
+                                 "list: prefer the prompt or --password-file)")
+        secret.add_argument("--password-file", type=Path, metavar="FILE",
+                            help="read the password from the first line of FILE (- for "
+                                 "standard input); neither option: prompt for it")
         cmd.add_argument("--config", type=Path)
         cmd.set_defaults(func=cmd_user_password, create=create)
     delete = user_sub.add_parser("delete", help="remove an account")
@@ -107,6 +147,22 @@ def _build_parser() -> argparse.ArgumentParser:
     from mlink.admin.rooms import add_parsers
 
     add_parsers(sub).set_defaults(func=cmd_room)
+    export = sub.add_parser("export", help="write accounts and their data as XEP-0227")
+    export.add_argument("file", type=Path, metavar="FILE")
+    export.add_argument("--per-user", action="store_true",
+                        help="FILE is a directory: one <user>@<host>.xml per user "
+                             "(Prosody's layout, what prosody-migrator reads)")
+    export.add_argument("--config", type=Path)
+    export.set_defaults(func=cmd_export)
+    pie_import = sub.add_parser("import", help="add accounts and their data from XEP-0227 "
+                                               "files (a file, or a directory of them)")
+    pie_import.add_argument("file", type=Path, metavar="FILE")
+    pie_import.add_argument("--config", type=Path)
+    pie_import.set_defaults(func=cmd_import)
+    backup = sub.add_parser("backup", help="copy the store and directory while the server runs")
+    backup.add_argument("dir", type=Path, metavar="DIR")
+    backup.add_argument("--config", type=Path)
+    backup.set_defaults(func=cmd_backup)
     return p
 
 
@@ -114,22 +170,57 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _config_path(given: Path | None, create_default: bool = False) -> Path:
-    """`--config`, else ./mlink.xml, else (for serve) a fresh ./mlink-data."""
+    """Where the configuration is: `--config`, then `$MLINK_CONFIG`, then
+    ./mlink.xml, then the standalone setup ./mlink-data/mlink.xml, then
+    /etc/mlink/mlink.xml; else (for serve only) a new standalone setup in
+    ./mlink-data, announced before it is created."""
     if given is not None:
         return given
-    if DEFAULT_CONFIG.exists():
-        return DEFAULT_CONFIG
-    default_setup = DEFAULT_SETUP_DIR / "mlink.xml"
-    if default_setup.exists():
-        return default_setup
+    from_env = os.environ.get(CONFIG_ENV)
+    if from_env:
+        return Path(from_env)
+    for candidate in (DEFAULT_CONFIG, DEFAULT_SETUP_DIR / "mlink.xml", SYSTEM_CONFIG):
+        if candidate.exists():
+            return candidate
     if not create_default:
-        raise CommandError(f"no configuration: {DEFAULT_CONFIG} not found (use --config F)")
-    from mlink.admin.setup import init_setup
+        raise CommandError(f"no configuration: none of {DEFAULT_CONFIG}, "
+                           f"{DEFAULT_SETUP_DIR}/mlink.xml, {SYSTEM_CONFIG} exists "
+                           f"(use --config F or set {CONFIG_ENV})")
+    from mlink.admin.setup import SetupError, init_setup
 
-    path = init_setup(DEFAULT_SETUP_DIR, domain=DEFAULT_DOMAIN)
-    print(f"mlink: created a standalone setup for {DEFAULT_DOMAIN} in {DEFAULT_SETUP_DIR}/",
-          file=sys.stderr)
+    print(f"mlink: no configuration found ({DEFAULT_CONFIG}, {SYSTEM_CONFIG}, ${CONFIG_ENV}); "
+          f"creating a standalone setup for {DEFAULT_DOMAIN} in "
+          f"{DEFAULT_SETUP_DIR.resolve()}/", file=sys.stderr)
+    try:
+        path = init_setup(DEFAULT_SETUP_DIR, domain=DEFAULT_DOMAIN)
+    except SetupError as exc:
+        raise CommandError(str(exc)) from None
+    _print_next_steps(path, sys.stderr)
     return path
+
+
+def _print_next_steps(config_path: Path, out: TextIO) -> None:
+    """What a newcomer does next: add a user, point a client at the
+    server, and check the certificate's fingerprint (self-signed: clients
+    such as mcabber and Profanity ask to confirm it)."""
+    from mlink.admin.setup import certificate_fingerprint
+
+    config = load_config(config_path)
+    domain = config.domains[0]
+    ports = {lc.kind: lc.port for lc in config.listeners}
+    where = f"--config {config_path}" if config_path != DEFAULT_CONFIG else ""
+    lines = ["next steps:",
+             f"  add a user:     mlink user add alice@{domain} {where}".rstrip()]
+    if "c2s" in ports:
+        lines.append(f"  connect:        alice@{domain}, server {domain} port {ports['c2s']} "
+                     "(STARTTLS)" + (f", or port {ports['tls']} (direct TLS)"
+                                     if "tls" in ports else ""))
+    if "websocket" in ports:
+        lines.append(f"  web clients:    ws://{domain}:{ports['websocket']}/xmpp-websocket")
+    if config.tls.certificate is not None:
+        lines.append("  certificate:    SHA-256 "
+                     + certificate_fingerprint(config.tls.certificate))
+    print("\n".join(lines), file=out)
 
 
 def _load(given: Path | None, create_default: bool = False) -> Config:
@@ -147,12 +238,10 @@ def _checked(config: Config) -> Config:
     return config
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, file: Path | None = None) -> None:
+    from mlink.util.logsetup import configure_logging
+
+    configure_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s", file)
 
 
 # -- commands ---------------------------------------------------------------------
@@ -172,10 +261,12 @@ def cmd_init(args: argparse.Namespace) -> int:
             ws_port=args.ws_port,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            address=args.address,
         )
     except SetupError as exc:
         raise CommandError(str(exc)) from None
     print(f"created {path}")
+    _print_next_steps(path, sys.stdout)
     return 0
 
 
@@ -193,12 +284,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config, create_default=True)
     config = _checked(load_config(path))
     shards = args.shards if args.shards is not None else default_shards(config)
+    _refuse_second_server(config, path)
     try:
         check_shards(config, shards)
         check_ports_free(config)
     except (ValueError, OSError) as exc:
         raise CommandError(str(exc)) from None
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_file)
+    _warn_if_directory_silent(config)
     try:
         return run_supervisor(path, config, shards)
     except KeyboardInterrupt:
@@ -208,6 +301,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if error is None:
             raise
         raise CommandError(str(error)) from None
+
+
+def _refuse_second_server(config: Config, path: Path) -> None:
+    """A server already answering on this configuration's control socket
+    is this configuration's server: say so (with its pid), rather than
+    the "port in use" its listeners would give."""
+    from mlink.shard.supervisor import query_status
+
+    try:
+        status = query_status(config)
+    except OSError:
+        return
+    raise CommandError(f"already running (pid {status.get('pid', '?')}) with {path}; "
+                       "stop it first, or `mlink reload` to apply a changed configuration")
+
+
+def _warn_if_directory_silent(config: Config) -> None:
+    """One warning at start when the directory does not answer: the server
+    still starts (it retries, and logins work once the directory is back),
+    but the administrator should know why logins fail meanwhile."""
+    async def ping() -> None:
+        from mlink.directory import open_directory
+
+        directory = open_directory(config.directory)
+        try:
+            with trio.fail_after(DIRECTORY_PROBE_SECONDS):
+                await directory.ping()
+        finally:
+            await directory.aclose()
+
+    try:
+        trio.run(ping)
+    except (DirectoryError, trio.TooSlowError, OSError) as exc:
+        log.warning("the directory does not answer (%s); serving anyway, logins fail until "
+                    "it does", exc or "no answer within "
+                    f"{DIRECTORY_PROBE_SECONDS:g} s")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -340,13 +469,30 @@ def _bare_jid(text: str, config: Config) -> str:
 
 
 def _password(args: argparse.Namespace) -> str:
+    """`--password`, the first line of `--password-file` (`-`: standard
+    input), or else a prompt (twice, on a terminal), else one line of
+    standard input (a script piping it)."""
     if args.password is not None:
         password = args.password
-    else:
+    elif args.password_file is not None and str(args.password_file) == "-":
+        password = sys.stdin.readline().rstrip("\r\n")
+    elif args.password_file is not None:
         try:
-            password = args.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+            text = args.password_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise CommandError(f"{args.password_file}: cannot read: {exc.strerror}") from None
+        password = text.splitlines()[0] if text else ""
+    elif sys.stdin.isatty():
+        import getpass
+
+        try:
+            password = getpass.getpass("password: ")
+            if password and getpass.getpass("again: ") != password:
+                raise CommandError("the two passwords differ")
+        except EOFError:
+            raise CommandError("no password given") from None
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
     if not password:
         raise CommandError("the password is empty")
     return str(password)
@@ -400,6 +546,60 @@ def _end_sessions(config: Config, jid: str, text: str) -> None:
         print(f"ended {jid}'s sessions on the running server")
 
 
+def _any_jid(text: str, config: Config) -> str:
+    """A bare or full JID of a served domain."""
+    try:
+        jid = parse_jid(text)
+    except InvalidJID as exc:
+        raise CommandError(f"invalid JID {text!r}: {exc}") from None
+    if not jid.local:
+        raise CommandError(f"{text!r} is not a user JID (user@domain[/resource])")
+    if jid.domain not in config.domains:
+        raise CommandError(f"{jid.domain} is not a domain this server serves")
+    return str(jid)
+
+
+def cmd_session_list(args: argparse.Namespace) -> int:
+    """`JID  shard N  ADDRESS` per session, sorted by JID."""
+    from mlink.shard.supervisor import request_sessions
+
+    config = _load(args.config)
+    user = _bare_jid(args.user, config) if args.user else None
+    try:
+        reply = request_sessions(config.data_dir, user)
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
+    for one in sorted(reply.get("sessions", []), key=lambda s: (s["jid"], s["shard"])):
+        print(f"{one['jid']}  shard {one['shard']}  {one.get('address', '')}".rstrip())
+    _warn_unanswered(reply)
+    return 0
+
+
+def cmd_session_kick(args: argparse.Namespace) -> int:
+    from mlink.shard.supervisor import request_kick
+
+    config = _load(args.config)
+    jid = _any_jid(args.jid, config)
+    try:
+        reply = request_kick(config.data_dir, jid, args.reason or "ended by an administrator")
+    except OSError as exc:
+        raise CommandError(str(exc)) from None
+    _warn_unanswered(reply)
+    ended = reply.get("ended", [])
+    if not ended:
+        raise CommandError(f"no session of {jid} on the running server")
+    for full in ended:
+        print(f"ended {full}")
+    return 0
+
+
+def _warn_unanswered(reply: dict[str, Any]) -> None:
+    missing: list[int] = reply.get("unanswered") or []
+    if missing:
+        print(f"mlink: warning: shard(s) {', '.join(map(str, missing))} did not answer",
+              file=sys.stderr)
+
+
 def cmd_user_list(args: argparse.Namespace) -> int:
     config = _load(args.config)
     for jid in _with_directory(config, lambda d: d.list_users()):
@@ -448,6 +648,60 @@ def cmd_room(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     for line in lines:
         print(line)
+    return 0
+
+
+# Exit status of an import refused for a problem in its input files.
+BAD_INPUT = 2
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_export
+    from mlink.store import StoreError
+
+    config = _load(args.config)
+    try:
+        summary = trio.run(run_export, config, args.file, args.per_user)
+    except (MigrationError, StoreVersionError, StoreError, OSError) as exc:
+        raise CommandError(str(exc)) from None
+    for jid in summary.without_credentials:
+        print(f"mlink: warning: {jid} has no current SCRAM secrets; exported without "
+              "credentials", file=sys.stderr)
+    where = args.file if not args.per_user else f"{len(summary.files)} files in {args.file}"
+    print(f"exported {summary.users} accounts to {where}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_import
+    from mlink.store import StoreError
+
+    config = _load(args.config)
+    try:
+        summary, plan = trio.run(run_import, config, args.file)
+    except MigrationError as exc:
+        print(f"mlink: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    except (StoreVersionError, StoreError) as exc:
+        raise CommandError(str(exc)) from None
+    for warning in summary.warnings:
+        print(f"mlink: {warning}", file=sys.stderr)
+    print(summary.line(plan.skipped))
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from mlink.admin.backup import BackupError, run_backup
+
+    config = _load(args.config)
+    try:
+        report = run_backup(config, args.dir)
+    except BackupError as exc:
+        raise CommandError(str(exc)) from None
+    for what, path in report.written:
+        print(f"wrote {path}: {what}")
+    for note in report.notes:
+        print(f"note: {note}")
     return 0
 
 

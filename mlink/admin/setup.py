@@ -8,6 +8,7 @@ user directory or the key.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import inspect
 import ipaddress
@@ -22,7 +23,6 @@ from mlink.config import (
     base_dn_for_domain,
     load_config,
     normalise_domain,
-    write_config,
 )
 from mlink.config_model import (
     Config,
@@ -31,6 +31,8 @@ from mlink.config_model import (
     ListenerConfig,
     TLSConfig,
 )
+from mlink.config_render import write_config
+from mlink.config_schema import Host, Invalid, ParseEnv
 
 __all__ = [
     "CERT_FILE",
@@ -57,6 +59,7 @@ CERT_VALIDITY = datetime.timedelta(days=3650)
 CERT_BACKDATE = datetime.timedelta(days=1)
 # The private key must not be readable by other local users.
 KEY_FILE_MODE = 0o600
+SETUP_DIR_MODE = 0o700
 
 
 class SetupError(Exception):
@@ -121,6 +124,16 @@ def generate_self_signed(domain: str, cert_path: Path, key_path: Path) -> None:
         raise
 
 
+def certificate_fingerprint(cert_path: Path) -> str:
+    """The SHA-256 fingerprint of the first certificate in `cert_path`,
+    as clients show it (colon-separated upper-case hex)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
 def _check_port(name: str, port: int) -> None:
     if not isinstance(port, int) or not 0 <= port <= MAX_PORT:
         raise SetupError(f"{name} must be a port number 0..{MAX_PORT}, not {port!r}")
@@ -134,6 +147,7 @@ def init_setup(
     ws_port: int = LISTENER_DEFAULT_PORTS["websocket"],
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    address: str | None = None,
 ) -> Path:
     """Create a ready standalone setup in `directory`; return the config path.
 
@@ -179,8 +193,19 @@ def init_setup(
             "refusing to overwrite it — choose another directory or remove those files"
         )
 
+    if address is not None:
+        try:
+            address = Host().parse(address, ParseEnv(Path.cwd(), {}))
+        except Invalid as exc:
+            raise SetupError(f"--address: {exc}") from None
+
+    created_directory = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+        if created_directory:
+            # Private to the server's user whatever the umask: it holds the
+            # key, the directory file with the password hashes, the store.
+            directory.chmod(SETUP_DIR_MODE)
     except OSError as exc:
         raise SetupError(f"cannot create {directory}: {exc.strerror}") from None
 
@@ -198,12 +223,14 @@ def init_setup(
         cfg = Config(
             path=absolute_path(config_path),
             domains=(domain,),
-            listeners=(
-                ListenerConfig(kind="c2s", port=c2s_port),
-                ListenerConfig(kind="tls", port=tls_port),
-                ListenerConfig(kind="websocket", port=ws_port),
-                *_wss_listener(ws_port, (c2s_port, tls_port)),
-            ),
+            listeners=tuple(
+                dataclasses.replace(listener, address=address) if address else listener
+                for listener in (
+                    ListenerConfig(kind="c2s", port=c2s_port),
+                    ListenerConfig(kind="tls", port=tls_port),
+                    ListenerConfig(kind="websocket", port=ws_port),
+                    *_wss_listener(ws_port, (c2s_port, tls_port)),
+                )),
             tls=TLSConfig(certificate=tls_cert, key=tls_key, required=True),
             directory=DirectoryConfig(
                 backend="embedded",

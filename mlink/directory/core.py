@@ -31,7 +31,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import trio
-from cryptography import x509
 
 from mlink.config_model import RosterGroupConfig
 from mlink.directory.base import (
@@ -70,6 +69,7 @@ from mlink.directory.policy import (
     Verdict,
     binding_state,
     binding_value,
+    is_binding,
     judge,
 )
 from mlink.directory.port import (
@@ -118,6 +118,25 @@ CERTIFICATE_LOOKUP_LIMIT = 8
 # Object classes of the group shapes `mlink.directory.groups` reads; a
 # change to such an entry may change a roster group.
 GROUP_CLASSES = frozenset({"groupofnames", "groupofuniquenames", "posixgroup"})
+
+
+@dataclass(frozen=True, slots=True)
+class ImportedAccount:
+    """An account moved from another server (XEP-0227): a clear password
+    when the old server kept one, else the SCRAM secrets it stored."""
+
+    jid: str
+    password: str | None = None
+    secrets: tuple[ScramSecret, ...] = ()
+
+
+@dataclass(slots=True)
+class ImportCounts:
+    """What `import_accounts` did, for the command's summary line."""
+
+    added: int = 0
+    updated: int = 0
+    unchanged: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +393,10 @@ class PortDirectory(Directory):
         userCertificate takes; a DER assertion is undefined there). Matches
         are then compared byte for byte, so a serial/issuer collision never
         maps a certificate to the wrong user."""
+        # Imported here: only SASL EXTERNAL asks, and `cryptography` costs
+        # every shard ~9 MiB that would otherwise never be used.
+        from cryptography import x509
+
         try:
             cert = x509.load_der_x509_certificate(certificate)
         except ValueError:
@@ -647,6 +670,108 @@ class PortDirectory(Directory):
         await self.port.write(operations)
         await self._bind_secrets(written)
         return len(pairs)
+
+    # --- migration (XEP-0227) -----------------------------------------------
+
+    async def scram_credentials(self) -> dict[str, list[ScramSecret]]:
+        """Every user's stored SCRAM secrets by bare JID, from one paged
+        search (an export reads them all; binding values are left out).
+        A user with none (provisioned by another tool), or whose secrets
+        predate a password change made outside mlink (stale: they would
+        let the old password in), maps to []."""
+        attr = self.layout.scram_attribute
+        out: dict[str, list[ScramSecret]] = {}
+        for entry in await self._all_users([self.layout.jid_attribute, attr, "userPassword"]):
+            jid = _text(entry.get(self.layout.jid_attribute)[0])
+            values = entry.get(attr)
+            if binding_state(values, entry.get("userPassword")) == "stale":
+                out[jid] = []
+                continue
+            found = (ScramSecret.from_auth_password(_text(v)) for v in values)
+            out[jid] = [secret for secret in found if secret is not None]
+        return out
+
+    async def import_accounts(self, accounts: Sequence[ImportedAccount]) -> ImportCounts:
+        """Create or update accounts moved from another server, in one
+        write (the embedded file: all or nothing).
+
+        An account given a clear password is set as `user import` sets
+        one (derived secrets, userPassword through the password modify
+        operation); one given SCRAM secrets (what Prosody and ejabberd
+        store) gets exactly those as its RFC 5803 values and no
+        userPassword, since no password is known: its old password then
+        works with SCRAM of those hashes and, on the embedded directory,
+        with PLAIN (checked against the secret), which renews the secrets
+        for every mechanism. An account whose stored credentials already
+        are what the import gives is left alone, so importing the same
+        file again writes nothing."""
+        accounts = list(accounts)
+        for account in accounts:
+            self._check_new_jid(account.jid)
+            if account.password is None and not account.secrets:
+                raise DirectoryError(f"{account.jid}: neither a password nor SCRAM secrets")
+            if account.password == "":
+                raise DirectoryError(f"{account.jid}: empty password")
+        attr = self.layout.scram_attribute
+        existing = {_text(e.get(self.layout.jid_attribute)[0]).lower(): e
+                    for e in await self._all_users([self.layout.jid_attribute, "objectClass",
+                                                    attr])}
+
+        def derive() -> list[list[str] | None]:
+            """Secrets for each clear password that the stored SCRAM-SHA-256
+            secret does not already match (None: unchanged or no password)."""
+            def one(account: ImportedAccount) -> list[str] | None:
+                if account.password is None:
+                    return None
+                entry = existing.get(account.jid.lower())
+                current = None if entry is None else _pick_secret(entry.get(attr),
+                                                                  "SCRAM-SHA-256")
+                if current is not None and current.matches_password(account.password):
+                    return None
+                return [s.to_auth_password() for s in derive_all(account.password)]
+
+            with ThreadPoolExecutor(DERIVE_THREADS) as pool:
+                return list(pool.map(one, accounts, chunksize=16))
+
+        derived = await trio.to_thread.run_sync(derive)
+        counts = ImportCounts()
+        operations: list[Operation] = []
+        bind: list[tuple[str, list[str]]] = []
+        for account, secrets in zip(accounts, derived, strict=True):
+            entry = existing.get(account.jid.lower())
+            if account.password is not None:
+                if secrets is None:
+                    counts.unchanged += 1
+                    continue
+                wanted = secrets
+            else:
+                wanted = sorted(s.to_auth_password() for s in account.secrets)
+                stored = sorted(_text(v) for v in (entry.get(attr) if entry else [])
+                                if not is_binding(v))
+                if entry is not None and stored == wanted:
+                    counts.unchanged += 1
+                    continue
+            if entry is None:
+                entry = self._new_entry(account.jid, wanted)
+                existing[account.jid.lower()] = entry
+                operations.append(Add(entry))
+                counts.added += 1
+            else:
+                update = self._password_update(entry, wanted)
+                if account.password is None:
+                    # The old userPassword is not this password: drop it, or
+                    # PLAIN would go on checking the password being replaced.
+                    update = Modify(update.dn, (*update.changes,
+                                                Modification("replace", "userPassword", ())))
+                operations.append(update)
+                counts.updated += 1
+            if account.password is not None:
+                operations.append(PasswordModify(entry.dn, account.password))
+                bind.append((account.jid, wanted))
+        if operations:
+            await self.port.write(operations)
+        await self._bind_secrets(bind)
+        return counts
 
     # --- profile attributes ---------------------------------------------------
 

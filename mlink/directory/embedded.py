@@ -309,13 +309,16 @@ class EmbeddedPort(DirectoryPort):
 
     async def bind(self, dn: str, password: str) -> bool:
         """The SCRAM-SHA-256 secret when the entry has one (what mlink
-        writes), else the `userPassword` hashes slapd would check."""
+        writes), else a SCRAM-SHA-1 one (all an account imported from
+        Prosody's default storage has: its password works with PLAIN, and
+        that login renews the secrets), else the `userPassword` hashes
+        slapd would check."""
         if not password:
             return False
         entry = (await self._current()).by_dn.get(normalize_dn(dn))
         if entry is None:
             return False
-        secret = _secret_of(entry, "SCRAM-SHA-256")
+        secret = _secret_of(entry, "SCRAM-SHA-256") or _secret_of(entry, "SCRAM-SHA-1")
         if secret is not None:
             return await trio.to_thread.run_sync(
                 secret.matches_password, password, limiter=self._limiter

@@ -9,10 +9,15 @@ A set is the whole vCard, as XEP-0054 §3.2 says: "these are the values".
 For every field the vCard can express, the value in the set (or none, if the
 element is absent) is compared with the current one, and only differences
 are changes. So a client that fetches, edits and resends its vCard changes
-exactly what the user edited; a client that drops an element it did not
-understand clears that field, and if the field belongs to the directory the
-whole set is refused with `not-allowed` naming it, and nothing is changed.
-Fields the vCard cannot express (e.g. `department_number`) are never touched
+exactly what the user edited. A field the directory or the configuration
+owns (`directory` and `static` policies) that the set leaves out keeps its
+value: real clients set only their own fields (FN, NICKNAME, PHOTO) and
+never send EMAIL, so treating the omission as "clear it" refused every such
+set. Only a different value for such a field is refused (`not-allowed`,
+naming it), and then nothing is changed. So does a field on an attribute
+the directory entry must keep (`sn`: person's MUST), which could only fail.
+Leaving out any other field the user may edit (`update`, `local`) clears
+it, as XEP-0054 says. Fields the vCard cannot express (e.g. `department_number`) are never touched
 by a vCard set. Elements mlink does not map (MIDDLE, JABBERID, X-...) are not
 stored; PHOTO/EXTVAL is refused (`feature-not-implemented`).
 
@@ -155,6 +160,16 @@ def _photo(vcard: ET.Element) -> list[Value]:
         raise ProfileError("bad-request", "PHOTO/BINVAL is not valid base64") from None
 
 
+def without_omitted_kept(changes: dict[str, list[Value]],
+                         fields: dict[str, FieldSpec]) -> dict[str, list[Value]]:
+    """`changes` minus the fields the vCard left out that a user cannot
+    clear (`directory`/`static` ones, and those on an attribute the entry
+    must have, like `sn`): an absent element there means "not mine to say",
+    not "clear it"."""
+    return {name: values for name, values in changes.items()
+            if values or fields[name].clearable}
+
+
 def setup(module: Module) -> None:
     router = module.router
     service = profiles_of(module)
@@ -175,7 +190,8 @@ def setup(module: Module) -> None:
             return False
         user = str(event.sender.bare)
         try:
-            changes = parse_vcard(event.stanza[0], service.fields)
+            changes = without_omitted_kept(parse_vcard(event.stanza[0], service.fields),
+                                           service.fields)
             changed = await service.update(user, changes)
         except ProfileError as exc:
             await router.bounce(event.stanza, exc.condition, exc.text)

@@ -18,8 +18,8 @@ defaults:
 - unmapped fields (`nickname`, `birthday`): `local` (mlink's store).
 
 A field maps to at most one attribute for writing. XEP-0154 gives two for
-`postaladdress` and `primary_org_unit`; reads take the first of them that
-has values, writes go to the first.
+`postaladdress` and `primary_org_unit`, and `display_name` falls back to
+`cn`; reads take the first of them that has values, writes go to the first.
 """
 
 from __future__ import annotations
@@ -44,16 +44,23 @@ class FieldDef:
     vcard: str | None  # vCard element path, e.g. "N/FAMILY"; None: not in vCards
     attributes: tuple[str, ...]  # LDAP attributes (XEP-0154); () = unmapped
     binary: bool = False  # values are bytes (the photo), not text
+    # One value only: shown and compared as the first value read. FN is one
+    # name, but its fallback `cn` often holds several (mlink adds a digest
+    # name for JIDs a DN cannot hold).
+    single: bool = False
 
 
-def _f(name: str, vcard: str | None, *attributes: str, binary: bool = False) -> FieldDef:
-    return FieldDef(name, vcard, attributes, binary)
+def _f(name: str, vcard: str | None, *attributes: str, binary: bool = False,
+       single: bool = False) -> FieldDef:
+    return FieldDef(name, vcard, attributes, binary, single)
 
 
 # XEP-0154 §2 field → vCard element → LDAP attribute(s). URL, ROLE and DESC
 # follow ejabberd's default map; XEP-0054 spells the room element EXTADD.
 FIELD_TABLE: tuple[FieldDef, ...] = (
-    _f("display_name", "FN", "displayName"),
+    # FN falls back to cn: most directory entries have no displayName, and cn
+    # (required by person) is the name the directory shows for them.
+    _f("display_name", "FN", "displayName", "cn", single=True),
     _f("familiar_name", None, "eduPersonNickname"),
     _f("family_name", "N/FAMILY", "sn"),
     _f("given_name", "N/GIVEN", "givenName"),
@@ -93,6 +100,10 @@ FIELD_TABLE: tuple[FieldDef, ...] = (
 )
 FIELDS: dict[str, FieldDef] = {f.name: f for f in FIELD_TABLE}
 PHOTO_FIELD = "photo_data"
+# Attributes every user entry must keep: inetOrgPerson inherits person's
+# MUST cn $ sn (RFC 4519 §3.12), so a directory refuses to remove them and
+# a field written to one of them can be changed but never cleared.
+REQUIRED_ATTRIBUTES = frozenset({"cn", "sn"})
 # Fields naming the account itself: users must never rename themselves.
 IDENTITY_FIELDS = frozenset({"email", "system_username"})
 
@@ -113,10 +124,23 @@ class FieldSpec:
     attributes: tuple[str, ...]
     binary: bool
     static_value: str | None = None
+    single: bool = False  # only the first value counts (FieldDef.single)
 
     @property
     def from_directory(self) -> bool:
         return self.policy in DIRECTORY_POLICIES
+
+    @property
+    def managed(self) -> bool:
+        """Owned by the directory or the configuration: users may not change it."""
+        return self.policy in ("directory", "static")
+
+    @property
+    def clearable(self) -> bool:
+        """Whether a user may remove the field's value: not when it is
+        managed, nor when the entry's schema requires its attribute."""
+        return not self.managed and not (
+            self.from_directory and self.attribute.lower() in REQUIRED_ATTRIBUTES)
 
     @property
     def attribute(self) -> str:
@@ -138,7 +162,8 @@ def _default(row: FieldDef, backend: str, jid_attr: str) -> FieldSpec:
         policy = "directory"
     else:
         policy = "update" if backend == "embedded" else "directory"
-    return FieldSpec(row.name, policy, row.vcard, row.attributes, row.binary)
+    return FieldSpec(row.name, policy, row.vcard, row.attributes, row.binary,
+                     single=row.single)
 
 
 def _configured(row: FieldDef, cfg: ProfileFieldConfig, jid_attr: str) -> FieldSpec:
@@ -163,7 +188,7 @@ def _configured(row: FieldDef, cfg: ProfileFieldConfig, jid_attr: str) -> FieldS
         if row.binary:
             raise ProfileConfigError(f"{where}: a binary field cannot be static")
     return FieldSpec(row.name, policy, row.vcard, attributes, row.binary,
-                     cfg.value if policy == "static" else None)
+                     cfg.value if policy == "static" else None, single=row.single)
 
 
 def resolve_fields(config: Config) -> dict[str, FieldSpec]:

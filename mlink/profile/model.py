@@ -237,6 +237,8 @@ class ProfileService:
             else:
                 raw = [local[name]] if name in local else []
             got = normalise(spec, raw)
+            if spec.single:
+                got = got[:1]
             if got:
                 values[name] = got
         return values
@@ -271,11 +273,13 @@ class ProfileService:
         for name, values in changes.items():
             spec = self.fields[name]
             new = normalise(spec, values)
+            if spec.single:
+                new = new[:1]
             if not _same(new, current.get(name, ())):
                 changed[name] = new
         if not changed:
             return {}
-        refused = [n for n in changed if self.fields[n].policy in ("directory", "static")]
+        refused = [n for n in changed if self.fields[n].managed]
         if refused:
             raise ProfileError(
                 "not-allowed",

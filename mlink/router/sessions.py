@@ -12,10 +12,13 @@ import itertools
 import secrets
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mlink.jid import JID
 from mlink.router.index import JidIndex
+
+if TYPE_CHECKING:
+    from mlink.xml.serialize import WireStanza
 
 # Bytes of randomness in a server-generated resource (RFC 6120 §7.6.2.1
 # asks for a resource unique among the user's sessions; 64 bits suffice).
@@ -60,6 +63,10 @@ class Connection(Protocol):
         session is ending. With `keep`, a stanza the session never writes
         is routed again when it ends (another resource, offline, a bounce)."""
 
+    def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
+        """`deliver` for a stanza kept as bytes (from another shard): written
+        without a tree; parsed only if it must be routed again."""
+
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again: the output mark it is
         written by, or None when the session is ending."""
@@ -72,6 +79,102 @@ class Connection(Protocol):
 
     def kick(self, condition: str, text: str = "") -> None:
         """End the session with a stream error, without waiting."""
+
+
+class StreamTap(Protocol):
+    """A module's view of one session's stanza flow, set on its stream with
+    `StreamControl.set_tap` (XEP-0198 counts and keeps stanzas through it).
+    Calls are synchronous and in order; keep them cheap (every stanza)."""
+
+    def sent(self, stanza: ET.Element) -> None:
+        """A stanza was queued for the client (or, while the session is
+        held, would have been)."""
+
+    def received(self, stanza: ET.Element) -> None:
+        """A stanza arrived from the client."""
+
+    def lost(self, hold: SessionHold) -> bool:
+        """The connection dropped without a closing tag or a stream error.
+        True: keep the session bound (held) until the module calls
+        `hold.taken()` or `hold.end()`; False: it ends now."""
+
+    def unacked(self) -> list[ET.Element]:
+        """At the session's end: the stanzas the client never confirmed,
+        routed again (another resource, offline storage, a bounce)."""
+
+
+class OutputFilter(Protocol):
+    """A module's hold on what a stream writes (`StreamControl.add_filter`):
+    client state indication keeps unimportant stanzas back while the
+    client is inactive."""
+
+    def take(self, stanza: ET.Element) -> bool:
+        """True: the filter keeps `stanza` (it later sends it with
+        `StreamControl.send_stanza`); False: it is written as usual."""
+
+    def release(self) -> list[ET.Element]:
+        """The connection is gone: everything still kept, in order (it goes
+        to the tap or is routed again; the filter is removed)."""
+
+
+class SessionHold(Protocol):
+    """A session whose connection is gone, kept bound for a module
+    (`StreamTap.lost`). Stanzas for it keep going to the tap meanwhile."""
+
+    @property
+    def info(self) -> SessionInfo:
+        """The held session."""
+
+    def taken(self) -> None:
+        """Another stream continues this session: leave the session table
+        (here and on every shard) at once, without `session/closed` and
+        without routing anything again; the new stream carries on."""
+
+    def end(self) -> None:
+        """Give up: the session ends as if its connection had just closed
+        (`session/closed`, the tap's unacked stanzas routed again)."""
+
+
+class StreamControl(Protocol):
+    """What a nonza handler may do with the stream its element came on
+    (`NonzaEvent.stream`): stream extensions answer with nonzas of their
+    own, count stanzas, and continue a session on a new stream."""
+
+    @property
+    def authenticated_jid(self) -> JID | None:
+        """The user authenticated on this stream (bare until bound)."""
+
+    @property
+    def bound(self) -> bool:
+        """Whether the stream carries a session (bound or resumed)."""
+
+    def send_nonza(self, element: ET.Element) -> None:
+        """Write a non-stanza element to the client (not seen by the tap)."""
+
+    def set_tap(self, tap: StreamTap | None) -> None:
+        """Watch this stream's stanzas (None: stop)."""
+
+    def add_filter(self, output_filter: OutputFilter) -> None:
+        """Let `output_filter` see (and keep) each stanza before it is written."""
+
+    def remove_filter(self, output_filter: OutputFilter) -> None:
+        """Stop filtering (what it kept, it sends itself first)."""
+
+    def send_stanza(self, stanza: ET.Element) -> bool:
+        """Write a stanza past the filters (counted by the tap); False when
+        the stream is ending."""
+
+    def drop(self) -> None:
+        """Cut the connection as a network failure would (its tap may hold
+        the session): a client resuming on a new connection before the old
+        one was seen to die."""
+
+    def resume(self, info: SessionInfo, tap: StreamTap | None) -> None:
+        """Make this authenticated, unbound stream carry on the session
+        `info` (its JID, presence, fields), which must already have left
+        the session table (`SessionHold.taken`, or another shard's). The
+        session is announced again with a new session id; no
+        `session/bound` fires, since for everyone else it never ended."""
 
 
 class SessionTable:
@@ -96,6 +199,14 @@ class SessionTable:
         self._index.put(full, conn)
         conn.info = SessionInfo(full, session_id=next(self._session_ids))
         return full
+
+    def adopt(self, conn: Connection, info: SessionInfo) -> None:
+        """Bind `conn` to the existing session `info` (resumed on a new
+        stream), under a fresh session id: the id tells the other shards'
+        replicas the new binding from the old one."""
+        info.session_id = next(self._session_ids)
+        conn.info = info
+        self._index.put(info.jid, conn)
 
     def replaced(self, bare: JID, resource: str | None) -> Connection | None:
         """The connection holding `bare/resource` now, which a bind would end."""

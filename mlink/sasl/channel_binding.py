@@ -5,8 +5,9 @@ so a man in the middle who terminates TLS with its own certificate cannot
 relay a SCRAM login. The transport knows the TLS state; the mechanisms only
 need the resulting bytes, which travel in a `ChannelBinding`.
 
-Sans-IO: no trio here. The `cryptography` package (already required through
-trustme) is used only to read a certificate's signature hash algorithm.
+Sans-IO: no trio here. A certificate's signature hash algorithm is read
+from its DER bytes here (a few lines of DER, standard library only): the
+`cryptography` package would cost every shard ~9 MiB of memory for it.
 
 Notes for the transport layer:
   * tls-exporter (RFC 9266): TLS exporter with label "EXPORTER-Channel-Binding",
@@ -22,12 +23,9 @@ Notes for the transport layer:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes
 
 __all__ = [
     "CB_TYPES_BY_PREFERENCE",
@@ -80,20 +78,112 @@ def tls_server_end_point(der_cert: bytes) -> bytes:
     The value is the hash of the DER certificate, using the hash of the
     certificate's own signature algorithm, upgraded to SHA-256 when that is
     MD5 or SHA-1. Raises UnsupportedCertificate when the signature uses no
-    single hash (EdDSA), and ValueError for an unparsable certificate.
+    single hash (EdDSA) or an algorithm not known here, and ValueError for
+    an unparsable certificate.
     """
-    cert = x509.load_der_x509_certificate(der_cert)
-    try:
-        algorithm = cert.signature_hash_algorithm
-    except UnsupportedAlgorithm as exc:
-        raise UnsupportedCertificate(f"unknown signature algorithm: {exc}") from exc
-    if algorithm is None:
+    algorithm = signature_hash_name(der_cert)
+    if algorithm in _UPGRADED_HASHES:
+        algorithm = "sha256"
+    return hashlib.new(algorithm, der_cert).digest()
+
+
+# Signature algorithm OIDs -> their hash (RFC 3279, 4055, 5758, 8017; NIST
+# CSOR for SHA-3); None: the algorithm uses no separate hash (RFC 8410).
+_SIGNATURE_HASHES: dict[str, str | None] = {
+    "1.2.840.113549.1.1.4": "md5", "1.2.840.113549.1.1.5": "sha1",
+    "1.2.840.113549.1.1.14": "sha224", "1.2.840.113549.1.1.11": "sha256",
+    "1.2.840.113549.1.1.12": "sha384", "1.2.840.113549.1.1.13": "sha512",
+    "1.2.840.10045.4.1": "sha1", "1.2.840.10045.4.3.1": "sha224",
+    "1.2.840.10045.4.3.2": "sha256", "1.2.840.10045.4.3.3": "sha384",
+    "1.2.840.10045.4.3.4": "sha512",
+    "1.2.840.10040.4.3": "sha1", "2.16.840.1.101.3.4.3.1": "sha224",
+    "2.16.840.1.101.3.4.3.2": "sha256", "2.16.840.1.101.3.4.3.3": "sha384",
+    "2.16.840.1.101.3.4.3.4": "sha512",
+    "2.16.840.1.101.3.4.3.9": "sha3_224", "2.16.840.1.101.3.4.3.10": "sha3_256",
+    "2.16.840.1.101.3.4.3.11": "sha3_384", "2.16.840.1.101.3.4.3.12": "sha3_512",
+    "2.16.840.1.101.3.4.3.13": "sha3_224", "2.16.840.1.101.3.4.3.14": "sha3_256",
+    "2.16.840.1.101.3.4.3.15": "sha3_384", "2.16.840.1.101.3.4.3.16": "sha3_512",
+    "1.3.101.112": None, "1.3.101.113": None,  # Ed25519, Ed448
+}
+# RSASSA-PSS (RFC 4055): the hash is in the parameters, SHA-1 by default.
+_RSASSA_PSS = "1.2.840.113549.1.1.10"
+_HASH_OIDS = {
+    "1.3.14.3.2.26": "sha1", "2.16.840.1.101.3.4.2.4": "sha224",
+    "2.16.840.1.101.3.4.2.1": "sha256", "2.16.840.1.101.3.4.2.2": "sha384",
+    "2.16.840.1.101.3.4.2.3": "sha512", "2.16.840.1.101.3.4.2.7": "sha3_224",
+    "2.16.840.1.101.3.4.2.8": "sha3_256", "2.16.840.1.101.3.4.2.9": "sha3_384",
+    "2.16.840.1.101.3.4.2.10": "sha3_512",
+}
+_SEQUENCE, _OID, _EXPLICIT_0 = 0x30, 0x06, 0xA0
+
+
+def signature_hash_name(der_cert: bytes) -> str:
+    """The hashlib name of the hash in a DER certificate's signature
+    algorithm (Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm,
+    signatureValue }, RFC 5280 §4.1)."""
+    cert_start, cert_end = _expect(der_cert, 0, len(der_cert), _SEQUENCE)
+    if cert_end != len(der_cert):
+        raise ValueError("bytes after the certificate")
+    _, tbs_end = _expect(der_cert, cert_start, cert_end, _SEQUENCE)
+    alg_start, alg_end = _expect(der_cert, tbs_end, cert_end, _SEQUENCE)
+    oid_start, oid_end = _expect(der_cert, alg_start, alg_end, _OID)
+    oid = _oid_text(der_cert[oid_start:oid_end])
+    if oid == _RSASSA_PSS:
+        return _pss_hash(der_cert, oid_end, alg_end)
+    if oid not in _SIGNATURE_HASHES:
+        raise UnsupportedCertificate(f"unknown signature algorithm {oid}")
+    name = _SIGNATURE_HASHES[oid]
+    if name is None:
         raise UnsupportedCertificate("certificate signature uses no separate hash function")
-    if algorithm.name in _UPGRADED_HASHES:
-        algorithm = hashes.SHA256()
-    digest = hashes.Hash(algorithm)
-    digest.update(der_cert)
-    return digest.finalize()
+    return name
+
+
+def _pss_hash(der: bytes, start: int, end: int) -> str:
+    """RSASSA-PSS-params ::= SEQUENCE { hashAlgorithm [0] AlgorithmIdentifier
+    DEFAULT sha1, ... }."""
+    params_start, params_end = _expect(der, start, end, _SEQUENCE)
+    if params_start == params_end or der[params_start] != _EXPLICIT_0:
+        return "sha1"
+    inner_start, inner_end = _expect(der, params_start, params_end, _EXPLICIT_0)
+    hash_start, hash_end = _expect(der, inner_start, inner_end, _SEQUENCE)
+    oid_start, oid_end = _expect(der, hash_start, hash_end, _OID)
+    oid = _oid_text(der[oid_start:oid_end])
+    name = _HASH_OIDS.get(oid)
+    if name is None:
+        raise UnsupportedCertificate(f"unknown RSASSA-PSS hash {oid}")
+    return name
+
+
+def _expect(der: bytes, pos: int, end: int, tag: int) -> tuple[int, int]:
+    """The value span of the DER element at `pos` (within `end`), which
+    must have `tag`."""
+    if pos + 2 > end or der[pos] != tag:
+        raise ValueError("not a DER certificate")
+    length = der[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or pos + count > end:
+            raise ValueError("not a DER certificate")
+        length = int.from_bytes(der[pos:pos + count], "big")
+        pos += count
+    if pos + length > end:
+        raise ValueError("not a DER certificate")
+    return pos, pos + length
+
+
+def _oid_text(value: bytes) -> str:
+    if not value or value[-1] & 0x80:
+        raise ValueError("bad object identifier")
+    arcs: list[int] = []
+    arc = 0
+    for byte in value:
+        arc = (arc << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            arcs.append(arc)
+            arc = 0
+    first = min(arcs[0] // 40, 2)
+    return ".".join(str(a) for a in (first, arcs[0] - 40 * first, *arcs[1:]))
 
 
 def channel_binding_element_types(cb_types: Iterable[str]) -> list[str]:

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.fields import field_registry
 from mlink.router.index import JidIndex
-from mlink.router.sessions import SessionInfo
+from mlink.router.sessions import Connection, SessionInfo
 from mlink.shard import frames
 from mlink.shard.bus import Bus
 from mlink.shard.frames import Frame, FrameType, SessionEntry
 from mlink.stream.errors import stanza_error
-from mlink.xml.serialize import CLIENT_NS, Shared, serialize
+from mlink.xml.serialize import CLIENT_NS, Shared, WireStanza, serialize
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -188,16 +188,18 @@ class Cluster:
         try:
             if kind is FrameType.STANZA:
                 target, data = frames.decode_stanza(frame.payload)
-                full, _, to = target.partition("\0")
-                await self._receive_stanza(parse_jid(full), to or full, parse_stanza(data))
+                name, _, to = target.partition("\0")
+                recipient = parse_jid(name)
+                if not self._deliver_wire(recipient, to or name, data):
+                    await self._receive_stanza(recipient, to or name, parse_stanza(data))
             elif kind is FrameType.FANOUT:
                 data, recipients = frames.decode_fanout(frame.payload)
-                self._receive_fanout(parse_stanza(data), recipients)
+                self._receive_fanout(data, recipients)
             elif kind is FrameType.SESSION_UP:
                 self._upsert(frame.source, frames.decode_session_up(frame.payload))
             elif kind is FrameType.SESSION_DOWN:
                 jid, sid = frames.decode_session_down(frame.payload)
-                self._remove(parse_jid(jid), sid)
+                self._remove(parse_jid(jid), sid, frame.source)
             elif kind is FrameType.TABLE_REQUEST:
                 self._send_table(frame.source)
             elif kind is FrameType.TABLE_SNAPSHOT:
@@ -267,10 +269,30 @@ class Cluster:
         elif stanza.tag.endswith("}iq") and stanza.get("type") in ("get", "set"):
             await router.route(stanza_error(stanza, "service-unavailable"))
 
-    def _receive_fanout(self, stanza: ET.Element, recipients: list[str]) -> None:
+    def _deliver_wire(self, full: JID, to: str, data: bytes) -> bool:
+        """A STANZA frame's bytes straight to the local connection(s) it is
+        for, with `to` spliced in: no parse, no serialisation (no hook runs
+        for a stanza arriving over the bus). False when that is not the
+        case: the caller parses and routes as the RFC says."""
+        wire = WireStanza.from_bytes(data, to)
+        if wire is None:
+            return False
         sessions = self.server.sessions
-        # Serialised once per stream framing, each recipient's `to` spliced in.
-        shared = Shared(stanza)
+        if not full.resource:
+            # A bare recipient: this shard's available sessions of the user.
+            for conn in sessions.of_user(full):
+                if conn.info.available:
+                    conn.deliver_wire(wire)
+            return True
+        found = sessions.get(full)
+        return found is not None and found.deliver_wire(wire)
+
+    def _receive_fanout(self, data: bytes, recipients: list[str]) -> None:
+        sessions = self.server.sessions
+        # Written from the frame's bytes, each recipient's `to` spliced in;
+        # parsed (once) only if the bytes are not ours to splice.
+        wire = WireStanza.from_bytes(data, None)
+        shared = Shared(parse_stanza(data)) if wire is None else None
         for target in recipients:
             full, _, to = target.partition("\0")
             try:
@@ -280,11 +302,11 @@ class Cluster:
             if not jid.resource:
                 for conn in sessions.of_user(jid):
                     if conn.info.available:
-                        conn.deliver(shared.addressed(to or full))
+                        _deliver_copy(conn, wire, shared, to or full)
                 continue
             found = sessions.get(jid)
             if found is not None:
-                found.deliver(shared.addressed(to or full))
+                _deliver_copy(found, wire, shared, to or full)
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:
         full = parse_jid(entry.jid)
@@ -298,9 +320,12 @@ class Cluster:
         remote = RemoteSession(shard, entry.session_id, info)
         self._remote.put(full, remote)
 
-    def _remove(self, full: JID, session_id: int) -> None:
+    def _remove(self, full: JID, session_id: int, shard: int | None = None) -> None:
+        """Drop the replica of `full` if it is that session (ids are unique
+        per shard only: a session resumed on another shard may reuse the id)."""
         remote = self._remote.get(full)
-        if remote is None or remote.session_id != session_id:
+        if remote is None or remote.session_id != session_id or (
+                shard is not None and remote.shard != shard):
             return
         self._remote.remove(full)
 
@@ -308,6 +333,14 @@ class Cluster:
         entries = [_entry(conn.info) for conn in self.server.sessions.all()]
         for payload, flags in frames.encode_table_snapshots(entries):
             self.bus.send(shard, Frame(FrameType.TABLE_SNAPSHOT, payload, flags))
+
+
+def _deliver_copy(conn: Connection, wire: WireStanza | None, shared: Shared | None,
+                  to: str) -> None:
+    if wire is not None:
+        conn.deliver_wire(wire.addressed(to))
+    elif shared is not None:
+        conn.deliver(shared.addressed(to))
 
 
 def _entry(info: SessionInfo, fields: list[tuple[str, bytes]] | None = None) -> SessionEntry:

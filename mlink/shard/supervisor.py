@@ -26,9 +26,11 @@ from typing import Any
 
 import trio
 
+from mlink import __version__
 from mlink.config_model import Config
 from mlink.shard.control import ControlError, LineChannel
 from mlink.shard.fdlimit import raise_nofile_limit
+from mlink.util.logsetup import ReopeningFileHandler
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +129,10 @@ class ShardState:
     stats_reply: trio.Event = field(default_factory=trio.Event)
     reload_result: dict[str, Any] | None = None
     reload_reply: trio.Event = field(default_factory=trio.Event)
+    # One query (sessions, kick) at a time per shard, and its answer.
+    query_lock: trio.Lock = field(default_factory=trio.Lock)
+    query_result: dict[str, Any] | None = None
+    query_reply: trio.Event = field(default_factory=trio.Event)
 
 
 class Supervisor:
@@ -158,7 +164,7 @@ class Supervisor:
             async with trio.open_nursery() as services:
                 self._services = services
                 with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM,
-                                               signal.SIGHUP) as signals:
+                                               signal.SIGHUP, signal.SIGUSR1) as signals:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
@@ -198,6 +204,16 @@ class Supervisor:
 
     async def _watch_signals(self, signals: Any) -> None:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                # logrotate moved the log file: reopen ours, and the shards'.
+                for handler in logging.getLogger().handlers:
+                    if isinstance(handler, ReopeningFileHandler):
+                        handler.request_reopen()
+                for state in self.shards:
+                    if state.process is not None and state.process.returncode is None:
+                        state.process.send_signal(signal.SIGUSR1)
+                log.info("received SIGUSR1; log file reopened")
+                continue
             if signum == signal.SIGHUP:
                 if not self.stopping and self._services is not None:
                     log.info("received SIGHUP; reloading %s", self.config_path)
@@ -289,6 +305,9 @@ class Supervisor:
                 elif op == "reloaded":
                     state.reload_result = message
                     state.reload_reply.set()
+                elif op in ("sessions", "kicked"):
+                    state.query_result = message
+                    state.query_reply.set()
         except (ControlError, trio.BrokenResourceError, trio.ClosedResourceError,
                 OSError) as exc:
             log.warning("shard %d control channel failed: %s", state.index, exc)
@@ -374,6 +393,51 @@ class Supervisor:
                 await state.stats_reply.wait()
             return state.stats
 
+    async def _ask_shard(self, state: ShardState, request: dict[str, Any]
+                         ) -> dict[str, Any] | None:
+        """One shard's answer to a query op (`sessions`, `kick`), or None
+        if it is down or does not answer within STATS_TIMEOUT."""
+        async with state.query_lock:
+            control = state.control
+            if control is None or not state.ready:
+                return None
+            state.query_reply = trio.Event()
+            state.query_result = None
+            with trio.move_on_after(STATS_TIMEOUT):
+                try:
+                    await control.send(request)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    return None
+                await state.query_reply.wait()
+            return state.query_result
+
+    async def ask_every_shard(self, request: dict[str, Any]) -> dict[int, dict[str, Any] | None]:
+        replies: dict[int, dict[str, Any] | None] = {}
+
+        async def ask(state: ShardState) -> None:
+            replies[state.index] = await self._ask_shard(state, request)
+
+        async with trio.open_nursery() as nursery:
+            for state in self.shards:
+                nursery.start_soon(ask, state)
+        return replies
+
+    async def sessions(self, user: str | None) -> dict[str, Any]:
+        """Every bound session on every shard (of `user` when given)."""
+        replies = await self.ask_every_shard({"op": "sessions", "user": user})
+        found = [{**one, "shard": index} for index, reply in sorted(replies.items())
+                 if reply is not None for one in reply.get("sessions", [])]
+        missing = [index for index, reply in sorted(replies.items()) if reply is None]
+        return {"ok": True, "sessions": found, "unanswered": missing}
+
+    async def kick(self, jid: str, text: str) -> dict[str, Any]:
+        """End `jid`'s sessions (a full JID: that one) on every shard."""
+        replies = await self.ask_every_shard({"op": "kick", "jid": jid, "text": text})
+        ended = sorted(e for reply in replies.values() if reply is not None
+                       for e in reply.get("ended", []))
+        missing = [index for index, reply in sorted(replies.items()) if reply is None]
+        return {"ok": True, "ended": ended, "unanswered": missing}
+
     async def status(self) -> dict[str, Any]:
         """The whole server's state, as `mlink status` prints it."""
         replies: dict[int, dict[str, Any] | None] = {}
@@ -396,7 +460,8 @@ class Supervisor:
                 "restarts": state.restarts,
                 "stats": replies.get(state.index),
             })
-        return {"pid": os.getpid(), "uptime": now - self.started, "shards": shards}
+        return {"pid": os.getpid(), "uptime": now - self.started, "shards": shards,
+                "version": __version__}
 
     async def _serve_status(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
@@ -414,6 +479,11 @@ class Supervisor:
                     reply = await self.reload()
                 elif request.get("op") == "end-user" and isinstance(request.get("jid"), str):
                     reply = self.end_user(request["jid"], str(request.get("text", "")))
+                elif request.get("op") == "sessions":
+                    user = request.get("user")
+                    reply = await self.sessions(user if isinstance(user, str) else None)
+                elif request.get("op") == "kick" and isinstance(request.get("jid"), str):
+                    reply = await self.kick(request["jid"], str(request.get("text", "")))
                 else:
                     reply = await self.status()
                 await stream.send_all(json.dumps(reply).encode() + b"\n")
@@ -436,10 +506,14 @@ class Supervisor:
         return {"ok": True, "shards": sent}
 
     async def _log_status_periodically(self) -> None:
+        """The status table in the log, at DEBUG: useful when chasing a
+        problem, noise in an INFO log (`mlink status` shows it on demand)."""
         while True:
             await trio.sleep(STATUS_LOG_INTERVAL)
+            if not log.isEnabledFor(logging.DEBUG):
+                continue
             for line in format_status(await self.status()).splitlines():
-                log.info("status: %s", line)
+                log.debug("status: %s", line)
 
 
 async def _read_request(stream: trio.SocketStream) -> dict[str, Any]:
@@ -528,6 +602,18 @@ def request_end_user(data_dir: Path, jid: str, text: str) -> dict[str, Any]:
                     STATUS_CLIENT_TIMEOUT)
 
 
+def request_sessions(data_dir: Path, user: str | None = None) -> dict[str, Any]:
+    """The running server's sessions (`mlink session list`)."""
+    return _request(data_dir / CONTROL_SOCKET, {"op": "sessions", "user": user},
+                    STATUS_CLIENT_TIMEOUT)
+
+
+def request_kick(data_dir: Path, jid: str, text: str) -> dict[str, Any]:
+    """End sessions on the running server (`mlink session kick`)."""
+    return _request(data_dir / CONTROL_SOCKET, {"op": "kick", "jid": jid, "text": text},
+                    STATUS_CLIENT_TIMEOUT)
+
+
 def request_reload(data_dir: Path) -> dict[str, Any]:
     """Ask the supervisor running on `data_dir` to reload its configuration
     file; its answer (`ok`, `error`, `restart`). OSError when none runs."""
@@ -566,8 +652,10 @@ def format_status(status: dict[str, Any]) -> str:
     """The status as people read it: one line per shard, one per bus link."""
     shards = status["shards"]
     sessions = sum((s["stats"] or {}).get("sessions", 0) for s in shards)
+    version = status.get("version")
     lines = [
-        f"supervisor pid {status['pid']}, up {_duration(status['uptime'])}, "
+        (f"mlink {version}, " if version else "")
+        + f"supervisor pid {status['pid']}, up {_duration(status['uptime'])}, "
         f"{len(shards)} shard(s), {sessions} session(s)",
         f"{'shard':>5} {'pid':>8} {'state':<8} {'uptime':>8} {'restarts':>8} "
         f"{'conns':>7} {'sessions':>8} {'stalls':>6} {'longest':>8}",

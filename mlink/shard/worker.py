@@ -26,6 +26,7 @@ from mlink.config import ConfigError, load_config
 from mlink.config_model import Config
 from mlink.shard.bus import UnixSocketBus
 from mlink.shard.control import ControlError, LineChannel, find_oserror
+from mlink.util.logsetup import configure_logging
 from mlink.util.memdebug import MemoryReporter
 
 # Run as `python -m mlink.shard.worker`, where __name__ is "__main__".
@@ -121,6 +122,16 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
             elif op == "end-user":
                 server.end_user_sessions(str(message.get("jid", "")),
                                          str(message.get("text", "")))
+            elif op == "sessions":
+                user = message.get("user")
+                await control.send({"op": "sessions", "shard": bus.shard,
+                                    "sessions": server.session_list(
+                                        str(user) if user else None)})
+            elif op == "kick":
+                await control.send({"op": "kicked", "shard": bus.shard,
+                                    "ended": server.kick_sessions(
+                                        str(message.get("jid", "")),
+                                        str(message.get("text", "")))})
     except (ControlError, trio.BrokenResourceError, OSError) as exc:
         log.warning("control channel failed: %s", exc)
     if not stop.is_set():
@@ -128,14 +139,11 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
     stop.set()
 
 
-def _setup_logging(level: str, index: int) -> None:
+def _setup_logging(level: str, index: int, file: Path | None) -> None:
     # The shard index in every line: which shard holds a connection, and
     # whose "listening" line is whose, must be visible in the shared log.
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s shard-{index} %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(level, f"%(asctime)s %(levelname)s shard-{index} %(name)s: %(message)s",
+                      file)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"mlink: {exc}", file=sys.stderr)
         return 1
-    _setup_logging(config.log_level, args.index)
+    _setup_logging(config.log_level, args.index, config.log_file)
     try:
         trio.run(run_shard, config, args.index, args.shards, args.bus_dir, args.control_fd)
     except KeyboardInterrupt:

@@ -195,32 +195,85 @@ class ArchiveStore:
         return await self._store().write(work)
 
     async def page(self, user: str, *, before: int | None = None, after: int | None = None,
-                   with_jid: str | None = None, limit: int = MAX_ARCHIVE_PAGE,
+                   with_jid: str | None = None, start: float | None = None,
+                   end: float | None = None, limit: int = MAX_ARCHIVE_PAGE,
                    newest_first: bool = False) -> list[ArchivedItem]:
-        """Up to `limit` items with ids in (after, before), oldest first
-        unless `newest_first` (the last page of an archive)."""
+        """Up to `limit` items with ids in (after, before), stored at times
+        in [start, end], oldest first unless `newest_first` (the last page
+        of an archive).
+
+        Every query is an index range: by id (`module_archive_by_user`), by
+        peer and id (`..._by_peer`); a time bound is first turned into an id
+        bound through `..._by_time` (ids grow with time), so the last page
+        of a million-item log costs the same as of a small one."""
         ns, limit = self._ns, max(0, min(limit, MAX_ARCHIVE_PAGE))
-        where = ["module = ?", "store = ?", "user = ?"]
-        args: list[object] = [*ns, user]
-        if with_jid is not None:
-            where.append("with_jid = ?")
-            args.append(with_jid)
-        if before is not None:
-            where.append("id < ?")
-            args.append(before)
-        if after is not None:
-            where.append("id > ?")
-            args.append(after)
-        order = "DESC" if newest_first else "ASC"
-        sql = (f"SELECT id, at, with_jid, value FROM module_archive WHERE {' AND '.join(where)} "
-               f"ORDER BY id {order} LIMIT ?")
-        args.append(limit)
+        key = "module = ? AND store = ? AND user = ?"
 
         def work(conn: sqlite3.Connection) -> list[ArchivedItem]:
+            where = [key]
+            args: list[object] = [*ns, user]
+            if with_jid is not None:
+                where.append("with_jid = ?")
+                args.append(with_jid)
+            if before is not None:
+                where.append("id < ?")
+                args.append(before)
+            if after is not None:
+                where.append("id > ?")
+                args.append(after)
+            # One index seek each: the earliest item at or after `start` has
+            # (ids growing with time) the lowest id of the range.
+            if start is not None:
+                row = conn.execute(f"SELECT id FROM module_archive WHERE {key} AND at >= ? "
+                                   "ORDER BY at ASC LIMIT 1", (*ns, user, start)).fetchone()
+                if row is None:
+                    return []
+                where.append("id >= ? AND at >= ?")
+                args += [int(row[0]), start]
+            if end is not None:
+                row = conn.execute(f"SELECT id FROM module_archive WHERE {key} AND at <= ? "
+                                   "ORDER BY at DESC LIMIT 1", (*ns, user, end)).fetchone()
+                if row is None:
+                    return []
+                where.append("id <= ? AND at <= ?")
+                args += [int(row[0]), end]
+            order = "DESC" if newest_first else "ASC"
+            sql = (f"SELECT id, at, with_jid, value FROM module_archive "
+                   f"WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?")
             return [ArchivedItem(int(i), float(at), w, bytes(v))
-                    for i, at, w, v in conn.execute(sql, args)]
+                    for i, at, w, v in conn.execute(sql, (*args, limit))]
 
         return await self._store().read(work)
+
+    async def get(self, user: str, item_id: int) -> ArchivedItem | None:
+        """One item of `user`'s log by id (None: not theirs, or gone)."""
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> ArchivedItem | None:
+            row = conn.execute("SELECT id, at, with_jid, value FROM module_archive WHERE "
+                               "module = ? AND store = ? AND user = ? AND id = ?",
+                               (*ns, user, item_id)).fetchone()
+            return None if row is None else ArchivedItem(int(row[0]), float(row[1]), row[2],
+                                                         bytes(row[3]))
+
+        return await self._store().read(work)
+
+    async def delete_older(self, at: float, batch: int = 10_000) -> int:
+        """Retention for every user: drop up to `batch` items older than
+        `at` (call again while it returns `batch`: one short write at a
+        time keeps other writers waiting briefly); how many. Read in id
+        order, the oldest items come first, so a batch reads about as many
+        rows as it deletes."""
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM module_archive WHERE id IN (SELECT id FROM module_archive "
+                "WHERE module = ? AND store = ? AND at < ? ORDER BY id LIMIT ?)",
+                (*ns, at, batch))
+            return int(cur.rowcount)
+
+        return await self._store().write(work)
 
     async def delete_before(self, user: str, at: float) -> int:
         """Retention: drop items older than `at`; returns how many."""

@@ -123,6 +123,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             SELECT 'private', 'xml', user, element_key, xml FROM private_xml""",
         "DROP TABLE private_xml",
     ),
+    # 2 -> 3: archive queries by time (XEP-0313 start/end) find their first
+    # and last ids through this index instead of scanning the user's log.
+    (
+        """CREATE INDEX module_archive_by_time
+            ON module_archive (module, store, user, at)""",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -190,7 +190,7 @@ def _transaction(
     return result
 
 
-def _bump_roster_version(conn: sqlite3.Connection, user: str) -> int:
+def bump_roster_version(conn: sqlite3.Connection, user: str) -> int:
     """Increment and return the user's roster version, inside the caller's
     write transaction (so two processes can never hand out the same one)."""
     conn.execute(
@@ -341,7 +341,7 @@ class Store:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 params,
             )
-            return _bump_roster_version(conn, user)
+            return bump_roster_version(conn, user)
 
         return await self._write(work)
 
@@ -353,7 +353,7 @@ class Store:
             cur = conn.execute(
                 "DELETE FROM roster_item WHERE user = ? AND jid = ?", (user, contact)
             )
-            return _bump_roster_version(conn, user) if cur.rowcount else None
+            return bump_roster_version(conn, user) if cur.rowcount else None
 
         return await self._write(work)
 
@@ -567,7 +567,7 @@ class Store:
             # Every roster item implies a version row; no row, nothing to bump.
             known = conn.execute("SELECT 1 FROM roster_version WHERE user = ?", (user,)).fetchone()
             if known:
-                _bump_roster_version(conn, user)
+                bump_roster_version(conn, user)
             for table in (
                 "subscription_request",
                 "offline_message",

@@ -92,6 +92,9 @@ DRIVER_CALLS: dict[str, frozenset[State]] = {
     "tls_started": frozenset({State.WAIT_HEADER}),
     "credential_provided": frozenset({State.WAIT_AUTH_RESULT}),
     "bind_done": frozenset({State.WAIT_BIND_RESULT}),
+    # A module resumed an existing session on this stream (instead of a
+    # bind): XEP-0198 `<resume/>` answered after authentication.
+    "session_resumed": frozenset({State.NEGOTIATING}),
 }
 
 
@@ -144,7 +147,9 @@ class BindRequested:
 @dataclass(slots=True)
 class NonzaReceived:
     """A top-level element of a namespace a module handles (a stream
-    extension's own elements, not a stanza), on an established stream."""
+    extension's own elements, not a stanza), once the stream is
+    authenticated: before a bind too (a stream extension may replace the
+    bind, as XEP-0198 resumption does), and on an established stream."""
 
     element: ET.Element
 
@@ -394,6 +399,17 @@ class C2SStream:
         ET.SubElement(bind, f"{{{BIND_NS}}}jid").text = str(self.jid)
         self._send_element(reply)
 
+    def session_resumed(self, full: JID) -> None:
+        """A module made this stream continue the existing session `full`
+        (XEP-0198 resumption) in place of a bind: stanzas flow from now on.
+        The module writes its own answer; the machine writes nothing."""
+        if not self._driver_call("session_resumed"):
+            return
+        if self.jid is None or not self._authenticated or full.bare != self.jid.bare:
+            raise LocalProtocolError("resumed a session of another user")
+        self.jid = full
+        self.state = State.ESTABLISHED
+
     def close(self, condition: str | None = None, text: str = "") -> StreamEnded:
         """Server-initiated end: a stream error when `condition` is given."""
         if condition:
@@ -535,6 +551,9 @@ class C2SStream:
             return self._on_starttls(elem)
         if tag.startswith("{" + SASL_NS + "}"):
             return self._on_sasl(elem)
+        if (self._authenticated and self.state is State.NEGOTIATING and tag[:1] == "{"
+                and tag[1:].partition("}")[0] in self.settings.nonza_namespaces):
+            return [NonzaReceived(elem)]
         if tag in STANZA_TAGS:
             if not self._authenticated:
                 return [self._fail("not-authorized", "authenticate first")]

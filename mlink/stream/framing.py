@@ -11,7 +11,7 @@ import xml.etree.ElementTree as ET
 
 from mlink.stream.errors import STREAMS_NS
 from mlink.xml.parser import STREAM_NS
-from mlink.xml.serialize import CLIENT_NS, escape_attr, escape_text, serialize
+from mlink.xml.serialize import CLIENT_NS, WireStanza, escape_attr, escape_text, serialize
 
 FRAMING_NS = "urn:ietf:params:xml:ns:xmpp-framing"
 
@@ -27,6 +27,8 @@ class TCPFraming:
     """RFC 6120: a stream header, children, and the closing tag."""
 
     websocket = False
+    # The default namespace stanzas inherit on this framing.
+    stream_ns = CLIENT_NS
 
     def header(self, stream_id: str, domain: str, to: str | None) -> bytes:
         peer = f" to='{escape_attr(to)}'" if to else ""
@@ -49,12 +51,16 @@ class TCPFraming:
     def stanza(self, elem: ET.Element) -> bytes:
         return serialize(elem, CLIENT_NS)
 
+    def wire(self, stanza: WireStanza) -> bytes:
+        return stanza.serialize(CLIENT_NS)
+
 
 class WebSocketFraming:
     """RFC 7395: <open/> and <close/> instead of the stream tags, and every
     message a complete element carrying its own namespace declarations."""
 
     websocket = True
+    stream_ns = ""
 
     def header(self, stream_id: str, domain: str, to: str | None) -> bytes:
         peer = f" to='{escape_attr(to)}'" if to else ""
@@ -77,6 +83,9 @@ class WebSocketFraming:
 
     def stanza(self, elem: ET.Element) -> bytes:
         return serialize(elem, "")
+
+    def wire(self, stanza: WireStanza) -> bytes:
+        return stanza.serialize("")
 
 
 Framing = TCPFraming | WebSocketFraming

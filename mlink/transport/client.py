@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from mlink.jid import JID
-from mlink.router.sessions import SessionInfo
+from mlink.router.sessions import OutputFilter, SessionInfo, StreamTap
 from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
 from mlink.stream.errors import stanza_error
 from mlink.transport.limits import ConnectionSlot, TokenBucket
 from mlink.util.outbuffer import OutputBuffer
+from mlink.xml.serialize import WireStanza
 
 if TYPE_CHECKING:
     from mlink.server import Server
@@ -76,7 +77,7 @@ class ClientConnection:
         # Stanzas queued for the client; message and iq chunks carry their
         # stanza, so a session cut before they are written can hand them
         # back to the router (offline storage, another resource, a bounce).
-        self.out: OutputBuffer[ET.Element] = OutputBuffer(
+        self.out: OutputBuffer[ET.Element | WireStanza] = OutputBuffer(
             server.config.limits.max_output_bytes)
         self._closing = False
         self._sending = False  # the writer is in `send_all`
@@ -85,11 +86,23 @@ class ClientConnection:
         self.ended = False
         self._kicked = trio.Event()
         # Stanzas taken back from a cut session, routed again at its end.
-        self._orphans: list[ET.Element] = []
+        self._orphans: list[ET.Element | WireStanza] = []
         # What the directory had to say at login (password expiry), shown
         # as a headline once the session is bound.
         self._login_notice: str | None = None
         self._scope = trio.CancelScope()
+        # A module's view of this session's stanzas (stream management),
+        # and the session's life past its connection (`StreamTap.lost`):
+        # `_lost` when the connection dropped without a close or an error
+        # of ours; `_held` while the session outlives it; `_taken` once
+        # another stream carries the session on.
+        self.tap: StreamTap | None = None
+        # Modules' holds on output (client state indication), in order.
+        self.filters: list[OutputFilter] = []
+        self._lost = False
+        self._held = False
+        self._taken = False
+        self._hold_done = trio.Event()
         self.peer = _peer_name(stream)
         # Where the per-address limits count this connection (None: not
         # admitted through a listener, e.g. in tests).
@@ -107,10 +120,21 @@ class ClientConnection:
 
     # -- Session interface (used by the router, never awaits) --------------------
 
-    def deliver(self, stanza: ET.Element, keep: bool = True) -> bool:
+    def deliver(self, stanza: ET.Element, keep: bool = True, filtered: bool = True) -> bool:
         """Queue `stanza`; False when the session is ending (the caller
         treats it as gone). With `keep`, a message or iq that is never
-        written is routed again when the session ends."""
+        written is routed again when the session ends. A module's output
+        filter may hold it first (`filtered`: not for what it releases)."""
+        if filtered and self.filters and not self._closing:
+            for output_filter in self.filters:
+                if output_filter.take(stanza):
+                    return True
+        tap = self.tap
+        if self._held:
+            # No connection: the tap keeps it for the resumed stream, and
+            # hands it back to be routed again if the session expires.
+            tap.sent(stanza)  # type: ignore[union-attr]
+            return True
         if self._closing:
             return False
         kind = stanza.tag
@@ -120,6 +144,25 @@ class ClientConnection:
             data = self._too_large(stanza, data)
             item = None
         self._queue(data, item)
+        if tap is not None:
+            tap.sent(stanza)  # after it is queued: an ack request follows it
+        return True
+
+    def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
+        """`deliver` for a stanza kept as bytes: no tree, no serialisation.
+        A stream whose modules watch its output (stream management counts
+        and keeps every stanza, client state indication holds some) or
+        that is held for resumption takes the tree path, so none of that
+        is bypassed."""
+        if self.filters or self.tap is not None or self._held:
+            return self.deliver(stanza.element(), keep)
+        if self._closing:
+            return False
+        data = self.xmpp.framing.wire(stanza)
+        if len(data) > self.out.limit:
+            return self.deliver(stanza.element(), keep)
+        kind = stanza.kind
+        self._queue(data, stanza if keep and (kind == "message" or kind == "iq") else None)
         return True
 
     def _too_large(self, stanza: ET.Element, data: bytes) -> bytes:
@@ -145,7 +188,7 @@ class ClientConnection:
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again; the output mark it is
         written by (see `written`), or None when the session is ending."""
-        if not self.deliver(stanza, keep=False):
+        if self._held or not self.deliver(stanza, keep=False):
             return None
         return self.out.mark()
 
@@ -167,6 +210,9 @@ class ClientConnection:
         tables) now, so stanzas for it take the "no such resource" path;
         its closing bytes get CLOSE_GRACE to leave, then the connection is
         cut whether or not the client reads."""
+        if self._held:
+            self._hold_done.set()  # a held session ends at once, as a live one would
+            return
         if self._closing:
             return
         self.xmpp.close(condition, text)
@@ -179,33 +225,112 @@ class ClientConnection:
     # -- tasks ----------------------------------------------------------------
 
     async def run(self) -> None:
-        with self._scope:
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._close_when_kicked)
-                    try:
-                        if not self.direct_tls or await self._start_tls():
-                            await self._read_until_authenticated()
-                            await self._read_loop()
-                    except c2s.LocalProtocolError:
-                        # Our bug, not the client's: say so on the wire once.
-                        log.exception("%s: stream machine misused", self.peer)
-                        self.kick("internal-server-error")
-                    await self._finish()
-                    nursery.cancel_scope.cancel()
-            finally:
-                self._orphans.extend(self.out.discard())
-                if self._bound:
-                    self._bound = False
-                    await self.server.session_ended(self)
-                await self._route_orphans()
-                with trio.move_on_after(CLOSE_GRACE) as cleanup:
-                    cleanup.shield = True
-                    try:
-                        await self.transport.aclose()
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        pass
+        try:
+            with self._scope:
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._writer)
+                        nursery.start_soon(self._close_when_kicked)
+                        try:
+                            if not self.direct_tls or await self._start_tls():
+                                await self._read_until_authenticated()
+                                await self._read_loop()
+                        except c2s.LocalProtocolError:
+                            # Our bug, not the client's: say so on the wire once.
+                            log.exception("%s: stream machine misused", self.peer)
+                            self.kick("internal-server-error")
+                        await self._finish()
+                        nursery.cancel_scope.cancel()
+                finally:
+                    self._orphans.extend(self.out.discard())
+                    self._release_filters()
+            if self._lost and self._bound and self.tap is not None and not self.ended:
+                await self._hold()
+        finally:
+            if self.tap is not None and not self._taken:
+                # Everything the client did not confirm, written or not (a
+                # superset of the unwritten orphans, in order).
+                self._orphans = [*self.tap.unacked()]
+            if self._bound:
+                self._bound = False
+                await self.server.session_ended(self)
+            await self._route_orphans()
+            with trio.move_on_after(CLOSE_GRACE) as cleanup:
+                cleanup.shield = True
+                try:
+                    await self.transport.aclose()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+
+    async def _hold(self) -> None:
+        """The connection dropped; if the tap keeps the session, it stays
+        bound (stanzas go to the tap) until resumed elsewhere or given up."""
+        tap = self.tap
+        if tap is None:
+            return
+        self._held = True
+        try:
+            if not tap.lost(_Hold(self)):
+                return
+            log.info("%s: connection lost; session %s held", self.peer, self.info.jid)
+            await self._hold_done.wait()
+        finally:
+            self._held = False
+
+    # -- StreamControl (mlink.router.sessions), for nonza handlers -------------
+
+    @property
+    def authenticated_jid(self) -> JID | None:
+        return self.xmpp.jid if self.xmpp.authenticated else None
+
+    @property
+    def bound(self) -> bool:
+        return self._bound
+
+    def send_nonza(self, element: ET.Element) -> None:
+        if not self._closing:
+            self._queue(self.xmpp.framing.stanza(element))
+
+    def set_tap(self, tap: StreamTap | None) -> None:
+        self.tap = tap
+
+    def add_filter(self, output_filter: OutputFilter) -> None:
+        if output_filter not in self.filters:
+            self.filters.append(output_filter)
+
+    def remove_filter(self, output_filter: OutputFilter) -> None:
+        if output_filter in self.filters:
+            self.filters.remove(output_filter)
+
+    def send_stanza(self, stanza: ET.Element) -> bool:
+        return self.deliver(stanza, filtered=False)
+
+    def _release_filters(self) -> None:
+        """The connection is gone: what filters hold goes where the rest of
+        the session's output goes (the tap, to be kept for a resumed stream
+        or routed again; else routed again with the unwritten stanzas)."""
+        filters, self.filters = self.filters, []
+        for output_filter in filters:
+            for stanza in output_filter.release():
+                if self.tap is not None:
+                    self.tap.sent(stanza)
+                else:
+                    self._orphans.append(stanza)
+
+    def drop(self) -> None:
+        if not self._closing:
+            self._lost = True
+        self._closing = True
+        self._scope.cancel()
+
+    def resume(self, info: SessionInfo, tap: StreamTap | None) -> None:
+        if self._bound or self._closing:
+            raise c2s.LocalProtocolError("resume on a bound or closing stream")
+        self.xmpp.session_resumed(info.jid)
+        self.server.adopt_session(self, info)
+        self._bound = True
+        self.tap = tap
+        log.info("%s: resumed %s", self.peer, info.jid)
 
     async def _read_until_authenticated(self) -> None:
         """The unauthenticated phase is bounded by the auth timeout."""
@@ -241,6 +366,8 @@ class ClientConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         if not data:
+            if not self._closing:
+                self._lost = True  # gone without a closing tag
             self._closing = True
             return False
         await self._handle(self.xmpp.receive_data(data))
@@ -262,6 +389,8 @@ class ClientConnection:
         for ev in events:
             if isinstance(ev, c2s.StanzaReceived):
                 self._flush_machine()
+                if self.tap is not None:
+                    self.tap.received(ev.element)
                 bucket = self._bucket
                 if bucket is not None and not bucket.take():
                     await self._over_rate(bucket)
@@ -275,7 +404,7 @@ class ClientConnection:
             elif isinstance(ev, c2s.CredentialRequested):
                 await self._answer_credential(ev)
             elif isinstance(ev, c2s.NonzaReceived):
-                await self.server.nonza_received(self.info, ev.element)
+                await self.server.nonza_received(self.info, ev.element, self)
             elif isinstance(ev, c2s.BindRequested):
                 await self._bind(ev)
             elif isinstance(ev, c2s.AuthFailed):
@@ -402,8 +531,9 @@ class ClientConnection:
         log.info("%s: %d stanza(s) not written to %s routed again", self.peer, len(orphans),
                  self.info.jid)
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
-            for stanza in orphans:
+            for orphan in orphans:
                 try:
+                    stanza = orphan.element() if isinstance(orphan, WireStanza) else orphan
                     await self.server.router.route(stanza)
                 except Exception:
                     log.exception("%s: routing a stanza again failed", self.peer)
@@ -414,7 +544,7 @@ class ClientConnection:
         for message in self.xmpp.messages_to_send():
             self._queue(message)
 
-    def _queue(self, data: bytes, item: ET.Element | None = None) -> None:
+    def _queue(self, data: bytes, item: ET.Element | WireStanza | None = None) -> None:
         out = self.out
         if not out.pending and not self._sending and type(self.transport) is trio.SocketStream:
             # Write-through: nothing queued, nothing being written.
@@ -446,6 +576,8 @@ class ClientConnection:
             try:
                 await self._send(batch)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                if not self._closing:
+                    self._lost = True
                 self._closing = True
                 self._scope.cancel()
                 return
@@ -456,6 +588,34 @@ class ClientConnection:
                 # Everything up to the closing tag is out: stop reading.
                 self._scope.cancel()
                 return
+
+
+class _Hold:
+    """A held session's handle for the module that keeps it (`SessionHold`)."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+
+    @property
+    def info(self) -> SessionInfo:
+        return self._conn.info
+
+    def taken(self) -> None:
+        conn = self._conn
+        if not conn._held:
+            return
+        conn._taken = True
+        conn.server.detach_session(conn)
+        conn._bound = False
+        conn.ended = True
+        conn.tap = None
+        conn._orphans = []
+        conn._hold_done.set()
+
+    def end(self) -> None:
+        self._conn._hold_done.set()
 
 
 _MESSAGE = "{jabber:client}message"

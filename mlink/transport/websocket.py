@@ -397,6 +397,8 @@ class WebSocketClientConnection(ClientConnection):
         try:
             message = await self.ws.get_message()
         except ConnectionClosed:
+            if not self._closing:
+                self._lost = True  # gone without <close/>: a session may be held
             self._closing = True
             return False
         if isinstance(message, bytes):

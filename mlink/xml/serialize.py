@@ -157,3 +157,74 @@ def element(
         elem.text = text
     elem.extend(children)
     return elem
+
+
+_CLIENT_XMLNS = b" xmlns='" + CLIENT_NS.encode() + b"'"
+# Top-level stanza kinds whose bytes may be written without a tree.
+_WIRE_KINDS = {b"message": "message", b"presence": "presence", b"iq": "iq"}
+
+
+class WireStanza:
+    """A `jabber:client` stanza kept as bytes: what `serialize(elem)` wrote
+    for it without its `to` (no namespace declaration on the top element,
+    children declaring their own), with a recipient's `to` spliced in when
+    it is written. Written to a connection it costs no parse and no
+    serialisation; `element()` builds the tree only where one is needed (a
+    session that ended before the bytes were written).
+
+    The bytes are trusted: another shard serialised them with `serialize`
+    from a tree its parser had validated. `from_bytes` returns None for
+    anything it would not splice exactly like a full serialisation (another
+    namespace on the top element, or no start tag it recognises)."""
+
+    __slots__ = ("_head", "_tail", "_name_end", "kind", "to")
+
+    def __init__(self, head: bytes, tail: bytes, name_end: int, kind: str,
+                 to: str | None) -> None:
+        self._head = head
+        self._tail = tail
+        self._name_end = name_end
+        self.kind = kind  # "message", "presence" or "iq"
+        self.to = to
+
+    @classmethod
+    def from_bytes(cls, data: bytes, to: str | None) -> WireStanza | None:
+        """`data` as `serialize(elem)` wrote a `jabber:client` stanza with
+        no `to`; `to` is the recipient to splice in (None: none)."""
+        end = data.find(b">")
+        if end <= 1 or data[:1] != b"<":
+            return None
+        if data[end - 1:end] == b"/":
+            end -= 1
+        name_end = 1
+        while name_end < end and data[name_end] not in b" />":
+            name_end += 1
+        kind = _WIRE_KINDS.get(data[1:name_end])
+        if kind is None or data.startswith(b" xmlns=", name_end):
+            return None  # not a jabber:client stanza as our serialiser writes one
+        return cls(data[:end], data[end:], name_end, kind, to)
+
+    def addressed(self, to: str | None) -> WireStanza:
+        """The same stanza for another recipient (a fan-out)."""
+        return WireStanza(self._head, self._tail, self._name_end, self.kind, to)
+
+    def serialize(self, stream_ns: str = CLIENT_NS) -> bytes:
+        """What `serialize(element(), stream_ns)` would write."""
+        head = self._head
+        if stream_ns != CLIENT_NS:
+            # Not inside a jabber:client stream (WebSocket framing): the
+            # top element declares its namespace, right after its name.
+            name_end = self._name_end
+            head = head[:name_end] + _CLIENT_XMLNS + head[name_end:]
+        to = self.to
+        if to is None:
+            return head + self._tail
+        return b"".join((head, b" to='", escape_attr(to).encode("utf-8"), b"'", self._tail))
+
+    def element(self) -> ET.Element:
+        """The stanza as a tree (parsed from its bytes)."""
+        wrapped = b"<s xmlns='" + CLIENT_NS.encode() + b"'>" + self._head + self._tail + b"</s>"
+        elem = ET.fromstring(wrapped)[0]
+        if self.to is not None:
+            elem.set("to", self.to)
+        return elem
