@@ -102,6 +102,12 @@ class Occupant:
     jid: JID  # the real full JID
     role: Role
     presence: ET.Element  # the client's last presence (its payload is forwarded)
+    # The room's presence for this occupant as newcomers get it, per
+    # variant (with or without the real JID), with what it was built from:
+    # a large room's joins then serialise each occupant's presence once,
+    # not once per newcomer.
+    shown: dict[bool, tuple[tuple[object, ...], Shared]] = field(default_factory=dict)
+    version: int = 0  # bumped whenever `presence` is replaced
 
 
 @dataclass(slots=True)
@@ -205,6 +211,7 @@ class Room:
         if to.resource != occupant.nick:
             return self._change_nick(effects, stanza, occupant, to.resource)
         occupant.presence = stanza
+        occupant.version += 1
         self._broadcast_presence(effects, occupant, [])
         return effects
 
@@ -238,9 +245,9 @@ class Room:
             return effects.error(stanza, "service-unavailable", "the room is full", "wait")
         occupant = Occupant(nick, sender, default_role(aff, self.config.moderated), stanza)
         # §7.2.3: the others first, then the newcomer's own presence.
+        show = self._sees_jids(occupant)
         for other in self.occupants.values():
-            effects.send(sender, self._presence_of(other, sender,
-                                                   self._sees_jids(occupant), []))
+            effects.send(sender, self._shown(other, show).addressed(str(sender)))
         self.occupants[nick] = occupant
         self.by_jid[sender] = nick
         self.last_active = now
@@ -283,6 +290,7 @@ class Room:
         del self.occupants[old]
         occupant.nick = new
         occupant.presence = stanza
+        occupant.version += 1
         self.occupants[new] = occupant
         self.by_jid[occupant.jid] = new
         # ... then available from the new one.
@@ -300,6 +308,7 @@ class Room:
         occupant.role = Role.NONE
         if stanza is not None:
             occupant.presence = stanza
+            occupant.version += 1
         self._broadcast_presence(effects, occupant, codes, kind="unavailable", actor=actor,
                                  reason=reason, affiliation=affiliation)
         self.occupants.pop(occupant.nick, None)
@@ -355,6 +364,17 @@ class Room:
         for code in codes:
             ET.SubElement(x, _u("status"), {"code": str(code)})
         return presence
+
+    def _shown(self, occupant: Occupant, show_jid: bool) -> Shared:
+        """`occupant`'s current presence as another occupant gets it (no
+        status codes), built and serialised once until it changes."""
+        key = (occupant.nick, occupant.role, self.affiliation(occupant.jid.bare),
+               occupant.version)
+        cached = occupant.shown.get(show_jid)
+        if cached is None or cached[0] != key:
+            cached = (key, Shared(self._presence_of(occupant, None, show_jid, [])))
+            occupant.shown[show_jid] = cached
+        return cached[1]
 
     def _broadcast_presence(self, effects: Effects, occupant: Occupant,
                             self_codes: list[int], kind: str | None = None,
@@ -743,7 +763,8 @@ class Room:
             # A new moderator of a semi-anonymous room learns the real JIDs.
             for other in self.occupants.values():
                 if other is not target:
-                    effects.send(target.jid, self._presence_of(other, target.jid, True, []))
+                    effects.send(target.jid, self._shown(other, True).addressed(
+                        str(target.jid)))
 
     def set_affiliation(self, effects: Effects, bare: str, aff: Affiliation,
                         actor: str | None = None, reason: str = "") -> None:
