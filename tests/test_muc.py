@@ -403,3 +403,17 @@ def test_persistent_room_on_the_embedded_directory(im_server, clients):
     assert reply.get("type") == "result"
     gone = mlink("room", "show", room, "--config", str(im_server.config), check=False)
     assert gone.returncode == 1 and "no persistent room" in gone.stderr
+
+
+def test_a_nickname_changed_by_preparation_is_announced_with_210(clients):
+    alice = clients(ALICE)
+    room = open_room(alice, "Alice")
+    bob = clients(BOB)
+    decomposed = "Rene\u0301"  # NFC makes it "René"
+    bob.send(f"<presence to='{room}/{decomposed}'><x xmlns='{MUC}'/></presence>")
+    own = bob.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}presence" and 110 in codes(s))
+    assert own.get("from") == f"{room}/Ren\u00e9"
+    assert 210 in codes(own)
+    seen = alice.expect(is_presence_from(f"{room}/Ren\u00e9"))
+    assert 210 not in codes(seen)
+

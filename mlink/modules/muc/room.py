@@ -61,6 +61,7 @@ LOGGED = 170
 NOW_NON_ANONYMOUS = 172
 NOW_SEMI_ANONYMOUS = 173
 CREATED = 201
+NICK_ASSIGNED = 210
 BANNED = 301
 NICK_CHANGED = 303
 KICKED = 307
@@ -259,6 +260,8 @@ class Room:
             codes.append(LOGGED)
         if created:
             codes.append(CREATED)
+        if _asked_nick(stanza) not in (None, nick):
+            codes.append(NICK_ASSIGNED)  # the JID's preparation changed it (§7.2.9)
         self._broadcast_presence(effects, occupant, codes)
         history = muc.find(f"{{{MUC_NS}}}history") if muc is not None else None
         for entry in self._history_for(history, now):
@@ -384,7 +387,8 @@ class Room:
         """`occupant`'s presence to every occupant: with its real JID to
         those who may see it, and to itself with 110 and `self_codes`
         (codes other than 100/170/201 concern everybody: 303, 307, 301...)."""
-        others_codes = [c for c in self_codes if c not in (NON_ANONYMOUS, LOGGED, CREATED)]
+        others_codes = [c for c in self_codes
+                        if c not in (NON_ANONYMOUS, LOGGED, CREATED, NICK_ASSIGNED)]
         variants: dict[bool, Shared] = {}
         for other in self.occupants.values():
             if other is occupant or other.jid == skip:
@@ -907,6 +911,15 @@ class Room:
         self.occupants.clear()
         self.by_jid.clear()
         return effects
+
+
+def _asked_nick(stanza: ET.Element) -> str | None:
+    """The nickname as the client wrote it in `to`, before the JID's
+    preparation (NFC and the like), or None without one."""
+    to = stanza.get("to")
+    if to is None or "/" not in to:
+        return None
+    return to.partition("/")[2]
 
 
 def _int_attr(elem: ET.Element, name: str) -> int | None:
