@@ -417,3 +417,24 @@ def test_a_nickname_changed_by_preparation_is_announced_with_210(clients):
     seen = alice.expect(is_presence_from(f"{room}/Ren\u00e9"))
     assert 210 not in codes(seen)
 
+
+
+
+def test_iq_between_occupants_goes_through_the_room(clients):
+    alice, bob = clients(ALICE), clients(BOB)
+    room = open_room(alice, "Alice")
+    join(bob, room, "Bob")
+    alice.sync()
+    alice.send(f"<iq type='get' id='ver1' to='{room}/Bob'>"
+               "<query xmlns='jabber:iq:version'/></iq>")
+    request = bob.expect(lambda s: s.get("id") == "ver1")
+    assert request.get("from") == f"{room}/Alice" and ALICE not in ET.tostring(request).decode()
+    bob.send(f"<iq type='result' id='ver1' to='{room}/Alice'><query xmlns='jabber:iq:version'>"
+             "<name>bobclient</name></query></iq>")
+    answer = alice.reply("ver1")
+    assert answer.get("type") == "result" and answer.get("from") == f"{room}/Bob"
+    assert answer.findtext("{jabber:iq:version}query/{jabber:iq:version}name") == "bobclient"
+    assert BOB not in ET.tostring(answer).decode()
+    # To a nickname nobody has: item-not-found.
+    reply = alice.iq("get", "<query xmlns='jabber:iq:version'/>", f"{room}/Nobody")
+    assert stanza_error_of(reply)[1] == "item-not-found"

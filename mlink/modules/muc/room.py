@@ -595,11 +595,10 @@ class Room:
     def iq(self, stanza: ET.Element, sender: JID, to: JID, now: float) -> Effects:
         effects = Effects()
         kind = stanza.get("type")
+        if to.resource:
+            return self._relay_iq(effects, stanza, sender, to.resource)
         if kind not in ("get", "set"):
             return effects
-        if to.resource:
-            # XEP-0045 §7.5 iq relaying to occupants is not offered.
-            return effects.error(stanza, "service-unavailable")
         payload = stanza[0] if len(stanza) == 1 else None
         ns = payload.tag[1:].partition("}")[0] if payload is not None else ""
         aff = self.affiliation(sender.bare)
@@ -620,6 +619,32 @@ class Room:
         if ns == MUC_OWNER_NS and payload is not None:
             return self._owner(effects, stanza, payload, sender, kind)
         return effects.error(stanza, "service-unavailable")
+
+    def _relay_iq(self, effects: Effects, stanza: ET.Element, sender: JID,
+                  nick: str) -> Effects:
+        """An iq between occupants through the room (vCard avatars, version,
+        pings), each seeing only the other's room JID: a request goes to
+        the occupant's real JID from the requester's room JID; the answer,
+        addressed to that room JID, goes back the same way. The id is kept:
+        the answer's `to` (the requester's room JID) says whose it is."""
+        kind = stanza.get("type")
+        occupant = self.occupant_of(sender)
+        target = self.occupants.get(nick)
+        if kind in ("get", "set"):
+            if occupant is None:
+                return effects.error(stanza, "not-acceptable", "you are not in the room")
+            if target is None:
+                return effects.error(stanza, "item-not-found", "no such occupant")
+        elif occupant is None or target is None:
+            return effects  # an answer from or for someone who left: dropped
+        copy = ET.Element(stanza.tag, {k: v for k, v in stanza.attrib.items()
+                                       if k not in ("from", "to")})
+        copy.set("from", str(self.nick_jid(occupant.nick)))
+        copy.set("to", str(target.jid))
+        copy.text = stanza.text
+        copy.extend(list(stanza))
+        effects.send(target.jid, copy)
+        return effects
 
     def _result(self, effects: Effects, stanza: ET.Element,
                 payload: ET.Element | None = None) -> Effects:
