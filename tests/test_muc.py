@@ -418,8 +418,6 @@ def test_a_nickname_changed_by_preparation_is_announced_with_210(clients):
     assert 210 not in codes(seen)
 
 
-
-
 def test_iq_between_occupants_goes_through_the_room(clients):
     alice, bob = clients(ALICE), clients(BOB)
     room = open_room(alice, "Alice")
