@@ -52,6 +52,7 @@ from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnectio
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
+from mlink.util.counters import ShardCounters
 from mlink.util.heaptrim import HeapTrimmer
 from mlink.util.watchdog import LoopWatchdog
 
@@ -121,6 +122,8 @@ class Server:
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
         self.watchdog = LoopWatchdog()
+        # Stanzas and logins by kind, for the console's /metrics.
+        self.counters = ShardCounters()
         # Returns the heap pages that logged-out connections freed (see
         # mlink/util/heaptrim.py: without it RSS grew with every cycle).
         self.heap_trimmer = HeapTrimmer()
@@ -155,7 +158,8 @@ class Server:
     async def _check_password(self, jid: str, request: NeedCredential) -> object:
         password = request.detail["password"]
         try:
-            ok, verdict = await self.directory.password_login(jid, password)
+            with self.counters.timed("password-login"):
+                ok, verdict = await self.directory.password_login(jid, password)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
@@ -185,7 +189,8 @@ class Server:
         """The secret, with the directory's verdict (locked, expired) held
         back until the client has proved its password."""
         try:
-            login = await self.directory.scram_login(jid, request.detail["mechanism"])
+            with self.counters.timed("scram-login"):
+                login = await self.directory.scram_login(jid, request.detail["mechanism"])
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE

@@ -335,12 +335,21 @@ def _parse_private(ctx: _Context, user: UserData, query: ET.Element) -> None:
         user.private[key] = _bounded(ctx, child, serialize(child, ""), "private XML")
 
 
+STANZA_ID_NS = "urn:xmpp:sid:0"
+
+
 def _parse_offline(ctx: _Context, user: UserData, box: ET.Element) -> None:
     for message in box:
         if _local(message.tag) != "message" or message.tag.partition("}")[0][1:] not in (
                 CLIENT_NS, PIE_NS, ""):
             raise ctx.fail(message, f"unexpected <{_local(message.tag)}> in offline-messages")
         stanza = _client_stanza(message)
+        # The old server's archive ids (XEP-0359 stanza-id by the user or
+        # the domain) name entries this server's archive does not have:
+        # left out, as a forged one would be.
+        for old_id in stanza.findall(f"{{{STANZA_ID_NS}}}stanza-id"):
+            if old_id.get("by", "").lower() in (user.jid, user.jid.partition("@")[2]):
+                stanza.remove(old_id)
         user.offline.append(_bounded(ctx, message, serialize(stanza, ""), "offline message"))
 
 
