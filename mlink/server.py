@@ -388,6 +388,11 @@ class Server:
         cluster = self.router.cluster
         return cluster.shard if cluster is not None else 0
 
+    @property
+    def shard_count(self) -> int:
+        cluster = self.router.cluster
+        return max(1, cluster.bus.shards) if cluster is not None else 1
+
     def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None:
         self.stream_feature_providers.append((provider, authenticated))
 
@@ -550,6 +555,13 @@ class Server:
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
             await self._no_connections.wait()
+        # Modules finish work they buffered (archive writes) while the
+        # store is still open.
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            try:
+                await self.hooks.notify("server/stopped", self)
+            except Exception:
+                log.exception("server/stopped handler failed")
         await self.directory.aclose()
         if self.store is not None:
             await self.store.aclose()

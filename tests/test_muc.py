@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from tests import test_im_services as base
 from tests.rawclient import CLIENT_NS, stanza_error_of
-from tests.serverproc import DOMAIN
+from tests.serverproc import DOMAIN, mlink
 from tests.test_im_services import (
     ALICE,
     BOB,
@@ -250,6 +250,10 @@ def test_bad_input_gets_the_xep_error_and_room_carries_on(clients):
     # An unknown configuration field.
     reply = configure(alice, room, **{"muc#roomconfig_nonsense": "1"})
     assert stanza_error_of(reply) == ("modify", "bad-request")
+    # No nickname, to a room that does not exist: nothing is created.
+    bob.send(f"<presence to='{new_room()}'><x xmlns='{MUC}'/></presence>")
+    err = bob.expect(lambda s: s.get("type") == "error" and s.tag.endswith("presence"))
+    assert stanza_error_of(err)[1] == "jid-malformed"
     # Nothing else disturbed: the room still carries messages.
     groupchat(bob, room, "still here")
     gets_groupchat(alice, room, "Bob", "still here")
@@ -385,3 +389,67 @@ def test_simultaneous_first_joins_make_one_room(clients):
     groupchat(people[2], room, "one room")
     for client in people:
         gets_groupchat(client, room, "p2", "one room")
+
+
+def test_persistent_room_on_the_embedded_directory(im_server, clients):
+    """Created over XMPP: an entry in the embedded directory (seen by
+    `mlink room show`); destroyed by its owner: gone from it."""
+    alice = clients(ALICE)
+    room = open_room(alice, "Alice", **{"muc#roomconfig_persistentroom": "1",
+                                        "muc#roomconfig_roomname": "Kept"})
+    shown = mlink("room", "show", room, "--config", str(im_server.config)).stdout
+    assert f"room: {room}" in shown and "name: Kept" in shown and f"owners: {ALICE}" in shown
+    reply = alice.iq("set", f"<query xmlns='{MUC_OWNER}'><destroy/></query>", room)
+    assert reply.get("type") == "result"
+    gone = mlink("room", "show", room, "--config", str(im_server.config), check=False)
+    assert gone.returncode == 1 and "no persistent room" in gone.stderr
+
+
+def test_a_nickname_changed_by_preparation_is_announced_with_210(clients):
+    alice = clients(ALICE)
+    room = open_room(alice, "Alice")
+    bob = clients(BOB)
+    decomposed = "Rene\u0301"  # NFC makes it "René"
+    bob.send(f"<presence to='{room}/{decomposed}'><x xmlns='{MUC}'/></presence>")
+    own = bob.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}presence" and 110 in codes(s))
+    assert own.get("from") == f"{room}/Ren\u00e9"
+    assert 210 in codes(own)
+    seen = alice.expect(is_presence_from(f"{room}/Ren\u00e9"))
+    assert 210 not in codes(seen)
+
+
+def test_iq_between_occupants_goes_through_the_room(clients):
+    alice, bob = clients(ALICE), clients(BOB)
+    room = open_room(alice, "Alice")
+    join(bob, room, "Bob")
+    alice.sync()
+    alice.send(f"<iq type='get' id='ver1' to='{room}/Bob'>"
+               "<query xmlns='jabber:iq:version'/></iq>")
+    request = bob.expect(lambda s: s.get("id") == "ver1")
+    assert request.get("from") == f"{room}/Alice" and ALICE not in ET.tostring(request).decode()
+    bob.send(f"<iq type='result' id='ver1' to='{room}/Alice'><query xmlns='jabber:iq:version'>"
+             "<name>bobclient</name></query></iq>")
+    answer = alice.reply("ver1")
+    assert answer.get("type") == "result" and answer.get("from") == f"{room}/Bob"
+    assert answer.findtext("{jabber:iq:version}query/{jabber:iq:version}name") == "bobclient"
+    assert BOB not in ET.tostring(answer).decode()
+    # To a nickname nobody has: item-not-found.
+    reply = alice.iq("get", "<query xmlns='jabber:iq:version'/>", f"{room}/Nobody")
+    assert stanza_error_of(reply)[1] == "item-not-found"
+
+
+def test_self_ping_is_answered_by_the_room(clients):
+    """XEP-0410: an occupant pinging its own room JID gets the room's
+    answer (no round trip to itself); once it left, not-acceptable."""
+    alice, bob = clients(ALICE), clients(BOB)
+    room = open_room(alice, "Alice")
+    join(bob, room, "Bob")
+    info = bob.iq("get", "<query xmlns='http://jabber.org/protocol/disco#info'/>", room)
+    features = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert "http://jabber.org/protocol/muc#self-ping-optimization" in features
+    reply = bob.iq("get", "<ping xmlns='urn:xmpp:ping'/>", f"{room}/Bob")
+    assert reply.get("type") == "result" and reply.get("from") == f"{room}/Bob"
+    bob.send(f"<presence to='{room}/Bob' type='unavailable'/>")
+    bob.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}presence" and s.get("type") == "unavailable")
+    gone = bob.iq("get", "<ping xmlns='urn:xmpp:ping'/>", f"{room}/Bob")
+    assert stanza_error_of(gone)[1] == "not-acceptable"
