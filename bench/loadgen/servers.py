@@ -170,6 +170,11 @@ class Mlink(Server):
         text = re.sub(r'required="true"', 'required="false"', text)
         text = re.sub(r'<log level="\w+"/>', '<log level="warning"/>', text)
         text = text.replace('address="0.0.0.0"', 'address="127.0.0.1"')
+        # Like for like with bench/prosody: no message archive there (Prosody
+        # ships mod_mam off), so none here; RESULTS.md gives the archive's
+        # own cost (issue 16).
+        text = text.replace("</mlink>", '<modules><module name="mam" enabled="false"/>'
+                                         "</modules>\n</mlink>")
         self.config.write_text(text)
         lst = self.workdir / "users.txt"
         lst.write_text("".join(f"{u}@{self.domain} {p}\n" for u, p in users))
