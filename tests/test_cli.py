@@ -190,14 +190,19 @@ def test_a_reader_that_leaves_early_is_no_traceback(tmp_path: Path) -> None:
     assert errors == ""
 
 
+def unreachable_ldap(config: Path) -> None:
+    """Point `config` at an LDAP server that is not there."""
+    config.write_text(re.sub(
+        r'<directory backend="embedded">.*?</directory>',
+        '<directory backend="ldap"><ldap base="dc=example,dc=com" timeout="2">'
+        "<server>ldap://127.0.0.1:1</server></ldap></directory>",
+        config.read_text(), count=1, flags=re.S))
+
+
 def test_unreachable_directory_is_one_line(tmp_path: Path) -> None:
     mlink("init", str(tmp_path / "s"), "--c2s-port", "0", "--tls-port", "0", "--ws-port", "0")
     config = tmp_path / "s" / "mlink.xml"
-    text = re.sub(r'<directory backend="embedded">.*?</directory>',
-                  '<directory backend="ldap"><ldap base="dc=example,dc=com" timeout="2">'
-                  "<server>ldap://127.0.0.1:1</server></ldap></directory>",
-                  config.read_text(), count=1, flags=re.S)
-    config.write_text(text)
+    unreachable_ldap(config)
     failure = one_line_failure(mlink("user", "list", "--config", str(config), check=False))
     assert "ldap://127.0.0.1:1" in failure
 
@@ -205,11 +210,7 @@ def test_unreachable_directory_is_one_line(tmp_path: Path) -> None:
 def test_serve_warns_when_the_directory_does_not_answer(tmp_path: Path) -> None:
     mlink("init", str(tmp_path / "s"), "--c2s-port", "0", "--tls-port", "0", "--ws-port", "0")
     config = tmp_path / "s" / "mlink.xml"
-    text = re.sub(r'<directory backend="embedded">.*?</directory>',
-                  '<directory backend="ldap"><ldap base="dc=example,dc=com" timeout="2">'
-                  "<server>ldap://127.0.0.1:1</server></ldap></directory>",
-                  config.read_text(), count=1, flags=re.S)
-    config.write_text(text)
+    unreachable_ldap(config)
     proc = subprocess.Popen([sys.executable, "-m", "mlink.admin.cli", "serve", "--config",
                              str(config)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

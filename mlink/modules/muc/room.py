@@ -533,12 +533,7 @@ class Room:
         if (allowed == "none" or (allowed == "participants" and occupant.role < Role.PARTICIPANT)
                 or (allowed == "moderators" and occupant.role < Role.MODERATOR)):
             return effects.error(stanza, "forbidden", "private messages are not allowed")
-        copy = ET.Element(stanza.tag, {k: v for k, v in stanza.attrib.items()
-                                       if k not in ("from", "to")})
-        copy.set("from", str(self.nick_jid(occupant.nick)))
-        copy.set("to", str(target.jid))
-        copy.text = stanza.text
-        copy.extend(list(stanza))
+        copy = self._forwarded(stanza, occupant.nick, target.jid)
         if copy.find(_u("x")) is None:
             ET.SubElement(copy, _u("x"))  # XEP-0045 §7.5: marks it as from a room
         effects.send(target.jid, copy)
@@ -649,14 +644,19 @@ class Room:
                                             "to": stanza.get("from", "")})
             effects.send(parse_jid(stanza.get("from", "")), reply)
             return effects
+        effects.send(target.jid, self._forwarded(stanza, occupant.nick, target.jid))
+        return effects
+
+    def _forwarded(self, stanza: ET.Element, nick: str, to: JID) -> ET.Element:
+        """`stanza` from the occupant `nick`, passed on to the real JID `to`
+        from that occupant's room JID (a private message, a relayed iq)."""
         copy = ET.Element(stanza.tag, {k: v for k, v in stanza.attrib.items()
                                        if k not in ("from", "to")})
-        copy.set("from", str(self.nick_jid(occupant.nick)))
-        copy.set("to", str(target.jid))
+        copy.set("from", str(self.nick_jid(nick)))
+        copy.set("to", str(to))
         copy.text = stanza.text
         copy.extend(list(stanza))
-        effects.send(target.jid, copy)
-        return effects
+        return copy
 
     def _result(self, effects: Effects, stanza: ET.Element,
                 payload: ET.Element | None = None) -> Effects:

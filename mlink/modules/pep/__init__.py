@@ -30,6 +30,7 @@ from __future__ import annotations
 import time
 import uuid
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -149,11 +150,14 @@ def setup(module: Module) -> None:
         for bare in readers:
             for info in router.resources(bare):
                 if node in await notify_set(info):
-                    message = ET.Element(_p("message", CLIENT_NS), {
-                        "type": "headline", "from": owner, "to": str(info.jid),
-                        "id": uuid.uuid4().hex})
-                    message.append(event)
-                    await router.route(message)
+                    await router.route(headline(owner, info.jid, event))
+
+    def headline(owner: str, to: JID, event: ET.Element) -> ET.Element:
+        """A notification (XEP-0060 §7.1.2.1): a headline from the owner."""
+        message = ET.Element(_p("message", CLIENT_NS), {
+            "type": "headline", "from": owner, "to": str(to), "id": uuid.uuid4().hex})
+        message.append(event)
+        return message
 
     def items_event(node: str, item_id: str, payload: ET.Element | None) -> ET.Element:
         event = ET.Element(_p("event", EVENT_NS))
@@ -180,27 +184,37 @@ def setup(module: Module) -> None:
             raise PubSubError("bad-request", "expected a pubsub request")
         return pubsub
 
-    async def handle_set(event: StanzaEvent) -> bool:
+    RequestWork = Callable[[StanzaEvent, ET.Element, str], Awaitable[ET.Element | None]]
+
+    async def answering(event: StanzaEvent, ns: str, work: RequestWork) -> bool:
+        """Run `work` on the request inside the iq's <pubsub/> (namespace
+        `ns`) and answer: its result, or the error it raised."""
         try:
-            pubsub = single(event, PUBSUB_NS)
-            owner = str(event.sender.bare)
-            request = pubsub[0]
-            name = request.tag.rpartition("}")[2]
-            reply: ET.Element | None = None
-            if name == "publish":
-                reply = await publish(owner, request, pubsub.find(_p("publish-options")))
-            elif name == "retract":
-                await retract(owner, request)
-            elif name == "create":
-                await create(owner, request, pubsub.find(_p("configure")))
-            else:
-                raise PubSubError("feature-not-implemented", f"{name} is not offered here",
-                                  "unsupported", feature=name)
+            request = single(event, ns)[0]
+            reply = await work(event, request, request.tag.rpartition("}")[2])
         except PubSubError as exc:
             await refuse(event, exc)
             return True
         await router.route(iq_result(event.stanza, reply))
         return True
+
+    async def set_request(event: StanzaEvent, request: ET.Element, name: str
+                          ) -> ET.Element | None:
+        owner = str(event.sender.bare)
+        pubsub = event.stanza[0]
+        if name == "publish":
+            return await publish(owner, request, pubsub.find(_p("publish-options")))
+        if name == "retract":
+            await retract(owner, request)
+        elif name == "create":
+            await create(owner, request, pubsub.find(_p("configure")))
+        else:
+            raise PubSubError("feature-not-implemented", f"{name} is not offered here",
+                              "unsupported", feature=name)
+        return None
+
+    async def handle_set(event: StanzaEvent) -> bool:
+        return await answering(event, PUBSUB_NS, set_request)
 
     async def publish(owner: str, request: ET.Element, options: ET.Element | None
                       ) -> ET.Element:
@@ -260,20 +274,14 @@ def setup(module: Module) -> None:
         config = NodeConfig().with_form(form) if form is not None else NodeConfig()
         await configs.set(owner, node, config.encode())
 
+    async def get_request(event: StanzaEvent, request: ET.Element, name: str) -> ET.Element:
+        if request.tag != _p("items"):
+            raise PubSubError("feature-not-implemented", f"{name} is not offered here",
+                              "unsupported", feature=name)
+        return await get_items(str(event.to.bare), event.sender, request)
+
     async def handle_get(event: StanzaEvent) -> bool:
-        try:
-            pubsub = single(event, PUBSUB_NS)
-            request = pubsub[0]
-            if request.tag != _p("items"):
-                name = request.tag.rpartition("}")[2]
-                raise PubSubError("feature-not-implemented", f"{name} is not offered here",
-                                  "unsupported", feature=name)
-            reply = await get_items(str(event.to.bare), event.sender, request)
-        except PubSubError as exc:
-            await refuse(event, exc)
-            return True
-        await router.route(iq_result(event.stanza, reply))
-        return True
+        return await answering(event, PUBSUB_NS, get_request)
 
     async def get_items(owner: str, requester: JID, request: ET.Element) -> ET.Element:
         node = check_name("node", request.get("node"))
@@ -297,42 +305,38 @@ def setup(module: Module) -> None:
             ET.SubElement(listing, _p("item"), {"id": item_id}).append(payload)
         return reply
 
+    async def owner_request(event: StanzaEvent, request: ET.Element, name: str
+                            ) -> ET.Element | None:
+        owner = str(event.sender.bare)
+        node = check_name("node", request.get("node"))
+        config = await node_config(owner, node)
+        if config is None:
+            raise PubSubError("item-not-found", "no such node")
+        if name == "configure" and event.type == "get":
+            reply = ET.Element(_p("pubsub", OWNER_NS))
+            ET.SubElement(reply, _p("configure", OWNER_NS), {"node": node}).append(
+                config.to_form())
+            return reply
+        if name == "configure":
+            form = request.find("{jabber:x:data}x")
+            if form is None:
+                raise PubSubError("bad-request", "a configuration form is required")
+            if form.get("type") != "cancel":
+                await configs.set(owner, node, config.with_form(form).encode())
+        elif name in ("delete", "purge") and event.type == "set":
+            await drop_items(owner, node)
+            if name == "delete":
+                await configs.set(owner, node, None)
+                removal = ET.Element(_p("event", EVENT_NS))
+                ET.SubElement(removal, _p("delete", EVENT_NS), {"node": node})
+                await notify(owner, node, config, removal)
+        else:
+            raise PubSubError("feature-not-implemented", f"{name} is not offered here",
+                              "unsupported", feature=name)
+        return None
+
     async def handle_owner(event: StanzaEvent) -> bool:
-        try:
-            pubsub = single(event, OWNER_NS)
-            owner = str(event.sender.bare)
-            request = pubsub[0]
-            name = request.tag.rpartition("}")[2]
-            node = check_name("node", request.get("node"))
-            config = await node_config(owner, node)
-            if config is None:
-                raise PubSubError("item-not-found", "no such node")
-            reply: ET.Element | None = None
-            if name == "configure" and event.type == "get":
-                reply = ET.Element(_p("pubsub", OWNER_NS))
-                ET.SubElement(reply, _p("configure", OWNER_NS), {"node": node}).append(
-                    config.to_form())
-            elif name == "configure":
-                form = request.find("{jabber:x:data}x")
-                if form is None:
-                    raise PubSubError("bad-request", "a configuration form is required")
-                if form.get("type") != "cancel":
-                    await configs.set(owner, node, config.with_form(form).encode())
-            elif name in ("delete", "purge") and event.type == "set":
-                await drop_items(owner, node)
-                if name == "delete":
-                    await configs.set(owner, node, None)
-                    removal = ET.Element(_p("event", EVENT_NS))
-                    ET.SubElement(removal, _p("delete", EVENT_NS), {"node": node})
-                    await notify(owner, node, config, removal)
-            else:
-                raise PubSubError("feature-not-implemented", f"{name} is not offered here",
-                                  "unsupported", feature=name)
-        except PubSubError as exc:
-            await refuse(event, exc)
-            return True
-        await router.route(iq_result(event.stanza, reply))
-        return True
+        return await answering(event, OWNER_NS, owner_request)
 
     async def refuse_foreign_set(event: StanzaEvent) -> bool:
         """Only the owner publishes to an account's nodes."""
@@ -422,11 +426,8 @@ def setup(module: Module) -> None:
                 stored = await node_items(owner, node)
                 if stored:
                     item_id, payload = stored[-1]
-                    message = ET.Element(_p("message", CLIENT_NS), {
-                        "type": "headline", "from": owner, "to": str(info.jid),
-                        "id": uuid.uuid4().hex})
-                    message.append(items_event(node, item_id, payload))
-                    await router.route(message)
+                    await router.route(headline(owner, info.jid,
+                                                items_event(node, item_id, payload)))
 
     async def presence_sent(event: StanzaEvent) -> bool:
         """A local client's broadcast presence: its first available one
