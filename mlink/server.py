@@ -545,6 +545,13 @@ class Server:
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
             await self._no_connections.wait()
+        # Modules finish work they buffered (archive writes) while the
+        # store is still open.
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            try:
+                await self.hooks.notify("server/stopped", self)
+            except Exception:
+                log.exception("server/stopped handler failed")
         await self.directory.aclose()
         if self.store is not None:
             await self.store.aclose()

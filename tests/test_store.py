@@ -19,7 +19,7 @@ import trio.testing
 
 import mlink.store.sqlite
 from mlink.store import SCHEMA_VERSION, RosterItem, SchemaTooNewError, Store, StoreError
-from mlink.store.module_store import ModuleStore
+from mlink.store.module_store import ArchiveIds, ModuleStore
 
 ALICE = "alice@example.com"
 BOB = "bob@example.com"
@@ -541,6 +541,75 @@ async def test_module_archive_pages_by_id(store: Store) -> None:
     assert [item.value for item in with_bob] == [b"m5", b"m7", b"m9"]
     assert await log.delete_before(ALICE, 1005.0) == 5
     assert [item.value for item in await log.page(ALICE)][:1] == [b"m5"]
+
+
+async def test_module_archive_group_commits_concurrent_appends(store: Store) -> None:
+    """Appends made while a write is under way share the next commit: 40 at
+    once cost a handful of transactions, each caller gets its own id, and
+    ids follow the order the appends were made in."""
+    log = ModuleStore(lambda: store, "mine").archive("group")
+    writes = 0
+    real_write = store.write
+
+    async def counting_write(work):  # type: ignore[no-untyped-def]
+        nonlocal writes
+        writes += 1
+        return await real_write(work)
+
+    store.write = counting_write  # type: ignore[method-assign]
+    got: dict[int, int] = {}
+
+    async def one(n: int) -> None:
+        got[n] = await log.append(ALICE, f"g{n}".encode(), at=2000.0 + n)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(40):
+            nursery.start_soon(one, n)
+            await trio.lowlevel.checkpoint()  # start them in order
+    store.write = real_write  # type: ignore[method-assign]
+    assert sorted(got.values()) == [got[n] for n in range(40)]
+    assert len(set(got.values())) == 40
+    assert writes < 10, writes
+    stored = await log.page(ALICE, limit=100)
+    assert [item.value for item in stored] == [f"g{n}".encode() for n in range(40)]
+    assert [item.id for item in stored] == [got[n] for n in range(40)]
+
+
+def test_archive_ids_are_unique_across_shards_and_ordered_in_time() -> None:
+    zero, one = ArchiveIds(0), ArchiveIds(1)
+    same_ms = [zero.next(1000.0) for _ in range(3000)]  # past 1024 in one millisecond
+    assert same_ms == sorted(same_ms) and len(set(same_ms)) == 3000
+    later = one.next(1000.5)
+    assert later not in same_ms and later % 64 == 1  # the shard is in the low bits
+    assert zero.next(1001.0) > same_ms[-1]
+    assert one.next(2000.0) > zero.next(1999.0)  # time order across shards
+    with pytest.raises(ValueError):
+        ArchiveIds(64)
+
+
+async def test_module_archive_items_with_chosen_ids(store: Store) -> None:
+    log = ModuleStore(lambda: store, "mine").archive("chosen")
+    ids = ArchiveIds(3)
+    chosen = [ids.next(3000.0 + n) for n in range(3)]
+    await log.append_many([(i, ALICE, 3000.0 + n, BOB, f"c{n}".encode())
+                           for n, i in enumerate(chosen)])
+    assert [item.id for item in await log.page(ALICE)] == chosen
+    later = await log.append(ALICE, b"auto")  # the store's own ids stay above
+    assert later > chosen[-1]
+
+
+async def test_module_archive_time_bounds(store: Store) -> None:
+    log = ModuleStore(lambda: store, "mine").archive("timed")
+    for i in range(10):
+        await log.append(ALICE, f"t{i}".encode(), at=5000.0 + i)
+    page = await log.page(ALICE, start=5003.0, end=5006.0)
+    assert [item.value for item in page] == [b"t3", b"t4", b"t5", b"t6"]
+    assert await log.page(ALICE, start=6000.0) == []
+    assert [item.value for item in await log.page(ALICE, end=5001.0, newest_first=True)] == [
+        b"t1", b"t0"]
+    assert await log.delete_older(5005.0, batch=3) == 3
+    assert await log.delete_older(5005.0, batch=3) == 2
+    assert [item.value for item in await log.page(ALICE)][:1] == [b"t5"]
 
 
 async def test_module_schema_migrations_apply_once(store: Store) -> None:

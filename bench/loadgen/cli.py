@@ -61,6 +61,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ramp-factor", type=float, default=1.5)
     g.add_argument("--max-p99-ms", type=float, default=100.0,
                    help="a step whose p99 exceeds this has fallen behind")
+    g.add_argument("--sm-every", type=int, default=0,
+                   help="chat: enable XEP-0198 and send <r/> after every N messages "
+                        "(answering the server's requests); 0: no stream management")
     g.add_argument("--contacts", type=int, default=20, help="presence: roster size R (even)")
     g.add_argument("--setup-seconds", type=float, default=4.0,
                    help="presence: length of one round of roster set-up (subscribe/subscribed)")
@@ -91,7 +94,8 @@ def build_spec(a: argparse.Namespace) -> dict[str, Any]:
         "count": a.count, "users": a.users, "duration": min(a.duration, MAX_SECONDS),
         "sessions": a.sessions, "pairs": a.pairs, "steps": steps,
         "max_p99_ms": a.max_p99_ms, "contacts": a.contacts, "setup_seconds": a.setup_seconds,
-        "setup_rounds": a.setup_rounds, "rooms": a.rooms, "occupants": a.occupants,
+        "setup_rounds": a.setup_rounds, "sm_every": max(0, a.sm_every),
+        "rooms": a.rooms, "occupants": a.occupants,
         "muc_service": a.muc_service,
     }
     return spec

@@ -85,7 +85,8 @@ class Worker:
         conn = await login(
             s["host"], s["port"], s["domain"], self.user(n), self.password(n),
             tls=s["tls"], mechanism=s["mechanism"], resource=s.get("resource", "r"),
-            presence=presence, ssl_ctx=self.ssl_ctx, scram_cache=self.cache,
+            presence=presence, sm=bool(s.get("sm_every")), ssl_ctx=self.ssl_ctx,
+            scram_cache=self.cache,
             timeout=s.get("login_timeout", 30.0),
         )
         if conn.tls_info:
@@ -205,6 +206,9 @@ class Worker:
         sent_per_step: list[int] = []
         cpu0 = proc.own_cpu()
 
+        every = int(self.spec.get("sm_every") or 0)
+        request = b"<r xmlns='urn:xmpp:sm:3'/>"
+
         async def main() -> None:
             rr = 0
             n_s = len(senders)
@@ -227,6 +231,10 @@ class Worker:
                             conn, pre, post = senders[rr]
                             rr = rr + 1 if rr + 1 < n_s else 0
                             conn.send(pre + stamp + post)
+                            if every:
+                                conn.sent_stanzas += 1
+                                if conn.sent_stanzas % every == 0:
+                                    conn.send(request)
                         sent += due
                     await asyncio.sleep(0.002)
                 sent_per_step.append(sent)

@@ -40,6 +40,14 @@ PROCEED_RE = re.compile(rb"<proceed[^>]*>")
 CHALLENGE_RE = re.compile(rb"<challenge[^>]*>([^<]*)</challenge>")
 SUCCESS_RE = re.compile(rb"<success[^>]*/>|<success[^>]*>([^<]*)</success>")
 JID_RE = re.compile(rb"<jid>([^<]+)</jid>")
+# XEP-0198: what the client counts (every stanza, whole or self-closing) and
+# the server's ack requests it must answer, in stream order.
+SM_RE = re.compile(rb"<r\s[^>]*/>|</(?:message|presence|iq)>|<(?:message|presence|iq)\b[^>]*/>")
+ENABLED_RE = re.compile(rb"<enabled\b[^>]*>")
+SM_NS = b"urn:xmpp:sm:3"
+# Bytes of an unfinished read kept for the next one (a stanza's tag split
+# across reads); longer than any opening tag the scenarios receive.
+SM_KEEP = 512
 SESSION_REQUIRED_RE = re.compile(rb"xmpp-session['\"]\s*>(?!\s*<optional)|xmpp-session['\"]\s*/>")
 
 
@@ -91,12 +99,20 @@ class Conn(asyncio.Protocol):
         self.closed = False
         self.jid = ""
         self.tls_info = ""
+        # Stream management (XEP-0198), once enabled: stanzas received (h),
+        # stanzas sent (for the client's own ack requests).
+        self.sm = False
+        self.h = 0
+        self.sent_stanzas = 0
+        self._sm_keep = b""
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.sm:
+            self._sm_count(data)
         if self.on_data is not None:
             self.on_data(data)
             return
@@ -108,6 +124,18 @@ class Conn(asyncio.Protocol):
         self.closed = True
         if self._fut is not None and not self._fut.done():
             self._fut.set_exception(XMPPError(f"connection lost: {exc or 'closed by server'}"))
+
+    def _sm_count(self, data: bytes) -> None:
+        """Count stanzas and answer the server's <r/> with the count so far."""
+        buf = self._sm_keep + data
+        last = 0
+        for m in SM_RE.finditer(buf):
+            if m.group(0).startswith(b"<r"):
+                self.send(b"<a xmlns='" + SM_NS + b"' h='" + str(self.h).encode() + b"'/>")
+            else:
+                self.h = (self.h + 1) % 2 ** 32
+            last = m.end()
+        self._sm_keep = buf[max(last, len(buf) - SM_KEEP):]
 
     # -- negotiation helpers --
     def _check(self) -> None:
@@ -190,6 +218,7 @@ async def login(
     mechanism: str,
     resource: str,
     presence: bool = True,
+    sm: bool = False,
     ssl_ctx: ssl.SSLContext | None = None,
     scram_cache: ScramCache | None = None,
     timeout: float = 30.0,
@@ -237,6 +266,14 @@ async def login(
             conn.send(b"<iq type='set' id='sess1'><session "
                       b"xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>")
             await conn.expect(re.compile(rb"<iq[^>]*id=['\"]sess1['\"][^>]*>"), left())
+        if sm:
+            # Before presence: nothing is sent to the session yet, so both
+            # sides count from the same stanza.
+            conn.send(b"<enable xmlns='" + SM_NS + b"'/>")
+            await conn.expect(ENABLED_RE, left())
+            conn.sm = True
+            if conn.buf:
+                conn._sm_count(conn.buf)
         if presence:
             conn.send(b"<presence/>")
         return conn

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import xml.etree.ElementTree as ET
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from mlink.hooks import StanzaEvent
@@ -37,6 +38,30 @@ ACCOUNT_IDENTITY = ("account", "registered", "")
 # Subscription states under which the contact shares presence with the
 # requester (RFC 6121 §2.1.2.1): only they may learn about the account.
 SHARES_PRESENCE = frozenset({"from", "both"})
+DATA_NS = "jabber:x:data"
+# Where modules put builders of XEP-0128 extended info forms for the
+# server's disco#info (`server_info_forms`), e.g. XEP-0157 addresses.
+INFO_FORMS_SERVICE = "disco/server-info-forms"
+InfoFormBuilder = Callable[[], "ET.Element | None"]
+
+
+def server_info_forms(module: Module) -> list[InfoFormBuilder]:
+    """The list a module appends a builder to, to add a data form (type
+    `result`, with a FORM_TYPE) to the server's disco#info; a builder
+    returning None adds nothing (e.g. nothing configured)."""
+    forms: list[InfoFormBuilder] = module.shared(INFO_FORMS_SERVICE, list)
+    return forms
+
+
+def _forms(module: Module) -> list[ET.Element]:
+    return [form for build in server_info_forms(module) if (form := build()) is not None]
+
+
+def _form_type(form: ET.Element) -> str:
+    for field in form.findall(f"{{{DATA_NS}}}field"):
+        if field.get("var") == "FORM_TYPE":
+            return field.findtext(f"{{{DATA_NS}}}value") or ""
+    return ""
 
 
 async def shares_presence(module: Module, owner: JID, requester: JID) -> bool:
@@ -64,17 +89,27 @@ def account_features(module: Module, owner: bool) -> list[str]:
     return sorted(found)
 
 
-def caps_ver(identities: list[tuple[str, str, str]], features: list[str]) -> str:
+def caps_ver(identities: list[tuple[str, str, str]], features: list[str],
+             forms: Sequence[ET.Element] = ()) -> str:
     """XEP-0115 §5.1 verification string: SHA-1 over sorted identities
-    (category/type/lang/name) and features, each followed by '<'."""
+    (category/type/lang/name) and features, each followed by '<', then the
+    extended forms (§5.4: by FORM_TYPE; its value, then each field by var
+    with its sorted values, each followed by '<')."""
     parts = [f"{cat}/{typ}//{name}<" for cat, typ, name in sorted(identities)]
     parts += [f"{var}<" for var in sorted(features)]
+    for form in sorted(forms, key=_form_type):
+        parts.append(f"{_form_type(form)}<")
+        fields = [f for f in form.findall(f"{{{DATA_NS}}}field") if f.get("var") != "FORM_TYPE"]
+        for field in sorted(fields, key=lambda f: f.get("var", "")):
+            parts.append(f"{field.get('var', '')}<")
+            parts += [f"{v.text or ''}<" for v in sorted(
+                field.findall(f"{{{DATA_NS}}}value"), key=lambda v: v.text or "")]
     digest = hashlib.sha1("".join(parts).encode("utf-8"), usedforsecurity=False).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
 def server_caps_ver(module: Module) -> str:
-    return caps_ver([SERVER_IDENTITY], server_features(module))
+    return caps_ver([SERVER_IDENTITY], server_features(module), _forms(module))
 
 
 def caps_element(module: Module) -> ET.Element:
@@ -86,7 +121,7 @@ def caps_element(module: Module) -> ET.Element:
 
 
 def _info(identities: list[tuple[str, str, str]], features: list[str],
-          node: str | None) -> ET.Element:
+          node: str | None, forms: Sequence[ET.Element] = ()) -> ET.Element:
     query = ET.Element(f"{{{DISCO_INFO_NS}}}query")
     if node is not None:
         query.set("node", node)
@@ -97,6 +132,7 @@ def _info(identities: list[tuple[str, str, str]], features: list[str],
         ET.SubElement(query, f"{{{DISCO_INFO_NS}}}identity", attrs)
     for var in features:
         ET.SubElement(query, f"{{{DISCO_INFO_NS}}}feature", {"var": var})
+    query.extend(forms)
     return query
 
 
@@ -106,10 +142,13 @@ def setup(module: Module) -> None:
     async def host_info(event: StanzaEvent) -> bool:
         node = event.stanza[0].get("node")
         features = server_features(module)
-        if node is not None and node != f"{CAPS_NODE}#{caps_ver([SERVER_IDENTITY], features)}":
+        forms = _forms(module)
+        ver = caps_ver([SERVER_IDENTITY], features, forms)
+        if node is not None and node != f"{CAPS_NODE}#{ver}":
             await router.bounce(event.stanza, "item-not-found")
             return True
-        await router.route(iq_result(event.stanza, _info([SERVER_IDENTITY], features, node)))
+        await router.route(iq_result(event.stanza, _info([SERVER_IDENTITY], features, node,
+                                                         forms)))
         return True
 
     async def host_items(event: StanzaEvent) -> bool:
@@ -151,14 +190,15 @@ def setup(module: Module) -> None:
         JID that offers nothing (as Prosody does), leaking nothing."""
         return await shares_presence(module, event.to, event.sender)
 
-    cached: dict[frozenset[str], ET.Element] = {}
+    cached: dict[tuple[frozenset[str], tuple[bytes, ...]], ET.Element] = {}
 
     def caps_feature(stream: object) -> ET.Element:
-        features = module.server_features()
-        if features not in cached:
+        # Forms come from module options, which a reload may change.
+        key = (module.server_features(), tuple(ET.tostring(f) for f in _forms(module)))
+        if key not in cached:
             cached.clear()
-            cached[features] = caps_element(module)
-        return cached[features]
+            cached[key] = caps_element(module)
+        return cached[key]
 
     module.add_stream_feature(caps_feature, authenticated=False)
     module.hook(f"iq-get/host/{DISCO_INFO_NS}", host_info)

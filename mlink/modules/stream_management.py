@@ -32,10 +32,13 @@ the home where the session lives now.
 from __future__ import annotations
 
 import base64
+import copy
+import datetime as dt
 import itertools
 import json
 import math
 import secrets
+import time
 import weakref
 import xml.etree.ElementTree as ET
 from collections import deque
@@ -55,6 +58,8 @@ if TYPE_CHECKING:
     from mlink.module import Module
 
 SM_NS = "urn:xmpp:sm:3"
+DELAY_NS = "urn:xmpp:delay"
+IQ = "{jabber:client}iq"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 # Counters wrap at 2^32 (XEP-0198 §4: h is an unsigned 32-bit integer).
 MODULUS = 2 ** 32
@@ -119,6 +124,15 @@ def parse_h(value: str | None) -> int | None:
     return h if h < MODULUS else None
 
 
+def _q_delay() -> str:
+    return f"{{{DELAY_NS}}}delay"
+
+
+def stamp(at: float) -> str:
+    """XEP-0082 date-time in UTC, milliseconds."""
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
 def encode_stanza(stanza: ET.Element) -> str:
     return serialize(stanza, stream_ns="").decode("utf-8")
 
@@ -136,8 +150,13 @@ class SmState:
         self.timeout = timeout
         self.inbound = 0  # stanzas received from the client, mod 2^32
         self.acked = 0  # the client's last h: stanzas it confirmed, mod 2^32
-        self.queue: deque[ET.Element] = deque()
+        # Unacknowledged stanzas with when they were sent (a delay stamp
+        # if they must go again).
+        self.queue: deque[tuple[ET.Element, float]] = deque()
         self.ack_requested = False
+        # The count our last <r/> asked about: no second request for the
+        # same count (a client that acks less than it got would loop).
+        self.last_requested: int | None = None
         self.hold: SessionHold | None = None
         self.deadline = math.inf
         self.ended = False
@@ -148,7 +167,7 @@ class SmState:
     # -- StreamTap ----------------------------------------------------------------
 
     def sent(self, stanza: ET.Element) -> None:
-        self.queue.append(stanza)
+        self.queue.append((stanza, time.time()))
         if len(self.queue) > self.manager.max_unacked():
             if self.hold is not None:
                 self.hold.end()
@@ -157,9 +176,19 @@ class SmState:
                     self.info.jid, "policy-violation",
                     "too many unacknowledged stanzas")
             return
-        if self.hold is None and not self.ack_requested and self.stream is not None:
-            self.ack_requested = True
-            self.stream.send_nonza(_sm("r"))
+        if self.hold is None and not self.ack_requested:
+            self.manager.want_ack(self)
+
+    def request_ack(self) -> None:
+        """Ask the client for an ack, once per burst: the manager calls
+        this after the task that queued the stanzas yielded."""
+        count = self.sent_count
+        if (self.hold is not None or self.stream is None or self.ended or not self.queue
+                or self.ack_requested or count == self.last_requested):
+            return
+        self.ack_requested = True
+        self.last_requested = count
+        self.stream.send_nonza(_sm("r"))
 
     def received(self, stanza: ET.Element) -> None:
         self.inbound = (self.inbound + 1) % MODULUS
@@ -178,9 +207,18 @@ class SmState:
         self.ended = True
         self.manager.forget(self)
         self.settled.set()
-        out = list(self.queue)
+        out = [self.stamped(stanza, at) for stanza, at in self.queue]
         self.queue.clear()
         return out
+
+    def stamped(self, stanza: ET.Element, at: float) -> ET.Element:
+        """`stanza` as sent again later: a message or presence gets a
+        XEP-0203 delay saying when it was first sent (a copy; iqs as they are)."""
+        if stanza.tag == IQ or stanza.find(_q_delay()) is not None:
+            return stanza
+        again = copy.copy(stanza)
+        ET.SubElement(again, _q_delay(), {"from": str(self.info.jid.bare), "stamp": stamp(at)})
+        return again
 
     # -- acknowledgements ------------------------------------------------------
 
@@ -212,7 +250,7 @@ class SmState:
             "fields": [[name, base64.b64encode(data).decode()]
                        for name, data in field_registry.encode(info)],
             "inbound": self.inbound, "acked": self.acked, "timeout": self.timeout,
-            "queue": [encode_stanza(s) for s in self.queue],
+            "queue": [[encode_stanza(s), at] for s, at in self.queue],
         }
 
 
@@ -259,6 +297,9 @@ class Manager:
         self.pending: dict[int, tuple[trio.Event, list[dict[str, Any]]]] = {}
         self._requests = itertools.count(1)
         self._wake = trio.Event()
+        # Sessions owed an ack request, sent once the queuing task yields.
+        self._ack_wanted: dict[SmState, None] = {}
+        self._ack_wake = trio.Event()
 
     def max_unacked(self) -> int:
         options = self.module.options
@@ -279,6 +320,20 @@ class Manager:
 
     def held_changed(self) -> None:
         self._wake.set()
+
+    def want_ack(self, state: SmState) -> None:
+        self._ack_wanted[state] = None
+        self._ack_wake.set()
+
+    async def ack_requests(self) -> None:
+        """Background task: one <r/> per session per burst of stanzas (as
+        Prosody defers its request to the end of the tick), not one each."""
+        while True:
+            await self._ack_wake.wait()
+            self._ack_wake = trio.Event()
+            wanted, self._ack_wanted = self._ack_wanted, {}
+            for state in wanted:
+                state.request_ack()
 
     def forget(self, state: SmState) -> None:
         """The session ended: its id resumes nothing any more."""
@@ -457,8 +512,7 @@ def setup(module: Module) -> None:
             else:
                 state.ack_requested = False
                 if state.queue:
-                    state.ack_requested = True
-                    stream.send_nonza(_sm("r"))
+                    manager.want_ack(state)
         else:
             stream.send_nonza(failed("feature-not-implemented", text=f"unknown element {tag}"))
         return True
@@ -509,12 +563,12 @@ def setup(module: Module) -> None:
         try:
             if old is not None:
                 info, timeout, inbound = old.info, old.timeout, old.inbound
-                resend = list(old.queue)
+                pending = list(old.queue)
             else:
                 snapshot: dict[str, Any] = answer["session"]
                 info = info_from(snapshot)
                 timeout, inbound = int(snapshot["timeout"]), int(snapshot["inbound"])
-                resend = [ET.fromstring(s) for s in snapshot["queue"]]
+                pending = [(ET.fromstring(st), float(at)) for st, at in snapshot["queue"]]
         except (KeyError, TypeError, ValueError, InvalidJID, ET.ParseError):
             module.log.exception("a migrated session could not be read")
             stream.send_nonza(failed("internal-server-error"))
@@ -523,6 +577,7 @@ def setup(module: Module) -> None:
         new.inbound = inbound
         # What the client has not confirmed goes again, counted afresh from h.
         new.acked = h
+        resend = [new.stamped(stanza, at) for stanza, at in pending]
         try:
             stream.resume(info, new)
         except Exception:
@@ -535,15 +590,13 @@ def setup(module: Module) -> None:
         manager.streams[stream] = new
         manager.local[rid] = new
         stream.send_nonza(_sm("resumed", previd=rid, h=str(new.inbound)))
-        for stanza in resend:
-            new.ack_requested = True  # one request after the lot, below
+        for stanza in resend:  # each asks for an ack: one <r/> after the lot
             module.router.deliver(info.jid, stanza)
-        if new.queue:
-            stream.send_nonza(_sm("r"))
         module.log.info("resumed %s with %d stanza(s) sent again", info.jid, len(resend))
 
     module.add_stream_feature(feature, authenticated=True)
     module.add_nonza_handler(SM_NS, handle)
     module.on_bus(manager.bus_message, channel="resume")
     module.spawn(manager.expire)
+    module.spawn(manager.ack_requests)
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
 if TYPE_CHECKING:
     from mlink.store.sqlite import Store
 
@@ -174,25 +176,99 @@ class KeyValueStore:
         await self._map.set(user, "", value)
 
 
+@dataclass(slots=True)
+class _Append:
+    """One item waiting for the next group commit (`ArchiveStore.append`)."""
+
+    user: str
+    at: float
+    with_jid: str
+    value: bytes
+    id: int | None = None
+
+
+class ArchiveIds:
+    """Archive ids made without the store: unique across shards (the shard
+    is in the low 6 bits), increasing on each shard, and in time order
+    across shards to the millisecond: (milliseconds << 10 | sequence) << 6
+    | shard, about 2^57 today. Ids the store assigns itself (`append`) are
+    always above every id used before, so both kinds mix in one log."""
+
+    SHARD_BITS = 6  # up to 64 shards
+    SEQUENCE_BITS = 10  # 1024 ids per millisecond per shard before borrowing the next
+
+    def __init__(self, shard: int) -> None:
+        if not 0 <= shard < 1 << self.SHARD_BITS:
+            raise ValueError(f"shard {shard} does not fit in {self.SHARD_BITS} bits")
+        self.shard = shard
+        self._last = 0
+
+    def next(self, now: float | None = None) -> int:
+        clock = int((time.time() if now is None else now) * 1000) << self.SEQUENCE_BITS
+        counter = max(self._last + 1, clock)
+        self._last = counter
+        return counter << self.SHARD_BITS | self.shard
+
+
 class ArchiveStore:
-    """Per user: an append-only log, read in pages by id."""
+    """Per user: an append-only log, read in pages by id.
+
+    Appends are group-committed: every append made while a write is in
+    progress goes into the next transaction, so N concurrent appends cost
+    one durable commit (one fsync), not N. An archive that logs every chat
+    message before delivering it (XEP-0313) would otherwise be limited by
+    the disk's fsync rate, about 2,500 a second here, for all users
+    together. Each caller still returns only once its item is committed."""
 
     def __init__(self, store: Callable[[], Store], module: str, name: str) -> None:
         self._store = store
         self._ns = (module, name)
+        self._pending: list[_Append] = []
+        # Held by the one task writing a batch; FIFO, so waiting appenders
+        # take turns leading the next batch.
+        self._writing = trio.Lock()
 
     async def append(self, user: str, value: bytes, with_jid: str = "",
                      at: float | None = None) -> int:
-        """Add an item; returns its id (increasing: arrival order)."""
-        ns, when, data = self._ns, time.time() if at is None else at, bytes(value)
+        """Add an item; returns its id (increasing: arrival order), once
+        committed."""
+        entry = _Append(user, time.time() if at is None else at, with_jid, bytes(value))
+        self._pending.append(entry)
+        async with self._writing:
+            if entry.id is None:
+                batch, self._pending = self._pending, []
+                try:
+                    ids = await self._store().write(lambda conn: self._insert(conn, batch))
+                except BaseException:
+                    # Not written (an error, or cancelled before the write
+                    # began): the items go back for the next batch's leader.
+                    self._pending[:0] = [e for e in batch if e is not entry]
+                    raise
+                for item, item_id in zip(batch, ids, strict=True):
+                    item.id = item_id
+        assert entry.id is not None
+        return entry.id
 
-        def work(conn: sqlite3.Connection) -> int:
+    def _insert(self, conn: sqlite3.Connection, batch: list[_Append]) -> list[int]:
+        ids = []
+        for item in batch:
             cur = conn.execute(
-                "INSERT INTO module_archive (module, store, user, at, with_jid, value) "
-                "VALUES (?, ?, ?, ?, ?, ?)", (*ns, user, when, with_jid, data))
-            return int(cur.lastrowid or 0)
+                "INSERT INTO module_archive (id, module, store, user, at, with_jid, value) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (item.id, *self._ns, item.user, item.at, item.with_jid, item.value))
+            ids.append(int(cur.lastrowid or 0))
+        return ids
 
-        return await self._store().write(work)
+    async def append_many(self, items: Sequence[tuple[int, str, float, str, bytes]]) -> None:
+        """Add items whose ids the caller chose, (id, user, at, with_jid,
+        value) each, in one transaction. Ids must be unique and should grow
+        with time (pages are in id order); `ArchiveIds` makes such ids on
+        every shard without asking the store, so a caller can name an item
+        before it is written."""
+        batch = [_Append(user, at, with_jid, bytes(value), item_id)
+                 for item_id, user, at, with_jid, value in items]
+        if batch:
+            await self._store().write(lambda conn: self._insert(conn, batch))
 
     async def page(self, user: str, *, before: int | None = None, after: int | None = None,
                    with_jid: str | None = None, start: float | None = None,
