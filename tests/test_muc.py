@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from tests import test_im_services as base
 from tests.rawclient import CLIENT_NS, stanza_error_of
-from tests.serverproc import DOMAIN
+from tests.serverproc import DOMAIN, mlink
 from tests.test_im_services import (
     ALICE,
     BOB,
@@ -385,3 +385,17 @@ def test_simultaneous_first_joins_make_one_room(clients):
     groupchat(people[2], room, "one room")
     for client in people:
         gets_groupchat(client, room, "p2", "one room")
+
+
+def test_persistent_room_on_the_embedded_directory(im_server, clients):
+    """Created over XMPP: an entry in the embedded directory (seen by
+    `mlink room show`); destroyed by its owner: gone from it."""
+    alice = clients(ALICE)
+    room = open_room(alice, "Alice", **{"muc#roomconfig_persistentroom": "1",
+                                        "muc#roomconfig_roomname": "Kept"})
+    shown = mlink("room", "show", room, "--config", str(im_server.config)).stdout
+    assert f"room: {room}" in shown and "name: Kept" in shown and f"owners: {ALICE}" in shown
+    reply = alice.iq("set", f"<query xmlns='{MUC_OWNER}'><destroy/></query>", room)
+    assert reply.get("type") == "result"
+    gone = mlink("room", "show", room, "--config", str(im_server.config), check=False)
+    assert gone.returncode == 1 and "no persistent room" in gone.stderr

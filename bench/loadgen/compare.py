@@ -70,7 +70,7 @@ def scenarios(a: argparse.Namespace) -> dict[str, dict[str, Any]]:
         # One large room: the join of 1000 occupants, then 5 msgs/s to all.
         "muc-large": dict(scenario="muc", tls=False, mechanism="PLAIN", rooms=1,
                           occupants=min(1000, u), muc_service="conference", concurrency=50,
-                          steps=[(5, 5.0)],
+                          steps=[(5, 5.0)], join_timeout=500.0,
                           drain=3.0),
     }
 

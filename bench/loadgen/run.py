@@ -31,8 +31,13 @@ ROSTER_RE = re.compile(
     rb"<iq[^>]*id=['\"]roster1['\"][^>]*/>|<iq[^>]*id=['\"]roster1['\"].*?</iq>", re.S)
 BOTH_RE = re.compile(rb"subscription=['\"]both['\"]")
 PHASE_TIMEOUT = 120.0  # no phase of any scenario may take longer
+# ... except the joins of one large room, whose cost grows with the square
+# of its size (every newcomer sees everyone, everyone sees the newcomer).
+MAX_JOIN_PHASE = 600.0
 # muc: the self-presence (status 110) that ends a join, or the error instead.
 SELF_PRESENCE_RE = re.compile(rb"code=['\"]110['\"]")
+CREATED_RE = re.compile(rb"code=['\"]201['\"]")
+MUC_NS = "http://jabber.org/protocol/muc"
 
 
 # ----------------------------------------------------------------------------
@@ -366,26 +371,39 @@ class Worker:
         s = self.spec
         return f"bench{(n - 1) % s['rooms']}@{s['muc_service']}.{s['domain']}"
 
-    async def join_all(self, lat: array.array) -> None:  # type: ignore[type-arg]
-        """Every session enters its room (no <x/>: the first one creates
-        an instant room), `concurrency` at a time; join latency = until
-        the self-presence."""
+    async def join_all(self, users: list[int], lat: array.array) -> None:  # type: ignore[type-arg]
+        """`users` enter their rooms, `concurrency` at a time; join latency
+        = until the self-presence (status 110). A room's creator (201)
+        accepts the default configuration (an instant room, XEP-0045
+        §10.1.2), as clients do, before anyone else is sent in."""
         sem = asyncio.Semaphore(max(1, self.spec["concurrency"] // self.nprocs))
 
         async def one(n: int, conn: Conn) -> None:
             async with sem:
                 conn.buf = b""
+                room = self.room_of(n)
                 t = time.monotonic_ns()
-                conn.send(f"<presence to='{self.room_of(n)}/n{n}'/>".encode())
+                conn.send(f"<presence to='{room}/n{n}'><x xmlns='{MUC_NS}'>"
+                          "<history maxstanzas='0'/></x></presence>".encode())
                 try:
-                    await conn.expect(SELF_PRESENCE_RE, 60.0)
+                    m = await conn.expect(SELF_PRESENCE_RE, self.join_timeout())
+                    lat.append(time.monotonic_ns() - t)
+                    text = m.string  # the self-presence around the match: created?
+                    start = max(0, text.rfind(b"<presence", 0, m.start()))
+                    end = text.find(b"</presence>", m.end())
+                    if CREATED_RE.search(text, start, end if end >= 0 else len(text)):
+                        conn.send(f"<iq type='set' id='cfg{n}' to='{room}'><query xmlns="
+                                  f"'{MUC_NS}#owner'><x xmlns='jabber:x:data' type='submit'/>"
+                                  "</query></iq>".encode())
+                        await conn.expect(re.compile(rf"id=['\"]cfg{n}['\"]".encode()), 30.0)
                 except XMPPError as exc:
                     self._error(exc)
-                    return
-                lat.append(time.monotonic_ns() - t)
 
-        await asyncio.wait_for(asyncio.gather(*(one(n, c) for n, c in self.conns.items())),
-                               PHASE_TIMEOUT)
+        await asyncio.wait_for(asyncio.gather(*(one(n, self.conns[n]) for n in users
+                                                if n in self.conns)), self.join_timeout())
+
+    def join_timeout(self) -> float:
+        return min(MAX_JOIN_PHASE, float(self.spec.get("join_timeout", PHASE_TIMEOUT)))
 
     def scenario_muc(self) -> None:
         s = self.spec
@@ -397,8 +415,14 @@ class Worker:
         for c in self.conns.values():
             c.on_data = None
         join_lat = array.array("q")
+        # The rooms' creators first (users 1..R, one per room); every
+        # worker waits for the others' rooms before the rest go in.
+        creators = [n for n in self.conns if n <= s["rooms"]]
+        self.loop.run_until_complete(self.join_all(creators, join_lat))
+        self.reply({"created": len(creators)})
         t_join = time.monotonic_ns()
-        self.loop.run_until_complete(self.join_all(join_lat))
+        self.loop.run_until_complete(self.join_all(
+            [n for n in self.conns if n > s["rooms"]], join_lat))
         join_s = (time.monotonic_ns() - t_join) / 1e9
         for c in self.conns.values():
             c.hot(self.discard)
@@ -585,6 +609,9 @@ def run_traffic(spec: dict[str, Any], server: proc.ServerProcs,
     """chat and presence: fixed rate (steps of one), or a rising ramp."""
     pool = Pool(spec)
     res = pool.gather()
+    if spec["scenario"] == "muc":  # every room created: the others may enter
+        pool.send({"join": True})
+        res = pool.gather(min(MAX_JOIN_PHASE, spec.get("join_timeout", PHASE_TIMEOUT)) + 60)
     setup = None
     if spec["scenario"] == "presence":
         sizes = [x for r in res for x in r["rosters"]]
