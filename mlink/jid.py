@@ -269,6 +269,10 @@ class JID(NamedTuple):
 
     @property
     def bare(self) -> JID:
+        # A bare JID is its own bare JID (tuples are immutable): no new
+        # object for the several bare-JID checks each stanza goes through.
+        if not self.resource:
+            return self
         return JID(self.local, self.domain, "")
 
     def __str__(self) -> str:

@@ -157,8 +157,9 @@ class Module:
     def add_account_feature(self, var: str, identity: tuple[str, str, str] | None = None) -> None:
         """A feature (and optional identity) accounts show in disco#info."""
         self._host.hooks.account_features.add(var)
-        if identity is not None:
-            self._host.hooks.account_identities.append(identity)
+        identities = self._host.hooks.account_identities
+        if identity is not None and identity not in identities:
+            identities.append(identity)  # one identity, however many modules name it
 
     def add_host(self, domain: str, parent: str, handler: Handler) -> None:
         """Serve the subdomain `domain` (e.g. `conference.<parent>`): every

@@ -194,12 +194,15 @@ def _project(entry: Entry, attributes: Sequence[str]) -> Entry:
     if not attributes or "*" in attributes:
         return entry.copy()
     out = Entry(entry.dn)
+    # The entry's keys by lower case, once: a profile asks for dozens of
+    # attributes, most of them absent, and each miss would scan every key.
+    stored = {key.lower(): key for key in entry.attrs}
     for name in attributes:
         if name == "1.1":
             continue
-        values = entry.get(schema.canonical(name) or name)
-        if values:
-            out.attrs[name] = values
+        key = stored.get((schema.canonical(name) or name).lower())
+        if key is not None and entry.attrs[key]:
+            out.attrs[name] = list(entry.attrs[key])
     return out
 
 

@@ -38,6 +38,8 @@ class Entry:
     attrs: dict[str, list[Value]] = field(default_factory=dict)
 
     def _key(self, name: str) -> str | None:
+        if name in self.attrs:
+            return name  # spelt as stored (no two keys differ only in case)
         low = name.lower()
         for key in self.attrs:
             if key.lower() == low:

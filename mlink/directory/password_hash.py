@@ -18,8 +18,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+from typing import TYPE_CHECKING
 
-import argon2
+if TYPE_CHECKING:
+    import argon2
 
 # OWASP's minimum for Argon2id (19 MiB, 2 passes, 1 lane): ~45 ms on one
 # core here. More memory would make each guess dearer, but every new
@@ -30,10 +32,22 @@ ARGON2_PASSES = 2
 ARGON2_LANES = 1
 ARGON2_PREFIX = "{ARGON2}"
 
-_HASHER = argon2.PasswordHasher(
-    time_cost=ARGON2_PASSES, memory_cost=ARGON2_MEMORY_KIB, parallelism=ARGON2_LANES,
-    type=argon2.Type.ID,
-)
+_HASHER: argon2.PasswordHasher | None = None
+
+
+def _hasher() -> argon2.PasswordHasher:
+    """The Argon2id hasher, made (and argon2-cffi imported) on first use:
+    a shard that never checks a password against a hash would otherwise
+    carry the library and its C bindings from its start (issue 14)."""
+    global _HASHER
+    if _HASHER is None:
+        import argon2
+
+        _HASHER = argon2.PasswordHasher(
+            time_cost=ARGON2_PASSES, memory_cost=ARGON2_MEMORY_KIB,
+            parallelism=ARGON2_LANES, type=argon2.Type.ID,
+        )
+    return _HASHER
 
 # The salted SHA family slapd writes by default (and mlink wrote before):
 # accepted, never written.
@@ -43,7 +57,7 @@ LEGACY_SCHEMES = {"{SSHA}": "sha1", "{SHA}": "sha1", "{SSHA256}": "sha256",
 
 def hash_password(password: str) -> str:
     """A new `{ARGON2}` userPassword value (slow: call it in a worker thread)."""
-    return ARGON2_PREFIX + _HASHER.hash(password)
+    return ARGON2_PREFIX + _hasher().hash(password)
 
 
 def verify_password(stored: str, password: str) -> bool:
@@ -51,8 +65,11 @@ def verify_password(stored: str, password: str) -> bool:
     `{ARGON2}` (any Argon2 variant) or the legacy salted SHA family. Clear
     text and unknown schemes are refused. Slow for Argon2: worker thread."""
     if stored[: len(ARGON2_PREFIX)].upper() == ARGON2_PREFIX:
+        hasher = _hasher()
+        import argon2
+
         try:
-            return _HASHER.verify(stored[len(ARGON2_PREFIX):], password)
+            return hasher.verify(stored[len(ARGON2_PREFIX):], password)
         except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
             return False
     for prefix, hash_name in LEGACY_SCHEMES.items():
@@ -76,8 +93,11 @@ def is_outdated(stored: str) -> bool:
     than today's."""
     if stored[: len(ARGON2_PREFIX)].upper() != ARGON2_PREFIX:
         return True
+    hasher = _hasher()
+    import argon2
+
     try:
-        return _HASHER.check_needs_rehash(stored[len(ARGON2_PREFIX):])
+        return hasher.check_needs_rehash(stored[len(ARGON2_PREFIX):])
     except argon2.exceptions.InvalidHashError:
         return True
 

@@ -15,6 +15,7 @@ Credentials and identity are refused by `check_writable`, on both backends
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from mlink.directory.base import DirectoryRefused
@@ -66,8 +67,10 @@ IA5_ATTRIBUTES = frozenset({"mail", "authpassword"})
 
 
 
+@functools.lru_cache(maxsize=1024)
 def canonical(name: str) -> str | None:
-    """The canonical spelling of a user attribute, or None if it is not one."""
+    """The canonical spelling of a user attribute, or None if it is not one.
+    (Cached: a login asks it dozens of times of the same few names.)"""
     low = name.strip().lower()
     low = ALIASES.get(low, low).lower()
     return USER_ATTRIBUTES.get(low)

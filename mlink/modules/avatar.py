@@ -9,21 +9,23 @@ directory. When the photo changes through mlink, the user's available
 resources re-broadcast their presence with the new hash. A change made
 directly in the directory shows in the next presence the user sends.
 
-XEP-0084 over PEP, honestly minimal:
-- supported: `items` requests for `urn:xmpp:avatar:metadata` and
-  `urn:xmpp:avatar:data` on a local user's bare JID (by anyone: the same
-  photo is public in the vCard), answered from the photo (item id = SHA-1
-  hex); a publish by the owner to the data node (item id must be the SHA-1
-  of the data) and then to the metadata node naming that id, which sets the
-  photo under its field's policy (`update`: written to the directory;
-  `directory`/`static`: `not-allowed`); an empty metadata publish removes
-  the photo. `publish-options` are accepted only with access model `open`
-  (anything else is `conflict`, XEP-0060's precondition-not-met, with that
-  in the text: the avatar is public anyway, as in the vCard).
-- not supported: notifications (`+notify`, no caps tracking), subscriptions,
-  node configuration, retraction, avatars hosted elsewhere (metadata `url`),
-  other nodes (`item-not-found` to read, `feature-not-implemented` to
-  publish, so clients fall back, e.g. to private XML for bookmarks).
+XEP-0084 over PEP, for the two avatar nodes (every other node is the
+`pep` module's):
+- `items` requests for `urn:xmpp:avatar:metadata` and `urn:xmpp:avatar:data`
+  on a local user's bare JID (by anyone: the same photo is public in the
+  vCard), answered from the photo (item id = SHA-1 hex); a publish by the
+  owner to the data node (item id must be the SHA-1 of the data) and then
+  to the metadata node naming that id, which sets the photo under its
+  field's policy (`update`: written to the directory; `directory`/`static`:
+  `not-allowed`); an empty metadata publish removes the photo.
+  `publish-options` are accepted only with access model `open` (anything
+  else is `conflict`, XEP-0060's precondition-not-met, with that in the
+  text: the avatar is public anyway, as in the vCard). A metadata publish
+  fires `pep/published`, so contacts whose clients asked for
+  `urn:xmpp:avatar:metadata+notify` are told (the `pep` module).
+- not supported: retraction, avatars hosted elsewhere (metadata `url`),
+  the latest avatar item sent at login (clients have the XEP-0153 hash in
+  presence).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ PUBSUB_NS = "http://jabber.org/protocol/pubsub"
 METADATA_NODE = "urn:xmpp:avatar:metadata"
 DATA_NODE = "urn:xmpp:avatar:data"
 PUBLISH_OPTIONS_FIELD = "pubsub#access_model"
+# The pep module's event: notify contacts of an item published here.
+PEP_PUBLISHED = "pep/published"
 # Presence hooks run above the presence module (priority 0), so the hash is
 # in the stanza before it is broadcast.
 PRESENCE_PRIORITY = 10
@@ -125,14 +129,10 @@ def setup(module: Module) -> None:
     async def get_items(event: StanzaEvent) -> bool:
         pubsub = event.stanza[0]
         items = pubsub.find(_p("items"))
-        if pubsub.tag != _p("pubsub") or items is None or len(pubsub) != 1:
-            await router.bounce(event.stanza, "feature-not-implemented",
-                                "only items requests for the avatar nodes are supported")
-            return True
-        node = items.get("node")
-        if node not in (METADATA_NODE, DATA_NODE):
-            await router.bounce(event.stanza, "item-not-found", "no such node")
-            return True
+        if pubsub.tag != _p("pubsub") or items is None or len(pubsub) != 1 or \
+                items.get("node") not in (METADATA_NODE, DATA_NODE):
+            return False  # another node: the pep module's (or nobody's)
+        node = str(items.get("node"))
         try:
             photo = await current_photo(str(event.to.bare))
         except ProfileError as exc:
@@ -163,21 +163,16 @@ def setup(module: Module) -> None:
         pubsub = event.stanza[0]
         user = str(event.sender.bare)
         request = pubsub.find(_p("publish"))
-        if pubsub.tag != _p("pubsub") or request is None:
-            await router.bounce(event.stanza, "feature-not-implemented",
-                                "only publishing to the avatar nodes is supported")
-            return True
+        if pubsub.tag != _p("pubsub") or request is None or \
+                request.get("node") not in (METADATA_NODE, DATA_NODE):
+            return False  # another node: the pep module's (or nobody's)
         node = request.get("node")
         try:
             _check_options(pubsub)
             if node == DATA_NODE:
                 item_id = _accept_data(user, request)
-            elif node == METADATA_NODE:
-                item_id = await _accept_metadata(user, request)
             else:
-                # Not item-not-found: creating the node would not help either.
-                raise ProfileError("feature-not-implemented",
-                                   "this PEP service holds only the avatar nodes")
+                item_id = await _accept_metadata(user, request)
         except ProfileError as exc:
             await router.bounce(event.stanza, exc.condition, exc.text)
             return True
@@ -185,6 +180,11 @@ def setup(module: Module) -> None:
         done = ET.SubElement(reply, _p("publish"), {"node": node or ""})
         ET.SubElement(done, _p("item"), {"id": item_id})
         await router.route(iq_result(event.stanza, reply))
+        if node == METADATA_NODE:
+            # Contacts whose clients want avatar updates hear of it (pep).
+            item = request.find(_p("item"))
+            if item is not None:
+                await module.fire(PEP_PUBLISHED, (user, node, item))
         return True
 
     def _check_options(pubsub: ET.Element) -> None:

@@ -159,7 +159,10 @@ def setup(module: Module) -> None:
             return False
         recipient, sender = event.to, event.sender
         refused = await lists.blocks(recipient, sender)
-        if not refused and router.is_local(sender) and sender.local:
+        # Whether a local sender blocked the recipient: `outbound` already
+        # asked that of a stanza from a local client (`origin` set) in its
+        # pre- event; asked here for what the server or a module routes.
+        if not refused and event.origin is None and router.is_local(sender) and sender.local:
             refused = await lists.blocks(sender, recipient)
         if not refused:
             return False

@@ -31,21 +31,29 @@ HINTS_NS = "urn:xmpp:hints"
 SENT_PRIORITY = 50
 
 
+# Children that keep a message from being copied (§7 private, XEP-0334
+# no-copy, and carbons themselves).
+_NOT_COPIED = frozenset({f"{{{CARBONS_NS}}}private", f"{{{HINTS_NS}}}no-copy",
+                         f"{{{CARBONS_NS}}}received", f"{{{CARBONS_NS}}}sent"})
+_BODY = f"{{{CLIENT_NS}}}body"
+
+
 def eligible(message: ET.Element) -> bool:
     """XEP-0280 §6.1 (simplified to what mlink routes): chats, and normal
     messages with a body; never one marked private (§7) or no-copy
-    (XEP-0334), and never a carbon itself."""
-    if message.find(f"{{{CARBONS_NS}}}private") is not None:
-        return False
-    if message.find(f"{{{HINTS_NS}}}no-copy") is not None:
-        return False
-    for wrapper in ("received", "sent"):
-        if message.find(f"{{{CARBONS_NS}}}{wrapper}") is not None:
-            return False
+    (XEP-0334), and never a carbon itself. One pass over the children:
+    every message goes through here twice."""
     msg_type = message.get("type", "normal")
-    if msg_type == "chat":
-        return True
-    return msg_type == "normal" and message.find(f"{{{CLIENT_NS}}}body") is not None
+    if msg_type != "chat" and msg_type != "normal":
+        return False
+    body = False
+    for child in message:
+        tag = child.tag
+        if tag in _NOT_COPIED:
+            return False
+        if tag == _BODY:
+            body = True
+    return msg_type == "chat" or body
 
 
 def wrap(direction: str, user: JID, to: JID, message: ET.Element) -> ET.Element:
@@ -77,7 +85,7 @@ def setup(module: Module) -> None:
         await router.route(iq_result(event.stanza))
         return True
 
-    def copy_to(user: JID, skip: set[JID], direction: str, message: ET.Element) -> None:
+    def copy_to(user: JID, skip: tuple[JID, ...], direction: str, message: ET.Element) -> None:
         for info in router.resources(user):
             if enabled.get(info) and info.jid not in skip:
                 router.deliver(info.jid, wrap(direction, user, info.jid, message))
@@ -85,21 +93,24 @@ def setup(module: Module) -> None:
     async def received(event: StanzaEvent) -> None:
         """§6: the recipient's other sessions get what one of them got."""
         message = event.stanza
-        if not eligible(message) or not router.is_local(event.to):
+        if not router.is_local(event.to) or not eligible(message):
             return
-        skip = set(event.delivered_to)
-        if event.sender.bare == event.to.bare:
-            skip.add(event.sender)  # a note to oneself: not back to the sender
-        copy_to(event.to.bare, skip, "received", message)
+        to, sender = event.to.bare, event.sender
+        skip = event.delivered_to
+        if sender.bare == to:
+            skip += (sender,)  # a note to oneself: not back to the sender
+        copy_to(to, skip, "received", message)
 
     async def sent(event: StanzaEvent) -> bool:
         """§7: the sender's other sessions get what it sent."""
         message = event.stanza
         if event.origin is None or not eligible(message):
             return False
-        if event.to.bare == event.sender.bare:
+        sender = event.sender
+        user = sender.bare
+        if event.to.bare == user:
             return False  # the received copies cover the user's own sessions
-        copy_to(event.sender.bare, {event.sender}, "sent", message)
+        copy_to(user, (sender,), "sent", message)
         return False
 
     module.add_feature(CARBONS_NS)

@@ -10,10 +10,9 @@ shard processes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import xml.etree.ElementTree as ET
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -167,25 +166,12 @@ class Router:
 
     # -- entry points -----------------------------------------------------------
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> Batch:
         """Group what routing queues for other shards until the outermost
-        batch ends: a presence broadcast then costs one frame per shard."""
-        try:
-            task: object = trio.lowlevel.current_task()
-        except RuntimeError:
-            task = None  # outside Trio (unit tests of the router)
-        depth = self._depth.get(task, 0)
-        self._depth[task] = depth + 1
-        try:
-            yield
-        finally:
-            if depth:
-                self._depth[task] = depth
-            else:
-                del self._depth[task]
-                if self.cluster is not None:
-                    self.cluster.flush()
+        batch ends: a presence broadcast then costs one frame per shard.
+        (A small class rather than a generator-based context manager:
+        every stanza enters one.)"""
+        return Batch(self)
 
     async def route_from_client(self, origin: SessionInfo, stanza: ET.Element) -> None:
         """A stanza from a bound local client, its `from` already stamped."""
@@ -358,6 +344,34 @@ class Router:
             self.deliver(event.to, event.stanza)
         elif scope == "bare":
             self.deliver_to_available(event.to, event.stanza)
+
+
+class Batch:
+    """`Router.batch`'s context manager: nesting counted per Trio task."""
+
+    __slots__ = ("_router", "_task", "_depth")
+
+    def __init__(self, router: Router) -> None:
+        self._router = router
+
+    def __enter__(self) -> None:
+        try:
+            task: object = trio.lowlevel.current_task()
+        except RuntimeError:
+            task = None  # outside Trio (unit tests of the router)
+        depths = self._router._depth
+        depth = depths.get(task, 0)
+        depths[task] = depth + 1
+        self._task, self._depth = task, depth
+
+    def __exit__(self, *exc: object) -> None:
+        router = self._router
+        if self._depth:
+            router._depth[self._task] = self._depth
+        else:
+            del router._depth[self._task]
+            if router.cluster is not None:
+                router.cluster.flush()
 
 
 class WriteReceipt:

@@ -20,10 +20,10 @@ import json
 import logging
 import re
 import ssl
+import types
 from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
 from mlink.stream import c2s
 from mlink.stream.framing import FRAMING_NS, WebSocketFraming
@@ -41,6 +41,8 @@ from mlink.transport.http import (
 from mlink.xml.serialize import escape_attr
 
 if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
+
     from mlink.server import Server
 
 log = logging.getLogger(__name__)
@@ -300,7 +302,7 @@ class WebSocketEndpoint:
         async with trio.open_nursery() as nursery:
             ws: WebSocketConnection | None = None
             with trio.move_on_after(WS_HANDSHAKE_TIMEOUT):
-                request = await wrap_server_stream(
+                request = await _trio_websocket().wrap_server_stream(
                     nursery, ReplayStream(stream, raw),
                     message_queue_size=MESSAGE_QUEUE_SIZE,
                     max_message_size=self.max_message_size,
@@ -340,6 +342,17 @@ class WebSocketEndpoint:
 # -- XMPP side --------------------------------------------------------------------
 
 
+def _trio_websocket() -> types.ModuleType:
+    """trio-websocket, imported at the first WebSocket connection: with its
+    wsproto, h11 and importlib.metadata it costs a shard ~3 MiB from its
+    start otherwise (issue 14, idle RSS). The first connection pays the
+    import once (~0.1 s); an `except` clause evaluates this only when an
+    exception reaches it."""
+    import trio_websocket
+
+    return trio_websocket
+
+
 class _WebSocketTransport(trio.abc.Stream):
     """The WebSocket as `ClientConnection.transport`. The connection reads
     and writes whole messages through `ws` directly; what it needs from its
@@ -354,7 +367,7 @@ class _WebSocketTransport(trio.abc.Stream):
         """One text message (the data must be one complete element)."""
         try:
             await self.ws.send_message(bytes(data).decode())
-        except ConnectionClosed:
+        except _trio_websocket().ConnectionClosed:
             raise trio.BrokenResourceError("websocket closed") from None
 
     async def wait_send_all_might_not_block(self) -> None:
@@ -364,7 +377,7 @@ class _WebSocketTransport(trio.abc.Stream):
         """One whole message, as bytes; b"" once the WebSocket is closed."""
         try:
             message = await self.ws.get_message()
-        except ConnectionClosed:
+        except _trio_websocket().ConnectionClosed:
             return b""
         return message.encode() if isinstance(message, str) else message
 
@@ -396,7 +409,7 @@ class WebSocketClientConnection(ClientConnection):
         """Handle one WebSocket message; False when the peer is gone."""
         try:
             message = await self.ws.get_message()
-        except ConnectionClosed:
+        except _trio_websocket().ConnectionClosed:
             if not self._closing:
                 self._lost = True  # gone without <close/>: a session may be held
             self._closing = True
