@@ -585,7 +585,7 @@ def setup(module: Module) -> None:
             # so what it was owed is routed again rather than lost.
             module.log.info("stream ended while resuming %s", info.jid)
             for stanza in resend:
-                await module.router.route(stanza)
+                await module.router.reroute(stanza)
             return
         manager.streams[stream] = new
         manager.local[rid] = new

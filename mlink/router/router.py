@@ -223,9 +223,10 @@ class Router:
             return
         await self._route(event, kind)
 
-    async def route(self, stanza: ET.Element) -> None:
+    async def route(self, stanza: ET.Element, rerouted: bool = False) -> None:
         """A stanza the server or a module sends. Without `from` it comes
-        from the server of its `to` (as replies to iqs sent without `to`)."""
+        from the server of its `to` (as replies to iqs sent without `to`).
+        `rerouted`: see `reroute`."""
         to_text, from_text = stanza.get("to"), stanza.get("from")
         try:
             if from_text:
@@ -238,7 +239,15 @@ class Router:
             log.warning("dropping server stanza with bad addresses: %s", stanza.attrib)
             return
         with self.batch():
-            await self._route(StanzaEvent(stanza, sender, to), stanza.tag.rpartition("}")[2])
+            await self._route(StanzaEvent(stanza, sender, to, rerouted=rerouted),
+                              stanza.tag.rpartition("}")[2])
+
+    async def reroute(self, stanza: ET.Element) -> None:
+        """Route again a stanza that was routed once already and never
+        reached its session (it ended first, or moved): modules that act
+        once per stanza (the archive, carbons) see `event.rerouted` and
+        skip it; resource selection, offline storage and bounces apply."""
+        await self.route(stanza, rerouted=True)
 
     # -- delivery rules ------------------------------------------------------------
 

@@ -265,7 +265,7 @@ class Cluster:
         # for a full JID that is not there (RFC 6121 §8.5.3.2).
         if stanza.tag.endswith("}message"):
             stanza.set("to", str(full.bare))
-            await router.route(stanza)
+            await router.reroute(stanza)
         elif stanza.tag.endswith("}iq") and stanza.get("type") in ("get", "set"):
             await router.route(stanza_error(stanza, "service-unavailable"))
 

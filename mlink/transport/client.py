@@ -551,9 +551,11 @@ class ClientConnection:
             for orphan in orphans:
                 try:
                     stanza = orphan.element() if isinstance(orphan, WireStanza) else orphan
-                    await self.server.router.route(stanza)
+                    await self.server.router.reroute(stanza)
                 except Exception:
                     log.exception("%s: routing a stanza again failed", self.peer)
+            else:
+                log.info("routed again the %d stanza(s) of %s", len(orphans), self.info.jid)
 
     # -- writing --------------------------------------------------------------
 
