@@ -112,3 +112,89 @@ def test_many_unacked_stanzas_all_routed_again_at_a_clean_close(roomy, ca_file):
     assert len(errors) == n - limit, len(errors)
     for client in (again, bob):
         client.close()
+
+
+class _Closing:
+    """A bound session whose connection is ending: it refuses stanzas."""
+
+    def __init__(self) -> None:
+        from mlink.jid import JID
+        from mlink.router.sessions import SessionInfo
+
+        self.info = SessionInfo(JID("", "", ""))
+        self.refused = 0
+
+    def deliver(self, stanza: object, keep: bool = True) -> bool:
+        self.refused += 1
+        return False
+
+
+def test_message_refused_by_the_only_resource_goes_to_offline_storage():
+    """A chat message to a bare JID whose only available session refuses it
+    (its connection is closing) is stored offline, not dropped: the router
+    ignored `deliver`'s answer (RFC 6121 §8.5.2: as if no resource)."""
+    import xml.etree.ElementTree as ET
+
+    import trio
+
+    from mlink.hooks import Hooks
+    from mlink.jid import JID
+    from mlink.router.router import Router
+    from mlink.router.sessions import SessionTable
+
+    sessions, hooks = SessionTable(), Hooks()
+    router = Router(frozenset({DOMAIN}), sessions, hooks)
+    conn = _Closing()
+    sessions.bind(conn, JID("dave", DOMAIN, ""), "phone")  # type: ignore[arg-type]
+    conn.info.presence = ET.Element("{jabber:client}presence")
+    conn.info.initial_presence_sent = True
+    stored: list[str] = []
+
+    async def offline(event: object) -> bool:
+        stored.append(event.stanza.findtext("{jabber:client}body"))  # type: ignore[attr-defined]
+        return True
+
+    hooks.on("message/offline", offline)
+
+    async def main() -> None:
+        message = ET.fromstring("<message xmlns='jabber:client' from='bob@localhost/x' "
+                                "to='dave@localhost' type='chat'><body>kept</body></message>")
+        await router.route(message)
+
+    trio.run(main)
+    assert conn.refused == 1 and stored == ["kept"]
+
+
+def test_a_closing_connection_hands_stanzas_on_instead_of_refusing():
+    """Between a connection's drop and the moment stream management holds
+    its session, the session is still bound: what is delivered then goes
+    to the tap (kept for the resumed stream, or routed again), and without
+    stream management a message is routed again at the end; refused
+    (dropped by the caller), it was neither delivered nor stored."""
+    import xml.etree.ElementTree as ET
+
+    from mlink.transport.client import ClientConnection
+
+    kept: list[ET.Element] = []
+
+    class Tap:
+        def sent(self, stanza: ET.Element) -> None:
+            kept.append(stanza)
+
+    def closing(tap: object) -> ClientConnection:
+        conn = object.__new__(ClientConnection)
+        conn.filters, conn.tap, conn._held, conn._closing = [], tap, False, True  # type: ignore[assignment]
+        conn._lost, conn.ended, conn._orphans = True, False, []
+        return conn
+
+    message = ET.fromstring("<message xmlns='jabber:client' to='dave@localhost/r' "
+                            "type='chat'><body>in the gap</body></message>")
+    with_sm = closing(Tap())
+    assert with_sm.deliver(message) and kept == [message]
+    assert with_sm.deliver_tracked(message) is None  # offline keeps its copy
+    plain = closing(None)
+    assert plain.deliver(message) and plain._orphans == [message]
+    presence = ET.fromstring("<presence xmlns='jabber:client' to='dave@localhost/r'/>")
+    assert not plain.deliver(presence)
+    plain.ended = True
+    assert not plain.deliver(message)

@@ -333,10 +333,12 @@ class Router:
             else:
                 top = max(i.priority for i in available)
                 targets = [i for i in available if i.priority == top]
-            for info in targets:
-                self.deliver(info.jid, message)
-            await self._delivered(event, tuple(i.jid for i in targets))
-            return
+            # A session may refuse (it is ending and nothing keeps its
+            # output): the message goes on as if it were not there.
+            accepted = tuple(info.jid for info in targets if self.deliver(info.jid, message))
+            if accepted:
+                await self._delivered(event, accepted)
+                return
         if msg_type == "headline":
             return  # §8.5.2.2: headlines are not stored or bounced
         if not await self.hooks.fire("message/offline", event):

@@ -135,9 +135,9 @@ class ClientConnection:
             # hands it back to be routed again if the session expires.
             tap.sent(stanza)  # type: ignore[union-attr]
             return True
-        if self._closing:
-            return False
         kind = stanza.tag
+        if self._closing:
+            return self._take_while_closing(stanza, keep and (kind == _MESSAGE or kind == _IQ))
         item = stanza if keep and (kind == _MESSAGE or kind == _IQ) else None
         data = self.xmpp.framing.stanza(stanza)
         if len(data) > self.out.limit:
@@ -157,13 +157,33 @@ class ClientConnection:
         if self.filters or self.tap is not None or self._held:
             return self.deliver(stanza.element(), keep)
         if self._closing:
-            return False
+            kind = stanza.kind
+            return self._take_while_closing(stanza, keep and (kind == "message" or kind == "iq"))
         data = self.xmpp.framing.wire(stanza)
         if len(data) > self.out.limit:
             return self.deliver(stanza.element(), keep)
         kind = stanza.kind
         self._queue(data, stanza if keep and (kind == "message" or kind == "iq") else None)
         return True
+
+    def _take_while_closing(self, stanza: ET.Element | WireStanza, keep: bool) -> bool:
+        """A stanza for a session whose connection is closing but that is
+        still bound (its end not yet announced): nothing more is written,
+        but what is handed over is not lost either. Stream management's tap
+        keeps it (for a resumed stream, or to route it again at the end, as
+        for every stanza it kept); else a message or iq (`keep`) is routed
+        again with the unwritten output. False (the caller treats the
+        session as gone) only for what nobody would keep."""
+        if self.ended:
+            return False
+        tap = self.tap
+        if tap is not None:
+            tap.sent(stanza.element() if isinstance(stanza, WireStanza) else stanza)
+            return True
+        if keep:
+            self._orphans.append(stanza)
+            return True
+        return False
 
     def _too_large(self, stanza: ET.Element, data: bytes) -> bytes:
         """A single stanza larger than the output bound would end the
@@ -188,7 +208,7 @@ class ClientConnection:
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again; the output mark it is
         written by (see `written`), or None when the session is ending."""
-        if self._held or not self.deliver(stanza, keep=False):
+        if self._held or self._closing or not self.deliver(stanza, keep=False):
             return None
         return self.out.mark()
 
