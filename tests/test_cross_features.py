@@ -114,6 +114,43 @@ def test_many_unacked_stanzas_all_routed_again_at_a_clean_close(roomy, ca_file):
         client.close()
 
 
+class _Stream:
+    """Stands for a connection (a `StreamControl`): weakly referable."""
+
+    def send_nonza(self, element: object) -> None:
+        pass
+
+    def send_stanza(self, stanza: object) -> bool:
+        return True
+
+
+def test_closed_sm_and_csi_streams_leave_no_entry():
+    """The per-stream state of stream management and client state
+    indication lives in WeakKeyDictionaries keyed by the stream; once the
+    stream is gone (the connection closed), its entry must go too: a value
+    that refers to its key kept every connection alive (about 50 KiB per
+    SM or CSI connection, for ever)."""
+    import gc
+    import weakref
+
+    from mlink.jid import JID
+    from mlink.modules.csi import Holder
+    from mlink.modules.stream_management import SmState
+    from mlink.router.sessions import SessionInfo
+
+    streams: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+    holders: weakref.WeakKeyDictionary[object, object] = weakref.WeakKeyDictionary()
+    for _ in range(10):
+        stream = _Stream()
+        state = SmState(None, SessionInfo(JID("u", DOMAIN, "r")), stream,  # type: ignore[arg-type]
+                        None, 0)
+        streams[stream] = state
+        holders[stream] = Holder(stream)  # type: ignore[arg-type]
+    del stream, state
+    gc.collect()
+    assert len(streams) == 0 and len(holders) == 0
+
+
 class _Closing:
     """A bound session whose connection is ending: it refuses stanzas."""
 

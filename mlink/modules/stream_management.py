@@ -145,6 +145,10 @@ class SmState:
                  resume_id: str | None, timeout: int) -> None:
         self.manager = manager
         self.info = info
+        # Held weakly: the manager's `streams` maps each stream to its
+        # state (a WeakKeyDictionary), and a value that refers to its key
+        # would keep the stream, and itself, alive for ever.
+        self._stream: weakref.ref[StreamControl] | None = None
         self.stream = stream
         self.resume_id = resume_id
         self.timeout = timeout
@@ -163,6 +167,15 @@ class SmState:
         # Set when the session is held or has ended (a resumption waiting
         # for an old stream to be cut).
         self.settled = trio.Event()
+
+    @property
+    def stream(self) -> StreamControl | None:
+        ref = self._stream
+        return ref() if ref is not None else None
+
+    @stream.setter
+    def stream(self, stream: StreamControl | None) -> None:
+        self._stream = weakref.ref(stream) if stream is not None else None
 
     # -- StreamTap ----------------------------------------------------------------
 
@@ -207,6 +220,9 @@ class SmState:
         self.ended = True
         self.manager.forget(self)
         self.settled.set()
+        # The hold refers to the old connection (a key of `streams`).
+        self.hold = None
+        self.stream = None
         out = [self.stamped(stanza, at) for stanza, at in self.queue]
         self.queue.clear()
         return out
