@@ -235,3 +235,61 @@ def test_a_closing_connection_hands_stanzas_on_instead_of_refusing():
     assert not plain.deliver(presence)
     plain.ended = True
     assert not plain.deliver(message)
+
+
+def test_fanout_copy_for_a_session_gone_is_routed_as_a_stanza_frame_would_be():
+    """A FANOUT frame (one payload for several recipients on this shard)
+    whose recipient session ended, moved or is closing: that copy takes the
+    STANZA frame's path (RFC 6121 §8.5.3.2: a message to the bare JID), not
+    nowhere; the other recipients get theirs."""
+    import inspect
+    import xml.etree.ElementTree as ET
+
+    import trio
+
+    from mlink.jid import JID
+    from mlink.router.sessions import SessionInfo, SessionTable
+    from mlink.shard.cluster import Cluster
+    from mlink.xml.serialize import serialize
+
+    class Here:
+        def __init__(self) -> None:
+            self.info = SessionInfo(JID("", "", ""))
+            self.got: list[object] = []
+
+        def deliver_wire(self, stanza: object, keep: bool = True) -> bool:
+            self.got.append(stanza)
+            return True
+
+    class Router:
+        def __init__(self) -> None:
+            self.rerouted: list[ET.Element] = []
+
+        def deliver(self, full: JID, stanza: ET.Element) -> bool:
+            return False
+
+        async def reroute(self, stanza: ET.Element) -> None:
+            self.rerouted.append(stanza)
+
+    class Server:
+        sessions = SessionTable()
+        router = Router()
+
+    bob = Here()
+    Server.sessions.bind(bob, JID("bob", DOMAIN, ""), "here")  # type: ignore[arg-type]
+    cluster = object.__new__(Cluster)
+    cluster.server = Server()  # type: ignore[assignment]
+    message = ET.fromstring("<message xmlns='jabber:client' from='room@conference.localhost/C' "
+                            "type='chat'><body>for both</body></message>")
+    payload = serialize(message)
+
+    async def receive() -> None:
+        done = cluster._receive_fanout(payload, ["alice@localhost/gone", "bob@localhost/here"])
+        if inspect.isawaitable(done):
+            await done
+
+    trio.run(receive)
+    assert len(bob.got) == 1
+    rerouted = Server.router.rerouted
+    assert [(m.get("to"), m.findtext("{jabber:client}body")) for m in rerouted] == [
+        ("alice@localhost", "for both")]

@@ -194,7 +194,7 @@ class Cluster:
                     await self._receive_stanza(recipient, to or name, parse_stanza(data))
             elif kind is FrameType.FANOUT:
                 data, recipients = frames.decode_fanout(frame.payload)
-                self._receive_fanout(data, recipients)
+                await self._receive_fanout(data, recipients)
             elif kind is FrameType.SESSION_UP:
                 self._upsert(frame.source, frames.decode_session_up(frame.payload))
             elif kind is FrameType.SESSION_DOWN:
@@ -287,26 +287,41 @@ class Cluster:
         found = sessions.get(full)
         return found is not None and found.deliver_wire(wire)
 
-    def _receive_fanout(self, data: bytes, recipients: list[str]) -> None:
+    async def _receive_fanout(self, data: bytes, recipients: list[str]) -> None:
         sessions = self.server.sessions
         # Written from the frame's bytes, each recipient's `to` spliced in;
-        # parsed (once) only if the bytes are not ours to splice.
+        # parsed (once) only if the bytes are not ours to splice, or for a
+        # copy that must be routed again.
         wire = WireStanza.from_bytes(data, None)
         shared = Shared(parse_stanza(data)) if wire is None else None
+        missed: list[tuple[JID, str]] = []
         for target in recipients:
             full, _, to = target.partition("\0")
             try:
                 jid = parse_jid(full)
             except InvalidJID:
                 continue
-            if not jid.resource:
-                for conn in sessions.of_user(jid):
-                    if conn.info.available:
-                        _deliver_copy(conn, wire, shared, to or full)
-                continue
-            found = sessions.get(jid)
-            if found is not None:
-                _deliver_copy(found, wire, shared, to or full)
+            try:
+                if not jid.resource:
+                    for conn in sessions.of_user(jid):
+                        if conn.info.available:
+                            _deliver_copy(conn, wire, shared, to or full)
+                    continue
+                found = sessions.get(jid)
+                if found is None or not _deliver_copy(found, wire, shared, to or full):
+                    missed.append((jid, to or full))
+            except Exception:
+                # One recipient's failure (a module's filter or tap) must not
+                # cost the others their copy.
+                log.exception("delivering a fan-out copy to %s failed", jid)
+        if not missed:
+            return
+        if shared is None:
+            shared = Shared(parse_stanza(data))
+        for jid, to in missed:
+            # The session ended, moved or is closing: what a STANZA frame
+            # for it gets (RFC 6121 §8.5.3.2), whatever shared the frame.
+            await self._receive_stanza(jid, to, shared.addressed(to))
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:
         full = parse_jid(entry.jid)
@@ -336,11 +351,12 @@ class Cluster:
 
 
 def _deliver_copy(conn: Connection, wire: WireStanza | None, shared: Shared | None,
-                  to: str) -> None:
+                  to: str) -> bool:
     if wire is not None:
-        conn.deliver_wire(wire.addressed(to))
-    elif shared is not None:
-        conn.deliver(shared.addressed(to))
+        return conn.deliver_wire(wire.addressed(to))
+    if shared is not None:
+        return conn.deliver(shared.addressed(to))
+    return False
 
 
 def _entry(info: SessionInfo, fields: list[tuple[str, bytes]] | None = None) -> SessionEntry:
