@@ -293,3 +293,79 @@ def test_fanout_copy_for_a_session_gone_is_routed_as_a_stanza_frame_would_be():
     rerouted = Server.router.rerouted
     assert [(m.get("to"), m.findtext("{jabber:client}body")) for m in rerouted] == [
         ("alice@localhost", "for both")]
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory,
+        cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("cross2") / "s"
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, shards=2,
+                     edit_config=with_sm_options) as proc:
+        yield proc
+
+
+def _room_on(shard: int, shards: int = 2) -> str:
+    import uuid
+    import zlib
+
+    for _ in range(1000):
+        room = f"room-{uuid.uuid4().hex[:8]}@conference.{DOMAIN}"
+        if zlib.crc32(room.encode()) % shards == shard:
+            return room
+    raise AssertionError("no room name homed on the shard")
+
+
+def test_occupant_stays_in_its_rooms_when_resumed_on_another_shard(two, ca_file):
+    """Alice, in a room, loses her connection and resumes the session on a
+    connection that lands on the other shard while Carol talks in the room.
+    A delivery in the moment the session is between shards must not make
+    the room drop her (Carol saw her leave with status 333, Alice was never
+    told and got no more groupchat): she stays, and gets every message."""
+    from tests.placement import TIMEOUT, Placement
+
+    muc = "http://jabber.org/protocol/muc"
+    place = Placement(two.log, two.c2s_port, ca_file, USERS)
+    try:
+        room = _room_on(0)
+        carol = place.login_on(0, "carol@localhost")
+        carol.send(f"<presence to='{room}/C'><x xmlns='{muc}'/></presence>")
+        carol.read_until("</subject>|<subject/>")
+        carol.send(f"<iq type='set' id='cfg' to='{room}'><query xmlns='{muc}#owner'>"
+                   "<x xmlns='jabber:x:data' type='submit'/></query></iq>")
+        carol.read_until(r"id=['\"]cfg['\"]")
+        alice = place.login_on(0, "alice@localhost")
+        previd, _ = enable(alice)
+        alice.send(f"<presence to='{room}/A'><x xmlns='{muc}'/></presence>")
+        alice.read_until("</subject>|<subject/>")
+        client, moves, previous, seen = alice, 0, 0, ""
+        for attempt in range(16):
+            if moves >= 3:
+                break
+            mark = two.log.mark()
+            client.close()
+            two.log.wait_for(rf"session {re.escape(alice.jid)} held", TIMEOUT, mark)
+            new = RawClient(two.c2s_port, ca_file)
+            new.authenticate(DOMAIN, "alice@localhost", USERS["alice@localhost"])
+            burst = "".join(f"<message to='{room}' type='groupchat' id='b{attempt}-{n}'>"
+                            f"<body>b{attempt}-{n}</body></message>" for n in range(60))
+            new.send(f"<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='0'/>")
+            carol.send(burst)
+            answer = new.read_until(r"<resumed[^>]*/>|</failed>")
+            assert "<resumed" in answer, answer
+            place.clients.append(new)
+            landed = two.log.wait_for(rf"shard-(\d+) .*resumed {re.escape(alice.jid)}$",
+                                      TIMEOUT, mark)
+            if int(landed[1]) != previous:
+                moves, previous = moves + 1, int(landed[1])
+            seen += carol.read_until(rf"b{attempt}-59</body>")
+            client = new
+        assert moves >= 1
+        left = re.findall(rf"<presence[^>]*from=['\"]{re.escape(room)}/A['\"][^>]*"
+                          r"type=['\"]unavailable['\"]", seen)
+        assert not left, seen
+        carol.send(f"<message to='{room}' type='groupchat' id='after'><body>after-resume</body>"
+                   "</message>")
+        carol.read_until("after-resume</body>")
+        client.read_until("after-resume</body>", timeout=20)
+    finally:
+        place.close_all()
