@@ -369,3 +369,36 @@ def test_occupant_stays_in_its_rooms_when_resumed_on_another_shard(two, ca_file)
         client.read_until("after-resume</body>", timeout=20)
     finally:
         place.close_all()
+
+
+def test_unacked_archive_results_are_not_routed_again_to_offline_storage(server, ca_file):
+    """Archive query results (and carbons) a stream-managed session never
+    confirmed mean nothing once it has ended: they are not routed again
+    (the next login got the old query's results from offline storage, as
+    if they were new messages); a real message left unconfirmed still is."""
+    from tests.test_mam import query, say
+
+    bob = login(server, ca_file, "bob@localhost")
+    carol = login(server, ca_file, "carol@localhost")
+    say(bob, "carol@localhost", "archived-one")
+    sync(bob)
+    carol.send("<presence/>")
+    carol.read_until("archived-one</body>")
+    enable(carol, 1)
+    results, _ = query(carol, fields={"with": "bob@localhost"})
+    assert results
+    say(bob, carol.jid, "unconfirmed")  # type: ignore[attr-defined]
+    carol.read_until("unconfirmed</body>")
+    mark = server.log.mark()
+    carol.close()
+    server.log.wait_for(rf"routed again the \d+ stanza\(s\) of {re.escape(carol.jid)}$",
+                        60, mark)  # type: ignore[attr-defined]
+    say(bob, "carol@localhost", "marker")  # stored offline after whatever was routed again
+    sync(bob)
+    fresh = login(server, ca_file, "carol@localhost")
+    fresh.send("<presence/>")
+    text = fresh.read_until("marker</body>")
+    assert "urn:xmpp:mam:2" not in text, text
+    assert text.count("unconfirmed</body>") == 1, text
+    fresh.close()
+    bob.close()

@@ -133,6 +133,26 @@ def stamp(at: float) -> str:
     return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+# Children of a message that only means something to the session it was
+# sent to: a carbon copy (XEP-0280, another resource got the original) and
+# an archive query's result (XEP-0313, the query is gone with the session).
+SESSION_ONLY = frozenset({
+    "{urn:xmpp:carbons:2}received", "{urn:xmpp:carbons:2}sent", "{urn:xmpp:mam:2}result",
+})
+
+
+def never_again(stanza: ET.Element) -> bool:
+    """Whether an unacknowledged `stanza` is dropped at the session's end
+    rather than routed again: carbons and archive results (as Prosody's
+    smacks does; routed again they reached other resources or offline
+    storage as if they were new messages). Offline messages, which are
+    also written without being kept, are routed again: their stored copy
+    was deleted once they were written."""
+    if stanza.tag != "{jabber:client}message":
+        return False
+    return any(child.tag in SESSION_ONLY for child in stanza)
+
+
 def encode_stanza(stanza: ET.Element) -> str:
     return serialize(stanza, stream_ns="").decode("utf-8")
 
@@ -223,7 +243,7 @@ class SmState:
         # The hold refers to the old connection (a key of `streams`).
         self.hold = None
         self.stream = None
-        out = [self.stamped(stanza, at) for stanza, at in self.queue]
+        out = [self.stamped(stanza, at) for stanza, at in self.queue if not never_again(stanza)]
         self.queue.clear()
         return out
 
