@@ -320,7 +320,8 @@ def test_occupant_stays_in_its_rooms_when_resumed_on_another_shard(two, ca_file)
     connection that lands on the other shard while Carol talks in the room.
     A delivery in the moment the session is between shards must not make
     the room drop her (Carol saw her leave with status 333, Alice was never
-    told and got no more groupchat): she stays, and gets every message."""
+    told and got no more groupchat): she stays, and gets every message,
+    also those already on their way to the shard she left."""
     from tests.placement import TIMEOUT, Placement
 
     muc = "http://jabber.org/protocol/muc"
@@ -358,6 +359,9 @@ def test_occupant_stays_in_its_rooms_when_resumed_on_another_shard(two, ca_file)
             if int(landed[1]) != previous:
                 moves, previous = moves + 1, int(landed[1])
             seen += carol.read_until(rf"b{attempt}-59</body>")
+            got = answer + new.read_until(rf">b{attempt}-59</body>", timeout=20)
+            missing = [n for n in range(60) if f">b{attempt}-{n}</body>" not in got]
+            assert not missing, (attempt, missing)
             client = new
         assert moves >= 1
         left = re.findall(rf"<presence[^>]*from=['\"]{re.escape(room)}/A['\"][^>]*"

@@ -436,6 +436,13 @@ class Manager:
         del self.local[rid]
         state.hold = None
         state.ended = True
+        router = self.module.router
+        # Make before break: until the new stream has the session, what is
+        # sent to it is kept (taken here) or passed on (taken elsewhere).
+        if for_shard == self.module.shard:
+            router.expect_session(state.info.jid)
+        else:
+            router.session_moving(state.info.jid, for_shard)
         hold.taken()
         home = self.module.owner(rid)
         if home == self.module.shard:
@@ -473,6 +480,13 @@ class Manager:
     def resolve(self, answer: dict[str, Any]) -> None:
         waiting = self.pending.get(answer["req"])
         if waiting is not None:
+            session = answer.get("session")
+            if session:
+                # Moving here: keep what arrives for it until it is bound.
+                try:
+                    self.module.router.expect_session(parse_jid(session["jid"]))
+                except (KeyError, TypeError, InvalidJID):
+                    pass
             waiting[1].append(answer)
             waiting[0].set()
 
@@ -608,6 +622,12 @@ def setup(module: Module) -> None:
         except (KeyError, TypeError, ValueError, InvalidJID, ET.ParseError):
             module.log.exception("a migrated session could not be read")
             stream.send_nonza(failed("internal-server-error"))
+            try:
+                lost = module.router.session_arrived(parse_jid(answer["session"]["jid"]))
+            except (KeyError, TypeError, InvalidJID):
+                lost = []
+            for stanza in lost:
+                await module.router.reroute(stanza)
             return
         new = SmState(manager, info, stream, rid, timeout)
         new.inbound = inbound
@@ -620,15 +640,19 @@ def setup(module: Module) -> None:
             # The new stream ended meanwhile: the session is nobody's now,
             # so what it was owed is routed again rather than lost.
             module.log.info("stream ended while resuming %s", info.jid)
-            for stanza in resend:
+            for stanza in [*resend, *module.router.session_arrived(info.jid)]:
                 await module.router.reroute(stanza)
             return
         manager.streams[stream] = new
         manager.local[rid] = new
         stream.send_nonza(_sm("resumed", previd=rid, h=str(new.inbound)))
-        for stanza in resend:  # each asks for an ack: one <r/> after the lot
+        # What the client did not confirm, then what was sent to the
+        # session while it moved (kept meanwhile, see take_local).
+        arrived = module.router.session_arrived(info.jid)
+        for stanza in [*resend, *arrived]:  # each asks for an ack: one <r/> after the lot
             module.router.deliver(info.jid, stanza)
-        module.log.info("resumed %s with %d stanza(s) sent again", info.jid, len(resend))
+        module.log.info("resumed %s with %d stanza(s) sent again and %d kept while it moved",
+                        info.jid, len(resend), len(arrived))
 
     module.add_stream_feature(feature, authenticated=True)
     module.add_nonza_handler(SM_NS, handle)

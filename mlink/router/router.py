@@ -122,6 +122,22 @@ class Router:
             return True
         return self.cluster is not None and self.cluster.deliver(full, stanza)
 
+    def session_moving(self, full: JID, shard: int) -> None:
+        """The session `full` is leaving this shard for `shard` (resumed
+        there): stanzas still arriving here for it are passed on."""
+        if self.cluster is not None and shard != self.cluster.shard:
+            self.cluster.moved(full, shard)
+
+    def expect_session(self, full: JID) -> None:
+        """The session `full` is about to be bound here: what is sent to
+        it meanwhile is kept (`session_arrived`), not taken for gone."""
+        if self.cluster is not None:
+            self.cluster.expect(full)
+
+    def session_arrived(self, full: JID) -> list[ET.Element]:
+        """What was kept for `full` since `expect_session`, in order."""
+        return self.cluster.arrived(full) if self.cluster is not None else []
+
     def deliver_tracked(self, full: JID, stanza: ET.Element) -> WriteReceipt | None:
         """Queue `stanza` for a session on this shard, to learn when it has
         really been written (a stanza held in the store until then, such as

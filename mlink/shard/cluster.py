@@ -30,6 +30,7 @@ unavailable presence their contacts would have got at logout.
 from __future__ import annotations
 
 import logging
+import time
 import xml.etree.ElementTree as ET
 import zlib
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from mlink.server import Server
 
 log = logging.getLogger(__name__)
+
+# How long a shard passes on stanzas for a session resumed on another
+# shard, at most (normally until that shard's SESSION_UP arrives).
+MOVED_SECONDS = 30.0
 
 _WRAP_OPEN = f"<s xmlns='{CLIENT_NS}'>".encode()
 _WRAP_CLOSE = b"</s>"
@@ -79,6 +84,12 @@ class Cluster:
         # Deliveries waiting for the end of the current routing step:
         # (shard, payload bytes) -> recipients.
         self._pending: dict[tuple[int, bytes], list[str]] = {}
+        # Sessions resumed from here on another shard (XEP-0198), for a
+        # while: stanzas still reaching this shard for them are passed on.
+        self._moved: dict[JID, tuple[int, float]] = {}
+        # Sessions being resumed here from another shard, not yet bound:
+        # what arrives for them meanwhile, in order (`arrived`).
+        self._expected: dict[JID, list[ET.Element]] = {}
         bus.handler = self
 
     # -- the router's questions -------------------------------------------------
@@ -116,10 +127,38 @@ class Cluster:
         """Queue `stanza` for a session on another shard; grouped with the
         same payload for the same shard until `flush`."""
         remote = self._remote.get(full)
-        if remote is None:
-            return False
-        self._queue(remote.shard, str(full), stanza)
-        return True
+        if remote is not None:
+            self._queue(remote.shard, str(full), stanza)
+            return True
+        waiting = self._expected.get(full)
+        if waiting is not None:
+            waiting.append(stanza)
+            return True
+        moved = self._moved.get(full)
+        if moved is not None:
+            if moved[1] > time.monotonic():
+                self._queue(moved[0], str(full), stanza)
+                return True
+            del self._moved[full]
+        return False
+
+    # -- a session moving between shards (stream management resumption) --------
+
+    def moved(self, full: JID, shard: int) -> None:
+        """The session `full` left this shard for `shard`: until that shard
+        announces it (or MOVED_SECONDS pass), what still comes here for it
+        (frames already on their way, local deliveries) goes there."""
+        self._moved[full] = (shard, time.monotonic() + MOVED_SECONDS)
+
+    def expect(self, full: JID) -> None:
+        """The session `full` is about to be bound here (its state is on
+        its way): keep what arrives for it until `arrived`."""
+        self._expected.setdefault(full, [])
+
+    def arrived(self, full: JID) -> list[ET.Element]:
+        """What was kept for `full` since `expect`, in order (the session
+        is bound now, or will not be: the caller delivers or routes it)."""
+        return self._expected.pop(full, [])
 
     def _queue(self, shard: int, target: str, stanza: ET.Element) -> None:
         to = stanza.attrib.pop("to", None)
@@ -334,6 +373,7 @@ class Cluster:
             info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
         remote = RemoteSession(shard, entry.session_id, info)
         self._remote.put(full, remote)
+        self._moved.pop(full, None)  # announced where it went
 
     def _remove(self, full: JID, session_id: int, shard: int | None = None) -> None:
         """Drop the replica of `full` if it is that session (ids are unique
