@@ -19,11 +19,11 @@ Stanza events (handlers get a `StanzaEvent`, return True to consume it):
 Session events (handlers get a `SessionInfo`, return value ignored):
 - `session/bound`, `session/closed`, `session/initial-presence`.
 
-Server events: `server/stopping` (payload None) before the streams end at
-shutdown, for modules that tell users (a chat room's status 332).
-`server/stopped` (the server; return value ignored) once every session has
-ended at shutdown, while the store is still open: a module writes out
-what it buffered (the archive's queued writes).
+Server events (return value ignored): `server/stopping` (payload None)
+before the streams end at shutdown, for modules that tell users (a chat
+room's status 332); `server/stopped` (the server) once every session has
+ended at shutdown, while the store is still open: a module writes out what
+it buffered (the archive's queued writes).
 
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).

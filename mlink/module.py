@@ -69,6 +69,8 @@ class ModuleHost(Protocol):
     def owner(self, key: str) -> int: ...
     @property
     def shard(self) -> int: ...
+    @property
+    def shard_count(self) -> int: ...
     def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None: ...
     def add_sasl_mechanism(self, provider: MechanismProvider) -> None: ...
     def add_credential_source(self, kind: str, source: CredentialSource) -> None: ...
@@ -233,6 +235,12 @@ class Module:
     @property
     def shard(self) -> int:
         return self._host.shard
+
+    @property
+    def shard_count(self) -> int:
+        """How many shards the server runs (configured, alive or not): how
+        many answers a question to every shard can get."""
+        return self._host.shard_count
 
     def owner(self, key: str) -> int:
         """The shard that owns `key` (a room, a resumption token): the same

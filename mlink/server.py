@@ -439,6 +439,11 @@ class Server:
         cluster = self.router.cluster
         return cluster.shard if cluster is not None else 0
 
+    @property
+    def shard_count(self) -> int:
+        cluster = self.router.cluster
+        return max(1, cluster.bus.shards) if cluster is not None else 1
+
     def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None:
         self.stream_feature_providers.append((provider, authenticated))
 

@@ -174,13 +174,14 @@ def new_setup(root: Path, domain: str, password_hash: str | None = None) -> Pros
     return setup
 
 
-class ProsodyClient:
-    """A plain-TCP login to Prosody (PLAIN, bind) on a RawClient."""
+class PlainClient:
+    """A plain-TCP login (PLAIN, bind) on a RawClient, to Prosody or
+    ejabberd configured to allow it (loopback tests of data, not TLS)."""
 
-    def __init__(self, setup: ProsodySetup, user: str, password: str,
+    def __init__(self, port: int, domain: str, user: str, password: str,
                  resource: str = "mig") -> None:
-        self.raw = RawClient(setup.port)
-        self.raw.send(header(setup.domain))
+        self.raw = RawClient(port)
+        self.raw.send(header(domain))
         self.raw.read_until(r"</stream:features>")
         token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         self.raw.send("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>"
@@ -189,7 +190,7 @@ class ProsodyClient:
         self.ok = "<success" in answer
         if not self.ok:
             return
-        self.raw.send(header(setup.domain))
+        self.raw.send(header(domain))
         self.raw.read_until(r"</stream:features>")
         self.raw.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>"
                       f"<resource>{resource}</resource></bind></iq>")
@@ -209,7 +210,7 @@ class ProsodyClient:
 
 def login_ok(setup: ProsodySetup, user: str, password: str) -> bool:
     """Whether Prosody accepts `user`'s PLAIN login with `password`."""
-    client = ProsodyClient(setup, user, password)
+    client = PlainClient(setup.port, setup.domain, user, password)
     try:
         return client.ok
     finally:

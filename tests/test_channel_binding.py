@@ -110,10 +110,17 @@ def _rsa_key() -> rsa.RSAPrivateKey:
     return _RSA_KEY
 
 
-@pytest.mark.parametrize("kind", ["rsa", "rsa-pss", "ec", "dsa"])
-@pytest.mark.parametrize("algorithm", [hashes.SHA224(), hashes.SHA256(), hashes.SHA384(),
-                                       hashes.SHA512(), hashes.SHA3_256()],
-                         ids=lambda a: a.name)
+_HASHES = [hashes.SHA224(), hashes.SHA256(), hashes.SHA384(), hashes.SHA512(),
+           hashes.SHA3_256()]
+# Every key type with every hash, but the pairs `cryptography` cannot
+# sign or read back (DSA beyond SHA-256): listed, not skipped.
+_SIGNABLE = [(kind, algorithm) for kind in ("rsa", "rsa-pss", "ec", "dsa")
+             for algorithm in _HASHES
+             if not (kind == "dsa" and algorithm.name not in ("sha224", "sha256"))]
+
+
+@pytest.mark.parametrize(("kind", "algorithm"), _SIGNABLE,
+                         ids=[f"{a.name}-{k}" for k, a in _SIGNABLE])
 def test_end_point_hash_read_from_der_agrees_with_cryptography(kind, algorithm) -> None:
     """The signature hash is read from the DER bytes without `cryptography`
     (issue 14: that package cost each shard ~9 MiB); it must name the hash
@@ -121,8 +128,6 @@ def test_end_point_hash_read_from_der_agrees_with_cryptography(kind, algorithm) 
     key: Any
     padding_arg: dict[str, Any] = {}
     if kind == "dsa":
-        if algorithm.name.startswith("sha3"):
-            pytest.skip("no DSA with SHA-3 in cryptography")
         key = dsa.generate_private_key(key_size=2048)
     elif kind == "ec":
         key = ec.generate_private_key(ec.SECP256R1())
@@ -141,12 +146,9 @@ def test_end_point_hash_read_from_der_agrees_with_cryptography(kind, algorithm) 
             .sign(key, algorithm, **padding_arg)
         )
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        pytest.skip(f"cryptography cannot sign {kind} with {algorithm.name}: {exc}")
+        raise AssertionError(f"cryptography cannot sign {kind} with {algorithm.name}") from exc
     der = cert.public_bytes(serialization.Encoding.DER)
-    try:
-        expected = x509.load_der_x509_certificate(der).signature_hash_algorithm
-    except UnsupportedAlgorithm:
-        pytest.skip(f"cryptography cannot read back {kind} with {algorithm.name}")
+    expected = x509.load_der_x509_certificate(der).signature_hash_algorithm
     assert expected is not None
     assert signature_hash_name(der) == expected.name.replace("-", "_")
     assert tls_server_end_point(der) == hashlib.new(expected.name, der).digest()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,20 @@ def test_log_file_is_reopened_on_sigusr1(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     assert proc.stderr is not None and proc.stderr.read() == ""
+
+
+def test_the_package_ships_conf_and_builds_without_warnings(tmp_path: Path) -> None:
+    """Issue 18: the schema, ACL, samples and unit that the docs tell
+    administrators to load are in the installed package (mlink/conf), and
+    building it prints no deprecation warnings (the SPDX license)."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", str(REPO), "--no-deps",
+                           "-w", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning" not in (proc.stdout + proc.stderr).lower(), proc.stdout + proc.stderr
+    (wheel,) = tmp_path.glob("mlink-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+    for shipped in ("mlink-schema.ldif", "mlink.schema", "mlink-acl.ldif", "mlink.service"):
+        assert f"mlink/conf/{shipped}" in names, shipped
+    assert b"License-Expression: MIT" in metadata

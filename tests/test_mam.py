@@ -243,3 +243,39 @@ def test_slixmpp_pages_through_the_archive(server, ca_file):
 
     assert asyncio.run(asyncio.wait_for(run(), TIMEOUT)) == [f"s{n}" for n in range(7)]
     sender.close()
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory: pytest.TempPathFactory,
+               cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("mam2") / "s"
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, shards=2) as proc:
+        yield proc
+
+
+def test_a_conversation_across_two_shards_is_archived_in_order(two_shards, ca_file):
+    """Each shard makes the archive ids of what it routes; the archive of a
+    user whose peer is on the other shard still reads in conversation order."""
+    from tests.placement import Placement
+
+    place = Placement(two_shards.log, two_shards.c2s_port, ca_file, USERS)
+    try:
+        alice = place.login_on(0, "alice@localhost")
+        bob = place.login_on(1, "bob@localhost")
+        said = []
+        for n in range(6):
+            speaker, listener = (alice, bob) if n % 2 else (bob, alice)
+            body = f"turn{n}"
+            say(speaker, listener.jid, body)  # type: ignore[attr-defined]
+            listener.read_until(f"{body}</body>")  # delivered (and archived) before the reply
+            said.append(body)
+        # A query waits for every shard's writes, including those of the
+        # messages the other shard routed.
+        for client in (alice, bob):
+            page, iq = query(client)
+            assert [b for _, b in page] == said and fin(iq)[0]
+            # Each shard made the ids of what it routed: its number is in
+            # the low bits, so the two shards' ids can never collide.
+            assert {int(item_id) % 64 for item_id, _ in page} == {0, 1}
+    finally:
+        place.close_all()

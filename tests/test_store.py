@@ -577,14 +577,18 @@ async def test_module_archive_group_commits_concurrent_appends(store: Store) -> 
 
 def test_archive_ids_are_unique_across_shards_and_ordered_in_time() -> None:
     zero, one = ArchiveIds(0), ArchiveIds(1)
-    same_ms = [zero.next(1000.0) for _ in range(3000)]  # past 1024 in one millisecond
-    assert same_ms == sorted(same_ms) and len(set(same_ms)) == 3000
+    same_us = [zero.next(1000.0) for _ in range(3000)]  # many in one microsecond
+    assert same_us == sorted(same_us) and len(set(same_us)) == 3000
     later = one.next(1000.5)
-    assert later not in same_ms and later % 64 == 1  # the shard is in the low bits
-    assert zero.next(1001.0) > same_ms[-1]
-    assert one.next(2000.0) > zero.next(1999.0)  # time order across shards
+    assert later not in same_us and later % 64 == 1  # the shard is in the low bits
+    assert zero.next(1001.0) > same_us[-1]
+    assert one.next(2000.000002) > zero.next(2000.000001)  # time order across shards
     with pytest.raises(ValueError):
         ArchiveIds(64)
+    # After a restart with the clock stepped back, ids stay above the store's.
+    restarted = ArchiveIds(0)
+    restarted.above(same_us[-1])
+    assert restarted.next(500.0) > same_us[-1]
 
 
 async def test_module_archive_items_with_chosen_ids(store: Store) -> None:

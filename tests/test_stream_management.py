@@ -364,3 +364,35 @@ def test_counters_wrap_at_two_to_the_32():
     assert [e.tag for e, _ in state.queue] == ["s3"] and state.acked == 1
     assert not state.acknowledge(3)  # two more than sent
     assert state.acknowledge(2) and not state.queue
+
+
+def test_resume_takes_a_live_session_from_the_other_shard(two_shards, ca_file):
+    """The client reconnects before either shard saw its old connection
+    die, and lands on the other shard: the old connection is cut there and
+    the session moves here."""
+    place = Placement(two_shards.log, two_shards.c2s_port, ca_file, USERS)
+    try:
+        old = place.login_on(0, "dave@localhost")
+        sender = place.login_on(1, "bob@localhost")
+        previd, _ = enable(old)
+        handled, shard = 0, 0
+        for _ in range(40):  # until a reconnection lands on the other shard
+            mark = two_shards.log.mark()
+            new, answer = resume(two_shards, ca_file, "dave@localhost", previd, handled)
+            assert "<resumed" in answer, answer
+            m = two_shards.log.wait_for(
+                rf"shard-(\d+) .*resumed {re.escape(old.jid)}$", TIMEOUT, mark)  # type: ignore[attr-defined]
+            old.wait_closed()  # the server cut the old connection
+            assert old.eof
+            old.close()
+            new.jid = old.jid  # type: ignore[attr-defined]
+            moved = int(m[1]) != shard
+            shard, old = int(m[1]), new
+            if moved:
+                break
+        assert moved, "no reconnection landed on the other shard"
+        place.clients.append(old)
+        message(sender, old.jid, "after-move")  # type: ignore[attr-defined]
+        assert ">after-move<" in old.read_until("after-move</body>")
+    finally:
+        place.close_all()

@@ -94,9 +94,8 @@ def build_spec(a: argparse.Namespace) -> dict[str, Any]:
         "count": a.count, "users": a.users, "duration": min(a.duration, MAX_SECONDS),
         "sessions": a.sessions, "pairs": a.pairs, "steps": steps,
         "max_p99_ms": a.max_p99_ms, "contacts": a.contacts, "setup_seconds": a.setup_seconds,
-        "setup_rounds": a.setup_rounds, "sm_every": max(0, a.sm_every),
-        "rooms": a.rooms, "occupants": a.occupants,
-        "muc_service": a.muc_service,
+        "setup_rounds": a.setup_rounds, "rooms": a.rooms, "occupants": a.occupants,
+        "muc_service": a.muc_service, "sm_every": max(0, a.sm_every),
     }
     return spec
 

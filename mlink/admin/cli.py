@@ -656,23 +656,25 @@ BAD_INPUT = 2
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mlink.admin.xep0227 import MigrationError, run_export
+    from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_export
+    from mlink.store import StoreError
 
     config = _load(args.config)
     try:
         summary = trio.run(run_export, config, args.file, args.per_user)
-    except (MigrationError, OSError) as exc:
+    except (MigrationError, StoreVersionError, StoreError, OSError) as exc:
         raise CommandError(str(exc)) from None
     for jid in summary.without_credentials:
-        print(f"mlink: warning: {jid} has no SCRAM secrets; exported without credentials",
-              file=sys.stderr)
+        print(f"mlink: warning: {jid} has no current SCRAM secrets; exported without "
+              "credentials", file=sys.stderr)
     where = args.file if not args.per_user else f"{len(summary.files)} files in {args.file}"
     print(f"exported {summary.users} accounts to {where}")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from mlink.admin.xep0227 import MigrationError, run_import
+    from mlink.admin.xep0227 import MigrationError, StoreVersionError, run_import
+    from mlink.store import StoreError
 
     config = _load(args.config)
     try:
@@ -680,6 +682,8 @@ def cmd_import(args: argparse.Namespace) -> int:
     except MigrationError as exc:
         print(f"mlink: {exc}", file=sys.stderr)
         return BAD_INPUT
+    except (StoreVersionError, StoreError) as exc:
+        raise CommandError(str(exc)) from None
     for warning in summary.warnings:
         print(f"mlink: {warning}", file=sys.stderr)
     print(summary.line(plan.skipped))

@@ -73,6 +73,7 @@ CLIENT_NS = "jabber:client"
 ROSTER_NS = "jabber:iq:roster"
 PRIVATE_NS = "jabber:iq:private"
 VCARD_NS = "vcard-temp"
+XINCLUDE = "{http://www.w3.org/2001/XInclude}include"
 
 # An export bigger than this is refused before it is parsed: the whole
 # tree is held in memory while it is checked (roughly ten times the file).
@@ -98,6 +99,11 @@ class MigrationError(Exception):
         super().__init__(f"{where}: {' '.join(problem.split())}")
 
 
+class StoreVersionError(Exception):
+    """The store is of another schema version than this mlink's (not a
+    problem of the files: exit status 1, not 2)."""
+
+
 def _q(ns: str, tag: str) -> str:
     return f"{{{ns}}}{tag}"
 
@@ -118,6 +124,8 @@ class UserData:
     vcard: ET.Element | None = None
     private: dict[str, bytes] = field(default_factory=dict)
     offline: list[bytes] = field(default_factory=list)
+    # What sections added through `SECTIONS` keep, by section name.
+    extra: dict[str, list[object]] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,7 +135,7 @@ class ImportPlan:
 
     users: dict[str, UserData] = field(default_factory=dict)
     skipped: Counter[str] = field(default_factory=Counter)
-    warnings: list[str] = field(default_factory=list)
+    read_files: set[Path] = field(default_factory=set)
 
 
 class _Lines:
@@ -178,8 +186,15 @@ def _parse(path: Path) -> tuple[ET.Element, dict[int, int]]:
         message = re.sub(r":\s*line \d+, column \d+$", "", str(exc))
         raise MigrationError(path, line, f"XML syntax error: {message}") from None
     except DefusedXmlException as exc:
+        what = type(exc).__name__
+        reasons = {
+            "DTDForbidden": "a DOCTYPE declaration (refused: XEP-0227 files have none, and "
+                            "entity expansion is a denial of service)",
+            "EntitiesForbidden": "an entity declaration (refused: no entity is expanded)",
+            "ExternalReferenceForbidden": "an external reference (refused: nothing is fetched)",
+        }
         raise MigrationError(path, parser.parser.CurrentLineNumber,
-                             f"forbidden XML construct ({type(exc).__name__})") from None
+                             f"forbidden XML construct: {reasons.get(what, what)}") from None
     return root, target.lines
 
 
@@ -206,12 +221,24 @@ class _Context:
 
 @dataclass(frozen=True)
 class Section:
-    """A kind of per-user data: the element(s) it reads in a `<user>` and
-    how. Rooms and archives plug in here once mlink has them: `parse`
-    fills the user's record (raising MigrationError for a bad element)."""
+    """A kind of per-user data and how it moves. The built-in ones only
+    `parse` (their rows are written by `_write_store` and exported by
+    `_user_element`); rooms and archives plug in here once mlink has them,
+    with all three:
 
+    - `parse(ctx, user, elem)` checks an element of a `<user>` and keeps
+      what it needs in `user.extra[name]` (MigrationError for a bad one);
+    - `write(conn, user)`, inside the import's one store transaction,
+      writes it, returning how many rows it wrote (0 when all was there);
+    - `export(conn)`, inside the export's one read transaction, returns
+      the elements to add to each user's `<user>`, by bare JID.
+    """
+
+    name: str
     tags: tuple[str, ...]
     parse: Callable[[_Context, UserData, ET.Element], None]
+    write: Callable[[sqlite3.Connection, UserData], int] | None = None
+    export: Callable[[sqlite3.Connection], dict[str, list[ET.Element]]] | None = None
 
 
 def _bare(ctx: _Context, elem: ET.Element, text: str | None, what: str) -> str:
@@ -339,6 +366,14 @@ def _parse_scram(ctx: _Context, user: UserData, elem: ET.Element) -> None:
         raise ctx.fail(elem, f"scram-credentials iteration count {iterations} outside "
                              f"{MIN_ITERATIONS}..{MAX_ITERATIONS}")
     salt, stored, server = b64("salt"), b64("stored-key"), b64("server-key")
+    if len(stored) not in KEY_BYTES:
+        # ejabberd 23.01's export_piefxis base64-encodes the base64 text it
+        # stores, for the keys and the salt alike: decode all three again.
+        try:
+            salt, stored, server = (base64.b64decode(v, validate=True)
+                                    for v in (salt, stored, server))
+        except (binascii.Error, ValueError):
+            pass  # not that: reported as the wrong key length below
     mechanism = KEY_BYTES.get(len(stored))
     if mechanism is None or len(server) != len(stored) or label not in HASHES:
         raise ctx.fail(elem, f"scram-credentials {label!r} with {len(stored)}-byte keys: "
@@ -349,40 +384,76 @@ def _parse_scram(ctx: _Context, user: UserData, elem: ET.Element) -> None:
 
 
 SECTIONS: tuple[Section, ...] = (
-    Section((_q(SCRAM_NS, "scram-credentials"),), _parse_scram),
-    Section((_q(ROSTER_NS, "query"),), _parse_roster),
-    Section((_q(CLIENT_NS, "presence"), _q(PIE_NS, "presence")), _parse_pending),
-    Section((_q(VCARD_NS, "vCard"),), _parse_vcard),
-    Section((_q(PRIVATE_NS, "query"),), _parse_private),
-    Section((_q(PIE_NS, "offline-messages"),), _parse_offline),
+    Section("scram", (_q(SCRAM_NS, "scram-credentials"),), _parse_scram),
+    Section("roster", (_q(ROSTER_NS, "query"),), _parse_roster),
+    Section("pending", (_q(CLIENT_NS, "presence"), _q(PIE_NS, "presence")), _parse_pending),
+    Section("vcard", (_q(VCARD_NS, "vCard"),), _parse_vcard),
+    Section("private", (_q(PRIVATE_NS, "query"),), _parse_private),
+    Section("offline", (_q(PIE_NS, "offline-messages"),), _parse_offline),
 )
-_BY_TAG = {tag: section for section in SECTIONS for tag in section.tags}
+
+
+def _section_for(tag: str) -> Section | None:
+    """Looked up at each use, so a section added to SECTIONS (by a feature
+    module, or a test) takes part without anything else to update."""
+    return next((section for section in SECTIONS if tag in section.tags), None)
 
 
 def _local(tag: str) -> str:
     return tag.rpartition("}")[2]
 
 
-def _read_file(path: Path, domains: frozenset[str], plan: ImportPlan) -> None:
+def _read_file(path: Path, domains: frozenset[str], plan: ImportPlan,
+               host_only: bool = False) -> None:
+    """One file: `<server-data>` (Prosody, and ejabberd's index file), or
+    a `<host>` (the per-host files ejabberd's index includes)."""
+    plan.read_files.add(path.resolve())
     root, lines = _parse(path)
     ctx = _Context(path, lines, domains, plan)
-    if root.tag != _q(PIE_NS, "server-data"):
+    if root.tag == _q(PIE_NS, "host"):
+        _read_host(ctx, root)
+        return
+    if host_only or root.tag != _q(PIE_NS, "server-data"):
+        expected = "<host>" if host_only else f"<server-data xmlns='{PIE_NS}'>"
         raise ctx.fail(root, f"not a XEP-0227 file: the root is <{_local(root.tag)}>, "
-                             f"not <server-data xmlns='{PIE_NS}'>")
+                             f"not {expected}")
     for host in root:
-        if host.tag != _q(PIE_NS, "host"):
+        if host.tag == XINCLUDE:
+            _include(ctx, host)
+        elif host.tag == _q(PIE_NS, "host"):
+            _read_host(ctx, host)
+        else:
             raise ctx.fail(host, f"unexpected <{_local(host.tag)}> in <server-data>")
-        domain = (host.get("jid") or "").strip().lower()
-        if not domain:
-            raise ctx.fail(host, "<host> without a jid")
-        if domain not in domains:
-            raise ctx.fail(host, f"host {domain} is not a domain this server serves "
-                                 f"({', '.join(sorted(domains))})")
-        for elem in host:
-            if elem.tag != _q(PIE_NS, "user"):
-                plan.skipped[_local(elem.tag)] += 1  # host data: rooms, pubsub
-                continue
-            _read_user(ctx, domain, elem)
+
+
+def _include(ctx: _Context, elem: ET.Element) -> None:
+    """ejabberd's `export_piefxis` index: `<xi:include href='..._host.xml'/>`,
+    a file beside it. Only a plain file name is followed (no path, no
+    URL: an import reads nothing the administrator did not point it at)."""
+    href = elem.get("href") or ""
+    if not href or "/" in href or "\\" in href or href.startswith(".") or ":" in href:
+        raise ctx.fail(elem, f"xi:include of {href!r}: only a file name beside this file "
+                             "is followed")
+    target = ctx.path.parent / href
+    if target.resolve() in ctx.plan.read_files:
+        return  # a directory import read it already
+    if not target.is_file():
+        raise ctx.fail(elem, f"xi:include of {href!r}: no such file beside this one")
+    _read_file(target, ctx.domains, ctx.plan, host_only=True)
+
+
+def _read_host(ctx: _Context, host: ET.Element) -> None:
+    domain = (host.get("jid") or "").strip().lower()
+    if not domain:
+        raise ctx.fail(host, "<host> without a jid")
+    if domain not in ctx.domains:
+        raise ctx.fail(host, f"host {domain} is not a domain this server serves "
+                             f"({', '.join(sorted(ctx.domains))})")
+    for elem in host:
+        if elem.tag != _q(PIE_NS, "user"):
+            ctx.plan.skipped[_local(elem.tag)] += 1  # host data: rooms, pubsub
+            continue
+        _read_user(ctx, domain, elem)
 
 
 def _read_user(ctx: _Context, domain: str, elem: ET.Element) -> None:
@@ -396,7 +467,7 @@ def _read_user(ctx: _Context, domain: str, elem: ET.Element) -> None:
     if user.password == "":
         raise ctx.fail(elem, f"user {jid}: empty password")
     for child in elem:
-        section = _BY_TAG.get(child.tag)
+        section = _section_for(child.tag)
         if section is None:
             ctx.plan.skipped[_local(child.tag)] += 1
             continue
@@ -413,7 +484,11 @@ def _files(path: Path) -> list[Path]:
     if not path.is_dir():
         return [path]
     found: list[Path] = []
-    for entry in sorted(path.iterdir()):
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as exc:
+        raise MigrationError(path, None, f"cannot read: {exc.strerror}") from None
+    for entry in entries:
         if entry.suffix == ".xml" and entry.is_file():
             found.append(entry)
             if len(found) > MAX_DIRECTORY_FILES:
@@ -427,7 +502,8 @@ def read_plan(path: Path, domains: frozenset[str]) -> ImportPlan:
     """Parse and check every file; MigrationError at the first problem."""
     plan = ImportPlan()
     for file in _files(path):
-        _read_file(file, domains, plan)
+        if file.resolve() not in plan.read_files:  # not included by an index read before
+            _read_file(file, domains, plan)
     return plan
 
 
@@ -442,6 +518,7 @@ class ImportSummary:
     private: int = 0
     offline: int = 0
     vcards: int = 0
+    other: int = 0  # rows written by sections added to SECTIONS
     warnings: list[str] = field(default_factory=list)
 
     def line(self, skipped: Counter[str]) -> str:
@@ -451,6 +528,8 @@ class ImportSummary:
                 f"{self.roster_items} roster items, {self.pending} subscription requests, "
                 f"{self.vcards} vCards, {self.private} private XML elements, "
                 f"{self.offline} offline messages")
+        if self.other:
+            text += f", {self.other} other items"
         if skipped:
             text += "; skipped: " + ", ".join(f"{n} <{tag}>" for tag, n in
                                               sorted(skipped.items()))
@@ -505,6 +584,9 @@ def _write_store(conn: sqlite3.Connection, users: list[UserData],
             conn.execute("INSERT INTO offline_message (user, stanza) VALUES (?, ?)",
                          (user.jid, stanza))
             summary.offline += 1
+        for section in SECTIONS:
+            if section.write is not None and section.name in user.extra:
+                summary.other += section.write(conn, user)
 
 
 def _groups_json(groups: tuple[str, ...]) -> str:
@@ -583,6 +665,7 @@ class _StoreSnapshot:
     pending: dict[str, list[bytes]] = field(default_factory=dict)
     private: dict[str, list[bytes]] = field(default_factory=dict)
     offline: dict[str, list[bytes]] = field(default_factory=dict)
+    extra: dict[str, list[ET.Element]] = field(default_factory=dict)  # from SECTIONS
 
 
 def _read_store(conn: sqlite3.Connection) -> _StoreSnapshot:
@@ -601,6 +684,10 @@ def _read_store(conn: sqlite3.Connection) -> _StoreSnapshot:
         snap.private.setdefault(user, []).append(bytes(value))
     for user, stanza in conn.execute("SELECT user, stanza FROM offline_message ORDER BY id"):
         snap.offline.setdefault(user, []).append(bytes(stanza))
+    for section in SECTIONS:
+        if section.export is not None:
+            for user, elements in section.export(conn).items():
+                snap.extra.setdefault(user, []).extend(elements)
     return snap
 
 
@@ -651,6 +738,7 @@ def _user_element(jid: str, secrets: list[ScramSecret], snap: _StoreSnapshot,
         box = ET.SubElement(user, _q(PIE_NS, "offline-messages"))
         for data in offline:
             box.append(ET.fromstring(data))
+    user.extend(snap.extra.get(jid, []))
     return user
 
 
@@ -730,6 +818,43 @@ def _write_document(path: Path, hosts: dict[str, list[ET.Element]]) -> None:
 # -- the commands ---------------------------------------------------------------------
 
 
+def _store_version(db: Path) -> int:
+    """The schema version of an existing store, read without writing."""
+    conn = _connect_read_only(db)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _connect_read_only(db: Path) -> sqlite3.Connection:
+    """A connection that cannot write (SQLite `mode=ro`, `query_only`):
+    an export must never create, migrate or change the live store."""
+    from mlink.store.sqlite import BUSY_TIMEOUT_MS
+
+    conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True,
+                           timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                           check_same_thread=False)  # one worker thread at a time (Store)
+    conn.execute("PRAGMA query_only = ON")
+    return conn
+
+
+def _check_store_version(db: Path) -> None:
+    """Refuse a store of another schema version: opening it here would
+    migrate it under a server still running the older mlink (or could not
+    read a newer one)."""
+    from mlink.store import SCHEMA_VERSION
+
+    try:
+        found = _store_version(db)
+    except sqlite3.Error as exc:
+        raise StoreVersionError(f"{db}: cannot read the store: {exc}") from None
+    if found != SCHEMA_VERSION:
+        raise StoreVersionError(f"{db}: store schema version {found}, but this mlink has "
+                                f"version {SCHEMA_VERSION}: run it with the mlink the server "
+                                "runs (a server start migrates the store)")
+
+
 async def run_import(config: Config, path: Path) -> tuple[ImportSummary, ImportPlan]:
     """`mlink import PATH`: check every file, then write (see the module
     docstring). MigrationError before anything is written."""
@@ -737,26 +862,40 @@ async def run_import(config: Config, path: Path) -> tuple[ImportSummary, ImportP
     from mlink.store import DEFAULT_FILENAME, Store
 
     plan = read_plan(path, frozenset(d.lower() for d in config.domains))
+    db = config.data_dir / DEFAULT_FILENAME
+    if db.exists():
+        _check_store_version(db)
     directory = open_directory(config.directory)
     try:
-        async with await Store.open(config.data_dir / DEFAULT_FILENAME) as store:
+        async with await Store.open(db) as store:
             return await import_plan(config, directory, store, plan), plan
     finally:
         await directory.aclose()
 
 
 async def run_export(config: Config, target: Path, per_user: bool) -> ExportSummary:
-    """`mlink export TARGET`: the store is read only if the server (or an
-    import) created it; a setup that never ran has accounts only."""
+    """`mlink export TARGET`: the store is read through read-only
+    connections, only if the server (or an import) created it; a setup
+    that never ran has accounts only."""
     from mlink.directory import open_directory
     from mlink.store import DEFAULT_FILENAME, Store
 
+    db = config.data_dir / DEFAULT_FILENAME
     directory = open_directory(config.directory)
     try:
-        db = config.data_dir / DEFAULT_FILENAME
         if not db.exists():
             return await export(config, directory, None, target, per_user)
-        async with await Store.open(db) as store:
+        _check_store_version(db)
+        try:
+            writer = _connect_read_only(db)  # never writes: Store's second connection
+            try:
+                reader = _connect_read_only(db)
+            except BaseException:
+                writer.close()
+                raise
+        except sqlite3.Error as exc:
+            raise StoreVersionError(f"{db}: cannot read the store: {exc}") from None
+        async with Store(db, writer, reader) as store:
             return await export(config, directory, store, target, per_user)
     finally:
         await directory.aclose()

@@ -676,12 +676,18 @@ class PortDirectory(Directory):
     async def scram_credentials(self) -> dict[str, list[ScramSecret]]:
         """Every user's stored SCRAM secrets by bare JID, from one paged
         search (an export reads them all; binding values are left out).
-        A user with none (provisioned by another tool) maps to []."""
+        A user with none (provisioned by another tool), or whose secrets
+        predate a password change made outside mlink (stale: they would
+        let the old password in), maps to []."""
         attr = self.layout.scram_attribute
         out: dict[str, list[ScramSecret]] = {}
-        for entry in await self._all_users([self.layout.jid_attribute, attr]):
+        for entry in await self._all_users([self.layout.jid_attribute, attr, "userPassword"]):
             jid = _text(entry.get(self.layout.jid_attribute)[0])
-            found = (ScramSecret.from_auth_password(_text(v)) for v in entry.get(attr))
+            values = entry.get(attr)
+            if binding_state(values, entry.get("userPassword")) == "stale":
+                out[jid] = []
+                continue
+            found = (ScramSecret.from_auth_password(_text(v)) for v in values)
             out[jid] = [secret for secret in found if secret is not None]
         return out
 

@@ -37,6 +37,8 @@ Room archives are not implemented here (multi-user chat is being built).
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import json
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -85,10 +87,15 @@ MAX_PREFS_JIDS = 1000
 WRITE_BATCH_ITEMS = 500
 MAX_UNWRITTEN = 20_000
 # A query waits this long at most for earlier messages to be written (a
-# failing store must not hang queries; they then show what is written).
+# failing store must not hang queries; they then show what is written) ...
 FLUSH_WAIT = 5.0
-# After a failed write (disk full, a locked file), try again after this long.
+# ... and this long for the other shards to say theirs are written (a shard
+# restarting does not answer; the query then shows what is there).
+REMOTE_FLUSH_WAIT = 2.0
+# After a failed write (disk full, a locked file), try again after this
+# long, this many times; then item by item, dropping only what still fails.
 WRITE_RETRY = 1.0
+WRITE_RETRIES = 3
 # How often retention runs, and how many items one delete removes.
 RETENTION_INTERVAL = 3600.0
 RETENTION_BATCH = 10_000
@@ -276,6 +283,10 @@ class Writer:
     def __init__(self, module: Module, archive: ArchiveStore) -> None:
         self.module = module
         self.archive = archive
+        # Made on first use: modules are set up before the shard joins the
+        # bus, so `module.shard` is only right once the server runs (ids
+        # made with shard 0 on every shard collided).
+        self._ids: ArchiveIds | None = None
         self.pending: list[tuple[int, str, float, str, bytes]] = []
         self.added = 0
         self.written = 0
@@ -298,30 +309,93 @@ class Writer:
     async def _next_progress(self) -> None:
         await self._progress.wait()
 
+    @property
+    def ids(self) -> ArchiveIds:
+        if self._ids is None:
+            self._ids = ArchiveIds(self.module.shard)
+        return self._ids
+
     async def run(self) -> None:
+        try:
+            self.ids.above(await self.archive.max_id())
+        except StoreError as exc:
+            self.module.log.warning("could not read the largest archive id: %s", exc)
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             while self.pending:
                 batch = self.pending[:WRITE_BATCH_ITEMS]
-                try:
-                    await self.archive.append_many(batch)
-                except StoreError as exc:
-                    self.module.log.error("archiving %d message(s) failed, will retry: %s",
-                                          len(batch), exc)
-                    await trio.sleep(WRITE_RETRY)
-                    continue
+                await self._write(batch)
                 del self.pending[:len(batch)]
                 self.written += len(batch)
                 progress, self._progress = self._progress, trio.Event()
                 progress.set()
 
+    async def _write(self, batch: list[tuple[int, str, float, str, bytes]]) -> None:
+        """Write `batch`, retrying a failing store a few times; then item by
+        item, so one bad item (an id taken after the clock stepped back)
+        costs itself, logged, and never stalls the archive for everyone."""
+        for attempt in range(WRITE_RETRIES):
+            try:
+                await self.archive.append_many(batch)
+                return
+            except StoreError as exc:
+                self.module.log.error("archiving %d message(s) failed (try %d of %d): %s",
+                                      len(batch), attempt + 1, WRITE_RETRIES, exc)
+                await trio.sleep(WRITE_RETRY)
+        for item in batch:
+            try:
+                await self.archive.append_many([item])
+            except StoreError as exc:
+                self.module.log.error("archived message %d of %s lost: %s", item[0],
+                                      item[1], exc)
+
 
 def setup(module: Module) -> None:
     router = module.router
     archive = module.store.archive("messages")
-    ids = ArchiveIds(module.shard)
     writer = Writer(module, archive)
+    # Queries waiting for the other shards' writes: request id -> (answers, done).
+    flushing: dict[int, tuple[list[int], trio.Event]] = {}
+    flush_ids = itertools.count(1)
+
+    async def flush_everywhere() -> None:
+        """Until every shard wrote what it archived so far: messages for a
+        user are archived on the shard that routed them, any of them."""
+        with trio.move_on_after(FLUSH_WAIT):
+            await writer.flush()
+        others = module.shard_count - 1
+        if others <= 0:
+            return
+        req = next(flush_ids)
+        answers: list[int] = []
+        done = trio.Event()
+        flushing[req] = (answers, done)
+        try:
+            module.send_bus(json.dumps({"op": "flush", "req": req}).encode(), channel="flush")
+            with trio.move_on_after(REMOTE_FLUSH_WAIT):
+                await done.wait()
+        finally:
+            del flushing[req]
+
+    async def flush_message(source: int, payload: bytes) -> None:
+        message = json.loads(payload)
+        if message.get("op") == "flush":
+            req = message["req"]
+
+            async def answer() -> None:  # in a task: the bus reader must not wait on the disk
+                with trio.move_on_after(FLUSH_WAIT):
+                    await writer.flush()
+                module.send_bus(json.dumps({"op": "flushed", "req": req}).encode(),
+                                shard=source, channel="flush")
+
+            module.spawn(answer)
+        elif message.get("op") == "flushed":
+            waiting = flushing.get(message["req"])
+            if waiting is not None:
+                waiting[0].append(source)
+                if len(set(waiting[0])) >= module.shard_count - 1:
+                    waiting[1].set()
     prefs_store = module.store.keyval("prefs")
     prefs_cache: dict[str, Prefs] = {}
 
@@ -365,7 +439,7 @@ def setup(module: Module) -> None:
     async def store(user: JID, peer: JID, message: ET.Element) -> int | None:
         if not await wanted(user, peer):
             return None
-        item_id = ids.next()
+        item_id = writer.ids.next()
         await writer.add((item_id, str(user), time.time(), str(peer.bare),
                           serialize(message, stream_ns="")))
         return item_id
@@ -436,8 +510,7 @@ def setup(module: Module) -> None:
         return True
 
     async def fetch(user: str, q: Query) -> tuple[list[ArchivedItem], bool]:
-        with trio.move_on_after(FLUSH_WAIT):
-            await writer.flush()  # the user's latest messages are in the answer
+        await flush_everywhere()  # the user's latest messages are in the answer
         for anchor in (q.after, q.before):
             if anchor is not None and await archive.get(user, anchor) is None:
                 raise QueryError("item-not-found", f"no archived item {anchor}")
@@ -567,6 +640,7 @@ def setup(module: Module) -> None:
         await writer.flush()
 
     module.hook("server/stopped", stopping)
+    module.on_bus(flush_message, channel="flush")
     module.spawn(retention)
     module.spawn(writer.run)
 

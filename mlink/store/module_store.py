@@ -190,12 +190,12 @@ class _Append:
 class ArchiveIds:
     """Archive ids made without the store: unique across shards (the shard
     is in the low 6 bits), increasing on each shard, and in time order
-    across shards to the millisecond: (milliseconds << 10 | sequence) << 6
-    | shard, about 2^57 today. Ids the store assigns itself (`append`) are
+    across shards to the microsecond: microseconds since 1970 << 6 | shard
+    (about 2^57 today). More than one id per microsecond on a shard borrows
+    the next microseconds. Ids the store assigns itself (`append`) are
     always above every id used before, so both kinds mix in one log."""
 
     SHARD_BITS = 6  # up to 64 shards
-    SEQUENCE_BITS = 10  # 1024 ids per millisecond per shard before borrowing the next
 
     def __init__(self, shard: int) -> None:
         if not 0 <= shard < 1 << self.SHARD_BITS:
@@ -204,10 +204,16 @@ class ArchiveIds:
         self._last = 0
 
     def next(self, now: float | None = None) -> int:
-        clock = int((time.time() if now is None else now) * 1000) << self.SEQUENCE_BITS
+        clock = int((time.time() if now is None else now) * 1_000_000)
         counter = max(self._last + 1, clock)
         self._last = counter
         return counter << self.SHARD_BITS | self.shard
+
+    def above(self, existing: int) -> None:
+        """Make every later id larger than `existing` (the largest id in
+        the store at start): a clock stepped back across a restart then
+        cannot make an id that is taken already."""
+        self._last = max(self._last, existing >> self.SHARD_BITS)
 
 
 class ArchiveStore:
@@ -318,6 +324,15 @@ class ArchiveStore:
                    f"WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?")
             return [ArchivedItem(int(i), float(at), w, bytes(v))
                     for i, at, w, v in conn.execute(sql, (*args, limit))]
+
+        return await self._store().read(work)
+
+    async def max_id(self) -> int:
+        """The largest id in any archive (0: none); one index lookup."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            (found,) = conn.execute("SELECT MAX(id) FROM module_archive").fetchone()
+            return int(found or 0)
 
         return await self._store().read(work)
 
