@@ -250,6 +250,10 @@ def test_bad_input_gets_the_xep_error_and_room_carries_on(clients):
     # An unknown configuration field.
     reply = configure(alice, room, **{"muc#roomconfig_nonsense": "1"})
     assert stanza_error_of(reply) == ("modify", "bad-request")
+    # No nickname, to a room that does not exist: nothing is created.
+    bob.send(f"<presence to='{new_room()}'><x xmlns='{MUC}'/></presence>")
+    err = bob.expect(lambda s: s.get("type") == "error" and s.tag.endswith("presence"))
+    assert stanza_error_of(err)[1] == "jid-malformed"
     # Nothing else disturbed: the room still carries messages.
     groupchat(bob, room, "still here")
     gets_groupchat(alice, room, "Bob", "still here")
@@ -399,3 +403,36 @@ def test_persistent_room_on_the_embedded_directory(im_server, clients):
     assert reply.get("type") == "result"
     gone = mlink("room", "show", room, "--config", str(im_server.config), check=False)
     assert gone.returncode == 1 and "no persistent room" in gone.stderr
+
+
+def test_a_nickname_changed_by_preparation_is_announced_with_210(clients):
+    alice = clients(ALICE)
+    room = open_room(alice, "Alice")
+    bob = clients(BOB)
+    decomposed = "Rene\u0301"  # NFC makes it "René"
+    bob.send(f"<presence to='{room}/{decomposed}'><x xmlns='{MUC}'/></presence>")
+    own = bob.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}presence" and 110 in codes(s))
+    assert own.get("from") == f"{room}/Ren\u00e9"
+    assert 210 in codes(own)
+    seen = alice.expect(is_presence_from(f"{room}/Ren\u00e9"))
+    assert 210 not in codes(seen)
+
+
+def test_iq_between_occupants_goes_through_the_room(clients):
+    alice, bob = clients(ALICE), clients(BOB)
+    room = open_room(alice, "Alice")
+    join(bob, room, "Bob")
+    alice.sync()
+    alice.send(f"<iq type='get' id='ver1' to='{room}/Bob'>"
+               "<query xmlns='jabber:iq:version'/></iq>")
+    request = bob.expect(lambda s: s.get("id") == "ver1")
+    assert request.get("from") == f"{room}/Alice" and ALICE not in ET.tostring(request).decode()
+    bob.send(f"<iq type='result' id='ver1' to='{room}/Alice'><query xmlns='jabber:iq:version'>"
+             "<name>bobclient</name></query></iq>")
+    answer = alice.reply("ver1")
+    assert answer.get("type") == "result" and answer.get("from") == f"{room}/Bob"
+    assert answer.findtext("{jabber:iq:version}query/{jabber:iq:version}name") == "bobclient"
+    assert BOB not in ET.tostring(answer).decode()
+    # To a nickname nobody has: item-not-found.
+    reply = alice.iq("get", "<query xmlns='jabber:iq:version'/>", f"{room}/Nobody")
+    assert stanza_error_of(reply)[1] == "item-not-found"

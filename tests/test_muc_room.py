@@ -105,3 +105,28 @@ def test_last_owner_cannot_leave_the_owner_list():
     effects: Effects = room.iq(iq, OWNER, ROOM, 0.0)
     assert room.affiliation(OWNER.bare) == Affiliation.OWNER
     assert b"conflict" in serialize(effects.out[0][1])
+
+
+def test_newcomers_see_each_occupants_current_presence():
+    """The presence a newcomer gets is built once per occupant and kept:
+    it must follow a status change, a new role and a new nickname."""
+    room = room_with((PEER, "peer"))
+    first = room.presence(presence(OTHER, "x1"), OTHER, parse_jid(f"{ROOM}/x1"), 1.0)
+    assert first.out
+    away = ET.fromstring(f"<presence xmlns='{CLIENT_NS}' from='{PEER}' to='{ROOM}/peer'>"
+                         "<show>away</show></presence>")
+    room.presence(away, PEER, parse_jid(f"{ROOM}/peer"), 2.0)
+    kick = ET.fromstring(f"<iq xmlns='{CLIENT_NS}' type='set' id='v' from='{OWNER}' "
+                         f"to='{ROOM}'><query xmlns='{MUC}#admin'><item nick='peer' "
+                         "role='visitor'/></query></iq>")
+    room.iq(kick, OWNER, ROOM, 3.0)
+    rename = ET.fromstring(f"<presence xmlns='{CLIENT_NS}' from='{PEER}' to='{ROOM}/peer2'>"
+                           "<show>dnd</show></presence>")
+    room.presence(rename, PEER, parse_jid(f"{ROOM}/peer2"), 4.0)
+    newcomer = parse_jid("new@example.com/n")
+    effects = room.presence(presence(newcomer, "new"), newcomer,
+                            parse_jid(f"{ROOM}/new"), 5.0)
+    seen = [serialize(s).decode() for to, s in effects.out
+            if to == newcomer and s.get("from") == f"{ROOM}/peer2"]
+    assert len(seen) == 1
+    assert "<show>dnd</show>" in seen[0] and "role='visitor'" in seen[0]

@@ -4,7 +4,9 @@ occupants on the other shard crosses the bus once."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import uuid
 import xml.etree.ElementTree as ET
 import zlib
@@ -17,7 +19,18 @@ from tests.placement import Placement
 from tests.rawclient import CLIENT_NS, RawClient
 from tests.serverproc import DOMAIN, MlinkProcess, mlink, start_mlink
 from tests.test_im_services import Client
-from tests.test_muc import MUC, SERVICE, codes, gets_groupchat, groupchat, instant, join
+from tests.test_muc import (
+    DISCO_INFO,
+    MUC,
+    SERVICE,
+    codes,
+    configure,
+    gets_groupchat,
+    groupchat,
+    instant,
+    item,
+    join,
+)
 
 USERS = {f"{u}@{DOMAIN}": f"{u}-pw" for u in ("alice", "bob", "carol")}
 ALICE, BOB, CAROL = USERS
@@ -25,6 +38,8 @@ SHARDS = 2
 # Tries to see a quiet bus for the frame count (a shard's periodic room
 # listing may cross at the same moment).
 FRAME_COUNT_TRIES = 3
+# A killed shard is restarted and has read its rooms well within this.
+RESTART_TIMEOUT = 30.0
 
 
 class PlacedClient(Client):
@@ -130,3 +145,38 @@ def test_join_from_other_shard_sees_self_presence_and_subject(served, place):
     alice.send(f"<presence to='{room}/A'><x xmlns='{MUC}'/></presence>")
     own = alice.expect(lambda s: s.get("from") == f"{room}/A" and 110 in codes(s))
     assert {110, 201} <= codes(own)
+
+
+def shard_pids(served: MlinkProcess) -> dict[int, int]:
+    status = mlink("status", "--config", str(served.config)).stdout
+    return {int(m[1]): int(m[2]) for m in re.finditer(r"^\s+(\d+)\s+(\d+)\s+ready", status,
+                                                       re.M)}
+
+
+def test_a_restarted_shard_brings_its_persistent_rooms_back(served, place):
+    room = room_on(1)
+    alice = on(place, 0, ALICE)  # stays connected: her shard lives on
+    created = join(alice, room, "Alice")
+    assert 201 in codes(created)
+    reply = configure(alice, room, **{"muc#roomconfig_persistentroom": "1",
+                                      "muc#roomconfig_roomname": "Survivor"})
+    assert reply.get("type") == "result", ET.tostring(reply)
+    groupchat(alice, room, "before the crash")
+    gets_groupchat(alice, room, "Alice", "before the crash")
+    pid = shard_pids(served)[1]
+    mark = served.log.mark()
+    os.kill(pid, signal.SIGKILL)
+    served.log.wait_for(r"shard 1 ready", RESTART_TIMEOUT, mark)
+    served.log.wait_for(rf"shard-1 .*room {re.escape(room)} loaded from the directory",
+                        RESTART_TIMEOUT, mark)
+    # Alice enters again: the room is there (no 201), as configured, with its history.
+    alice.send(f"<presence to='{room}/Alice' type='unavailable'/>")  # her client's view
+    again = join(alice, room, "Alice")
+    assert 201 not in codes(again)
+    assert item(again).get("affiliation") == "owner"
+    bodies = [s.findtext(f"{{{CLIENT_NS}}}body") for s in alice.sync()
+              if s.findtext(f"{{{CLIENT_NS}}}body")]
+    assert bodies == ["before the crash"]
+    info = alice.iq("get", f"<query xmlns='{DISCO_INFO}'/>", room)
+    identity = info.find(f"{{{DISCO_INFO}}}query/{{{DISCO_INFO}}}identity")
+    assert identity is not None and identity.get("name") == "Survivor"

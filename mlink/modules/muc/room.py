@@ -61,6 +61,7 @@ LOGGED = 170
 NOW_NON_ANONYMOUS = 172
 NOW_SEMI_ANONYMOUS = 173
 CREATED = 201
+NICK_ASSIGNED = 210
 BANNED = 301
 NICK_CHANGED = 303
 KICKED = 307
@@ -102,6 +103,12 @@ class Occupant:
     jid: JID  # the real full JID
     role: Role
     presence: ET.Element  # the client's last presence (its payload is forwarded)
+    # The room's presence for this occupant as newcomers get it, per
+    # variant (with or without the real JID), with what it was built from:
+    # a large room's joins then serialise each occupant's presence once,
+    # not once per newcomer.
+    shown: dict[bool, tuple[tuple[object, ...], Shared]] = field(default_factory=dict)
+    version: int = 0  # bumped whenever `presence` is replaced
 
 
 @dataclass(slots=True)
@@ -205,6 +212,7 @@ class Room:
         if to.resource != occupant.nick:
             return self._change_nick(effects, stanza, occupant, to.resource)
         occupant.presence = stanza
+        occupant.version += 1
         self._broadcast_presence(effects, occupant, [])
         return effects
 
@@ -238,9 +246,9 @@ class Room:
             return effects.error(stanza, "service-unavailable", "the room is full", "wait")
         occupant = Occupant(nick, sender, default_role(aff, self.config.moderated), stanza)
         # §7.2.3: the others first, then the newcomer's own presence.
+        show = self._sees_jids(occupant)
         for other in self.occupants.values():
-            effects.send(sender, self._presence_of(other, sender,
-                                                   self._sees_jids(occupant), []))
+            effects.send(sender, self._shown(other, show).addressed(str(sender)))
         self.occupants[nick] = occupant
         self.by_jid[sender] = nick
         self.last_active = now
@@ -252,6 +260,8 @@ class Room:
             codes.append(LOGGED)
         if created:
             codes.append(CREATED)
+        if _asked_nick(stanza) not in (None, nick):
+            codes.append(NICK_ASSIGNED)  # the JID's preparation changed it (§7.2.9)
         self._broadcast_presence(effects, occupant, codes)
         history = muc.find(f"{{{MUC_NS}}}history") if muc is not None else None
         for entry in self._history_for(history, now):
@@ -283,6 +293,7 @@ class Room:
         del self.occupants[old]
         occupant.nick = new
         occupant.presence = stanza
+        occupant.version += 1
         self.occupants[new] = occupant
         self.by_jid[occupant.jid] = new
         # ... then available from the new one.
@@ -300,6 +311,7 @@ class Room:
         occupant.role = Role.NONE
         if stanza is not None:
             occupant.presence = stanza
+            occupant.version += 1
         self._broadcast_presence(effects, occupant, codes, kind="unavailable", actor=actor,
                                  reason=reason, affiliation=affiliation)
         self.occupants.pop(occupant.nick, None)
@@ -356,6 +368,17 @@ class Room:
             ET.SubElement(x, _u("status"), {"code": str(code)})
         return presence
 
+    def _shown(self, occupant: Occupant, show_jid: bool) -> Shared:
+        """`occupant`'s current presence as another occupant gets it (no
+        status codes), built and serialised once until it changes."""
+        key = (occupant.nick, occupant.role, self.affiliation(occupant.jid.bare),
+               occupant.version)
+        cached = occupant.shown.get(show_jid)
+        if cached is None or cached[0] != key:
+            cached = (key, Shared(self._presence_of(occupant, None, show_jid, [])))
+            occupant.shown[show_jid] = cached
+        return cached[1]
+
     def _broadcast_presence(self, effects: Effects, occupant: Occupant,
                             self_codes: list[int], kind: str | None = None,
                             item_nick: str | None = None, actor: str | None = None,
@@ -364,7 +387,8 @@ class Room:
         """`occupant`'s presence to every occupant: with its real JID to
         those who may see it, and to itself with 110 and `self_codes`
         (codes other than 100/170/201 concern everybody: 303, 307, 301...)."""
-        others_codes = [c for c in self_codes if c not in (NON_ANONYMOUS, LOGGED, CREATED)]
+        others_codes = [c for c in self_codes
+                        if c not in (NON_ANONYMOUS, LOGGED, CREATED, NICK_ASSIGNED)]
         variants: dict[bool, Shared] = {}
         for other in self.occupants.values():
             if other is occupant or other.jid == skip:
@@ -571,11 +595,10 @@ class Room:
     def iq(self, stanza: ET.Element, sender: JID, to: JID, now: float) -> Effects:
         effects = Effects()
         kind = stanza.get("type")
+        if to.resource:
+            return self._relay_iq(effects, stanza, sender, to.resource)
         if kind not in ("get", "set"):
             return effects
-        if to.resource:
-            # XEP-0045 §7.5 iq relaying to occupants is not offered.
-            return effects.error(stanza, "service-unavailable")
         payload = stanza[0] if len(stanza) == 1 else None
         ns = payload.tag[1:].partition("}")[0] if payload is not None else ""
         aff = self.affiliation(sender.bare)
@@ -596,6 +619,32 @@ class Room:
         if ns == MUC_OWNER_NS and payload is not None:
             return self._owner(effects, stanza, payload, sender, kind)
         return effects.error(stanza, "service-unavailable")
+
+    def _relay_iq(self, effects: Effects, stanza: ET.Element, sender: JID,
+                  nick: str) -> Effects:
+        """An iq between occupants through the room (vCard avatars, version,
+        pings), each seeing only the other's room JID: a request goes to
+        the occupant's real JID from the requester's room JID; the answer,
+        addressed to that room JID, goes back the same way. The id is kept:
+        the answer's `to` (the requester's room JID) says whose it is."""
+        kind = stanza.get("type")
+        occupant = self.occupant_of(sender)
+        target = self.occupants.get(nick)
+        if kind in ("get", "set"):
+            if occupant is None:
+                return effects.error(stanza, "not-acceptable", "you are not in the room")
+            if target is None:
+                return effects.error(stanza, "item-not-found", "no such occupant")
+        elif occupant is None or target is None:
+            return effects  # an answer from or for someone who left: dropped
+        copy = ET.Element(stanza.tag, {k: v for k, v in stanza.attrib.items()
+                                       if k not in ("from", "to")})
+        copy.set("from", str(self.nick_jid(occupant.nick)))
+        copy.set("to", str(target.jid))
+        copy.text = stanza.text
+        copy.extend(list(stanza))
+        effects.send(target.jid, copy)
+        return effects
 
     def _result(self, effects: Effects, stanza: ET.Element,
                 payload: ET.Element | None = None) -> Effects:
@@ -743,7 +792,8 @@ class Room:
             # A new moderator of a semi-anonymous room learns the real JIDs.
             for other in self.occupants.values():
                 if other is not target:
-                    effects.send(target.jid, self._presence_of(other, target.jid, True, []))
+                    effects.send(target.jid, self._shown(other, True).addressed(
+                        str(target.jid)))
 
     def set_affiliation(self, effects: Effects, bare: str, aff: Affiliation,
                         actor: str | None = None, reason: str = "") -> None:
@@ -886,6 +936,15 @@ class Room:
         self.occupants.clear()
         self.by_jid.clear()
         return effects
+
+
+def _asked_nick(stanza: ET.Element) -> str | None:
+    """The nickname as the client wrote it in `to`, before the JID's
+    preparation (NFC and the like), or None without one."""
+    to = stanza.get("to")
+    if to is None or "/" not in to:
+        return None
+    return to.partition("/")[2]
 
 
 def _int_attr(elem: ET.Element, name: str) -> int | None:

@@ -115,6 +115,7 @@ class MucService:
         # what it was sent since (see UNREACHED_GRACE_SECONDS).
         self._unreached: dict[tuple[JID, JID], tuple[float, list[ET.Element]]] = {}
         self._unreached_wake = trio.Event()
+        self._groups_read: dict[str, frozenset[str] | None] = {}
 
     @property
     def options(self) -> Options:
@@ -167,8 +168,8 @@ class MucService:
                 await self.router.bounce(stanza, "policy-violation", "the message is too large")
                 return
         if room is None:
-            if kind == "presence" and stanza.get("type") is None and to.resource:
-                await self._create(stanza, sender, to, now)
+            if kind == "presence" and stanza.get("type") is None:
+                await self._create(stanza, sender, to, now)  # no nickname: jid-malformed
                 return
             if kind == "presence" or stanza.get("type") in ("error", "result"):
                 return
@@ -404,6 +405,9 @@ class MucService:
         if self.persist is None:
             return
         records, problems = await self.persist.load()
+        # Each member group is resolved once per read, however many rooms
+        # name it (a resolution reads every user).
+        self._groups_read = {}
         for problem in problems:
             if problem not in self._reported:  # once per problem, not per read
                 log.error("room entry refused, previous configuration kept: %s", problem)
@@ -453,9 +457,15 @@ class MucService:
         await self.load_history(room)
         log.info("room %s loaded from the directory", record.jid)
 
-    async def _group_or_none(self, record: RoomRecord) -> frozenset[str] | None:
+    async def _group(self, dn: str) -> frozenset[str] | None:
+        """Members of group `dn`, read once per reconciliation."""
         assert self.persist is not None
-        members = await self.persist.group_members(record.config.member_group)
+        if dn not in self._groups_read:
+            self._groups_read[dn] = await self.persist.group_members(dn)
+        return self._groups_read[dn]
+
+    async def _group_or_none(self, record: RoomRecord) -> frozenset[str] | None:
+        members = await self._group(record.config.member_group)
         if members is None:
             log.error("room %s: member group %s does not exist", record.dn,
                       record.config.member_group)
@@ -478,8 +488,7 @@ class MucService:
         await self.apply(room, effects)
 
     async def _refresh_group(self, room: Room, dn: str) -> None:
-        assert self.persist is not None
-        members = await self.persist.group_members(dn)
+        members = await self._group(dn)
         if members != room.group_members:
             effects = room.replace_affiliations(room.affiliations, members)
             await self.apply(room, effects)
