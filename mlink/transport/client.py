@@ -373,11 +373,11 @@ class ClientConnection:
         deadline = self._stall_deadline
         try:
             if deadline == math.inf:
-                data = await self._receive()
+                data = await self.transport.receive_some(MAX_READ)
             else:
                 data = b""
                 with trio.move_on_at(deadline) as stalled:
-                    data = await self._receive()
+                    data = await self.transport.receive_some(MAX_READ)
                 if stalled.cancelled_caught:
                     log.info("%s: closing %s: a stanza stalled for %.0f s", self.peer,
                              self.info.jid or "unauthenticated stream", self._read_timeout)
@@ -400,23 +400,6 @@ class ClientConnection:
         else:
             self._stall_deadline = math.inf
         return True
-
-    async def _receive(self) -> bytes | bytearray:
-        """One read. On a plain TCP socket: wait until it is readable, then
-        read, rather than Trio's read-first (which, between the stanzas of
-        an interactive client, is one failed `recv` per read before the
-        wait); the wait is the read's checkpoint either way."""
-        transport = self.transport
-        if type(transport) is trio.SocketStream:
-            fd = transport.socket.fileno()
-            if fd >= 0:
-                while True:
-                    await trio.lowlevel.wait_readable(fd)
-                    try:
-                        return os.read(fd, MAX_READ)
-                    except BlockingIOError:
-                        continue
-        return await transport.receive_some(MAX_READ)
 
     async def _send(self, messages: list[bytes]) -> None:
         """Write queued output: one `send_all` for the whole batch."""
