@@ -49,7 +49,7 @@ import trio
 
 from mlink.config_schema import Int, option
 from mlink.hooks import NonzaEvent
-from mlink.jid import InvalidJID, parse_jid
+from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.fields import field_registry
 from mlink.router.sessions import SessionHold, SessionInfo, StreamControl
 from mlink.xml.serialize import serialize
@@ -649,10 +649,37 @@ def setup(module: Module) -> None:
         # What the client did not confirm, then what was sent to the
         # session while it moved (kept meanwhile, see take_local).
         arrived = module.router.session_arrived(info.jid)
-        for stanza in [*resend, *arrived]:  # each asks for an ack: one <r/> after the lot
-            module.router.deliver(info.jid, stanza)
+        backlog = [*resend, *arrived]
         module.log.info("resumed %s with %d stanza(s) sent again and %d kept while it moved",
                         info.jid, len(resend), len(arrived))
+        left = await send_paced(info.jid, backlog)
+        if left:
+            # The stream ended before it took them all: they were never
+            # this session's to confirm, so they are routed again.
+            module.log.info("%d stanza(s) of %s's backlog not sent; routed again",
+                            len(left), info.jid)
+            for stanza in left:
+                await module.router.reroute(stanza)
+
+    async def send_paced(jid: JID, backlog: list[ET.Element]) -> list[ET.Element]:
+        """Write `backlog` to the resumed session a part at a time, waiting
+        for each part to be written before the next, as offline delivery
+        does: all at once, a backlog past the output bound (held sessions
+        are bounded by count, not bytes) ended the new stream with
+        policy-violation before <resumed/> was even written. What the
+        stream did not take (it ended) is returned."""
+        budget = max(1, module.config.limits.max_output_bytes // 4)
+        queued = 0
+        for index, stanza in enumerate(backlog):
+            receipt = module.router.deliver_tracked(jid, stanza)
+            if receipt is None:
+                return backlog[index:]
+            queued += len(encode_stanza(stanza))
+            if queued >= budget and index + 1 < len(backlog):
+                queued = 0
+                if not await receipt.written():
+                    return backlog[index + 1:]
+        return []
 
     module.add_stream_feature(feature, authenticated=True)
     module.add_nonza_handler(SM_NS, handle)
