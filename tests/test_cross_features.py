@@ -436,3 +436,42 @@ def test_resume_with_a_backlog_larger_than_the_output_bound(server, ca_file):
     assert len(got) == n and set(got) == {f"L{k}" for k in range(n)}
     again.close()
     bob.close()
+
+
+def test_room_output_passes_the_recipients_blocking_and_forged_id_filters(server, ca_file):
+    """What a room sends goes through its recipient's inbound rules like
+    any stanza for the user: an occupant Alice blocked (XEP-0191 §3.3)
+    reaches her neither in the room nor privately, and a private message
+    carrying a stanza-id in Alice's name (XEP-0359, forged) reaches her
+    without it."""
+    import uuid
+
+    muc = "http://jabber.org/protocol/muc"
+    room = f"room-{uuid.uuid4().hex[:8]}@conference.{DOMAIN}"
+    carol = login(server, ca_file, "carol@localhost")
+    carol.send(f"<presence to='{room}/Troll'><x xmlns='{muc}'/></presence>")
+    carol.read_until("</subject>|<subject/>")
+    carol.send(f"<iq type='set' id='cfg' to='{room}'><query xmlns='{muc}#owner'>"
+               "<x xmlns='jabber:x:data' type='submit'/></query></iq>")
+    carol.read_until(r"id=['\"]cfg['\"]")
+    bob = login(server, ca_file, "bob@localhost")
+    bob.send(f"<presence to='{room}/Nice'><x xmlns='{muc}'/></presence>")
+    bob.read_until("</subject>|<subject/>")
+    alice = login(server, ca_file, "alice@localhost")
+    alice.send(f"<presence to='{room}/A'><x xmlns='{muc}'/></presence>")
+    alice.read_until("</subject>|<subject/>")
+    alice.send(f"<iq type='set' id='blk'><block xmlns='urn:xmpp:blocking'>"
+               f"<item jid='{room}/Troll'/></block></iq>")
+    alice.read_until(r"id=['\"]blk['\"]")
+    carol.send(f"<message to='{room}' type='groupchat' id='t1'><body>troll-group</body></message>"
+               f"<message to='{room}/A' type='chat' id='t2'><body>troll-pm</body></message>")
+    sync(carol)
+    bob.send(f"<message to='{room}/A' type='chat' id='t3'><stanza-id xmlns='urn:xmpp:sid:0' "
+             "by='alice@localhost' id='forged'/><body>nice-pm</body></message>"
+             f"<message to='{room}' type='groupchat' id='t4'><body>marker</body></message>")
+    text = alice.read_until("marker</body>")
+    assert "nice-pm</body>" in text, text
+    assert "troll-group" not in text and "troll-pm" not in text, text
+    assert "forged" not in text, text
+    for client in (alice, bob, carol):
+        client.close()
