@@ -475,3 +475,47 @@ def test_room_output_passes_the_recipients_blocking_and_forged_id_filters(server
     assert "forged" not in text, text
     for client in (alice, bob, carol):
         client.close()
+
+
+def test_late_resume_answer_ends_the_session_instead_of_losing_it():
+    """The holder's answer to a cross-shard resumption arrives after the
+    requester gave up: the holder already let the session go (no
+    session/closed; its unacknowledged stanzas travel in the answer). It
+    is ended where the answer lands: contacts and rooms hear it leave, and
+    the unacknowledged message is routed again, not dropped."""
+    import contextlib
+    import json
+    import xml.etree.ElementTree as ET
+
+    import trio
+
+    from mlink.jid import JID
+    from mlink.modules.stream_management import Manager, SmState
+    from mlink.router.sessions import SessionInfo
+
+    closed: list[str] = []
+    rerouted: list[str] = []
+
+    class Router:
+        def batch(self) -> contextlib.AbstractContextManager[None]:
+            return contextlib.nullcontext()
+
+        async def reroute(self, stanza: ET.Element) -> None:
+            rerouted.append(stanza.findtext("{jabber:client}body") or "")
+
+    class Module:
+        router = Router()
+        log = __import__("logging").getLogger("test")
+
+        async def fire(self, event: str, payload: SessionInfo) -> None:
+            closed.append(f"{event} {payload.jid}")
+
+    info = SessionInfo(JID("alice", DOMAIN, "phone"))
+    state = SmState(None, info, None, "rid", 60)  # type: ignore[arg-type]
+    state.queue.append((ET.fromstring("<message xmlns='jabber:client' to='alice@localhost/phone'"
+                                      " type='chat'><body>unconfirmed</body></message>"), 0.0))
+    manager = Manager(Module())  # type: ignore[arg-type]
+    late = {"op": "result", "req": 7, "session": state.snapshot()}
+    trio.run(manager.bus_message, 1, json.dumps(late).encode())
+    assert closed == ["session/closed alice@localhost/phone"]
+    assert rerouted == ["unconfirmed"]

@@ -72,10 +72,12 @@ MAX_RESUME_ID_CHARS = 64
 ID_DRAWS = 1000
 # How long a resumption waits for the shard holding the session to answer
 # (one bus round trip, or two when forwarded); past it, item-not-found.
-BUS_TIMEOUT = 5.0
 # How long a resumption waits for a still-connected old stream of the
 # session to be cut and held (the client reconnected before we noticed).
 DROP_TIMEOUT = 5.0
+# Longer than the holder may take (DROP_TIMEOUT) plus two bus hops, so an
+# answer is rarely late (one that is, is handled by `Manager.orphaned`).
+BUS_TIMEOUT = DROP_TIMEOUT + 5.0
 # A migrated session travels in one bus frame (4 MiB at most): past this,
 # it is not moved; the session ends (its stanzas routed again) and the
 # client gets item-not-found and starts a new one.
@@ -477,18 +479,46 @@ class Manager:
             answer.pop("state", None)
             self._send(to, answer)
 
-    def resolve(self, answer: dict[str, Any]) -> None:
+    def resolve(self, answer: dict[str, Any]) -> bool:
+        """Hand `answer` to the resumption waiting for it; False when none
+        is (it gave up: see `orphaned`)."""
         waiting = self.pending.get(answer["req"])
-        if waiting is not None:
-            session = answer.get("session")
-            if session:
-                # Moving here: keep what arrives for it until it is bound.
-                try:
-                    self.module.router.expect_session(parse_jid(session["jid"]))
-                except (KeyError, TypeError, InvalidJID):
-                    pass
-            waiting[1].append(answer)
-            waiting[0].set()
+        if waiting is None:
+            return False
+        session = answer.get("session")
+        if session:
+            # Moving here: keep what arrives for it until it is bound.
+            try:
+                self.module.router.expect_session(parse_jid(session["jid"]))
+            except (KeyError, TypeError, InvalidJID):
+                pass
+        waiting[1].append(answer)
+        waiting[0].set()
+        return True
+
+    async def orphaned(self, answer: dict[str, Any]) -> None:
+        """An answer that came after its resumption gave up (BUS_TIMEOUT):
+        if it carries a session, the holder already let it go (no
+        session/closed, its queue in the snapshot), so it is nobody's. End
+        it here as an expiry would: contacts and rooms hear it leave, and
+        what its client never confirmed is routed again."""
+        snapshot = answer.get("session")
+        if not snapshot:
+            return
+        try:
+            info = info_from(snapshot)
+            queue = [ET.fromstring(st) for st, _at in snapshot["queue"]]
+        except (KeyError, TypeError, ValueError, InvalidJID, ET.ParseError):
+            self.module.log.exception("a session answered too late could not be read")
+            return
+        self.module.log.info("resumption of %s answered too late; the session ends",
+                             info.jid)
+        router = self.module.router
+        with router.batch():
+            await self.module.fire("session/closed", info)
+        for stanza in queue:
+            if not never_again(stanza):
+                await router.reroute(stanza)
 
     async def take(self, rid: str, user: str, h: int) -> dict[str, Any]:
         """Find and take the session `rid` wherever it is: the answer."""
@@ -518,7 +548,8 @@ class Manager:
         if op == "take":
             await self.locate(message)
         elif op == "result":
-            self.resolve(message)
+            if not self.resolve(message):
+                await self.orphaned(message)
         elif op == "moved":
             shard = int(message["shard"])
             if shard == self.module.shard:
