@@ -519,3 +519,59 @@ def test_late_resume_answer_ends_the_session_instead_of_losing_it():
     trio.run(manager.bus_message, 1, json.dumps(late).encode())
     assert closed == ["session/closed alice@localhost/phone"]
     assert rerouted == ["unconfirmed"]
+
+
+# Small enough for a quick test, above offline delivery's 512 KiB batches.
+SMALL_OUTPUT = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def small_output(tmp_path_factory: pytest.TempPathFactory,
+                 cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("small") / "s"
+
+    def edit(text: str) -> str:
+        return re.sub(r'output-bytes="\d+"', f'output-bytes="{SMALL_OUTPUT}"',
+                      with_sm_options(text))
+
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, edit_config=edit) as proc:
+        yield proc
+
+
+def test_held_session_is_bounded_in_bytes(small_output, ca_file):
+    """A held session keeps at most four output bounds of stanzas in bytes,
+    not only max-unacked of them (up to 256 MiB of large stanzas): past
+    it, the session ends and what it kept goes to offline storage."""
+    server = small_output
+    dave = login(server, ca_file, "dave@localhost")
+    bob = login(server, ca_file, "bob@localhost")
+    dave.send("<presence/>")
+    enable(dave)
+    sync(dave)
+    mark = server.log.mark()
+    dave.close()
+    server.log.wait_for(rf"session {re.escape(dave.jid)} held", 30,  # type: ignore[attr-defined]
+                        mark)
+    pad = "x" * 100_000
+    n = 4 * SMALL_OUTPUT // 100_000 + 5  # past the bound, well under max-unacked
+    bob.send("".join(f"<message to='{dave.jid}' type='chat' id='H{k}'>"  # type: ignore[attr-defined]
+                     f"<body>H{k} {pad}</body></message>" for k in range(n)))
+    server.log.wait_for(rf"held session {re.escape(dave.jid)} ends: over",  # type: ignore[attr-defined]
+                        30, mark)
+    server.log.wait_for(rf"routed again the \d+ stanza\(s\) of {re.escape(dave.jid)}$",  # type: ignore[attr-defined]
+                        60, mark)
+    sync(bob)
+    again = login(server, ca_file, "dave@localhost")
+    again.send("<presence/>")
+    # In storage order: what arrived after the session ended went there
+    # while the kept ones were still being routed again.
+    text = ""
+    for _ in range(n):
+        if len(set(re.findall(r">(H\d+) x+</body>", text))) == n:
+            break
+        text += again.read_until(r"x</body>", timeout=30)
+    text += sync(again)
+    got = re.findall(r">(H\d+) x+</body>", text)
+    assert sorted(got) == sorted(f"H{k}" for k in range(n))
+    again.close()
+    bob.close()

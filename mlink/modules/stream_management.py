@@ -78,6 +78,11 @@ DROP_TIMEOUT = 5.0
 # Longer than the holder may take (DROP_TIMEOUT) plus two bus hops, so an
 # answer is rarely late (one that is, is handled by `Manager.orphaned`).
 BUS_TIMEOUT = DROP_TIMEOUT + 5.0
+# A held session keeps at most this many times the output bound
+# (limits output-bytes) of stanzas in bytes: the count (max-unacked) alone
+# let one held session keep up to max-unacked stanzas of the largest size.
+# Past it the session ends, and what it kept is routed again.
+HELD_OUTPUT_FACTOR = 4
 # A migrated session travels in one bus frame (4 MiB at most): past this,
 # it is not moved; the session ends (its stanzas routed again) and the
 # client gets item-not-found and starts a new one.
@@ -184,6 +189,8 @@ class SmState:
         # same count (a client that acks less than it got would loop).
         self.last_requested: int | None = None
         self.hold: SessionHold | None = None
+        # Bytes of the stanzas kept while held (see HELD_OUTPUT_FACTOR).
+        self.held_bytes = 0
         self.deadline = math.inf
         self.ended = False
         # Set when the session is held or has ended (a resumption waiting
@@ -203,6 +210,15 @@ class SmState:
 
     def sent(self, stanza: ET.Element) -> None:
         self.queue.append((stanza, time.time()))
+        if self.hold is not None:
+            most = self.manager.max_held_bytes()
+            if self.held_bytes <= most:  # once past it, the session is ending
+                self.held_bytes += len(encode_stanza(stanza))
+                if self.held_bytes > most:
+                    self.manager.module.log.info(
+                        "held session %s ends: over %d bytes kept", self.info.jid, most)
+                    self.hold.end()
+                    return
         if len(self.queue) > self.manager.max_unacked():
             if self.hold is not None:
                 self.hold.end()
@@ -232,6 +248,7 @@ class SmState:
         if self.resume_id is None or self.ended:
             return False
         self.hold = hold
+        self.held_bytes = 0
         self.stream = None
         self.deadline = trio.current_time() + self.timeout
         self.manager.held_changed()
@@ -342,6 +359,9 @@ class Manager:
     def max_unacked(self) -> int:
         options = self.module.options
         return options.max_unacked if options is not None else 1000
+
+    def max_held_bytes(self) -> int:
+        return self.module.config.limits.max_output_bytes * HELD_OUTPUT_FACTOR
 
     def max_timeout(self) -> int:
         options = self.module.options
