@@ -575,3 +575,40 @@ def test_held_session_is_bounded_in_bytes(small_output, ca_file):
     assert sorted(got) == sorted(f"H{k}" for k in range(n))
     again.close()
     bob.close()
+
+
+def test_sm_counts_what_was_written_not_an_oversized_stanza():
+    """A stanza larger than the output bound is never written (dropped, or
+    a result replaced by a resource-constraint error): stream management
+    must count what the client gets, or its h never catches up (acks off
+    by one for the rest of the stream, XEP-0198 §4) and the dropped stanza
+    is sent again, and dropped again, on resume."""
+    import xml.etree.ElementTree as ET
+    from types import SimpleNamespace
+
+    from mlink.jid import JID
+    from mlink.router.sessions import SessionInfo
+    from mlink.stream.framing import TCPFraming
+    from mlink.transport.client import ClientConnection
+    from mlink.util.outbuffer import OutputBuffer
+
+    counted: list[ET.Element] = []
+
+    class Tap:
+        def sent(self, stanza: ET.Element) -> None:
+            counted.append(stanza)
+
+    conn = object.__new__(ClientConnection)
+    conn.filters, conn.tap, conn._held, conn._closing = [], Tap(), False, False  # type: ignore[assignment]
+    conn.ended, conn._orphans, conn._sending = False, [], False
+    conn.xmpp = SimpleNamespace(framing=TCPFraming())  # type: ignore[assignment]
+    conn.out = OutputBuffer(1000)
+    conn.transport = object()  # type: ignore[assignment]
+    conn.peer, conn.info = "test", SessionInfo(JID("dave", DOMAIN, "r"))
+    big = "y" * 5000
+    assert conn.deliver(ET.fromstring(f"<message xmlns='jabber:client' to='dave@localhost/r'>"
+                                      f"<body>{big}</body></message>"))
+    assert counted == []
+    assert conn.deliver(ET.fromstring(f"<iq xmlns='jabber:client' type='result' id='r1' "
+                                      f"to='dave@localhost/r'><q xmlns='urn:x'>{big}</q></iq>"))
+    assert [(s.get("type"), s.get("id")) for s in counted] == [("error", "r1")]

@@ -140,12 +140,16 @@ class ClientConnection:
             return self._take_while_closing(stanza, keep and (kind == _MESSAGE or kind == _IQ))
         item = stanza if keep and (kind == _MESSAGE or kind == _IQ) else None
         data = self.xmpp.framing.stanza(stanza)
+        written: ET.Element | None = stanza
         if len(data) > self.out.limit:
-            data = self._too_large(stanza, data)
+            data, written = self._too_large(stanza, data)
             item = None
         self._queue(data, item)
-        if tap is not None:
-            tap.sent(stanza)  # after it is queued: an ack request follows it
+        if tap is not None and written is not None:
+            # After it is queued: an ack request follows it. What the
+            # client gets is counted (the error, or nothing), not what
+            # was too large to send: its h would never cover that.
+            tap.sent(written)
         return True
 
     def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
@@ -185,11 +189,12 @@ class ClientConnection:
             return True
         return False
 
-    def _too_large(self, stanza: ET.Element, data: bytes) -> bytes:
+    def _too_large(self, stanza: ET.Element, data: bytes) -> tuple[bytes, ET.Element | None]:
         """A single stanza larger than the output bound would end the
         session every time (a huge roster, a big stored element): a result
         becomes `resource-constraint` (RFC 6120 §8.3.3.18), anything else
-        is dropped with a log line (nothing a client sent can be this big)."""
+        is dropped with a log line (nothing a client sent can be this big).
+        The bytes to write instead, and the stanza they are (None: none)."""
         log.warning("%s: %d-byte %s for %s exceeds the output bound", self.peer, len(data),
                     stanza.tag.rpartition("}")[2], self.info.jid)
         if stanza.tag == _IQ and stanza.get("type") == "result":
@@ -202,8 +207,8 @@ class ClientConnection:
                 request.set("to", sender)
             error = stanza_error(request, "resource-constraint",
                                  "the result is too large to send")
-            return self.xmpp.framing.stanza(error)
-        return b""
+            return self.xmpp.framing.stanza(error), error
+        return b"", None
 
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again; the output mark it is
