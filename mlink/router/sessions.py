@@ -63,6 +63,11 @@ class Connection(Protocol):
         session is ending. With `keep`, a stanza the session never writes
         is routed again when it ends (another resource, offline, a bounce)."""
 
+    @property
+    def wants_tree(self) -> bool:
+        """Whether a stanza for this session is best given as a tree (its
+        modules watch its output): a fan-out then parses once for all."""
+
     def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
         """`deliver` for a stanza kept as bytes (from another shard): written
         without a tree; parsed only if it must be routed again."""

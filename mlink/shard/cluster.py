@@ -329,10 +329,24 @@ class Cluster:
     async def _receive_fanout(self, data: bytes, recipients: list[str]) -> None:
         sessions = self.server.sessions
         # Written from the frame's bytes, each recipient's `to` spliced in;
-        # parsed (once) only if the bytes are not ours to splice, or for a
-        # copy that must be routed again.
+        # parsed once, and only if needed: bytes not ours to splice, a
+        # stream that needs a tree (stream management, client state
+        # indication: `wants_tree`), or a copy that must be routed again.
+        # Every tree copy shares the parsed children (`Shared`).
         wire = WireStanza.from_bytes(data, None)
-        shared = Shared(parse_stanza(data)) if wire is None else None
+        shared: Shared | None = None
+
+        def tree(to: str) -> ET.Element:
+            nonlocal shared
+            if shared is None:
+                shared = Shared(parse_stanza(data))
+            return shared.addressed(to)
+
+        def copy(conn: Connection, to: str) -> bool:
+            if wire is not None and not conn.wants_tree:
+                return conn.deliver_wire(wire.addressed(to))
+            return conn.deliver(tree(to))
+
         missed: list[tuple[JID, str]] = []
         for target in recipients:
             full, _, to = target.partition("\0")
@@ -344,23 +358,19 @@ class Cluster:
                 if not jid.resource:
                     for conn in sessions.of_user(jid):
                         if conn.info.available:
-                            _deliver_copy(conn, wire, shared, to or full)
+                            copy(conn, to or full)
                     continue
                 found = sessions.get(jid)
-                if found is None or not _deliver_copy(found, wire, shared, to or full):
+                if found is None or not copy(found, to or full):
                     missed.append((jid, to or full))
             except Exception:
                 # One recipient's failure (a module's filter or tap) must not
                 # cost the others their copy.
                 log.exception("delivering a fan-out copy to %s failed", jid)
-        if not missed:
-            return
-        if shared is None:
-            shared = Shared(parse_stanza(data))
         for jid, to in missed:
             # The session ended, moved or is closing: what a STANZA frame
             # for it gets (RFC 6121 §8.5.3.2), whatever shared the frame.
-            await self._receive_stanza(jid, to, shared.addressed(to))
+            await self._receive_stanza(jid, to, tree(to))
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:
         full = parse_jid(entry.jid)
@@ -388,15 +398,6 @@ class Cluster:
         entries = [_entry(conn.info) for conn in self.server.sessions.all()]
         for payload, flags in frames.encode_table_snapshots(entries):
             self.bus.send(shard, Frame(FrameType.TABLE_SNAPSHOT, payload, flags))
-
-
-def _deliver_copy(conn: Connection, wire: WireStanza | None, shared: Shared | None,
-                  to: str) -> bool:
-    if wire is not None:
-        return conn.deliver_wire(wire.addressed(to))
-    if shared is not None:
-        return conn.deliver(shared.addressed(to))
-    return False
 
 
 def _entry(info: SessionInfo, fields: list[tuple[str, bytes]] | None = None) -> SessionEntry:

@@ -152,6 +152,12 @@ class ClientConnection:
             tap.sent(written)
         return True
 
+    @property
+    def wants_tree(self) -> bool:
+        """`deliver_wire` would parse (see there): a fan-out gives such a
+        stream a copy of the one tree it parsed for all instead."""
+        return bool(self.filters) or self.tap is not None or self._held
+
     def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
         """`deliver` for a stanza kept as bytes: no tree, no serialisation.
         A stream whose modules watch its output (stream management counts
