@@ -678,3 +678,47 @@ def test_fanout_to_stream_managed_sessions_parses_the_frame_once(monkeypatch):
     assert [len(c.got) for c in conns] == [1] * 5
     assert [c.got[0].get("to") for c in conns] == [f"u{n}@localhost/r" for n in range(5)]
     assert parses == 1
+
+
+def test_a_dropped_room_leaves_no_per_room_state_in_the_service():
+    """The service's per-room counters (history appends since the last
+    trim) and noted unreachable occupants go with the room: they grew with
+    every room that ever kept history."""
+    import xml.etree.ElementTree as ET
+
+    import trio
+
+    from mlink.jid import JID
+    from mlink.modules.muc.room import HistoryEntry, Room
+    from mlink.modules.muc.service import MucService
+
+    class Store:
+        def archive(self, name: str) -> Store:
+            return self
+
+        def map(self, name: str) -> Store:
+            return self
+
+        async def append(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        async def set(self, *args: object) -> None:
+            pass
+
+    class Module:
+        router = None
+        store = Store()
+        options = None
+
+    service = MucService(Module(), {})  # type: ignore[arg-type]
+    room = Room(JID("r", f"conference.{DOMAIN}", ""))
+    service.rooms[room.jid] = room
+
+    async def main() -> None:
+        entry = HistoryEntry(0.0, ET.Element("{jabber:client}message"), 0)
+        await service._keep_history(str(room.jid), entry)
+        service._unreached[(room.jid, JID("a", DOMAIN, "r"))] = (0.0, [])
+        await service._drop(room, destroyed=False)
+
+    trio.run(main)
+    assert not service._appended and not service._unreached

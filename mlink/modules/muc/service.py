@@ -342,6 +342,10 @@ class MucService:
         temporary room left empty."""
         if self.rooms.get(room.jid) is room:
             del self.rooms[room.jid]
+        # Per-room state of the service goes with the room.
+        self._appended.pop(str(room.jid), None)
+        for key in [key for key in self._unreached if key[0] == room.jid]:
+            del self._unreached[key]
         for owner in room.owners:
             await self.creators.set(owner, str(room.jid), None)
         if room.config.persistent and destroyed and self.persist is not None:
