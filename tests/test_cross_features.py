@@ -722,3 +722,24 @@ def test_a_dropped_room_leaves_no_per_room_state_in_the_service():
 
     trio.run(main)
     assert not service._appended and not service._unreached
+
+
+def test_imported_offline_messages_lose_the_old_archive_ids(tmp_path: Path):
+    """An offline message exported by a server with an archive (Prosody's
+    mod_mam) carries a stanza-id in the user's name that mlink's archive
+    does not know: imported as is, it reaches the client (offline delivery
+    does not pass the archive's filter) and a catch-up from it fails with
+    item-not-found. It is removed on import; other ids stay."""
+    from mlink.admin import xep0227
+
+    source = tmp_path / "in.xml"
+    source.write_text(
+        "<server-data xmlns='urn:xmpp:pie:0'><host jid='localhost'>"
+        "<user name='zed' password='zed-pw'><offline-messages>"
+        "<message xmlns='jabber:client' from='bob@localhost/x' to='zed@localhost' type='chat'>"
+        "<body>kept</body><stanza-id xmlns='urn:xmpp:sid:0' by='zed@localhost' id='old'/>"
+        "<stanza-id xmlns='urn:xmpp:sid:0' by='room@conference.localhost' id='r1'/>"
+        "</message></offline-messages></user></host></server-data>")
+    plan = xep0227.read_plan(source, frozenset({DOMAIN}))
+    (stored,) = plan.users["zed@localhost"].offline
+    assert b"kept" in stored and b"id='old'" not in stored and b"r1" in stored, stored

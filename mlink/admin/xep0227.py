@@ -73,6 +73,7 @@ CLIENT_NS = "jabber:client"
 ROSTER_NS = "jabber:iq:roster"
 PRIVATE_NS = "jabber:iq:private"
 VCARD_NS = "vcard-temp"
+SID_NS = "urn:xmpp:sid:0"
 XINCLUDE = "{http://www.w3.org/2001/XInclude}include"
 
 # An export bigger than this is refused before it is parsed: the whole
@@ -341,6 +342,12 @@ def _parse_offline(ctx: _Context, user: UserData, box: ET.Element) -> None:
                 CLIENT_NS, PIE_NS, ""):
             raise ctx.fail(message, f"unexpected <{_local(message.tag)}> in offline-messages")
         stanza = _client_stanza(message)
+        # An id the old server's archive gave it in the user's name (XEP-0359)
+        # names nothing in this server's archive: a client that catches up
+        # from it would get item-not-found.
+        for sid in stanza.findall(f"{{{SID_NS}}}stanza-id"):
+            if sid.get("by") == user.jid:
+                stanza.remove(sid)
         user.offline.append(_bounded(ctx, message, serialize(stanza, ""), "offline message"))
 
 
