@@ -410,36 +410,6 @@ def test_unacked_archive_results_are_not_routed_again_to_offline_storage(server,
     bob.close()
 
 
-def test_resume_with_a_backlog_larger_than_the_output_bound(server, ca_file):
-    """800 messages of 6 KB (4.8 MB, past the 4 MiB output bound) arrive
-    while the session is held: the resumed stream gets <resumed/> and then
-    every one of them, once (all queued at once, they ended the new stream
-    with policy-violation before <resumed/> was written)."""
-    from tests.test_stream_management import resume
-
-    n, pad = 800, "x" * 6000
-    carol = login(server, ca_file, "carol@localhost")
-    bob = login(server, ca_file, "bob@localhost")
-    carol.send("<presence/>")
-    previd, _ = enable(carol)
-    sync(carol)
-    mark = server.log.mark()
-    carol.close()
-    server.log.wait_for(rf"session {re.escape(carol.jid)} held", 30,  # type: ignore[attr-defined]
-                        mark)
-    for first in range(0, n, 100):
-        bob.send("".join(f"<message to='{carol.jid}' type='chat' id='L{k}'>"  # type: ignore[attr-defined]
-                         f"<body>L{k} {pad}</body></message>" for k in range(first, first + 100)))
-    sync(bob)
-    again, answer = resume(server, ca_file, "carol@localhost", previd, 0)
-    assert "<resumed" in answer, answer
-    text = answer + again.read_until(rf">L{n - 1} x+</body>", timeout=60)
-    got = re.findall(r">(L\d+) x+</body>", text)
-    assert len(got) == n and set(got) == {f"L{k}" for k in range(n)}
-    again.close()
-    bob.close()
-
-
 def test_room_output_passes_the_recipients_blocking_and_forged_id_filters(server, ca_file):
     """What a room sends goes through its recipient's inbound rules like
     any stanza for the user: an occupant Alice blocked (XEP-0191 §3.3)
@@ -743,3 +713,35 @@ def test_imported_offline_messages_lose_the_old_archive_ids(tmp_path: Path):
     plan = xep0227.read_plan(source, frozenset({DOMAIN}))
     (stored,) = plan.users["zed@localhost"].offline
     assert b"kept" in stored and b"id='old'" not in stored and b"r1" in stored, stored
+
+
+def test_resume_with_a_backlog_larger_than_the_output_bound(small_output, ca_file):
+    """250 messages of 6 KB (1.5 MB, past a 1 MiB output bound; under the
+    3 MiB a session may take to another shard) arrive while the session is
+    held: the resumed stream gets <resumed/> and then every one of them,
+    once (all queued at once, they ended the new stream with
+    policy-violation before <resumed/> was written)."""
+    from tests.test_stream_management import resume
+
+    server = small_output
+    n, pad = 250, "x" * 6000
+    carol = login(server, ca_file, "carol@localhost")
+    bob = login(server, ca_file, "bob@localhost")
+    carol.send("<presence/>")
+    previd, _ = enable(carol)
+    sync(carol)
+    mark = server.log.mark()
+    carol.close()
+    server.log.wait_for(rf"session {re.escape(carol.jid)} held", 30,  # type: ignore[attr-defined]
+                        mark)
+    for first in range(0, n, 50):
+        bob.send("".join(f"<message to='{carol.jid}' type='chat' id='L{k}'>"  # type: ignore[attr-defined]
+                         f"<body>L{k} {pad}</body></message>" for k in range(first, first + 50)))
+    sync(bob)
+    again, answer = resume(server, ca_file, "carol@localhost", previd, 0)
+    assert "<resumed" in answer, answer
+    text = answer + again.read_until(rf">L{n - 1} x+</body>", timeout=60)
+    got = re.findall(r">(L\d+) x+</body>", text)
+    assert len(got) == n and set(got) == {f"L{k}" for k in range(n)}
+    again.close()
+    bob.close()
