@@ -262,8 +262,10 @@ class Server:
     def adopt_session(self, conn: ClientConnection, info: SessionInfo) -> None:
         """`conn` carries on the existing session `info` (resumed by a
         module after it left the table): bound here, announced everywhere."""
-        self.sessions.adopt(conn, info)
         cluster = self.router.cluster
+        if cluster is not None:
+            cluster.drop_replica(info.jid)  # the shard it came from (no SESSION_DOWN)
+        self.sessions.adopt(conn, info)
         if cluster is not None:
             cluster.announce(conn.info)
 
@@ -326,15 +328,21 @@ class Server:
             log.info("kicked %s: %s", ", ".join(ended), text)
         return ended
 
-    def detach_session(self, conn: ClientConnection) -> bool:
+    def detach_session(self, conn: ClientConnection, moving_to: int | None = None) -> bool:
         """Take `conn` out of the session table here and on every shard, at
         once (it is ending): stanzas for it now take the "no such resource"
         path instead of vanishing into a closing connection. False when it
         was not (or no longer) bound."""
         if not self.sessions.unbind(conn):
             return False
-        if self.router.cluster is not None:
-            self.router.cluster.announce_down(conn.info)
+        cluster = self.router.cluster
+        if cluster is not None:
+            if moving_to is not None and moving_to != cluster.shard:
+                # Resumed on that shard: not down anywhere, passed on there
+                # until it says it has it (make before break).
+                cluster.moved(conn.info, moving_to)
+            else:
+                cluster.announce_down(conn.info)
         return True
 
     async def session_ended(self, conn: ClientConnection) -> None:

@@ -475,6 +475,14 @@ def test_late_resume_answer_ends_the_session_instead_of_losing_it():
         async def reroute(self, stanza: ET.Element) -> None:
             rerouted.append(stanza.findtext("{jabber:client}body") or "")
 
+        def expect_session(self, full: JID) -> None:
+            pass
+
+        def session_arrived(self, full: JID) -> list[ET.Element]:
+            # What its old shard passed on meanwhile.
+            return [ET.fromstring("<message xmlns='jabber:client' type='chat'>"
+                                  "<body>passed on</body></message>")]
+
     class Module:
         router = Router()
         log = __import__("logging").getLogger("test")
@@ -490,7 +498,7 @@ def test_late_resume_answer_ends_the_session_instead_of_losing_it():
     late = {"op": "result", "req": 7, "session": state.snapshot()}
     trio.run(manager.bus_message, 1, json.dumps(late).encode())
     assert closed == ["session/closed alice@localhost/phone"]
-    assert rerouted == ["unconfirmed"]
+    assert rerouted == ["unconfirmed", "passed on"]
 
 
 # Small enough for a quick test, above offline delivery's 512 KiB batches.
@@ -745,3 +753,54 @@ def test_resume_with_a_backlog_larger_than_the_output_bound(small_output, ca_fil
     assert len(got) == n and set(got) == {f"L{k}" for k in range(n)}
     again.close()
     bob.close()
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory,
+          cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("cross3") / "s"
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, shards=3,
+                     edit_config=with_sm_options) as proc:
+        yield proc
+
+
+def test_chats_from_a_third_shard_reach_a_session_resumed_elsewhere(three, ca_file):
+    """Bob, on a third shard, keeps writing to Alice's full JID while her
+    session moves between the two other shards: every message reaches her
+    resumed stream (a SESSION_DOWN before the new shard's SESSION_UP sent
+    those in between to offline storage, which a resumed session never
+    reads)."""
+    from tests.placement import TIMEOUT, Placement
+
+    place = Placement(three.log, three.c2s_port, ca_file, USERS)
+    try:
+        bob = place.login_on(2, "bob@localhost")
+        alice = place.login_on(0, "alice@localhost")
+        previd, _ = enable(alice)
+        client, moves, previous = alice, 0, 0
+        for attempt in range(20):
+            if moves >= 3:
+                break
+            mark = three.log.mark()
+            client.close()
+            three.log.wait_for(rf"session {re.escape(alice.jid)} held", TIMEOUT, mark)
+            new = RawClient(three.c2s_port, ca_file)
+            new.authenticate(DOMAIN, "alice@localhost", USERS["alice@localhost"])
+            new.send(f"<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='0'/>")
+            bob.send("".join(f"<message to='{alice.jid}' type='chat' id='c{attempt}-{n}'>"
+                             f"<body>c{attempt}-{n}</body></message>" for n in range(60)))
+            answer = new.read_until(r"<resumed[^>]*/>|</failed>")
+            assert "<resumed" in answer, answer
+            place.clients.append(new)
+            landed = int(three.log.wait_for(
+                rf"shard-(\d+) .*resumed {re.escape(alice.jid)}$", TIMEOUT, mark)[1])
+            if landed != previous:
+                moves, previous = moves + 1, landed
+            sync(bob)
+            got = answer + new.read_until(rf">c{attempt}-59</body>", timeout=20)
+            missing = [n for n in range(60) if f">c{attempt}-{n}</body>" not in got]
+            assert not missing, (attempt, landed, missing)
+            client = new
+        assert moves >= 1
+    finally:
+        place.close_all()

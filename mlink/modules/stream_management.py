@@ -458,14 +458,13 @@ class Manager:
         del self.local[rid]
         state.hold = None
         state.ended = True
-        router = self.module.router
         # Make before break: until the new stream has the session, what is
         # sent to it is kept (taken here) or passed on (taken elsewhere).
         if for_shard == self.module.shard:
-            router.expect_session(state.info.jid)
+            self.module.router.expect_session(state.info.jid)
+            hold.taken()
         else:
-            router.session_moving(state.info.jid, for_shard)
-        hold.taken()
+            hold.taken(moving_to=for_shard)
         home = self.module.owner(rid)
         if home == self.module.shard:
             if for_shard == self.module.shard:
@@ -534,6 +533,9 @@ class Manager:
         self.module.log.info("resumption of %s answered too late; the session ends",
                              info.jid)
         router = self.module.router
+        # Its old shard passes on what reaches it to here: routed again too.
+        router.expect_session(info.jid)
+        queue += router.session_arrived(info.jid)
         with router.batch():
             await self.module.fire("session/closed", info)
         for stanza in queue:

@@ -122,12 +122,6 @@ class Router:
             return True
         return self.cluster is not None and self.cluster.deliver(full, stanza)
 
-    def session_moving(self, full: JID, shard: int) -> None:
-        """The session `full` is leaving this shard for `shard` (resumed
-        there): stanzas still arriving here for it are passed on."""
-        if self.cluster is not None and shard != self.cluster.shard:
-            self.cluster.moved(full, shard)
-
     def expect_session(self, full: JID) -> None:
         """The session `full` is about to be bound here: what is sent to
         it meanwhile is kept (`session_arrived`), not taken for gone."""

@@ -86,7 +86,7 @@ class Cluster:
         self._pending: dict[tuple[int, bytes], list[str]] = {}
         # Sessions resumed from here on another shard (XEP-0198), for a
         # while: stanzas still reaching this shard for them are passed on.
-        self._moved: dict[JID, tuple[int, float]] = {}
+        self._moved: dict[JID, tuple[int, float, SessionInfo]] = {}
         # Sessions being resumed here from another shard, not yet bound:
         # what arrives for them meanwhile, in order (`arrived`).
         self._expected: dict[JID, list[ET.Element]] = {}
@@ -95,11 +95,17 @@ class Cluster:
     # -- the router's questions -------------------------------------------------
 
     def resources(self, bare: JID) -> list[SessionInfo]:
-        return [r.info for r in self._remote.resources(bare).values()]
+        found = [r.info for r in self._remote.resources(bare).values()]
+        if self._moved:  # on their way to another shard: still there
+            found += [m[2] for full, m in self._moved.items() if full.bare == bare]
+        return found
 
     def session(self, full: JID) -> SessionInfo | None:
         remote = self._remote.get(full)
-        return remote.info if remote is not None else None
+        if remote is not None:
+            return remote.info
+        moved = self._moved.get(full)
+        return moved[2] if moved is not None else None
 
     def online(self, bare: JID) -> bool:
         return self._remote.has_user(bare)
@@ -136,23 +142,39 @@ class Cluster:
             return True
         moved = self._moved.get(full)
         if moved is not None:
-            if moved[1] > time.monotonic():
-                self._queue(moved[0], str(full), stanza)
-                return True
-            del self._moved[full]
+            self._queue(moved[0], str(full), stanza)
+            return True
         return False
 
     # -- a session moving between shards (stream management resumption) --------
 
-    def moved(self, full: JID, shard: int) -> None:
-        """The session `full` left this shard for `shard`: until that shard
-        announces it (or MOVED_SECONDS pass), what still comes here for it
-        (frames already on their way, local deliveries) goes there."""
-        self._moved[full] = (shard, time.monotonic() + MOVED_SECONDS)
+    def moved(self, info: SessionInfo, shard: int) -> None:
+        """The session `info` left this shard for `shard`, unannounced: until
+        that shard announces it, what still comes here for it (frames on
+        their way, other shards' replicas, local deliveries) goes there. If
+        it never does within MOVED_SECONDS (the resume failed there), the
+        session's end is announced from here after all (`_expire_moved`)."""
+        self._moved[info.jid] = (shard, time.monotonic() + MOVED_SECONDS, info)
+
+    def _expire_moved(self) -> None:
+        now = time.monotonic()
+        for full, (_shard, until, info) in list(self._moved.items()):
+            if until <= now:
+                del self._moved[full]
+                self.announce_down(info)
+
+    def drop_replica(self, full: JID) -> None:
+        """Forget the replica of `full` whatever its session id (the session
+        is being bound here, moved from the replica's shard)."""
+        if self._remote.get(full) is not None:
+            self._remote.remove(full)
 
     def expect(self, full: JID) -> None:
         """The session `full` is about to be bound here (its state is on
-        its way): keep what arrives for it until `arrived`."""
+        its way): keep what arrives for it until `arrived`. The replica
+        pointing at the shard it comes from goes (that shard passes on
+        to here: no ping-pong)."""
+        self.drop_replica(full)
         self._expected.setdefault(full, [])
 
     def arrived(self, full: JID) -> list[ET.Element]:
@@ -178,6 +200,8 @@ class Cluster:
 
     def flush(self) -> None:
         """Send what routing one stanza queued: one frame per shard and payload."""
+        if self._moved:
+            self._expire_moved()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -383,7 +407,9 @@ class Cluster:
             info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
         remote = RemoteSession(shard, entry.session_id, info)
         self._remote.put(full, remote)
-        self._moved.pop(full, None)  # announced where it went
+        moved = self._moved.get(full)
+        if moved is not None and moved[0] == shard:
+            del self._moved[full]  # announced where it went
 
     def _remove(self, full: JID, session_id: int, shard: int | None = None) -> None:
         """Drop the replica of `full` if it is that session (ids are unique

@@ -631,12 +631,12 @@ class _Hold:
     def info(self) -> SessionInfo:
         return self._conn.info
 
-    def taken(self) -> None:
+    def taken(self, moving_to: int | None = None) -> None:
         conn = self._conn
         if not conn._held:
             return
         conn._taken = True
-        conn.server.detach_session(conn)
+        conn.server.detach_session(conn, moving_to)
         conn._bound = False
         conn.ended = True
         conn.tap = None
