@@ -360,6 +360,150 @@ class WebSocketConfig(Frozen):
     )
 
 
+# -- web console -------------------------------------------------------------------
+
+# The console's HTTPS port when <console> gives none: 5443 is free of the IANA
+# XMPP ports and of the WebSocket ones (5280/5281), and easy to remember.
+DEFAULT_CONSOLE_PORT = 5443
+# An idle console session ends after this many minutes (OWASP's guidance for
+# administrative applications is 15-30 minutes of inactivity).
+DEFAULT_CONSOLE_IDLE_MINUTES = 30
+# Whatever the activity, a console session ends after this many hours, so a
+# stolen cookie is not good for ever.
+DEFAULT_CONSOLE_MAX_HOURS = 12
+
+
+def _finish_admin(chk: Checker, elem: Element | None, parent: Element, a: AdminConfig,
+                  values: Mapping[str, Any]) -> AdminConfig:
+    where = elem if elem is not None else parent
+    if (a.group is None) == (a.jid is None):
+        chk.fail(where, "<admin> needs either 'group' (the DN of a directory group whose "
+                        "members administer) or 'jid' (one administrator), not both")
+    if a.jid is not None and ("@" not in a.jid or a.jid.startswith("@") or "/" in a.jid):
+        chk.fail(where, f"'jid' on <admin> must be a bare JID user@domain, not {a.jid!r}")
+    return a
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig(Frozen):
+    """Who may use the administration pages of the console, and for which domains."""
+
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "admin", "inside `<console>`, any number", finish=_finish_admin,
+        doc="Grants the administration pages to the members of a directory group, or to one "
+            "user, for one domain or for all. An administrator of one domain sees and "
+            "changes only that domain's users and sessions.",
+    )
+    group: str | None = attr(
+        "group", None, kind=DN(), default_doc="none",
+        doc="DN of a directory group (`groupOfNames`/`groupOfUniqueNames` `member`, or "
+            "`posixGroup` `memberUid`) whose members are administrators. Read at each "
+            "console login, so membership changes apply at the next login. Works with both "
+            "directory backends (an embedded directory holds group entries too).",
+    )
+    jid: str | None = attr(
+        "jid", None, kind=Str(), default_doc="none",
+        doc="The bare JID of one administrator (convenient with the embedded directory).",
+    )
+    domain: str | None = attr(
+        "domain", None, kind=Domain(), default_doc="every served domain",
+        doc="The one domain these administrators manage: delegated administration.",
+    )
+
+
+def _finish_console(chk: Checker, elem: Element | None, parent: Element, c: ConsoleConfig,
+                    values: Mapping[str, Any]) -> ConsoleConfig:
+    if elem is None:
+        return c
+    tls = values.get("tls", TLSConfig())
+    if tls.certificate is None:
+        chk.fail(elem, "<console> serves HTTPS with the <tls> certificate: give <tls "
+                       "certificate=... key=...>")
+    served = set(values.get("domains", ()))
+    for admin in c.admins:
+        if admin.domain is not None and admin.domain not in served:
+            chk.fail(elem, f"<admin domain={admin.domain!r}> is not a served <domain>")
+    url = c.public_url
+    if url is not None and (not url.lower().startswith("https://") or len(url) <= 8 or any(
+            ch.isspace() or ch in "<>'\"\\" for ch in url)):
+        chk.fail(elem, f"'public-url' on <console> must be an https:// URL, not {url!r}")
+    return dataclasses.replace(c, enabled=True)
+
+
+_CONSOLE_EXAMPLE = """\
+<console address="127.0.0.1" port="5443">
+  <admin group="cn=mlink-admins,ou=Groups,dc=example,dc=com"/>
+  <admin jid="admin@example.org" domain="example.org"/>
+</console>"""
+
+
+@dataclass(frozen=True, slots=True)
+class ConsoleConfig(Frozen):
+    """The web console (docs/console.md): administration, self-service, metrics."""
+
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "console", "at most once", finish=_finish_console,
+        doc="The web console on its own HTTPS listener, served by the supervisor process: "
+            "administration pages for the users named by `<admin>`, a self-service page "
+            "where every user edits their profile and changes their password, and "
+            "`/metrics` (OpenMetrics) for Prometheus. Omitted: no console, no listener. See "
+            "[console.md](console.md).",
+        notes="Needs the `<tls>` certificate (the console is HTTPS only: its cookies are "
+              "`Secure`). Children: any number of `<admin>` and `<metrics-client>`. The "
+              "listener (`port`, `address`, the element itself) changes at a restart; "
+              "`<admin>` and `<metrics-client>` apply on reload (administrators at their next "
+              "login). `mlink init --console-admin JID` writes one on loopback.",
+        comment="The web console (administration, self-service, /metrics) on its\n"
+                "own HTTPS listener with the <tls> certificate. Omitted: off.",
+        example=_CONSOLE_EXAMPLE,
+    )
+    # True when <console> is in the file (set by its finish).
+    enabled: bool = not_in_file(False)
+    port: int = attr(
+        "port", DEFAULT_CONSOLE_PORT, kind=Int(0, MAX_PORT),
+        doc="TCP port of the console's HTTPS listener; `0` picks a free one (tests).",
+        why="Free of the XMPP and WebSocket ports, and easy to remember.",
+    )
+    address: str = attr(
+        "address", "127.0.0.1", kind=Host(),
+        doc="Address to bind. The default keeps the console on the machine itself (reach it "
+            "through SSH port forwarding or a reverse proxy); give `0.0.0.0` or `::` to open "
+            "it to the network.",
+        why="An administration application should not face the Internet unless asked to.",
+    )
+    idle_minutes: int = attr(
+        "idle-minutes", DEFAULT_CONSOLE_IDLE_MINUTES, kind=Int(1),
+        doc="A console session ends after this many minutes without a request.",
+        why="OWASP's guidance for administrative applications: 15-30 minutes.",
+    )
+    max_hours: int = attr(
+        "max-hours", DEFAULT_CONSOLE_MAX_HOURS, kind=Int(1),
+        doc="A console session ends this many hours after its login, active or not.",
+        why="A stolen session cookie should not be good for ever.",
+    )
+    public_url: str | None = attr(
+        "public-url", None, kind=Str(), default_doc="none",
+        doc="The console's address as users reach it (`https://chat.example.org:5443`, or a "
+            "reverse proxy's). Given, the password expiry warning users get at login links "
+            "to their self-service page (`<public-url>/me`).",
+    )
+    admins: tuple[AdminConfig, ...] = sections(AdminConfig, "admin")
+    metrics_clients: tuple[str, ...] = texts(
+        "metrics-client", kind=Network(), cardinality="inside `<console>`, any number",
+        doc="Text: an address or network (`10.0.0.5`, `10.0.0.0/8`) allowed to read "
+            "`/metrics` without logging in (a Prometheus server). Loopback addresses always "
+            "may; others get 403.",
+    )
+
+    @property
+    def self_service_url(self) -> str | None:
+        """The self-service page users are sent to, when the console is on
+        and its public URL known."""
+        if not self.enabled or not self.public_url:
+            return None
+        return self.public_url.rstrip("/") + "/me"
+
+
 # -- directory ------------------------------------------------------------------------
 
 
@@ -1013,6 +1157,7 @@ class Config(Frozen):
     caches: CachesConfig = section(CachesConfig, "caches", hide_default=True)
     profiles: ProfilesConfig = section(ProfilesConfig, "profiles")
     rosters: RostersConfig = section(RostersConfig, "rosters")
+    console: ConsoleConfig = section(ConsoleConfig, "console")
     # Enabled module names in load order (see `mlink.config.load_config`).
     modules: tuple[str, ...] = custom(
         "modules", DEFAULT_MODULES, parse=_parse_modules, cardinality="at most once",

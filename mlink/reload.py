@@ -49,6 +49,8 @@ RESTART_SETTINGS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("module list (<modules>)", lambda c: c.modules),
     ("static roster attribute (<rosters static-attribute>)",
      lambda c: c.rosters.static_attribute),
+    ("web console listener (<console>)",
+     lambda c: (c.console.enabled, c.console.address, c.console.port)),
 )
 
 

@@ -53,6 +53,7 @@ from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnectio
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
+from mlink.util.counters import ShardCounters
 from mlink.util.heaptrim import HeapTrimmer
 from mlink.util.watchdog import LoopWatchdog
 from mlink.xml.serialize import WireStanza
@@ -130,6 +131,8 @@ class Server:
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
         self.watchdog = LoopWatchdog()
+        # Stanzas and logins by kind, for the console's /metrics.
+        self.counters = ShardCounters()
         # Returns the heap pages that logged-out connections freed (see
         # mlink/util/heaptrim.py: without it RSS grew with every cycle).
         self.heap_trimmer = HeapTrimmer()
@@ -164,7 +167,8 @@ class Server:
     async def _check_password(self, jid: str, request: NeedCredential) -> object:
         password = request.detail["password"]
         try:
-            ok, verdict = await self.directory.password_login(jid, password)
+            with self.counters.timed("password-login"):
+                ok, verdict = await self.directory.password_login(jid, password)
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE
@@ -194,7 +198,8 @@ class Server:
         """The secret, with the directory's verdict (locked, expired) held
         back until the client has proved its password."""
         try:
-            login = await self.directory.scram_login(jid, request.detail["mechanism"])
+            with self.counters.timed("scram-login"):
+                login = await self.directory.scram_login(jid, request.detail["mechanism"])
         except DirectoryUnavailable as exc:
             log.warning("directory unavailable while authenticating %s: %s", jid, exc)
             return UNAVAILABLE

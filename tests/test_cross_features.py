@@ -563,6 +563,7 @@ def test_sm_counts_what_was_written_not_an_oversized_stanza():
     must count what the client gets, or its h never catches up (acks off
     by one for the rest of the stream, XEP-0198 §4) and the dropped stanza
     is sent again, and dropped again, on resume."""
+    import collections
     import xml.etree.ElementTree as ET
     from types import SimpleNamespace
 
@@ -585,6 +586,8 @@ def test_sm_counts_what_was_written_not_an_oversized_stanza():
     conn.out = OutputBuffer(1000)
     conn.transport = object()  # type: ignore[assignment]
     conn.peer, conn.info = "test", SessionInfo(JID("dave", DOMAIN, "r"))
+    conn.server = SimpleNamespace(  # type: ignore[assignment]
+        counters=SimpleNamespace(stanzas_out=collections.Counter()))
     big = "y" * 5000
     assert conn.deliver(ET.fromstring(f"<message xmlns='jabber:client' to='dave@localhost/r'>"
                                       f"<body>{big}</body></message>"))

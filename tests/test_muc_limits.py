@@ -5,6 +5,7 @@ temporary rooms, and who may create rooms."""
 from __future__ import annotations
 
 import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.rawclient import stanza_error_of
-from tests.serverproc import DOMAIN, MlinkProcess, start_mlink
+from tests.serverproc import DOMAIN, MlinkProcess, mlink, start_mlink
 from tests.test_im_services import ALICE, BOB, CAROL, DAVE, USERS, Client, body_of
 from tests.test_muc import (
     MUC_USER,
@@ -120,3 +121,23 @@ def test_occupants_hear_332_when_the_server_stops(tmp_path, cert_files, ca_file)
         assert text.index("332") < text.index("system-shutdown"), text
         alice.raw.close()
         server.proc.wait(timeout=30)
+
+
+def test_idle_empty_persistent_room_is_removed_from_the_directory(tmp_path, cert_files,
+                                                                  ca_file):
+    idle = {"idle-persistent": "1"}
+    with start_mlink(tmp_path, DOMAIN, cert_files, users={ALICE: USERS[ALICE]},
+                     edit_config=lambda text: with_options(text, idle)) as server:
+        alice = Client(server, ca_file, ALICE)
+        room = open_room(alice, "Alice", **{"muc#roomconfig_persistentroom": "1"})
+        shown = mlink("room", "show", room, "--config", str(server.config), check=False)
+        assert shown.returncode == 0, shown.stderr
+        alice.send(f"<presence to='{room}/Alice' type='unavailable'/>")
+        alice.expect(is_presence_from(f"{room}/Alice", "unavailable"))
+        deadline = time.monotonic() + IDLE_WAIT
+        while True:
+            shown = mlink("room", "show", room, "--config", str(server.config), check=False)
+            if shown.returncode == 1 or time.monotonic() > deadline:
+                break
+        assert shown.returncode == 1 and "no persistent room" in shown.stderr
+        alice.raw.close()

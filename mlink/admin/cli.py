@@ -80,6 +80,10 @@ def _build_parser() -> argparse.ArgumentParser:
     init.add_argument("--address", default=None, metavar="A",
                       help="the address every listener binds (default 0.0.0.0: all IPv4 "
                            "addresses; 127.0.0.1 for this machine only, :: for IPv6 too)")
+    init.add_argument("--console-admin", default=None, metavar="JID",
+                      help="enable the web console on 127.0.0.1 with this user as its "
+                           "administrator (add the user with `mlink user add`)")
+    init.add_argument("--console-port", type=int, default=5443, metavar="PORT")
     init.set_defaults(func=cmd_init)
 
     serve = sub.add_parser("serve", help="run the server")
@@ -262,6 +266,8 @@ def cmd_init(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             address=args.address,
+            console_admin=args.console_admin,
+            console_port=args.console_port,
         )
     except SetupError as exc:
         raise CommandError(str(exc)) from None

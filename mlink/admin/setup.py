@@ -25,7 +25,10 @@ from mlink.config import (
     normalise_domain,
 )
 from mlink.config_model import (
+    DEFAULT_CONSOLE_PORT,
+    AdminConfig,
     Config,
+    ConsoleConfig,
     DirectoryConfig,
     EmbeddedConfig,
     ListenerConfig,
@@ -148,6 +151,8 @@ def init_setup(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     address: str | None = None,
+    console_admin: str | None = None,
+    console_port: int = DEFAULT_CONSOLE_PORT,
 ) -> Path:
     """Create a ready standalone setup in `directory`; return the config path.
 
@@ -156,6 +161,9 @@ def init_setup(
     `cert.pem`/`key.pem`. Raises SetupExists when any of those files is
     already there, SetupError for bad arguments. On failure, files this call
     created are removed so it can simply be run again.
+
+    With `console_admin` (a bare JID of the domain), the web console is
+    enabled on loopback (`console_port`) with that user as its administrator.
 
     Synchronous, for the CLI: it starts its own short Trio run to create
     the directory file, so from async code call it through
@@ -169,6 +177,12 @@ def init_setup(
     _check_port("c2s port", c2s_port)
     _check_port("tls port", tls_port)
     _check_port("websocket port", ws_port)
+    if console_admin is not None:
+        _check_port("console port", console_port)
+        local, at, admin_domain = console_admin.partition("@")
+        if not local or not at or "/" in console_admin or admin_domain.lower() != domain:
+            raise SetupError(f"--console-admin must be a user of {domain} (user@{domain}), "
+                             f"not {console_admin!r}")
     used = [p for p in (c2s_port, tls_port, ws_port) if p != 0]
     if len(used) != len(set(used)):
         raise SetupError(f"the listeners need distinct ports, got {c2s_port}/{tls_port}/{ws_port}")
@@ -237,6 +251,9 @@ def init_setup(
                 embedded=EmbeddedConfig(file=absolute_path(directory_path), base_dn=base_dn),
             ),
             data_dir=absolute_path(directory),
+            console=ConsoleConfig(
+                enabled=True, port=console_port,
+                admins=(AdminConfig(jid=console_admin),)) if console_admin else ConsoleConfig(),
         )
         write_config(cfg, config_path)
         created.append(config_path)

@@ -73,7 +73,6 @@ CLIENT_NS = "jabber:client"
 ROSTER_NS = "jabber:iq:roster"
 PRIVATE_NS = "jabber:iq:private"
 VCARD_NS = "vcard-temp"
-SID_NS = "urn:xmpp:sid:0"
 XINCLUDE = "{http://www.w3.org/2001/XInclude}include"
 
 # An export bigger than this is refused before it is parsed: the whole
@@ -336,18 +335,21 @@ def _parse_private(ctx: _Context, user: UserData, query: ET.Element) -> None:
         user.private[key] = _bounded(ctx, child, serialize(child, ""), "private XML")
 
 
+STANZA_ID_NS = "urn:xmpp:sid:0"
+
+
 def _parse_offline(ctx: _Context, user: UserData, box: ET.Element) -> None:
     for message in box:
         if _local(message.tag) != "message" or message.tag.partition("}")[0][1:] not in (
                 CLIENT_NS, PIE_NS, ""):
             raise ctx.fail(message, f"unexpected <{_local(message.tag)}> in offline-messages")
         stanza = _client_stanza(message)
-        # An id the old server's archive gave it in the user's name (XEP-0359)
-        # names nothing in this server's archive: a client that catches up
-        # from it would get item-not-found.
-        for sid in stanza.findall(f"{{{SID_NS}}}stanza-id"):
-            if sid.get("by") == user.jid:
-                stanza.remove(sid)
+        # The old server's archive ids (XEP-0359 stanza-id by the user or
+        # the domain) name entries this server's archive does not have:
+        # left out, as a forged one would be.
+        for old_id in stanza.findall(f"{{{STANZA_ID_NS}}}stanza-id"):
+            if old_id.get("by", "").lower() in (user.jid, user.jid.partition("@")[2]):
+                stanza.remove(old_id)
         user.offline.append(_bounded(ctx, message, serialize(stanza, ""), "offline message"))
 
 

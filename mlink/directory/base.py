@@ -8,6 +8,7 @@ caller (`mlink.jid`), so backends only map them to entries.
 from __future__ import annotations
 
 import abc
+import datetime
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,20 @@ class ScramLogin:
 
     secret: ScramSecret | None
     verdict: Verdict = Verdict()
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordStatus:
+    """What the directory's password policy says of a user's password, for
+    the self-service page: when it expires, grace logins left, whether it
+    must be changed, and the rules a new one must meet (None: not known)."""
+
+    expires: datetime.datetime | None = None
+    grace_left: int | None = None
+    must_change: bool = False
+    min_length: int | None = None
+    history: int | None = None
+    max_age_days: int | None = None
 
 
 class DirectoryError(Exception):
@@ -124,6 +139,11 @@ class Directory(abc.ABC):
     async def change_own_password(self, jid: str, password: str) -> None:
         """The user changes their own password (in-band, XEP-0077)."""
         await self.set_password(jid, password)
+
+    async def password_status(self, jid: str) -> PasswordStatus | None:
+        """The password policy as it applies to `jid` now; None for no such
+        user. Backends without a policy know nothing more."""
+        return PasswordStatus() if await self.user_exists(jid) else None
 
     async def record_failure(self, jid: str) -> None:  # noqa: B027 (optional hook)
         """Count a failed non-bind login (a wrong SCRAM proof) where the

@@ -41,6 +41,7 @@ from mlink.directory.base import (
     DirectoryGroup,
     DirectoryRefused,
     NoSuchUser,
+    PasswordStatus,
     ScramLogin,
     UserExists,
 )
@@ -71,6 +72,7 @@ from mlink.directory.policy import (
     binding_value,
     is_binding,
     judge,
+    parse_generalized_time,
 )
 from mlink.directory.port import (
     DEFAULT_CHANGES_SECONDS,
@@ -317,6 +319,45 @@ class PortDirectory(Directory):
         state = {name.lower(): entry.get(name) for name in STATE_ATTRIBUTES}
         return judge(state, await self._policy_for(state), _now(),
                      await self._is_disabled(entry))
+
+    async def password_status(self, jid: str) -> PasswordStatus | None:
+        """Expiry (pwdChangedTime + pwdMaxAge), grace logins left
+        (pwdGraceAuthNLimit minus the pwdGraceUseTime values), pwdReset, and
+        the quality rules of the user's policy entry, read fresh."""
+        entry = await self._find(jid, [*STATE_ATTRIBUTES, "pwdGraceUseTime"])
+        if entry is None:
+            return None
+        state = {name.lower(): entry.get(name) for name in STATE_ATTRIBUTES}
+        subentry = state.get("pwdpolicysubentry") or []
+        dn = _text(subentry[0]) if subentry else self.layout.password_policy_dn
+        rules: dict[str, int] = {}
+        if dn:
+            try:
+                found = await self.port.search(dn, Scope.BASE, "(objectClass=*)", list(
+                    POLICY_RULE_ATTRIBUTES))
+            except NoSuchEntry:
+                found = []
+            for name in POLICY_RULE_ATTRIBUTES if found else ():
+                values = found[0].get(name)
+                try:
+                    rules[name.lower()] = int(_text(values[0])) if values else 0
+                except ValueError:
+                    rules[name.lower()] = 0
+        max_age = rules.get("pwdmaxage", 0)
+        changed = parse_generalized_time(
+            _text(state["pwdchangedtime"][0]) if state.get("pwdchangedtime") else None)
+        expires = (changed + datetime.timedelta(seconds=max_age)
+                   if changed is not None and max_age else None)
+        grace_limit = rules.get("pwdgraceauthnlimit", 0)
+        grace_left = (max(0, grace_limit - len(entry.get("pwdGraceUseTime")))
+                      if rules else None)
+        return PasswordStatus(
+            expires=expires, grace_left=grace_left,
+            must_change=bool(state.get("pwdreset"))
+            and _text(state["pwdreset"][0]).upper() == "TRUE",
+            min_length=rules.get("pwdminlength") if rules else None,
+            history=rules.get("pwdinhistory") if rules else None,
+            max_age_days=max_age // 86400 if max_age else None)
 
     async def record_failure(self, jid: str) -> None:
         """A failed SCRAM proof counts in the directory as a failed bind
@@ -943,6 +984,9 @@ BIND_SECRETS_ONE_BY_ONE = 8
 # A login storm must not read the password policy entry once per login; a
 # policy edited in the directory applies within this many seconds.
 POLICY_CACHE_SECONDS = 60.0
+# What the self-service page shows of a password policy entry.
+POLICY_RULE_ATTRIBUTES = ("pwdMaxAge", "pwdGraceAuthNLimit", "pwdMinLength", "pwdInHistory")
+
 # Failed SCRAM proofs are recorded by a bind with a password that starts
 # with this and ends with random bytes: nobody's password, and recognisable
 # in a directory's access log.

@@ -420,16 +420,22 @@ class LDAPPort(DirectoryPort):
         for op in operations:
             dn = op.entry.dn if isinstance(op, Add) else op.dn
             chains.setdefault(normalize_dn(dn), []).append(op)
+        # A chain (add, set the password, store the secrets) is bounded by
+        # one timeout per operation, not one for all: a password modify is a
+        # slow hash on the server (Argon2), and a busy server serves a bulk
+        # import's chains side by side.
         if len(chains) == 1:
             (chain,) = chains.values()
-            await self._call(lambda conn: self._apply(conn, chain))
+            await self._call(lambda conn: self._apply(conn, chain),
+                             self.timeout * len(chain))
             return
         send, receive = trio.open_memory_channel[list[Operation]](0)
 
         async def worker(receive: trio.MemoryReceiveChannel[list[Operation]]) -> None:
             async with receive:
                 async for chain in receive:
-                    await self._call(partial(self._apply, chain=chain))
+                    await self._call(partial(self._apply, chain=chain),
+                                     self.timeout * len(chain))
 
         async with trio.open_nursery() as nursery:
             for _ in range(min(self.pool_size, len(chains))):

@@ -398,9 +398,24 @@ def setup(module: Module) -> None:
                     waiting[1].set()
     prefs_store = module.store.keyval("prefs")
     prefs_cache: dict[str, Prefs] = {}
+    # Users who ever stored preferences (loaded at start): anyone else has
+    # the defaults without a store read, so the first message of each of a
+    # thousand users does not queue a thousand reads. None until loaded.
+    with_prefs: set[str] | None = None
+    changed_since_start: set[str] = set()  # so a change during the load is not missed
 
     def forget_prefs(user: str) -> None:
         prefs_cache.pop(user, None)
+        changed_since_start.add(user)
+        if with_prefs is not None:
+            with_prefs.add(user)  # set here or on another shard: read it next time
+
+    async def load_prefs_users() -> None:
+        nonlocal with_prefs
+        try:
+            with_prefs = await prefs_store.users() | changed_since_start
+        except StoreError as exc:
+            module.log.warning("archive preferences not preloaded: %s", exc)
 
     prefs_changed = module.user_cache("prefs", forget_prefs)
 
@@ -410,6 +425,8 @@ def setup(module: Module) -> None:
                      frozenset(), frozenset())
 
     async def prefs_of(user: str) -> Prefs:
+        if with_prefs is not None and user not in with_prefs:
+            return default_prefs()
         found = prefs_cache.get(user)
         if found is None:
             data = await prefs_store.get(user)
@@ -643,4 +660,5 @@ def setup(module: Module) -> None:
     module.on_bus(flush_message, channel="flush")
     module.spawn(retention)
     module.spawn(writer.run)
+    module.spawn(load_prefs_users)
 

@@ -96,17 +96,20 @@ def check_ports_free(config: Config) -> None:
     program of the same user already holding the port with it (another
     mlink, say): both would then get a share of the connections, silently.
     A plain bind, without SO_REUSEPORT, fails on any such holder."""
-    for lc in config.listeners:
-        if lc.port == 0:
+    wanted = [(lc.address, lc.port, f"{lc.kind} listener") for lc in config.listeners]
+    if config.console.enabled:
+        wanted.append((config.console.address, config.console.port, "console"))
+    for address, port, what in wanted:
+        if port == 0:
             continue
-        family = socket.AF_INET6 if ":" in lc.address else socket.AF_INET
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
         with socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((lc.address, lc.port))
+                probe.bind((address, port))
             except OSError as exc:
-                raise OSError(exc.errno, f"port {lc.port} on {lc.address} is in use "
-                              f"({lc.kind} listener)") from None
+                raise OSError(exc.errno, f"port {port} on {address} is in use "
+                              f"({what})") from None
 
 
 def control_path(config: Config) -> Path:
@@ -168,6 +171,12 @@ class Supervisor:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
+                    if self.config.console.enabled:
+                        # Imported only here: the web stack stays out of
+                        # shards and of servers without a console.
+                        from mlink.console import serve_console
+
+                        await services.start(serve_console, self)
                     log.info("starting %d shard(s)", len(self.shards))
                     async with trio.open_nursery() as shard_tasks:
                         for state in self.shards:
@@ -504,6 +513,16 @@ class Supervisor:
                 sent += 1
         log.info("ending the sessions of %s on %d shard(s): %s", jid, sent, text)
         return {"ok": True, "shards": sent}
+
+    def invalidate(self, user: str, what: str) -> None:
+        """Have every shard drop its cached `what` ("profile") of `user`,
+        which the console changed; sent without waiting, like end_user."""
+        services = self._services
+        for state in self.shards:
+            control = state.control
+            if control is not None and services is not None:
+                services.start_soon(control.send, {"op": "invalidate", "user": user,
+                                                   "what": what})
 
     async def _log_status_periodically(self) -> None:
         """The status table in the log, at DEBUG: useful when chasing a

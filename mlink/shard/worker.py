@@ -56,6 +56,8 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         # Heap trims after logouts (mlink.util.heaptrim) and their cost.
         "heap_trim": server.heap_trimmer.stats.as_dict(),
         "bus": {str(i): s.as_dict() for i, s in bus.stats().items()},
+        # Stanzas in/out by kind, logins by mechanism (the console's /metrics).
+        "traffic": server.counters.as_dict(),
     }
 
 
@@ -122,6 +124,13 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
             elif op == "end-user":
                 server.end_user_sessions(str(message.get("jid", "")),
                                          str(message.get("text", "")))
+            elif op == "invalidate":
+                # A user's data changed outside the shards (the console):
+                # drop the cached copies named `what` ("profile").
+                changed, what = str(message.get("user", "")), str(message.get("what", ""))
+                for name, invalidate in list(server.cache_invalidators.items()):
+                    if name == what or name.endswith(":" + what):
+                        invalidate(changed)
             elif op == "sessions":
                 user = message.get("user")
                 await control.send({"op": "sessions", "shard": bus.shard,

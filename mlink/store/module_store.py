@@ -111,6 +111,18 @@ class MapStore:
 
         return await self._store().read(work)
 
+    async def users(self) -> set[str]:
+        """Every user with an item in this store (one index scan): lets a
+        module tell at once that a user has nothing stored, without a read."""
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            rows = conn.execute("SELECT DISTINCT user FROM module_kv WHERE module = ? AND "
+                                "store = ?", ns)
+            return {user for (user,) in rows}
+
+        return await self._store().read(work)
+
     async def set(self, user: str, key: str, value: bytes | None) -> None:
         """Store `value` under `key` (None deletes it); durable on return."""
         ns = self._ns
@@ -171,6 +183,9 @@ class KeyValueStore:
 
     async def get(self, user: str) -> bytes | None:
         return await self._map.get(user, "")
+
+    async def users(self) -> set[str]:
+        return await self._map.users()
 
     async def set(self, user: str, value: bytes | None) -> None:
         await self._map.set(user, "", value)

@@ -26,6 +26,7 @@ from mlink.sasl.registry import UNAVAILABLE
 from mlink.stream import c2s
 from mlink.stream.errors import stanza_error
 from mlink.transport.limits import ConnectionSlot, TokenBucket
+from mlink.util.counters import stanza_kind
 from mlink.util.outbuffer import OutputBuffer
 from mlink.xml.serialize import WireStanza
 
@@ -138,6 +139,7 @@ class ClientConnection:
         kind = stanza.tag
         if self._closing:
             return self._take_while_closing(stanza, keep and (kind == _MESSAGE or kind == _IQ))
+        self.server.counters.stanzas_out[stanza_kind(kind)] += 1
         item = stanza if keep and (kind == _MESSAGE or kind == _IQ) else None
         data = self.xmpp.framing.stanza(stanza)
         written: ET.Element | None = stanza
@@ -420,6 +422,7 @@ class ClientConnection:
         for ev in events:
             if isinstance(ev, c2s.StanzaReceived):
                 self._flush_machine()
+                self.server.counters.stanzas_in[stanza_kind(ev.element.tag)] += 1
                 if self.tap is not None:
                     self.tap.received(ev.element)
                 bucket = self._bucket
@@ -441,6 +444,7 @@ class ClientConnection:
             elif isinstance(ev, c2s.AuthFailed):
                 log.info("%s: authentication failed for %s with %s: %s", self.peer,
                          ev.jid or "?", ev.mechanism or "-", ev.condition)
+                self.server.counters.login(ev.mechanism, False)
                 if ev.condition in GUESS_FAILURES:
                     self.server.auth_throttle.failed(self._throttle_address(), ev.jid,
                                                      trio.current_time())
@@ -448,6 +452,7 @@ class ClientConnection:
             elif isinstance(ev, c2s.Authenticated):
                 log.info("%s: authenticated %s with %s", self.peer, ev.jid, ev.mechanism)
                 self._login_notice = ev.notice
+                self.server.counters.login(ev.mechanism, True)
                 self.server.auth_throttle.succeeded(str(ev.jid))
                 if self.slot is not None:
                     self.slot.authenticated()
@@ -492,7 +497,11 @@ class ClientConnection:
         log.info("%s: bound %s", self.peer, full)
         if self._login_notice:
             self._flush_machine()
-            self.deliver(server_headline(full, self._login_notice), keep=False)
+            notice = self._login_notice
+            page = self.server.config.console.self_service_url
+            if page:  # the password expiry warning links to self-service
+                notice = f"{notice} Change it at {page}"
+            self.deliver(server_headline(full, notice), keep=False)
 
     async def _over_rate(self, bucket: TokenBucket) -> None:
         """The session sent faster than its stanza rate: stop reading (this
