@@ -436,3 +436,20 @@ def test_iq_between_occupants_goes_through_the_room(clients):
     # To a nickname nobody has: item-not-found.
     reply = alice.iq("get", "<query xmlns='jabber:iq:version'/>", f"{room}/Nobody")
     assert stanza_error_of(reply)[1] == "item-not-found"
+
+
+def test_self_ping_is_answered_by_the_room(clients):
+    """XEP-0410: an occupant pinging its own room JID gets the room's
+    answer (no round trip to itself); once it left, not-acceptable."""
+    alice, bob = clients(ALICE), clients(BOB)
+    room = open_room(alice, "Alice")
+    join(bob, room, "Bob")
+    info = bob.iq("get", "<query xmlns='http://jabber.org/protocol/disco#info'/>", room)
+    features = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert "http://jabber.org/protocol/muc#self-ping-optimization" in features
+    reply = bob.iq("get", "<ping xmlns='urn:xmpp:ping'/>", f"{room}/Bob")
+    assert reply.get("type") == "result" and reply.get("from") == f"{room}/Bob"
+    bob.send(f"<presence to='{room}/Bob' type='unavailable'/>")
+    bob.expect(lambda s: s.tag == f"{{{CLIENT_NS}}}presence" and s.get("type") == "unavailable")
+    gone = bob.iq("get", "<ping xmlns='urn:xmpp:ping'/>", f"{room}/Bob")
+    assert stanza_error_of(gone)[1] == "not-acceptable"

@@ -175,6 +175,7 @@ class ClientConnection:
         if len(data) > self.out.limit:
             return self.deliver(stanza.element(), keep)
         kind = stanza.kind
+        self.server.counters.stanzas_out[kind] += 1
         self._queue(data, stanza if keep and (kind == "message" or kind == "iq") else None)
         return True
 

@@ -51,6 +51,9 @@ DISCO_INFO_NS = "http://jabber.org/protocol/disco#info"
 DISCO_ITEMS_NS = "http://jabber.org/protocol/disco#items"
 DATA_NS = "jabber:x:data"
 STANZA_ID_NS = "urn:xmpp:sid:0"
+PING_NS = "urn:xmpp:ping"
+# XEP-0410 §3.2: the room answers an occupant's ping of itself.
+SELF_PING_OPTIMIZATION = f"{MUC_NS}#self-ping-optimization"
 DELAY_NS = "urn:xmpp:delay"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 # XEP-0045 §15.6 status codes used here.
@@ -637,6 +640,15 @@ class Room:
                 return effects.error(stanza, "item-not-found", "no such occupant")
         elif occupant is None or target is None:
             return effects  # an answer from or for someone who left: dropped
+        if kind == "get" and occupant is target and len(stanza) == 1 \
+                and stanza[0].tag == f"{{{PING_NS}}}ping":
+            # XEP-0410 self-ping: "am I still in the room?" answered by the
+            # room at once, not relayed to the asking client itself.
+            reply = ET.Element(stanza.tag, {"type": "result", "id": stanza.get("id", ""),
+                                            "from": str(self.nick_jid(nick)),
+                                            "to": stanza.get("from", "")})
+            effects.send(parse_jid(stanza.get("from", "")), reply)
+            return effects
         copy = ET.Element(stanza.tag, {k: v for k, v in stanza.attrib.items()
                                        if k not in ("from", "to")})
         copy.set("from", str(self.nick_jid(occupant.nick)))
@@ -663,7 +675,7 @@ class Room:
                       {"category": "conference", "type": "text",
                        "name": self.config.name or self.jid.local})
         config = self.config
-        features = [MUC_NS, STANZA_ID_NS,
+        features = [MUC_NS, STANZA_ID_NS, SELF_PING_OPTIMIZATION,
                     "muc_public" if config.public else "muc_hidden",
                     "muc_persistent" if config.persistent else "muc_temporary",
                     "muc_membersonly" if config.members_only else "muc_open",
