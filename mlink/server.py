@@ -376,7 +376,8 @@ class Server:
             await self._reroute_batch(jid, stanzas)
             return
         self._reroute.append((jid, stanzas))
-        self._rerouted_all = trio.Event()
+        if self._rerouted_all.is_set():  # one event per busy spell: shutdown may wait on it
+            self._rerouted_all = trio.Event()
         self._reroute_wake.set()
 
     async def _rerouter(self) -> None:
