@@ -59,6 +59,10 @@ class StanzaEvent:
     to: JID  # the `to`, or the sender's bare JID when absent (RFC 6120 §10.3)
     origin: SessionInfo | None = None  # the local session it came from, if any
     delivered_to: tuple[JID, ...] = ()  # for message/delivered
+    # Routed again by the server (`Router.reroute`): a stanza already routed
+    # once (archived, carbon-copied) whose session ended before its client
+    # confirmed it; only where it goes now is decided again.
+    rerouted: bool = False
 
     @property
     def kind(self) -> str:

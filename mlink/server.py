@@ -11,6 +11,7 @@ import logging
 import secrets
 import socket
 import xml.etree.ElementTree as ET
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,7 @@ from mlink.transport.websocket import WebSocketEndpoint
 from mlink.util.counters import ShardCounters
 from mlink.util.heaptrim import HeapTrimmer
 from mlink.util.watchdog import LoopWatchdog
+from mlink.xml.serialize import WireStanza
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,13 @@ class Server:
         # The nursery `serve` runs everything in, once it runs: modules'
         # tasks spawned later start there too (set before modules load).
         self._nursery: trio.Nursery | None = None
+        # Stanzas of ended sessions waiting to be routed again (`reroute_later`),
+        # in order, with the session they were for; one task routes them all.
+        self._reroute: deque[tuple[JID, list[ET.Element | WireStanza]]] = deque()
+        self._reroute_wake = trio.Event()
+        self._rerouted_all = trio.Event()
+        self._rerouted_all.set()
+        self._rerouting = False
         set_jid_cache_size(config.caches.jids)
         self.sasl = SaslRegistry()
         for provider in builtin_providers():
@@ -258,8 +267,10 @@ class Server:
     def adopt_session(self, conn: ClientConnection, info: SessionInfo) -> None:
         """`conn` carries on the existing session `info` (resumed by a
         module after it left the table): bound here, announced everywhere."""
-        self.sessions.adopt(conn, info)
         cluster = self.router.cluster
+        if cluster is not None:
+            cluster.drop_replica(info.jid)  # the shard it came from (no SESSION_DOWN)
+        self.sessions.adopt(conn, info)
         if cluster is not None:
             cluster.announce(conn.info)
 
@@ -322,15 +333,21 @@ class Server:
             log.info("kicked %s: %s", ", ".join(ended), text)
         return ended
 
-    def detach_session(self, conn: ClientConnection) -> bool:
+    def detach_session(self, conn: ClientConnection, moving_to: int | None = None) -> bool:
         """Take `conn` out of the session table here and on every shard, at
         once (it is ending): stanzas for it now take the "no such resource"
         path instead of vanishing into a closing connection. False when it
         was not (or no longer) bound."""
         if not self.sessions.unbind(conn):
             return False
-        if self.router.cluster is not None:
-            self.router.cluster.announce_down(conn.info)
+        cluster = self.router.cluster
+        if cluster is not None:
+            if moving_to is not None and moving_to != cluster.shard:
+                # Resumed on that shard: not down anywhere, passed on there
+                # until it says it has it (make before break).
+                cluster.moved(conn.info, moving_to)
+            else:
+                cluster.announce_down(conn.info)
         return True
 
     async def session_ended(self, conn: ClientConnection) -> None:
@@ -346,6 +363,54 @@ class Server:
                     await self.hooks.notify("session/closed", conn.info)
             except Exception:
                 log.exception("session/closed handler failed for %s", conn.info.jid)
+
+    async def reroute_later(self, jid: JID, stanzas: list[ET.Element | WireStanza]) -> None:
+        """Route again, to the end, the stanzas a session ended without
+        (RFC 6121 §8.5.3.2: another resource, offline storage, a bounce).
+        The server's task does it, not the connection's, so no per-connection
+        time limit cuts a long list short; only shutdown bounds it (and says
+        how many were left). Without that task (tests), routed here."""
+        if not stanzas:
+            return
+        if self._nursery is None or not self._rerouting:
+            await self._reroute_batch(jid, stanzas)
+            return
+        self._reroute.append((jid, stanzas))
+        if self._rerouted_all.is_set():  # one event per busy spell: shutdown may wait on it
+            self._rerouted_all = trio.Event()
+        self._reroute_wake.set()
+
+    async def _rerouter(self) -> None:
+        self._rerouting = True
+        try:
+            while True:
+                while self._reroute:
+                    jid, stanzas = self._reroute[0]
+                    await self._reroute_batch(jid, stanzas)
+                    self._reroute.popleft()
+                self._rerouted_all.set()
+                self._reroute_wake = trio.Event()
+                await self._reroute_wake.wait()
+        finally:
+            self._rerouting = False
+
+    async def _reroute_batch(self, jid: JID, stanzas: list[ET.Element | WireStanza]) -> None:
+        done = 0
+        try:
+            for orphan in stanzas:
+                try:
+                    stanza = orphan.element() if isinstance(orphan, WireStanza) else orphan
+                    await self.router.reroute(stanza)
+                except Exception:
+                    log.exception("routing a stanza of %s again failed", jid)
+                done += 1
+        finally:
+            if done < len(stanzas):
+                log.warning("%d of %d stanza(s) of %s not routed again", len(stanzas) - done,
+                            len(stanzas), jid)
+                del stanzas[:done]
+            else:
+                log.info("routed again the %d stanza(s) of %s", done, jid)
 
     def attach_bus(self, bus: Bus) -> None:
         """Become one shard of several: route through `bus` to the others."""
@@ -470,6 +535,7 @@ class Server:
                 nursery.start_soon(self._run_background, name, task)
             nursery.start_soon(self.watchdog.run)
             nursery.start_soon(self.heap_trimmer.run)
+            nursery.start_soon(self._rerouter)
             self._nursery = nursery
             task_status.started()
 
@@ -555,6 +621,12 @@ class Server:
             conn.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
             await self._no_connections.wait()
+        # What ended sessions left to route again (offline storage).
+        with trio.move_on_after(SHUTDOWN_GRACE):
+            await self._rerouted_all.wait()
+        left = sum(len(stanzas) for _, stanzas in self._reroute)
+        if left:
+            log.warning("shutdown: %d stanza(s) of ended sessions not routed again", left)
         # Modules finish work they buffered (archive writes) while the
         # store is still open.
         with trio.move_on_after(SHUTDOWN_GRACE):

@@ -93,8 +93,8 @@ def setup(module: Module) -> None:
     async def received(event: StanzaEvent) -> None:
         """§6: the recipient's other sessions get what one of them got."""
         message = event.stanza
-        if not router.is_local(event.to) or not eligible(message):
-            return
+        if event.rerouted or not router.is_local(event.to) or not eligible(message):
+            return  # routed again: copied when it was first delivered
         to, sender = event.to.bare, event.sender
         skip = event.delivered_to
         if sender.bare == to:

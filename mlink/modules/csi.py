@@ -73,7 +73,10 @@ class Holder:
     """One inactive stream's held stanzas (an `OutputFilter`)."""
 
     def __init__(self, stream: StreamControl) -> None:
-        self.stream = stream
+        # Held weakly: the module's `holders` maps each stream to its holder
+        # (a WeakKeyDictionary), and a value that refers to its key would
+        # keep the stream, and itself, alive for ever.
+        self._stream = weakref.ref(stream)
         # Insertion order is send order; presence is keyed by its sender
         # (moved to the end when replaced), other stanzas by a counter.
         self.held: OrderedDict[Any, ET.Element] = OrderedDict()
@@ -96,8 +99,11 @@ class Holder:
 
     def flush(self) -> None:
         held, self.held = self.held, OrderedDict()
+        stream = self._stream()
+        if stream is None:
+            return
         for stanza in held.values():
-            self.stream.send_stanza(stanza)
+            stream.send_stanza(stanza)
 
     def release(self) -> list[ET.Element]:
         held, self.held = self.held, OrderedDict()

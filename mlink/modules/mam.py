@@ -465,14 +465,15 @@ def setup(module: Module) -> None:
         """A message for a local user: archive it and mark it before it is
         delivered (or stored offline)."""
         message = event.stanza
+        if event.rerouted:
+            # Routed again by the server (a session that ended before its
+            # client confirmed it): archived when first routed, and it
+            # keeps the stanza-id the client may already have seen.
+            return False
         user = event.to.bare
         for old in message.findall(_q(SID_NS, "stanza-id")):
             if old.get("by") == str(user):
-                if event.origin is None:
-                    # Ours, on a message routed again (a session that ended
-                    # before its client confirmed it): archived already.
-                    return False
-                message.remove(old)  # from a client: forged in our name
+                message.remove(old)  # not ours: forged in our name
         if not archivable(message) or event.sender.bare == user:
             return False
         if not router.online(user) and not await router.account_exists(user):

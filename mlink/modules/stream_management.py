@@ -49,7 +49,7 @@ import trio
 
 from mlink.config_schema import Int, option
 from mlink.hooks import NonzaEvent
-from mlink.jid import InvalidJID, parse_jid
+from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.router.fields import field_registry
 from mlink.router.sessions import SessionHold, SessionInfo, StreamControl
 from mlink.xml.serialize import serialize
@@ -72,10 +72,17 @@ MAX_RESUME_ID_CHARS = 64
 ID_DRAWS = 1000
 # How long a resumption waits for the shard holding the session to answer
 # (one bus round trip, or two when forwarded); past it, item-not-found.
-BUS_TIMEOUT = 5.0
 # How long a resumption waits for a still-connected old stream of the
 # session to be cut and held (the client reconnected before we noticed).
 DROP_TIMEOUT = 5.0
+# Longer than the holder may take (DROP_TIMEOUT) plus two bus hops, so an
+# answer is rarely late (one that is, is handled by `Manager.orphaned`).
+BUS_TIMEOUT = DROP_TIMEOUT + 5.0
+# A held session keeps at most this many times the output bound
+# (limits output-bytes) of stanzas in bytes: the count (max-unacked) alone
+# let one held session keep up to max-unacked stanzas of the largest size.
+# Past it the session ends, and what it kept is routed again.
+HELD_OUTPUT_FACTOR = 4
 # A migrated session travels in one bus frame (4 MiB at most): past this,
 # it is not moved; the session ends (its stanzas routed again) and the
 # client gets item-not-found and starts a new one.
@@ -133,6 +140,26 @@ def stamp(at: float) -> str:
     return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
+# Children of a message that only means something to the session it was
+# sent to: a carbon copy (XEP-0280, another resource got the original) and
+# an archive query's result (XEP-0313, the query is gone with the session).
+SESSION_ONLY = frozenset({
+    "{urn:xmpp:carbons:2}received", "{urn:xmpp:carbons:2}sent", "{urn:xmpp:mam:2}result",
+})
+
+
+def never_again(stanza: ET.Element) -> bool:
+    """Whether an unacknowledged `stanza` is dropped at the session's end
+    rather than routed again: carbons and archive results (as Prosody's
+    smacks does; routed again they reached other resources or offline
+    storage as if they were new messages). Offline messages, which are
+    also written without being kept, are routed again: their stored copy
+    was deleted once they were written."""
+    if stanza.tag != "{jabber:client}message":
+        return False
+    return any(child.tag in SESSION_ONLY for child in stanza)
+
+
 def encode_stanza(stanza: ET.Element) -> str:
     return serialize(stanza, stream_ns="").decode("utf-8")
 
@@ -145,6 +172,10 @@ class SmState:
                  resume_id: str | None, timeout: int) -> None:
         self.manager = manager
         self.info = info
+        # Held weakly: the manager's `streams` maps each stream to its
+        # state (a WeakKeyDictionary), and a value that refers to its key
+        # would keep the stream, and itself, alive for ever.
+        self._stream: weakref.ref[StreamControl] | None = None
         self.stream = stream
         self.resume_id = resume_id
         self.timeout = timeout
@@ -158,16 +189,36 @@ class SmState:
         # same count (a client that acks less than it got would loop).
         self.last_requested: int | None = None
         self.hold: SessionHold | None = None
+        # Bytes of the stanzas kept while held (see HELD_OUTPUT_FACTOR).
+        self.held_bytes = 0
         self.deadline = math.inf
         self.ended = False
         # Set when the session is held or has ended (a resumption waiting
         # for an old stream to be cut).
         self.settled = trio.Event()
 
+    @property
+    def stream(self) -> StreamControl | None:
+        ref = self._stream
+        return ref() if ref is not None else None
+
+    @stream.setter
+    def stream(self, stream: StreamControl | None) -> None:
+        self._stream = weakref.ref(stream) if stream is not None else None
+
     # -- StreamTap ----------------------------------------------------------------
 
     def sent(self, stanza: ET.Element) -> None:
         self.queue.append((stanza, time.time()))
+        if self.hold is not None:
+            most = self.manager.max_held_bytes()
+            if self.held_bytes <= most:  # once past it, the session is ending
+                self.held_bytes += len(encode_stanza(stanza))
+                if self.held_bytes > most:
+                    self.manager.module.log.info(
+                        "held session %s ends: over %d bytes kept", self.info.jid, most)
+                    self.hold.end()
+                    return
         if len(self.queue) > self.manager.max_unacked():
             if self.hold is not None:
                 self.hold.end()
@@ -197,6 +248,7 @@ class SmState:
         if self.resume_id is None or self.ended:
             return False
         self.hold = hold
+        self.held_bytes = 0
         self.stream = None
         self.deadline = trio.current_time() + self.timeout
         self.manager.held_changed()
@@ -207,7 +259,10 @@ class SmState:
         self.ended = True
         self.manager.forget(self)
         self.settled.set()
-        out = [self.stamped(stanza, at) for stanza, at in self.queue]
+        # The hold refers to the old connection (a key of `streams`).
+        self.hold = None
+        self.stream = None
+        out = [self.stamped(stanza, at) for stanza, at in self.queue if not never_again(stanza)]
         self.queue.clear()
         return out
 
@@ -305,6 +360,9 @@ class Manager:
         options = self.module.options
         return options.max_unacked if options is not None else 1000
 
+    def max_held_bytes(self) -> int:
+        return self.module.config.limits.max_output_bytes * HELD_OUTPUT_FACTOR
+
     def max_timeout(self) -> int:
         options = self.module.options
         return options.resume_timeout if options is not None else 300
@@ -400,7 +458,13 @@ class Manager:
         del self.local[rid]
         state.hold = None
         state.ended = True
-        hold.taken()
+        # Make before break: until the new stream has the session, what is
+        # sent to it is kept (taken here) or passed on (taken elsewhere).
+        if for_shard == self.module.shard:
+            self.module.router.expect_session(state.info.jid)
+            hold.taken()
+        else:
+            hold.taken(moving_to=for_shard)
         home = self.module.owner(rid)
         if home == self.module.shard:
             if for_shard == self.module.shard:
@@ -434,11 +498,49 @@ class Manager:
             answer.pop("state", None)
             self._send(to, answer)
 
-    def resolve(self, answer: dict[str, Any]) -> None:
+    def resolve(self, answer: dict[str, Any]) -> bool:
+        """Hand `answer` to the resumption waiting for it; False when none
+        is (it gave up: see `orphaned`)."""
         waiting = self.pending.get(answer["req"])
-        if waiting is not None:
-            waiting[1].append(answer)
-            waiting[0].set()
+        if waiting is None:
+            return False
+        session = answer.get("session")
+        if session:
+            # Moving here: keep what arrives for it until it is bound.
+            try:
+                self.module.router.expect_session(parse_jid(session["jid"]))
+            except (KeyError, TypeError, InvalidJID):
+                pass
+        waiting[1].append(answer)
+        waiting[0].set()
+        return True
+
+    async def orphaned(self, answer: dict[str, Any]) -> None:
+        """An answer that came after its resumption gave up (BUS_TIMEOUT):
+        if it carries a session, the holder already let it go (no
+        session/closed, its queue in the snapshot), so it is nobody's. End
+        it here as an expiry would: contacts and rooms hear it leave, and
+        what its client never confirmed is routed again."""
+        snapshot = answer.get("session")
+        if not snapshot:
+            return
+        try:
+            info = info_from(snapshot)
+            queue = [ET.fromstring(st) for st, _at in snapshot["queue"]]
+        except (KeyError, TypeError, ValueError, InvalidJID, ET.ParseError):
+            self.module.log.exception("a session answered too late could not be read")
+            return
+        self.module.log.info("resumption of %s answered too late; the session ends",
+                             info.jid)
+        router = self.module.router
+        # Its old shard passes on what reaches it to here: routed again too.
+        router.expect_session(info.jid)
+        queue += router.session_arrived(info.jid)
+        with router.batch():
+            await self.module.fire("session/closed", info)
+        for stanza in queue:
+            if not never_again(stanza):
+                await router.reroute(stanza)
 
     async def take(self, rid: str, user: str, h: int) -> dict[str, Any]:
         """Find and take the session `rid` wherever it is: the answer."""
@@ -468,7 +570,8 @@ class Manager:
         if op == "take":
             await self.locate(message)
         elif op == "result":
-            self.resolve(message)
+            if not self.resolve(message):
+                await self.orphaned(message)
         elif op == "moved":
             shard = int(message["shard"])
             if shard == self.module.shard:
@@ -572,6 +675,12 @@ def setup(module: Module) -> None:
         except (KeyError, TypeError, ValueError, InvalidJID, ET.ParseError):
             module.log.exception("a migrated session could not be read")
             stream.send_nonza(failed("internal-server-error"))
+            try:
+                lost = module.router.session_arrived(parse_jid(answer["session"]["jid"]))
+            except (KeyError, TypeError, InvalidJID):
+                lost = []
+            for stanza in lost:
+                await module.router.reroute(stanza)
             return
         new = SmState(manager, info, stream, rid, timeout)
         new.inbound = inbound
@@ -584,15 +693,46 @@ def setup(module: Module) -> None:
             # The new stream ended meanwhile: the session is nobody's now,
             # so what it was owed is routed again rather than lost.
             module.log.info("stream ended while resuming %s", info.jid)
-            for stanza in resend:
-                await module.router.route(stanza)
+            for stanza in [*resend, *module.router.session_arrived(info.jid)]:
+                await module.router.reroute(stanza)
             return
         manager.streams[stream] = new
         manager.local[rid] = new
         stream.send_nonza(_sm("resumed", previd=rid, h=str(new.inbound)))
-        for stanza in resend:  # each asks for an ack: one <r/> after the lot
-            module.router.deliver(info.jid, stanza)
-        module.log.info("resumed %s with %d stanza(s) sent again", info.jid, len(resend))
+        # What the client did not confirm, then what was sent to the
+        # session while it moved (kept meanwhile, see take_local).
+        arrived = module.router.session_arrived(info.jid)
+        backlog = [*resend, *arrived]
+        module.log.info("resumed %s with %d stanza(s) sent again and %d kept while it moved",
+                        info.jid, len(resend), len(arrived))
+        left = await send_paced(info.jid, backlog)
+        if left:
+            # The stream ended before it took them all: they were never
+            # this session's to confirm, so they are routed again.
+            module.log.info("%d stanza(s) of %s's backlog not sent; routed again",
+                            len(left), info.jid)
+            for stanza in left:
+                await module.router.reroute(stanza)
+
+    async def send_paced(jid: JID, backlog: list[ET.Element]) -> list[ET.Element]:
+        """Write `backlog` to the resumed session a part at a time, waiting
+        for each part to be written before the next, as offline delivery
+        does: all at once, a backlog past the output bound (held sessions
+        are bounded by count, not bytes) ended the new stream with
+        policy-violation before <resumed/> was even written. What the
+        stream did not take (it ended) is returned."""
+        budget = max(1, module.config.limits.max_output_bytes // 4)
+        queued = 0
+        for index, stanza in enumerate(backlog):
+            receipt = module.router.deliver_tracked(jid, stanza)
+            if receipt is None:
+                return backlog[index:]
+            queued += len(encode_stanza(stanza))
+            if queued >= budget and index + 1 < len(backlog):
+                queued = 0
+                if not await receipt.written():
+                    return backlog[index + 1:]
+        return []
 
     module.add_stream_feature(feature, authenticated=True)
     module.add_nonza_handler(SM_NS, handle)

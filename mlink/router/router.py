@@ -122,6 +122,16 @@ class Router:
             return True
         return self.cluster is not None and self.cluster.deliver(full, stanza)
 
+    def expect_session(self, full: JID) -> None:
+        """The session `full` is about to be bound here: what is sent to
+        it meanwhile is kept (`session_arrived`), not taken for gone."""
+        if self.cluster is not None:
+            self.cluster.expect(full)
+
+    def session_arrived(self, full: JID) -> list[ET.Element]:
+        """What was kept for `full` since `expect_session`, in order."""
+        return self.cluster.arrived(full) if self.cluster is not None else []
+
     def deliver_tracked(self, full: JID, stanza: ET.Element) -> WriteReceipt | None:
         """Queue `stanza` for a session on this shard, to learn when it has
         really been written (a stanza held in the store until then, such as
@@ -223,9 +233,10 @@ class Router:
             return
         await self._route(event, kind)
 
-    async def route(self, stanza: ET.Element) -> None:
+    async def route(self, stanza: ET.Element, rerouted: bool = False) -> None:
         """A stanza the server or a module sends. Without `from` it comes
-        from the server of its `to` (as replies to iqs sent without `to`)."""
+        from the server of its `to` (as replies to iqs sent without `to`).
+        `rerouted`: see `reroute`."""
         to_text, from_text = stanza.get("to"), stanza.get("from")
         try:
             if from_text:
@@ -238,7 +249,15 @@ class Router:
             log.warning("dropping server stanza with bad addresses: %s", stanza.attrib)
             return
         with self.batch():
-            await self._route(StanzaEvent(stanza, sender, to), stanza.tag.rpartition("}")[2])
+            await self._route(StanzaEvent(stanza, sender, to, rerouted=rerouted),
+                              stanza.tag.rpartition("}")[2])
+
+    async def reroute(self, stanza: ET.Element) -> None:
+        """Route again a stanza that was routed once already and never
+        reached its session (it ended first, or moved): modules that act
+        once per stanza (the archive, carbons) see `event.rerouted` and
+        skip it; resource selection, offline storage and bounces apply."""
+        await self.route(stanza, rerouted=True)
 
     # -- delivery rules ------------------------------------------------------------
 
@@ -324,10 +343,12 @@ class Router:
             else:
                 top = max(i.priority for i in available)
                 targets = [i for i in available if i.priority == top]
-            for info in targets:
-                self.deliver(info.jid, message)
-            await self._delivered(event, tuple(i.jid for i in targets))
-            return
+            # A session may refuse (it is ending and nothing keeps its
+            # output): the message goes on as if it were not there.
+            accepted = tuple(info.jid for info in targets if self.deliver(info.jid, message))
+            if accepted:
+                await self._delivered(event, accepted)
+                return
         if msg_type == "headline":
             return  # §8.5.2.2: headlines are not stored or bounced
         if not await self.hooks.fire("message/offline", event):

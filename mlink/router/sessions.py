@@ -63,6 +63,11 @@ class Connection(Protocol):
         session is ending. With `keep`, a stanza the session never writes
         is routed again when it ends (another resource, offline, a bounce)."""
 
+    @property
+    def wants_tree(self) -> bool:
+        """Whether a stanza for this session is best given as a tree (its
+        modules watch its output): a fan-out then parses once for all."""
+
     def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
         """`deliver` for a stanza kept as bytes (from another shard): written
         without a tree; parsed only if it must be routed again."""
@@ -125,10 +130,14 @@ class SessionHold(Protocol):
     def info(self) -> SessionInfo:
         """The held session."""
 
-    def taken(self) -> None:
+    def taken(self, moving_to: int | None = None) -> None:
         """Another stream continues this session: leave the session table
-        (here and on every shard) at once, without `session/closed` and
-        without routing anything again; the new stream carries on."""
+        at once, without `session/closed` and without routing anything
+        again; the new stream carries on. On this shard (`moving_to` None)
+        the other shards are told at once (SESSION_DOWN); for a stream on
+        shard `moving_to` they are not: their replicas keep pointing here,
+        this shard passes on what reaches it, and that shard's SESSION_UP
+        replaces them (make before break)."""
 
     def end(self) -> None:
         """Give up: the session ends as if its connection had just closed

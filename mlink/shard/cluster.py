@@ -30,6 +30,7 @@ unavailable presence their contacts would have got at logout.
 from __future__ import annotations
 
 import logging
+import time
 import xml.etree.ElementTree as ET
 import zlib
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ if TYPE_CHECKING:
     from mlink.server import Server
 
 log = logging.getLogger(__name__)
+
+# How long a shard passes on stanzas for a session resumed on another
+# shard, at most (normally until that shard's SESSION_UP arrives).
+MOVED_SECONDS = 30.0
 
 _WRAP_OPEN = f"<s xmlns='{CLIENT_NS}'>".encode()
 _WRAP_CLOSE = b"</s>"
@@ -79,16 +84,28 @@ class Cluster:
         # Deliveries waiting for the end of the current routing step:
         # (shard, payload bytes) -> recipients.
         self._pending: dict[tuple[int, bytes], list[str]] = {}
+        # Sessions resumed from here on another shard (XEP-0198), for a
+        # while: stanzas still reaching this shard for them are passed on.
+        self._moved: dict[JID, tuple[int, float, SessionInfo]] = {}
+        # Sessions being resumed here from another shard, not yet bound:
+        # what arrives for them meanwhile, in order (`arrived`).
+        self._expected: dict[JID, list[ET.Element]] = {}
         bus.handler = self
 
     # -- the router's questions -------------------------------------------------
 
     def resources(self, bare: JID) -> list[SessionInfo]:
-        return [r.info for r in self._remote.resources(bare).values()]
+        found = [r.info for r in self._remote.resources(bare).values()]
+        if self._moved:  # on their way to another shard: still there
+            found += [m[2] for full, m in self._moved.items() if full.bare == bare]
+        return found
 
     def session(self, full: JID) -> SessionInfo | None:
         remote = self._remote.get(full)
-        return remote.info if remote is not None else None
+        if remote is not None:
+            return remote.info
+        moved = self._moved.get(full)
+        return moved[2] if moved is not None else None
 
     def online(self, bare: JID) -> bool:
         return self._remote.has_user(bare)
@@ -116,10 +133,54 @@ class Cluster:
         """Queue `stanza` for a session on another shard; grouped with the
         same payload for the same shard until `flush`."""
         remote = self._remote.get(full)
-        if remote is None:
-            return False
-        self._queue(remote.shard, str(full), stanza)
-        return True
+        if remote is not None:
+            self._queue(remote.shard, str(full), stanza)
+            return True
+        waiting = self._expected.get(full)
+        if waiting is not None:
+            waiting.append(stanza)
+            return True
+        moved = self._moved.get(full)
+        if moved is not None:
+            self._queue(moved[0], str(full), stanza)
+            return True
+        return False
+
+    # -- a session moving between shards (stream management resumption) --------
+
+    def moved(self, info: SessionInfo, shard: int) -> None:
+        """The session `info` left this shard for `shard`, unannounced: until
+        that shard announces it, what still comes here for it (frames on
+        their way, other shards' replicas, local deliveries) goes there. If
+        it never does within MOVED_SECONDS (the resume failed there), the
+        session's end is announced from here after all (`_expire_moved`)."""
+        self._moved[info.jid] = (shard, time.monotonic() + MOVED_SECONDS, info)
+
+    def _expire_moved(self) -> None:
+        now = time.monotonic()
+        for full, (_shard, until, info) in list(self._moved.items()):
+            if until <= now:
+                del self._moved[full]
+                self.announce_down(info)
+
+    def drop_replica(self, full: JID) -> None:
+        """Forget the replica of `full` whatever its session id (the session
+        is being bound here, moved from the replica's shard)."""
+        if self._remote.get(full) is not None:
+            self._remote.remove(full)
+
+    def expect(self, full: JID) -> None:
+        """The session `full` is about to be bound here (its state is on
+        its way): keep what arrives for it until `arrived`. The replica
+        pointing at the shard it comes from goes (that shard passes on
+        to here: no ping-pong)."""
+        self.drop_replica(full)
+        self._expected.setdefault(full, [])
+
+    def arrived(self, full: JID) -> list[ET.Element]:
+        """What was kept for `full` since `expect`, in order (the session
+        is bound now, or will not be: the caller delivers or routes it)."""
+        return self._expected.pop(full, [])
 
     def _queue(self, shard: int, target: str, stanza: ET.Element) -> None:
         to = stanza.attrib.pop("to", None)
@@ -139,6 +200,8 @@ class Cluster:
 
     def flush(self) -> None:
         """Send what routing one stanza queued: one frame per shard and payload."""
+        if self._moved:
+            self._expire_moved()
         if not self._pending:
             return
         pending, self._pending = self._pending, {}
@@ -194,7 +257,7 @@ class Cluster:
                     await self._receive_stanza(recipient, to or name, parse_stanza(data))
             elif kind is FrameType.FANOUT:
                 data, recipients = frames.decode_fanout(frame.payload)
-                self._receive_fanout(data, recipients)
+                await self._receive_fanout(data, recipients)
             elif kind is FrameType.SESSION_UP:
                 self._upsert(frame.source, frames.decode_session_up(frame.payload))
             elif kind is FrameType.SESSION_DOWN:
@@ -265,7 +328,7 @@ class Cluster:
         # for a full JID that is not there (RFC 6121 §8.5.3.2).
         if stanza.tag.endswith("}message"):
             stanza.set("to", str(full.bare))
-            await router.route(stanza)
+            await router.reroute(stanza)
         elif stanza.tag.endswith("}iq") and stanza.get("type") in ("get", "set"):
             await router.route(stanza_error(stanza, "service-unavailable"))
 
@@ -287,26 +350,51 @@ class Cluster:
         found = sessions.get(full)
         return found is not None and found.deliver_wire(wire)
 
-    def _receive_fanout(self, data: bytes, recipients: list[str]) -> None:
+    async def _receive_fanout(self, data: bytes, recipients: list[str]) -> None:
         sessions = self.server.sessions
         # Written from the frame's bytes, each recipient's `to` spliced in;
-        # parsed (once) only if the bytes are not ours to splice.
+        # parsed once, and only if needed: bytes not ours to splice, a
+        # stream that needs a tree (stream management, client state
+        # indication: `wants_tree`), or a copy that must be routed again.
+        # Every tree copy shares the parsed children (`Shared`).
         wire = WireStanza.from_bytes(data, None)
-        shared = Shared(parse_stanza(data)) if wire is None else None
+        shared: Shared | None = None
+
+        def tree(to: str) -> ET.Element:
+            nonlocal shared
+            if shared is None:
+                shared = Shared(parse_stanza(data))
+            return shared.addressed(to)
+
+        def copy(conn: Connection, to: str) -> bool:
+            if wire is not None and not conn.wants_tree:
+                return conn.deliver_wire(wire.addressed(to))
+            return conn.deliver(tree(to))
+
+        missed: list[tuple[JID, str]] = []
         for target in recipients:
             full, _, to = target.partition("\0")
             try:
                 jid = parse_jid(full)
             except InvalidJID:
                 continue
-            if not jid.resource:
-                for conn in sessions.of_user(jid):
-                    if conn.info.available:
-                        _deliver_copy(conn, wire, shared, to or full)
-                continue
-            found = sessions.get(jid)
-            if found is not None:
-                _deliver_copy(found, wire, shared, to or full)
+            try:
+                if not jid.resource:
+                    for conn in sessions.of_user(jid):
+                        if conn.info.available:
+                            copy(conn, to or full)
+                    continue
+                found = sessions.get(jid)
+                if found is None or not copy(found, to or full):
+                    missed.append((jid, to or full))
+            except Exception:
+                # One recipient's failure (a module's filter or tap) must not
+                # cost the others their copy.
+                log.exception("delivering a fan-out copy to %s failed", jid)
+        for jid, to in missed:
+            # The session ended, moved or is closing: what a STANZA frame
+            # for it gets (RFC 6121 §8.5.3.2), whatever shared the frame.
+            await self._receive_stanza(jid, to, tree(to))
 
     def _upsert(self, shard: int, entry: SessionEntry) -> None:
         full = parse_jid(entry.jid)
@@ -319,6 +407,9 @@ class Cluster:
             info.presence = ET.Element(f"{{{CLIENT_NS}}}presence", {"from": entry.jid})
         remote = RemoteSession(shard, entry.session_id, info)
         self._remote.put(full, remote)
+        moved = self._moved.get(full)
+        if moved is not None and moved[0] == shard:
+            del self._moved[full]  # announced where it went
 
     def _remove(self, full: JID, session_id: int, shard: int | None = None) -> None:
         """Drop the replica of `full` if it is that session (ids are unique
@@ -333,14 +424,6 @@ class Cluster:
         entries = [_entry(conn.info) for conn in self.server.sessions.all()]
         for payload, flags in frames.encode_table_snapshots(entries):
             self.bus.send(shard, Frame(FrameType.TABLE_SNAPSHOT, payload, flags))
-
-
-def _deliver_copy(conn: Connection, wire: WireStanza | None, shared: Shared | None,
-                  to: str) -> None:
-    if wire is not None:
-        conn.deliver_wire(wire.addressed(to))
-    elif shared is not None:
-        conn.deliver(shared.addressed(to))
 
 
 def _entry(info: SessionInfo, fields: list[tuple[str, bytes]] | None = None) -> SessionEntry:

@@ -136,19 +136,29 @@ class ClientConnection:
             # hands it back to be routed again if the session expires.
             tap.sent(stanza)  # type: ignore[union-attr]
             return True
-        if self._closing:
-            return False
         kind = stanza.tag
+        if self._closing:
+            return self._take_while_closing(stanza, keep and (kind == _MESSAGE or kind == _IQ))
         self.server.counters.stanzas_out[stanza_kind(kind)] += 1
         item = stanza if keep and (kind == _MESSAGE or kind == _IQ) else None
         data = self.xmpp.framing.stanza(stanza)
+        written: ET.Element | None = stanza
         if len(data) > self.out.limit:
-            data = self._too_large(stanza, data)
+            data, written = self._too_large(stanza, data)
             item = None
         self._queue(data, item)
-        if tap is not None:
-            tap.sent(stanza)  # after it is queued: an ack request follows it
+        if tap is not None and written is not None:
+            # After it is queued: an ack request follows it. What the
+            # client gets is counted (the error, or nothing), not what
+            # was too large to send: its h would never cover that.
+            tap.sent(written)
         return True
+
+    @property
+    def wants_tree(self) -> bool:
+        """`deliver_wire` would parse (see there): a fan-out gives such a
+        stream a copy of the one tree it parsed for all instead."""
+        return bool(self.filters) or self.tap is not None or self._held
 
     def deliver_wire(self, stanza: WireStanza, keep: bool = True) -> bool:
         """`deliver` for a stanza kept as bytes: no tree, no serialisation.
@@ -159,7 +169,8 @@ class ClientConnection:
         if self.filters or self.tap is not None or self._held:
             return self.deliver(stanza.element(), keep)
         if self._closing:
-            return False
+            kind = stanza.kind
+            return self._take_while_closing(stanza, keep and (kind == "message" or kind == "iq"))
         data = self.xmpp.framing.wire(stanza)
         if len(data) > self.out.limit:
             return self.deliver(stanza.element(), keep)
@@ -168,11 +179,31 @@ class ClientConnection:
         self._queue(data, stanza if keep and (kind == "message" or kind == "iq") else None)
         return True
 
-    def _too_large(self, stanza: ET.Element, data: bytes) -> bytes:
+    def _take_while_closing(self, stanza: ET.Element | WireStanza, keep: bool) -> bool:
+        """A stanza for a session whose connection is closing but that is
+        still bound (its end not yet announced): nothing more is written,
+        but what is handed over is not lost either. Stream management's tap
+        keeps it (for a resumed stream, or to route it again at the end, as
+        for every stanza it kept); else a message or iq (`keep`) is routed
+        again with the unwritten output. False (the caller treats the
+        session as gone) only for what nobody would keep."""
+        if self.ended:
+            return False
+        tap = self.tap
+        if tap is not None:
+            tap.sent(stanza.element() if isinstance(stanza, WireStanza) else stanza)
+            return True
+        if keep:
+            self._orphans.append(stanza)
+            return True
+        return False
+
+    def _too_large(self, stanza: ET.Element, data: bytes) -> tuple[bytes, ET.Element | None]:
         """A single stanza larger than the output bound would end the
         session every time (a huge roster, a big stored element): a result
         becomes `resource-constraint` (RFC 6120 §8.3.3.18), anything else
-        is dropped with a log line (nothing a client sent can be this big)."""
+        is dropped with a log line (nothing a client sent can be this big).
+        The bytes to write instead, and the stanza they are (None: none)."""
         log.warning("%s: %d-byte %s for %s exceeds the output bound", self.peer, len(data),
                     stanza.tag.rpartition("}")[2], self.info.jid)
         if stanza.tag == _IQ and stanza.get("type") == "result":
@@ -185,13 +216,13 @@ class ClientConnection:
                 request.set("to", sender)
             error = stanza_error(request, "resource-constraint",
                                  "the result is too large to send")
-            return self.xmpp.framing.stanza(error)
-        return b""
+            return self.xmpp.framing.stanza(error), error
+        return b"", None
 
     def deliver_tracked(self, stanza: ET.Element) -> int | None:
         """Queue `stanza`, never to be routed again; the output mark it is
         written by (see `written`), or None when the session is ending."""
-        if self._held or not self.deliver(stanza, keep=False):
+        if self._held or self._closing or not self.deliver(stanza, keep=False):
             return None
         return self.out.mark()
 
@@ -540,13 +571,11 @@ class ClientConnection:
             return
         log.info("%s: %d stanza(s) not written to %s routed again", self.peer, len(orphans),
                  self.info.jid)
-        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_GRACE):
-            for orphan in orphans:
-                try:
-                    stanza = orphan.element() if isinstance(orphan, WireStanza) else orphan
-                    await self.server.router.route(stanza)
-                except Exception:
-                    log.exception("%s: routing a stanza again failed", self.peer)
+        # By the server's task, to the end (a session may leave a thousand
+        # unacknowledged stanzas: no time limit of this connection's may cut
+        # them short; only shutdown bounds it, and logs what was left).
+        with trio.CancelScope(shield=True):
+            await self.server.reroute_later(self.info.jid, orphans)
 
     # -- writing --------------------------------------------------------------
 
@@ -612,12 +641,12 @@ class _Hold:
     def info(self) -> SessionInfo:
         return self._conn.info
 
-    def taken(self) -> None:
+    def taken(self, moving_to: int | None = None) -> None:
         conn = self._conn
         if not conn._held:
             return
         conn._taken = True
-        conn.server.detach_session(conn)
+        conn.server.detach_session(conn, moving_to)
         conn._bound = False
         conn.ended = True
         conn.tap = None

@@ -64,6 +64,7 @@ def setup(module: Module) -> None:
     module.on_bus(service.listing_received, channel=LISTING_CHANNEL)
     module.spawn(service.listing_publisher)
     module.spawn(service.idle_sweeper)
+    module.spawn(service.unreached_checker)
     if hosts:
         service.persist = RoomDirectory(module.directory,
                                         rooms_dn(module.directory, options.rooms_dn))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import xml.etree.ElementTree as ET
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -67,6 +67,24 @@ SERVICE_NAME = "Chatrooms"
 # Room history written to the module store, per room: it is trimmed to the
 # room's length this often (in messages appended).
 HISTORY_TRIM_EVERY = 50
+# An occupant whose session a delivery did not reach is not evicted at once:
+# a session resumed on another shard (XEP-0198) is out of every table for a
+# moment, and a real end tells the room itself (unavailable presence). What
+# the room sends it meanwhile is kept, in order, and delivered once its
+# session is back; only a session still nowhere after this long (a dead
+# shard's) leaves the room (status 333). Checked this often, at most this
+# many stanzas kept per occupant.
+UNREACHED_GRACE_SECONDS = 15.0
+UNREACHED_CHECK_SECONDS = 0.1
+UNREACHED_KEPT = 500
+
+
+_MESSAGE = "{jabber:client}message"
+_STANZA_ID = f"{{{STANZA_ID_NS}}}stanza-id"
+
+
+def _no_service() -> Any:
+    raise LookupError("not loaded")
 
 
 def _encode(stanza: ET.Element) -> bytes:
@@ -101,6 +119,10 @@ class MucService:
         self.loaded = trio.Event()
         # Problems of room entries already logged (each is logged once).
         self._reported: set[str] = set()
+        # (room, occupant's real JID) -> when a delivery first missed it, and
+        # what it was sent since (see UNREACHED_GRACE_SECONDS).
+        self._unreached: dict[tuple[JID, JID], tuple[float, list[ET.Element]]] = {}
+        self._unreached_wake = trio.Event()
         self._groups_read: dict[str, frozenset[str] | None] = {}
 
     @property
@@ -233,23 +255,97 @@ class MucService:
         if effects.destroyed or (room.empty and not room.config.persistent):
             await self._drop(room, destroyed=effects.destroyed)
 
+    def _blocklists(self) -> Any:
+        """The blocking module's lists (XEP-0191), None without it."""
+        try:
+            return self.module.shared("blocking/lists", _no_service)
+        except LookupError:
+            return None
+
+    async def _refused(self, lists: Any, to: JID, stanza: ET.Element) -> bool:
+        """What the recipient's server does with a stanza arriving for it,
+        which room output used to skip: a recipient that blocked the
+        occupant (or the room) gets nothing from it (XEP-0191 §3.3), and a
+        message loses stanza-ids that claim to be anyone's but the room's
+        (XEP-0359 §3.1: a forged id in the user's name poisons the client's
+        archive catch-up)."""
+        if stanza.tag == _MESSAGE:
+            room = stanza.get("from", "").partition("/")[0]
+            for sid in stanza.findall(_STANZA_ID):
+                if sid.get("by") != room:
+                    stanza.remove(sid)
+        if lists is None or not to.local or not self.router.is_local(to):
+            return False
+        try:
+            sender = parse_jid(stanza.get("from", ""))
+        except InvalidJID:
+            return False
+        return bool(await lists.blocks(to, sender))
+
     async def _deliver(self, room: Room, effects: Effects) -> None:
-        gone: list[JID] = []
+        lists = self._blocklists()
         for to, stanza in effects.out:
+            if await self._refused(lists, to, stanza):
+                continue
+            key = (room.jid, to)
+            unreached = self._unreached.get(key)
+            if unreached is not None and room.occupant_of(to) is not None:
+                # After what it missed, in order (see UNREACHED_GRACE_SECONDS).
+                if len(unreached[1]) < UNREACHED_KEPT:
+                    unreached[1].append(stanza)
+                continue
             if self.router.deliver(to, stanza):
                 continue
             if room.occupant_of(to) is not None:
-                gone.append(to)  # its session ended without telling the room
+                # Its session is nowhere just now: moving, or gone.
+                self._unreached[key] = (trio.current_time(), [stanza])
+                self._unreached_wake.set()
             elif not to.resource or stanza.tag.endswith("}message"):
                 await self.router.route(stanza)  # an invitation, a decline
-        for real in gone:
-            await self._deliver(room, room.remove_gone(real))
+
+    async def unreached_checker(self) -> None:
+        """Occupants a delivery missed: what they were sent goes once
+        their session is back (resumed on another shard); past the grace,
+        one whose session is still nowhere leaves the room."""
+        while True:
+            if not self._unreached:
+                self._unreached_wake = trio.Event()
+                await self._unreached_wake.wait()
+            await trio.sleep(UNREACHED_CHECK_SECONDS)
+            for key in list(self._unreached):
+                room_jid, real = key
+                found = self._unreached.get(key)
+                back = self.router.session(real) is not None
+                if found is None or (not back and trio.current_time() - found[0]
+                                     < UNREACHED_GRACE_SECONDS):
+                    continue
+                async with self._room_locks.hold(str(room_jid)):
+                    with self.router.batch():  # sent to other shards at its end
+                        await self._recheck(key)
+
+    async def _recheck(self, key: tuple[JID, JID]) -> None:
+        room_jid, real = key
+        found = self._unreached.pop(key, None)
+        room = self.rooms.get(room_jid)
+        if found is None or room is None:
+            return
+        if self.router.session(real) is not None:
+            await self._deliver(room, Effects(out=[(real, s) for s in found[1]]))
+        elif room.occupant_of(real) is not None:
+            # Its session ended without telling the room.
+            log.info("room %s: %s unreachable for %.0f s; removed", room.jid, real,
+                     UNREACHED_GRACE_SECONDS)
+            await self.apply(room, room.remove_gone(real))
 
     async def _drop(self, room: Room, destroyed: bool) -> None:
         """The room ends: destroyed by its owner (or the directory), or a
         temporary room left empty."""
         if self.rooms.get(room.jid) is room:
             del self.rooms[room.jid]
+        # Per-room state of the service goes with the room.
+        self._appended.pop(str(room.jid), None)
+        for key in [key for key in self._unreached if key[0] == room.jid]:
+            del self._unreached[key]
         for owner in room.owners:
             await self.creators.set(owner, str(room.jid), None)
         if room.config.persistent and destroyed and self.persist is not None:
