@@ -52,8 +52,19 @@ def test_slixmpp_room_life(im_server, ca_file):
             info = await alice.plugin["xep_0030"].get_info(jid=room)
             identities = info["disco_info"]["identities"]
             assert ("conference", "text", None, "Slix room") in identities, identities
+            # Three messages, and their reflection to alice (the room has
+            # them all) before bob joins: his join is another connection,
+            # which could otherwise overtake them.
+            echoed: asyncio.Future = asyncio.get_running_loop().create_future()
+
+            def on_echo(msg: slixmpp.Message) -> None:
+                if msg["body"] == "early 2" and not echoed.done():
+                    echoed.set_result(msg)
+
+            alice.add_event_handler("groupchat_message", on_echo)
             for n in range(3):
                 alice.send_message(mto=room, mbody=f"early {n}", mtype="groupchat")
+            await asyncio.wait_for(echoed, 10)
             # Bob joins with one message of history.
             _own, subject, occupants, history = await bmuc.join_muc_wait(
                 room, "Bob", maxstanzas=1, timeout=10)
