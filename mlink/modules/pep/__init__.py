@@ -144,9 +144,12 @@ def setup(module: Module) -> None:
         that may read the node and asked for its notifications."""
         owner_jid = parse_jid(owner)
         roster = await rosters_of(module).get(owner)
+        # XEP-0163 §4.3.1: PEP's implicit subscribers are the contacts with
+        # a presence subscription to the owner, whatever the access model
+        # (which may exclude some of them: a whitelist node, the owner only).
         readers = [owner_jid] + [
             parse_jid(contact) for contact, item in roster.items.items()
-            if may_read(config, False, item.subscription in ("from", "both"))]
+            if item.subscription in ("from", "both") and may_read(config, False, True)]
         for bare in readers:
             for info in router.resources(bare):
                 if node in await notify_set(info):
