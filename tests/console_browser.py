@@ -33,10 +33,12 @@ def chromium_path() -> str | None:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    sync_api = pytest.importorskip("playwright.sync_api")
+    # Missing pieces fail, not skip: tools/setup --test installs both, and a
+    # skipped console test would hide that nothing drove the pages.
+    from playwright import sync_api
+
     path = chromium_path()
-    if path is None:
-        pytest.skip("no Chromium (tools/setup --test installs Debian's chromium)")
+    assert path is not None, "no Chromium (tools/setup --test installs Debian's chromium)"
     with sync_api.sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=path, headless=True)
         try:
