@@ -360,6 +360,110 @@ class WebSocketConfig(Frozen):
     )
 
 
+# -- external components (XEP-0114) ----------------------------------------------
+
+# The port XEP-0114 components conventionally connect to (Prosody's and
+# ejabberd's default component port).
+DEFAULT_COMPONENT_PORT = 5347
+# A shared secret shorter than this is guessable offline from one recorded
+# handshake (SHA-1 of the public stream id and the secret): refused.
+MIN_COMPONENT_SECRET = 16
+
+
+def _finish_component(chk: Checker, elem: Element | None, parent: Element,
+                      c: ComponentConfig, values: Mapping[str, Any]) -> ComponentConfig:
+    where = elem if elem is not None else parent
+    if elem is not None and elem.get("secret") is not None and \
+            elem.get("secret-file") is not None:
+        chk.fail(elem, "give 'secret' or 'secret-file', not both")
+    raw = elem.get("secret-file") if elem is not None else None
+    if raw is not None and elem is not None:
+        from mlink.config_schema import Invalid, ParseEnv
+
+        try:
+            path = PathKind(must_exist=True).parse(raw, ParseEnv(chk.base, values))
+        except Invalid as exc:
+            chk.fail(elem, exc.message("'secret-file' on <component>"))
+        c = dataclasses.replace(c, secret=_read_password(chk, elem, path, "secret-file"))
+    if len(c.secret) < MIN_COMPONENT_SECRET:
+        chk.fail(where, f"the secret of component {c.name!r} must be at least "
+                        f"{MIN_COMPONENT_SECRET} characters (give 'secret' or 'secret-file')")
+    served = set(values.get("domains", ()))
+    if c.name in served:
+        chk.fail(where, f"component {c.name!r} is a served <domain>; give it a domain of its own")
+    return c
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentConfig(Frozen):
+    """One external component (XEP-0114) allowed to connect."""
+
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "component", "inside `<components>`, any number", finish=_finish_component,
+        extra=(ExtraAttribute(
+            "secret-file", "none",
+            "File holding the secret (one line; a final newline is ignored). Relative to the "
+            "configuration file. Must exist. Not together with `secret`."),),
+        doc="A component that may connect and serve the domain `name` (and every JID at "
+            "it): stanzas to it go down its connection, stanzas from it must come from it.",
+    )
+    name: str = attr(
+        "name", kind=Domain(), required="<component> needs a 'name' (its domain)",
+        doc="The component's domain, such as `push.example.com`; not a served `<domain>`. "
+            "It is listed in the disco#items of the served domain it is under (or of the "
+            "first one).",
+    )
+    secret: str = attr(
+        "secret", "", kind=Raw(), default_doc="none",
+        doc="The shared secret of the handshake, at least 16 characters. Prefer "
+            "`secret-file`, or make the configuration file readable by mlink only (0600).",
+    )
+
+
+def _check_components(chk: Checker, items: list[tuple[Element, ComponentConfig]]) -> None:
+    first_line: dict[str, int | None] = {}
+    for elem, c in items:
+        if c.name in first_line:
+            chk.fail(elem, f"component {c.name!r} given twice (first at line "
+                           f"{first_line[c.name]})")
+        first_line[c.name] = chk.line(elem)
+
+
+_COMPONENTS_EXAMPLE = """\
+<components address="127.0.0.1" port="5347">
+  <component name="push.example.com" secret-file="push-secret"/>
+</components>"""
+
+
+@dataclass(frozen=True, slots=True)
+class ComponentsConfig(Frozen):
+    """External components (XEP-0114) and the port they connect to."""
+
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "components", "at most once",
+        doc="External components (XEP-0114, the Jabber Component Protocol): services such "
+            "as a push gateway that connect to mlink and serve a domain of their own. "
+            "Without a `<component>` no component port is opened. See "
+            "[architecture.md](architecture.md#external-components).",
+        notes="Children: any number of `<component>`. Changes apply at a restart.",
+        comment="External components (XEP-0114), such as a push gateway.",
+        example=_COMPONENTS_EXAMPLE,
+    )
+    port: int = attr(
+        "port", DEFAULT_COMPONENT_PORT, kind=Int(0, MAX_PORT),
+        doc="TCP port components connect to; `0` picks a free one (tests).",
+        why="The conventional component port (Prosody, ejabberd).",
+    )
+    address: str = attr(
+        "address", "127.0.0.1", kind=Host(),
+        doc="Address to bind. Components usually run beside the server; give another "
+            "address only on a trusted network (the handshake is not encrypted).",
+        why="The component protocol has no TLS: keep it off the network unless asked.",
+    )
+    components: tuple[ComponentConfig, ...] = sections(
+        ComponentConfig, "component", check=_check_components)
+
+
 # -- web console -------------------------------------------------------------------
 
 # The console's HTTPS port when <console> gives none: 5443 is free of the IANA
@@ -532,19 +636,20 @@ def _finish_ldap(chk: Checker, elem: Element | None, parent: Element, cfg: LDAPC
 MAX_PASSWORD_FILE_BYTES = 64 * 1024
 
 
-def _read_password(chk: Checker, elem: Element, path: Path) -> str:
+def _read_password(chk: Checker, elem: Element, path: Path,
+                   what: str = "bind-password-file") -> str:
     try:
         with path.open("rb") as f:
             raw = f.read(MAX_PASSWORD_FILE_BYTES + 1)
     except OSError as exc:
-        chk.fail(elem, f"cannot read bind-password-file {str(path)!r}: {exc.strerror}")
+        chk.fail(elem, f"cannot read {what} {str(path)!r}: {exc.strerror}")
     if len(raw) > MAX_PASSWORD_FILE_BYTES:
-        chk.fail(elem, f"bind-password-file {str(path)!r} is too large for a password")
+        chk.fail(elem, f"{what} {str(path)!r} is too large for a password")
     try:
         # Editors add a final newline; it is never part of the password.
         return raw.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        chk.fail(elem, f"bind-password-file {str(path)!r} is not UTF-8")
+        chk.fail(elem, f"{what} {str(path)!r} is not UTF-8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1158,6 +1263,7 @@ class Config(Frozen):
     profiles: ProfilesConfig = section(ProfilesConfig, "profiles")
     rosters: RostersConfig = section(RostersConfig, "rosters")
     console: ConsoleConfig = section(ConsoleConfig, "console")
+    components: ComponentsConfig = section(ComponentsConfig, "components")
     # Enabled module names in load order (see `mlink.config.load_config`).
     modules: tuple[str, ...] = custom(
         "modules", DEFAULT_MODULES, parse=_parse_modules, cardinality="at most once",

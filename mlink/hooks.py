@@ -25,6 +25,10 @@ room's status 332); `server/stopped` (the server) once every session has
 ended at shutdown, while the store is still open: a module writes out what
 it buffered (the archive's queued writes).
 
+Cluster events (payload: the peer shard's number): `cluster/peer-up` when
+the bus to another shard is (again) up, `cluster/peer-down` when that shard
+is gone; for tables of objects homed on shards (external components).
+
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).
 

@@ -27,6 +27,7 @@ from mlink.jid import cache_size as jid_cache_size
 from mlink.jid import set_cache_size as set_jid_cache_size
 from mlink.module import BusHandler, FeatureProvider
 from mlink.modules import load_modules
+from mlink.router.components import ComponentTable
 from mlink.router.router import Router
 from mlink.router.sessions import SessionInfo, SessionTable, StreamControl
 from mlink.sasl.mock_key import load_mock_salt_key
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from mlink.shard.bus import Bus
 from mlink.transport.accept import AcceptLoop
 from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnection
+from mlink.transport.component import ComponentConnection
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
@@ -91,6 +93,10 @@ class Server:
         self.sessions = SessionTable()
         self.hooks = Hooks()
         self.router = Router(self.domains, self.sessions, self.hooks, self._account_exists)
+        # External components (XEP-0114): their domains, where they are connected.
+        self.components = ComponentTable(
+            self.router, self.hooks, [c.name for c in config.components.components])
+        self.component_connections: set[ComponentConnection] = set()
         # Opened by `serve` (or by tests) before any client is accepted.
         self.store: Store = None  # type: ignore[assignment]
         # Long-running work of modules (e.g. refreshing directory groups),
@@ -416,7 +422,10 @@ class Server:
         """Become one shard of several: route through `bus` to the others."""
         from mlink.shard.cluster import Cluster
 
-        self.router.cluster = Cluster(self, bus)
+        cluster = self.router.cluster = Cluster(self, bus)
+        self.components.attach(
+            lambda channel, payload, shard: cluster.send_module(channel, payload, shard),
+            self.bus_subscribe)
 
     # -- ModuleHost (mlink.module): what modules reach through their context --------
 
@@ -531,6 +540,8 @@ class Server:
                 loop = AcceptLoop(listener, partial(self._admit, handler, lc.kind))
                 self.accept_loops.append(loop)
                 nursery.start_soon(self._serve_listener, loop)
+            if self.config.components.components:
+                await self._listen_components(nursery)
             for name, task in self.background_tasks:
                 nursery.start_soon(self._run_background, name, task)
             nursery.start_soon(self.watchdog.run)
@@ -538,6 +549,28 @@ class Server:
             nursery.start_soon(self._rerouter)
             self._nursery = nursery
             task_status.started()
+
+    async def _listen_components(self, nursery: trio.Nursery) -> None:
+        """The XEP-0114 port, opened only when components are configured."""
+        cc = self.config.components
+        listener = await open_reuseport_listener(
+            ListenerConfig(kind="component", port=cc.port, address=cc.address))
+        port = listener.socket.getsockname()[1]
+        self.bound_ports["component"] = port
+        log.info("listening for components (XEP-0114) on %s port %d", cc.address, port)
+        loop = AcceptLoop(listener, partial(self._admit, self._handle_component, "component"))
+        self.accept_loops.append(loop)
+        nursery.start_soon(self._serve_listener, loop)
+
+    async def _handle_component(self, stream: trio.SocketStream) -> None:
+        conn = ComponentConnection(self, self.components, stream)
+        self.component_connections.add(conn)
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("component connection handler crashed")
+        finally:
+            self.component_connections.discard(conn)
 
     async def _run_background(self, name: str, task: Callable[[], Awaitable[None]]) -> None:
         """A module's background task: its crash is logged, and the rest of
@@ -619,6 +652,8 @@ class Server:
             await self.hooks.notify("server/stopping", None)
         for conn in list(self.connections):
             conn.kick("system-shutdown", "the server is stopping")
+        for component in list(self.component_connections):
+            component.kick("system-shutdown", "the server is stopping")
         with trio.move_on_after(SHUTDOWN_GRACE):
             await self._no_connections.wait()
         # What ended sessions left to route again (offline storage).

@@ -115,13 +115,15 @@ class Cluster:
         shard count (stable across processes and restarts, unlike hash())."""
         return zlib.crc32(key.encode("utf-8")) % max(1, self.bus.shards)
 
-    def send_module(self, channel: str, payload: bytes, shard: int | None) -> None:
-        """A module's bytes to the same module on `shard` (None: all others)."""
+    def send_module(self, channel: str, payload: bytes, shard: int | None) -> bool:
+        """A module's bytes to the same module on `shard` (None: all others);
+        whether the bus took them (False: the peer is down or its buffer full)."""
         frame = Frame(FrameType.MODULE, frames.encode_module(channel, payload))
         if shard is None:
-            self.bus.broadcast(frame)
-        elif shard != self.shard:
-            self.bus.send(shard, frame)
+            return self.bus.broadcast(frame) > 0
+        if shard != self.shard:
+            return self.bus.send(shard, frame)
+        return False
 
     def deliver_to_available(self, bare: JID, stanza: ET.Element) -> None:
         """Queue `stanza` for the available sessions of `bare` on every
@@ -297,8 +299,10 @@ class Cluster:
             if remote.shard == shard:
                 self._remove(full, remote.session_id)
         self.bus.send(shard, Frame(FrameType.TABLE_REQUEST))
+        await self.server.hooks.notify("cluster/peer-up", shard)
 
     async def peer_down(self, shard: int) -> None:
+        await self.server.hooks.notify("cluster/peer-down", shard)
         lost = [r for r in self._remote.values() if r.shard == shard]
         for remote in lost:
             self._remove(remote.info.jid, remote.session_id)

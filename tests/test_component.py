@@ -1,0 +1,302 @@
+"""XEP-0114 external components against a real server: the handshake (right,
+wrong secret, unknown name, second connection), stanzas both ways between a
+user and a raw-socket component, the server's disco#items, the checks on
+what a component sends, a component that is not connected, and slixmpp's
+ComponentXMPP as a real component library."""
+
+from __future__ import annotations
+
+import re
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mlink.stream import component as xep0114
+from tests.componentclient import RawComponent
+from tests.rawclient import (
+    CLIENT_NS,
+    RawClient,
+    expect_stream_error,
+    read_stanza,
+    read_stanza_text,
+    stanza_error_of,
+)
+from tests.placement import Placement
+from tests.serverproc import DOMAIN, MlinkProcess, free_ports, start_mlink
+
+PUSH, SECRET = "push.localhost", "push-secret-0123456789"
+IDLE = "idle.localhost"  # configured, never connected
+USERS = {f"{u}@{DOMAIN}": f"{u}-pw" for u in ("alice", "bob")}
+ALICE = "alice@localhost"
+COMPONENTS = (f'<components port="0"><component name="{PUSH}" secret="{SECRET}"/>'
+              f'<component name="{IDLE}" secret="idle-secret-0123456789"/></components>')
+
+
+def with_components(text: str, components: str = COMPONENTS) -> str:
+    return text.replace("</mlink>", components + "\n</mlink>")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory,
+           cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("component") / "s"
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, edit_config=with_components,
+                     shards=1) as proc:
+        yield proc
+
+
+def component_port(server: MlinkProcess) -> int:
+    return int(server.wait_for_log(r"listening for components \(XEP-0114\) on \S+ port (\d+)")[1])
+
+
+def connect(server: MlinkProcess, domain: str = PUSH, secret: str = SECRET) -> RawComponent:
+    component = RawComponent(component_port(server))
+    answer = component.handshake(domain, secret)
+    assert re.search(r"<handshake\s*/>", answer), answer
+    return component
+
+
+def user(server: MlinkProcess, ca_file: Path, jid: str = ALICE) -> RawClient:
+    client = RawClient(server.c2s_port, ca_file)
+    client.jid = client.login(DOMAIN, jid, USERS[jid],  # type: ignore[attr-defined]
+                              resource="r-" + uuid.uuid4().hex[:8])
+    return client
+
+
+# -- the handshake ---------------------------------------------------------------
+
+
+def test_handshake_then_stanzas_both_ways(server, ca_file):
+    component = connect(server)
+    alice = user(server, ca_file)
+    try:
+        alice.send(f"<message to='{PUSH}' id='m1' type='chat'><body>hi</body></message>")
+        text = component.read_until(r"</message>")
+        (message,) = [e for e in ET.fromstring(
+            f"<r xmlns='{xep0114.COMPONENT_NS}'>{text}</r>")]
+        assert message.tag == f"{{{xep0114.COMPONENT_NS}}}message", text
+        assert message.get("from") == alice.jid and message.get("to") == PUSH, text
+        # Back: from a JID at the component, to the user's full JID.
+        component.send(f"<message from='bot@{PUSH}/x' to='{alice.jid}' id='m2'>"
+                       "<body>hello back</body></message>")
+        reply = read_stanza(alice, "message", "m2")
+        assert reply.get("from") == f"bot@{PUSH}/x"
+        assert reply.findtext(f"{{{CLIENT_NS}}}body") == "hello back"
+        # An iq from the component to the server is answered to the component.
+        component.send(f"<iq type='get' id='p1' from='{PUSH}' to='{DOMAIN}'>"
+                       "<ping xmlns='urn:xmpp:ping'/></iq>")
+        answer = component.read_until(r"<iq[^>]*id='p1'[^>]*(/>|>.*?</iq>)")
+        assert "type='result'" in answer and f"to='{PUSH}'" in answer, answer
+    finally:
+        component.close()
+        alice.close()
+
+
+def test_wrong_secret_is_not_authorized(server):
+    component = RawComponent(component_port(server))
+    answer = component.handshake(PUSH, "not-the-secret-at-all")
+    assert "<not-authorized" in answer and "<handshake/>" not in answer, answer
+    component2 = RawComponent(component_port(server))
+    component2.open_stream(PUSH)
+    component2.send("<handshake>" + "0" * 40 + "</handshake>")
+    expect_stream_error(component2, "not-authorized")
+    component.close()
+    component2.close()
+
+
+def test_unknown_name_is_host_unknown(server):
+    component = RawComponent(component_port(server))
+    text = component.open_stream("nobody.localhost")
+    text += component.wait_closed()
+    assert "<host-unknown" in text and text.rstrip().endswith("</stream:stream>"), text
+    component.close()
+
+
+def test_served_domain_is_not_a_component(server):
+    component = RawComponent(component_port(server))
+    text = component.open_stream(DOMAIN) + component.wait_closed()
+    assert "<host-unknown" in text, text
+    component.close()
+
+
+def test_second_connection_is_a_conflict_and_the_first_keeps_serving(server, ca_file):
+    first = connect(server)
+    second = RawComponent(component_port(server))
+    try:
+        answer = second.handshake(PUSH, SECRET)
+        answer += second.wait_closed() if not second.eof else ""
+        assert "<conflict" in answer, answer
+        alice = user(server, ca_file)
+        alice.send(f"<message to='{PUSH}' id='c1'><body>still there?</body></message>")
+        assert "still there?" in first.read_until("</message>")
+        alice.close()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_domain_free_again_after_disconnect(server):
+    first = connect(server)
+    first.send("</stream:stream>")
+    first.wait_closed()
+    first.close()
+    second = connect(server)  # no conflict: the first left
+    second.close()
+
+
+def test_disco_items_lists_the_component(server, ca_file):
+    alice = user(server, ca_file)
+    alice.send(f"<iq type='get' id='d1' to='{DOMAIN}'>"
+               "<query xmlns='http://jabber.org/protocol/disco#items'/></iq>")
+    reply = read_stanza(alice, "iq", "d1")
+    items = {i.get("jid") for i in reply.iter("{http://jabber.org/protocol/disco#items}item")}
+    assert {PUSH, IDLE} <= items, ET.tostring(reply)
+    alice.close()
+
+
+# -- what a component may send -----------------------------------------------------
+
+
+def test_stanza_before_handshake_is_not_authorized(server):
+    component = RawComponent(component_port(server))
+    component.open_stream(PUSH)
+    component.send(f"<message from='{PUSH}' to='{ALICE}'><body>x</body></message>")
+    expect_stream_error(component, "not-authorized")
+    component.close()
+
+
+def test_foreign_from_is_invalid_from(server, ca_file):
+    component = connect(server)
+    component.send(f"<message from='{ALICE}' to='bob@{DOMAIN}'><body>spoof</body></message>")
+    expect_stream_error(component, "invalid-from")
+    component.close()
+
+
+def test_client_namespace_is_invalid_namespace(server):
+    component = connect(server)
+    component.send(f"<message xmlns='jabber:client' from='{PUSH}' to='{ALICE}'/>")
+    expect_stream_error(component, "invalid-namespace")
+    component.close()
+
+
+def test_missing_to_is_a_stanza_error_and_the_stream_goes_on(server):
+    component = connect(server)
+    component.send(f"<iq type='get' id='nt' from='{PUSH}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    text = component.read_until(r"</iq>")
+    assert "type='error'" in text and "bad-request" in text, text
+    component.send(f"<iq type='get' id='ok' from='{PUSH}' to='{DOMAIN}'>"
+                   "<ping xmlns='urn:xmpp:ping'/></iq>")
+    assert "type='result'" in component.read_until(r"id='ok'[^>]*/?>")
+    component.close()
+
+
+def test_oversized_stanza_is_policy_violation(server):
+    component = connect(server)
+    component.send(f"<message from='{PUSH}' to='{ALICE}'><body>")
+    component.send("x" * (300 * 1024))  # past the 256 KiB stanza limit
+    expect_stream_error(component, "policy-violation")
+    component.close()
+
+
+def test_doctype_is_refused(server):
+    component = RawComponent(component_port(server))
+    component.send("<?xml version='1.0'?><!DOCTYPE x [<!ENTITY a 'b'>]>")
+    text = component.wait_closed()
+    assert "<restricted-xml" in text, text
+    component.close()
+
+
+# -- not connected ------------------------------------------------------------------
+
+
+def test_stanzas_to_a_component_not_connected_are_refused(server, ca_file):
+    alice = user(server, ca_file)
+    alice.send(f"<message to='{IDLE}' id='u1' type='chat'><body>anyone?</body></message>")
+    assert stanza_error_of(read_stanza(alice, "message", "u1")) == \
+        ("cancel", "service-unavailable")
+    alice.send(f"<iq to='x@{IDLE}' id='u2' type='get'><query xmlns='jabber:iq:version'/></iq>")
+    error, text = read_stanza_text(alice, "iq", "u2")
+    assert stanza_error_of(error)[1] == "service-unavailable", text
+    alice.close()
+
+
+# -- slixmpp's component library ------------------------------------------------------
+
+
+def test_slixmpp_component_connects_and_answers(server, ca_file):
+    import asyncio
+
+    from slixmpp.componentxmpp import ComponentXMPP
+
+    port = component_port(server)
+    received: list[str] = []
+
+    async def run() -> None:
+        component = ComponentXMPP(PUSH, SECRET, "127.0.0.1", port)
+        ready = asyncio.Event()
+        got = asyncio.Event()
+        component.add_event_handler("session_start", lambda _: ready.set())
+
+        def on_message(msg: object) -> None:
+            received.append(str(msg["body"]))  # type: ignore[index]
+            msg.reply(f"echo {msg['body']}").send()  # type: ignore[attr-defined]
+            got.set()
+
+        component.add_event_handler("message", on_message)
+        component.connect()
+        await asyncio.wait_for(ready.wait(), 10)
+        loop = asyncio.get_running_loop()
+        alice = await loop.run_in_executor(None, user, server, ca_file)
+        alice.send(f"<message to='{PUSH}' id='s1' type='chat'><body>ping</body></message>")
+        await asyncio.wait_for(got.wait(), 10)
+        text = await loop.run_in_executor(None, alice.read_until, "echo ping")
+        assert f"from='{PUSH}'" in text or f"from=\"{PUSH}\"" in text, text
+        alice.close()
+        component.disconnect()
+
+    asyncio.run(run())
+    assert received == ["ping"]
+
+
+# -- two shards ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory,
+            cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("component-shards") / "s"
+    (port,) = free_ports(1)
+    components = (f'<components port="{port}"><component name="{PUSH}" '
+                  f'secret="{SECRET}"/></components>')
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, shards=2,
+                     edit_config=lambda text: with_components(text, components)) as proc:
+        yield proc
+
+
+def test_two_shards_route_to_the_shard_holding_the_component(sharded, ca_file):
+    mark = sharded.log.mark()
+    component = connect(sharded)
+    held_by = int(sharded.wait_for_log(
+        rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+    place = Placement(sharded.log, sharded.c2s_port, ca_file, USERS)
+    try:
+        alice = place.login_on(1 - held_by, ALICE)
+        alice.send(f"<message to='{PUSH}' id='x1' type='chat'><body>across</body></message>")
+        text = component.read_until("across</body>")
+        assert f"from='{alice.jid}'" in text, text  # type: ignore[attr-defined]
+        component.send(f"<message from='{PUSH}' to='{alice.jid}' id='x2'>"  # type: ignore[attr-defined]
+                       "<body>and back</body></message>")
+        assert read_stanza(alice, "message", "x2").findtext(f"{{{CLIENT_NS}}}body") == "and back"
+        # Gone: the other shard's stanzas are refused, not lost.
+        component.send("</stream:stream>")
+        component.wait_closed()
+        sharded.wait_for_log(rf"shard-{held_by} .*component {re.escape(PUSH)} disconnected",
+                             since=mark)
+        alice.send(f"<message to='{PUSH}' id='x3' type='chat'><body>hello?</body></message>")
+        assert stanza_error_of(read_stanza(alice, "message", "x3"))[1] == "service-unavailable"
+    finally:
+        component.close()
+        place.close_all()
