@@ -16,6 +16,7 @@ import pytest
 
 from mlink.stream import component as xep0114
 from tests.componentclient import RawComponent
+from tests.placement import Placement
 from tests.rawclient import (
     CLIENT_NS,
     RawClient,
@@ -24,7 +25,6 @@ from tests.rawclient import (
     read_stanza_text,
     stanza_error_of,
 )
-from tests.placement import Placement
 from tests.serverproc import DOMAIN, MlinkProcess, free_ports, start_mlink
 
 PUSH, SECRET = "push.localhost", "push-secret-0123456789"

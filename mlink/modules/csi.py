@@ -29,6 +29,8 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from mlink.hooks import NonzaEvent
+from mlink.jid import JID
+from mlink.modules.wakeups import INACTIVE, Wakeups, wakeups
 from mlink.router.sessions import StreamControl
 from mlink.xml.serialize import CLIENT_NS
 
@@ -72,7 +74,9 @@ def important(stanza: ET.Element) -> bool:
 class Holder:
     """One inactive stream's held stanzas (an `OutputFilter`)."""
 
-    def __init__(self, stream: StreamControl) -> None:
+    def __init__(self, stream: StreamControl, session: JID, signal: Wakeups) -> None:
+        self._session = session
+        self._signal = signal
         # Held weakly: the module's `holders` maps each stream to its holder
         # (a WeakKeyDictionary), and a value that refers to its key would
         # keep the stream, and itself, alive for ever.
@@ -85,6 +89,10 @@ class Holder:
     def take(self, stanza: ET.Element) -> bool:
         if important(stanza):
             self.flush()
+            if stanza.tag == MESSAGE:
+                # Written now, but to an app in the background: it may
+                # need waking (XEP-0357) to show it.
+                self._signal.notify(self._session, stanza, INACTIVE)
             return False
         if stanza.tag == PRESENCE:
             key: Any = ("presence", stanza.get("from", ""))
@@ -112,6 +120,7 @@ class Holder:
 
 def setup(module: Module) -> None:
     holders: weakref.WeakKeyDictionary[Any, Holder] = weakref.WeakKeyDictionary()
+    signal = wakeups(module)
 
     def feature(view: Any) -> ET.Element | None:
         return ET.Element(f"{{{CSI_NS}}}csi")
@@ -124,7 +133,7 @@ def setup(module: Module) -> None:
         holder = holders.get(stream)
         if tag == "inactive":
             if holder is None:
-                holder = holders[stream] = Holder(stream)
+                holder = holders[stream] = Holder(stream, event.session.jid, signal)
                 stream.add_filter(holder)
         elif tag == "active":
             if holder is not None:

@@ -50,6 +50,7 @@ import trio
 from mlink.config_schema import Int, option
 from mlink.hooks import NonzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.modules.wakeups import DETACHED, wakeups
 from mlink.router.fields import field_registry
 from mlink.router.sessions import SessionHold, SessionInfo, StreamControl
 from mlink.xml.serialize import serialize
@@ -211,6 +212,7 @@ class SmState:
     def sent(self, stanza: ET.Element) -> None:
         self.queue.append((stanza, time.time()))
         if self.hold is not None:
+            self.manager.wakeups.notify(self.info.jid, stanza, DETACHED)
             most = self.manager.max_held_bytes()
             if self.held_bytes <= most:  # once past it, the session is ending
                 self.held_bytes += len(encode_stanza(stanza))
@@ -344,6 +346,8 @@ class Manager:
 
     def __init__(self, module: Module) -> None:
         self.module = module
+        # Stanzas for held sessions are signalled (a push module wakes the device).
+        self.wakeups = wakeups(module)
         self.streams: weakref.WeakKeyDictionary[Any, SmState] = weakref.WeakKeyDictionary()
         # Sessions with resumption that live on this shard, by id.
         self.local: dict[str, SmState] = {}

@@ -1,0 +1,222 @@
+"""XEP-0357 push notifications against a real server, to a test app server
+that is a raw-socket XEP-0114 component: a publish when the user's
+stream-managed session is detached (TCP cut, resumption on) and a contact
+writes, none while the session is active, none after disable, one for an
+offline user, a burst summarised in one push, bad enable requests refused,
+and a registration dropped after a persistent error from the app server."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.componentclient import RawComponent
+from tests.rawclient import RawClient, read_stanza, stanza_error_of
+from tests.serverproc import DOMAIN, MlinkProcess, start_mlink
+from tests.test_component import component_port, connect
+from tests.test_stream_management import enable
+
+PUSH, SECRET = "push.localhost", "push-secret-0123456789"
+PUSH_NS = "urn:xmpp:push:0"
+USERS = {f"{u}@{DOMAIN}": f"{u}-pw" for u in ("alice", "bob", "carol", "dave")}
+ALICE, BOB, CAROL, DAVE = USERS
+FORM = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'>"
+        "<value>http://jabber.org/protocol/pubsub#publish-options</value></field>"
+        "<field var='secret'><value>s3cr3t</value></field></x>")
+
+
+def configure(text: str) -> str:
+    components = (f'<components port="0"><component name="{PUSH}" secret="{SECRET}"/>'
+                  "</components>")
+    modules = ("<modules><module name='push'><include-body>true</include-body>"
+               "<include-sender>true</include-sender><min-interval>0</min-interval>"
+               "</module></modules>")
+    return text.replace("</mlink>", components + modules + "\n</mlink>")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory,
+           cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("push") / "s"
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, edit_config=configure,
+                     shards=1) as proc:
+        yield proc
+
+
+@pytest.fixture
+def app(server: MlinkProcess) -> Iterator[RawComponent]:
+    component = connect(server)
+    yield component
+    component.close()
+
+
+def login(server: MlinkProcess, ca_file: Path, user: str) -> RawClient:
+    client = RawClient(server.c2s_port, ca_file)
+    client.jid = client.login(DOMAIN, user, USERS[user])  # type: ignore[attr-defined]
+    return client
+
+
+def register(client: RawClient, node: str, form: str = FORM, stanza_id: str = "en") -> ET.Element:
+    client.send(f"<iq type='set' id='{stanza_id}'><enable xmlns='{PUSH_NS}' jid='{PUSH}' "
+                f"node='{node}'>{form}</enable></iq>")
+    return read_stanza(client, "iq", stanza_id)
+
+
+def next_publish(app: RawComponent) -> ET.Element:
+    text = app.read_until(r"</iq>")
+    iqs = [e for e in ET.fromstring(f"<r xmlns='jabber:component:accept'>{text}</r>")
+           if e.tag.endswith("}iq")]
+    return iqs[0]
+
+
+def summary(iq: ET.Element, where: str = "notification") -> dict[str, str]:
+    """The fields of the notification's summary form (or of publish-options)."""
+    parent = next(e for e in iq.iter() if e.tag.endswith("}" + where))
+    fields = parent.iter("{jabber:x:data}field")
+    return {f.get("var", ""): f.findtext("{jabber:x:data}value") or "" for f in fields}
+
+
+def send(sender: RawClient, to: str, body: str, stanza_id: str) -> None:
+    sender.send(f"<message to='{to}' type='chat' id='{stanza_id}'><body>{body}</body></message>")
+
+
+def test_feature_on_the_account(server, ca_file):
+    alice = login(server, ca_file, ALICE)
+    alice.send(f"<iq type='get' id='di' to='{ALICE}'>"
+               "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+    reply = read_stanza(alice, "iq", "di")
+    features = {f.get("var") for f in reply.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert PUSH_NS in features
+    alice.close()
+
+
+def test_push_when_the_session_is_detached_and_none_while_active(server, ca_file, app):
+    alice, bob = login(server, ca_file, ALICE), login(server, ca_file, BOB)
+    alice.send("<presence/>")
+    enable(alice)
+    assert register(alice, "node-a").get("type") == "result"
+    # Active: the message is delivered, no push. The ping after it shows
+    # the app server got nothing (its stanzas are written in order).
+    send(bob, alice.jid, "active one", "a1")  # type: ignore[attr-defined]
+    alice.read_until("active one")
+    app.send(f"<iq type='get' id='sync1' from='{PUSH}' to='{DOMAIN}'>"
+             "<ping xmlns='urn:xmpp:ping'/></iq>")
+    before = app.read_until(r"id='sync1'")
+    assert "<publish" not in before, before
+    # Cut TCP: the session is held for resumption.
+    mark = server.log.mark()
+    alice.sock.close()
+    server.wait_for_log(rf"session {re.escape(alice.jid)} held", since=mark)  # type: ignore[attr-defined]
+    send(bob, ALICE, "while away", "a2")
+    iq = next_publish(app)
+    assert iq.get("type") == "set" and iq.get("from") == ALICE and iq.get("to") == PUSH
+    publish = iq.find("{http://jabber.org/protocol/pubsub}pubsub/"
+                      "{http://jabber.org/protocol/pubsub}publish")
+    assert publish is not None and publish.get("node") == "node-a"
+    fields = summary(iq)
+    assert fields["FORM_TYPE"] == "urn:xmpp:push:summary"
+    assert fields["message-count"] == "1"
+    assert fields["last-message-sender"] == BOB
+    assert fields["last-message-body"] == "while away"
+    assert summary(iq, "publish-options")["secret"] == "s3cr3t"  # as stored
+    app.send(f"<iq type='result' id='{iq.get('id')}' from='{PUSH}' to='{ALICE}'/>")
+    bob.close()
+
+
+def test_push_for_an_offline_user_and_none_after_disable(server, ca_file, app):
+    carol = login(server, ca_file, CAROL)
+    assert register(carol, "node-c").get("type") == "result"
+    carol.send("</stream:stream>")
+    carol.wait_closed()
+    bob = login(server, ca_file, BOB)
+    send(bob, CAROL, "offline note", "c1")
+    iq = next_publish(app)
+    assert iq.get("from") == CAROL and summary(iq)["last-message-body"] == "offline note"
+    carol = login(server, ca_file, CAROL)
+    carol.send(f"<iq type='set' id='dis'><disable xmlns='{PUSH_NS}' jid='{PUSH}'/></iq>")
+    assert read_stanza(carol, "iq", "dis").get("type") == "result"
+    carol.send("</stream:stream>")
+    carol.wait_closed()
+    send(bob, CAROL, "no push for this", "c2")
+    app.send(f"<iq type='get' id='sync2' from='{PUSH}' to='{DOMAIN}'>"
+             "<ping xmlns='urn:xmpp:ping'/></iq>")
+    assert "<publish" not in app.read_until(r"id='sync2'")
+    bob.close()
+
+
+def test_persistent_error_removes_the_registration(server, ca_file, app):
+    dave = login(server, ca_file, DAVE)
+    assert register(dave, "node-d", form="").get("type") == "result"
+    dave.send("</stream:stream>")
+    dave.wait_closed()
+    bob = login(server, ca_file, BOB)
+    send(bob, DAVE, "first", "d1")
+    iq = next_publish(app)
+    assert iq.find(".//{http://jabber.org/protocol/pubsub}publish-options") is None
+    app.send(f"<iq type='error' id='{iq.get('id')}' from='{PUSH}' to='{DAVE}'>"
+             "<error type='cancel'><item-not-found "
+             "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+    mark = server.log.mark()
+    server.wait_for_log(rf"registration {PUSH} of {DAVE} removed", since=mark - 5)
+    send(bob, DAVE, "second", "d2")
+    app.send(f"<iq type='get' id='sync3' from='{PUSH}' to='{DOMAIN}'>"
+             "<ping xmlns='urn:xmpp:ping'/></iq>")
+    assert "<publish" not in app.read_until(r"id='sync3'")
+    bob.close()
+
+
+@pytest.mark.parametrize("payload", [
+    f"<enable xmlns='{PUSH_NS}' node='n'/>",
+    f"<enable xmlns='{PUSH_NS}' jid='{PUSH}'/>",
+    f"<enable xmlns='{PUSH_NS}' jid='@@bad' node='n'/>",
+    f"<disable xmlns='{PUSH_NS}'/>",
+    f"<frobnicate xmlns='{PUSH_NS}' jid='{PUSH}' node='n'/>",
+])
+def test_bad_requests_are_refused(server, ca_file, payload):
+    alice = login(server, ca_file, ALICE)
+    alice.send(f"<iq type='set' id='bad'>{payload}</iq>")
+    assert stanza_error_of(read_stanza(alice, "iq", "bad"))[1] == "bad-request"
+    alice.close()
+
+
+def test_oversized_form_and_too_many_registrations_are_refused(server, ca_file):
+    alice = login(server, ca_file, ALICE)
+    big = ("<x xmlns='jabber:x:data' type='submit'><field var='secret'><value>"
+           + "x" * 5000 + "</value></field></x>")
+    assert stanza_error_of(register(alice, "big", big, "big"))[1] == "not-acceptable"
+    for n in range(10):
+        register(alice, f"many-{n}", "", f"m{n}")
+    assert stanza_error_of(register(alice, "one-too-many", "", "m10"))[1] == \
+        "resource-constraint"
+    alice.send(f"<iq type='set' id='clr'><disable xmlns='{PUSH_NS}' jid='{PUSH}'/></iq>")
+    assert read_stanza(alice, "iq", "clr").get("type") == "result"
+    alice.close()
+
+
+def test_component_port_is_known(server):
+    assert component_port(server) > 0
+
+
+def test_push_when_the_client_is_inactive(server, ca_file, app):
+    alice, bob = login(server, ca_file, ALICE), login(server, ca_file, BOB)
+    alice.send("<presence/>")
+    alice.send(f"<iq type='set' id='clr'><disable xmlns='{PUSH_NS}' jid='{PUSH}'/></iq>")
+    assert read_stanza(alice, "iq", "clr").get("type") == "result"
+    assert register(alice, "node-i", "", "eni").get("type") == "result"
+    alice.send("<inactive xmlns='urn:xmpp:csi:0'/>")
+    # The inactive state is set once the server answered a later stanza.
+    alice.send(f"<iq type='get' id='s' to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    alice.read_until(r"id='s'")
+    send(bob, alice.jid, "in the background", "i1")  # type: ignore[attr-defined]
+    alice.read_until("in the background")  # delivered (a body), and pushed
+    iq = next_publish(app)
+    assert summary(iq)["last-message-body"] == "in the background"
+    alice.send(f"<iq type='set' id='dis'><disable xmlns='{PUSH_NS}' jid='{PUSH}' "
+               "node='node-i'/></iq>")
+    assert read_stanza(alice, "iq", "dis").get("type") == "result"
+    alice.close()
+    bob.close()
