@@ -300,3 +300,30 @@ def test_two_shards_route_to_the_shard_holding_the_component(sharded, ca_file):
     finally:
         component.close()
         place.close_all()
+
+
+# Tries before a second connection lands on the other shard (SO_REUSEPORT
+# spreads connections by a hash of the client's port).
+PLACEMENT_TRIES = 40
+
+
+def test_two_shards_refuse_a_second_connection_on_the_other_shard(sharded):
+    mark = sharded.log.mark()
+    first = connect(sharded)
+    held_by = int(sharded.wait_for_log(
+        rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+    try:
+        for _ in range(PLACEMENT_TRIES):
+            mark = sharded.log.mark()
+            second = RawComponent(component_port(sharded))
+            answer = second.handshake(PUSH, SECRET)
+            second.close()
+            assert "<conflict" in answer, answer
+            shard = int(sharded.wait_for_log(
+                rf"shard-(\d+) .*component {re.escape(PUSH)} refused", since=mark)[1])
+            if shard != held_by:
+                break
+        else:
+            raise AssertionError("no second connection reached the other shard")
+    finally:
+        first.close()

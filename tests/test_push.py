@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.componentclient import RawComponent
+from tests.placement import Placement
 from tests.rawclient import RawClient, read_stanza, stanza_error_of
-from tests.serverproc import DOMAIN, MlinkProcess, start_mlink
+from tests.serverproc import DOMAIN, MlinkProcess, free_ports, start_mlink
 from tests.test_component import component_port, connect
 from tests.test_stream_management import enable
 
@@ -29,12 +30,11 @@ FORM = ("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'>"
         "<field var='secret'><value>s3cr3t</value></field></x>")
 
 
-def configure(text: str) -> str:
+def configure(text: str, options: str = "<include-body>true</include-body>"
+              "<include-sender>true</include-sender><min-interval>0</min-interval>") -> str:
     components = (f'<components port="0"><component name="{PUSH}" secret="{SECRET}"/>'
                   "</components>")
-    modules = ("<modules><module name='push'><include-body>true</include-body>"
-               "<include-sender>true</include-sender><min-interval>0</min-interval>"
-               "</module></modules>")
+    modules = f"<modules><module name='push'>{options}</module></modules>"
     return text.replace("</mlink>", components + modules + "\n</mlink>")
 
 
@@ -112,7 +112,13 @@ def test_push_when_the_session_is_detached_and_none_while_active(server, ca_file
     alice.sock.close()
     server.wait_for_log(rf"session {re.escape(alice.jid)} held", since=mark)  # type: ignore[attr-defined]
     send(bob, ALICE, "while away", "a2")
-    iq = next_publish(app)
+    # First a push for what alice never acknowledged ("active one" may not
+    # have reached the phone), then one for the new message.
+    text = app.read_until("while away")
+    iqs = [e for e in ET.fromstring(f"<r xmlns='jabber:component:accept'>{text}</r>")
+           if e.tag.endswith("}iq")]
+    assert [summary(i)["last-message-body"] for i in iqs] == ["active one", "while away"]
+    iq = iqs[-1]
     assert iq.get("type") == "set" and iq.get("from") == ALICE and iq.get("to") == PUSH
     publish = iq.find("{http://jabber.org/protocol/pubsub}pubsub/"
                       "{http://jabber.org/protocol/pubsub}publish")
@@ -220,3 +226,83 @@ def test_push_when_the_client_is_inactive(server, ca_file, app):
     assert read_stanza(alice, "iq", "dis").get("type") == "result"
     alice.close()
     bob.close()
+
+
+# -- defaults: privacy and rate ---------------------------------------------------------
+
+# The interval of the rate test: long enough for two messages sent back to
+# back to fall inside it on a loaded machine.
+INTERVAL = 3
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory: pytest.TempPathFactory,
+                   cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("push-defaults") / "s"
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, shards=1,
+                     edit_config=lambda t: configure(
+                         t, f"<min-interval>{INTERVAL}</min-interval>")) as proc:
+        yield proc
+
+
+def test_defaults_leave_out_sender_and_body_and_group_a_burst(default_server, ca_file):
+    app = connect(default_server)
+    carol = login(default_server, ca_file, CAROL)
+    assert register(carol, "node-r", "").get("type") == "result"
+    carol.send("</stream:stream>")
+    carol.wait_closed()
+    bob = login(default_server, ca_file, BOB)
+    send(bob, CAROL, "one", "r1")
+    first = next_publish(app)
+    assert summary(first) == {"FORM_TYPE": "urn:xmpp:push:summary", "message-count": "1"}
+    # Two more at once: one push, at the end of the interval, counting both.
+    send(bob, CAROL, "two", "r2")
+    send(bob, CAROL, "three", "r3")
+    text = app.read_until(r"</iq>", timeout=INTERVAL + 10)
+    assert text.count("<iq") == 1, text
+    second = ET.fromstring(f"<r xmlns='jabber:component:accept'>{text}</r>")[0]
+    assert summary(second)["message-count"] == "2"
+    assert "two" not in text and "three" not in text and BOB not in text, text
+    bob.close()
+    app.close()
+
+
+# -- two shards ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory: pytest.TempPathFactory,
+            cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("push-shards") / "s"
+    (port,) = free_ports(1)
+
+    def edit(text: str) -> str:
+        return configure(text).replace('<components port="0">', f'<components port="{port}">')
+
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, shards=2, edit_config=edit) as proc:
+        yield proc
+
+
+def test_two_shards_push_from_the_shard_holding_the_detached_session(sharded, ca_file):
+    """alice's held session is on one shard, bob writes from the other: the
+    shard that holds the session pushes, whichever shard the app server is on."""
+    app = connect(sharded)
+    place = Placement(sharded.log, sharded.c2s_port, ca_file, USERS)
+    try:
+        alice = place.login_on(0, ALICE)
+        alice.send("<presence/>")
+        enable(alice)
+        assert register(alice, "node-s").get("type") == "result"
+        mark = sharded.log.mark()
+        alice.sock.close()
+        sharded.wait_for_log(rf"shard-0 .*session {re.escape(alice.jid)} held",  # type: ignore[attr-defined]
+                             since=mark)
+        bob = place.login_on(1, BOB)
+        send(bob, alice.jid, "across shards", "s1")  # type: ignore[attr-defined]
+        text = app.read_until("across shards")
+        assert f"to='{PUSH}'" in text and f"from='{ALICE}'" in text, text
+        assert re.search(rf"shard-0 .*push to {re.escape(PUSH)} for {re.escape(ALICE)}",
+                         sharded.log.text()), sharded.log.text()
+    finally:
+        app.close()
+        place.close_all()

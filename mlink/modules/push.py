@@ -14,7 +14,7 @@ Choices, after Prosody's mod_cloud_notify:
 - Privacy: the summary carries `message-count` only, unless the options
   say to include the sender (`include-sender`) and the body
   (`include-body`): the app server is a third party.
-- Rate: at most one push per registration per `min-interval` seconds;
+- Rate: at most one push per user per `min-interval` seconds;
   messages in a burst are counted and summarised in one push at the end
   of the interval.
 - An error from the app server of any type but `wait` (the node is gone,
@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,8 +82,8 @@ class PushOptions:
         why="Privacy, as Prosody's default.")
     min_interval: float = option(
         10.0, kind=FloatAtLeast(0.0),
-        doc="Seconds between two pushes for one registration; messages meanwhile are "
-            "counted into one push at the end of the interval. `0`: one push per message.",
+        doc="Seconds between two pushes for one user; messages meanwhile are counted into "
+            "one push at the end of the interval. `0`: a push per message.",
         why="A burst of messages wakes the phone once.")
 
 
@@ -182,20 +181,26 @@ def setup(module: Module) -> None:
         return False  # the offline module still stores it
 
     async def flush_later(user: str) -> None:
-        state = pending.get(user)
-        if state is None:
-            return
-        wait = state.last_push + module.options.min_interval - time.monotonic()
-        if wait > 0:
-            await trio.sleep(wait)
-        state.scheduled = False
-        count, sender, body = state.count, state.sender, state.body
-        state.count = 0
-        state.last_push = time.monotonic()
-        if count:
-            await publish(user, count, sender, body)
-        if not state.count:
-            pending.pop(user, None)
+        """One task per user with messages to push: push, then stay for an
+        interval to gather what comes next; leave after a quiet interval
+        (so a user's entry lives at most `min-interval` past their last
+        push, and the pause between two pushes is never shorter)."""
+        state = pending[user]
+        try:
+            while True:
+                wait = state.last_push + module.options.min_interval - trio.current_time()
+                if wait > 0:
+                    await trio.sleep(wait)
+                if not state.count:
+                    return
+                count, sender, body = state.count, state.sender, state.body
+                state.count = 0
+                state.last_push = trio.current_time()
+                await publish(user, count, sender, body)
+        finally:
+            state.scheduled = False
+            if pending.get(user) is state and not state.count:
+                del pending[user]
 
     async def publish(user: str, count: int, sender: str, body: str) -> None:
         options = module.options

@@ -249,6 +249,10 @@ class SmState:
     def lost(self, hold: SessionHold) -> bool:
         if self.resume_id is None or self.ended:
             return False
+        # What the client never confirmed may never have reached it: the
+        # device may need waking for it (XEP-0357), as for what comes next.
+        for stanza, _ in self.queue:
+            self.manager.wakeups.notify(self.info.jid, stanza, DETACHED)
         self.hold = hold
         self.held_bytes = 0
         self.stream = None
