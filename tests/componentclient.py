@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import socket
 
 from tests.rawclient import RawClient
 
@@ -19,8 +20,21 @@ def component_header(domain: str) -> str:
 class RawComponent(RawClient):
     """A component connection (no TLS: XEP-0114 has none)."""
 
-    def __init__(self, port: int) -> None:
-        super().__init__(port)
+    def __init__(self, port: int, receive_buffer: int | None = None) -> None:
+        """`receive_buffer`: a small SO_RCVBUF set before connecting, for a
+        component that stops reading to fill the server's buffers soon."""
+        if receive_buffer is None:
+            super().__init__(port)
+        else:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            sock.settimeout(10)
+            sock.connect(("127.0.0.1", port))
+            self.sock = sock
+            self.ca_file = None
+            self.client_cert = None
+            self.buffer = b""
+            self.eof = False
         self.stream_id = ""
 
     def open_stream(self, domain: str) -> str:

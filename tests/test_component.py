@@ -7,6 +7,7 @@ ComponentXMPP as a real component library."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -327,3 +328,117 @@ def test_two_shards_refuse_a_second_connection_on_the_other_shard(sharded):
             raise AssertionError("no second connection reached the other shard")
     finally:
         first.close()
+
+
+# -- limits and faults -------------------------------------------------------------------
+
+# The stanza rate of the limits test server, and its burst.
+RATE, BURST = 5, 5
+# Stanzas the component sends at once there: BURST free, the rest at RATE.
+SENT = 15
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory,
+            cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("component-limits") / "s"
+
+    def edit(text: str) -> str:
+        text = with_components(text)
+        return re.sub(r'auth-timeout="[^"]*"', 'auth-timeout="1" exempt-loopback="false" '
+                      f'stanza-rate="{RATE}" stanza-burst="{BURST}"', text)
+
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, edit_config=edit,
+                     shards=1) as proc:
+        yield proc
+
+
+def test_handshake_timeout_ends_the_stream(limited):
+    component = RawComponent(component_port(limited))
+    component.open_stream(PUSH)  # and then nothing
+    expect_stream_error(component, "connection-timeout")
+    component.close()
+
+
+def test_component_over_the_stanza_rate_is_paused_not_dropped(limited):
+    component = connect(limited)
+    started = time.monotonic()
+    component.send("".join(f"<iq type='get' id='r{n}' from='{PUSH}' to='{DOMAIN}'>"
+                           "<ping xmlns='urn:xmpp:ping'/></iq>" for n in range(SENT)))
+    text = component.read_until(rf"id='r{SENT - 1}'", timeout=30)
+    elapsed = time.monotonic() - started
+    assert all(f"id='r{n}'" in text for n in range(SENT)), text
+    # The bucket refills at RATE per second: the stanzas past the burst
+    # cannot all have been read sooner (a bound, not a sleep).
+    assert elapsed >= (SENT - BURST - 1) / RATE, elapsed
+    assert limited.log.find(r"component push\.localhost is over the stanza rate")
+    component.close()
+
+
+@pytest.fixture(scope="module")
+def small_output(tmp_path_factory: pytest.TempPathFactory,
+                 cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
+    setup = tmp_path_factory.mktemp("component-output") / "s"
+
+    def edit(text: str) -> str:
+        return re.sub(r'output-bytes="\d+"', 'output-bytes="65536"', with_components(text))
+
+    with start_mlink(setup, DOMAIN, cert_files, users=USERS, edit_config=edit,
+                     shards=1) as proc:
+        yield proc
+
+
+def drain(client: RawClient, until: str | None = None, timeout: float = 30) -> str:
+    """Everything `client` receives until the server closes (or `until`
+    appears); a short message, not the megabytes read, when it does not."""
+    deadline = time.monotonic() + timeout
+    data = client.buffer
+    client.buffer = b""
+    while until is None or until.encode() not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no end after {len(data)} bytes; last: {data[-300:]!r}")
+        client.sock.settimeout(remaining)
+        try:
+            chunk = client.sock.recv(65536)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("utf-8", "replace")
+
+
+# Messages sent to a component that stops reading, and their body size:
+# far more than the kernel's buffers and the 64 KiB output bound hold.
+FLOOD, BODY = 400, 4000
+
+
+def test_component_that_stops_reading_loses_no_message(small_output, ca_file):
+    """Every message to a component that stopped reading was either written
+    to it whole or answered to its sender with an error: none vanishes."""
+    component = RawComponent(component_port(small_output), receive_buffer=4096)
+    answer = component.handshake(PUSH, SECRET)
+    assert "<handshake/>" in answer, answer
+    alice = user(small_output, ca_file)
+    body = "x" * BODY
+    alice.send("".join(f"<message to='{PUSH}' id='f{n}' type='chat'><body>{body}</body>"
+                       "</message>" for n in range(FLOOD)))
+    alice.send(f"<iq type='get' id='done' to='{DOMAIN}'><ping xmlns='urn:xmpp:ping'/></iq>")
+    # The server ends the component (policy-violation) and cuts it; what it
+    # did not write is bounced before the cut.
+    written = drain(component, timeout=30)
+    assert "<policy-violation" in written, written[-500:]
+    delivered = set(re.findall(r"<message [^>]*id='(f\d+)'[^>]*>.*?</message>", written, re.S))
+    text = drain(alice, until="id='done'", timeout=30)
+    bounced = set(re.findall(r"<message [^>]*id='(f\d+)'[^>]*type='error'|"
+                             r"<message [^>]*type='error'[^>]*id='(f\d+)'", text))
+    bounced_ids = {a or b for a, b in bounced}
+    assert "service-unavailable" in text
+    assert delivered | bounced_ids == {f"f{n}" for n in range(FLOOD)}, (
+        len(delivered), len(bounced_ids))
+    assert bounced_ids and delivered  # both paths were taken
+    component.close()
+    alice.close()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mlink.stream import component as xep0114
+from mlink.transport.client import CONNECTION_SLOT
 from mlink.transport.limits import TokenBucket
 from mlink.util.outbuffer import OutputBuffer
 
@@ -53,11 +54,15 @@ class ComponentConnection:
         self.domain: str | None = None  # once claimed
         self._closing = False
         self._scope = trio.CancelScope()
-        # A component relays many users' traffic, yet it is still one peer:
-        # the c2s stanza rate applies, pausing reads, never dropping.
+        # The c2s stanza rate applies (pausing reads, never dropping), with
+        # the c2s exemption: a component on this machine (the default
+        # address) is exempt while `exempt-loopback` is on.
+        slot = CONNECTION_SLOT.get()
+        exempt = slot is None or slot.exempt
         self._bucket: TokenBucket | None = (
             TokenBucket(limits.stanza_rate, limits.stanza_burst, trio.current_time())
-            if limits.stanza_rate > 0 else None)
+            if limits.stanza_rate > 0 and not exempt else None)
+        self._rate_logged = False
         self._read_timeout = limits.read_timeout
         self._stall_deadline = math.inf
         sock = getattr(stream, "socket", None)
@@ -86,11 +91,16 @@ class ComponentConnection:
         return True
 
     def kick(self, condition: str, text: str = "") -> None:
+        """End the stream with a stream error; its closing bytes get
+        CLOSE_GRACE to leave (the writer ends the connection sooner once
+        they are out), then the connection is cut whether or not the
+        component reads."""
         if self._closing:
             return
         self.xmpp.close(condition, text)
         self._flush()
         self._end()
+        self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_GRACE)
 
     # -- tasks ------------------------------------------------------------------
 
@@ -168,6 +178,10 @@ class ComponentConnection:
                 if bucket is not None and not bucket.take():
                     wait = bucket.wait(trio.current_time())
                     if wait > 0:
+                        if not self._rate_logged:
+                            self._rate_logged = True
+                            log.info("%s: component %s is over the stanza rate; reading "
+                                     "paused", self.peer, self.domain)
                         await trio.sleep(wait)
                 await self.server.router.route(ev.element)
             elif isinstance(ev, xep0114.HandshakeVerified):
@@ -205,3 +219,7 @@ class ComponentConnection:
                 self._scope.cancel()
                 return
             out.written_now(size)
+            if self._closing and not out.pending:
+                # Everything up to our closing bytes is out: stop reading.
+                self._scope.cancel()
+                return
