@@ -6,7 +6,9 @@ ComponentXMPP as a real component library."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -27,6 +29,7 @@ from tests.rawclient import (
     stanza_error_of,
 )
 from tests.serverproc import DOMAIN, MlinkProcess, free_ports, start_mlink
+from tests.test_muc_shards import RESTART_TIMEOUT, shard_pids
 
 PUSH, SECRET = "push.localhost", "push-secret-0123456789"
 IDLE = "idle.localhost"  # configured, never connected
@@ -328,6 +331,51 @@ def test_two_shards_refuse_a_second_connection_on_the_other_shard(sharded):
             raise AssertionError("no second connection reached the other shard")
     finally:
         first.close()
+
+
+def test_two_shards_survive_the_death_of_either_shard(sharded, ca_file):
+    """A restarted shard learns where the component is from the others; a
+    dead shard's component is refused (never sent into the void) until it
+    connects again."""
+    mark = sharded.log.mark()
+    component = connect(sharded)
+    held_by = int(sharded.wait_for_log(
+        rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+    other = 1 - held_by
+    place = Placement(sharded.log, sharded.c2s_port, ca_file, USERS)
+    try:
+        # The other shard dies and comes back: it is told where the component is.
+        mark = sharded.log.mark()
+        os.kill(shard_pids(sharded)[other], signal.SIGKILL)
+        sharded.wait_for_log(rf"shard {other} ready", since=mark, timeout=RESTART_TIMEOUT)
+        sharded.wait_for_log(rf"shard-{other} .*component {re.escape(PUSH)} is on shard "
+                             rf"{held_by}", since=mark, timeout=RESTART_TIMEOUT)
+        alice = place.login_on(other, ALICE)
+        alice.send(f"<message to='{PUSH}' id='k1' type='chat'><body>after restart</body>"
+                   "</message>")
+        assert "after restart" in component.read_until("after restart</body>")
+        # The component's shard dies: the other refuses, and says why.
+        mark = sharded.log.mark()
+        os.kill(shard_pids(sharded)[held_by], signal.SIGKILL)
+        sharded.wait_for_log(rf"shard-{other} .*component {re.escape(PUSH)} was on shard "
+                             rf"{held_by}, which is gone", since=mark, timeout=RESTART_TIMEOUT)
+        alice.send(f"<message to='{PUSH}' id='k2' type='chat'><body>void?</body></message>")
+        assert stanza_error_of(read_stanza(alice, "message", "k2"))[1] == "service-unavailable"
+        sharded.wait_for_log(rf"shard {held_by} ready", since=mark, timeout=RESTART_TIMEOUT)
+        component.close()
+        # Connected again (on either shard): reachable again.
+        mark = sharded.log.mark()
+        component = connect(sharded)
+        now_on = int(sharded.wait_for_log(
+            rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+        if now_on != other:
+            sharded.wait_for_log(rf"shard-{other} .*component {re.escape(PUSH)} is on shard "
+                                 rf"{now_on}", since=mark, timeout=RESTART_TIMEOUT)
+        alice.send(f"<message to='{PUSH}' id='k3' type='chat'><body>back</body></message>")
+        assert "back" in component.read_until("back</body>")
+    finally:
+        component.close()
+        place.close_all()
 
 
 # -- limits and faults -------------------------------------------------------------------

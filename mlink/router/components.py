@@ -120,6 +120,7 @@ class ComponentTable:
         domain = payload.decode()
         if domain in self.router.hosted:
             self.remote[domain] = source
+            log.info("component %s is on shard %d", domain, source)
 
     async def _remote_down(self, source: int, payload: bytes) -> None:
         domain = payload.decode()
