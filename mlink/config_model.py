@@ -445,7 +445,8 @@ class ComponentsConfig(Frozen):
             "as a push gateway that connect to mlink and serve a domain of their own. "
             "Without a `<component>` no component port is opened. See "
             "[architecture.md](architecture.md#external-components).",
-        notes="Children: any number of `<component>`. Changes apply at a restart.",
+        notes="Children: any number of `<component>`. The port, the address and the names "
+              "change at a restart; a new `secret` applies on reload to the next connection.",
         comment="External components (XEP-0114), such as a push gateway.",
         example=_COMPONENTS_EXAMPLE,
     )

@@ -51,6 +51,9 @@ RESTART_SETTINGS: tuple[tuple[str, Callable[[Config], object]], ...] = (
      lambda c: c.rosters.static_attribute),
     ("web console listener (<console>)",
      lambda c: (c.console.enabled, c.console.address, c.console.port)),
+    ("component port and names (<components>)",
+     lambda c: (c.components.address, c.components.port,
+                tuple(x.name for x in c.components.components))),
 )
 
 

@@ -28,7 +28,7 @@ from tests.rawclient import (
     read_stanza_text,
     stanza_error_of,
 )
-from tests.serverproc import DOMAIN, MlinkProcess, free_ports, start_mlink
+from tests.serverproc import DOMAIN, MlinkProcess, free_ports, mlink, start_mlink
 from tests.test_muc_shards import RESTART_TIMEOUT, shard_pids
 
 PUSH, SECRET = "push.localhost", "push-secret-0123456789"
@@ -490,3 +490,36 @@ def test_component_that_stops_reading_loses_no_message(small_output, ca_file):
     assert bounced_ids and delivered  # both paths were taken
     component.close()
     alice.close()
+
+
+# -- reload ----------------------------------------------------------------------------
+
+NEW_SECRET = "rotated-secret-0123456789"
+
+
+def test_reload_rotates_the_secret_for_new_connections_and_names_need_a_restart(
+        tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users=USERS,
+                     edit_config=with_components, shards=1) as server:
+        before = connect(server)
+        text = server.config.read_text().replace(SECRET, NEW_SECRET).replace(
+            IDLE, "other.localhost")
+        server.config.write_text(text)
+        done = mlink("reload", "--config", str(server.config))
+        assert "component port and names (<components>) changed: needs a restart" in \
+            done.stdout, done.stdout
+        # The connection made before stays; a new one needs the new secret.
+        before.send(f"<iq type='get' id='still' from='{PUSH}' to='{DOMAIN}'>"
+                    "<ping xmlns='urn:xmpp:ping'/></iq>")
+        assert "type='result'" in before.read_until(r"id='still'[^>]*/?>")
+        before.send("</stream:stream>")
+        before.wait_closed()
+        before.close()
+        old = RawComponent(component_port(server))
+        assert "<not-authorized" in old.handshake(PUSH, SECRET)
+        old.close()
+        connect(server, PUSH, NEW_SECRET).close()
+        # A name added by the reload is not served before a restart.
+        other = RawComponent(component_port(server))
+        assert "<host-unknown" in other.open_stream("other.localhost") + other.wait_closed()
+        other.close()

@@ -56,6 +56,8 @@ class ComponentTable:
         self.local: dict[str, ComponentLink] = {}
         self.remote: dict[str, int] = {}
         self._send: BusSend | None = None
+        # The names served since the start (a reload changes only secrets).
+        self.domains = frozenset(domains)
         for domain in domains:
             router.hosted[domain] = HostedDomain(_parent(domain, router.domains), SERVICE)
         hooks.on(f"hosted/{SERVICE}", self._hosted)

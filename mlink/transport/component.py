@@ -47,8 +47,10 @@ class ComponentConnection:
         self.transport = stream
         config = server.config
         limits = config.limits
+        # Secrets from the current configuration (a reload rotates them for
+        # new connections), names from the start (routing knows those only).
         self.xmpp = xep0114.ComponentStream(
-            {c.name: c.secret for c in config.components.components},
+            {c.name: c.secret for c in config.components.components if c.name in table.domains},
             limits.max_stanza_bytes, limits.max_depth)
         self.out: OutputBuffer[ET.Element] = OutputBuffer(limits.max_output_bytes)
         self.domain: str | None = None  # once claimed
