@@ -154,21 +154,54 @@ def test_push_for_an_offline_user_and_none_after_disable(server, ca_file, app):
     bob.close()
 
 
-def test_persistent_error_removes_the_registration(server, ca_file, app):
+def publishes(app: RawComponent, count: int) -> list[ET.Element]:
+    """The next `count` publishes the app server receives."""
+    found: list[ET.Element] = []
+    text = ""
+    while len(found) < count:
+        text += app.read_until(r"</iq>")
+        found = [e for e in ET.fromstring(f"<r xmlns='jabber:component:accept'>{text}</r>")
+                 if e.tag.endswith("}iq")]
+    return found
+
+
+def node_of(iq: ET.Element) -> str:
+    publish = iq.find(".//{http://jabber.org/protocol/pubsub}publish")
+    assert publish is not None
+    return publish.get("node", "")
+
+
+def test_persistent_error_removes_that_registration_only(server, ca_file, app):
     dave = login(server, ca_file, DAVE)
     assert register(dave, "node-d", form="").get("type") == "result"
+    assert register(dave, "node-e", form="", stanza_id="en2").get("type") == "result"
     dave.send("</stream:stream>")
     dave.wait_closed()
     bob = login(server, ca_file, BOB)
     send(bob, DAVE, "first", "d1")
-    iq = next_publish(app)
-    assert iq.find(".//{http://jabber.org/protocol/pubsub}publish-options") is None
-    app.send(f"<iq type='error' id='{iq.get('id')}' from='{PUSH}' to='{DAVE}'>"
+    first = {node_of(iq): iq for iq in publishes(app, 2)}
+    assert set(first) == {"node-d", "node-e"}
+    assert first["node-d"].find(".//{http://jabber.org/protocol/pubsub}publish-options") is None
+    # A temporary error keeps the registration, a persistent one removes it.
+    failing = first["node-d"].get("id")
+    mark = server.log.mark()
+    app.send(f"<iq type='error' id='{failing}' from='{PUSH}' to='{DAVE}'>"
+             "<error type='wait'><resource-constraint "
+             "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
+    # The app server's stanzas are handled in order: once its ping is
+    # answered, the error before it has been.
+    app.send(f"<iq type='get' id='after-wait' from='{PUSH}' to='{DOMAIN}'>"
+             "<ping xmlns='urn:xmpp:ping'/></iq>")
+    app.read_until(r"id='after-wait'")
+    send(bob, DAVE, "between", "d-wait")
+    assert {node_of(iq) for iq in publishes(app, 2)} == {"node-d", "node-e"}
+    app.send(f"<iq type='error' id='{failing}' from='{PUSH}' to='{DAVE}'>"
              "<error type='cancel'><item-not-found "
              "xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></iq>")
-    mark = server.log.mark()
-    server.wait_for_log(rf"registration {PUSH} of {DAVE} removed", since=mark - 5)
+    server.wait_for_log(rf"registration {PUSH} of {DAVE} removed", since=mark)
     send(bob, DAVE, "second", "d2")
+    (only,) = publishes(app, 1)
+    assert node_of(only) == "node-e"
     app.send(f"<iq type='get' id='sync3' from='{PUSH}' to='{DOMAIN}'>"
              "<ping xmlns='urn:xmpp:ping'/></iq>")
     assert "<publish" not in app.read_until(r"id='sync3'")

@@ -37,6 +37,7 @@ from mlink.config_schema import Bool, FloatAtLeast, option
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.modules.wakeups import wakeups
+from mlink.util.keyed_lock import KeyedLock
 from mlink.xml.serialize import CLIENT_NS, serialize
 
 if TYPE_CHECKING:
@@ -104,6 +105,8 @@ class Pending:
 def setup(module: Module) -> None:
     store = module.store.map(REGISTRATIONS)
     pending: dict[str, Pending] = {}
+    # Two enables of one user at once must not both pass the count check.
+    locks: KeyedLock[str] = KeyedLock()
 
     async def registrations(user: str) -> dict[str, dict[str, str]]:
         return {key: json.loads(value) for key, value in (await store.items(user)).items()}
@@ -127,6 +130,17 @@ def setup(module: Module) -> None:
         if node is not None and len(node) > MAX_NODE_CHARS:
             await module.router.bounce(iq, "not-acceptable", "node too long")
             return True
+        async with locks.hold(user):
+            refusal = await change(user, op, app_jid, node, child)
+        if refusal is not None:
+            await module.router.bounce(iq, *refusal)
+            return True
+        await module.router.route(_result(iq))
+        return True
+
+    async def change(user: str, op: str, app_jid: str, node: str | None,
+                     child: ET.Element) -> tuple[str, str] | None:
+        """Apply an enable or disable; the (condition, text) refusing it, if any."""
         existing = await registrations(user)
         if op == "disable":
             for key, reg in existing.items():
@@ -136,16 +150,13 @@ def setup(module: Module) -> None:
             form = child.find(f"{{{DATA_NS}}}x")
             form_xml = serialize(form, "").decode() if form is not None else ""
             if len(form_xml) > MAX_FORM_BYTES:
-                await module.router.bounce(iq, "not-acceptable", "publish-options too large")
-                return True
+                return "not-acceptable", "publish-options too large"
             key = _key(app_jid, node or "")
             if key not in existing and len(existing) >= MAX_REGISTRATIONS:
-                await module.router.bounce(iq, "resource-constraint", "too many registrations")
-                return True
+                return "resource-constraint", "too many registrations"
             value = {"jid": app_jid, "node": node or "", "form": form_xml}
             await store.set(user, key, json.dumps(value).encode())
-        await module.router.route(_result(iq))
-        return True
+        return None
 
     # -- what triggers a push ----------------------------------------------------------
 
@@ -204,10 +215,11 @@ def setup(module: Module) -> None:
 
     async def publish(user: str, count: int, sender: str, body: str) -> None:
         options = module.options
-        for reg in (await registrations(user)).values():
+        for key, reg in (await registrations(user)).items():
+            # The id names the registration, so an error removes that one only.
             iq = ET.Element(f"{{{CLIENT_NS}}}iq", {
                 "type": "set", "from": user, "to": reg["jid"],
-                "id": ID_PREFIX + secrets.token_hex(8)})
+                "id": f"{ID_PREFIX}{key}~{secrets.token_hex(8)}"})
             pubsub = ET.SubElement(iq, f"{{{PUBSUB_NS}}}pubsub")
             publish_el = ET.SubElement(pubsub, f"{{{PUBSUB_NS}}}publish", {"node": reg["node"]})
             item = ET.SubElement(publish_el, f"{{{PUBSUB_NS}}}item")
@@ -239,8 +251,11 @@ def setup(module: Module) -> None:
             return True  # temporary: keep the registration
         user = str(event.to.bare)
         app = str(event.sender)
-        for key, reg in (await registrations(user)).items():
-            if reg["jid"] == app:
+        key = iq.get("id", "")[len(ID_PREFIX):].partition("~")[0]
+        async with locks.hold(user):
+            raw = await store.get(user, key) if key else None
+            # Only the app server the registration names can remove it.
+            if raw is not None and json.loads(raw)["jid"] == app:
                 await store.set(user, key, None)
                 module.log.info("push registration %s of %s removed after an error", app, user)
         return True
