@@ -59,7 +59,7 @@ class ComponentConnection:
         # The c2s stanza rate applies (pausing reads, never dropping), with
         # the c2s exemption: a component on this machine (the default
         # address) is exempt while `exempt-loopback` is on.
-        slot = CONNECTION_SLOT.get()
+        slot = self.slot = CONNECTION_SLOT.get()
         exempt = slot is None or slot.exempt
         self._bucket: TokenBucket | None = (
             TokenBucket(limits.stanza_rate, limits.stanza_burst, trio.current_time())
@@ -190,6 +190,9 @@ class ComponentConnection:
                 if self.table.claim(ev.domain, self):
                     self.domain = ev.domain
                     self.xmpp.accept()
+                    if self.slot is not None:
+                        # No longer one of the address's unauthenticated connections.
+                        self.slot.authenticated()
                     log.info("%s: component %s connected", self.peer, ev.domain)
                 else:
                     log.info("%s: component %s refused: connected already", self.peer,
