@@ -78,6 +78,24 @@ def load_checked(path: Path) -> Config:
     return config
 
 
+async def load_checked_async(path: Path) -> Config:
+    """`load_checked` from inside a Trio loop: a configuration held in the
+    directory (mlink.config_directory) is read without blocking the loop;
+    a file is read as before."""
+    from mlink.config import _parse_xml, _read
+    from mlink.config_directory import is_directory_source, load_directory_source_async
+
+    if not is_directory_source(_parse_xml(Path(path), _read(Path(path)))[0]):
+        return load_checked(path)
+    from mlink.profile import check_profiles
+
+    config = await load_directory_source_async(path)
+    problems = check_profiles(config)
+    if problems:
+        raise ConfigError(path, None, problems[0])
+    return config
+
+
 def _new_tls(config: Config) -> ServerTLS | None:
     """A ServerTLS for `config`, read now: a certificate renewed in place
     (Let's Encrypt rewrites the same path) is picked up too."""
@@ -141,7 +159,7 @@ async def reload_from_file(server: Server, path: Path | None = None) -> dict[str
     if path is None:
         return {"ok": False, "error": "the server was not started from a file"}
     try:
-        new = load_checked(path)
+        new = await load_checked_async(path)
         await apply_config(server, new)
     except (ConfigError, ReloadError) as exc:
         log.error("configuration reload refused: %s", exc)

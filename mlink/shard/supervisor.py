@@ -171,6 +171,12 @@ class Supervisor:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
+                    if self.config.configuration.source == "directory":
+                        # Settings held in the directory apply live: a
+                        # change there is a reload (mlink.config_directory).
+                        from mlink.config_directory import watch_configuration
+
+                        services.start_soon(watch_configuration, self.config, self.reload)
                     if self.config.console.enabled:
                         # Imported only here: the web stack stays out of
                         # shards and of servers without a console.
@@ -331,11 +337,11 @@ class Supervisor:
         restart are logged here, once, not by every shard. The answer is
         what `mlink reload` prints: `ok`, `error`, `restart` (names)."""
         from mlink.config import ConfigError
-        from mlink.reload import load_checked, restart_needed
+        from mlink.reload import load_checked_async, restart_needed
 
         async with self._reload_lock:
             try:
-                new = load_checked(self.config_path)
+                new = await load_checked_async(self.config_path)
             except ConfigError as exc:
                 log.error("configuration reload refused: %s", exc)
                 return {"ok": False, "error": str(exc)}
@@ -357,7 +363,7 @@ class Supervisor:
             restart = restart_needed(self.config, new)
             for name in restart:
                 log.warning("%s changed in %s: needs a restart to apply", name,
-                            self.config_path)
+                            self._config_source())
             if new.log_level != self.config.log_level:
                 logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
             self.config = new
@@ -366,6 +372,12 @@ class Supervisor:
             if errors:
                 answer["error"] = "; ".join(f"shard {i}: {e}" for i, e in errors)
             return answer
+
+    def _config_source(self) -> str:
+        """Where the settings are read: the file, or the directory entry."""
+        source = self.config.configuration
+        return f"the directory entry {source.entry}" if source.source == "directory" \
+            else str(self.config_path)
 
     async def _shard_reload(self, state: ShardState) -> dict[str, Any] | None:
         """One shard's reload answer; None when it is down or stuck. A
