@@ -170,9 +170,7 @@ def config_entries(config: Config, dn: str, base: Path) -> list[Entry]:
 
 
 def _element_entries(elem: Element, dn: str, cls: str, out: list[Entry]) -> None:
-    entry = Entry(dn, {"objectClass": ["top", cls]})
-    if cls == ELEMENT_CLASS:
-        entry.attrs["cn"] = [rdn_value(dn)]
+    entry = Entry(dn, {"objectClass": ["top", cls], "cn": [rdn_value(dn)]})
     for name, value in elem.attrib.items():
         entry.attrs[ldap_name(name)] = [value]
     out.append(entry)
@@ -195,7 +193,7 @@ def _element_entries(elem: Element, dn: str, cls: str, out: list[Entry]) -> None
 # -- entries -> element tree ----------------------------------------------------------
 
 
-class _Places:
+class Places:
     """Where each element of the built tree came from: (entry DN, LDAP
     attribute or None for the entry itself)."""
 
@@ -211,7 +209,7 @@ class _Places:
         raise self.error(dn, attribute, problem)
 
 
-def entries_tree(entries: Sequence[Entry], server_dn: str, places: _Places) -> Element:
+def entries_tree(entries: Sequence[Entry], server_dn: str, places: Places) -> Element:
     """The `<mlink>` element tree the entries under `server_dn` stand for."""
     root_key = normalize_dn(server_dn)
     by_parent: dict[str, list[Entry]] = {}
@@ -232,7 +230,7 @@ def entries_tree(entries: Sequence[Entry], server_dn: str, places: _Places) -> E
 
 
 def _children(elem: Element, key: str, by_parent: dict[str, list[Entry]],
-              places: _Places) -> None:
+              places: Places) -> None:
     found: list[tuple[str, int, Entry]] = []
     for entry in by_parent.get(key, []):
         rdn_type = entry.dn.strip().split("=", 1)[0].strip().lower()
@@ -256,7 +254,7 @@ def _children(elem: Element, key: str, by_parent: dict[str, list[Entry]],
         _children(child, normalize_dn(entry.dn), by_parent, places)
 
 
-def _fill(elem: Element, entry: Entry, places: _Places) -> None:
+def _fill(elem: Element, entry: Entry, places: Places) -> None:
     places.by_id[id(elem)] = (entry.dn, None)
     allowed = SHAPES.attributes.get(elem.tag, frozenset())
     for name, values in entry.attrs.items():
@@ -270,7 +268,7 @@ def _fill(elem: Element, entry: Entry, places: _Places) -> None:
         for value in values:
             if isinstance(value, bytes):
                 places.fail(entry.dn, name, "value is not UTF-8 text")
-            texts.append(value)
+            texts.append(_text(value))
         if xml in allowed:
             if len(texts) != 1:
                 places.fail(entry.dn, name, f"takes one value, found {len(texts)}")
@@ -282,12 +280,20 @@ def _fill(elem: Element, entry: Entry, places: _Places) -> None:
                 places.by_id[id(child)] = (entry.dn, name)
 
 
+def _text(value: object) -> str:
+    """A value as text: bonsai hands out numbers and TRUE/FALSE as int and
+    bool (the file's spelling, `true`, is what mlink's kinds read)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 class _DirectoryLoader(_Loader):
     """The file's loader, reporting elements that came from the directory
     as `<url>/<dn>: <attribute>: problem`."""
 
     def __init__(self, path: Path, root: Element, lines: dict[int, int],
-                 places: _Places) -> None:
+                 places: Places) -> None:
         super().__init__(path, root, lines)
         self.places = places
         self._attribute: str | None = None
@@ -396,7 +402,7 @@ async def fetch_entries(boot: Bootstrap) -> list[Entry]:
 
 def build_config(boot: Bootstrap, entries: Sequence[Entry]) -> Config:
     """The Config the bootstrap file and the server entry's subtree give."""
-    places = _Places(boot.url)
+    places = Places(boot.url)
     tree = entries_tree(entries, boot.source.entry, places)
     for child in tree:
         if child.tag in BOOTSTRAP_ELEMENTS:

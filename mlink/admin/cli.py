@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import trio
 
 from mlink import __version__
+from mlink.admin.config_cli import ConfigCommandError
 from mlink.config import ConfigError, load_config
 from mlink.config_model import Config
 from mlink.directory.base import DirectoryError, DirectoryUnavailable
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.CRITICAL)
     try:
         return args.func(args) or 0
-    except (CommandError, ConfigError, DirectoryError) as exc:
+    except (CommandError, ConfigError, DirectoryError, ConfigCommandError) as exc:
         print(f"mlink: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -151,6 +152,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from mlink.admin.rooms import add_parsers
 
     add_parsers(sub).set_defaults(func=cmd_room)
+    from mlink.admin.config_cli import add_parsers as add_config_parsers
+
+    add_config_parsers(sub).set_defaults(func=cmd_config)
     export = sub.add_parser("export", help="write accounts and their data as XEP-0227")
     export.add_argument("file", type=Path, metavar="FILE")
     export.add_argument("--per-user", action="store_true",
@@ -274,6 +278,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"created {path}")
     _print_next_steps(path, sys.stdout)
     return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """`mlink config export|import` (mlink.admin.config_cli)."""
+    from mlink.admin.config_cli import run
+
+    if getattr(args, "action", None) is None:
+        raise CommandError("config: give an action: export FILE or import FILE")
+    return run(args, _config_path(getattr(args, "config", None)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,0 +1,352 @@
+"""Server configuration held in the directory (docs/directory.md): the
+mapping's completeness, `mlink config import|export` round trips, a
+server started from a server entry (embedded directory and a real slapd),
+changes made in the directory applied without a restart and observed by
+a client, and bad values refused with a line naming entry and attribute
+while the running configuration stays.
+
+Synchronisation is on what the server logs (a reload is logged once every
+shard has applied it), never on sleeps."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from mlink.config import load_config
+from mlink.config_directory import SHAPES, Places, config_entries, entries_tree
+from mlink.config_dirschema import main as schema_main
+from mlink.config_dirschema import schema_attributes, xml_name
+from mlink.config_model import Config, ConfigurationSourceConfig
+from mlink.directory.embedded import EmbeddedPort
+from mlink.directory.port import Modification
+from tests.ldap_fixtures import Slapd
+from tests.rawclient import RawClient, expect_stream_error, ping
+from tests.serverproc import ALICE, ALICE_PW, BOB, DOMAIN, MlinkProcess, mlink, serve, stop
+
+ENTRY = "cn=xmpp,dc=localhost"
+# A stanza over the lowered limit and well under the default one.
+BIG_BODY = 20_000
+LOWERED_LIMIT = 10_000
+RELOADED = r"configuration reloaded by (\d+) of \1 shard"
+REFUSED = "configuration reload refused: "
+
+
+def bootstrap_text(entry: str, directory: str) -> str:
+    return (f'<mlink>\n  <configuration source="directory" entry="{entry}"/>\n'
+            f"  {directory}\n  <data dir=\".\"/>\n</mlink>\n")
+
+
+EMBEDDED = '<directory><embedded file="directory.ldif" base="dc=localhost"/></directory>'
+
+
+def init_setup(setup: Path, cert_files: tuple[Path, Path], domain: str = DOMAIN) -> Path:
+    """`mlink init` on port 0 (the full XML file), with alice and bob; the
+    directory's changes polled fast so a test waits little."""
+    cert, key = cert_files
+    mlink("init", str(setup), "--domain", domain, "--c2s-port", "0", "--tls-port", "0",
+          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+          "--address", "127.0.0.1")
+    config = setup / "mlink.xml"
+    # The file's <directory> as the bootstrap files below have it.
+    config.write_text(fast_changes(config.read_text()))
+    if domain == DOMAIN:
+        listing = setup / "users.txt"
+        listing.write_text(f"{ALICE} {ALICE_PW}\n{BOB} bob-secret\n")
+        mlink("user", "import", str(listing), "--config", str(config))
+    return config
+
+
+def fast_changes(directory: str) -> str:
+    return directory.replace("<directory", '<directory changes-seconds="0.2"', 1)
+
+
+def standalone(config: Config) -> Config:
+    return dataclasses.replace(config, path=None, configuration=ConfigurationSourceConfig())
+
+
+def set_limit(path: Path, value: int, out: Path) -> Path:
+    text = path.read_text()
+    text, n = re.subn(r'stanza-bytes="\d+"', f'stanza-bytes="{value}"', text)
+    assert n == 1
+    out.write_text(text)
+    return out
+
+
+def embedded_modify(ldif: Path, dn: str, attribute: str, value: str) -> None:
+    """An edit of the embedded directory by another process (as `ldapmodify`
+    is for slapd): through the port, which locks and rewrites the file."""
+    async def run() -> None:
+        port = EmbeddedPort(ldif, "dc=localhost")
+        await port.modify(dn, [Modification("replace", attribute, (value,))])
+    trio.run(run)
+
+
+def big_message_refused(server: MlinkProcess, ca_file: Path) -> None:
+    client = RawClient(server.c2s_port, ca_file)
+    try:
+        client.login(server.domain, ALICE, ALICE_PW, resource="big")
+        client.send(f"<message to='{BOB}'><body>{'x' * BIG_BODY}</body></message>")
+        expect_stream_error(client, "policy-violation")
+    finally:
+        client.close()
+
+
+def big_message_accepted(server: MlinkProcess, ca_file: Path) -> None:
+    client = RawClient(server.c2s_port, ca_file)
+    try:
+        client.login(server.domain, ALICE, ALICE_PW, resource="big-ok")
+        client.send(f"<message to='{BOB}'><body>{'x' * BIG_BODY}</body></message>")
+        assert ping(client, server.domain).get("type") == "result"
+    finally:
+        client.close()
+
+
+# -- the mapping -----------------------------------------------------------------------
+
+
+def test_schema_files_are_generated_from_the_configuration_schema() -> None:
+    """Every setting has an attribute in conf/mlink-config.*, whose name
+    maps back to the setting: the two cannot drift."""
+    assert schema_main(["--check"]) == 0
+    attributes = schema_attributes()
+    for name, item in attributes.items():
+        assert xml_name(name) == item.xml, name
+        assert xml_name(name.lower()) == item.xml, name  # LDAP names have no case
+    known = {item.xml for item in attributes.values()}
+    for tag, names in SHAPES.attributes.items():
+        assert names <= known, (tag, names - known)
+    for tag, names in SHAPES.texts.items():
+        assert names <= known, (tag, names - known)
+    assert xml_name("mlinkCfgNoSuchSetting") is None
+
+
+def test_bad_entries_are_named_with_their_attribute(tmp_path: Path,
+                                                    cert_files: tuple[Path, Path]) -> None:
+    config = load_config(init_setup(tmp_path / "s", cert_files, domain="example.com"))
+    entries = config_entries(config, "cn=a,dc=x", tmp_path)
+    places = Places("ldap://h")
+    tree = entries_tree(entries, "cn=a,dc=x", places)
+    assert tree.find("domain") is not None and tree.find("listen") is not None
+    limits = next(e for e in entries if e.dn.startswith("cn=limits,"))
+    limits.attrs["mlinkCfgUnknownThing"] = ["1"]
+    with pytest.raises(Exception, match=r"^ldap://h/cn=limits,cn=a,dc=x: mlinkCfgUnknownThing: "
+                                        r"not an mlink configuration attribute"):
+        entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
+    del limits.attrs["mlinkCfgUnknownThing"]
+    limits.attrs["mlinkCfgStanzaBytes"] = ["1", "2"]
+    with pytest.raises(Exception, match="mlinkCfgStanzaBytes: takes one value, found 2"):
+        entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
+    limits.attrs["mlinkCfgStanzaBytes"] = ["1"]
+    limits.dn = "ou=limits,cn=a,dc=x"
+    with pytest.raises(Exception, match="ou=limits,cn=a,dc=x: not a configuration entry"):
+        entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
+    with pytest.raises(Exception, match="cn=b,dc=x: no such entry"):
+        entries_tree(entries, "cn=b,dc=x", Places("ldap://h"))
+
+
+# -- embedded directory ------------------------------------------------------------------
+
+
+@pytest.fixture
+def embedded_setup(tmp_path: Path, cert_files: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
+    """(the full XML file, the bootstrap file) of one setup directory,
+    with the configuration imported into the embedded directory."""
+    setup = tmp_path / "setup"
+    full = init_setup(setup, cert_files)
+    boot = setup / "boot.xml"
+    boot.write_text(bootstrap_text(ENTRY, fast_changes(EMBEDDED)))
+    done = mlink("config", "import", str(full), "--config", str(boot))
+    assert f"/{ENTRY} (" in done.stdout
+    yield full, boot
+
+
+def test_import_export_round_trip(embedded_setup: tuple[Path, Path], tmp_path: Path) -> None:
+    full, boot = embedded_setup
+    # Non-default settings of every shape: texts, module options, a
+    # disabled module, an element holding attributes (<log>).
+    text = full.read_text().replace("<domain>localhost</domain>",
+                                    "<domain>localhost</domain><domain>other.example</domain>")
+    text, n = re.subn(r'<log level="info"', '<log level="debug"', text)
+    assert n == 1
+    text = text.replace("</mlink>", "<modules>"
+                        '<module name="carbons" enabled="false"/>'
+                        '<module name="muc"><max-occupants>50</max-occupants></module>'
+                        "</modules><websocket><origin>https://a.example</origin>"
+                        "<origin>https://b.example</origin></websocket></mlink>")
+    richer = full.with_name("richer.xml")
+    richer.write_text(text)
+    mlink("config", "import", str(richer), "--config", str(boot))
+    assert standalone(load_config(boot)) == standalone(load_config(richer))
+    out = tmp_path / "exported.xml"
+    done = mlink("config", "export", str(out), "--config", str(boot))
+    assert str(out) in done.stdout
+    assert standalone(load_config(out)) == standalone(load_config(richer))
+    # Importing what is there changes nothing; exporting over a file needs --force.
+    again = mlink("config", "import", str(out), "--config", str(boot))
+    assert "already holds this configuration" in again.stdout
+    refused = mlink("config", "export", str(out), "--config", str(boot), check=False)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "exists (use --force" in refused.stderr
+    mlink("config", "export", str(out), "--config", str(boot), "--force")
+    printed = mlink("config", "export", "-", "--config", str(boot))
+    assert "<module name=\"muc\">" in printed.stdout
+
+
+def test_invalid_import_changes_nothing(embedded_setup: tuple[Path, Path]) -> None:
+    full, boot = embedded_setup
+    ldif = boot.parent / "directory.ldif"
+    before = ldif.read_bytes()
+    cases = {
+        "bad-value.xml": (full.read_text().replace('stanza-bytes="262144"', 'stanza-bytes="12"'),
+                          "'stanza-bytes' on <limits> must be at least"),
+        "not-xml.xml": ("<mlink><domain>", "XML syntax error"),
+        "bootstrap.xml": (boot.read_text(), "is a bootstrap file"),
+        "huge.xml": ("<mlink>" + " " * (1024 * 1024 + 10) + "</mlink>", "larger than"),
+    }
+    for name, (text, problem) in cases.items():
+        path = boot.parent / name
+        path.write_text(text)
+        done = mlink("config", "import", str(path), "--config", str(boot), check=False)
+        assert done.returncode == 1, name
+        assert done.stderr.startswith(f"mlink: {path}"), done.stderr
+        assert problem in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert "Traceback" not in done.stderr
+    assert ldif.read_bytes() == before
+    # Not a bootstrap file, no action: one line each.
+    for args in (["config", "export", "x.xml", "--config", str(full)], ["config"]):
+        done = mlink(*args, check=False)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_bad_directory_value_refuses_to_start(embedded_setup: tuple[Path, Path]) -> None:
+    _, boot = embedded_setup
+    ldif = boot.parent / "directory.ldif"
+    embedded_modify(ldif, f"cn=limits,{ENTRY}", "mlinkCfgStanzaBytes", "lots")
+    done = mlink("serve", "--config", str(boot), check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith(
+        f"mlink: embedded:{ldif}/cn=limits,{ENTRY}: mlinkCfgStanzaBytes: "
+        "'stanza-bytes' on <limits> must be a whole number, not 'lots'"), done.stderr
+    # A setting that belongs in the bootstrap file is refused where it is.
+    boot.write_text(boot.read_text().replace("<data", '<listen type="c2s" port="0"/><data'))
+    done = mlink("check", "--config", str(boot), check=False)
+    assert done.returncode == 1 and f"{boot}:4: <listen> is read from the directory" \
+        in done.stderr, done.stderr
+
+
+def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
+                                       ca_file: Path) -> None:
+    full, boot = embedded_setup
+    ldif = boot.parent / "directory.ldif"
+    server = serve(boot, DOMAIN)
+    try:
+        established = RawClient(server.c2s_port, ca_file)
+        established.login(DOMAIN, ALICE, ALICE_PW, resource="before")
+        big_message_accepted(server, ca_file)
+        # `mlink config import` against the running server: applied live.
+        mark = server.log.mark()
+        lowered = set_limit(full, LOWERED_LIMIT, full.with_name("lowered.xml"))
+        mlink("config", "import", str(lowered), "--config", str(boot))
+        server.wait_for_log(RELOADED, since=mark)
+        big_message_refused(server, ca_file)
+        # A bad value edited in the directory: refused, named, old value kept.
+        mark = server.log.mark()
+        embedded_modify(ldif, f"cn=limits,{ENTRY}", "mlinkCfgStanzaBytes", "9x")
+        line = server.wait_for_log(REFUSED + r"(.*)", since=mark).group(1)
+        assert line.startswith(f"embedded:{ldif}/cn=limits,{ENTRY}: mlinkCfgStanzaBytes: "), line
+        assert server.log.find(RELOADED, since=mark) is None
+        big_message_refused(server, ca_file)
+        # A listener added: reported as needing a restart.
+        mark = server.log.mark()
+        embedded_modify(ldif, f"cn=limits,{ENTRY}", "mlinkCfgStanzaBytes", str(LOWERED_LIMIT))
+        server.wait_for_log(RELOADED, since=mark)
+        mark = server.log.mark()
+        embedded_modify(ldif, f"cn=listen-1,{ENTRY}", "mlinkCfgAddress", "127.0.0.2")
+        server.wait_for_log(r"listeners \(<listen>\) changed in the directory entry "
+                            f"{re.escape(ENTRY)}: needs a restart", since=mark)
+        # The established session was never disturbed.
+        assert ping(established, DOMAIN).get("type") == "result"
+        established.close()
+        assert server.proc.poll() is None
+    finally:
+        assert stop(server) == 0, server.log.text()
+
+
+# -- a real slapd ------------------------------------------------------------------------------
+
+
+def test_ldapmodify_applies_without_restart(slapd: Slapd, tmp_path: Path,
+                                            cert_files: tuple[Path, Path],
+                                            ca_file: Path) -> None:
+    if not slapd.running:
+        slapd.start()
+    entry = f"cn=xmpp-{tmp_path.name[-20:].replace('_', '-')},{slapd.base_dn}"
+    directory = fast_changes(
+        f'<directory backend="ldap"><ldap base="{slapd.base_dn}" bind-dn="{slapd.bind_dn}" '
+        f'bind-password="{slapd.bind_password}" pool-size="2" timeout="2">'
+        f"<server>{slapd.url}</server></ldap></directory>")
+    setup = tmp_path / "setup"
+    full = init_setup(setup, cert_files, domain="example.com")
+    boot = setup / "boot.xml"
+    boot.write_text(bootstrap_text(entry, directory))
+    mlink("config", "import", str(full), "--config", str(boot))
+    found = slapd.search(entry, attrs=("mlinkCfgStanzaBytes",), scope="one")
+    assert any(e.first("mlinkCfgStanzaBytes") == "262144" for e in found), found
+    server = serve(boot, "example.com")
+    try:
+        alice, alice_pw = "alice@example.com", "alice-secret"
+
+        def big(expect_refused: bool) -> None:
+            client = RawClient(server.c2s_port, ca_file)
+            try:
+                client.login("example.com", alice, alice_pw, resource="r")
+                client.send(f"<message to='bob@example.com'><body>{'x' * BIG_BODY}"
+                            "</body></message>")
+                if expect_refused:
+                    expect_stream_error(client, "policy-violation")
+                else:
+                    assert ping(client, "example.com").get("type") == "result"
+            finally:
+                client.close()
+
+        big(expect_refused=False)
+        mark = server.log.mark()
+        slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
+                         f"replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: {LOWERED_LIMIT}\n")
+        server.wait_for_log(RELOADED, since=mark)
+        big(expect_refused=True)
+        # An invalid value: refused with entry and attribute, old value kept.
+        mark = server.log.mark()
+        slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
+                         "replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: 12\n")
+        line = server.wait_for_log(REFUSED + r"(.*)", since=mark).group(1)
+        assert line.startswith(f"{slapd.url}/cn=limits,{entry}: mlinkCfgStanzaBytes: "
+                               "'stanza-bytes' on <limits> must be at least"), line
+        big(expect_refused=True)
+        # The old value back, and a domain added: that needs a restart.
+        mark = server.log.mark()
+        slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
+                         f"replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: {LOWERED_LIMIT}\n"
+                         f"\ndn: {entry}\nchangetype: modify\nadd: mlinkCfgDomain\n"
+                         "mlinkCfgDomain: second.example\n")
+        server.wait_for_log(r"domains \(<domain>\) changed in the directory entry .*"
+                            "needs a restart", since=mark)
+        # A deleted child entry is noticed (a poll, not modifyTimestamp).
+        mark = server.log.mark()
+        slapd.ldapdelete(f"cn=listen-2,{entry}")
+        server.wait_for_log(r"listeners \(<listen>\) changed", since=mark)
+        # Export gives what the directory holds now.
+        out = tmp_path / "now.xml"
+        mlink("config", "export", str(out), "--config", str(boot))
+        now = load_config(out)
+        assert now.domains == ("example.com", "second.example")
+        assert now.limits.max_stanza_bytes == LOWERED_LIMIT
+    finally:
+        assert stop(server) == 0, server.log.text()
+        slapd.ldapdelete(entry, recursive=True)
