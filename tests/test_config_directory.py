@@ -261,6 +261,8 @@ def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
         line = server.wait_for_log(REFUSED + r"(.*)", since=mark).group(1)
         assert line.startswith(f"embedded:{ldif}/cn=limits,{ENTRY}: mlinkCfgStanzaBytes: "), line
         assert server.log.find(RELOADED, since=mark) is None
+        status = mlink("status", "--config", str(boot)).stdout
+        assert f"last configuration change refused: {line}" in status, status
         big_message_refused(server, ca_file)
         # A listener added: reported as needing a restart.
         mark = server.log.mark()
@@ -270,6 +272,10 @@ def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
         embedded_modify(ldif, f"cn=listen-1,{ENTRY}", "mlinkCfgAddress", "127.0.0.2")
         server.wait_for_log(r"listeners \(<listen>\) changed in the directory entry "
                             f"{re.escape(ENTRY)}: needs a restart", since=mark)
+        status = mlink("status", "--config", str(boot)).stdout
+        assert (f"configuration (the directory entry {ENTRY}): changed, needs a restart: "
+                "listeners (<listen>)") in status, status
+        assert "refused" not in status
         # The established session was never disturbed.
         assert ping(established, DOMAIN).get("type") == "result"
         established.close()

@@ -359,11 +359,14 @@ def _warn_if_directory_silent(config: Config) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mlink.shard.supervisor import format_status, query_status
+    from mlink.config import data_dir_hint
+    from mlink.shard.supervisor import format_status, request_status
 
-    config = _load(args.config)
+    # Found by its data directory, read leniently as `reload` does: the
+    # status (a refused configuration change included) is most wanted
+    # when the configuration is broken.
     try:
-        status = query_status(config)
+        status = request_status(data_dir_hint(_config_path(args.config)))
     except OSError as exc:
         raise CommandError(str(exc)) from None
     print(format_status(status))
