@@ -24,7 +24,8 @@ from mlink.config_dirschema import main as schema_main
 from mlink.config_dirschema import schema_attributes, xml_name
 from mlink.config_model import Config, ConfigurationSourceConfig
 from mlink.directory.embedded import EmbeddedPort
-from mlink.directory.port import Modification
+from mlink.directory.ldif import Entry
+from mlink.directory.port import Add, Modification
 from tests.ldap_fixtures import Slapd
 from tests.rawclient import RawClient, expect_stream_error, ping
 from tests.serverproc import ALICE, ALICE_PW, BOB, DOMAIN, MlinkProcess, mlink, serve, stop
@@ -148,6 +149,38 @@ def test_bad_entries_are_named_with_their_attribute(tmp_path: Path,
         entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
     with pytest.raises(Exception, match="cn=b,dc=x: no such entry"):
         entries_tree(entries, "cn=b,dc=x", Places("ldap://h"))
+    limits.dn = "cn=limits-1,cn=a,dc=x"
+    with pytest.raises(Exception, match="<limits> appears once in <mlink>: name the entry "
+                                        "cn=limits"):
+        entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
+    limits.dn = "cn=limits,cn=a,dc=x"
+    limits.attrs["mlinkCfgStanzaBytes"] = [b"\xff\xfe"]
+    with pytest.raises(Exception, match="mlinkCfgStanzaBytes: value is not UTF-8 text"):
+        entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
+
+
+def test_hostile_subtrees_are_refused(embedded_setup: tuple[Path, Path]) -> None:
+    """A bootstrap element held in the directory, and a subtree too large
+    to be a configuration (a wrong DN naming a whole directory), are
+    refused with one line; nothing is read half."""
+    _, boot = embedded_setup
+    ldif = boot.parent / "directory.ldif"
+
+    async def add(entries: list[Entry]) -> None:
+        await EmbeddedPort(ldif, "dc=localhost").write([Add(e) for e in entries])
+
+    def element(dn: str, **attrs: str) -> Entry:
+        return Entry(dn, {"objectClass": ["top", "mlinkConfigElement"], "cn": [dn[3:].split(",")[0]],
+                          **{k: [v] for k, v in attrs.items()}})
+
+    trio.run(add, [element(f"cn=directory,{ENTRY}", mlinkCfgBackend="ldap")])
+    done = mlink("check", "--config", str(boot), check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"/cn=directory,{ENTRY}: <directory> belongs in the bootstrap file" in done.stderr
+    trio.run(add, [element(f"cn=group-{i},cn=directory,{ENTRY}") for i in range(1001)])
+    done = mlink("check", "--config", str(boot), check=False)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert f"/{ENTRY}: cannot read the configuration: more than 1000 entries" in done.stderr
 
 
 # -- embedded directory ------------------------------------------------------------------
@@ -287,9 +320,11 @@ def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
 # -- a real slapd ------------------------------------------------------------------------------
 
 
-def test_ldapmodify_applies_without_restart(slapd: Slapd, tmp_path: Path,
-                                            cert_files: tuple[Path, Path],
-                                            ca_file: Path) -> None:
+@pytest.fixture
+def ldap_served(slapd: Slapd, tmp_path: Path, cert_files: tuple[Path, Path]
+                ) -> Iterator[tuple[MlinkProcess, Path, str]]:
+    """A server whose configuration is the entry `cn=xmpp-...` in a real
+    slapd (imported with `mlink config import`): (server, bootstrap, DN)."""
     if not slapd.running:
         slapd.start()
     entry = f"cn=xmpp-{tmp_path.name[-20:].replace('_', '-')},{slapd.base_dn}"
@@ -306,53 +341,90 @@ def test_ldapmodify_applies_without_restart(slapd: Slapd, tmp_path: Path,
     assert any(e.first("mlinkCfgStanzaBytes") == "262144" for e in found), found
     server = serve(boot, "example.com")
     try:
-        alice, alice_pw = "alice@example.com", "alice-secret"
-
-        def big(expect_refused: bool) -> None:
-            client = RawClient(server.c2s_port, ca_file)
-            try:
-                client.login("example.com", alice, alice_pw, resource="r")
-                client.send(f"<message to='bob@example.com'><body>{'x' * BIG_BODY}"
-                            "</body></message>")
-                if expect_refused:
-                    expect_stream_error(client, "policy-violation")
-                else:
-                    assert ping(client, "example.com").get("type") == "result"
-            finally:
-                client.close()
-
-        big(expect_refused=False)
-        mark = server.log.mark()
-        slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
-                         f"replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: {LOWERED_LIMIT}\n")
-        server.wait_for_log(RELOADED, since=mark)
-        big(expect_refused=True)
-        # An invalid value: refused with entry and attribute, old value kept.
-        mark = server.log.mark()
-        slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
-                         "replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: 12\n")
-        line = server.wait_for_log(REFUSED + r"(.*)", since=mark).group(1)
-        assert line.startswith(f"{slapd.url}/cn=limits,{entry}: mlinkCfgStanzaBytes: "
-                               "'stanza-bytes' on <limits> must be at least"), line
-        big(expect_refused=True)
-        # The old value back, and a domain added: that needs a restart.
-        mark = server.log.mark()
-        slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
-                         f"replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: {LOWERED_LIMIT}\n"
-                         f"\ndn: {entry}\nchangetype: modify\nadd: mlinkCfgDomain\n"
-                         "mlinkCfgDomain: second.example\n")
-        server.wait_for_log(r"domains \(<domain>\) changed in the directory entry .*"
-                            "needs a restart", since=mark)
-        # A deleted child entry is noticed (a poll, not modifyTimestamp).
-        mark = server.log.mark()
-        slapd.ldapdelete(f"cn=listen-2,{entry}")
-        server.wait_for_log(r"listeners \(<listen>\) changed", since=mark)
-        # Export gives what the directory holds now.
-        out = tmp_path / "now.xml"
-        mlink("config", "export", str(out), "--config", str(boot))
-        now = load_config(out)
-        assert now.domains == ("example.com", "second.example")
-        assert now.limits.max_stanza_bytes == LOWERED_LIMIT
+        yield server, boot, entry
     finally:
-        assert stop(server) == 0, server.log.text()
+        code = stop(server)
+        if not slapd.running:
+            slapd.start()
         slapd.ldapdelete(entry, recursive=True)
+        assert code == 0, server.log.text()
+
+
+def ldap_big(server: MlinkProcess, ca_file: Path, expect_refused: bool) -> None:
+    """alice@example.com (conf/users.ldif) sends a BIG_BODY message."""
+    client = RawClient(server.c2s_port, ca_file)
+    try:
+        client.login("example.com", "alice@example.com", "alice-secret", resource="r")
+        client.send(f"<message to='bob@example.com'><body>{'x' * BIG_BODY}</body></message>")
+        if expect_refused:
+            expect_stream_error(client, "policy-violation")
+        else:
+            assert ping(client, "example.com").get("type") == "result"
+    finally:
+        client.close()
+
+
+def set_ldap_limit(slapd: Slapd, entry: str, value: object) -> None:
+    slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
+                     f"replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: {value}\n")
+
+
+def test_ldapmodify_applies_without_restart(slapd: Slapd, ldap_served: tuple[MlinkProcess,
+                                                                            Path, str],
+                                            tmp_path: Path, ca_file: Path) -> None:
+    server, boot, entry = ldap_served
+    ldap_big(server, ca_file, expect_refused=False)
+    mark = server.log.mark()
+    set_ldap_limit(slapd, entry, LOWERED_LIMIT)
+    server.wait_for_log(RELOADED, since=mark)
+    ldap_big(server, ca_file, expect_refused=True)
+    # An invalid value: refused with entry and attribute, old value kept.
+    mark = server.log.mark()
+    set_ldap_limit(slapd, entry, 12)
+    line = server.wait_for_log(REFUSED + r"(.*)", since=mark).group(1)
+    assert line.startswith(f"{slapd.url}/cn=limits,{entry}: mlinkCfgStanzaBytes: "
+                           "'stanza-bytes' on <limits> must be at least"), line
+    ldap_big(server, ca_file, expect_refused=True)
+    # The old value back, and a domain added: that needs a restart.
+    mark = server.log.mark()
+    slapd.ldapmodify(f"dn: cn=limits,{entry}\nchangetype: modify\n"
+                     f"replace: mlinkCfgStanzaBytes\nmlinkCfgStanzaBytes: {LOWERED_LIMIT}\n"
+                     f"\ndn: {entry}\nchangetype: modify\nadd: mlinkCfgDomain\n"
+                     "mlinkCfgDomain: second.example\n")
+    server.wait_for_log(r"domains \(<domain>\) changed in the directory entry .*"
+                        "needs a restart", since=mark)
+    # A deleted child entry is noticed (a poll, not modifyTimestamp).
+    mark = server.log.mark()
+    slapd.ldapdelete(f"cn=listen-2,{entry}")
+    server.wait_for_log(r"listeners \(<listen>\) changed", since=mark)
+    # Export gives what the directory holds now.
+    out = tmp_path / "now.xml"
+    mlink("config", "export", str(out), "--config", str(boot))
+    now = load_config(out)
+    assert now.domains == ("example.com", "second.example")
+    assert now.limits.max_stanza_bytes == LOWERED_LIMIT
+
+
+def test_directory_outage_keeps_the_running_configuration(
+        slapd: Slapd, ldap_served: tuple[MlinkProcess, Path, str], ca_file: Path) -> None:
+    """slapd stopped under a running server: the outage is logged once,
+    sessions stay, the configuration in force stays; when slapd is back, a
+    change made meanwhile is applied."""
+    server, _, entry = ldap_served
+    established = RawClient(server.c2s_port, ca_file)
+    established.login("example.com", "alice@example.com", "alice-secret", resource="stay")
+    mark = server.log.mark()
+    with slapd.stopped():
+        server.wait_for_log(rf"configuration entry {re.escape(entry)}: cannot read the "
+                            "directory", since=mark)
+        assert ping(established, "example.com").get("type") == "result"
+    server.wait_for_log(rf"configuration entry {re.escape(entry)}: directory reachable again",
+                        since=mark)
+    assert len(re.findall("cannot read the directory", server.log.text()[0:])) == 1
+    mark = server.log.mark()
+    set_ldap_limit(slapd, entry, LOWERED_LIMIT)
+    server.wait_for_log(RELOADED, since=mark)
+    assert server.log.find(REFUSED, since=0) is None
+    ldap_big(server, ca_file, expect_refused=True)
+    assert ping(established, "example.com").get("type") == "result"
+    established.close()
