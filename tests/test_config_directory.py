@@ -219,6 +219,7 @@ def test_import_export_round_trip(embedded_setup: tuple[Path, Path], tmp_path: P
     out = tmp_path / "exported.xml"
     done = mlink("config", "export", str(out), "--config", str(boot))
     assert str(out) in done.stdout
+    assert out.stat().st_mode & 0o777 == 0o600  # may hold secrets
     assert standalone(load_config(out)) == standalone(load_config(richer))
     # Importing what is there changes nothing; exporting over a file needs --force.
     again = mlink("config", "import", str(out), "--config", str(boot))

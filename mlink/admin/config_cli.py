@@ -35,10 +35,10 @@ if TYPE_CHECKING:
     from mlink.config_directory import Bootstrap
     from mlink.directory.ldif import Entry
 
-# An exported file holding an LDAP password (<ldap bind-password>) is
-# made owner-only, as `mlink init` does.
-SECRET_FILE_MODE = 0o600
-PLAIN_FILE_MODE = 0o644
+# An exported file is owner-only: it may hold an LDAP bind password (from
+# the bootstrap) or a module's secret (external_services' TURN secret),
+# and which options are secrets is the modules' business, not ours.
+EXPORT_FILE_MODE = 0o600
 
 
 class ConfigCommandError(Exception):
@@ -89,14 +89,14 @@ def export_config(bootstrap: Path, target: str, *, force: bool = False) -> int:
         return 0
     path = Path(target)
     text = render_config(config, path.parent)
-    secret = config.directory.backend == "ldap" and bool(config.directory.ldap.bind_password)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:
-        fd = os.open(path, flags, SECRET_FILE_MODE if secret else PLAIN_FILE_MODE)
+        fd = os.open(path, flags, EXPORT_FILE_MODE)
     except FileExistsError:
         raise ConfigCommandError(f"{path}: exists (use --force to replace it)") from None
     except OSError as exc:
         raise ConfigCommandError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    os.fchmod(fd, EXPORT_FILE_MODE)  # --force over a file that was readable
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"exported {boot.url}/{boot.source.entry} to {path}")
