@@ -164,5 +164,7 @@ async def reload_from_file(server: Server, path: Path | None = None) -> dict[str
     except (ConfigError, ReloadError) as exc:
         log.error("configuration reload refused: %s", exc)
         return {"ok": False, "error": str(exc)}
-    log.info("configuration reloaded from %s", path)
+    source = new.configuration
+    log.info("configuration reloaded from %s", f"the directory entry {source.entry}"
+             if source.source == "directory" else path)
     return {"ok": True}

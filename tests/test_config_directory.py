@@ -28,7 +28,17 @@ from mlink.directory.ldif import Entry
 from mlink.directory.port import Add, Modification
 from tests.ldap_fixtures import Slapd
 from tests.rawclient import RawClient, expect_stream_error, ping
-from tests.serverproc import ALICE, ALICE_PW, BOB, DOMAIN, MlinkProcess, mlink, serve, stop
+from tests.serverproc import (
+    ALICE,
+    ALICE_PW,
+    BOB,
+    DOMAIN,
+    MlinkProcess,
+    free_ports,
+    mlink,
+    serve,
+    stop,
+)
 
 ENTRY = "cn=xmpp,dc=localhost"
 # A stanza over the lowered limit and well under the default one.
@@ -46,12 +56,15 @@ def bootstrap_text(entry: str, directory: str) -> str:
 EMBEDDED = '<directory><embedded file="directory.ldif" base="dc=localhost"/></directory>'
 
 
-def init_setup(setup: Path, cert_files: tuple[Path, Path], domain: str = DOMAIN) -> Path:
-    """`mlink init` on port 0 (the full XML file), with alice and bob; the
+def init_setup(setup: Path, cert_files: tuple[Path, Path], domain: str = DOMAIN,
+               ports: list[int] | None = None) -> Path:
+    """`mlink init` (the full XML file) on `ports` (c2s, tls, ws; default
+    port 0, which only one shard can serve), with alice and bob; the
     directory's changes polled fast so a test waits little."""
     cert, key = cert_files
-    mlink("init", str(setup), "--domain", domain, "--c2s-port", "0", "--tls-port", "0",
-          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key),
+    c2s, tls, ws = (str(p) for p in ports or [0, 0, 0])
+    mlink("init", str(setup), "--domain", domain, "--c2s-port", c2s, "--tls-port", tls,
+          "--ws-port", ws, "--tls-cert", str(cert), "--tls-key", str(key),
           "--address", "127.0.0.1")
     config = setup / "mlink.xml"
     # The file's <directory> as the bootstrap files below have it.
@@ -189,9 +202,10 @@ def test_hostile_subtrees_are_refused(embedded_setup: tuple[Path, Path]) -> None
 @pytest.fixture
 def embedded_setup(tmp_path: Path, cert_files: tuple[Path, Path]) -> Iterator[tuple[Path, Path]]:
     """(the full XML file, the bootstrap file) of one setup directory,
-    with the configuration imported into the embedded directory."""
+    with the configuration imported into the embedded directory; fixed free
+    ports, so that the server can run two shards."""
     setup = tmp_path / "setup"
-    full = init_setup(setup, cert_files)
+    full = init_setup(setup, cert_files, ports=free_ports(3))
     boot = setup / "boot.xml"
     boot.write_text(bootstrap_text(ENTRY, fast_changes(EMBEDDED)))
     done = mlink("config", "import", str(full), "--config", str(boot))
@@ -278,7 +292,9 @@ def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
                                        ca_file: Path) -> None:
     full, boot = embedded_setup
     ldif = boot.parent / "directory.ldif"
-    server = serve(boot, DOMAIN)
+    # Two shards: the supervisor checks the change once, each shard reads
+    # and applies it (RELOADED is logged once both have).
+    server = serve(boot, DOMAIN, shards=2)
     try:
         established = RawClient(server.c2s_port, ca_file)
         established.login(DOMAIN, ALICE, ALICE_PW, resource="before")
@@ -340,7 +356,7 @@ def ldap_served(slapd: Slapd, tmp_path: Path, cert_files: tuple[Path, Path]
     mlink("config", "import", str(full), "--config", str(boot))
     found = slapd.search(entry, attrs=("mlinkCfgStanzaBytes",), scope="one")
     assert any(e.first("mlinkCfgStanzaBytes") == "262144" for e in found), found
-    server = serve(boot, "example.com")
+    server = serve(boot, "example.com", shards=1)
     try:
         yield server, boot, entry
     finally:
