@@ -86,6 +86,10 @@ NON_SETTINGS = frozenset({"objectclass", "cn", "description"})
 # A configuration is a few dozen entries; more under the server entry is
 # a wrong DN (a whole directory), not a configuration.
 MAX_CONFIG_ENTRIES = 1000
+# And a few kilobytes: the file's own bound (mlink.config.MAX_CONFIG_BYTES)
+# applies to the values read, so a huge value pasted into an entry is
+# refused before any of it is parsed.
+MAX_CONFIG_BYTES = 1024 * 1024
 # A child entry's RDN: cn=<element> or cn=<element>-<n> (repeated elements,
 # ordered by n).
 _RDN_RE = re.compile(r"^([a-z][a-z0-9-]*?)(?:-([0-9]{1,6}))?$")
@@ -211,6 +215,11 @@ class Places:
 
 def entries_tree(entries: Sequence[Entry], server_dn: str, places: Places) -> Element:
     """The `<mlink>` element tree the entries under `server_dn` stand for."""
+    size = sum(len(v) for e in entries for vals in e.attrs.values() for v in vals
+               if isinstance(v, str | bytes))
+    if size > MAX_CONFIG_BYTES:
+        places.fail(server_dn, None, f"its entries hold more than {MAX_CONFIG_BYTES} bytes: "
+                                     "not a configuration?")
     root_key = normalize_dn(server_dn)
     by_parent: dict[str, list[Entry]] = {}
     root_entry: Entry | None = None
@@ -509,6 +518,18 @@ def _fingerprint(entries: Iterable[Entry]) -> list[tuple[str, list[tuple[str, li
                   for e in entries)
 
 
+def _is_running(config: Config, entries: Sequence[Entry]) -> bool:
+    """Whether `entries` give `config`: the first read compares with the
+    configuration the server started with, so a change made between the
+    start and that read is not missed."""
+    if config.path is None:
+        return True
+    try:
+        return build_config(bootstrap_of(config.path), entries) == config
+    except ConfigError:
+        return False  # the reload logs why
+
+
 async def watch_configuration(config: Config, reload: Callable[[], Awaitable[Any]],
                               interval: float | None = None) -> None:
     """Read the server entry's subtree every `changes-seconds` and call
@@ -525,7 +546,8 @@ async def watch_configuration(config: Config, reload: Callable[[], Awaitable[Any
     try:
         while True:
             try:
-                now = _fingerprint(await read_subtree(port, entry))
+                entries = await read_subtree(port, entry)
+                now = _fingerprint(entries)
             except DirectoryError as exc:
                 if not failing:
                     log.warning("configuration entry %s: cannot read the directory: %s; "
@@ -535,7 +557,8 @@ async def watch_configuration(config: Config, reload: Callable[[], Awaitable[Any
                 if failing:
                     log.info("configuration entry %s: directory reachable again", entry)
                 failing = False
-                if last is not None and now != last:
+                if (now != last if last is not None
+                        else not _is_running(config, entries)):
                     log.info("configuration entry %s changed in the directory: reloading",
                              entry)
                     await reload()

@@ -44,6 +44,7 @@ RESTART_SETTINGS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listeners (<listen>)", lambda c: c.listeners),
     ("domains (<domain>)", lambda c: c.domains),
     ("directory backend and servers (<directory>)", lambda c: c.directory),
+    ("configuration source (<configuration>)", lambda c: c.configuration),
     ("data directory (<data dir>)", lambda c: c.data_dir),
     ("WebSocket settings (<websocket>)", lambda c: c.websocket),
     ("module list (<modules>)", lambda c: c.modules),

@@ -170,6 +170,10 @@ def test_bad_entries_are_named_with_their_attribute(tmp_path: Path,
     limits.attrs["mlinkCfgStanzaBytes"] = [b"\xff\xfe"]
     with pytest.raises(Exception, match="mlinkCfgStanzaBytes: value is not UTF-8 text"):
         entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
+    limits.attrs["mlinkCfgStanzaBytes"] = ["1" * (1024 * 1024 + 1)]
+    with pytest.raises(Exception, match=r"^ldap://h/cn=a,dc=x: its entries hold more than "
+                                        "1048576 bytes"):
+        entries_tree(entries, "cn=a,dc=x", Places("ldap://h"))
 
 
 def test_hostile_subtrees_are_refused(embedded_setup: tuple[Path, Path]) -> None:
@@ -299,6 +303,8 @@ def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
         established = RawClient(server.c2s_port, ca_file)
         established.login(DOMAIN, ALICE, ALICE_PW, resource="before")
         big_message_accepted(server, ca_file)
+        # The first read of the entry matched what the server started with.
+        assert server.log.find("changed in the directory: reloading") is None
         # `mlink config import` against the running server: applied live.
         mark = server.log.mark()
         lowered = set_limit(full, LOWERED_LIMIT, full.with_name("lowered.xml"))
