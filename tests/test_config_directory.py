@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from mlink.directory.embedded import EmbeddedPort
 from mlink.directory.ldif import Entry
 from mlink.directory.port import Add, Modification
 from tests.ldap_fixtures import Slapd
-from tests.rawclient import RawClient, expect_stream_error, ping
+from tests.rawclient import RawClient, expect_stream_error, ping, read_stanza, stanza_error_of
 from tests.serverproc import (
     ALICE,
     ALICE_PW,
@@ -46,6 +47,10 @@ BIG_BODY = 20_000
 LOWERED_LIMIT = 10_000
 RELOADED = r"configuration reloaded by (\d+) of \1 shard"
 REFUSED = "configuration reload refused: "
+# A groupchat message under the MUC default (16 KiB) and over the limit set
+# in the directory below.
+MUC_BODY = 5000
+MUC_LIMIT = 1000
 
 
 def bootstrap_text(entry: str, directory: str) -> str:
@@ -99,6 +104,20 @@ def embedded_modify(ldif: Path, dn: str, attribute: str, value: str) -> None:
         port = EmbeddedPort(ldif, "dc=localhost")
         await port.modify(dn, [Modification("replace", attribute, (value,))])
     trio.run(run)
+
+
+async def embedded_add(ldif: Path, entries: list[Entry]) -> None:
+    await EmbeddedPort(ldif, "dc=localhost").write([Add(e) for e in entries])
+
+
+def muc_message_error(client: RawClient) -> str:
+    """The error condition of a MUC_BODY groupchat message to a room that
+    does not exist: too large is checked first (policy-violation), else
+    there is no such room (item-not-found)."""
+    stanza_id = "m-" + uuid.uuid4().hex[:8]
+    client.send(f"<message to='nosuchroom@conference.{DOMAIN}' type='groupchat' "
+                f"id='{stanza_id}'><body>{'y' * MUC_BODY}</body></message>")
+    return stanza_error_of(read_stanza(client, "message", stanza_id))[1]
 
 
 def big_message_refused(server: MlinkProcess, ca_file: Path) -> None:
@@ -183,18 +202,16 @@ def test_hostile_subtrees_are_refused(embedded_setup: tuple[Path, Path]) -> None
     _, boot = embedded_setup
     ldif = boot.parent / "directory.ldif"
 
-    async def add(entries: list[Entry]) -> None:
-        await EmbeddedPort(ldif, "dc=localhost").write([Add(e) for e in entries])
-
     def element(dn: str, **attrs: str) -> Entry:
         return Entry(dn, {"objectClass": ["top", "mlinkConfigElement"], "cn": [dn[3:].split(",")[0]],
                           **{k: [v] for k, v in attrs.items()}})
 
-    trio.run(add, [element(f"cn=directory,{ENTRY}", mlinkCfgBackend="ldap")])
+    trio.run(embedded_add, ldif, [element(f"cn=directory,{ENTRY}", mlinkCfgBackend="ldap")])
     done = mlink("check", "--config", str(boot), check=False)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert f"/cn=directory,{ENTRY}: <directory> belongs in the bootstrap file" in done.stderr
-    trio.run(add, [element(f"cn=group-{i},cn=directory,{ENTRY}") for i in range(1001)])
+    trio.run(embedded_add, ldif,
+             [element(f"cn=group-{i},cn=directory,{ENTRY}") for i in range(1001)])
     done = mlink("check", "--config", str(boot), check=False)
     assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
     assert f"/{ENTRY}: cannot read the configuration: more than 1000 entries" in done.stderr
@@ -305,6 +322,18 @@ def test_server_follows_its_entry_live(embedded_setup: tuple[Path, Path],
         big_message_accepted(server, ca_file)
         # The first read of the entry matched what the server started with.
         assert server.log.find("changed in the directory: reloading") is None
+        # A MUC setting added in the directory (a module entry, as an
+        # administrator's ldapadd would): the service applies it live.
+        assert muc_message_error(established) == "item-not-found"  # not too large: no room
+        mark = server.log.mark()
+        trio.run(embedded_add, ldif, [
+            Entry(f"cn=modules,{ENTRY}", {"objectClass": ["top", "mlinkConfigElement"],
+                                          "cn": ["modules"]}),
+            Entry(f"cn=module-1,cn=modules,{ENTRY}", {
+                "objectClass": ["top", "mlinkConfigElement"], "cn": ["module-1"],
+                "mlinkCfgName": ["muc"], "mlinkCfgMaxMessageBytes": [str(MUC_LIMIT)]})])
+        server.wait_for_log(RELOADED, since=mark)
+        assert muc_message_error(established) == "policy-violation"
         # `mlink config import` against the running server: applied live.
         mark = server.log.mark()
         lowered = set_limit(full, LOWERED_LIMIT, full.with_name("lowered.xml"))
