@@ -480,3 +480,27 @@ def test_directory_outage_keeps_the_running_configuration(
     ldap_big(server, ca_file, expect_refused=True)
     assert ping(established, "example.com").get("type") == "result"
     established.close()
+
+
+def test_console_status_page_shows_waiting_and_refused_changes() -> None:
+    """The console's status page (its template, as the console renders it)
+    names the settings waiting for a restart and the last refused change,
+    escaped."""
+    import jinja2
+
+    from mlink.console.app import TEMPLATES, _duration
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    status = {"version": "x", "pid": 1, "uptime": 5.0, "shards": [],
+              "configuration": {"source": f"the directory entry {ENTRY}",
+                                "restart_needed": ["listeners (<listen>)"],
+                                "reload_refused": "ldap://h/cn=limits: mlinkCfgX: <bad>"}}
+    html = env.get_template("status.html").render(
+        status=status, duration=_duration, session=None, flash=None, errors={}, csrf="")
+    assert (f"Configuration (the directory entry {ENTRY}) changed; these settings need a "
+            "restart to apply: listeners (&lt;listen&gt;).") in html
+    assert "Last configuration change refused: ldap://h/cn=limits: mlinkCfgX: &lt;bad&gt;" in html
+    status["configuration"] = {"source": "f", "restart_needed": [], "reload_refused": None}
+    html = env.get_template("status.html").render(
+        status=status, duration=_duration, session=None, flash=None, errors={}, csrf="")
+    assert "restart to apply" not in html and "refused" not in html
