@@ -455,11 +455,6 @@ def bootstrap_of(path: Path) -> Bootstrap:
 # -- writing -------------------------------------------------------------------------------
 
 
-def _comparable(entry: Entry) -> dict[str, list[str]]:
-    return {k.lower(): sorted(str(v) for v in vals) for k, vals in entry.attrs.items()
-            if k.lower() not in ("objectclass",)}
-
-
 def plan_import(old: Sequence[Entry], new: Sequence[Entry]) -> list[Operation]:
     """The operations that turn subtree `old` into `new`: adds (parents
     first), modifications of entries in both, deletes (children first)."""
@@ -479,8 +474,7 @@ def plan_import(old: Sequence[Entry], new: Sequence[Entry]) -> list[Operation]:
             if low in ("objectclass", "cn"):
                 continue
             want = entry.get(name)
-            if sorted(map(str, before.get(name))) != sorted(map(str, want)) or \
-                    [str(v) for v in before.get(name)] != [str(v) for v in want]:
+            if [_text(v) for v in before.get(name)] != [_text(v) for v in want]:
                 changes.append(Modification("replace", name, tuple(want)))
         if changes:
             ops.append(Modify(entry.dn, tuple(changes)))
@@ -513,7 +507,7 @@ async def write_entries(port: DirectoryPort, dn: str, entries: Sequence[Entry]) 
 
 
 def _fingerprint(entries: Iterable[Entry]) -> list[tuple[str, list[tuple[str, list[str]]]]]:
-    return sorted((normalize_dn(e.dn), sorted((k.lower(), [str(v) for v in vals])
+    return sorted((normalize_dn(e.dn), sorted((k.lower(), [_text(v) for v in vals])
                                               for k, vals in e.attrs.items()))
                   for e in entries)
 

@@ -425,6 +425,10 @@ def test_ldapmodify_applies_without_restart(slapd: Slapd, ldap_served: tuple[Mli
                                                                             Path, str],
                                             tmp_path: Path, ca_file: Path) -> None:
     server, boot, entry = ldap_served
+    # What slapd hands back (bonsai reads numbers and TRUE as int and bool)
+    # compares equal to what was written: a second import changes nothing.
+    again = mlink("config", "import", str(boot.parent / "mlink.xml"), "--config", str(boot))
+    assert "already holds this configuration" in again.stdout, again.stdout
     ldap_big(server, ca_file, expect_refused=False)
     mark = server.log.mark()
     set_ldap_limit(slapd, entry, LOWERED_LIMIT)
