@@ -508,3 +508,56 @@ def test_console_status_page_shows_waiting_and_refused_changes() -> None:
     html = env.get_template("status.html").render(
         status=status, duration=_duration, session=None, flash=None, errors={}, csrf="")
     assert "restart to apply" not in html and "refused" not in html
+
+
+GARBAGE = ["", " ", "-1", "0", "99999999999999999999", "x" * 5000, "<a/>&amp;", "\u0000",
+           "true", "dc=", "ldap://", "../../etc/passwd", "\u00e9\u4e2d"]
+
+
+def test_any_value_anywhere_is_a_one_line_error_or_accepted(tmp_path: Path,
+                                                            cert_files: tuple[Path, Path]
+                                                            ) -> None:
+    """Hostile values in every attribute of every entry, and every
+    configuration attribute on an entry it does not belong to: each gives
+    a Config or a one-line ConfigError naming the entry, never another
+    exception."""
+    from mlink.config import ConfigError
+    from mlink.config_directory import bootstrap_of, build_config
+
+    setup = tmp_path / "s"
+    full = load_config(init_setup(setup, cert_files, domain="example.com"))
+    boot_path = setup / "boot.xml"
+    boot_path.write_text(bootstrap_text(ENTRY, EMBEDDED))
+    boot = bootstrap_of(boot_path)
+    base = config_entries(full, ENTRY, setup)
+    assert standalone(build_config(boot, base)).limits == full.limits
+    tried = refused = 0
+
+    def attempt(entries: list[Entry], dn: str) -> None:
+        nonlocal tried, refused
+        tried += 1
+        try:
+            build_config(boot, entries)
+        except ConfigError as exc:
+            refused += 1
+            assert "\n" not in str(exc)
+            assert str(exc).startswith(f"embedded:{setup / 'directory.ldif'}/"), str(exc)
+
+    for index, entry in enumerate(base):
+        for name in [n for n in entry.attrs if n.lower() not in ("objectclass", "cn")]:
+            for value in GARBAGE:
+                entries = [e.copy() for e in base]
+                entries[index].attrs[name] = [value]
+                attempt(entries, entry.dn)
+        for name in list(schema_attributes())[::7]:
+            entries = [e.copy() for e in base]
+            entries[index].attrs[name] = ["1"]
+            attempt(entries, entry.dn)
+    assert tried > 100 and refused > tried // 2, (tried, refused)
+    # The same over-long path in the file is one line too (it was an OSError).
+    text = (setup / "mlink.xml").read_text()
+    bad, n = re.subn(r'<tls certificate="[^"]*"', f'<tls certificate="{"x" * 5000}"', text)
+    assert n == 1
+    (setup / "long.xml").write_text(bad)
+    with pytest.raises(ConfigError, match=r"long\.xml:\d+: 'certificate' on <tls>: cannot use "):
+        load_config(setup / "long.xml")
