@@ -51,7 +51,7 @@ from xml.etree.ElementTree import Element, SubElement, fromstring
 
 import trio
 
-from mlink.config import ConfigError, _Loader
+from mlink.config import MAX_CONFIG_BYTES, ConfigError, _Loader
 from mlink.config_dirschema import ELEMENT_CLASS, SERVER_CLASS, ldap_name, xml_name
 from mlink.config_model import (
     Config,
@@ -86,10 +86,9 @@ NON_SETTINGS = frozenset({"objectclass", "cn", "description"})
 # A configuration is a few dozen entries; more under the server entry is
 # a wrong DN (a whole directory), not a configuration.
 MAX_CONFIG_ENTRIES = 1000
-# And a few kilobytes: the file's own bound (mlink.config.MAX_CONFIG_BYTES)
-# applies to the values read, so a huge value pasted into an entry is
-# refused before any of it is parsed.
-MAX_CONFIG_BYTES = 1024 * 1024
+# And a few kilobytes: the file's own bound (MAX_CONFIG_BYTES, 1 MiB) applies
+# to the values read, so a huge value pasted into an entry is refused
+# before any of it is parsed.
 # A child entry's RDN: cn=<element> or cn=<element>-<n> (repeated elements,
 # ordered by n).
 _RDN_RE = re.compile(r"^([a-z][a-z0-9-]*?)(?:-([0-9]{1,6}))?$")
