@@ -442,7 +442,18 @@ def load_config(path: Path) -> Config:
     """
     path = Path(path)
     root, lines = _parse_xml(path, _read(path))
+    if _directory_source(root):
+        # <configuration source="directory">: this file is only the
+        # bootstrap; the settings are in the directory.
+        from mlink.config_directory import load_directory_source
+
+        return load_directory_source(path, root, lines)
     return _Loader(path, root, lines).load()
+
+
+def _directory_source(root: Element) -> bool:
+    elem = root.find("configuration")
+    return elem is not None and elem.get("source", "").strip() == "directory"
 
 
 def _read(path: Path) -> bytes:

@@ -810,6 +810,43 @@ class DirectoryConfig(Frozen):
     )
 
 
+# -- where the configuration is held ---------------------------------------------------
+
+# `file`: this file holds everything. `directory`: this file only says how to
+# reach the directory and which server entry to read (mlink.config_directory).
+CONFIG_SOURCES = ("file", "directory")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigurationSourceConfig(Frozen):
+    XML: ClassVar[ElementSpec] = ElementSpec(
+        "configuration", "at most once",
+        doc="Where the rest of the configuration is held. Omitted: in this file.",
+        notes='With `source="directory"` this file holds only `<configuration>`, '
+              "`<directory>` (how to reach the directory; `<embedded>` then needs its "
+              "`base`) and `<data>`; every other setting is read from the server entry "
+              "`entry` and its children, and changes made there apply live. See "
+              "docs/directory.md.",
+    )
+    source: str = attr(
+        "source", "file",
+        kind=Choice(CONFIG_SOURCES, "'source' on <configuration> must be file or directory, "
+                                    "not {value!r}"),
+        doc="`file`: everything is in this file. `directory`: the server entry in the "
+            "directory holds the configuration.",
+        why="A file is what a small standalone server needs; the directory is where a "
+            "managed deployment (several servers, one administration) keeps it.",
+    )
+    entry: str = attr(
+        "entry", "", kind=DN(), default_doc="none",
+        required='source="directory" needs an \'entry\' attribute: the DN of the server '
+                 "entry (like cn=xmpp1,ou=Servers,dc=example,dc=com)",
+        required_if=lambda v: v["source"] == "directory",
+        doc="The DN of the server entry (object class `mlinkServer`). Several servers may "
+            "name the same entry (a cluster) or each its own.",
+    )
+
+
 # -- limits -----------------------------------------------------------------------------
 
 
@@ -1257,6 +1294,8 @@ class Config(Frozen):
         check=_check_listeners,
     )
     tls: TLSConfig = section(TLSConfig, "tls")
+    configuration: ConfigurationSourceConfig = section(
+        ConfigurationSourceConfig, "configuration", hide_default=True)
     directory: DirectoryConfig = section(DirectoryConfig, "directory")
     limits: LimitsConfig = section(LimitsConfig, "limits")
     websocket: WebSocketConfig = section(WebSocketConfig, "websocket")

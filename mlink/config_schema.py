@@ -269,8 +269,14 @@ class PathKind(Kind):
         if not raw.strip():
             raise Invalid("is empty")
         path = absolute_path(env.base / Path(raw.strip()).expanduser())
-        if self.must_exist and not path.is_file():
-            raise Invalid(f"file {str(path)!r} does not exist", sep=": ")
+        if self.must_exist:
+            try:
+                found = path.is_file()
+            except OSError as exc:  # a name too long, say: one line, not a traceback
+                raise Invalid(f"cannot use {str(path)[:200]!r}: {exc.strerror or exc}",
+                              sep=": ") from None
+            if not found:
+                raise Invalid(f"file {str(path)!r} does not exist", sep=": ")
         return path
 
     def render(self, value: Any, base: Path) -> str:

@@ -44,6 +44,7 @@ RESTART_SETTINGS: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listeners (<listen>)", lambda c: c.listeners),
     ("domains (<domain>)", lambda c: c.domains),
     ("directory backend and servers (<directory>)", lambda c: c.directory),
+    ("configuration source (<configuration>)", lambda c: c.configuration),
     ("data directory (<data dir>)", lambda c: c.data_dir),
     ("WebSocket settings (<websocket>)", lambda c: c.websocket),
     ("module list (<modules>)", lambda c: c.modules),
@@ -75,6 +76,24 @@ def load_checked(path: Path) -> Config:
     from mlink.profile import check_profiles
 
     config = load_config(path)
+    problems = check_profiles(config)
+    if problems:
+        raise ConfigError(path, None, problems[0])
+    return config
+
+
+async def load_checked_async(path: Path) -> Config:
+    """`load_checked` from inside a Trio loop: a configuration held in the
+    directory (mlink.config_directory) is read without blocking the loop;
+    a file is read as before."""
+    from mlink.config import _parse_xml, _read
+    from mlink.config_directory import is_directory_source, load_directory_source_async
+
+    if not is_directory_source(_parse_xml(Path(path), _read(Path(path)))[0]):
+        return load_checked(path)
+    from mlink.profile import check_profiles
+
+    config = await load_directory_source_async(path)
     problems = check_profiles(config)
     if problems:
         raise ConfigError(path, None, problems[0])
@@ -144,10 +163,12 @@ async def reload_from_file(server: Server, path: Path | None = None) -> dict[str
     if path is None:
         return {"ok": False, "error": "the server was not started from a file"}
     try:
-        new = load_checked(path)
+        new = await load_checked_async(path)
         await apply_config(server, new)
     except (ConfigError, ReloadError) as exc:
         log.error("configuration reload refused: %s", exc)
         return {"ok": False, "error": str(exc)}
-    log.info("configuration reloaded from %s", path)
+    source = new.configuration
+    log.info("configuration reloaded from %s", f"the directory entry {source.entry}"
+             if source.source == "directory" else path)
     return {"ok": True}

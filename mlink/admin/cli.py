@@ -17,6 +17,7 @@ from typing import Any, TextIO
 import trio
 
 from mlink import __version__
+from mlink.admin.config_cli import ConfigCommandError
 from mlink.config import ConfigError, load_config
 from mlink.config_model import Config
 from mlink.directory.base import DirectoryError, DirectoryUnavailable
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger().setLevel(logging.CRITICAL)
     try:
         return args.func(args) or 0
-    except (CommandError, ConfigError, DirectoryError) as exc:
+    except (CommandError, ConfigError, DirectoryError, ConfigCommandError) as exc:
         print(f"mlink: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -151,6 +152,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from mlink.admin.rooms import add_parsers
 
     add_parsers(sub).set_defaults(func=cmd_room)
+    from mlink.admin.config_cli import add_parsers as add_config_parsers
+
+    add_config_parsers(sub).set_defaults(func=cmd_config)
     export = sub.add_parser("export", help="write accounts and their data as XEP-0227")
     export.add_argument("file", type=Path, metavar="FILE")
     export.add_argument("--per-user", action="store_true",
@@ -276,6 +280,15 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """`mlink config export|import` (mlink.admin.config_cli)."""
+    from mlink.admin.config_cli import run
+
+    if getattr(args, "action", None) is None:
+        raise CommandError("config: give an action: export FILE or import FILE")
+    return run(args, _config_path(getattr(args, "config", None)))
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the supervisor, which runs the shards (`--shards 1` included:
     there is no separate single-process path)."""
@@ -346,11 +359,14 @@ def _warn_if_directory_silent(config: Config) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from mlink.shard.supervisor import format_status, query_status
+    from mlink.config import data_dir_hint
+    from mlink.shard.supervisor import format_status, request_status
 
-    config = _load(args.config)
+    # Found by its data directory, read leniently as `reload` does: the
+    # status (a refused configuration change included) is most wanted
+    # when the configuration is broken.
     try:
-        status = query_status(config)
+        status = request_status(data_dir_hint(_config_path(args.config)))
     except OSError as exc:
         raise CommandError(str(exc)) from None
     print(format_status(status))

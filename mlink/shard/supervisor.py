@@ -143,6 +143,10 @@ class Supervisor:
         self.config_path = config_path
         # The configuration in force; replaced by each accepted reload.
         self.config = config
+        # The one the shards started with (what restart-only settings still
+        # are), and the last reload refused (shown by status and the console).
+        self.started_config = config
+        self.last_reload_error: str | None = None
         # Fixed at start: a reload that moves the data directory needs a
         # restart, and the socket to remove at exit is the one we made.
         self.control_socket = control_path(config)
@@ -171,6 +175,12 @@ class Supervisor:
                     services.start_soon(self._watch_signals, signals)
                     services.start_soon(self._serve_status, listener)
                     services.start_soon(self._log_status_periodically)
+                    if self.config.configuration.source == "directory":
+                        # Settings held in the directory apply live: a
+                        # change there is a reload (mlink.config_directory).
+                        from mlink.config_directory import watch_configuration
+
+                        services.start_soon(watch_configuration, self.config, self.reload)
                     if self.config.console.enabled:
                         # Imported only here: the web stack stays out of
                         # shards and of servers without a console.
@@ -331,13 +341,14 @@ class Supervisor:
         restart are logged here, once, not by every shard. The answer is
         what `mlink reload` prints: `ok`, `error`, `restart` (names)."""
         from mlink.config import ConfigError
-        from mlink.reload import load_checked, restart_needed
+        from mlink.reload import load_checked_async, restart_needed
 
         async with self._reload_lock:
             try:
-                new = load_checked(self.config_path)
+                new = await load_checked_async(self.config_path)
             except ConfigError as exc:
                 log.error("configuration reload refused: %s", exc)
+                self.last_reload_error = str(exc)
                 return {"ok": False, "error": str(exc)}
             results: dict[int, dict[str, Any] | None] = {}
 
@@ -357,15 +368,22 @@ class Supervisor:
             restart = restart_needed(self.config, new)
             for name in restart:
                 log.warning("%s changed in %s: needs a restart to apply", name,
-                            self.config_path)
+                            self._config_source())
             if new.log_level != self.config.log_level:
                 logging.getLogger().setLevel(getattr(logging, new.log_level.upper()))
             self.config = new
+            self.last_reload_error = None
             log.info("configuration reloaded by %d of %d shard(s)", applied, len(self.shards))
             answer: dict[str, Any] = {"ok": not errors, "restart": restart}
             if errors:
                 answer["error"] = "; ".join(f"shard {i}: {e}" for i, e in errors)
             return answer
+
+    def _config_source(self) -> str:
+        """Where the settings are read: the file, or the directory entry."""
+        source = self.config.configuration
+        return f"the directory entry {source.entry}" if source.source == "directory" \
+            else str(self.config_path)
 
     async def _shard_reload(self, state: ShardState) -> dict[str, Any] | None:
         """One shard's reload answer; None when it is down or stuck. A
@@ -469,8 +487,14 @@ class Supervisor:
                 "restarts": state.restarts,
                 "stats": replies.get(state.index),
             })
+        from mlink.reload import restart_needed
+
         return {"pid": os.getpid(), "uptime": now - self.started, "shards": shards,
-                "version": __version__}
+                "version": __version__,
+                "configuration": {"source": self._config_source(),
+                                  "restart_needed": restart_needed(self.started_config,
+                                                                   self.config),
+                                  "reload_refused": self.last_reload_error}}
 
     async def _serve_status(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:
@@ -614,6 +638,12 @@ def query_status(config: Config) -> dict[str, Any]:
     return _request(control_path(config), {"op": "status"}, STATUS_CLIENT_TIMEOUT)
 
 
+def request_status(data_dir: Path) -> dict[str, Any]:
+    """`query_status` for the server running on `data_dir` (found without
+    reading the whole configuration, which may be what is broken)."""
+    return _request(data_dir / CONTROL_SOCKET, {"op": "status"}, STATUS_CLIENT_TIMEOUT)
+
+
 def request_end_user(data_dir: Path, jid: str, text: str) -> dict[str, Any]:
     """Ask the supervisor running on `data_dir` to end `jid`'s sessions on
     every shard. OSError when none runs."""
@@ -679,6 +709,12 @@ def format_status(status: dict[str, Any]) -> str:
         f"{'shard':>5} {'pid':>8} {'state':<8} {'uptime':>8} {'restarts':>8} "
         f"{'conns':>7} {'sessions':>8} {'stalls':>6} {'longest':>8}",
     ]
+    configuration = status.get("configuration") or {}
+    if configuration.get("restart_needed"):
+        lines.insert(1, f"configuration ({configuration['source']}): changed, needs a restart: "
+                        + ", ".join(configuration["restart_needed"]))
+    if configuration.get("reload_refused"):
+        lines.insert(1, f"last configuration change refused: {configuration['reload_refused']}")
     for s in shards:
         stats = s["stats"] or {}
         loop = stats.get("loop") or {}
