@@ -166,6 +166,7 @@ class UploadWeb:
         part, fd = await trio.to_thread.run_sync(self.store.open_part, where.owner,
                                                  where.slot_id)
         done = False
+        self.log.info("receiving %d bytes (%s) from %s", size, content_type, ex.peer)
         try:
             received = 0
             buffer = bytearray()
