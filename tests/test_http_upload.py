@@ -28,7 +28,7 @@ from mlink.modules.http_upload.slots import Slot, owner_id
 from mlink.modules.http_upload.storage import KEY_FILE, STALE_PART_SECONDS, UploadStore
 from tests.placement import Placement
 from tests.rawclient import RawClient, read_stanza, stanza_error_of
-from tests.serverproc import MlinkProcess, start_mlink
+from tests.serverproc import MlinkProcess, mlink, start_mlink
 
 DOMAIN = "localhost"
 UPLOAD = f"upload.{DOMAIN}"
@@ -518,3 +518,24 @@ def test_put_lands_on_the_other_shard(tmp_path: Path, cert_files: tuple[Path, Pa
         for _ in range(4):  # GETs land on either shard
             assert fetch(ca_file, get_url)[2] == b"s" * size
         placement.close_all()
+
+
+@pytest.mark.parametrize(("option", "complaint"), [
+    ("<public-url>http://files.example</public-url>", r"must be an https:// URL"),
+    ("<max-file-size>-1</max-file-size>", r"must be a whole number"),
+    ("<expiry-days>0</expiry-days>", r"must be 1\.\.3650"),
+])
+def test_bad_options_refused_with_file_and_line(tmp_path: Path, cert_files: tuple[Path, Path],
+                                                option: str, complaint: str) -> None:
+    cert, key = cert_files
+    mlink("init", str(tmp_path / "s"), "--domain", DOMAIN, "--tls-cert", str(cert),
+          "--tls-key", str(key))
+    config = tmp_path / "s" / "mlink.xml"
+    config.write_text(config.read_text().replace(
+        "<data ", f'<modules><module name="http_upload">{option}</module></modules>\n  <data ',
+        1))
+    checked = mlink("check", "--config", str(config), check=False)
+    assert checked.returncode != 0
+    out = checked.stderr + checked.stdout
+    assert re.search(rf"mlink\.xml:\d+: .*{complaint}", out), out
+    assert "Traceback" not in out
