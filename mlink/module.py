@@ -53,6 +53,9 @@ class HTTPExchange(Protocol):
     query: str
     # The client's address (for logs and limits), None if unknown.
     peer: str | None
+    # Whether the request came over TLS, or in plain HTTP from this machine
+    # or a configured trusted (TLS-terminating) proxy, as for WebSocket.
+    secure: bool
 
     def header(self, name: str) -> str | None:
         """A request header field (name in lower case)."""

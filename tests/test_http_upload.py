@@ -34,8 +34,10 @@ DOMAIN = "localhost"
 UPLOAD = f"upload.{DOMAIN}"
 NS = "urn:xmpp:http:upload:0"
 PASSWORD = "upload-secret"
+# A second served domain, whose users may use its upload service only.
+OTHER = "example.com"
 USERS = {f"{name}@{DOMAIN}": PASSWORD for name in
-         ("alice", "bob", "carol", "dave", "erin", "frank")}
+         ("alice", "bob", "carol", "dave", "erin", "frank")} | {f"grace@{OTHER}": PASSWORD}
 MAX_SIZE = 100_000
 QUOTA = 250_000
 IDLE = 2
@@ -48,6 +50,8 @@ TIMEOUT = 10.0
 
 
 def add_module(text: str) -> str:
+    text = text.replace(f"<domain>{DOMAIN}</domain>",
+                        f"<domain>{DOMAIN}</domain><domain>{OTHER}</domain>", 1)
     return text.replace("<data ", MODULE + "\n  <data ", 1)
 
 
@@ -335,12 +339,16 @@ def test_unicode_name_and_control_characters(server: MlinkProcess, ca_file: Path
     client.close()
 
 
-def test_not_allowed_without_a_local_account(server: MlinkProcess, ca_file: Path) -> None:
-    client = login(server, ca_file, f"erin@{DOMAIN}")
-    # Addressed to another (unserved) upload domain: not this service.
-    reply = iq(client, "upload.elsewhere.example", f"<request xmlns='{NS}' filename='a' "
-                                                    "size='1'/>")
-    assert reply.get("type") == "error"
+def test_not_allowed_for_users_of_another_domain(server: MlinkProcess,
+                                                 ca_file: Path) -> None:
+    client = RawClient(server.c2s_port, ca_file)
+    client.login(OTHER, f"grace@{OTHER}", PASSWORD)
+    reply = request_slot(client, "a.bin", 1)
+    assert stanza_error_of(reply) == ("cancel", "not-allowed")
+    # Her own domain's service grants her a slot, with her domain's URL.
+    put_url, _, _ = slot_of(iq(client, f"upload.{OTHER}",
+                               f"<request xmlns='{NS}' filename='a.bin' size='1'/>"))
+    assert put_url.startswith(f"https://{OTHER}:")
     client.close()
 
 

@@ -32,13 +32,14 @@ class Exchange:
     """One request and its response on `stream` (already decrypted)."""
 
     def __init__(self, stream: trio.abc.Stream, conn: HTTPConnection, request: Request,
-                 peer: str | None) -> None:
+                 peer: str | None, secure: bool) -> None:
         self._stream = stream
         self._conn = conn
         self._request = request
         self.method = request.method
         self.path, _, self.query = request.target.partition("?")
         self.peer = peer
+        self.secure = secure
         self._started = False
         # Bytes of the body that came in the same reads as the head are
         # already in h11's buffer (HTTPConnection fed it everything read).

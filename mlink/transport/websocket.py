@@ -1,9 +1,9 @@
 """XMPP over WebSocket (RFC 7395) and connection discovery (XEP-0156).
 
-One HTTP port serves three things: the WebSocket endpoint at
-`/xmpp-websocket`, and `/.well-known/host-meta` (XRD) and
-`/.well-known/host-meta.json` (JRD) naming that endpoint, so web clients
-that discover endpoints find it. The request head is read here
+One HTTP port serves the WebSocket endpoint at `/xmpp-websocket`,
+`/.well-known/host-meta` (XRD) and `/.well-known/host-meta.json` (JRD)
+naming that endpoint, so web clients that discover endpoints find it,
+and the path prefixes modules registered (`Module.add_http_handler`). The request head is read here
 (`mlink.transport.http`, with h11); upgrades go on to trio-websocket
 with the bytes replayed, everything else gets a small HTTP response.
 
@@ -236,7 +236,8 @@ class WebSocketEndpoint:
                               peer: IPAddress | None) -> None:
         """A request for a module's path prefix: the module answers it; a
         handler that crashes costs its own request (500), nothing else."""
-        exchange = Exchange(stream, conn, request, None if peer is None else str(peer))
+        secure = self.secure or plain_counts_as_encrypted(peer, self.trusted_proxies)
+        exchange = Exchange(stream, conn, request, None if peer is None else str(peer), secure)
         try:
             await handler(exchange)
         except Exception:

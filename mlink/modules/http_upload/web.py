@@ -76,6 +76,12 @@ class UploadWeb:
         if ex.method == "OPTIONS":
             await ex.respond(204, CORS)
             return
+        if not ex.secure:
+            # The slot's token and the files travel only over TLS
+            # (XEP-0363 §10); a reverse proxy that terminates TLS is
+            # configured as a trusted proxy.
+            await self._text(ex, 403, "use https")
+            return
         where = parse_path(ex.path)
         if where is None:
             await self._text(ex, 404, "no such file")
