@@ -126,7 +126,7 @@ async def test_download_to_a_client_that_stops_reading_is_dropped(config_path: P
     server = Server(load_config(config_path))
     store = UploadStore(server.config.data_dir / "upload")
     owner, slot_id = "0" * 32, "A" * 24
-    part, fd = store.open_part(owner, slot_id)
+    part, fd = store.open_part(owner, slot_id, 4 * 1024 * 1024)
     os.write(fd, b"z" * (4 * 1024 * 1024))
     assert store.commit(part, fd, owner, slot_id, Meta("big.bin", "application/zip",
                                                        4 * 1024 * 1024))

@@ -37,7 +37,7 @@ PASSWORD = "upload-secret"
 # A second served domain, whose users may use its upload service only.
 OTHER = "example.com"
 USERS = {f"{name}@{DOMAIN}": PASSWORD for name in
-         ("alice", "bob", "carol", "dave", "erin", "frank")} | {f"grace@{OTHER}": PASSWORD}
+         ("alice", "bob", "carol", "dave", "erin", "frank", "heidi")} | {f"grace@{OTHER}": PASSWORD}
 MAX_SIZE = 100_000
 QUOTA = 250_000
 IDLE = 2
@@ -286,6 +286,28 @@ def test_quota_checked_again_at_put(server: MlinkProcess, ca_file: Path) -> None
     client.close()
 
 
+def test_upload_in_progress_counts_for_the_quota(server: MlinkProcess,
+                                                 ca_file: Path) -> None:
+    """An upload under way counts at its full size: a second one started
+    meanwhile finds the quota full, and the first still completes."""
+    client = login(server, ca_file, f"heidi@{DOMAIN}")
+    upload(server, ca_file, client, b"a" * (QUOTA - 2 * MAX_SIZE + 1), "base.bin")
+    first = slot_of(request_slot(client, "one.bin", MAX_SIZE))
+    second = slot_of(request_slot(client, "two.bin", MAX_SIZE))
+    sock = raw_tls(https_port(server), ca_file)
+    mark = server.log.mark()
+    sock.sendall((f"PUT {urlsplit(first[0]).path} HTTP/1.1\r\nHost: {DOMAIN}\r\n"
+                  f"Authorization: {first[1]}\r\nContent-Type: application/octet-stream\r\n"
+                  f"Content-Length: {MAX_SIZE}\r\n\r\n").encode() + b"b" * 1000)
+    server.wait_for_log(rf"receiving {MAX_SIZE} bytes", since=mark, timeout=TIMEOUT)
+    assert put(ca_file, second[0], second[1], b"c" * MAX_SIZE) == 413
+    sock.sendall(b"b" * (MAX_SIZE - 1000))
+    assert read_response(sock).startswith(b"HTTP/1.1 201 ")
+    sock.close()
+    assert fetch(ca_file, first[2])[2] == b"b" * MAX_SIZE
+    client.close()
+
+
 def test_rate_limited_with_retry(server: MlinkProcess, ca_file: Path) -> None:
     client = login(server, ca_file, f"dave@{DOMAIN}")
     for _ in range(RATE):
@@ -496,7 +518,7 @@ def test_expired_file_not_served_and_swept(server: MlinkProcess, ca_file: Path) 
 def test_sweep_removes_crash_leftovers(tmp_path: Path) -> None:
     store = UploadStore(tmp_path)
     owner = owner_id(b"k" * 32, "x@localhost")
-    part, fd = store.open_part(owner, "A" * 24)
+    part, fd = store.open_part(owner, "A" * 24, 10)
     os.close(fd)
     now = time.time()
     assert store.sweep(86400.0, now) == 0  # an upload in progress stays

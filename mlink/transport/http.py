@@ -66,6 +66,7 @@ REASONS: dict[int, str] = {
     500: "Internal Server Error",
     501: "Not Implemented",
     505: "HTTP Version Not Supported",
+    507: "Insufficient Storage",
 }
 
 # The blank line that ends a head, as h11 finds it (bare LF line ends are

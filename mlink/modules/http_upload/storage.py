@@ -112,12 +112,20 @@ class UploadStore:
     def exists(self, owner: str, slot_id: str) -> bool:
         return (self._owner_dir(owner) / slot_id).exists()
 
-    def open_part(self, owner: str, slot_id: str) -> tuple[Path, int]:
-        """A new private file for an upload in progress: (path, fd)."""
+    def open_part(self, owner: str, slot_id: str, size: int) -> tuple[Path, int]:
+        """A new private file for an upload in progress: (path, fd). It
+        has the upload's full size from the start (sparse), so the quota
+        counts an upload in progress at what it will be."""
         directory = self._owner_dir(owner)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = directory / f"{PART_PREFIX}{slot_id}-{secrets.token_hex(6)}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
         return path, fd
 
     def commit(self, part: Path, fd: int, owner: str, slot_id: str, meta: Meta) -> bool:

@@ -33,9 +33,11 @@ from mlink.modules.http_upload.slots import (
     verify,
 )
 from mlink.modules.http_upload.storage import Meta, UploadStore
+from mlink.util.keyed_lock import KeyedLock
 
 if TYPE_CHECKING:
     import logging
+    from pathlib import Path
 
     from mlink.module import HTTPExchange
     from mlink.modules.http_upload import Options
@@ -71,6 +73,7 @@ class UploadWeb:
         self.store = store
         self.options = options
         self.log = log
+        self.owner_locks: KeyedLock[str] = KeyedLock()
 
     async def handle(self, ex: HTTPExchange) -> None:
         if ex.method == "OPTIONS":
@@ -158,19 +161,28 @@ class UploadWeb:
             await self._text(ex, 413, f"files are limited to {options.max_file_size} bytes")
             return
         expiry = options.expiry_days * 86400.0
-        if await trio.to_thread.run_sync(self.store.exists, where.owner, where.slot_id):
-            await self._text(ex, 409, "this slot has been used: ask for a new one")
-            return
-        used = await trio.to_thread.run_sync(self.store.usage, where.owner, expiry, now)
-        if used + grant.size > options.quota:
-            await self._text(ex, 413, "upload quota reached")
-            return
-        await self._receive(ex, where, grant.size, content_type, options)
+        # The check and the partial file (created at full size) are one
+        # step per owner on this shard, so uploads running at once cannot
+        # each pass the quota the others are about to fill.
+        async with self.owner_locks.hold(where.owner):
+            if await trio.to_thread.run_sync(self.store.exists, where.owner, where.slot_id):
+                await self._text(ex, 409, "this slot has been used: ask for a new one")
+                return
+            used = await trio.to_thread.run_sync(self.store.usage, where.owner, expiry, now)
+            if used + grant.size > options.quota:
+                await self._text(ex, 413, "upload quota reached")
+                return
+            try:
+                part, fd = await trio.to_thread.run_sync(
+                    self.store.open_part, where.owner, where.slot_id, grant.size)
+            except OSError as exc:  # ENOSPC, EDQUOT, EMFILE: the server's problem
+                self.log.warning("cannot store an upload: %s", exc)
+                await self._text(ex, 507, "the server cannot store the file now")
+                return
+        await self._receive(ex, where, grant.size, content_type, options, part, fd)
 
     async def _receive(self, ex: HTTPExchange, where: FilePath, size: int,
-                       content_type: str, options: Options) -> None:
-        part, fd = await trio.to_thread.run_sync(self.store.open_part, where.owner,
-                                                 where.slot_id)
+                       content_type: str, options: Options, part: Path, fd: int) -> None:
         done = False
         self.log.info("receiving %d bytes (%s) from %s", size, content_type, ex.peer)
         try:
