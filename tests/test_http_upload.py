@@ -262,6 +262,20 @@ def test_too_large_refused_in_xmpp_and_http(server: MlinkProcess, ca_file: Path)
     client.close()
 
 
+def test_slot_without_a_type_takes_the_puts(server: MlinkProcess, ca_file: Path) -> None:
+    """XEP-0363 §6: the PUT is held to a type only if the request gave one."""
+    client = login(server, ca_file, f"erin@{DOMAIN}")
+    put_url, auth, get_url = slot_of(request_slot(client, "pic.png", 4, None))
+    assert put(ca_file, put_url, auth, b"\x89PNG", "image/png") == 201
+    status, headers, _ = fetch(ca_file, get_url)
+    assert status == 200 and headers["content-type"] == "image/png"
+    # Without a Content-Type either, it is stored as application/octet-stream.
+    put_url, auth, get_url = slot_of(request_slot(client, "blob", 2, None))
+    assert fetch(ca_file, put_url, "PUT", b"ab", {"Authorization": auth})[0] == 201
+    assert fetch(ca_file, get_url)[1]["content-type"] == "application/octet-stream"
+    client.close()
+
+
 def test_quota_reached(server: MlinkProcess, ca_file: Path) -> None:
     client = login(server, ca_file, f"carol@{DOMAIN}")
     upload(server, ca_file, client, b"a" * MAX_SIZE, "one.bin")

@@ -171,7 +171,8 @@ class UploadService:
         ET.SubElement(put, f"{{{UPLOAD_NS}}}header",
                       {"name": "Authorization"}).text = slot.authorization(self.key)
         ET.SubElement(answer, f"{{{UPLOAD_NS}}}get", {"url": url})
-        self.module.log.info("upload slot for %s: %d bytes, %s", user, size, content_type)
+        self.module.log.info("upload slot for %s: %d bytes, %s", user, size,
+                             content_type or "any type")
         await router.route(iq_result(stanza, answer))
 
     def base_url(self, parent: str) -> str | None:

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import trio
 
 from mlink.modules.http_upload.slots import (
+    DEFAULT_CONTENT_TYPE,
     FilePath,
     check_content_type,
     parse_authorization,
@@ -149,7 +150,7 @@ class UploadWeb:
             await self._text(ex, 400, f"the slot is for {grant.size} bytes, not {length}")
             return
         try:
-            content_type = check_content_type(ex.header("content-type"))
+            content_type = check_content_type(ex.header("content-type")) or DEFAULT_CONTENT_TYPE
         except ValueError:
             await self._text(ex, 400, "the Content-Type is not a media type")
             return
