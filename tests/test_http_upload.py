@@ -583,3 +583,21 @@ def test_bad_options_refused_with_file_and_line(tmp_path: Path, cert_files: tupl
     out = checked.stderr + checked.stdout
     assert re.search(rf"mlink\.xml:\d+: .*{complaint}", out), out
     assert "Traceback" not in out
+
+
+def test_unusable_directory_stops_the_server_with_one_line(tmp_path: Path,
+                                                           cert_files: tuple[Path, Path]) -> None:
+    cert, key = cert_files
+    mlink("init", str(tmp_path / "s"), "--domain", DOMAIN, "--c2s-port", "0", "--tls-port", "0",
+          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "s" / "mlink.xml"
+    config.write_text(config.read_text().replace(
+        "<data ", f'<modules><module name="http_upload"><directory>{blocker}/upload'
+                  "</directory></module></modules>\n  <data ", 1))
+    served = mlink("serve", "--config", str(config), check=False)
+    assert served.returncode != 0
+    assert re.search(r"mlink: shard 0: .*http_upload: cannot use .*a-file", served.stderr), \
+        served.stderr
+    assert "Traceback" not in served.stderr

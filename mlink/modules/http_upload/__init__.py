@@ -103,8 +103,14 @@ def setup(module: Module) -> None:
 
     data_dir = module.config.data_dir
     root = options().directory or data_dir / DEFAULT_SUBDIR
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = load_key(data_dir)
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        key = load_key(data_dir)
+    except OSError as exc:
+        # The shard reports an OSError in one line and the server does
+        # not start; the message says which module and which directory.
+        raise OSError(exc.errno, f"http_upload: cannot use {exc.filename or root}: "
+                                 f"{exc.strerror or exc}") from None
     store = UploadStore(root)
     hosts = {f"{HOST_PREFIX}.{domain}": domain for domain in sorted(module.domains)}
     service = UploadService(module, key, store, options, hosts)
