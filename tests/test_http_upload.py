@@ -24,7 +24,13 @@ from urllib.parse import urlsplit
 import pytest
 import slixmpp
 
-from mlink.modules.http_upload.slots import Slot, owner_id
+from mlink.modules.http_upload.slots import (
+    Slot,
+    owner_id,
+    parse_authorization,
+    parse_path,
+    verify,
+)
 from mlink.modules.http_upload.storage import KEY_FILE, STALE_PART_SECONDS, UploadStore
 from tests.placement import Placement
 from tests.rawclient import RawClient, read_stanza, stanza_error_of
@@ -601,3 +607,48 @@ def test_unusable_directory_stops_the_server_with_one_line(tmp_path: Path,
     assert re.search(r"mlink: shard 0: .*http_upload: cannot use .*a-file", served.stderr), \
         served.stderr
     assert "Traceback" not in served.stderr
+
+
+# -- the sans-IO parts -----------------------------------------------------------------
+
+
+def test_slot_paths_and_grants() -> None:
+    key = b"k" * 32
+    owner = owner_id(key, "alice@localhost")
+    assert owner != owner_id(key, "bob@localhost") and re.fullmatch(r"[0-9a-f]{32}", owner)
+    assert owner != owner_id(b"j" * 32, "alice@localhost")  # keyed: not a plain hash
+    slot = Slot(owner, "A" * 24, "a b/é.txt".replace("/", "_"), 5, "text/plain", 2000)
+    where = parse_path(slot.path())
+    assert where is not None and where.name == "a b_é.txt"
+    grant = parse_authorization(slot.authorization(key))
+    assert grant is not None and grant.size == 5
+    assert verify(key, where, grant, "text/plain", 1999) is None
+    assert "expired" in (verify(key, where, grant, "text/plain", 2001) or "")
+    assert verify(key, where, grant, "text/html", 1999) is not None
+    assert verify(b"j" * 32, where, grant, "text/plain", 1999) is not None
+    renamed = parse_path(slot.path().replace("a%20b", "c%20d"))
+    assert renamed is not None and verify(key, renamed, grant, "text/plain", 1999) is not None
+    for bad in ("Bearer", "Basic abc", f"Bearer 1.5.{'x' * 42}", "Bearer -1.5." + "x" * 43):
+        assert parse_authorization(bad) is None
+
+
+@pytest.mark.parametrize("path", [
+    "/upload/" + "0" * 31 + "/" + "A" * 24 + "/x",
+    "/upload/" + "G" * 32 + "/" + "A" * 24 + "/x",
+    "/upload/" + "0" * 32 + "/" + "A" * 23 + "/x",
+    "/upload/" + "0" * 32 + "/" + "A" * 24 + "/x/y",
+    "/upload/" + "0" * 32 + "/" + "A" * 24 + "/a%2Fb",
+    "/upload/" + "0" * 32 + "/" + "A" * 24 + "/%2e%2e",
+    "/upload/" + "0" * 32 + "/" + "A" * 24 + "/%ff",
+    "/upload/" + "0" * 32 + "/" + "A" * 24 + "/",
+    "/other/" + "0" * 32 + "/" + "A" * 24 + "/x",
+])
+def test_paths_that_are_not_files(path: str) -> None:
+    assert parse_path(path) is None
+
+
+def test_other_methods_refused(server: MlinkProcess, ca_file: Path) -> None:
+    port = https_port(server)
+    status, headers, _ = fetch(ca_file, f"https://{DOMAIN}:{port}/upload/" + "0" * 32 + "/"
+                               + "A" * 24 + "/x", "DELETE")
+    assert status == 405 and "PUT" in headers["allow"]
