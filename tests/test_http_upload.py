@@ -151,10 +151,24 @@ def raw_tls(port: int, ca_file: Path) -> ssl.SSLSocket:
 
 
 def read_response(sock: ssl.SSLSocket) -> bytes:
+    """One whole response (head and Content-Length bytes of body); the
+    server may keep the connection a moment to drop what it refused, so
+    its close is not what ends the response."""
     out = b""
-    while chunk := sock.recv(65536):
+    while b"\r\n\r\n" not in out:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return out
         out += chunk
-    return out
+    head, _, body = out.partition(b"\r\n\r\n")
+    m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+    length = int(m.group(1)) if m else 0
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 # -- a real client ---------------------------------------------------------------------
@@ -652,3 +666,15 @@ def test_other_methods_refused(server: MlinkProcess, ca_file: Path) -> None:
     status, headers, _ = fetch(ca_file, f"https://{DOMAIN}:{port}/upload/" + "0" * 32 + "/"
                                + "A" * 24 + "/x", "DELETE")
     assert status == 405 and "PUT" in headers["allow"]
+
+
+def test_refused_large_put_still_gets_its_answer(server: MlinkProcess, ca_file: Path) -> None:
+    """A client that sends its whole body before reading (most do) gets the
+    413, not a connection reset: the server reads and drops the body it
+    refused for a moment before closing."""
+    client = login(server, ca_file, f"bob@{DOMAIN}")
+    put_url, auth, _ = slot_of(request_slot(client, "small.bin", 10))
+    status, _, body = fetch(ca_file, put_url, "PUT", b"x" * (8 * 1024 * 1024),
+                            {"Authorization": auth, "Content-Type": "application/octet-stream"})
+    assert status == 413 and b"slot is for 10 bytes" in body
+    client.close()

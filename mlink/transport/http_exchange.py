@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import h11
 import trio
 
-from mlink.transport.http import HTTPConnection, HTTPError, Request, linger
+from mlink.transport.http import LINGER_TIMEOUT, HTTPConnection, HTTPError, Request, linger
 
 # How long the final response of a module may take to send when the
 # module gave no timeout of its own (a small error or empty answer).
@@ -44,6 +44,8 @@ class Exchange:
         # Bytes of the body that came in the same reads as the head are
         # already in h11's buffer (HTTPConnection fed it everything read).
         self._body_done = False
+        self._waited_for_continue = conn.client_waits_for_continue
+        self._continued = False
 
     def header(self, name: str) -> str | None:
         return self._request.header(name)
@@ -56,6 +58,7 @@ class Exchange:
         if self._body_done:
             return None
         if self._conn.client_waits_for_continue and not self._started:
+            self._continued = True
             await self._write(self._conn.continue_response(), idle_timeout)
         while True:
             try:
@@ -113,7 +116,32 @@ class Exchange:
             return
         except h11.LocalProtocolError:
             return  # the handler sent less than it announced: just close
+        if self._unread_body and not isinstance(self._stream, trio.abc.HalfCloseableStream):
+            await self._drain()
         await linger(self._stream)
+
+    @property
+    def _unread_body(self) -> bool:
+        """Whether the request has a body the handler did not read whole."""
+        has_body = (self._request.header("content-length") not in (None, "0")
+                    or self._request.header("transfer-encoding") is not None)
+        # A client waiting for `100 Continue` that never came sends no body.
+        withheld = self._waited_for_continue and not self._continued
+        return has_body and not self._body_done and not withheld
+
+    async def _drain(self) -> None:
+        """Read and drop a refused body for a moment before closing: a
+        client that sends its whole body before reading (most do) would
+        otherwise meet a reset, which destroys the response it has not
+        read yet. `linger` does this for plain TCP; TLS has no half-close,
+        so here the client's close or the time ends it. Dropped bytes cost
+        no memory; time is the bound."""
+        with trio.move_on_after(LINGER_TIMEOUT):
+            try:
+                while await self._stream.receive_some(BODY_READ_CHUNK):
+                    pass
+            except (*_STREAM_ERRORS, trio.TooSlowError):
+                pass
 
     async def _write(self, data: bytes, timeout: float) -> None:
         if not data:

@@ -184,7 +184,7 @@ class UploadWeb:
 
     async def _receive(self, ex: HTTPExchange, where: FilePath, size: int,
                        content_type: str, options: Options, part: Path, fd: int) -> None:
-        done = False
+        done = stalled = False
         self.log.info("receiving %d bytes (%s) from %s", size, content_type, ex.peer)
         try:
             received = 0
@@ -204,9 +204,14 @@ class UploadWeb:
                 await self._text(ex, 400, "the body is not the slot's size")
                 return
             meta = Meta(where.name, content_type, size)
-            done = True
-            stored = await trio.to_thread.run_sync(
-                self.store.commit, part, fd, where.owner, where.slot_id, meta)
+            done = True  # commit removes the partial file whatever happens
+            try:
+                stored = await trio.to_thread.run_sync(
+                    self.store.commit, part, fd, where.owner, where.slot_id, meta)
+            except OSError as exc:  # ENOSPC at fsync, EDQUOT
+                self.log.warning("cannot store an upload: %s", exc)
+                await self._text(ex, 507, "the server cannot store the file now")
+                return
             if not stored:
                 await self._text(ex, 409, "this slot has been used: ask for a new one")
                 return
@@ -214,13 +219,15 @@ class UploadWeb:
             await ex.respond(201, CORS)
         except TimeoutError as exc:
             self.log.info("upload from %s abandoned: %s", ex.peer, exc)
-            await self._text(ex, 408, "the upload stalled")
+            stalled = True
         except ConnectionError as exc:
             self.log.info("upload from %s broke off: %s", ex.peer, exc)
         finally:
             if not done:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.store.abandon, part, fd)
+        if stalled:  # told once the partial file is gone
+            await self._text(ex, 408, "the upload stalled")
 
     @staticmethod
     async def _text(ex: HTTPExchange, status: int, message: str,
