@@ -678,3 +678,25 @@ def test_refused_large_put_still_gets_its_answer(server: MlinkProcess, ca_file: 
                             {"Authorization": auth, "Content-Type": "application/octet-stream"})
     assert status == 413 and b"slot is for 10 bytes" in body
     client.close()
+
+
+def test_limits_apply_on_reload(tmp_path: Path, cert_files: tuple[Path, Path],
+                                ca_file: Path) -> None:
+    """Options are read when used: a reload lowering max-file-size changes
+    disco#info, refuses new slots above it, and refuses a PUT of a slot
+    granted before it."""
+    users = {f"alice@{DOMAIN}": PASSWORD}
+    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users=users,
+                     edit_config=add_module) as one:
+        client = login(one, ca_file, f"alice@{DOMAIN}")
+        granted = slot_of(request_slot(client, "g.bin", 5000))
+        one.config.write_text(one.config.read_text().replace(
+            f"<max-file-size>{MAX_SIZE}</max-file-size>", "<max-file-size>1000</max-file-size>"))
+        done = mlink("reload", "--config", str(one.config))
+        assert "configuration reloaded" in done.stdout
+        info = iq(client, UPLOAD, "<query xmlns='http://jabber.org/protocol/disco#info'/>")
+        assert [v.text for v in info.iter("{jabber:x:data}value")][-1] == "1000"
+        assert stanza_error_of(request_slot(client, "h.bin", 5000)) == ("modify",
+                                                                       "not-acceptable")
+        assert put(ca_file, granted[0], granted[1], b"g" * 5000) == 413
+        client.close()
