@@ -34,7 +34,7 @@ from mlink.modules.http_upload.slots import (
 from mlink.modules.http_upload.storage import KEY_FILE, STALE_PART_SECONDS, UploadStore
 from tests.placement import Placement
 from tests.rawclient import RawClient, read_stanza, stanza_error_of
-from tests.serverproc import MlinkProcess, mlink, start_mlink
+from tests.serverproc import MlinkProcess, mlink, serve, start_mlink, stop
 
 DOMAIN = "localhost"
 UPLOAD = f"upload.{DOMAIN}"
@@ -700,3 +700,29 @@ def test_limits_apply_on_reload(tmp_path: Path, cert_files: tuple[Path, Path],
                                                                        "not-acceptable")
         assert put(ca_file, granted[0], granted[1], b"g" * 5000) == 413
         client.close()
+
+
+def test_server_sweeps_expired_files_at_start(tmp_path: Path, cert_files: tuple[Path, Path],
+                                              ca_file: Path) -> None:
+    """The sweeper task runs at start (then hourly): a file that expired
+    while the server was down is removed, a fresh one kept."""
+    users = {f"alice@{DOMAIN}": PASSWORD}
+    with start_mlink(tmp_path / "s", DOMAIN, cert_files, users=users,
+                     edit_config=add_module, shards=1) as first:
+        client = login(first, ca_file, f"alice@{DOMAIN}")
+        old_url = upload(first, ca_file, client, b"old", "old.txt")
+        new_url = upload(first, ca_file, client, b"new", "new.txt")
+        client.close()
+        config = first.config
+    parts = urlsplit(old_url).path.split("/")
+    old = config.parent / "upload" / parts[2] / parts[3]
+    month_ago = time.time() - 31 * 86400
+    os.utime(old, (month_ago, month_ago))
+    again = serve(config, DOMAIN, shards=1)
+    try:
+        again.wait_for_log(r"removed 1 expired upload file", timeout=TIMEOUT)
+        assert not old.exists() and not old.with_suffix(".json").exists()
+        assert fetch(ca_file, new_url.replace(f":{urlsplit(new_url).port}/",
+                                              f":{https_port(again)}/"))[2] == b"new"
+    finally:
+        assert stop(again) == 0
