@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 import slixmpp
 
+from mlink.modules.http_upload.ranges import Unsatisfiable, byte_range
 from mlink.modules.http_upload.slots import (
     Slot,
     owner_id,
@@ -726,3 +727,45 @@ def test_server_sweeps_expired_files_at_start(tmp_path: Path, cert_files: tuple[
                                               f":{https_port(again)}/"))[2] == b"new"
     finally:
         assert stop(again) == 0
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (None, None),
+    ("bytes=0-9", (0, 9)),
+    ("bytes=5-", (5, 99)),
+    ("bytes=-10", (90, 99)),
+    ("bytes=-1000", (0, 99)),
+    ("bytes=90-1000", (90, 99)),
+    ("BYTES = 1 - 2", (1, 2)),
+    ("bytes=9-5", None),  # invalid: ignored
+    ("bytes=0-1,5-6", None),  # several: the whole file
+    ("items=0-1", None),
+    ("bytes=-", None),
+    ("bytes=" + "9" * 30 + "-", None),
+])
+def test_byte_ranges(header: str | None, expected: tuple[int, int] | None) -> None:
+    assert byte_range(header, 100) == expected
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=100-200", "bytes=-0"])
+def test_unsatisfiable_ranges(header: str) -> None:
+    with pytest.raises(Unsatisfiable):
+        byte_range(header, 100)
+
+
+def test_range_downloads(server: MlinkProcess, ca_file: Path) -> None:
+    """A video player seeks with Range: 206 and the bytes asked for."""
+    client = login(server, ca_file, f"erin@{DOMAIN}")
+    data = os.urandom(5000)
+    put_url, auth, url = slot_of(request_slot(client, "clip.mp4", len(data), "video/mp4"))
+    assert put(ca_file, put_url, auth, data, "video/mp4") == 201
+    status, headers, body = fetch(ca_file, url, headers={"Range": "bytes=1000-1999"})
+    assert status == 206 and body == data[1000:2000]
+    assert headers["content-range"] == "bytes 1000-1999/5000"
+    status, headers, body = fetch(ca_file, url, headers={"Range": "bytes=-100"})
+    assert status == 206 and body == data[-100:]
+    status, headers, _ = fetch(ca_file, url, headers={"Range": "bytes=5000-"})
+    assert status == 416 and headers["content-range"] == "bytes */5000"
+    status, headers, body = fetch(ca_file, url)
+    assert status == 200 and body == data and headers["accept-ranges"] == "bytes"
+    client.close()

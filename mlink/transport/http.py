@@ -50,6 +50,7 @@ REASONS: dict[int, str] = {
     200: "OK",
     201: "Created",
     204: "No Content",
+    206: "Partial Content",
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
@@ -60,6 +61,7 @@ REASONS: dict[int, str] = {
     411: "Length Required",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     # h11's hint for a Transfer-Encoding other than chunked.

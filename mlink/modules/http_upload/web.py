@@ -25,6 +25,7 @@ from urllib.parse import quote
 
 import trio
 
+from mlink.modules.http_upload.ranges import Unsatisfiable, byte_range
 from mlink.modules.http_upload.slots import (
     DEFAULT_CONTENT_TYPE,
     FilePath,
@@ -110,18 +111,35 @@ class UploadWeb:
                   and not content_type.lower().startswith(NEVER_INLINE))
         disposition = ("inline" if inline else "attachment") + \
             f"; filename*=UTF-8''{quote(name, safe='')}"
-        headers = (("Content-Type", content_type), ("Content-Disposition", disposition),
-                   ("Cache-Control", "private, max-age=86400"), *SANDBOX, *CORS)
+        headers: tuple[tuple[str, str], ...] = (
+            ("Content-Type", content_type), ("Content-Disposition", disposition),
+            ("Cache-Control", "private, max-age=86400"), ("Accept-Ranges", "bytes"),
+            *SANDBOX, *CORS)
+        status, first, length = 200, 0, found.size
+        # If-Range names a version we have no validator for: whole file.
+        if ex.header("if-range") is None:
+            try:
+                wanted = byte_range(ex.header("range"), found.size)
+            except Unsatisfiable:
+                await self._text(ex, 416, "the range is outside the file",
+                                 (("Content-Range", f"bytes */{found.size}"),))
+                return
+            if wanted is not None:
+                first, last = wanted
+                status, length = 206, last - first + 1
+                headers += (("Content-Range", f"bytes {first}-{last}/{found.size}"),)
         try:
             f = await trio.open_file(found.path, "rb")
         except OSError:
             await self._text(ex, 404, "no such file")
             return
         async with f:
-            await ex.start(200, headers, found.size)
+            await ex.start(status, headers, length)
             if ex.method == "HEAD":
                 return
-            left = found.size
+            if first:
+                await f.seek(first)
+            left = length
             try:
                 while left > 0:
                     chunk = await f.read(min(READ_BUFFER, left))
