@@ -41,6 +41,59 @@ FeatureProvider = Callable[["StreamView"], ET.Element | None]
 BusHandler = Callable[[int, bytes], Awaitable[None]]
 
 
+class HTTPExchange(Protocol):
+    """One HTTP request on the server's HTTP(S) listeners, as a module's
+    HTTP handler sees it (`Module.add_http_handler`); implemented by
+    `mlink.transport.http_exchange`. One request per connection: the
+    connection closes after the response."""
+
+    method: str
+    # The request target's path, still percent-encoded, and its query.
+    path: str
+    query: str
+    # The client's address (for logs and limits), None if unknown.
+    peer: str | None
+    # Whether the request came over TLS, or in plain HTTP from this machine
+    # or a configured trusted (TLS-terminating) proxy, as for WebSocket.
+    secure: bool
+
+    def header(self, name: str) -> str | None:
+        """A request header field (name in lower case)."""
+        ...
+
+    @property
+    def started(self) -> bool:
+        """Whether the response head has been sent."""
+        ...
+
+    async def receive_body(self, idle_timeout: float) -> bytes | None:
+        """The next piece of the request body, None once it is complete.
+        Raises TimeoutError when the client sends nothing for
+        `idle_timeout` seconds, ConnectionError when it is gone or its
+        body is malformed. Sends `100 Continue` first if the client waits
+        for it, so call it only once the request is accepted."""
+        ...
+
+    async def respond(self, status: int, headers: Sequence[tuple[str, str]] = (),
+                      body: bytes = b"") -> None:
+        """A whole response (Content-Length set here)."""
+        ...
+
+    async def start(self, status: int, headers: Sequence[tuple[str, str]],
+                    length: int) -> None:
+        """A response head announcing `length` body bytes, sent with `send`."""
+        ...
+
+    async def send(self, data: bytes, idle_timeout: float) -> None:
+        """Body bytes; TimeoutError when the client does not take them
+        within `idle_timeout`, ConnectionError when it is gone."""
+        ...
+
+
+# A module's HTTP handler: answers one exchange (see `Module.add_http_handler`).
+HTTPHandler = Callable[[HTTPExchange], Awaitable[None]]
+
+
 class StreamView(Protocol):
     """What a stream-feature provider may know of the stream it offers on."""
 
@@ -74,6 +127,8 @@ class ModuleHost(Protocol):
     def add_stream_feature(self, provider: FeatureProvider, authenticated: bool) -> None: ...
     def add_sasl_mechanism(self, provider: MechanismProvider) -> None: ...
     def add_credential_source(self, kind: str, source: CredentialSource) -> None: ...
+    def add_http_handler(self, prefix: str, handler: HTTPHandler) -> None: ...
+    def listener_port(self, kind: str) -> int | None: ...
     def trust_client_cas(self, certificates: Sequence[bytes]) -> None: ...
 
 
@@ -200,6 +255,21 @@ class Module:
     def add_credential_source(self, kind: str, source: CredentialSource) -> None:
         """Answer a mechanism's credential requests of `kind`."""
         self._host.add_credential_source(kind, source)
+
+    def add_http_handler(self, prefix: str, handler: HTTPHandler) -> None:
+        """Answer HTTP requests whose path starts with `prefix` (e.g.
+        `/upload/`) on the server's `websocket` and `websocket-tls`
+        listeners: `handler` gets an `HTTPExchange` after the request head
+        was read and checked (size, fields, time), on whichever shard
+        accepted the connection."""
+        if not prefix.startswith("/") or not prefix.endswith("/"):
+            raise ValueError(f"HTTP prefix {prefix!r} must start and end with '/'")
+        self._host.add_http_handler(prefix, handler)
+
+    def listener_port(self, kind: str) -> int | None:
+        """The port the listener of `kind` (`websocket-tls`, ...) is bound
+        to, once the server listens; None if there is none."""
+        return self._host.listener_port(kind)
 
     def trust_client_cas(self, certificates: Sequence[bytes]) -> None:
         """Make the TLS listeners accept client certificates issued by these

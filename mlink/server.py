@@ -25,7 +25,7 @@ from mlink.hooks import Hooks, NonzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.jid import cache_size as jid_cache_size
 from mlink.jid import set_cache_size as set_jid_cache_size
-from mlink.module import BusHandler, FeatureProvider
+from mlink.module import BusHandler, FeatureProvider, HTTPHandler
 from mlink.modules import load_modules
 from mlink.router.components import ComponentTable
 from mlink.router.router import Router
@@ -130,6 +130,8 @@ class Server:
         self.mock_salt_key = load_mock_salt_key(config.data_dir)
         # Namespaces of nonzas modules handle on established streams.
         self.nonza_namespaces: set[str] = set()
+        # Path prefix -> a module's handler, on the HTTP listeners.
+        self.http_handlers: dict[str, HTTPHandler] = {}
         self.modules = load_modules(self, config.modules)
         self.connections: set[ClientConnection] = set()
         self._no_connections = trio.Event()
@@ -434,6 +436,21 @@ class Server:
             self._nursery.start_soon(self._run_background, name, task)
         else:
             self.background_tasks.append((name, task))
+
+    def add_http_handler(self, prefix: str, handler: HTTPHandler) -> None:
+        if prefix in self.http_handlers:
+            raise ValueError(f"HTTP prefix {prefix!r} is already served")
+        self.http_handlers[prefix] = handler
+
+    def http_handler(self, path: str) -> HTTPHandler | None:
+        """The module handler for a request path, if one serves it."""
+        for prefix, handler in self.http_handlers.items():
+            if path.startswith(prefix):
+                return handler
+        return None
+
+    def listener_port(self, kind: str) -> int | None:
+        return self.bound_ports.get(kind)
 
     def shared_service(self, name: str, factory: Callable[[], Any]) -> Any:
         if name not in self.shared_services:

@@ -46,18 +46,29 @@ LINGER_TIMEOUT = 2.0
 MAX_DETAIL_CHARS = 120
 
 REASONS: dict[int, str] = {
+    100: "Continue",
     200: "OK",
+    201: "Created",
+    204: "No Content",
+    206: "Partial Content",
     400: "Bad Request",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    409: "Conflict",
+    410: "Gone",
+    411: "Length Required",
     413: "Content Too Large",
+    415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     426: "Upgrade Required",
     431: "Request Header Fields Too Large",
     # h11's hint for a Transfer-Encoding other than chunked.
+    500: "Internal Server Error",
     501: "Not Implemented",
     505: "HTTP Version Not Supported",
+    507: "Insufficient Storage",
 }
 
 # The blank line that ends a head, as h11 finds it (bare LF line ends are
@@ -114,6 +125,7 @@ class HTTPConnection:
     line folding) and turns every refusal into an `HTTPError`."""
 
     def __init__(self) -> None:
+        self._needs_data = False
         # h11 refuses (431) an incomplete head buffered past this size, but
         # parses a complete one of any size; _check_size covers that.
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -225,6 +237,66 @@ class HTTPConnection:
         out += self._h11.send(h11.EndOfMessage()) or b""
         return out
 
+    # -- a request body and a streamed response (module HTTP handlers) --------
+
+    def receive_body_data(self, data: bytes | bytearray) -> None:
+        """Feed bytes read after the head (b"" at end of input) to h11."""
+        self._h11.receive_data(bytes(data))
+
+    def next_body_event(self) -> bytes | None:
+        """The next piece of the request body: bytes (possibly empty when
+        more must be read first: see `body_wants_data`), or None once the
+        body is complete. HTTPError for a malformed body or a peer that
+        ended it early."""
+        try:
+            event = self._h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise _refusal(exc) from None
+        if event is h11.NEED_DATA:
+            self._needs_data = True
+            return b""
+        self._needs_data = False
+        if isinstance(event, h11.Data):
+            return bytes(event.data)
+        if isinstance(event, h11.EndOfMessage):
+            return None
+        if isinstance(event, h11.ConnectionClosed):
+            raise HTTPError(400, "the connection ended before the request body did")
+        return b""
+
+    @property
+    def body_wants_data(self) -> bool:
+        """Whether the last `next_body_event` needs more bytes read first."""
+        return self._needs_data
+
+    @property
+    def client_waits_for_continue(self) -> bool:
+        """The client sent `Expect: 100-continue` and waits before its body."""
+        return bool(self._h11.they_are_waiting_for_100_continue)
+
+    def continue_response(self) -> bytes:
+        """`100 Continue`: go on with the body (RFC 9110 §10.1.1)."""
+        out = self._h11.send(h11.InformationalResponse(status_code=100, headers=[]))
+        return out or b""
+
+    def response_head(self, status: int, headers: tuple[tuple[str, str], ...]) -> bytes:
+        """The head of a response whose body follows in `response_data`
+        (`headers` should give its Content-Length); the connection ends
+        after it."""
+        out = self._h11.send(h11.Response(
+            status_code=status, reason=REASONS.get(status, "Error"),
+            headers=[*headers, ("Connection", "close")]))
+        return out or b""
+
+    def response_data(self, data: bytes) -> bytes:
+        """A piece of the body (nothing to a HEAD request)."""
+        if self._request is not None and self._request.method == "HEAD":
+            return b""
+        return self._h11.send(h11.Data(data=data)) or b""
+
+    def response_end(self) -> bytes:
+        return self._h11.send(h11.EndOfMessage()) or b""
+
     def error_response(self, error: HTTPError) -> bytes:
         """The response for `error`: its message as a text/plain body."""
         return self.response(error.status, f"{error.message}\n".encode(),
@@ -277,6 +349,12 @@ async def send_response(stream: trio.abc.Stream, data: bytes, timeout: float) ->
             await stream.send_all(data)
         except _STREAM_ERRORS:
             return
+    await linger(stream)
+
+
+async def linger(stream: trio.abc.Stream) -> None:
+    """End our side and drop what the client still sends, for at most
+    LINGER_TIMEOUT (see there)."""
     if not isinstance(stream, trio.abc.HalfCloseableStream):
         return  # TLS: no half-close; closing sends close_notify instead
     with trio.move_on_after(LINGER_TIMEOUT):

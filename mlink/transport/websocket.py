@@ -1,9 +1,9 @@
 """XMPP over WebSocket (RFC 7395) and connection discovery (XEP-0156).
 
-One HTTP port serves three things: the WebSocket endpoint at
-`/xmpp-websocket`, and `/.well-known/host-meta` (XRD) and
-`/.well-known/host-meta.json` (JRD) naming that endpoint, so web clients
-that discover endpoints find it. The request head is read here
+One HTTP port serves the WebSocket endpoint at `/xmpp-websocket`,
+`/.well-known/host-meta` (XRD) and `/.well-known/host-meta.json` (JRD)
+naming that endpoint, so web clients that discover endpoints find it,
+and the path prefixes modules registered (`Module.add_http_handler`). The request head is read here
 (`mlink.transport.http`, with h11); upgrades go on to trio-websocket
 with the bytes replayed, everything else gets a small HTTP response.
 
@@ -38,11 +38,13 @@ from mlink.transport.http import (
     receive_request,
     send_response,
 )
+from mlink.transport.http_exchange import Exchange
 from mlink.xml.serialize import escape_attr
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
+    from mlink.module import HTTPHandler
     from mlink.server import Server
 
 log = logging.getLogger(__name__)
@@ -209,6 +211,10 @@ class WebSocketEndpoint:
                     self.check_upgrade(request)
                     await self._upgrade(stream, conn.raw, peer, channel_binding or {})
                     return
+                handler = self.server.http_handler(request.path)
+                if handler is not None:
+                    await self._module_request(handler, stream, conn, request, peer)
+                    return
                 body, content_type = self.discovery(request, peer, local_port)
                 reply = conn.response(200, body, content_type,
                                       (("Access-Control-Allow-Origin", "*"),))
@@ -224,6 +230,19 @@ class WebSocketEndpoint:
                     await stream.aclose()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+
+    async def _module_request(self, handler: HTTPHandler, stream: trio.abc.Stream,
+                              conn: HTTPConnection, request: Request,
+                              peer: IPAddress | None) -> None:
+        """A request for a module's path prefix: the module answers it; a
+        handler that crashes costs its own request (500), nothing else."""
+        secure = self.secure or plain_counts_as_encrypted(peer, self.trusted_proxies)
+        exchange = Exchange(stream, conn, request, None if peer is None else str(peer), secure)
+        try:
+            await handler(exchange)
+        except Exception:
+            log.exception("HTTP handler for %s %s crashed", request.method, request.path)
+        await exchange.finish()
 
     def discovery(self, request: Request, peer: IPAddress | None,
                   local_port: int | None = None) -> tuple[bytes, str]:

@@ -1,0 +1,209 @@
+"""Where uploaded files live, and the blocking file work on them (always
+run in a worker thread: `trio.to_thread.run_sync`, never on the loop).
+
+Layout under the upload directory (outside any web root, default
+`<data>/upload`):
+
+    <owner>/<slot id>          the file, as uploaded
+    <owner>/<slot id>.json     its name, content type and size
+    <owner>/.part-<slot id>-<random>   an upload in progress
+
+Names on disk come from the owner id and the slot id only, both checked
+to be hex/base64url before any path is built: nothing a client writes
+reaches the file system. A finished upload is linked into place
+(`os.link`, which fails if the name exists), so of two PUTs to the same
+slot exactly one wins, on any shard. Expiry is by modification time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+# The key that signs slots and hides owners, in the data directory.
+KEY_FILE = "http-upload.key"
+KEY_BYTES = 32
+META_SUFFIX = ".json"
+PART_PREFIX = ".part-"
+# A partial upload older than this is left over from a crash (a live one
+# is written to at least every idle timeout); the sweep removes it.
+STALE_PART_SECONDS = 3600
+# Metadata files are a few hundred bytes; anything larger is not ours.
+MAX_META_BYTES = 4096
+
+
+def load_key(data_dir: Path) -> bytes:
+    """The upload key, created (mode 0600) on first use. Shards starting
+    at once agree: each links its own candidate into place and the first
+    link wins."""
+    path = data_dir / KEY_FILE
+    with contextlib.suppress(FileNotFoundError):
+        return _read_key(path)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(secrets.token_bytes(KEY_BYTES))
+            out.flush()
+            os.fsync(out.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"{path}: expected {KEY_BYTES} bytes, found {len(key)}")
+    return key
+
+
+@dataclass(frozen=True, slots=True)
+class Meta:
+    name: str
+    content_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A file found for a download."""
+
+    path: Path
+    meta: Meta
+    size: int
+
+
+class UploadStore:
+    """The upload directory. Every method blocks: call it in a thread."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _owner_dir(self, owner: str) -> Path:
+        return self.root / owner
+
+    def usage(self, owner: str, expiry: float, now: float) -> int:
+        """Bytes `owner` has stored and not expired, uploads in progress
+        included (so parallel uploads cannot overrun the quota by much)."""
+        total = 0
+        try:
+            entries = list(os.scandir(self._owner_dir(owner)))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if entry.name.endswith(META_SUFFIX):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if entry.name.startswith(PART_PREFIX) or st.st_mtime + expiry >= now:
+                total += st.st_size
+        return total
+
+    def exists(self, owner: str, slot_id: str) -> bool:
+        return (self._owner_dir(owner) / slot_id).exists()
+
+    def open_part(self, owner: str, slot_id: str, size: int) -> tuple[Path, int]:
+        """A new private file for an upload in progress: (path, fd). It
+        has the upload's full size from the start (sparse), so the quota
+        counts an upload in progress at what it will be."""
+        directory = self._owner_dir(owner)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = directory / f"{PART_PREFIX}{slot_id}-{secrets.token_hex(6)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return path, fd
+
+    def commit(self, part: Path, fd: int, owner: str, slot_id: str, meta: Meta) -> bool:
+        """Make the finished upload `part` the slot's file; False if the
+        slot already has one (the part is removed either way)."""
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            directory = self._owner_dir(owner)
+            meta_tmp = directory / f"{PART_PREFIX}{slot_id}-{secrets.token_hex(6)}{META_SUFFIX}"
+            meta_tmp.write_text(json.dumps({
+                "name": meta.name, "content-type": meta.content_type,
+                "size": meta.size}))
+            os.replace(meta_tmp, directory / f"{slot_id}{META_SUFFIX}")
+            try:
+                os.link(part, directory / slot_id)
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            part.unlink(missing_ok=True)
+
+    @staticmethod
+    def abandon(part: Path, fd: int) -> None:
+        """Remove an upload that did not finish."""
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        part.unlink(missing_ok=True)
+
+    def find(self, owner: str, slot_id: str, expiry: float, now: float) -> Stored | None:
+        """The file of a slot for a download, None if there is none or it
+        has expired."""
+        directory = self._owner_dir(owner)
+        path = directory / slot_id
+        try:
+            st = path.stat()
+            raw = (directory / f"{slot_id}{META_SUFFIX}").read_bytes()[:MAX_META_BYTES]
+            data = json.loads(raw)
+            meta = Meta(str(data["name"]), str(data["content-type"]), int(data["size"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if st.st_mtime + expiry < now:
+            return None
+        return Stored(path, meta, st.st_size)
+
+    def sweep(self, expiry: float, now: float) -> int:
+        """Remove expired files, their metadata, and leftovers of crashed
+        uploads; how many files were removed."""
+        removed = 0
+        try:
+            owners = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return 0
+        for owner in owners:
+            try:
+                entries = {e.name: e for e in os.scandir(owner.path)}
+            except FileNotFoundError:
+                continue
+            for name, entry in entries.items():
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if name.startswith(PART_PREFIX):
+                    dead = mtime + STALE_PART_SECONDS < now
+                elif name.endswith(META_SUFFIX):
+                    # Its file is gone, and it is not one being written.
+                    dead = (name[:-len(META_SUFFIX)] not in entries
+                            and mtime + STALE_PART_SECONDS < now)
+                else:
+                    dead = mtime + expiry < now
+                    if dead:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(os.path.join(owner.path, name + META_SUFFIX))
+                if dead:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry.path)
+                        removed += 1
+        return removed
