@@ -381,3 +381,21 @@ async def test_written_file_loads_into_slapd_and_users_can_bind(directory, path,
             assert (proc.returncode == 0) == ok, (dn, proc.returncode)
     finally:
         await trio.to_thread.run_sync(lambda: run_slapd_tool("--stop", str(workdir)))
+
+
+async def test_a_login_hands_its_entry_to_who_asked(directory: EmbeddedDirectory):
+    """`read_at_login`: the login's own search brings the profile attributes
+    (no second search for the session's first presence), only for a login
+    that succeeded, and never a credential."""
+    await directory.add_user("erin@example.com", "erin-pw")
+    seen: list[tuple[str, dict[str, list[bytes]]]] = []
+    directory.read_at_login(["cn", "mail", "userPassword"], lambda j, v: seen.append((j, v)))
+    ok, _ = await directory.password_login("erin@example.com", "wrong")
+    assert not ok and seen == []
+    ok, _ = await directory.password_login("erin@example.com", "erin-pw")
+    assert ok
+    assert seen == [("erin@example.com", {"cn": [b"erin"], "mail": [b"erin@example.com"]})]
+    seen.clear()
+    secret = await directory.scram_secret("erin@example.com", "SCRAM-SHA-256")
+    assert secret is not None
+    assert seen == [("erin@example.com", {"cn": [b"erin"], "mail": [b"erin@example.com"]})]

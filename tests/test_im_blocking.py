@@ -152,3 +152,32 @@ def test_blocking_hides_presence_and_unblocking_restores_it(im_server, clients):
     assert shown.findtext(f"{{{CLIENT_NS}}}show") == "away"
     probed = erin.expect(is_presence_from(frank.jid), "frank's presence")
     assert probed.findtext(f"{{{CLIENT_NS}}}show") == "dnd"
+
+
+def test_a_blocklist_from_before_a_restart_filters_the_first_stanzas(tmp_path, cert_files,
+                                                                       ca_file):
+    """The server learns at start who blocks anyone (so the others' stanzas
+    skip the blocklist read): a list written by the previous run must
+    filter from the very first stanza of the next, in both directions."""
+    from tests.serverproc import DOMAIN, serve, start_mlink, stop
+    from tests.test_im_services import USERS
+
+    with start_mlink(tmp_path, DOMAIN, cert_files, users=USERS) as first:
+        bob = Client(first, ca_file, BOB)
+        assert command(bob, "block", CAROL).get("type") == "result"
+        bob.close()
+        assert stop(first) == 0
+    second = serve(first.config, DOMAIN)
+    try:
+        bob, carol = Client(second, ca_file, BOB), Client(second, ca_file, CAROL)
+        bob.send("<presence/>")
+        carol.message(bob.jid, "first words from carol")
+        error = bob.reply(bob.message(carol.jid, "first words from bob"))
+        assert stanza_error_of(error) == ("modify", "not-acceptable")
+        assert carol.sync() == []
+        assert [body_of(s) for s in bob.sync() if s.tag == f"{{{CLIENT_NS}}}message"] == []
+        dave = Client(second, ca_file, DAVE)
+        dave.message(bob.jid, "dave gets through")
+        assert bob.expect(is_message_with("dave gets through")) is not None
+    finally:
+        assert stop(second) == 0, second.log.text()

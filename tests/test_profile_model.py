@@ -91,6 +91,10 @@ class FakeDirectory:
     refuse: str | None = None
     reads: int = 0
     modifies: list[dict[str, list[bytes]]] = field(default_factory=list)
+    login_attributes: tuple[str, ...] = ()
+
+    def read_at_login(self, attributes: Sequence[str], seen: object) -> None:
+        self.login_attributes = tuple(attributes)
 
     async def user_attributes(self, jid: str, attributes: Sequence[str]) -> dict[
             str, list[bytes]] | None:
@@ -168,6 +172,17 @@ async def test_get_assembles_every_source():
     with pytest.raises(ProfileError) as info:
         await svc.get("nobody@example.com")
     assert info.value.condition == "item-not-found"
+
+
+async def test_a_profile_primed_at_login_needs_no_directory_read():
+    svc, server = service()
+    directory = server.directory
+    assert {"displayName", "jpegPhoto"} <= set(directory.login_attributes)
+    svc.prime(USER, {"displayName": [b"Primed"], "jpegPhoto": [b"\xff\xd8new"]})
+    directory.down = True  # the session's first presence must not need it
+    profile = await svc.get(USER)
+    assert profile.get("display_name") == ("Primed",) and profile.photo == b"\xff\xd8new"
+    assert directory.reads == 0 and not profile.stale
 
 
 async def test_unchanged_directory_values_are_no_change():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import datetime
 import os
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -119,6 +119,14 @@ class Directory(abc.ABC):
         """True when `password` is right for `jid`; False for a wrong
         password or an unknown user (the caller must not tell them apart).
         Raises DirectoryUnavailable when it cannot decide."""
+
+    def read_at_login(self, attributes: Sequence[str],
+                      seen: Callable[[str, dict[str, list[bytes]]], None]) -> None:
+        """Ask for `attributes` too in the search a login makes anyway and
+        hand what it finds to `seen(jid, values)`: the profile a session
+        reads right after (its avatar hash for presence) then costs no
+        second search. Backends that do not search ignore it."""
+        return None
 
     async def scram_login(self, jid: str, mechanism: str) -> ScramLogin:
         """The secret for a SCRAM login and the directory's verdict on the

@@ -26,7 +26,7 @@ import logging
 import os
 import secrets as secrets_module
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -182,6 +182,27 @@ class PortDirectory(Directory):
         # Password policy entries by DN: (when read, the policy or None).
         self._policies: dict[str, tuple[float, PasswordPolicy | None]] = {}
         self._users_key = normalize_dn(layout.users_dn)
+        # See `read_at_login`.
+        self._login_attributes: tuple[str, ...] = ()
+        self._login_seen: Callable[[str, dict[str, list[bytes]]], None] | None = None
+
+    def read_at_login(self, attributes: Sequence[str],
+                      seen: Callable[[str, dict[str, list[bytes]]], None]) -> None:
+        self._login_attributes = tuple(a for a in attributes
+                                       if a.lower() not in CREDENTIAL_ATTRIBUTES)
+        self._login_seen = seen if self._login_attributes else None
+
+    def _found_at_login(self, jid: str, entry: Entry) -> None:
+        """Hand a login's entry to whoever asked (`read_at_login`)."""
+        seen = self._login_seen
+        if seen is None:
+            return
+        out: dict[str, list[bytes]] = {}
+        for name in self._login_attributes:
+            values = entry.get(name)
+            if values:
+                out[name] = [_as_bytes(v) for v in values]
+        seen(jid, out)
 
     # --- finding users ------------------------------------------------------
 
@@ -222,13 +243,15 @@ class PortDirectory(Directory):
     async def password_login(self, jid: str, password: str) -> tuple[bool, Verdict]:
         if not password:
             return False, Verdict()
-        entry = await self._find(jid, ["1.1"])
+        entry = await self._find(jid, self._login_attributes or ["1.1"])
         if entry is None:
             return False, Verdict()
         ok, verdict = await self.port.bind_outcome(entry.dn, password)
         if ok and not verdict.refused and self.layout.disabled_filter \
                 and await self._is_disabled(entry):
             return ok, Verdict("account-disabled", "this account is disabled", lasting=True)
+        if ok and not verdict.refused:
+            self._found_at_login(jid, entry)
         return ok, verdict
 
     async def check_password(self, jid: str, password: str) -> bool:
@@ -256,7 +279,8 @@ class PortDirectory(Directory):
         if mechanism not in HASHES:
             return ScramLogin(None)
         attr = self.layout.scram_attribute
-        entry = await self._find(jid, [attr, "userPassword", *STATE_ATTRIBUTES])
+        entry = await self._find(jid, [attr, "userPassword", *STATE_ATTRIBUTES,
+                                       *self._login_attributes])
         if entry is None:
             return ScramLogin(None)
         values = entry.get(attr)
@@ -275,6 +299,11 @@ class PortDirectory(Directory):
                         await self._is_disabled(entry))
         if verdict.refused:
             log.info("SCRAM refused for %s: %s", jid, verdict.text)
+        else:
+            # Before the client's proof is checked: the profile of an
+            # existing account is cached a little early, which tells a
+            # client nothing and costs nothing if the proof fails.
+            self._found_at_login(jid, entry)
         return ScramLogin(secret, verdict)
 
     async def _policy_for(self, state: dict[str, list[Value]]) -> PasswordPolicy | None:

@@ -17,6 +17,8 @@ import secrets
 import xml.etree.ElementTree as ET
 from typing import TYPE_CHECKING
 
+import trio
+
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.module import BOOL_CODEC
@@ -44,6 +46,13 @@ GETS_PRESENCE = frozenset({"to", "both"})
 STANZA_KINDS = ("message", "presence", "iq")
 # Random bytes in a push's id: unique enough among a session's iqs.
 PUSH_ID_BYTES = 6
+# How often the set of users who block anyone is read again from the
+# store. Changes reach it at once (here, and from other shards through the
+# cache invalidations); the reread bounds how long a change whose
+# invalidation never arrived (a peer shard's bus not yet connected) can be
+# missed, for one indexed query a minute.
+BLOCKERS_REFRESH_SECONDS = 60.0
+EMPTY: frozenset[str] = frozenset()
 
 
 def candidates(jid: JID) -> tuple[str, ...]:
@@ -64,15 +73,50 @@ def candidates(jid: JID) -> tuple[str, ...]:
 
 class Blocklists:
     """Blocklists by user, cached while the user has sessions (bounded; a
-    load that overlaps a change does not cache: mlink.util.user_cache)."""
+    load that overlaps a change does not cache: mlink.util.user_cache).
+
+    Most users block nobody, yet every stanza to or from them asks. The set
+    of users with any entry (`_blockers`, read at start and every
+    BLOCKERS_REFRESH_SECONDS, grown by every change seen here or announced
+    by another shard) answers "nothing blocked" for everyone else without a
+    store read — on each shard, for every user its stanzas touch, which
+    used to be one read in a worker thread per user and shard after start.
+    Until the first read completes, every user is asked of the store."""
 
     def __init__(self, module: Module) -> None:
         self._module = module
         self._changed = module.user_cache("blocklists", self.invalidate)
         self._cache: UserCache[JID, frozenset[str]] = UserCache(module.config.caches.blocklists)
+        self._blockers: set[str] | None = None
+        # Users changed while a read of the set was in flight: the read may
+        # predate their change, so they are kept whatever it returns.
+        self._changed_during_read: set[str] | None = None
+
+    async def keep_blockers(self) -> None:
+        """Read the set of users who block anyone, then again every
+        BLOCKERS_REFRESH_SECONDS (a failed read keeps the last set, or the
+        store-for-everyone fallback, and is retried at the next tick)."""
+        while True:
+            self._changed_during_read = set()
+            try:
+                found = await self._module.data.blocking_users()
+            except Exception as exc:
+                self._module.log.warning("could not read who blocks anyone: %s", exc)
+            else:
+                self._blockers = found | self._changed_during_read
+            finally:
+                self._changed_during_read = None
+            await trio.sleep(BLOCKERS_REFRESH_SECONDS)
+
+    def blocks_nobody(self, user: JID) -> bool:
+        """Known without a store read that `user` blocks nobody."""
+        blockers = self._blockers
+        return blockers is not None and str(user.bare) not in blockers
 
     async def get(self, user: JID) -> frozenset[str]:
         user = user.bare
+        if self.blocks_nobody(user):
+            return EMPTY
         cached = self._cache.get(user)
         if cached is not None:
             return cached
@@ -89,7 +133,7 @@ class Blocklists:
 
     async def blocks(self, user: JID, other: JID) -> bool:
         """Whether `user` (a local account) blocked `other`."""
-        if user.bare == other.bare:
+        if user.bare == other.bare or self.blocks_nobody(user):
             return False
         items = await self.get(user)
         return bool(items) and any(c in items for c in candidates(other))
@@ -97,8 +141,11 @@ class Blocklists:
     async def change(self, user: JID, block: bool, jids: list[str] | None) -> None:
         """Block or unblock (`jids` None: everyone). Until the store has
         committed, readers see the old list; then the cache is dropped and
-        any load that overlapped the write is kept from caching."""
+        any load that overlapped the write is kept from caching. The user
+        joins the set of blockers before the write, so no reader can see
+        the new list in the store and still skip it."""
         user = user.bare
+        self._note_change(str(user))
         if block:
             await self._module.data.block(str(user), jids or [])
         else:
@@ -109,7 +156,17 @@ class Blocklists:
     def invalidate(self, user_text: str) -> None:
         """Drop the cached list (changed here or, in a sharded server, on
         another shard) and keep overlapping loads from caching it."""
+        self._note_change(user_text)
         self._cache.invalidate(parse_jid(user_text).bare)
+
+    def _note_change(self, user_text: str) -> None:
+        """`user_text` may block someone now. (Unblocking everyone leaves
+        the user in the set until the next reread: one store read per
+        stanza of theirs until then, never a missed block.)"""
+        if self._blockers is not None:
+            self._blockers.add(user_text)
+        if self._changed_during_read is not None:
+            self._changed_during_read.add(user_text)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -147,6 +204,8 @@ def setup(module: Module) -> None:
         return not jid.local and router.is_local(jid)
 
     async def outbound(event: StanzaEvent) -> bool:
+        if lists.blocks_nobody(event.sender):
+            return False
         if own_server(event.to) or not await lists.blocks(event.sender, event.to):
             return False
         stanza = event.stanza
@@ -158,6 +217,9 @@ def setup(module: Module) -> None:
         if id(event.stanza) in exempt or own_server(event.sender):
             return False
         recipient, sender = event.to, event.sender
+        if lists.blocks_nobody(recipient) and (event.origin is not None
+                                                or lists.blocks_nobody(sender)):
+            return False
         refused = await lists.blocks(recipient, sender)
         # Whether a local sender blocked the recipient: `outbound` already
         # asked that of a stanza from a local client (`origin` set) in its
@@ -281,4 +343,5 @@ def setup(module: Module) -> None:
         for scope in ("bare", "full"):
             module.hook(f"{kind}/{scope}", inbound, FILTER_PRIORITY)
     module.hook("session/closed", session_closed)
+    module.spawn(lists.keep_blockers)
 

@@ -165,6 +165,7 @@ class ProfileService:
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         # One writer per user at a time: compare-then-modify must not interleave.
         self._locks: KeyedLock[str] = KeyedLock()
+        server.directory.read_at_login(self._attributes, self.prime)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -182,6 +183,19 @@ class ProfileService:
         self.max_photo_bytes = int(config.profiles.max_photo_bytes)
         self._attributes = directory_attributes(fields.values())
         self._cache.clear()
+        self.server.directory.read_at_login(self._attributes, self.prime)
+
+    def prime(self, jid: str, found: Mapping[str, list[bytes]]) -> None:
+        """Cache the directory values a login's own search brought
+        (`Directory.read_at_login`): the session's first presence needs the
+        avatar hash, and the entry was just read."""
+        self._store(jid, {name.lower(): list(values) for name, values in found.items()})
+
+    def _store(self, jid: str, attributes: dict[str, list[bytes]]) -> None:
+        self._cache[jid] = _Cached(trio.current_time(), attributes)
+        self._cache.move_to_end(jid)
+        while len(self._cache) > self.max_cached:
+            self._cache.popitem(last=False)
 
     # -- reads ------------------------------------------------------------------
 
@@ -212,10 +226,7 @@ class ProfileService:
             self.invalidate(jid)
             raise ProfileError("item-not-found", "no such user")
         attributes = {name.lower(): list(values) for name, values in found.items()}
-        self._cache[jid] = _Cached(trio.current_time(), attributes)
-        self._cache.move_to_end(jid)
-        while len(self._cache) > self.max_cached:
-            self._cache.popitem(last=False)
+        self._store(jid, attributes)
         return attributes, False
 
     async def _assemble(self, jid: str, attributes: dict[str, list[bytes]]) -> dict[

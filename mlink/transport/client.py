@@ -68,6 +68,9 @@ class BindRefused(Exception):
 class ClientConnection:
     """A connection from accept to close; becomes a `Session` once bound."""
 
+    # Output is a byte stream: pieces queued together may be written as one.
+    joins_output = True
+
     def __init__(self, server: Server, stream: trio.abc.Stream, direct_tls: bool) -> None:
         self.server = server
         self.transport: trio.abc.Stream = stream
@@ -82,6 +85,7 @@ class ClientConnection:
             server.config.limits.max_output_bytes)
         self._closing = False
         self._sending = False  # the writer is in `send_all`
+        self._through_batch = -1  # the routing batch of the last write-through
         self._bound = False
         # Set by Server.session_ended: the session's end was announced.
         self.ended = False
@@ -580,13 +584,25 @@ class ClientConnection:
     # -- writing --------------------------------------------------------------
 
     def _flush_machine(self) -> None:
-        for message in self.xmpp.messages_to_send():
+        """Queue what the stream machine has to say. On a byte stream its
+        pieces (a stream header and its features, a SASL success, several
+        answers to pipelined stanzas) go as one write: one system call, and
+        on TLS one record, instead of one each; a WebSocket keeps one
+        message per element (RFC 7395 §3.4)."""
+        messages = self.xmpp.messages_to_send()
+        if len(messages) > 1 and self.joins_output:
+            self._queue(b"".join(messages))
+            return
+        for message in messages:
             self._queue(message)
 
     def _queue(self, data: bytes, item: ET.Element | WireStanza | None = None) -> None:
         out = self.out
-        if not out.pending and not self._sending and type(self.transport) is trio.SocketStream:
-            # Write-through: nothing queued, nothing being written.
+        if (not out.pending and not self._sending and type(self.transport) is trio.SocketStream
+                and self._through_batch != (batch := self.server.router.current_batch())):
+            # Write-through: nothing queued, nothing being written, and not
+            # the second stanza of a routing batch (`Router.current_batch`).
+            self._through_batch = batch or -1
             fd = self.transport.socket.fileno()
             if fd >= 0 and data:
                 try:

@@ -408,6 +408,8 @@ class WebSocketClientConnection(ClientConnection):
     """A client on a WebSocket: the TCP connection with RFC 7395 framing,
     one XML element per message in each direction."""
 
+    joins_output = False  # one WebSocket message per element
+
     def __init__(self, server: Server, ws: WebSocketConnection, *, encrypted: bool,
                  channel_binding: dict[str, bytes] | None = None,
                  refusal: list[bytes] | None = None) -> None:
