@@ -13,6 +13,7 @@ Values are `str` when they are valid UTF-8 and `bytes` otherwise (a
 from __future__ import annotations
 
 import base64
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -206,7 +207,15 @@ def parse(text: str) -> list[Entry]:
             raise LDIFError(f"line {number}: 'dn:' inside a record (missing blank line?)")
         key = current._key(name)
         if key is None:
-            current.attrs[name] = [value]
+            # Every entry spells the same few attribute names, and most
+            # share their objectClass values: one string object each for
+            # the whole directory, not one per entry (the embedded
+            # directory is held in every shard's memory).
+            current.attrs[sys.intern(name)] = [
+                sys.intern(value) if lname == "objectclass" and isinstance(value, str)
+                else value]
         else:
-            current.attrs[key].append(value)
+            current.attrs[key].append(
+                sys.intern(value) if lname == "objectclass" and isinstance(value, str)
+                else value)
     return entries

@@ -18,7 +18,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -27,7 +27,14 @@ from mlink.config_model import Config
 from mlink.shard.bus import UnixSocketBus
 from mlink.shard.control import ControlError, LineChannel, find_oserror
 from mlink.util.logsetup import configure_logging
-from mlink.util.memdebug import MemoryReporter
+
+if TYPE_CHECKING:
+    from mlink.util.memdebug import MemoryReporter
+
+# The debug memory reporter's switch (mlink.util.memdebug.ENV_FILE): its
+# module (tracemalloc, ctypes) is imported only when it is set, not into
+# every shard's idle memory.
+DEBUG_MEMORY_ENV = "MLINK_DEBUG_MEMORY"
 
 # Run as `python -m mlink.shard.worker`, where __name__ is "__main__".
 log = logging.getLogger("mlink.shard.worker" if __name__ == "__main__" else __name__)
@@ -80,9 +87,12 @@ async def run_shard(config: Config, index: int, shards: int, bus_dir: Path,
             nursery.start_soon(_watch_signals, signals, stop)
             await nursery.start(bus.run)
             await nursery.start(server.serve)
-            reporter = MemoryReporter.from_env()
-            if reporter is not None:
-                nursery.start_soon(_memory_reports, reporter, server)
+            if os.environ.get(DEBUG_MEMORY_ENV):
+                from mlink.util.memdebug import MemoryReporter
+
+                reporter = MemoryReporter.from_env()
+                if reporter is not None:
+                    nursery.start_soon(_memory_reports, reporter, server)
             if control is not None:
                 await control.send({"op": "ready", "pid": os.getpid(),
                                     "ports": dict(server.bound_ports)})

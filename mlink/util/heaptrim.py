@@ -34,7 +34,6 @@ Elsewhere than glibc (no `malloc_trim`), nothing happens.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import time
@@ -58,12 +57,11 @@ TRIM_AFTER_CLOSED = 64
 
 def _load_malloc_trim() -> Callable[[int], int] | None:
     """glibc's `malloc_trim`, or None (musl, macOS: nothing to call)."""
-    name = ctypes.util.find_library("c")
-    if not name:
-        return None
+    # The running program's own symbols, libc's among them: no
+    # `ctypes.util.find_library`, which imports shutil, tempfile and the
+    # compression modules and runs `ldconfig -p` (idle memory and start time).
     try:
-        libc = ctypes.CDLL(name)
-        trim = libc.malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -125,10 +123,15 @@ class HeapTrimmer:
         if trim is None:
             log.debug("no malloc_trim in this C library; freed heap pages stay resident")
             return
+        # Once after start-up too: reading the configuration and the
+        # embedded directory's file (its whole text, then its parse) leaves
+        # freed heap that an idle shard would otherwise keep resident.
+        after_start = True
         while True:
             await trio.sleep(TRIM_INTERVAL_SECONDS)
-            if not self.due():
+            if not self.due() and not after_start:
                 continue
+            after_start = False
             started = time.perf_counter()
             gc.collect()
             # malloc_trim walks the whole heap; ctypes releases the GIL for
