@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -145,7 +146,7 @@ def test_closed_sm_and_csi_streams_leave_no_entry():
         state = SmState(None, SessionInfo(JID("u", DOMAIN, "r")), stream,  # type: ignore[arg-type]
                         None, 0)
         streams[stream] = state
-        holders[stream] = Holder(stream)  # type: ignore[arg-type]
+        holders[stream] = Holder(stream, JID("u", DOMAIN, "r"), object())  # type: ignore[arg-type]
     del stream, state
     gc.collect()
     assert len(streams) == 0 and len(holders) == 0
@@ -489,6 +490,9 @@ def test_late_resume_answer_ends_the_session_instead_of_losing_it():
 
         async def fire(self, event: str, payload: SessionInfo) -> None:
             closed.append(f"{event} {payload.jid}")
+
+        def shared(self, name: str, factory: Any) -> Any:
+            return factory()
 
     info = SessionInfo(JID("alice", DOMAIN, "phone"))
     state = SmState(None, info, None, "rid", 60)  # type: ignore[arg-type]

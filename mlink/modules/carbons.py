@@ -93,21 +93,25 @@ def setup(module: Module) -> None:
     async def received(event: StanzaEvent) -> None:
         """§6: the recipient's other sessions get what one of them got."""
         message = event.stanza
-        if event.rerouted or not router.is_local(event.to) or not eligible(message):
-            return  # routed again: copied when it was first delivered
         to, sender = event.to.bare, event.sender
         skip = event.delivered_to
         if sender.bare == to:
             skip += (sender,)  # a note to oneself: not back to the sender
+        # A user with no session beyond those that got it has nobody to
+        # copy to (most users, most messages): asked before anything else.
+        if router.resource_count(to) <= len(set(skip)):
+            return
+        if event.rerouted or not router.is_local(event.to) or not eligible(message):
+            return  # routed again: copied when it was first delivered
         copy_to(to, skip, "received", message)
 
     async def sent(event: StanzaEvent) -> bool:
         """§7: the sender's other sessions get what it sent."""
         message = event.stanza
-        if event.origin is None or not eligible(message):
-            return False
         sender = event.sender
         user = sender.bare
+        if event.origin is None or router.resource_count(user) <= 1 or not eligible(message):
+            return False  # not a client's, or no other session to copy to
         if event.to.bare == user:
             return False  # the received copies cover the user's own sessions
         copy_to(user, (sender,), "sent", message)

@@ -90,6 +90,15 @@ class Router:
             return local
         return local + self.cluster.resources(bare)
 
+    def resource_count(self, bare: JID) -> int:
+        """How many bound sessions the user has, on any shard: the cheap
+        question before `resources` (a module with nothing to do for a user
+        with one session asks it on every stanza)."""
+        count = self.sessions.count_of_user(bare)
+        if self.cluster is not None:
+            count += self.cluster.count_of_user(bare)
+        return count
+
     def local_resources(self, bare: JID) -> list[SessionInfo]:
         """The bound sessions of a user on this shard only: what this shard
         decides about (see `deliver_local_available`)."""

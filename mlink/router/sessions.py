@@ -240,6 +240,9 @@ class SessionTable:
     def online(self, bare: JID) -> bool:
         return self._index.has_user(bare)
 
+    def count_of_user(self, bare: JID) -> int:
+        return len(self._index.resources(bare))
+
     def __len__(self) -> int:
         return len(self._index)
 

@@ -100,6 +100,13 @@ class Cluster:
             found += [m[2] for full, m in self._moved.items() if full.bare == bare]
         return found
 
+    def count_of_user(self, bare: JID) -> int:
+        """len(resources(bare)), without building the list."""
+        count = len(self._remote.resources(bare))
+        if self._moved:
+            count += sum(1 for full in self._moved if full.bare == bare)
+        return count
+
     def session(self, full: JID) -> SessionInfo | None:
         remote = self._remote.get(full)
         if remote is not None:
