@@ -181,3 +181,55 @@ def test_a_blocklist_from_before_a_restart_filters_the_first_stanzas(tmp_path, c
         assert bob.expect(is_message_with("dave gets through")) is not None
     finally:
         assert stop(second) == 0, second.log.text()
+
+
+async def test_a_peer_shard_coming_up_makes_the_blockers_be_read_again():
+    """Invalidations a peer shard sent while the bus to it was down are
+    lost: when it comes up, nobody counts as 'blocks nobody' (nor keeps a
+    cached list) until the store was read again. A read that was under way
+    when the peer came up is not used."""
+    import logging
+    from types import SimpleNamespace
+
+    import trio
+
+    from mlink.jid import parse_jid
+    from mlink.modules.blocking import Blocklists
+
+    class Data:
+        def __init__(self) -> None:
+            self.rows: dict[str, set[str]] = {}
+            self.release = trio.Event()
+
+        async def blocking_users(self) -> set[str]:
+            found = {u for u, jids in self.rows.items() if jids}
+            await self.release.wait()
+            return found
+
+        async def blocklist(self, user: str) -> set[str]:
+            return set(self.rows.get(user, ()))
+
+    data = Data()
+    module = SimpleNamespace(
+        data=data, log=logging.getLogger("test"),
+        config=SimpleNamespace(caches=SimpleNamespace(blocklists=100)),
+        router=SimpleNamespace(online=lambda jid: True),
+        user_cache=lambda name, invalidate: (lambda user: None))
+    lists = Blocklists(module)  # type: ignore[arg-type]
+    bob, eve = parse_jid(BOB), parse_jid("eve@" + BOB.split("@")[1])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lists.keep_blockers)
+        data.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert lists.blocks_nobody(bob) and not await lists.blocks(bob, eve)
+        # Bob blocks eve on a shard whose bus is down: no announcement.
+        data.rows[BOB] = {str(eve)}
+        data.release = trio.Event()
+        lists.peer_up()  # the bus comes up; a read starts
+        assert not lists.blocks_nobody(bob)
+        assert await lists.blocks(bob, eve)  # asked of the store meanwhile
+        data.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert not lists.blocks_nobody(bob) and await lists.blocks(bob, eve)
+        assert lists.blocks_nobody(parse_jid(CAROL))
+        nursery.cancel_scope.cancel()

@@ -48,9 +48,10 @@ STANZA_KINDS = ("message", "presence", "iq")
 PUSH_ID_BYTES = 6
 # How often the set of users who block anyone is read again from the
 # store. Changes reach it at once (here, and from other shards through the
-# cache invalidations); the reread bounds how long a change whose
-# invalidation never arrived (a peer shard's bus not yet connected) can be
-# missed, for one indexed query a minute.
+# cache invalidations), and it is read again whenever the bus to another
+# shard comes (back) up, since invalidations sent while it was down were
+# lost; the periodic reread bounds what else could be missed (a frame
+# dropped by a full bus buffer), for one indexed query a minute.
 BLOCKERS_REFRESH_SECONDS = 60.0
 EMPTY: frozenset[str] = frozenset()
 
@@ -91,6 +92,8 @@ class Blocklists:
         # Users changed while a read of the set was in flight: the read may
         # predate their change, so they are kept whatever it returns.
         self._changed_during_read: set[str] | None = None
+        self._read_again = trio.Event()
+        self._peers_up = 0  # peer_up calls so far
 
     async def keep_blockers(self) -> None:
         """Read the set of users who block anyone, then again every
@@ -98,15 +101,32 @@ class Blocklists:
         store-for-everyone fallback, and is retried at the next tick)."""
         while True:
             self._changed_during_read = set()
+            peers_up = self._peers_up
             try:
                 found = await self._module.data.blocking_users()
             except Exception as exc:
                 self._module.log.warning("could not read who blocks anyone: %s", exc)
             else:
-                self._blockers = found | self._changed_during_read
+                # A peer that came up during the read may have changed lists
+                # before it: the read may predate that, so it is not used
+                # (the next one, at once, is).
+                if peers_up == self._peers_up:
+                    self._blockers = found | self._changed_during_read
             finally:
                 self._changed_during_read = None
-            await trio.sleep(BLOCKERS_REFRESH_SECONDS)
+            with trio.move_on_after(BLOCKERS_REFRESH_SECONDS):
+                await self._read_again.wait()
+            self._read_again = trio.Event()
+
+    def peer_up(self) -> None:
+        """The bus to another shard is (again) up: what it changed while
+        the bus was down was never announced here. Cached lists are
+        dropped and the set of blockers is read again; until that read
+        completes, every user is asked of the store."""
+        self._cache.invalidate_all()
+        self._peers_up += 1
+        self._blockers = None
+        self._read_again.set()
 
     def blocks_nobody(self, user: JID) -> bool:
         """Known without a store read that `user` blocks nobody."""
@@ -344,4 +364,9 @@ def setup(module: Module) -> None:
             module.hook(f"{kind}/{scope}", inbound, FILTER_PRIORITY)
     module.hook("session/closed", session_closed)
     module.spawn(lists.keep_blockers)
+
+    async def peer_up(shard: int) -> None:
+        lists.peer_up()
+
+    module.hook("cluster/peer-up", peer_up)
 

@@ -68,6 +68,13 @@ class UserCache(Generic[K, V]):
         if load is not None:
             load.stale = True
 
+    def invalidate_all(self) -> None:
+        """Any value may be stale (changes may have gone unannounced): drop
+        them all, and every load under way."""
+        self._values.clear()
+        for load in self._loads.values():
+            load.stale = True
+
     def forget(self, key: K) -> None:
         self._values.pop(key, None)
 
