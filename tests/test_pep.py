@@ -27,7 +27,7 @@ DEVICES = "eu.siacs.conversations.axolotl.devicelist"
 BOOKMARKS = "urn:xmpp:bookmarks:1"
 CAPS_NODE = "https://example.org/test-client"
 USERS = {f"{name}@{DOMAIN}": f"{name}-pw" for name in
-         ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")}
+         ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank", "ivan", "judy")}
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +303,37 @@ def test_caps_verification_example_from_the_xep() -> None:
     assert verifies(caps, query)
     ET.SubElement(query, "{http://jabber.org/protocol/disco#info}feature", {"var": "x"})
     assert not verifies(caps, query)
+
+
+AVATAR_METADATA = "urn:xmpp:avatar:metadata"
+
+
+def test_a_vcard_photo_is_announced_as_a_pep_avatar(
+        server: MlinkProcess, ca_file: Path, clients: list[Client]) -> None:
+    """XEP-0398: the account says the vCard photo and the PEP avatar are
+    kept as one; a photo set through vcard-temp reaches the contacts that
+    asked for avatar metadata notifications, and PEP serves it."""
+    ivan = Client(server, ca_file, "ivan", notify=(AVATAR_METADATA,))
+    judy = Client(server, ca_file, "judy", notify=(AVATAR_METADATA,))
+    clients += [ivan, judy]
+    for c in (ivan, judy):
+        c.roster()
+    for c in (ivan, judy):
+        c.available()
+    befriend(ivan, judy)
+    info = judy.iq("get", "<query xmlns='http://jabber.org/protocol/disco#info'/>", to=ivan.bare)
+    features = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert "urn:xmpp:pep-vcard-conversion:0" in features, features
+
+    photo = b"\xff\xd8\xff\xe0" + uuid.uuid4().bytes * 8  # JPEG magic, unique content
+    digest = hashlib.sha1(photo).hexdigest()
+    encoded = base64.b64encode(photo).decode()
+    reply = ivan.iq("set", "<vCard xmlns='vcard-temp'><NICKNAME>g</NICKNAME><PHOTO>"
+                           f"<TYPE>image/jpeg</TYPE><BINVAL>{encoded}</BINVAL></PHOTO></vCard>")
+    assert reply.get("type") == "result", ET.tostring(reply)
+    event = judy.event(AVATAR_METADATA, digest)
+    info_el = event.find(f".//{{{AVATAR_METADATA}}}info")
+    assert info_el is not None and info_el.get("id") == digest
+    assert info_el.get("bytes") == str(len(photo)) and info_el.get("type") == "image/jpeg"
+    data = judy.items(ivan.bare, "urn:xmpp:avatar:data")
+    assert encoded in ET.tostring(data, encoding="unicode")
