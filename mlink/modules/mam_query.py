@@ -191,11 +191,10 @@ async def run_query(archive: ArchiveStore, key: str, q: Query, *,
         if await archive.get(key, anchor) is None:
             raise QueryError("item-not-found", f"no archived item {anchor}")
     if q.ids is not None:
-        found = await archive.get_many(key, q.ids)
-        items = [item for item in found if accept is None or accept(item)]
+        listed = await archive.get_many(key, q.ids)
+        items = [item for item in listed if accept is None or accept(item)]
         return Page(items, True, None if accept else len(items), None if accept else 0, q.flip)
     # The result set: the filters and the form's id bounds; RSM pages in it.
-    bounds = {"with_jid": with_index, "start": q.start, "end": q.end}
     lower = max((i for i in (q.after_id, q.after) if i is not None), default=None)
     upper = min((i for i in (q.before_id, q.before) if i is not None), default=None)
     newest_first = q.before is not None or q.last_page
@@ -204,7 +203,8 @@ async def run_query(archive: ArchiveStore, key: str, q: Query, *,
     cursor_lower, cursor_upper = lower, upper
     for _ in range(MAX_FILTER_READS if accept is not None else 1):
         batch = await archive.page(key, before=cursor_upper, after=cursor_lower,
-                                   limit=want, newest_first=newest_first, **bounds)
+                                   with_jid=with_index, start=q.start, end=q.end,
+                                   limit=want, newest_first=newest_first)
         found += [item for item in batch if accept is None or accept(item)]
         if len(batch) < want or len(found) >= want:
             break
@@ -218,10 +218,11 @@ async def run_query(archive: ArchiveStore, key: str, q: Query, *,
         found.reverse()
     page = Page(found, complete, flip=q.flip)
     if accept is None:
-        page.count = await archive.count(key, before=q.before_id, after=q.after_id, **bounds)
+        page.count = await archive.count(key, before=q.before_id, after=q.after_id,
+                                         with_jid=with_index, start=q.start, end=q.end)
         if found:
             page.index = await archive.count(key, before=found[0].id, after=q.after_id,
-                                             **bounds)
+                                             with_jid=with_index, start=q.start, end=q.end)
     return page
 
 
