@@ -60,11 +60,14 @@ def setup(module: Module) -> None:
         module.add_host(host, parent, service.hosted)
     module.add_feature(MUC_NS)
     module.hook("server/stopping", lambda _: service.shutdown())
+    module.hook("server/stopped", lambda _: service.archive.writer.flush())
     module.on_bus(service.from_bus, channel=ROOM_CHANNEL)
     module.on_bus(service.listing_received, channel=LISTING_CHANNEL)
     module.spawn(service.listing_publisher)
     module.spawn(service.idle_sweeper)
     module.spawn(service.unreached_checker)
+    module.spawn(service.archive.writer.run)
+    module.spawn(service.archive.retention)
     if hosts:
         service.persist = RoomDirectory(module.directory,
                                         rooms_dn(module.directory, options.rooms_dn))
