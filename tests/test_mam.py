@@ -378,3 +378,39 @@ def test_a_conversation_across_two_shards_is_archived_in_order(two_shards, ca_fi
             assert {int(item_id) % 64 for item_id, _ in page} == {0, 1}
     finally:
         place.close_all()
+
+
+def test_what_an_ack_confirmed_survives_a_crash(two_shards, ca_file):
+    """Archive writes gather for a moment before a transaction; an XEP-0198
+    ack waits for them, so a shard killed right after acknowledging a
+    client's messages has them all in both archives once it is back."""
+    import os
+    import signal
+
+    from tests.placement import Placement
+    from tests.test_muc_shards import shard_pids
+
+    place = Placement(two_shards.log, two_shards.c2s_port, ca_file, USERS)
+    try:
+        gina = place.login_on(0, "gina@localhost")
+        hank = place.login_on(1, "hank@localhost")
+        gina.send("<enable xmlns='urn:xmpp:sm:3'/>")
+        gina.read_until(r"<enabled[^>]*/>")
+        pid = shard_pids(two_shards)[0]  # now: the kill must follow the ack at once
+        said = [f"crash{n}" for n in range(40)]
+        gina.send("".join(f"<message to='{hank.jid}' type='chat' id='{b}'>"  # type: ignore[attr-defined]
+                          f"<body>{b}</body></message>" for b in said)
+                  + "<r xmlns='urn:xmpp:sm:3'/>")
+        acked = gina.read_until(r"<a [^>]*h=['\"]\d+['\"]")
+        assert re.search(r"<a [^>]*h=['\"]40['\"]", acked), acked
+        mark = two_shards.log.mark()
+        os.kill(pid, signal.SIGKILL)
+        two_shards.log.wait_for(r"shard 0 ready", 30.0, mark)
+        hank.read_until("crash39</body>")
+        page, _ = query(hank, fields={"with": "gina@localhost"}, rsm="<max>100</max>")
+        assert [b for _, b in page] == said
+        again = place.login_on(1, "gina@localhost")
+        page, _ = query(again, fields={"with": "hank@localhost"}, rsm="<max>100</max>")
+        assert [b for _, b in page] == said
+    finally:
+        place.close_all()

@@ -286,10 +286,19 @@ class ArchiveStore:
         with time (pages are in id order); `ArchiveIds` makes such ids on
         every shard without asking the store, so a caller can name an item
         before it is written."""
-        batch = [_Append(user, at, with_jid, bytes(value), item_id)
-                 for item_id, user, at, with_jid, value in items]
-        if batch:
-            await self._store().write(lambda conn: self._insert(conn, batch))
+        module, name = self._ns
+        rows = [(item_id, module, name, user, at, with_jid, bytes(value))
+                for item_id, user, at, with_jid, value in items]
+
+        def work(conn: sqlite3.Connection) -> None:
+            # One statement for the batch: a group commit of hundreds of
+            # items is one call into SQLite, not hundreds.
+            conn.executemany(
+                "INSERT INTO module_archive (id, module, store, user, at, with_jid, value) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+        if rows:
+            await self._store().write(work)
 
     @staticmethod
     def _where(conn: sqlite3.Connection, ns: tuple[str, str], user: str,

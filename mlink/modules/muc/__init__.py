@@ -25,6 +25,7 @@ from mlink.modules.muc.options import OPTIONS, Options
 from mlink.modules.muc.persist import RoomDirectory, rooms_dn
 from mlink.modules.muc.room import MUC_NS
 from mlink.modules.muc.service import LISTING_CHANNEL, ROOM_CHANNEL, MucService
+from mlink.modules.stream_management import ack_barriers
 from mlink.router.directory_watch import watch_of
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ def setup(module: Module) -> None:
     module.spawn(service.idle_sweeper)
     module.spawn(service.unreached_checker)
     module.spawn(service.archive.writer.run)
+    # An occupant's ack (XEP-0198) waits for this shard's room archive writes.
+    ack_barriers(module).append(service.archive.writer.flush_bounded)
     module.spawn(service.archive.retention)
     if hosts:
         service.persist = RoomDirectory(module.directory,

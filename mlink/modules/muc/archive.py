@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from mlink.jid import JID
-from mlink.modules.mam import FLUSH_WAIT, RETENTION_BATCH, RETENTION_INTERVAL, WRITE_BATCH, Writer
+from mlink.modules.mam import RETENTION_BATCH, RETENTION_INTERVAL, WRITE_BATCH, Writer
 from mlink.modules.mam_query import (
     MAM_NS,
     QueryError,
@@ -98,8 +98,7 @@ class RoomArchive:
     async def remove(self, room_jid: JID) -> None:
         """The room ended: its archive goes (what is still being written
         first, so nothing of it is left behind)."""
-        with trio.move_on_after(FLUSH_WAIT):
-            await self.writer.flush()
+        await self.writer.flush_bounded()
         try:
             await self.store.delete_all(str(room_jid))
         except Exception:
@@ -157,8 +156,7 @@ class RoomArchive:
             await self.router.bounce(stanza, "bad-request", "not an archive request")
 
     async def _flush(self) -> None:
-        with trio.move_on_after(FLUSH_WAIT):
-            await self.writer.flush()
+        await self.writer.flush_bounded()
 
     async def _query(self, room: Room, stanza: ET.Element, sender: JID) -> None:
         element = stanza[0]
