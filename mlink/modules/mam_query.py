@@ -93,10 +93,11 @@ class Query:
     ids: list[int] | None = None
     flip: bool = False
 
-    def named_ids(self) -> list[int]:
-        """Every id the query names: each must be in the archive."""
+    def anchors(self) -> list[int]:
+        """The ids the query pages or bounds by: each must be in the archive
+        (the `ids` list is checked by fetching it)."""
         return [i for i in (self.after, self.before, self.after_id, self.before_id)
-                if i is not None] + (self.ids or [])
+                if i is not None]
 
 
 def parse_query(query: ET.Element) -> Query:
@@ -187,11 +188,15 @@ async def run_query(archive: ArchiveStore, key: str, q: Query, *,
     full JID, a nick): the page is then filled by reading on, at most
     MAX_FILTER_READS times, and the count is left out (it would need every
     stored message read)."""
-    for anchor in q.named_ids():
+    for anchor in q.anchors():
         if await archive.get(key, anchor) is None:
             raise QueryError("item-not-found", f"no archived item {anchor}")
     if q.ids is not None:
-        listed = await archive.get_many(key, q.ids)
+        listed = await archive.get_many(key, q.ids)  # one read for the list
+        if len(listed) != len(set(q.ids)):
+            found_ids = {item.id for item in listed}
+            missing = next(i for i in q.ids if i not in found_ids)
+            raise QueryError("item-not-found", f"no archived item {missing}")
         items = [item for item in listed if accept is None or accept(item)]
         return Page(items, True, None if accept else len(items), None if accept else 0, q.flip)
     # The result set: the filters and the form's id bounds; RSM pages in it.

@@ -30,6 +30,7 @@ not show it. `archive-retention-days` deletes old items hourly.
 
 from __future__ import annotations
 
+import logging
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
 # messages of at most `max-message-bytes` (16 KiB by default) is 1.6 MiB,
 # under the 4 MiB bound.
 REMOTE_MAX_PAGE = 100
+log = logging.getLogger("mlink.modules.muc")
 _X = f"{{{MUC_USER_NS}}}x"
 
 
@@ -102,7 +104,7 @@ class RoomArchive:
         try:
             await self.store.delete_all(str(room_jid))
         except Exception:
-            self.module.log.exception("archive of room %s not deleted", room_jid)
+            log.exception("archive of room %s not deleted", room_jid)
 
     # -- queries ------------------------------------------------------------------------
 
@@ -205,7 +207,7 @@ class RoomArchive:
         try:
             message = ET.fromstring(item.value)
         except ET.ParseError:
-            self.module.log.error("unreadable archived room message %d", item.id)
+            log.error("unreadable archived room message %d", item.id)
             return None
         if not sees:
             for x in message.findall(_X):
@@ -226,7 +228,7 @@ class RoomArchive:
                 deleted = await self.store.delete_older(cutoff, RETENTION_BATCH)
                 total += deleted
             if total:
-                self.module.log.info("retention: %d archived room message(s) deleted", total)
+                log.info("retention: %d archived room message(s) deleted", total)
 
 
 def _stored_attr(item: ArchivedItem, name: str) -> str | None:
