@@ -350,6 +350,11 @@ def test_bad_queries_get_the_right_errors(clients):
             (None, "<index>3</index>", "feature-not-implemented")):
         _, reply = mam_query(bob, room, fields, rsm)
         assert stanza_error_of(reply)[1] == condition, (fields, rsm, ET.tostring(reply))
+    # A queryid is echoed in every result: a long one is refused.
+    long_id = "q" * 300
+    bob.send(f"<iq type='set' id='long' to='{room}'><query xmlns='{MAM}' queryid='{long_id}'/>"
+             "</iq>")
+    assert stanza_error_of(bob.reply("long"))[1] == "bad-request"
     # A huge max is the server's page, not an error.
     results, reply = mam_query(bob, room, rsm="<max>1000000</max>")
     assert bodies(results) == ["one"] and fin(reply)["complete"] == "true"

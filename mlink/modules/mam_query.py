@@ -45,6 +45,10 @@ DEFAULT_PAGE = 50
 MAX_PAGE = 250
 # Ids one `ids` field may name: a page's worth (each is one index lookup).
 MAX_IDS = MAX_PAGE
+# Longest `queryid` accepted: it is echoed in every result, so a long one
+# multiplies a page's size (250 results of a 100 KB id would be 25 MB);
+# clients use a UUID (36).
+MAX_QUERYID_CHARS = 256
 # Store reads one query may make to fill a page through a filter the index
 # cannot apply (a full JID, a room nick): bounds the work of a query whose
 # filter matches nothing in a large archive.
@@ -103,6 +107,8 @@ class Query:
 def parse_query(query: ET.Element) -> Query:
     """The filters and paging of a `<query/>`; QueryError when malformed."""
     q = Query()
+    if len(query.get("queryid", "")) > MAX_QUERYID_CHARS:
+        raise QueryError("bad-request", f"a queryid has at most {MAX_QUERYID_CHARS} characters")
     form = query.find(_q(DATA_NS, "x"))
     if form is not None:
         for fld in form.findall(_q(DATA_NS, "field")):
