@@ -146,7 +146,7 @@ PROFILE_POLICIES = ("directory", "update", "static", "local")
 DEFAULT_MODULES = (
     "roster", "presence", "subscription", "offline", "blocking", "carbons", "disco", "ping",
     "version", "last", "private", "vcard", "user_profile", "avatar", "shared_groups",
-    "accounts", "register", "muc", "stream_management", "csi", "mam", "pep", "push",
+    "accounts", "register", "muc", "stream_management", "csi", "mam", "pep", "push", "bookmarks",
 )
 
 

@@ -690,6 +690,9 @@ def test_a_dropped_room_leaves_no_per_room_state_in_the_service():
         async def set(self, *args: object) -> None:
             pass
 
+        async def delete_all(self, *args: object) -> int:
+            return 0
+
     class Module:
         router = None
         store = Store()

@@ -27,7 +27,7 @@ DOMAIN = "localhost"
 MAM = "urn:xmpp:mam:2"
 SID = "urn:xmpp:sid:0"
 RSM = "http://jabber.org/protocol/rsm"
-NAMES = ("alice", "bob", "carol", "dave", "erin", "frank")
+NAMES = ("alice", "bob", "carol", "dave", "erin", "frank", "gina", "hank")
 USERS = {f"{name}@{DOMAIN}": f"{name}-pw" for name in NAMES}
 
 
@@ -170,6 +170,105 @@ def test_archive_paging_filters_and_stanza_ids(server, ca_file):
         client.close()
 
 
+def extended_query(client: RawClient, fields: dict[str, list[str]], rsm: str = "",
+                   extra: str = "") -> tuple[list[tuple[str, str]], ET.Element]:
+    """`query` with multi-valued fields and extra query children."""
+    qid = "x" + uuid.uuid4().hex[:6]
+    form = (f"<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'>"
+            f"<value>{MAM}</value></field>" + "".join(
+                f"<field var='{k}'>" + "".join(f"<value>{v}</value>" for v in vs) + "</field>"
+                for k, vs in fields.items()) + "</x>")
+    rsm_xml = f"<set xmlns='{RSM}'>{rsm}</set>" if rsm else ""
+    client.send(f"<iq type='set' id='{qid}'><query xmlns='{MAM}' queryid='{qid}'>{form}"
+                f"{rsm_xml}{extra}</query></iq>")
+    text = client.read_until(rf"<iq[^>]*id=['\"]{qid}['\"].*?(</iq>|/>)")
+    results, iq = [], None
+    for stanza in parse_stanzas(text):
+        result = stanza.find(f"{{{MAM}}}result")
+        if result is not None and result.get("queryid") == qid:
+            results.append((result.get("id", ""), result.findtext(".//{jabber:client}body") or ""))
+        elif stanza.tag.endswith("iq") and stanza.get("id") == qid:
+            iq = stanza
+    assert iq is not None, text
+    return results, iq
+
+
+def rsm_of(iq: ET.Element) -> dict[str, str | None]:
+    first = iq.find(f"{{{MAM}}}fin/{{{RSM}}}set/{{{RSM}}}first")
+    return {"index": None if first is None else first.get("index"),
+            "count": iq.findtext(f"{{{MAM}}}fin/{{{RSM}}}set/{{{RSM}}}count")}
+
+
+def iq_get(client: RawClient, payload: str, to: str = "") -> ET.Element:
+    stanza_id = "g" + uuid.uuid4().hex[:6]
+    to_attr = f" to='{to}'" if to else ""
+    client.send(f"<iq type='get' id='{stanza_id}'{to_attr}>{payload}</iq>")
+    text = client.read_until(rf"<iq[^>]*id=['\"]{stanza_id}['\"].*?(</iq>|/>)")
+    return next(s for s in parse_stanzas(text) if s.get("id") == stanza_id)
+
+
+def test_extended_queries_count_and_metadata(server, ca_file):
+    """XEP-0313 v1.1 `#extended`: before-id/after-id/ids, flip-page, the
+    metadata query; RSM count and first index; unknown ids and fields."""
+    gina, hank = login(server, ca_file, "gina"), login(server, ca_file, "hank")
+    info = iq_get(hank, "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+                  "hank@localhost")
+    features = {f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")}
+    assert {MAM, f"{MAM}#extended"} <= features
+    empty = iq_get(hank, f"<metadata xmlns='{MAM}'/>")
+    meta = empty.find(f"{{{MAM}}}metadata")
+    assert meta is not None and len(meta) == 0, ET.tostring(empty)  # nothing archived yet
+    said = [f"e{n}" for n in range(6)]
+    for body in said:
+        say(gina, hank.jid, body)  # type: ignore[attr-defined]
+    sync(gina)
+    everything, iq = query(hank)
+    ids = [i for i, _ in everything]
+    assert [b for _, b in everything] == said
+    assert rsm_of(iq) == {"index": "0", "count": "6"}
+
+    page, iq = extended_query(hank, {"after-id": [ids[0]], "before-id": [ids[4]]})
+    assert [b for _, b in page] == said[1:4] and fin(iq)[0]
+    assert rsm_of(iq) == {"index": "0", "count": "3"}
+    page, iq = query(hank, rsm=f"<max>2</max><after>{ids[1]}</after>")
+    assert [b for _, b in page] == said[2:4] and rsm_of(iq) == {"index": "2", "count": "6"}
+    page, iq = query(hank, rsm="<max>2</max><before/>")
+    assert rsm_of(iq) == {"index": "4", "count": "6"} and not fin(iq)[0]
+    page, iq = extended_query(hank, {"ids": [ids[5], ids[2]]})
+    assert [b for _, b in page] == [said[2], said[5]] and fin(iq)[0]
+    page, iq = extended_query(hank, {}, rsm="<max>3</max>", extra="<flip-page/>")
+    assert [b for _, b in page] == [said[2], said[1], said[0]]
+    assert fin(iq)[1:] == (ids[0], ids[2]) and not fin(iq)[0]
+    page, iq = query(hank, fields={"with": "gina@localhost", "end": xep82(0)})
+    assert page == [] and rsm_of(iq) == {"index": None, "count": "0"} and fin(iq)[0]
+
+    got = iq_get(hank, f"<metadata xmlns='{MAM}'/>")
+    start = got.find(f"{{{MAM}}}metadata/{{{MAM}}}start")
+    end = got.find(f"{{{MAM}}}metadata/{{{MAM}}}end")
+    assert start is not None and end is not None, ET.tostring(got)
+    assert (start.get("id"), end.get("id")) == (ids[0], ids[-1])
+    form = iq_get(hank, f"<query xmlns='{MAM}'/>")
+    fields = {f.get("var") for f in form.iter("{jabber:x:data}field")}
+    assert {"before-id", "after-id", "ids", "with", "start", "end"} <= fields
+
+    # Bad input: an id not in this archive anywhere it is named, a field
+    # the server does not know, too many ids.
+    missing = str(int(ids[-1]) + 1)
+    for fields_, condition in (({"after-id": [missing]}, "item-not-found"),
+                               ({"before-id": ["abc"]}, "item-not-found"),
+                               ({"ids": [ids[0], missing]}, "item-not-found"),
+                               ({"{urn:example}search": ["x"]}, "feature-not-implemented"),
+                               ({"ids": [str(n) for n in range(251)]}, "policy-violation")):
+        _, iq = extended_query(hank, fields_)
+        assert stanza_error_of(iq)[1] == condition, (fields_, ET.tostring(iq))
+    # Gina's archive ids are not Hank's.
+    gina_ids = [i for i, _ in query(gina)[0]]
+    _, iq = extended_query(hank, {"ids": [gina_ids[0]]})
+    assert stanza_error_of(iq)[1] == "item-not-found"
+    gina.close()
+    hank.close()
+
+
 def test_a_message_to_nobody_online_is_in_offline_storage_and_the_archive(server, ca_file):
     erin = login(server, ca_file, "erin")
     say(erin, "dave@localhost", "while-you-were-out")
@@ -277,5 +376,41 @@ def test_a_conversation_across_two_shards_is_archived_in_order(two_shards, ca_fi
             # Each shard made the ids of what it routed: its number is in
             # the low bits, so the two shards' ids can never collide.
             assert {int(item_id) % 64 for item_id, _ in page} == {0, 1}
+    finally:
+        place.close_all()
+
+
+def test_what_an_ack_confirmed_survives_a_crash(two_shards, ca_file):
+    """Archive writes gather for a moment before a transaction; an XEP-0198
+    ack waits for them, so a shard killed right after acknowledging a
+    client's messages has them all in both archives once it is back."""
+    import os
+    import signal
+
+    from tests.placement import Placement
+    from tests.test_muc_shards import shard_pids
+
+    place = Placement(two_shards.log, two_shards.c2s_port, ca_file, USERS)
+    try:
+        gina = place.login_on(0, "gina@localhost")
+        hank = place.login_on(1, "hank@localhost")
+        gina.send("<enable xmlns='urn:xmpp:sm:3'/>")
+        gina.read_until(r"<enabled[^>]*/>")
+        pid = shard_pids(two_shards)[0]  # now: the kill must follow the ack at once
+        said = [f"crash{n}" for n in range(40)]
+        gina.send("".join(f"<message to='{hank.jid}' type='chat' id='{b}'>"  # type: ignore[attr-defined]
+                          f"<body>{b}</body></message>" for b in said)
+                  + "<r xmlns='urn:xmpp:sm:3'/>")
+        acked = gina.read_until(r"<a [^>]*h=['\"]\d+['\"]")
+        assert re.search(r"<a [^>]*h=['\"]40['\"]", acked), acked
+        mark = two_shards.log.mark()
+        os.kill(pid, signal.SIGKILL)
+        two_shards.log.wait_for(r"shard 0 ready", 30.0, mark)
+        hank.read_until("crash39</body>")
+        page, _ = query(hank, fields={"with": "gina@localhost"}, rsm="<max>100</max>")
+        assert [b for _, b in page] == said
+        again = place.login_on(1, "gina@localhost")
+        page, _ = query(again, fields={"with": "hank@localhost"}, rsm="<max>100</max>")
+        assert [b for _, b in page] == said
     finally:
         place.close_all()

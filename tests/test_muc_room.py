@@ -130,3 +130,42 @@ def test_newcomers_see_each_occupants_current_presence():
             if to == newcomer and s.get("from") == f"{ROOM}/peer2"]
     assert len(seen) == 1
     assert "<show>dnd</show>" in seen[0] and "role='visitor'" in seen[0]
+
+
+def test_archived_messages_take_the_archive_id_as_stanza_id():
+    """A room that archives gives each message with a body, and each subject
+    change, the next archive id as its stanza-id and hands it to the
+    service with the sender's real JID; a claimed muc#user <x/> is dropped;
+    a room without an archive (no ids) or with archiving off keeps none."""
+    room = room_with((PEER, "peer"))
+    ids = iter(range(1000, 2000))
+    room.archive_ids = lambda: next(ids)
+    claim = ET.fromstring(f"<message xmlns='{CLIENT_NS}' from='{PEER}' to='{ROOM}' "
+                          f"type='groupchat'><body>hi</body><x xmlns='{MUC}#user'>"
+                          f"<item jid='{OWNER}'/></x></message>")
+    effects = room.message(claim, PEER, ROOM, 5.0)
+    [entry] = effects.archive
+    assert (entry.id, entry.when, entry.sender) == (1000, 5.0, PEER)
+    sid = entry.stanza.find("{urn:xmpp:sid:0}stanza-id")
+    assert sid is not None and (sid.get("id"), sid.get("by")) == ("1000", str(ROOM))
+    assert entry.stanza.find(f"{{{MUC}#user}}x") is None
+    for _, out in effects.out:
+        assert f"{MUC}#user" not in serialize(out).decode()
+    subject = ET.fromstring(f"<message xmlns='{CLIENT_NS}' from='{OWNER}' to='{ROOM}' "
+                            "type='groupchat'><subject>news</subject></message>")
+    assert [e.id for e in room.message(subject, OWNER, ROOM, 6.0).archive] == [1001]
+    chat_state = ET.fromstring(f"<message xmlns='{CLIENT_NS}' from='{PEER}' to='{ROOM}' "
+                               "type='groupchat'><active xmlns='http://jabber.org/protocol/"
+                               "chatstates'/></message>")
+    assert room.message(chat_state, PEER, ROOM, 7.0).archive == []
+    features = {f.get("var") for f in room.disco_info().iter(
+        "{http://jabber.org/protocol/disco#info}feature")}
+    assert {"urn:xmpp:mam:2", "urn:xmpp:mam:2#extended"} <= features
+    room.config = room.config.replace(archive=False)
+    assert room.message(groupchat(PEER, "off"), PEER, ROOM, 8.0).archive == []
+    assert "urn:xmpp:mam:2" not in {f.get("var") for f in room.disco_info().iter(
+        "{http://jabber.org/protocol/disco#info}feature")}
+    plain = room_with((PEER, "peer"))  # no archive behind it
+    effects = plain.message(groupchat(PEER, "x"), PEER, ROOM, 9.0)
+    assert effects.archive == []
+    assert next(iter(effects.out))[1].find("{urn:xmpp:sid:0}stanza-id") is not None

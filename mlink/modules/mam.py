@@ -36,7 +36,6 @@ Room archives are not implemented here (multi-user chat is being built).
 
 from __future__ import annotations
 
-import datetime as dt
 import itertools
 import json
 import time
@@ -50,6 +49,20 @@ from mlink.config_schema import Int, Str, option
 from mlink.config_schema import Invalid as SchemaInvalid
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.modules.mam_query import (
+    EXTENDED_NS,
+    MAM_NS,
+    Page,
+    Query,
+    QueryError,
+    fin,
+    metadata,
+    parse_query,
+    query_form,
+    result_message,
+    run_query,
+)
+from mlink.modules.stream_management import ack_barriers
 from mlink.modules.util import iq_result
 from mlink.router.rosters import rosters_of
 from mlink.store import StoreError
@@ -60,23 +73,11 @@ if TYPE_CHECKING:
     from mlink.config_schema import ParseEnv
     from mlink.module import Module
 
-MAM_NS = "urn:xmpp:mam:2"
 SID_NS = "urn:xmpp:sid:0"
-RSM_NS = "http://jabber.org/protocol/rsm"
-DATA_NS = "jabber:x:data"
-FORWARD_NS = "urn:xmpp:forward:0"
-DELAY_NS = "urn:xmpp:delay"
 HINTS_NS = "urn:xmpp:hints"
 CARBONS_NS = "urn:xmpp:carbons:2"
-MESSAGE = f"{{{CLIENT_NS}}}message"
 ARCHIVED_TYPES = frozenset({"chat", "normal"})
 POLICIES = ("always", "never", "roster")
-# Results per page when the client asks for none (XEP-0313 leaves it to
-# the server; Prosody uses 20..50) ...
-DEFAULT_PAGE = 50
-# ... and at most: a page is written to one session in one go (paced), so
-# it must stay far below the output bound and the store's MAX_ARCHIVE_PAGE.
-MAX_PAGE = 250
 # Results written before waiting for the session to take them: a page of
 # large messages must not fill the 4 MiB output buffer and get it cut.
 WRITE_BATCH = 25
@@ -86,6 +87,12 @@ MAX_PREFS_JIDS = 1000
 # items per transaction, and at most this many waiting before senders wait.
 WRITE_BATCH_ITEMS = 500
 MAX_UNWRITTEN = 20_000
+# How long the writer lets items gather before a transaction, unless a
+# batch is full or someone waits for the writes (a query, an XEP-0198 ack):
+# each commit is a thread hop and an fsync, so at 1,000 messages/s (2,000
+# archive items) writing whatever came during the previous commit meant
+# hundreds of small transactions a second; 50 ms makes them about 20.
+WRITE_LINGER = 0.05
 # A query waits this long at most for earlier messages to be written (a
 # failing store must not hang queries; they then show what is written) ...
 FLUSH_WAIT = 5.0
@@ -147,91 +154,6 @@ def archivable(message: ET.Element) -> bool:
     return content
 
 
-def stamp(at: float) -> str:
-    """XEP-0082 date-time, UTC, milliseconds."""
-    return dt.datetime.fromtimestamp(at, dt.UTC).strftime(
-        "%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
-
-
-def parse_time(text: str) -> float:
-    """A XEP-0082 date-time as a POSIX time; ValueError when it is not one."""
-    value = text.strip()
-    if value.endswith(("Z", "z")):
-        value = value[:-1] + "+00:00"
-    parsed = dt.datetime.fromisoformat(value)
-    if parsed.tzinfo is None:
-        raise ValueError("a time zone is required")
-    return parsed.timestamp()
-
-
-class QueryError(Exception):
-    def __init__(self, condition: str, text: str) -> None:
-        super().__init__(text)
-        self.condition = condition
-        self.text = text
-
-
-@dataclass(slots=True)
-class Query:
-    with_jid: JID | None = None
-    start: float | None = None
-    end: float | None = None
-    limit: int = DEFAULT_PAGE
-    after: int | None = None
-    before: int | None = None
-    last_page: bool = False  # an empty <before/>
-
-
-def parse_query(query: ET.Element) -> Query:
-    """The filters and paging of a `<query/>`; QueryError when malformed."""
-    q = Query()
-    form = query.find(_q(DATA_NS, "x"))
-    if form is not None:
-        for field in form.findall(_q(DATA_NS, "field")):
-            var = field.get("var", "")
-            value = (field.findtext(_q(DATA_NS, "value")) or "").strip()
-            try:
-                if var == "FORM_TYPE":
-                    if value != MAM_NS:
-                        raise QueryError("bad-request", f"FORM_TYPE must be {MAM_NS}")
-                elif var == "with":
-                    q.with_jid = parse_jid(value)
-                elif var == "start":
-                    q.start = parse_time(value)
-                elif var == "end":
-                    q.end = parse_time(value)
-                else:
-                    raise QueryError("bad-request", f"unsupported field {var!r}")
-            except (InvalidJID, ValueError) as exc:
-                raise QueryError("bad-request", f"field {var}: {exc}") from None
-    rsm = query.find(_q(RSM_NS, "set"))
-    if rsm is not None:
-        if rsm.find(_q(RSM_NS, "index")) is not None:
-            raise QueryError("feature-not-implemented", "paging by index is not supported")
-        text = rsm.findtext(_q(RSM_NS, "max"))
-        if text is not None:
-            if not text.strip().isdigit():
-                raise QueryError("bad-request", "max must be a number")
-            q.limit = min(int(text), MAX_PAGE)
-        after = rsm.find(_q(RSM_NS, "after"))
-        before = rsm.find(_q(RSM_NS, "before"))
-        if after is not None:
-            q.after = _item_id(after.text)
-        if before is not None:
-            if (before.text or "").strip():
-                q.before = _item_id(before.text)
-            else:
-                q.last_page = True
-    return q
-
-
-def _item_id(text: str | None) -> int:
-    value = (text or "").strip()
-    if not value.isascii() or not value.isdigit() or len(value) > 19:
-        raise QueryError("item-not-found", f"no archived item {value!r}")
-    return int(value)
-
-
 @dataclass(frozen=True, slots=True)
 class Prefs:
     default: str
@@ -276,9 +198,11 @@ class Writer:
     `loadgen.mobile`). The archive id is made here (`ArchiveIds`) so the
     stanza-id goes out at once; items are written in batches by one task.
     A query first waits for everything archived before it (a client sees
-    its own messages). A crash loses what was not yet written (typically
-    milliseconds' worth); offline messages are stored durably by their own
-    module, before anyone is told they were accepted."""
+    its own messages), and so does an XEP-0198 ack (`ACK_BARRIERS`): a
+    crash loses only what no client was yet told was handled. Items gather
+    for WRITE_LINGER before a transaction (group commit), unless a batch is
+    full or someone is waiting. Offline messages are stored durably by their
+    own module, before anyone is told they were accepted."""
 
     def __init__(self, module: Module, archive: ArchiveStore) -> None:
         self.module = module
@@ -291,20 +215,31 @@ class Writer:
         self.added = 0
         self.written = 0
         self._wake = trio.Event()
+        self._urgent = trio.Event()  # write now: a full batch, or a waiter
         self._progress = trio.Event()
 
     async def add(self, item: tuple[int, str, float, str, bytes]) -> None:
         while len(self.pending) >= MAX_UNWRITTEN:
+            self._urgent.set()
             await self._next_progress()  # backpressure: the disk is behind
         self.pending.append(item)
         self.added += 1
         self._wake.set()
+        if len(self.pending) >= WRITE_BATCH_ITEMS:
+            self._urgent.set()
 
     async def flush(self) -> None:
         """Until everything added so far is written."""
         target = self.added
         while self.written < target:
+            self._urgent.set()
             await self._next_progress()
+
+    async def flush_bounded(self) -> None:
+        """`flush`, giving up after FLUSH_WAIT (a failing store must not
+        hang whoever waits: a query, an ack)."""
+        with trio.move_on_after(FLUSH_WAIT):
+            await self.flush()
 
     async def _next_progress(self) -> None:
         await self._progress.wait()
@@ -322,7 +257,9 @@ class Writer:
             self.module.log.warning("could not read the largest archive id: %s", exc)
         while True:
             await self._wake.wait()
-            self._wake = trio.Event()
+            with trio.move_on_after(WRITE_LINGER):
+                await self._urgent.wait()
+            self._wake, self._urgent = trio.Event(), trio.Event()
             while self.pending:
                 batch = self.pending[:WRITE_BATCH_ITEMS]
                 await self._write(batch)
@@ -362,8 +299,7 @@ def setup(module: Module) -> None:
     async def flush_everywhere() -> None:
         """Until every shard wrote what it archived so far: messages for a
         user are archived on the shard that routed them, any of them."""
-        with trio.move_on_after(FLUSH_WAIT):
-            await writer.flush()
+        await writer.flush_bounded()
         others = module.shard_count - 1
         if others <= 0:
             return
@@ -419,10 +355,16 @@ def setup(module: Module) -> None:
 
     prefs_changed = module.user_cache("prefs", forget_prefs)
 
+    # The defaults, made once per options object (a reload makes a new one):
+    # most users never set preferences, and each message asks twice.
+    defaults: list[tuple[object, Prefs]] = []
+
     def default_prefs() -> Prefs:
         options = module.options
-        return Prefs(options.default if options is not None else "always",
-                     frozenset(), frozenset())
+        if not defaults or defaults[0][0] is not options:
+            defaults[:] = [(options, Prefs(options.default if options is not None else "always",
+                                           frozenset(), frozenset()))]
+        return defaults[0][1]
 
     async def prefs_of(user: str) -> Prefs:
         if with_prefs is not None and user not in with_prefs:
@@ -442,6 +384,10 @@ def setup(module: Module) -> None:
         return found
 
     async def wanted(user: JID, peer: JID) -> bool:
+        if with_prefs is not None and str(user) not in with_prefs:
+            policy = default_prefs().default  # no lists: the default decides
+            if policy != "roster":
+                return policy == "always"
         prefs = await prefs_of(str(user))
         bare, full = str(peer.bare), str(peer)
         if bare in prefs.never or full in prefs.never:
@@ -453,12 +399,25 @@ def setup(module: Module) -> None:
             return bare in roster.items
         return prefs.default == "always"
 
+    # The last message serialised for an archive, and its bytes: the
+    # sender's copy (pre-message hook) and the recipient's (message hook,
+    # right after, same element, not yet marked) are the same text, made once.
+    last: list[tuple[ET.Element, int, bytes] | None] = [None]
+
+    def archived_bytes(message: ET.Element) -> bytes:
+        found = last[0]
+        if found is not None and found[0] is message and found[1] == len(message):
+            return found[2]
+        data = serialize(message, stream_ns="")
+        last[0] = (message, len(message), data)
+        return data
+
     async def store(user: JID, peer: JID, message: ET.Element) -> int | None:
         if not await wanted(user, peer):
             return None
         item_id = writer.ids.next()
         await writer.add((item_id, str(user), time.time(), str(peer.bare),
-                          serialize(message, stream_ns="")))
+                          archived_bytes(message)))
         return item_id
 
     async def incoming(event: StanzaEvent) -> bool:
@@ -479,6 +438,7 @@ def setup(module: Module) -> None:
         if not router.online(user) and not await router.account_exists(user):
             return False  # no such account: the router bounces it
         item_id = await store(user, event.sender, message)
+        last[0] = None  # the element changes now, and must not be kept alive
         if item_id is not None:
             # First, not last: the body stays the message's last child, as
             # the sender wrote it (clients and tools that look for
@@ -500,64 +460,32 @@ def setup(module: Module) -> None:
             return False
         user = str(event.sender.bare)
         try:
-            q = parse_query(element)
-            items, complete = await fetch(user, q)
+            page = await fetch(user, parse_query(element))
         except QueryError as exc:
             await router.bounce(event.stanza, exc.condition, exc.text)
             return True
         queryid = element.get("queryid")
         receipt = None
-        for n, item in enumerate(items, 1):
+        for n, item in enumerate(page.sent, 1):
             receipt = router.deliver_tracked(event.sender, result_message(
-                event.sender, user, queryid, item))
+                event.sender, user, queryid, item, archived_message(user, item)))
             if receipt is None:
                 return True  # the session ended
             if n % WRITE_BATCH == 0 and not await receipt.written():
                 return True
-        fin = ET.Element(_q(MAM_NS, "fin"))
-        if complete:
-            fin.set("complete", "true")
-        rsm = ET.SubElement(fin, _q(RSM_NS, "set"))
-        if items:
-            ET.SubElement(rsm, _q(RSM_NS, "first")).text = str(items[0].id)
-            ET.SubElement(rsm, _q(RSM_NS, "last")).text = str(items[-1].id)
-        else:
-            ET.SubElement(rsm, _q(RSM_NS, "count")).text = "0"
-        await router.route(iq_result(event.stanza, fin))
+        await router.route(iq_result(event.stanza, fin(page)))
         return True
 
-    async def fetch(user: str, q: Query) -> tuple[list[ArchivedItem], bool]:
+    async def fetch(user: str, q: Query) -> Page:
         await flush_everywhere()  # the user's latest messages are in the answer
-        for anchor in (q.after, q.before):
-            if anchor is not None and await archive.get(user, anchor) is None:
-                raise QueryError("item-not-found", f"no archived item {anchor}")
         with_bare = str(q.with_jid.bare) if q.with_jid is not None else None
-        newest_first = q.before is not None or q.last_page
-        # One more than asked: whether the page reaches the end.
-        want = q.limit + 1
-        found: list[ArchivedItem] = []
-        cursor_before, cursor_after = q.before, q.after
-        # A full-JID filter is applied to the bare JID's items: read on
-        # until the page is full or the archive ends (bounded by MAX_PAGE).
-        for _ in range(MAX_PAGE):
-            batch = await archive.page(user, before=cursor_before, after=cursor_after,
-                                       with_jid=with_bare, start=q.start, end=q.end,
-                                       limit=want, newest_first=newest_first)
-            for item in batch:
-                if q.with_jid is None or not q.with_jid.resource or \
-                        resource_matches(item, q.with_jid):
-                    found.append(item)
-            if len(batch) < want or len(found) >= want:
-                break
-            if newest_first:
-                cursor_before = batch[-1].id
-            else:
-                cursor_after = batch[-1].id
-        complete = len(found) <= q.limit
-        found = found[:q.limit]
-        if newest_first:
-            found.reverse()
-        return found, complete
+        peer = q.with_jid
+        accept = None
+        if peer is not None and peer.resource:
+            # A full JID: the bare JID's items, those to or from it.
+            def accept(item: ArchivedItem) -> bool:
+                return resource_matches(item, peer)
+        return await run_query(archive, user, q, with_index=with_bare, accept=accept)
 
     def resource_matches(item: ArchivedItem, peer: JID) -> bool:
         try:
@@ -566,35 +494,25 @@ def setup(module: Module) -> None:
             return False
         return str(peer) in (message.get("from"), message.get("to"))
 
-    def result_message(to: JID, user: str, queryid: str | None,
-                       item: ArchivedItem) -> ET.Element:
-        message = ET.Element(MESSAGE, {"to": str(to), "from": user})
-        attrs = {"id": str(item.id)}
-        if queryid is not None:
-            attrs["queryid"] = queryid
-        result = ET.SubElement(message, _q(MAM_NS, "result"), attrs)
-        forwarded = ET.SubElement(result, _q(FORWARD_NS, "forwarded"))
-        ET.SubElement(forwarded, _q(DELAY_NS, "delay"), {"stamp": stamp(item.at)})
+    def archived_message(user: str, item: ArchivedItem) -> ET.Element | None:
         try:
-            forwarded.append(ET.fromstring(item.value))
+            return ET.fromstring(item.value)
         except ET.ParseError:
             module.log.error("unreadable archived message %d of %s", item.id, user)
-        return message
+            return None
 
     async def form(event: StanzaEvent) -> bool:
-        """XEP-0313 §4.1.1: the fields a query form may use."""
-        if event.stanza[0].tag != _q(MAM_NS, "query"):
-            return False
-        query_element = ET.Element(_q(MAM_NS, "query"))
-        x = ET.SubElement(query_element, _q(DATA_NS, "x"), {"type": "form"})
-        form_type = ET.SubElement(x, _q(DATA_NS, "field"), {"var": "FORM_TYPE",
-                                                            "type": "hidden"})
-        ET.SubElement(form_type, _q(DATA_NS, "value")).text = MAM_NS
-        for var, kind in (("with", "jid-single"), ("start", "text-single"),
-                          ("end", "text-single")):
-            ET.SubElement(x, _q(DATA_NS, "field"), {"var": var, "type": kind})
-        await router.route(iq_result(event.stanza, query_element))
-        return True
+        """XEP-0313 §4.1.1 (the query form) and §5 (the metadata)."""
+        tag = event.stanza[0].tag
+        if tag == _q(MAM_NS, "query"):
+            await router.route(iq_result(event.stanza, query_form()))
+            return True
+        if tag == _q(MAM_NS, "metadata"):
+            await flush_everywhere()
+            found = await metadata(archive, str(event.sender.bare))
+            await router.route(iq_result(event.stanza, found))
+            return True
+        return False
 
     async def get_prefs(event: StanzaEvent) -> bool:
         if event.stanza[0].tag != _q(MAM_NS, "prefs"):
@@ -642,6 +560,7 @@ def setup(module: Module) -> None:
                 module.log.info("retention: %d archived message(s) deleted", total)
 
     module.add_account_feature(MAM_NS)
+    module.add_account_feature(EXTENDED_NS)
     module.add_account_feature(SID_NS)
     module.add_feature(SID_NS)
     # After blocking's filter (100): a refused message is not archived.
@@ -657,6 +576,7 @@ def setup(module: Module) -> None:
         await writer.flush()
 
     module.hook("server/stopped", stopping)
+    ack_barriers(module).append(writer.flush_bounded)
     module.on_bus(flush_message, channel="flush")
     module.spawn(retention)
     module.spawn(writer.run)

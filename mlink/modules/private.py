@@ -6,6 +6,8 @@ element name, readable only by that user.
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlink.hooks import StanzaEvent, iq_child_namespace
@@ -19,6 +21,19 @@ PRIVATE_NS = "jabber:iq:private"
 # XEP-0049 §3: the jabber:* namespaces are reserved for the protocol itself
 # and cannot be stored.
 RESERVED_PREFIX = "jabber:"
+# What other modules may do with a user's stored elements (the XEP-0411
+# bookmarks conversion: `mlink.modules.bookmarks`), shared under this name,
+# and the event fired after a client stored elements; payload: (user bare
+# JID, the keys set). Writes through `PrivateAccess` fire nothing, so a
+# conversion is never converted back.
+ACCESS = "private/storage"
+CHANGED = "private/changed"
+
+
+@dataclass(frozen=True, slots=True)
+class PrivateAccess:
+    get: Callable[[str, str], Awaitable[bytes | None]]  # (user, key)
+    set: Callable[[str, str, bytes | None], Awaitable[None]]  # (user, key, XML or None)
 
 
 def key_of(elem: ET.Element) -> str | None:
@@ -65,6 +80,9 @@ def setup(module: Module) -> None:
                 await router.bounce(iq, "not-allowed",
                                     f"private storage is full: at most {most} bytes")
                 return True
+            # Before the result: what the change causes (bookmarks converted)
+            # is done when the client hears it is stored.
+            await module.fire(CHANGED, (user, frozenset(items)))
             await router.route(iq_result(iq))
             return True
         answer = ET.Element(query.tag)
@@ -90,6 +108,8 @@ def setup(module: Module) -> None:
         await router.bounce(iq, "forbidden")
         return True
 
+    access = PrivateAccess(elements.get, elements.set)
+    module.shared(ACCESS, lambda: access)
     module.add_feature(PRIVATE_NS)
     for kind in ("get", "set"):
         module.hook(f"iq-{kind}/self/{PRIVATE_NS}", handle)

@@ -42,6 +42,7 @@ import time
 import weakref
 import xml.etree.ElementTree as ET
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,12 @@ IQ = "{jabber:client}iq"
 STANZAS_NS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 # Counters wrap at 2^32 (XEP-0198 §4: h is an unsigned 32-bit integer).
 MODULUS = 2 ** 32
+# The name of the list (`Module.shared`) of barriers an ack waits for: an
+# `<a h/>` tells the client its stanzas are handled, so work a module does
+# behind delivery for them (the message archive's batched writes) must be
+# done by then. A module appends an async callable that returns when its
+# work so far is done (or gives up, bounded).
+ACK_BARRIERS = "sm/ack-barriers"
 # Bytes of randomness in a resumption id: 128 bits cannot be guessed.
 RESUME_ID_BYTES = 16
 # A longer previd is not one of ours; refused before any lookup.
@@ -590,8 +597,16 @@ class Manager:
             self.where.pop(message["id"], None)
 
 
+def ack_barriers(module: Module) -> list[Callable[[], Awaitable[None]]]:
+    """The barriers every `<a/>` waits for (see ACK_BARRIERS): a module
+    appends its own; the list is the same for every module of a shard."""
+    found: list[Callable[[], Awaitable[None]]] = module.shared(ACK_BARRIERS, list)
+    return found
+
+
 def setup(module: Module) -> None:
     manager = Manager(module)
+    barriers = ack_barriers(module)
 
     def feature(view: Any) -> ET.Element | None:
         return _sm("sm")
@@ -611,7 +626,12 @@ def setup(module: Module) -> None:
             stream.send_nonza(failed("unexpected-request", text="stream management is not "
                                      "enabled on this stream"))
         elif tag == "r":
-            stream.send_nonza(_sm("a", h=str(state.inbound)))
+            handled = state.inbound
+            # An ack says the stanzas are handled: what modules keep behind
+            # delivery for them (the message archive's writes) is done first.
+            for barrier in list(barriers):
+                await barrier()
+            stream.send_nonza(_sm("a", h=str(handled)))
         elif tag == "a":
             h = parse_h(event.element.get("h"))
             if h is None:

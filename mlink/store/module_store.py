@@ -286,10 +286,57 @@ class ArchiveStore:
         with time (pages are in id order); `ArchiveIds` makes such ids on
         every shard without asking the store, so a caller can name an item
         before it is written."""
-        batch = [_Append(user, at, with_jid, bytes(value), item_id)
-                 for item_id, user, at, with_jid, value in items]
-        if batch:
-            await self._store().write(lambda conn: self._insert(conn, batch))
+        module, name = self._ns
+        rows = [(item_id, module, name, user, at, with_jid, bytes(value))
+                for item_id, user, at, with_jid, value in items]
+
+        def work(conn: sqlite3.Connection) -> None:
+            # One statement for the batch: a group commit of hundreds of
+            # items is one call into SQLite, not hundreds.
+            conn.executemany(
+                "INSERT INTO module_archive (id, module, store, user, at, with_jid, value) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+        if rows:
+            await self._store().write(work)
+
+    @staticmethod
+    def _where(conn: sqlite3.Connection, ns: tuple[str, str], user: str,
+               before: int | None, after: int | None, with_jid: str | None,
+               start: float | None, end: float | None) -> tuple[list[str], list[object]] | None:
+        """The WHERE terms of a range of `user`'s log (None: the range is
+        empty). A time bound is first turned into an id bound through
+        `module_archive_by_time` (ids grow with time), so every query is an
+        index range."""
+        key = "module = ? AND store = ? AND user = ?"
+        where = [key]
+        args: list[object] = [*ns, user]
+        if with_jid is not None:
+            where.append("with_jid = ?")
+            args.append(with_jid)
+        if before is not None:
+            where.append("id < ?")
+            args.append(before)
+        if after is not None:
+            where.append("id > ?")
+            args.append(after)
+        # One index seek each: the earliest item at or after `start` has
+        # (ids growing with time) the lowest id of the range.
+        if start is not None:
+            row = conn.execute(f"SELECT id FROM module_archive WHERE {key} AND at >= ? "
+                               "ORDER BY at ASC LIMIT 1", (*ns, user, start)).fetchone()
+            if row is None:
+                return None
+            where.append("id >= ? AND at >= ?")
+            args += [int(row[0]), start]
+        if end is not None:
+            row = conn.execute(f"SELECT id FROM module_archive WHERE {key} AND at <= ? "
+                               "ORDER BY at DESC LIMIT 1", (*ns, user, end)).fetchone()
+            if row is None:
+                return None
+            where.append("id <= ? AND at <= ?")
+            args += [int(row[0]), end]
+        return where, args
 
     async def page(self, user: str, *, before: int | None = None, after: int | None = None,
                    with_jid: str | None = None, start: float | None = None,
@@ -304,36 +351,12 @@ class ArchiveStore:
         bound through `..._by_time` (ids grow with time), so the last page
         of a million-item log costs the same as of a small one."""
         ns, limit = self._ns, max(0, min(limit, MAX_ARCHIVE_PAGE))
-        key = "module = ? AND store = ? AND user = ?"
 
         def work(conn: sqlite3.Connection) -> list[ArchivedItem]:
-            where = [key]
-            args: list[object] = [*ns, user]
-            if with_jid is not None:
-                where.append("with_jid = ?")
-                args.append(with_jid)
-            if before is not None:
-                where.append("id < ?")
-                args.append(before)
-            if after is not None:
-                where.append("id > ?")
-                args.append(after)
-            # One index seek each: the earliest item at or after `start` has
-            # (ids growing with time) the lowest id of the range.
-            if start is not None:
-                row = conn.execute(f"SELECT id FROM module_archive WHERE {key} AND at >= ? "
-                                   "ORDER BY at ASC LIMIT 1", (*ns, user, start)).fetchone()
-                if row is None:
-                    return []
-                where.append("id >= ? AND at >= ?")
-                args += [int(row[0]), start]
-            if end is not None:
-                row = conn.execute(f"SELECT id FROM module_archive WHERE {key} AND at <= ? "
-                                   "ORDER BY at DESC LIMIT 1", (*ns, user, end)).fetchone()
-                if row is None:
-                    return []
-                where.append("id <= ? AND at <= ?")
-                args += [int(row[0]), end]
+            found = self._where(conn, ns, user, before, after, with_jid, start, end)
+            if found is None:
+                return []
+            where, args = found
             order = "DESC" if newest_first else "ASC"
             sql = (f"SELECT id, at, with_jid, value FROM module_archive "
                    f"WHERE {' AND '.join(where)} ORDER BY id {order} LIMIT ?")
@@ -341,6 +364,67 @@ class ArchiveStore:
                     for i, at, w, v in conn.execute(sql, (*args, limit))]
 
         return await self._store().read(work)
+
+    async def count(self, user: str, *, before: int | None = None, after: int | None = None,
+                    with_jid: str | None = None, start: float | None = None,
+                    end: float | None = None) -> int:
+        """How many items `page` would find without a limit (XEP-0059
+        `<count/>` and `<first index>`): counted in the covering index
+        (`..._by_user` or `..._by_peer`), never reading a stored value."""
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> int:
+            found = self._where(conn, ns, user, before, after, with_jid, start, end)
+            if found is None:
+                return 0
+            where, args = found
+            (n,) = conn.execute(f"SELECT COUNT(*) FROM module_archive "
+                                f"WHERE {' AND '.join(where)}", args).fetchone()
+            return int(n)
+
+        return await self._store().read(work)
+
+    async def get_many(self, user: str, ids: Sequence[int]) -> list[ArchivedItem]:
+        """The items of `user`'s log with these ids that exist, in id order
+        (XEP-0313 `ids`); the caller bounds how many ids it asks for."""
+        ns, wanted = self._ns, sorted(set(ids))
+
+        def work(conn: sqlite3.Connection) -> list[ArchivedItem]:
+            marks = ", ".join("?" for _ in wanted)
+            rows = conn.execute(
+                "SELECT id, at, with_jid, value FROM module_archive WHERE module = ? AND "
+                f"store = ? AND user = ? AND id IN ({marks}) ORDER BY id", (*ns, user, *wanted))
+            return [ArchivedItem(int(i), float(at), w, bytes(v)) for i, at, w, v in rows]
+
+        return await self._store().read(work) if wanted else []
+
+    async def bounds(self, user: str) -> tuple[tuple[int, float], tuple[int, float]] | None:
+        """(id, time) of the first and the last item of `user`'s log, None
+        when it is empty (XEP-0313 metadata): two index seeks."""
+        ns = self._ns
+        key = "module = ? AND store = ? AND user = ?"
+
+        def work(conn: sqlite3.Connection) -> tuple[tuple[int, float], tuple[int, float]] | None:
+            first = conn.execute(f"SELECT id, at FROM module_archive WHERE {key} "
+                                 "ORDER BY id ASC LIMIT 1", (*ns, user)).fetchone()
+            if first is None:
+                return None
+            last = conn.execute(f"SELECT id, at FROM module_archive WHERE {key} "
+                                "ORDER BY id DESC LIMIT 1", (*ns, user)).fetchone()
+            return (int(first[0]), float(first[1])), (int(last[0]), float(last[1]))
+
+        return await self._store().read(work)
+
+    async def delete_all(self, user: str) -> int:
+        """Every item of `user`'s log (a destroyed room's archive)."""
+        ns = self._ns
+
+        def work(conn: sqlite3.Connection) -> int:
+            cur = conn.execute("DELETE FROM module_archive WHERE module = ? AND store = ? "
+                               "AND user = ?", (*ns, user))
+            return int(cur.rowcount)
+
+        return await self._store().write(work)
 
     async def max_id(self) -> int:
         """The largest id in any archive (0: none); one index lookup."""

@@ -25,6 +25,7 @@ from mlink.modules.muc.options import OPTIONS, Options
 from mlink.modules.muc.persist import RoomDirectory, rooms_dn
 from mlink.modules.muc.room import MUC_NS
 from mlink.modules.muc.service import LISTING_CHANNEL, ROOM_CHANNEL, MucService
+from mlink.modules.stream_management import ack_barriers
 from mlink.router.directory_watch import watch_of
 
 if TYPE_CHECKING:
@@ -60,11 +61,16 @@ def setup(module: Module) -> None:
         module.add_host(host, parent, service.hosted)
     module.add_feature(MUC_NS)
     module.hook("server/stopping", lambda _: service.shutdown())
+    module.hook("server/stopped", lambda _: service.archive.writer.flush())
     module.on_bus(service.from_bus, channel=ROOM_CHANNEL)
     module.on_bus(service.listing_received, channel=LISTING_CHANNEL)
     module.spawn(service.listing_publisher)
     module.spawn(service.idle_sweeper)
     module.spawn(service.unreached_checker)
+    module.spawn(service.archive.writer.run)
+    # An occupant's ack (XEP-0198) waits for this shard's room archive writes.
+    ack_barriers(module).append(service.archive.writer.flush_bounded)
+    module.spawn(service.archive.retention)
     if hosts:
         service.persist = RoomDirectory(module.directory,
                                         rooms_dn(module.directory, options.rooms_dn))

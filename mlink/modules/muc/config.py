@@ -54,6 +54,7 @@ class RoomConfig:
     allow_pm: str = "anyone"
     history_length: int = 20
     logging: bool = False  # announced with status 170; no public log is kept
+    archive: bool = True  # XEP-0313: messages and subject changes archived
     member_group: str = ""
 
     @property
@@ -107,10 +108,15 @@ FIELDS: dict[str, tuple[str, str, str]] = {
     "muc#roomconfig_historylength": ("history_length", "text-single",
                                      "Messages of history kept"),
     "muc#roomconfig_enablelogging": ("logging", "boolean", "Announce that the room is logged"),
+    "muc#roomconfig_enablearchiving": ("archive", "boolean",
+                                       "Archive messages (members may read them back, XEP-0313)"),
     MEMBER_GROUP_FIELD: ("member_group", "text-single",
                          "Directory group (DN) whose members are the room's members"),
 }
 _OPTIONS = {"muc#roomconfig_whois": WHOIS_VALUES, "muc#roomconfig_allowpm": ALLOW_PM_VALUES}
+# Other servers' names for a field, accepted in a submitted form: ejabberd
+# calls the archiving switch `mam` (Prosody `muc#roomconfig_enablearchiving`).
+ALIASES = {"mam": "muc#roomconfig_enablearchiving"}
 _TRUE, _FALSE = ("1", "true"), ("0", "false")
 
 
@@ -141,6 +147,7 @@ def apply_form(config: RoomConfig, form: ET.Element) -> RoomConfig:
     changes: dict[str, Any] = {}
     for field in form.iter(_x("field")):
         var = field.get("var", "")
+        var = ALIASES.get(var, var)
         if var == "FORM_TYPE":
             continue
         if var not in FIELDS:

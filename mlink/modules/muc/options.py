@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlink.config_schema import Choice, Int, Kind, ParseEnv, option
+from mlink.config_schema import Bool, Choice, Int, Kind, ParseEnv, option
 
 # Who may create rooms: anybody who can reach the service, users of the
 # server's own domains, or members of a directory group.
@@ -73,6 +73,16 @@ class Options:
         0, kind=Int(0),
         doc="Seconds an empty persistent room may go unused before it is destroyed and "
             "removed from the directory (0: never).")
+    archive_default: bool = option(
+        True, kind=Bool(),
+        doc="Whether a new room archives its messages (XEP-0313); its owner may turn it "
+            "off or on (`muc#roomconfig_enablearchiving`). A persistent room whose "
+            "directory entry has no `mlinkRoomArchive` archives.",
+        why="clients fetch a room's history from its archive on every join and device")
+    archive_retention_days: int = option(
+        0, kind=Int(minimum=0, maximum=36500), default_doc="0 (forever)",
+        doc="Archived room messages older than this many days are deleted (hourly). 0 "
+            "keeps them forever.")
     refresh_seconds: int = option(
         60, kind=Int(1),
         doc="How often persistent rooms are read again from the directory whatever the "

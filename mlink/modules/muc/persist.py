@@ -46,6 +46,7 @@ CONFIG_ATTRIBUTES: dict[str, str] = {
     "history_length": "mlinkRoomHistoryLength",
     "logging": "mlinkRoomLogging",
     "member_group": "mlinkRoomMemberGroup",
+    "archive": "mlinkRoomArchive",
 }
 AFFILIATION_ATTRIBUTES: dict[Affiliation, str] = {
     Affiliation.OWNER: "mlinkRoomOwner",

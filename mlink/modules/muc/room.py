@@ -20,7 +20,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -52,6 +52,8 @@ DISCO_ITEMS_NS = "http://jabber.org/protocol/disco#items"
 DATA_NS = "jabber:x:data"
 STANZA_ID_NS = "urn:xmpp:sid:0"
 PING_NS = "urn:xmpp:ping"
+MAM_NS = "urn:xmpp:mam:2"
+MAM_EXTENDED_NS = "urn:xmpp:mam:2#extended"
 # XEP-0410 §3.2: the room answers an occupant's ping of itself.
 SELF_PING_OPTIMIZATION = f"{MUC_NS}#self-ping-optimization"
 DELAY_NS = "urn:xmpp:delay"
@@ -124,10 +126,24 @@ class HistoryEntry:
 
 
 @dataclass(slots=True)
+class Archived:
+    """A groupchat message (or subject change) for the room's archive: its
+    archive id (the stanza-id occupants got), when, who sent it (the real
+    full JID, shown in results only to those allowed to see it), and the
+    message as broadcast (no `to`)."""
+
+    id: int
+    when: float
+    sender: JID
+    stanza: ET.Element
+
+
+@dataclass(slots=True)
 class Effects:
     out: list[Out] = field(default_factory=list)
     persist: bool = False  # configuration or affiliations changed
     history: list[HistoryEntry] = field(default_factory=list)  # added to the history
+    archive: list[Archived] = field(default_factory=list)  # for the room's archive
     subject_changed: bool = False
     destroyed: bool = False
     occupants_changed: bool = False
@@ -164,6 +180,17 @@ class Room:
         self.subject_from = ""  # the nick (or room JID) that set it
         self.history: deque[HistoryEntry] = deque()
         self.last_active = time.time() if now is None else now
+        # Archive ids (XEP-0313), given by the service that keeps the
+        # archive; None: this room archives nothing whatever its config.
+        self.archive_ids: Callable[[], int] | None = None
+
+    @property
+    def archiving(self) -> bool:
+        return self.config.archive and self.archive_ids is not None
+
+    def _logged(self, config: RoomConfig) -> bool:
+        """Whether occupants are told what they say is kept (status 170)."""
+        return config.logging or (config.archive and self.archive_ids is not None)
 
     # -- questions ---------------------------------------------------------------
 
@@ -259,8 +286,8 @@ class Room:
         codes = []
         if self.config.non_anonymous:
             codes.append(NON_ANONYMOUS)
-        if self.config.logging:
-            codes.append(LOGGED)
+        if self._logged(self.config):
+            codes.append(LOGGED)  # §15.6: told that what they say is kept
         if created:
             codes.append(CREATED)
         if _asked_nick(stanza) not in (None, nick):
@@ -505,8 +532,20 @@ class Room:
             # XEP-0359 §3.1: a stanza-id claiming to be ours is the sender's forgery.
             if child.tag == f"{{{STANZA_ID_NS}}}stanza-id" and child.get("by") == str(self.jid):
                 continue
+            # XEP-0313 §7.1.2, §8.4: a sender's muc#user <x/> would claim
+            # a real JID (archive results carry the room's own).
+            if child.tag == _u("x"):
+                continue
             broadcast.append(child)
-        if body is not None:
+        archived = self.archiving and (body is not None or effects.subject_changed)
+        if archived:
+            assert self.archive_ids is not None
+            archive_id = self.archive_ids()
+            # The archive id is the stanza-id: a client pages the archive from it.
+            ET.SubElement(broadcast, f"{{{STANZA_ID_NS}}}stanza-id",
+                          {"id": str(archive_id), "by": str(self.jid)})
+            effects.archive.append(Archived(archive_id, now, occupant.jid, broadcast))
+        elif body is not None:
             ET.SubElement(broadcast, f"{{{STANZA_ID_NS}}}stanza-id",
                           {"id": _new_id(), "by": str(self.jid)})
         shared = Shared(broadcast)
@@ -682,6 +721,8 @@ class Room:
                     "muc_moderated" if config.moderated else "muc_unmoderated",
                     "muc_passwordprotected" if config.needs_password else "muc_unsecured",
                     "muc_nonanonymous" if config.non_anonymous else "muc_semianonymous"]
+        if self.archiving:
+            features += [MAM_NS, MAM_EXTENDED_NS]
         for var in features:
             ET.SubElement(query, f"{{{DISCO_INFO_NS}}}feature", {"var": var})
         form = ET.SubElement(query, f"{{{DATA_NS}}}x", {"type": "result"})
@@ -893,8 +934,8 @@ class Room:
         codes = [CONFIG_CHANGED] if changed else []
         if "whois" in changed:
             codes.append(NOW_NON_ANONYMOUS if new.non_anonymous else NOW_SEMI_ANONYMOUS)
-        if "logging" in changed:
-            codes.append(LOGGED if new.logging else 171)
+        if self._logged(old) != self._logged(new):
+            codes.append(LOGGED if self._logged(new) else 171)
         if codes:
             message = ET.Element(_c("message"), {"from": str(self.jid), "type": "groupchat",
                                                  "id": _new_id()})

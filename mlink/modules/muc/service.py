@@ -22,6 +22,8 @@ import trio
 from mlink.directory.base import DirectoryError
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
+from mlink.modules.mam_query import is_mam_request
+from mlink.modules.muc.archive import RoomArchive
 from mlink.modules.muc.config import MEMBER_GROUP_FIELD, RoomConfig
 from mlink.modules.muc.options import Options
 from mlink.modules.muc.roles import Affiliation
@@ -109,6 +111,7 @@ class MucService:
         self._listing_dirty = trio.Event()
         self.persist: RoomDirectory | None = None
         self.history_store = module.store.archive("history")
+        self.archive = RoomArchive(module, lambda: self.options.archive_retention_days)
         self._appended: dict[str, int] = {}
         self.creators = module.store.map("created")
         # Persistent rooms as last read from the directory (every shard
@@ -175,6 +178,9 @@ class MucService:
             if len(_encode(stanza)) > self.options.max_message_bytes:
                 await self.router.bounce(stanza, "policy-violation", "the message is too large")
                 return
+        if room is not None and kind == "iq" and not to.resource and is_mam_request(stanza):
+            await self.archive.handle(room, stanza, sender)
+            return
         if room is None:
             if kind == "presence" and stanza.get("type") is None:
                 await self._create(stanza, sender, to, now)  # no nickname: jid-malformed
@@ -204,7 +210,9 @@ class MucService:
         if refusal:
             await self.router.bounce(stanza, "not-allowed", refusal)
             return
-        room = Room(to.bare, RoomConfig(), limits=self.limits(), now=now)
+        room = Room(to.bare, RoomConfig(archive=self.options.archive_default),
+                    limits=self.limits(), now=now)
+        room.archive_ids = self.archive.next_id
         instant = stanza.find(f"{{{MUC_NS}}}x") is None  # §7.2.1: an old client
         effects = room.create(stanza, sender, to, now, instant=instant)
         if room.empty:  # refused (a bad nickname): nothing was created
@@ -246,6 +254,8 @@ class MucService:
                                              and room.config.persistent)):
             await self._persist(room)
             self._listing_changed()
+        if effects.archive:
+            await self.archive.add(room, effects.archive)
         await self._deliver(room, effects)
         if effects.history and room.config.persistent:
             # In the store before this stanza's handling ends, so a restart
@@ -355,6 +365,7 @@ class MucService:
                 log.error("room %s not removed from the directory: %s", room.jid, exc)
             self.records.pop(room.jid, None)
             await self._clear_history(str(room.jid))
+        await self.archive.remove(room.jid)
         log.info("room %s %s", room.jid, "destroyed" if destroyed else "ended (empty)")
         self._listing_changed()
 
@@ -492,6 +503,7 @@ class MucService:
 
     async def _load_room(self, record: RoomRecord) -> None:
         room = Room(record.jid, record.config, record.affiliations, limits=self.limits())
+        room.archive_ids = self.archive.next_id
         room.subject = record.subject
         if record.config.member_group:
             room.group_members = await self._group_or_none(record)

@@ -21,8 +21,9 @@ The avatar nodes (XEP-0084) stay with the `avatar` module, which keeps the
 photo in the directory; it fires `pep/published` so contacts are notified
 here. Not offered: explicit subscriptions (PEP subscribes through
 presence), affiliations and whitelists of other JIDs, collection nodes,
-roster-group access (`roster` is read as `presence`), XEP-0411's
-conversion between XEP-0402 bookmarks and private XML storage.
+roster-group access (`roster` is read as `presence`). XEP-0411's
+conversion between XEP-0402 bookmarks and the older stores is the
+`bookmarks` module's, through `access.NodeAccess`.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import trio
 
 from mlink.hooks import StanzaEvent
 from mlink.jid import JID, parse_jid
+from mlink.modules.pep.access import ACCESS, CHANGED, NodeAccess
 from mlink.modules.pep.caps import DISCO_INFO_NS, CapsMemory, caps_of, notify_nodes, verifies
 from mlink.modules.pep.node import (
     ERRORS_NS,
@@ -189,15 +191,23 @@ def setup(module: Module) -> None:
 
     RequestWork = Callable[[StanzaEvent, ET.Element, str], Awaitable[ET.Element | None]]
 
-    async def answering(event: StanzaEvent, ns: str, work: RequestWork) -> bool:
+    async def answering(event: StanzaEvent, ns: str, work: RequestWork,
+                        changes: bool = False) -> bool:
         """Run `work` on the request inside the iq's <pubsub/> (namespace
-        `ns`) and answer: its result, or the error it raised."""
+        `ns`) and answer: its result, or the error it raised. With
+        `changes`, a request that succeeded is first announced to other
+        modules (`access.CHANGED`), so what it causes (bookmarks converted)
+        is done when the client hears of its success."""
         try:
             request = single(event, ns)[0]
-            reply = await work(event, request, request.tag.rpartition("}")[2])
+            name = request.tag.rpartition("}")[2]
+            reply = await work(event, request, name)
         except PubSubError as exc:
             await refuse(event, exc)
             return True
+        if changes and request.get("node") and name in ("publish", "retract", "delete",
+                                                        "purge"):
+            await module.fire(CHANGED, (str(event.sender.bare), request.get("node")))
         await router.route(iq_result(event.stanza, reply))
         return True
 
@@ -217,7 +227,7 @@ def setup(module: Module) -> None:
         return None
 
     async def handle_set(event: StanzaEvent) -> bool:
-        return await answering(event, PUBSUB_NS, set_request)
+        return await answering(event, PUBSUB_NS, set_request, changes=True)
 
     async def publish(owner: str, request: ET.Element, options: ET.Element | None
                       ) -> ET.Element:
@@ -339,7 +349,39 @@ def setup(module: Module) -> None:
         return None
 
     async def handle_owner(event: StanzaEvent) -> bool:
-        return await answering(event, OWNER_NS, owner_request)
+        return await answering(event, OWNER_NS, owner_request, changes=event.type == "set")
+
+    # -- for other modules (XEP-0411 bookmarks conversion) ----------------------------
+
+    async def lent_items(owner: str, node: str) -> list[tuple[str, ET.Element]]:
+        return await node_items(owner, node) if await node_config(owner, node) else []
+
+    async def lent_publish(owner: str, node: str, item_id: str, payload: ET.Element,
+                           config: NodeConfig) -> None:
+        found = await node_config(owner, node)
+        if found is None:
+            await configs.set(owner, node, config.encode())
+            found = config
+        await store_item(owner, node, found, item_id, payload)
+        await notify(owner, node, found, items_event(node, item_id, payload))
+
+    async def lent_retract(owner: str, node: str, wanted: list[str]) -> None:
+        config = await node_config(owner, node)
+        if config is None:
+            return
+        stored = {item_id for item_id, _ in await node_items(owner, node)}
+        gone = [item_id for item_id in wanted if item_id in stored]
+        for item_id in gone:
+            await items.set(owner, f"{node}\0{item_id}", None)
+        if gone:
+            event = ET.Element(_p("event", EVENT_NS))
+            listing = ET.SubElement(event, _p("items", EVENT_NS), {"node": node})
+            for item_id in gone:
+                ET.SubElement(listing, _p("retract", EVENT_NS), {"id": item_id})
+            await notify(owner, node, config, event)
+
+    access = NodeAccess(lent_items, lent_publish, lent_retract)
+    module.shared(ACCESS, lambda: access)
 
     async def refuse_foreign_set(event: StanzaEvent) -> bool:
         """Only the owner publishes to an account's nodes."""
