@@ -23,6 +23,10 @@ XEP-0084 over PEP, for the two avatar nodes (every other node is the
   text: the avatar is public anyway, as in the vCard). A metadata publish
   fires `pep/published`, so contacts whose clients asked for
   `urn:xmpp:avatar:metadata+notify` are told (the `pep` module).
+- XEP-0398 (`urn:xmpp:pep-vcard-conversion:0` on the account): the vCard
+  photo and the PEP avatar are one photo, so either protocol sees what the
+  other set; a photo changed through the vCard (or XEP-0154) is also
+  announced to the metadata node's `+notify` contacts, as a PEP publish is.
 - not supported: retraction, avatars hosted elsewhere (metadata `url`),
   the latest avatar item sent at login (clients have the XEP-0153 hash in
   presence).
@@ -58,6 +62,8 @@ DATA_NODE = "urn:xmpp:avatar:data"
 PUBLISH_OPTIONS_FIELD = "pubsub#access_model"
 # The pep module's event: notify contacts of an item published here.
 PEP_PUBLISHED = "pep/published"
+# XEP-0398: the server keeps the vCard photo and the PEP avatar as one.
+CONVERSION_NS = "urn:xmpp:pep-vcard-conversion:0"
 # Presence hooks run above the presence module (priority 0), so the hash is
 # in the stanza before it is broadcast.
 PRESENCE_PRIORITY = 10
@@ -79,6 +85,17 @@ def update_element(photo: bytes | None) -> ET.Element:
     x = ET.Element(f"{{{UPDATE_NS}}}x")
     ET.SubElement(x, f"{{{UPDATE_NS}}}photo").text = photo_hash(photo) if photo else None
     return x
+
+
+def metadata_item(photo: bytes | None) -> ET.Element:
+    """The metadata node's item for `photo` (XEP-0084 §4.2; an empty
+    `<metadata/>` when the avatar was removed)."""
+    item = ET.Element(_p("item"), {"id": photo_hash(photo) if photo else "current"})
+    metadata = ET.SubElement(item, f"{{{METADATA_NODE}}}metadata")
+    if photo:
+        ET.SubElement(metadata, f"{{{METADATA_NODE}}}info", {
+            "id": photo_hash(photo), "bytes": str(len(photo)), "type": photo_type(photo)})
+    return item
 
 
 def with_photo_hash(stanza: ET.Element, photo: bytes | None) -> None:
@@ -110,12 +127,21 @@ def setup(module: Module) -> None:
         with_photo_hash(event.stanza, photo)
         return False
 
+    # Users whose metadata publish is being handled: that publish notifies
+    # the node's contacts itself (XEP-0084), so the photo change it causes
+    # must not notify them a second time.
+    publishing: set[str] = set()
+
     async def photo_changed(user: JID) -> None:
-        """Re-broadcast each available resource's presence with the new hash."""
+        """Re-broadcast each available resource's presence with the new
+        hash; when the change came from the vCard side, tell the metadata
+        node's contacts too (XEP-0398 §3)."""
         try:
             photo = await current_photo(str(user))
         except ProfileError:
             return
+        if str(user) not in publishing:
+            await module.fire(PEP_PUBLISHED, (str(user), METADATA_NODE, metadata_item(photo)))
         for info in router.resources(user):
             if info.presence is None:
                 continue
@@ -166,6 +192,14 @@ def setup(module: Module) -> None:
         if pubsub.tag != _p("pubsub") or request is None or \
                 request.get("node") not in (METADATA_NODE, DATA_NODE):
             return False  # another node: the pep module's (or nobody's)
+        publishing.add(user)
+        try:
+            return await _publish(event, pubsub, request, user)
+        finally:
+            publishing.discard(user)
+
+    async def _publish(event: StanzaEvent, pubsub: ET.Element, request: ET.Element,
+                       user: str) -> bool:
         node = request.get("node")
         try:
             _check_options(pubsub)
@@ -259,6 +293,7 @@ def setup(module: Module) -> None:
     module.add_feature(PUBSUB_NS)
     # XEP-0163 §4: clients look for this identity before they use PEP.
     module.add_account_feature(f"{PUBSUB_NS}#publish", identity=("pubsub", "pep", ""))
+    module.add_account_feature(CONVERSION_NS)
     module.hook(f"iq-get/self/{PUBSUB_NS}", get_items)
     module.hook(f"iq-get/bare/{PUBSUB_NS}", get_items)
     module.hook(f"iq-set/self/{PUBSUB_NS}", publish)
