@@ -74,6 +74,10 @@ WEBSOCKET_KINDS = ("websocket", "websocket-tls")
 TLS_KINDS = ("tls", "websocket-tls")
 # A connection refused at accept gets this long to take its stream error.
 REFUSAL_SEND_TIMEOUT = 1.0
+# How long start-up waits for the directory's first answer (see
+# `_warm_directory`): long enough for a large embedded file or a slow LDAP
+# bind, short enough that a directory that is down does not hold the start.
+DIRECTORY_WARM_SECONDS = 10.0
 
 
 class Server:
@@ -537,6 +541,7 @@ class Server:
             self.store = await Store.open(self.config.data_dir / STORE_FILE)
         for module_store in self._module_stores.values():
             await module_store.migrate()
+        await self._warm_directory()
         async with trio.open_nursery() as nursery:
             for lc in self.config.listeners:
                 if lc.kind in TLS_KINDS and self.tls is None:
@@ -566,6 +571,19 @@ class Server:
             nursery.start_soon(self._rerouter)
             self._nursery = nursery
             task_status.started()
+
+    async def _warm_directory(self) -> None:
+        """Reach the directory before the listeners open: the embedded one
+        reads and indexes its file (a fraction of a second per thousand
+        users, which the first logins would otherwise wait for, the loop
+        starved meanwhile), LDAP opens its first connection. A directory
+        that does not answer is logged; the server starts all the same
+        (logins then get temporary-auth-failure until it answers)."""
+        try:
+            with trio.move_on_after(DIRECTORY_WARM_SECONDS):
+                await self.directory.ping()
+        except DirectoryError as exc:
+            log.warning("directory not reachable at start: %s", exc)
 
     async def _listen_components(self, nursery: trio.Nursery) -> None:
         """The XEP-0114 port, opened only when components are configured."""
