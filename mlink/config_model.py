@@ -384,7 +384,8 @@ def _finish_component(chk: Checker, elem: Element | None, parent: Element,
             path = PathKind(must_exist=True).parse(raw, ParseEnv(chk.base, values))
         except Invalid as exc:
             chk.fail(elem, exc.message("'secret-file' on <component>"))
-        c = dataclasses.replace(c, secret=_read_password(chk, elem, path, "secret-file"))
+        c = dataclasses.replace(c, secret=_read_password(chk, elem, path, "secret-file"),
+                                secret_file=path)
     if len(c.secret) < MIN_COMPONENT_SECRET:
         chk.fail(where, f"the secret of component {c.name!r} must be at least "
                         f"{MIN_COMPONENT_SECRET} characters (give 'secret' or 'secret-file')")
@@ -418,6 +419,10 @@ class ComponentConfig(Frozen):
         doc="The shared secret of the handshake, at least 16 characters. Prefer "
             "`secret-file`, or make the configuration file readable by mlink only (0600).",
     )
+    # Where `secret` was read from (`secret-file`), not a setting of its
+    # own: kept so that writing the configuration out (`mlink config
+    # import|export`) writes the reference again, never the secret it holds.
+    secret_file: Path | None = None
 
 
 def _check_components(chk: Checker, items: list[tuple[Element, ComponentConfig]]) -> None:
@@ -626,7 +631,8 @@ def _finish_ldap(chk: Checker, elem: Element | None, parent: Element, cfg: LDAPC
             path = PathKind(must_exist=True).parse(raw, ParseEnv(chk.base, values))
         except Invalid as exc:
             chk.fail(elem, exc.message("'bind-password-file' on <ldap>"))
-        cfg = dataclasses.replace(cfg, bind_password=_read_password(chk, elem, path))
+        cfg = dataclasses.replace(cfg, bind_password=_read_password(chk, elem, path),
+                                  bind_password_file=path)
     if cfg.bind_password and not cfg.bind_dn:
         chk.fail(elem, "a bind password is given but no 'bind-dn'")
     return cfg
@@ -728,6 +734,9 @@ class LDAPConfig(Frozen):
         doc="Seconds to wait for the LDAP server per operation; positive. When it expires, "
             'authentication fails with a temporary error, not "wrong password".',
     )
+    # Where `bind_password` was read from (`bind-password-file`): kept so
+    # that a written-out configuration names the file, not the password.
+    bind_password_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)

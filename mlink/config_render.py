@@ -17,7 +17,7 @@ from typing import Any, cast
 from xml.sax.saxutils import escape, quoteattr
 
 from mlink.config_model import DEFAULT_MODULES, Config
-from mlink.config_schema import Setting, option_setting, setting_of
+from mlink.config_schema import PathKind, Setting, option_setting, setting_of
 
 __all__ = ["render_config", "write_config"]
 
@@ -45,10 +45,31 @@ def _settings(cls: type) -> list[tuple[dataclasses.Field[Any], Setting]]:
     return [(f, s) for f in dataclasses.fields(cls) if (s := setting_of(f)) is not None]
 
 
+def _file_references(obj: Any) -> dict[str, Path]:
+    """The `X-file` attributes `obj` was read with, by X: a secret that
+    came from a file is written as that file's name, so a written-out
+    configuration (`mlink config import|export`) never holds it in clear.
+    The loader keeps the path in the field named after the attribute
+    (`secret-file` -> `secret_file`)."""
+    spec = getattr(type(obj), "XML", None)
+    out: dict[str, Path] = {}
+    for extra in getattr(spec, "extra", ()):
+        if extra.xml.endswith("-file"):
+            path = getattr(obj, extra.xml.replace("-", "_"), None)
+            if path is not None:
+                out[extra.xml[: -len("-file")]] = path
+    return out
+
+
 def _attrs(obj: Any, base: Path, element: str | None = None) -> list[str]:
     out = []
+    files = _file_references(obj) if element is None else {}
     for f, s in _settings(type(obj)):
         if s.where != "attr" or s.element != element or s.kind is None:
+            continue
+        if s.xml in files:
+            path = PathKind().render(files[s.xml], base)
+            out.append(f"{s.xml}-file={quoteattr(path)}")
             continue
         value = getattr(obj, f.name)
         if value is None or value == "":

@@ -180,7 +180,7 @@ class Slapd:
 @contextlib.contextmanager
 def private_slapd(
     workdir: Path, *ldifs: Path, samples: bool = True, size_limit: int | None = None,
-    ppolicy: bool = False, open_acl: bool = False,
+    ppolicy: bool = False, open_acl: bool = False, open_config_acl: bool = False,
 ) -> Iterator[Slapd]:
     """A slapd of the caller's own, in `workdir` (which must not exist or be
     empty), with conf/base.ldif, the samples unless `samples` is False, and
@@ -196,6 +196,8 @@ def private_slapd(
         args.append("--ppolicy")
     if open_acl:
         args.append("--open-acl")
+    if open_config_acl:
+        args.append("--open-config-acl")
     for path in ldifs:
         args += ["--ldif", str(path)]
     url, pid = _parse(run_slapd_tool(*args))

@@ -136,6 +136,8 @@ def test_ldap_file_loads(tmp_path: Path) -> None:
         jid_attribute="uid",
         pool_size=4,
         timeout=2.5,
+        # Remembered so a written-out configuration names the file again.
+        bind_password_file=tmp_path / "secret.txt",
     )
     assert cfg.tls.required is False
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ from mlink.config_model import Config, ConfigurationSourceConfig
 from mlink.directory.embedded import EmbeddedPort
 from mlink.directory.ldif import Entry
 from mlink.directory.port import Add, Modification
-from tests.ldap_fixtures import Slapd
+from tests.ldap_fixtures import Slapd, private_slapd
 from tests.rawclient import RawClient, expect_stream_error, ping, read_stanza, stanza_error_of
 from tests.serverproc import (
     ALICE,
@@ -561,3 +562,133 @@ def test_any_value_anywhere_is_a_one_line_error_or_accepted(tmp_path: Path,
     (setup / "long.xml").write_text(bad)
     with pytest.raises(ConfigError, match=r"long\.xml:\d+: 'certificate' on <tls>: cannot use "):
         load_config(setup / "long.xml")
+
+
+# -- secrets in the directory ------------------------------------------------------------------
+
+PUSH_SECRET = "push-secret-from-a-file-0123"
+INLINE_SECRET = "inline-component-secret-0123"
+TURN_SECRET = "turn-shared-secret-0123456"
+
+
+def with_secrets(full: Path) -> None:
+    """Add a component whose secret is in a file (0600, beside the file), one
+    whose secret is inline, and a TURN secret (external_services)."""
+    secret = full.parent / "push-secret"
+    secret.write_text(PUSH_SECRET + "\n")
+    secret.chmod(0o600)
+    text = full.read_text()
+    extra = ('  <components port="0">\n'
+             '    <component name="push.example.com" secret-file="push-secret"/>\n'
+             f'    <component name="other.example.com" secret="{INLINE_SECRET}"/>\n'
+             "  </components>\n"
+             '  <modules><module name="external_services">'
+             "<services>turn:turn.example.org</services>"
+             f"<secret>{TURN_SECRET}</secret></module></modules>\n")
+    text = text.replace("</mlink>", extra + "</mlink>")
+    full.write_text(text)
+
+
+def ldap_bootstrap(slapd: Slapd, tmp_path: Path, cert_files: tuple[Path, Path]
+                   ) -> tuple[Path, Path, str]:
+    """A full configuration with secrets and a bootstrap naming an entry in
+    the real slapd: (full file, bootstrap, entry DN)."""
+    if not slapd.running:
+        slapd.start()
+    entry = f"cn=sec-{tmp_path.name[-20:].replace('_', '-')},{slapd.base_dn}"
+    directory = (
+        f'<directory backend="ldap"><ldap base="{slapd.base_dn}" bind-dn="{slapd.bind_dn}" '
+        f'bind-password="{slapd.bind_password}" pool-size="2" timeout="2">'
+        f"<server>{slapd.url}</server></ldap></directory>")
+    setup = tmp_path / "setup"
+    full = init_setup(setup, cert_files, domain="example.com")
+    with_secrets(full)
+    boot = setup / "boot.xml"
+    boot.write_text(bootstrap_text(entry, directory))
+    return full, boot, entry
+
+
+def test_secret_file_stays_a_reference_through_import_and_export(
+        slapd: Slapd, tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    """`secret-file` is imported as mlinkCfgSecretFile (the file's name),
+    never as the secret it holds, and exported as `secret-file` again; the
+    configuration read back holds the secret (read from the file)."""
+    full, boot, entry = ldap_bootstrap(slapd, tmp_path, cert_files)
+    try:
+        mlink("config", "import", str(full), "--config", str(boot))
+        components = {e.first("mlinkCfgName"): e for e in slapd.search(
+            entry, "(objectClass=mlinkConfigElement)", scope="sub")
+            if e.first("mlinkCfgName") in ("push.example.com", "other.example.com")}
+        push = components["push.example.com"]
+        assert push.first("mlinkCfgSecretFile") == "push-secret", push.attrs
+        assert not push.get("mlinkCfgSecret"), push.attrs
+        # An inline secret stays inline: there is no file to name.
+        assert components["other.example.com"].first("mlinkCfgSecret") == INLINE_SECRET
+        everything = slapd._tool("ldapsearch", "-LLL", "-o", "ldif-wrap=no", "-b", entry)
+        assert PUSH_SECRET not in everything
+
+        out = tmp_path / "exported.xml"
+        mlink("config", "export", str(out), "--config", str(boot))
+        text = out.read_text()
+        assert PUSH_SECRET not in text
+        # Relative to where the exported file lies, as every path is.
+        assert 'secret-file="setup/push-secret"' in text
+        back = {c.name: c for c in load_config(out).components.components}
+        assert back["push.example.com"].secret == PUSH_SECRET
+        assert back["push.example.com"].secret_file == full.parent / "push-secret"
+        # Exported beside the bootstrap: the reference is relative again.
+        beside = boot.parent / "exported.xml"
+        mlink("config", "export", str(beside), "--config", str(boot))
+        assert 'secret-file="push-secret"' in beside.read_text()
+        # What came from FILE comes back (<directory> is the bootstrap's).
+        exported, original = load_config(beside), load_config(full)
+        assert dataclasses.replace(standalone(exported), directory=original.directory) == \
+            standalone(original)
+    finally:
+        slapd.ldapdelete(entry, recursive=True)
+
+
+def test_users_and_anonymous_cannot_read_the_configuration(
+        slapd: Slapd, tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    """The shipped ACL (conf/mlink-acl.ldif, the tests' slapd): alice, an
+    ordinary user, and anonymous clients see no configuration entry, so no
+    component or TURN secret; the service account reads it (the import
+    and export above run as it) and `mlink check` passes."""
+    full, boot, entry = ldap_bootstrap(slapd, tmp_path, cert_files)
+    alice = f"mail=alice@example.com,{slapd.users_dn}"
+    try:
+        mlink("config", "import", str(full), "--config", str(boot))
+        # The rootdn sees the secrets: they are there to be hidden.
+        held = slapd._tool("ldapsearch", "-LLL", "-o", "ldif-wrap=no", "-b", entry)
+        assert INLINE_SECRET in held and TURN_SECRET in held
+        as_alice = slapd.run_as(alice, slapd.users["alice@example.com"], "ldapsearch",
+                                "-LLL", "-o", "ldif-wrap=no", "-b", slapd.base_dn,
+                                "(|(mlinkCfgSecret=*)(objectClass=mlinkServer)"
+                                "(objectClass=mlinkConfigElement))", "*")
+        assert as_alice.strip() == "", as_alice
+        with pytest.raises(RuntimeError, match=r"\(32\)"):  # noSuchObject: not even there
+            slapd.run_as(alice, slapd.users["alice@example.com"], "ldapsearch", "-LLL",
+                         "-b", entry, "-s", "base", "mlinkCfgSecret")
+        anonymous = subprocess.run(
+            ["ldapsearch", "-x", "-LLL", "-H", slapd.url, "-b", slapd.base_dn,
+             "(objectClass=mlinkConfigElement)", "*"],
+            capture_output=True, text=True, timeout=30)
+        assert anonymous.stdout.strip() == "", anonymous.stdout
+        checked = mlink("check", "--config", str(boot))
+        assert "directory answers" in checked.stdout
+    finally:
+        slapd.ldapdelete(entry, recursive=True)
+
+
+def test_check_fails_when_anonymous_can_read_the_configuration(
+        tmp_path: Path, cert_files: tuple[Path, Path]) -> None:
+    """An ACL that protects passwords but shows the configuration entries:
+    `mlink check` fails with one line naming the entry."""
+    with private_slapd(tmp_path / "slapd", open_config_acl=True) as own:
+        full, boot, entry = ldap_bootstrap(own, tmp_path, cert_files)
+        mlink("config", "import", str(full), "--config", str(boot))
+        result = mlink("check", "--config", str(boot), check=False)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"anonymous clients can read the server configuration entry {entry}" in lines[0]

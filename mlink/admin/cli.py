@@ -406,7 +406,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         directory = open_directory(config.directory)
         try:
             await directory.ping()
-            return await _exposed_secrets(directory), await _fast_hashes(directory)
+            return (await _exposed_secrets(directory, config),
+                    await _fast_hashes(directory))
         finally:
             await directory.aclose()
 
@@ -455,10 +456,14 @@ async def _fast_hashes(directory: object) -> list[str]:
             f"{remedy}"]
 
 
-async def _exposed_secrets(directory: object) -> list[str]:
+async def _exposed_secrets(directory: object, config: Config) -> list[str]:
     """Problems with who can read credentials in an LDAP directory: SCRAM
     secrets (and password hashes) must be readable by the service account
-    only, or anyone who reads them can log in (SCRAM) or crack them."""
+    only, or anyone who reads them can log in (SCRAM) or crack them. With
+    the configuration held in the directory, its server entry and children
+    too: they may hold secrets (a component's, a TURN server's) now or
+    after the next `mlink config import`, so the entry itself must not be
+    visible, whether or not a secret is in it today."""
     from mlink.directory.ldap import LDAPDirectory, LDAPPort
 
     if not isinstance(directory, LDAPDirectory) or not isinstance(directory.port, LDAPPort):
@@ -475,6 +480,19 @@ async def _exposed_secrets(directory: object) -> list[str]:
         return [f"anonymous clients can read {' or '.join(attributes)} of {readable[0]}: "
                 "restrict them to the service account (see conf/mlink-acl.ldif, "
                 "docs/ldap.md)"]
+    if config.configuration.source == "directory":
+        entry = config.configuration.entry
+        try:
+            # objectClass: every entry has it, so an entry shown at all is
+            # found, not only one that holds a secret today.
+            readable = await directory.port.readable_by("", "", entry, ["objectClass"])
+        except Exception as exc:  # noqa: BLE001 - as above
+            log.debug("anonymous configuration read check: %s", exc)
+            return []
+        if readable:
+            return [f"anonymous clients can read the server configuration entry "
+                    f"{readable[0]}, which may hold secrets: restrict it to the service "
+                    "account (see conf/mlink-acl.ldif, docs/directory.md)"]
     return []
 
 

@@ -297,7 +297,9 @@ class LDAPPort(DirectoryPort):
                           attributes: Sequence[str]) -> list[str]:
         """DNs under `base` whose `attributes` someone bound as `dn` ("" for
         anonymous) can read: `mlink check` uses it to prove that secrets
-        are readable only by the service account."""
+        are readable only by the service account. More matches than the
+        probe looks at (the size limit exceeded) is `[base]`: readable too,
+        not none."""
         with trio.fail_after(self.timeout * 2):
             conn = await self._connect(dn, password)
         try:
@@ -305,7 +307,9 @@ class LDAPPort(DirectoryPort):
             with trio.fail_after(self.timeout * 2):
                 found = await conn.search(base, bonsai.LDAPSearchScope.SUBTREE, filt,
                                           list(attributes), sizelimit=READABLE_PROBE_ENTRIES)
-        except (bonsai.SizeLimitError, bonsai.NoSuchObjectError):
+        except bonsai.SizeLimitError:
+            return [base]
+        except bonsai.NoSuchObjectError:
             found = []
         finally:
             _close(conn)
