@@ -16,7 +16,8 @@ are kept as tuples. Tests and tools may build these directly.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import importlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -410,7 +411,9 @@ class ComponentConfig(Frozen):
     )
     name: str = attr(
         "name", kind=Domain(), required="<component> needs a 'name' (its domain)",
-        doc="The component's domain, such as `push.example.com`; not a served `<domain>`. "
+        doc="The component's domain, such as `push.example.com`; not a served `<domain>` "
+            "nor a subdomain a module serves (`conference.<domain>` of `muc`, "
+            "`upload.<domain>` of `http_upload`). "
             "It is listed in the disco#items of the served domain it is under (or of the "
             "first one).",
     )
@@ -432,6 +435,43 @@ def _check_components(chk: Checker, items: list[tuple[Element, ComponentConfig]]
             chk.fail(elem, f"component {c.name!r} given twice (first at line "
                            f"{first_line[c.name]})")
         first_line[c.name] = chk.line(elem)
+
+
+def _module_hosts(modules: Sequence[str], options: Mapping[str, object],
+                  domains: frozenset[str]) -> dict[str, str]:
+    """Subdomain -> the module serving it, for the enabled modules that
+    serve subdomains (they define `service_hosts(options, domains)`, the
+    function their setup uses, so the check and the server agree)."""
+    found: dict[str, str] = {}
+    for name in modules:
+        path = name if "." in name else f"mlink.modules.{name}"
+        hosts = getattr(importlib.import_module(path), "service_hosts", None)
+        if hosts is None:
+            continue
+        try:
+            served = hosts(options.get(name), domains)
+        except ValueError:
+            continue  # the module's own setup reports its bad options
+        for host in served:
+            found.setdefault(host, name)
+    return found
+
+
+def _finish_config(chk: Checker, elem: Element | None, parent: Element,
+                   config: Config, values: Mapping[str, Any]) -> Config:
+    """Checks across sections: a component may not take a subdomain a
+    module serves (`conference.<domain>`, `upload.<domain>`), which the
+    server could only refuse when the module sets up."""
+    if config.components.components:
+        hosts = _module_hosts(config.modules, config.module_options,
+                              frozenset(config.domains))
+        section = elem.find("components") if elem is not None else None
+        elems = section.findall("component") if section is not None else []
+        for c, c_elem in zip(config.components.components, elems, strict=False):
+            if c.name in hosts:
+                chk.fail(c_elem, f"component {c.name!r} is served by module "
+                                 f"{hosts[c.name]!r}; give the component another name")
+    return config
 
 
 _COMPONENTS_EXAMPLE = """\
@@ -1281,7 +1321,8 @@ _MODULES_EXAMPLE = """\
 
 @dataclass(frozen=True, slots=True)
 class Config(Frozen):
-    XML: ClassVar[ElementSpec] = ElementSpec("mlink", "root, required")
+    XML: ClassVar[ElementSpec] = ElementSpec("mlink", "root, required",
+                                             finish=_finish_config)
 
     path: Path | None = not_in_file()
     domains: tuple[str, ...] = texts(

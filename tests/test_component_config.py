@@ -57,3 +57,31 @@ def test_bad_components(tmp_path: Path, components: str, words: str) -> None:
 
 def test_bad_port(tmp_path: Path) -> None:
     assert "port" in error(tmp_path, '<components port="70000"/>')
+
+
+@pytest.mark.parametrize("modules, name, served_by", [
+    ("", "conference.localhost", "muc"),
+    ('<modules><module name="muc"><prefix>chat</prefix></module></modules>',
+     "chat.localhost", "muc"),
+    ('<modules><module name="muc"><hosts>rooms.localhost</hosts></module></modules>',
+     "rooms.localhost", "muc"),
+    ('<modules><module name="http_upload"/></modules>', "upload.localhost", "http_upload"),
+])
+def test_a_component_on_a_module_subdomain_is_refused(
+        tmp_path: Path, modules: str, name: str, served_by: str) -> None:
+    """The server could only find the clash when the module sets up (a
+    traceback from `mlink serve` after `mlink check` said valid)."""
+    text = error(tmp_path, f'<components>\n<component name="{name}" secret="{GOOD_SECRET}"/>'
+                           f"\n</components>{modules}")
+    assert ":3:" in text and f"{name!r} is served by module {served_by!r}" in text, text
+
+
+def test_a_component_next_to_module_subdomains_loads(tmp_path: Path) -> None:
+    # With the muc module off, its subdomain is free for a component.
+    cfg = load(tmp_path, f'<components><component name="conference.localhost" '
+                         f'secret="{GOOD_SECRET}"/></components>'
+                         '<modules><module name="muc" enabled="false"/></modules>')
+    assert [c.name for c in cfg.components.components] == ["conference.localhost"]
+    cfg = load(tmp_path, f'<components><component name="upload.localhost" '
+                         f'secret="{GOOD_SECRET}"/></components>')
+    assert [c.name for c in cfg.components.components] == ["upload.localhost"]

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
+from mlink.config import load_config
+from mlink.jid import JID
+from mlink.modules.wakeups import DETACHED, Wakeups
+from mlink.server import Server
 from tests.componentclient import RawComponent
 from tests.placement import Placement
 from tests.rawclient import RawClient, read_stanza, stanza_error_of
-from tests.serverproc import DOMAIN, MlinkProcess, free_ports, start_mlink
+from tests.serverproc import DOMAIN, MlinkProcess, free_ports, mlink, start_mlink
 from tests.test_component import component_port, connect
 from tests.test_stream_management import enable
 
@@ -339,3 +344,148 @@ def test_two_shards_push_from_the_shard_holding_the_detached_session(sharded, ca
     finally:
         app.close()
         place.close_all()
+
+
+# -- in process: what reaches the push module, and what it costs ---------------------
+
+
+class Spy:
+    """The server's routing and background tasks, observed: the publishes
+    the push module sends (no app server is connected, so they are only
+    counted here) and the push tasks it starts, with an event per end."""
+
+    def __init__(self, server: Server) -> None:
+        self.publishes: list[ET.Element] = []
+        self.tasks = 0
+        self.tasks_done = 0
+        self.changed = trio.Event()
+        route, spawn = server.router.route, server.spawn_background
+
+        async def spied_route(stanza: ET.Element, rerouted: bool = False) -> None:
+            if stanza.get("to") == PUSH and stanza.find(".//{urn:xmpp:push:0}notification") \
+                    is not None:
+                self.publishes.append(stanza)
+                self.poke()
+                return
+            await route(stanza, rerouted)
+
+        def spied_spawn(name: str, task: Callable[[], Awaitable[None]]) -> None:
+            if name != "push":
+                spawn(name, task)
+                return
+            self.tasks += 1
+
+            async def counted() -> None:
+                try:
+                    await task()
+                finally:
+                    self.tasks_done += 1
+                    self.poke()
+
+            spawn(name, counted)
+
+        server.router.route = spied_route  # type: ignore[method-assign]
+        server.spawn_background = spied_spawn  # type: ignore[method-assign]
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def until(self, check: Callable[[], bool]) -> None:
+        with trio.fail_after(10):
+            while not check():
+                await self.changed.wait()
+
+    def bodies(self) -> list[str]:
+        return [summary(iq).get("last-message-body", "") for iq in self.publishes]
+
+
+@pytest.fixture
+def in_process(tmp_path: Path, cert_files: tuple[Path, Path]) -> Server:
+    cert, key = cert_files
+    setup = tmp_path / "s"
+    mlink("init", str(setup), "--domain", DOMAIN, "--c2s-port", "0", "--tls-port", "0",
+          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    config = setup / "mlink.xml"
+    config.write_text(configure(config.read_text()))
+    listing = setup / "users.txt"
+    listing.write_text("".join(f"{jid} {pw}\n" for jid, pw in USERS.items()))
+    mlink("user", "import", str(listing), "--config", str(config))
+    return Server(load_config(config))
+
+
+def chat(to: str, body: str) -> ET.Element:
+    return ET.fromstring(f"<message xmlns='jabber:client' from='{BOB}/phone' to='{to}' "
+                         f"type='chat'><body>{body}</body></message>")
+
+
+async def enable_push(server: Server, user: str, node: str) -> None:
+    await server.router.route(ET.fromstring(
+        f"<iq xmlns='jabber:client' type='set' id='en' from='{user}/phone' to='{user}'>"
+        f"<enable xmlns='{PUSH_NS}' jid='{PUSH}' node='{node}'/></iq>"))
+
+
+async def test_a_message_routed_again_is_pushed_unless_wakeups_reported_it(in_process):
+    """A message never written to a session without stream management (or
+    sent to a full JID whose session ended meanwhile) is routed again to
+    offline storage: the phone must be woken for it. One that waited in a
+    held session was pushed then, and is not pushed twice."""
+    server = in_process
+    spy = Spy(server)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        await enable_push(server, CAROL, "node-x")
+        await server.router.reroute(chat(f"{CAROL}/gone", "never written"))
+        await spy.until(lambda: len(spy.publishes) == 1)
+        assert spy.bodies() == ["never written"]
+        held = chat(f"{CAROL}/held", "held then dropped")
+        server.shared_service("wakeups", Wakeups).notify(JID("carol", DOMAIN, "held"), held,
+                                                         DETACHED)
+        await spy.until(lambda: len(spy.publishes) == 2)
+        await server.router.reroute(held)  # its held session ended: offline, no new push
+        await server.router.route(chat(CAROL, "after"))
+        await spy.until(lambda: len(spy.publishes) == 3)
+        assert spy.bodies() == ["never written", "held then dropped", "after"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_users_without_registrations_cost_no_task_once_known(in_process):
+    server = in_process
+    spy = Spy(server)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.serve)
+        await server.router.route(chat(DAVE, "first"))
+        await spy.until(lambda: spy.tasks_done == 1)  # read the store: none
+        for n in range(5):
+            await server.router.route(chat(DAVE, f"more {n}"))
+        await server.router.reroute(chat(f"{DAVE}/gone", "again"))
+        assert spy.tasks == 1 and spy.publishes == []
+        # A registration makes the next message pushed (the cache is dropped).
+        await enable_push(server, DAVE, "node-y")
+        await server.router.route(chat(DAVE, "now pushed"))
+        await spy.until(lambda: len(spy.publishes) == 1)
+        assert spy.bodies() == ["now pushed"] and spy.tasks == 2
+        await server.router.route(ET.fromstring(
+            f"<iq xmlns='jabber:client' type='set' id='dis' from='{DAVE}/phone' to='{DAVE}'>"
+            f"<disable xmlns='{PUSH_NS}' jid='{PUSH}'/></iq>"))
+        await server.router.route(chat(DAVE, "not pushed"))
+        await spy.until(lambda: spy.tasks_done == spy.tasks == 3)
+        assert spy.bodies() == ["now pushed"]
+        nursery.cancel_scope.cancel()
+
+
+def test_requests_with_a_push_like_id_are_answered(server, ca_file):
+    """Only results and errors with our ids are the app server's answers: a
+    get or set to the account whose id merely starts the same way is served."""
+    alice, bob = login(server, ca_file, ALICE), login(server, ca_file, BOB)
+    bob.send(f"<iq type='get' id='push~abc' to='{ALICE}'>"
+             "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+    # Answered as any disco#info from a stranger is (no reply at all before).
+    assert read_stanza(bob, "iq", "push~abc").get("type") in ("result", "error")
+    alice.send(f"<iq type='get' id='push~own' to='{ALICE}'>"
+               "<query xmlns='http://jabber.org/protocol/disco#info'/></iq>")
+    assert read_stanza(alice, "iq", "push~own").get("type") == "result"
+    bob.send(f"<iq type='set' id='push~def' to='{ALICE}'><frob xmlns='urn:example'/></iq>")
+    assert stanza_error_of(read_stanza(bob, "iq", "push~def"))[1] == "service-unavailable"
+    alice.close()
+    bob.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import weakref
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -38,6 +39,7 @@ from mlink.hooks import StanzaEvent
 from mlink.jid import JID, InvalidJID, parse_jid
 from mlink.modules.wakeups import wakeups
 from mlink.util.keyed_lock import KeyedLock
+from mlink.util.user_cache import UserCache
 from mlink.xml.serialize import CLIENT_NS, serialize
 
 if TYPE_CHECKING:
@@ -63,6 +65,11 @@ MAX_BODY_CHARS = 256
 # (routed to the user's bare JID) are recognised on any shard.
 ID_PREFIX = "push~"
 REGISTRATIONS = "registrations"
+# Users whose "has a registration or not" a shard remembers: most users
+# never register, and without the answer each message to one of them that
+# is held, inactive or offline would cost a task and a store read. A bool
+# per user; the least recently used go first.
+MAX_CACHED_USERS = 50_000
 # Errors that say the app server is unreachable now, not that the
 # registration is wrong: a push gateway restarting must not cost every
 # user their notifications.
@@ -107,9 +114,34 @@ def setup(module: Module) -> None:
     pending: dict[str, Pending] = {}
     # Two enables of one user at once must not both pass the count check.
     locks: KeyedLock[str] = KeyedLock()
+    # User -> whether they have a registration, as last read on this shard
+    # (dropped on a change here or, through `changed`, on another shard).
+    registered: UserCache[str, bool] = UserCache(MAX_CACHED_USERS)
+    changed = module.user_cache("registered", registered.invalidate)
+    # Messages already noted through Wakeups (a held or inactive session):
+    # when such a message is routed again to offline storage, the push for
+    # it went or is going. Weak: the set holds no message alive.
+    reported: weakref.WeakSet[ET.Element] = weakref.WeakSet()
 
     async def registrations(user: str) -> dict[str, dict[str, str]]:
-        return {key: json.loads(value) for key, value in (await store.items(user)).items()}
+        load = registered.begin(user)
+        try:
+            found = {key: json.loads(value)
+                     for key, value in (await store.items(user)).items()}
+        except BaseException:
+            registered.finish(user, load, False, keep=False)
+            raise
+        registered.finish(user, load, bool(found))
+        return found
+
+    async def set_registration(user: str, key: str, value: bytes | None) -> None:
+        """Write one registration and drop every shard's cached answer."""
+        registered.invalidate(user)
+        try:
+            await store.set(user, key, value)
+        finally:
+            registered.invalidate(user)
+            changed(user)
 
     # -- enable / disable (XEP-0357 §5, §6) -----------------------------------------
 
@@ -145,7 +177,7 @@ def setup(module: Module) -> None:
         if op == "disable":
             for key, reg in existing.items():
                 if reg["jid"] == app_jid and (node is None or reg["node"] == node):
-                    await store.set(user, key, None)
+                    await set_registration(user, key, None)
         else:
             form = child.find(f"{{{DATA_NS}}}x")
             form_xml = serialize(form, "").decode() if form is not None else ""
@@ -155,7 +187,7 @@ def setup(module: Module) -> None:
             if key not in existing and len(existing) >= MAX_REGISTRATIONS:
                 return "resource-constraint", "too many registrations"
             value = {"jid": app_jid, "node": node or "", "form": form_xml}
-            await store.set(user, key, json.dumps(value).encode())
+            await set_registration(user, key, json.dumps(value).encode())
         return None
 
     # -- what triggers a push ----------------------------------------------------------
@@ -169,8 +201,8 @@ def setup(module: Module) -> None:
 
     def note(user: str, stanza: ET.Element) -> None:
         """Count `stanza` for `user` and make sure a push will go."""
-        if not pushable(stanza):
-            return
+        if not pushable(stanza) or registered.get(user) is False:
+            return  # nothing to push, or nobody to push to (known on this shard)
         state = pending.setdefault(user, Pending())
         state.count += 1
         sender = stanza.get("from", "")
@@ -184,10 +216,15 @@ def setup(module: Module) -> None:
             module.spawn(lambda: flush_later(user))
 
     def on_wakeup(session: JID, stanza: ET.Element, reason: str) -> None:
+        reported.add(stanza)
         note(str(session.bare), stanza)
 
     async def on_offline(event: StanzaEvent) -> bool:
-        if not event.rerouted:
+        # A message routed again (its session ended) was pushed already
+        # only if Wakeups reported it (it waited in a held session); one
+        # never written (queued on a session without stream management,
+        # or crossing the bus to a session that just ended) was not.
+        if event.stanza not in reported:
             note(str(event.to.bare), event.stanza)
         return False  # the offline module still stores it
 
@@ -241,9 +278,14 @@ def setup(module: Module) -> None:
 
     async def answer(event: StanzaEvent) -> bool:
         iq = event.stanza
-        if iq.tag != f"{{{CLIENT_NS}}}iq" or not iq.get("id", "").startswith(ID_PREFIX):
+        kind = iq.get("type")
+        # Only answers (result, error) to our publishes: a get or set whose
+        # id happens to look like ours is a request for the account's own
+        # handlers (disco#info to the bare JID, say), and must be answered.
+        if (iq.tag != f"{{{CLIENT_NS}}}iq" or kind not in ("result", "error")
+                or not iq.get("id", "").startswith(ID_PREFIX)):
             return False
-        if iq.get("type") != "error":
+        if kind != "error":
             return True
         error = iq.find(f"{{{CLIENT_NS}}}error")
         if error is None or error.get("type") == "wait" or any(
@@ -256,7 +298,7 @@ def setup(module: Module) -> None:
             raw = await store.get(user, key) if key else None
             # Only the app server the registration names can remove it.
             if raw is not None and json.loads(raw)["jid"] == app:
-                await store.set(user, key, None)
+                await set_registration(user, key, None)
                 module.log.info("push registration %s of %s removed after an error", app, user)
         return True
 

@@ -96,6 +96,12 @@ class Options:
 OPTIONS = Options
 
 
+def service_hosts(options: object, domains: frozenset[str]) -> dict[str, str]:
+    """Service domain -> the local domain it belongs to (`upload.<domain>`);
+    the configuration check uses it too, to refuse a component of that name."""
+    return {f"{HOST_PREFIX}.{domain}": domain for domain in sorted(domains)}
+
+
 def setup(module: Module) -> None:
     def options() -> Options:
         current: Any = module.options
@@ -112,7 +118,7 @@ def setup(module: Module) -> None:
         raise OSError(exc.errno, f"http_upload: cannot use {exc.filename or root}: "
                                  f"{exc.strerror or exc}") from None
     store = UploadStore(root)
-    hosts = {f"{HOST_PREFIX}.{domain}": domain for domain in sorted(module.domains)}
+    hosts = service_hosts(options(), module.domains)
     service = UploadService(module, key, store, options, hosts)
     web = UploadWeb(key, store, options, module.log)
     for host, parent in hosts.items():
@@ -133,4 +139,4 @@ def setup(module: Module) -> None:
     module.spawn(sweeper)
 
 
-__all__ = ["OPTIONS", "UPLOAD_NS", "Options", "setup"]
+__all__ = ["OPTIONS", "UPLOAD_NS", "Options", "service_hosts", "setup"]
