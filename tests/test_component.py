@@ -6,9 +6,12 @@ ComponentXMPP as a real component library."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import select
 import signal
+import ssl
 import time
 import uuid
 import xml.etree.ElementTree as ET
@@ -22,6 +25,7 @@ from tests.componentclient import RawComponent
 from tests.placement import Placement
 from tests.rawclient import (
     CLIENT_NS,
+    READ_TIMEOUT,
     RawClient,
     expect_stream_error,
     read_stanza,
@@ -268,6 +272,30 @@ def test_slixmpp_component_connects_and_answers(server, ca_file):
 # -- two shards ------------------------------------------------------------------------
 
 
+def known_on(server: MlinkProcess, shard: int, held_by: int, since: int) -> None:
+    """Wait until `shard` has learned (over the bus) that the component is on
+    `held_by`. Until then `shard` rightly answers its users' stanzas to the
+    component with service-unavailable: "all shards ready" does not mean the
+    shards have met on the bus yet, nor that a component's arrival has
+    reached the others."""
+    server.wait_for_log(rf"shard-{shard} .*component {re.escape(PUSH)} is on shard {held_by}$",
+                        since=since, timeout=RESTART_TIMEOUT)
+
+
+def disconnect(server: MlinkProcess, component: RawComponent, held_by: int, since: int) -> None:
+    """End the component's stream and wait until both shards have let the
+    name go, so that the next connection, on either shard, is not refused.
+    The other shard must have learned of the component first (`known_on`),
+    or it has nothing to let go."""
+    component.send("</stream:stream>")
+    component.wait_closed()
+    component.close()
+    server.wait_for_log(rf"shard-{held_by} .*component {re.escape(PUSH)} disconnected",
+                        since=since)
+    server.wait_for_log(rf"shard-{1 - held_by} .*component {re.escape(PUSH)} left shard "
+                        rf"{held_by}$", since=since)
+
+
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory: pytest.TempPathFactory,
             cert_files: tuple[Path, Path]) -> Iterator[MlinkProcess]:
@@ -285,6 +313,7 @@ def test_two_shards_route_to_the_shard_holding_the_component(sharded, ca_file):
     component = connect(sharded)
     held_by = int(sharded.wait_for_log(
         rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+    known_on(sharded, 1 - held_by, held_by, mark)
     place = Placement(sharded.log, sharded.c2s_port, ca_file, USERS)
     try:
         alice = place.login_on(1 - held_by, ALICE)
@@ -295,10 +324,7 @@ def test_two_shards_route_to_the_shard_holding_the_component(sharded, ca_file):
                        "<body>and back</body></message>")
         assert read_stanza(alice, "message", "x2").findtext(f"{{{CLIENT_NS}}}body") == "and back"
         # Gone: the other shard's stanzas are refused, not lost.
-        component.send("</stream:stream>")
-        component.wait_closed()
-        sharded.wait_for_log(rf"shard-{held_by} .*component {re.escape(PUSH)} disconnected",
-                             since=mark)
+        disconnect(sharded, component, held_by, mark)
         alice.send(f"<message to='{PUSH}' id='x3' type='chat'><body>hello?</body></message>")
         assert stanza_error_of(read_stanza(alice, "message", "x3"))[1] == "service-unavailable"
     finally:
@@ -316,6 +342,8 @@ def test_two_shards_refuse_a_second_connection_on_the_other_shard(sharded):
     first = connect(sharded)
     held_by = int(sharded.wait_for_log(
         rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+    # Else a second connection on the other shard would rightly be taken.
+    known_on(sharded, 1 - held_by, held_by, mark)
     try:
         for _ in range(PLACEMENT_TRIES):
             mark = sharded.log.mark()
@@ -330,7 +358,7 @@ def test_two_shards_refuse_a_second_connection_on_the_other_shard(sharded):
         else:
             raise AssertionError("no second connection reached the other shard")
     finally:
-        first.close()
+        disconnect(sharded, first, held_by, mark)
 
 
 def test_two_shards_survive_the_death_of_either_shard(sharded, ca_file):
@@ -342,21 +370,25 @@ def test_two_shards_survive_the_death_of_either_shard(sharded, ca_file):
     held_by = int(sharded.wait_for_log(
         rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
     other = 1 - held_by
+    # The other shard's line about the component, before it dies: only a
+    # line after this one can come from its successor.
+    known_on(sharded, other, held_by, mark)
     place = Placement(sharded.log, sharded.c2s_port, ca_file, USERS)
     try:
         # The other shard dies and comes back: it is told where the component is.
+        pid = shard_pids(sharded)[other]  # `mlink status`: seconds on a loaded machine
         mark = sharded.log.mark()
-        os.kill(shard_pids(sharded)[other], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         sharded.wait_for_log(rf"shard {other} ready", since=mark, timeout=RESTART_TIMEOUT)
-        sharded.wait_for_log(rf"shard-{other} .*component {re.escape(PUSH)} is on shard "
-                             rf"{held_by}", since=mark, timeout=RESTART_TIMEOUT)
+        known_on(sharded, other, held_by, mark)
         alice = place.login_on(other, ALICE)
         alice.send(f"<message to='{PUSH}' id='k1' type='chat'><body>after restart</body>"
                    "</message>")
         assert "after restart" in component.read_until("after restart</body>")
         # The component's shard dies: the other refuses, and says why.
+        pid = shard_pids(sharded)[held_by]
         mark = sharded.log.mark()
-        os.kill(shard_pids(sharded)[held_by], signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
         sharded.wait_for_log(rf"shard-{other} .*component {re.escape(PUSH)} was on shard "
                              rf"{held_by}, which is gone", since=mark, timeout=RESTART_TIMEOUT)
         alice.send(f"<message to='{PUSH}' id='k2' type='chat'><body>void?</body></message>")
@@ -369,13 +401,80 @@ def test_two_shards_survive_the_death_of_either_shard(sharded, ca_file):
         now_on = int(sharded.wait_for_log(
             rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
         if now_on != other:
-            sharded.wait_for_log(rf"shard-{other} .*component {re.escape(PUSH)} is on shard "
-                                 rf"{now_on}", since=mark, timeout=RESTART_TIMEOUT)
+            known_on(sharded, other, now_on, mark)
         alice.send(f"<message to='{PUSH}' id='k3' type='chat'><body>back</body></message>")
         assert "back" in component.read_until("back</body>")
     finally:
         component.close()
         place.close_all()
+
+
+# Messages sent at a component in the moment it connects on another shard.
+RACING = 20
+
+
+def test_two_shards_a_stanza_racing_the_components_arrival_is_delivered_or_bounced(
+        sharded, ca_file):
+    """Stanzas sent from both shards while the component's handshake is in
+    flight: each is delivered, or bounced with service-unavailable (the
+    component not connected yet, or its shard's news not arrived yet), never
+    lost. The outcome is checked, whatever the timing was."""
+    place = Placement(sharded.log, sharded.c2s_port, ca_file, USERS)
+    alices = [place.login_on(0, ALICE), place.login_on(1, ALICE)]
+    mark = sharded.log.mark()
+    component = RawComponent(component_port(sharded))
+    try:
+        component.open_stream(PUSH)
+        digest = hashlib.sha1((component.stream_id + SECRET).encode()).hexdigest()
+        ids = {f"r{n}" for n in range(RACING)}
+        for n in range(RACING):
+            if n == RACING // 2:  # half before the handshake, half after
+                component.send(f"<handshake>{digest}</handshake>")
+            alices[n % 2].send(f"<message to='{PUSH}' id='r{n}' type='chat'>"
+                               f"<body>race {n}</body></message>")
+        delivered, bounced, handshake = _outcomes(component, alices, ids)
+        assert re.search(r"<handshake\s*/>", handshake), handshake
+        assert delivered | bounced == ids and not delivered & bounced, (delivered, bounced)
+        held_by = int(sharded.wait_for_log(
+            rf"shard-(\d+) .*component {re.escape(PUSH)} connected", since=mark)[1])
+        known_on(sharded, 1 - held_by, held_by, mark)
+        disconnect(sharded, component, held_by, mark)
+    finally:
+        component.close()
+        place.close_all()
+
+
+def _outcomes(component: RawComponent, alices: list[RawClient],
+              ids: set[str]) -> tuple[set[str], set[str], str]:
+    """The ids that reached the component, those bounced to a sender with
+    service-unavailable, and what the component read: from whichever socket
+    has data until every id has one outcome (or READ_TIMEOUT: then some
+    was lost)."""
+    texts: dict[RawClient, str] = {c: "" for c in (component, *alices)}
+    delivered: set[str] = set()
+    bounced: set[str] = set()
+    deadline = time.monotonic() + READ_TIMEOUT
+    message = re.compile(r"<message\b[^>]*\bid='(r\d+)'[^>]*>.*?</message>", re.S)
+    while delivered | bounced != ids:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"lost: {ids - delivered - bounced}; got {list(texts.values())}"
+        ready = [c for c in alices if c.sock.pending()] or [  # type: ignore[attr-defined]
+            c for c in texts if c.sock in select.select([c.sock for c in texts], [], [],
+                                                        remaining)[0]]
+        for client in ready:
+            try:
+                chunk = client.sock.recv(65536)
+            except ssl.SSLWantReadError:
+                continue  # part of a TLS record: the rest follows
+            assert chunk, "the server closed a connection"
+            texts[client] += chunk.decode()
+        delivered = set(message.findall(texts[component]))
+        for client in alices:
+            for m in message.finditer(texts[client]):
+                stanza = ET.fromstring(m[0].replace("<message ", f"<message xmlns='{CLIENT_NS}' ", 1))
+                assert stanza_error_of(stanza)[1] == "service-unavailable", m[0]
+                bounced.add(m[1])
+    return delivered, bounced, texts[component]
 
 
 # -- limits and faults -------------------------------------------------------------------

@@ -128,6 +128,7 @@ class ComponentTable:
         domain = payload.decode()
         if self.remote.get(domain) == source:
             del self.remote[domain]
+            log.info("component %s left shard %d", domain, source)
 
     async def _remote_stanza(self, source: int, payload: bytes) -> None:
         raw_domain, _, data = payload.partition(b"\0")
