@@ -27,9 +27,17 @@ from mlink.console.settings import (
     serialise,
     write_candidate,
 )
-from tests.console_browser import browser, console_url, csrf_of, log_in, new_page, screenshot
+from tests.console_browser import (
+    SCREENSHOTS,
+    browser,
+    console_url,
+    csrf_of,
+    log_in,
+    new_page,
+    screenshot,
+)
 from tests.rawclient import RawClient, expect_stream_error
-from tests.serverproc import MlinkProcess, start_mlink
+from tests.serverproc import MlinkProcess, mlink, serve, start_mlink, stop
 
 __all__ = ["browser"]  # the fixture, used by name
 
@@ -191,8 +199,27 @@ def test_bad_value_is_shown_next_to_its_field_and_nothing_is_written(server, bas
     # The bad value stays in its field for the administrator to correct.
     assert page.get_by_label("limits.stanza-bytes", exact=True).input_value() == "5"
     screenshot(page, "config-invalid")
+    # The part the docs show: the <limits> fieldset with its messages.
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.locator("fieldset", has_text="<limits>").screenshot(
+        path=str(SCREENSHOTS / "config-invalid-limits.png"))
     assert server.config.read_bytes() == before
     assert not list(server.config.parent.glob(".mlink-console-*"))
+
+
+def test_a_cross_field_problem_is_shown_at_the_top(server, base, browser):
+    """What only the whole-file load can see (a photo limit that cannot fit
+    in a stanza) is shown above the form, and nothing is written."""
+    before = server.config.read_bytes()
+    page = new_page(browser, base)
+    log_in(page, ROOT, ROOT_PW)
+    page.goto("/config")
+    page.get_by_label("profiles.max-photo-bytes", exact=True).fill("10000000")
+    page.get_by_role("button", name="Save and reload").click()
+    top = page.locator("#config-error").inner_text()
+    assert "'max-photo-bytes' 10000000 cannot fit in a stanza" in top
+    assert server.config.name in top and ".mlink-console-" not in top
+    assert server.config.read_bytes() == before
 
 
 def test_admin_lowers_the_stanza_limit_and_a_client_sees_it(server, base, browser, ca_file):
@@ -241,6 +268,7 @@ def test_a_setting_that_needs_a_restart_is_reported(server, base, browser):
     assert "Needs a restart to apply: WebSocket settings (<websocket>)." in result
     assert "WebSocket settings (<websocket>)" in page.locator("#pending").inner_text()
     screenshot(page, "config-restart")
+    page.screenshot(path=str(SCREENSHOTS / "config-restart-top.png"))  # the viewport only
     server.wait_for_log(r"WebSocket settings \(<websocket>\) changed in .*needs a restart",
                         since=mark)
     server.wait_for_log(rf"audit: {re.escape(ROOT)} changed server configuration .*"
@@ -276,3 +304,66 @@ def test_a_delegated_administrator_cannot_see_or_change_it(server, base, browser
     posted = page.request.post("/config", form={"limits.depth": "7", "csrf": csrf_of(page)})
     assert posted.status == 403
     assert server.config.read_bytes() == before
+
+
+# -- configuration held in the directory ------------------------------------------------
+
+ENTRY = "cn=xmpp,dc=localhost"
+LOCAL = "localhost"
+LOCAL_ROOT, LOCAL_BOB = f"root@{LOCAL}", f"bob@{LOCAL}"
+
+
+def test_directory_source_is_written_to_the_entry(tmp_path, cert_files, browser, ca_file):
+    """With `<configuration source="directory">`, the page writes the
+    server entry as `mlink config import` does, and the bootstrap file
+    stays as it was."""
+    setup = tmp_path / "setup"
+    cert, key = cert_files
+    mlink("init", str(setup), "--domain", LOCAL, "--c2s-port", "0", "--tls-port", "0",
+          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    full = setup / "mlink.xml"
+    full.write_text(full.read_text().replace(
+        "</mlink>", f'<console port="0"><admin jid="{LOCAL_ROOT}"/></console></mlink>')
+        .replace("<directory", '<directory changes-seconds="0.2"', 1))
+    listing = setup / "users.txt"
+    listing.write_text(f"{LOCAL_ROOT} {ROOT_PW}\n{LOCAL_BOB} {BOB_PW}\n")
+    mlink("user", "import", str(listing), "--config", str(full))
+    boot = setup / "boot.xml"
+    boot.write_text(f'<mlink>\n  <configuration source="directory" entry="{ENTRY}"/>\n'
+                    '  <directory changes-seconds="0.2"><embedded file="directory.ldif" '
+                    'base="dc=localhost"/></directory>\n  <data dir="."/>\n</mlink>\n')
+    mlink("config", "import", str(full), "--config", str(boot))
+    boot_before = boot.read_bytes()
+    server = serve(boot, LOCAL, shards=1)
+    try:
+        page = new_page(browser, console_url(server))
+        log_in(page, LOCAL_ROOT, ROOT_PW)
+        page.goto("/config")
+        assert f"the directory entry {ENTRY}" in page.locator("main").inner_text()
+        # A bad value: its message, and the entry unchanged.
+        page.get_by_label("limits.stanza-bytes", exact=True).fill("12")
+        page.get_by_role("button", name="Save and reload").click()
+        assert "must be at least 10000, not 12" in page.locator(".field-error").inner_text()
+        exported = mlink("config", "export", "-", "--config", str(boot)).stdout
+        assert 'stanza-bytes="262144"' in exported or "stanza-bytes" not in exported
+        mark = server.log.mark()
+        page.get_by_label("limits.stanza-bytes", exact=True).fill(str(NEW_STANZA_LIMIT))
+        page.get_by_role("button", name="Save and reload").click()
+        assert "Saved and reloaded: limits.stanza-bytes." in page.locator("#result").inner_text()
+        server.wait_for_log(r"configuration reloaded by 1 of 1 shard", since=mark)
+        server.wait_for_log(rf"audit: {re.escape(LOCAL_ROOT)} changed server configuration "
+                            rf"entry {re.escape(ENTRY)}: limits\.stanza-bytes", since=mark)
+        exported = mlink("config", "export", "-", "--config", str(boot)).stdout
+        assert f'stanza-bytes="{NEW_STANZA_LIMIT}"' in exported
+        assert boot.read_bytes() == boot_before
+        assert not list(setup.glob(".mlink-console-*"))
+        client = RawClient(server.c2s_port, ca_file)
+        try:
+            client.login(LOCAL, LOCAL_BOB, BOB_PW)
+            client.send(f"<message to='{LOCAL_ROOT}'><body>{'x' * (NEW_STANZA_LIMIT + 1000)}"
+                        "</body></message>")
+            expect_stream_error(client, "policy-violation")
+        finally:
+            client.close()
+    finally:
+        assert stop(server) == 0, server.log.text()
