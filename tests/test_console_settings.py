@@ -92,6 +92,14 @@ def test_form_comes_from_the_schema(config_file):
     assert ("<modules>", "repeated or structured") in form.other
 
 
+def test_the_form_fits_the_consoles_field_limit(config_file):
+    """The console parses at most 64 fields per form (`_checked_form`'s
+    max_fields): a setting added to the schema must not push the
+    configuration form past it, or saving would fail."""
+    form = build_form(load_config(config_file))
+    assert sum(f.editable for f in form.fields) + 1 <= 64
+
+
 def test_secrets_are_never_shown(tmp_path):
     from mlink.config_model import ComponentConfig
     from mlink.console.settings import _attr_fields
@@ -304,6 +312,25 @@ def test_a_delegated_administrator_cannot_see_or_change_it(server, base, browser
     posted = page.request.post("/config", form={"limits.depth": "7", "csrf": csrf_of(page)})
     assert posted.status == 403
     assert server.config.read_bytes() == before
+
+
+def test_a_file_broken_by_hand_since_is_not_overwritten(server, base, browser):
+    """The file was edited by hand after the server loaded it, and does not
+    parse: the page says so and writes nothing over the administrator's
+    edit (it may be half of a change in progress)."""
+    good = server.config.read_bytes()
+    page = new_page(browser, base)
+    log_in(page, ROOT, ROOT_PW)
+    page.goto("/config")
+    broken = good.replace(b"</mlink>", b"<limits")
+    server.config.write_bytes(broken)
+    try:
+        page.get_by_label("limits.depth", exact=True).fill("32")
+        page.get_by_role("button", name="Save and reload").click()
+        assert "does not parse as XML any more" in page.locator("#config-error").inner_text()
+        assert server.config.read_bytes() == broken
+    finally:
+        server.config.write_bytes(good)
 
 
 # -- configuration held in the directory ------------------------------------------------

@@ -787,6 +787,9 @@ class Console:
         """Apply `changed` to the configuration's XML and write it, if the
         server's loader accepts the result; the problems otherwise."""
         import os
+        from xml.etree.ElementTree import ParseError
+
+        from defusedxml import DefusedXmlException
 
         from mlink.config import ConfigError
         from mlink.console.settings import (
@@ -800,19 +803,28 @@ class Console:
 
         path = self.supervisor.config_path
         directory_source = self.config.configuration.source == "directory"
-        if directory_source:
-            from mlink.admin.config_cli import _standalone
-            from mlink.config_render import render_config
+        try:
+            if directory_source:
+                from mlink.admin.config_cli import _standalone
+                from mlink.config_render import render_config
 
-            text = render_config(_standalone(self.config), path.parent).encode()
-            mode = 0o600  # it may hold the bind password of the bootstrap
-        else:
-            text = await trio.Path(path).read_bytes()
-            mode = os.stat(path).st_mode & 0o7777
-        root = parse_tree(text)
+                text = render_config(_standalone(self.config), path.parent).encode()
+                mode = 0o600  # it may hold the bind password of the bootstrap
+            else:
+                text = await trio.Path(path).read_bytes()
+                mode = os.stat(path).st_mode & 0o7777
+            root = parse_tree(text)
+        except OSError as exc:
+            return {"": f"{path}: cannot read: {exc.strerror or exc}"}
+        except (ParseError, DefusedXmlException) as exc:
+            # Edited by hand since it was loaded, and broken: not ours to fix.
+            return {"": f"{path}: does not parse as XML any more ({exc}); fix the file"}
         apply_changes(root, form, changed)
-        candidate = await trio.to_thread.run_sync(write_candidate, path.parent,
-                                                  serialise(root), mode)
+        try:
+            candidate = await trio.to_thread.run_sync(write_candidate, path.parent,
+                                                      serialise(root), mode)
+        except OSError as exc:
+            return {"": f"{path.parent}: cannot write: {exc.strerror or exc}"}
         try:
             try:
                 new = await trio.to_thread.run_sync(load_checked, candidate)
@@ -823,7 +835,10 @@ class Console:
             if directory_source:
                 problem = await self._import_settings(new, path)
                 return {"": problem} if problem else {}
-            os.replace(candidate, path)
+            try:
+                os.replace(candidate, path)
+            except OSError as exc:
+                return {"": f"{path}: cannot replace: {exc.strerror or exc}"}
         finally:
             candidate.unlink(missing_ok=True)
         return {}
