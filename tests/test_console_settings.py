@@ -394,3 +394,34 @@ def test_directory_source_is_written_to_the_entry(tmp_path, cert_files, browser,
             client.close()
     finally:
         assert stop(server) == 0, server.log.text()
+
+
+def test_a_symlinked_file_is_written_through_its_link(tmp_path, config_file):
+    """`os.replace` over a symbolic link would replace the link; the page
+    writes the file it points to (as the console's save does)."""
+    import trio
+
+    from mlink.console.app import Console
+
+    real_dir = tmp_path / "checkout"
+    real_dir.mkdir()
+    real = real_dir / "mlink.xml"
+    real.write_text(FILE.replace("cert.pem", str(tmp_path / "cert.pem"))
+                    .replace("key.pem", str(tmp_path / "key.pem")))
+    real.chmod(0o640)
+    link = tmp_path / "linked.xml"
+    link.symlink_to(real)
+
+    class Holder:
+        config_path = link
+        config = load_config(link)
+
+    console = object.__new__(Console)
+    console.supervisor = Holder()  # type: ignore[assignment]
+    form = build_form(Holder.config)
+    errors = trio.run(console._write_settings, form, {"limits.depth": "32"})
+    assert errors == {}
+    assert link.is_symlink() and 'depth="32"' in real.read_text()
+    assert real.stat().st_mode & 0o777 == 0o640
+    assert not list(tmp_path.glob(".mlink-console-*")) and not list(
+        real_dir.glob(".mlink-console-*"))

@@ -836,7 +836,13 @@ class Console:
                 problem = await self._import_settings(new, path)
                 return {"": problem} if problem else {}
             try:
-                os.replace(candidate, path)
+                target = Path(os.path.realpath(path))
+                if target != path.absolute():
+                    # A symlinked file (a configuration-management
+                    # checkout): replace the file it points to, not the link.
+                    os.replace(write_candidate(target.parent, serialise(root), mode), target)
+                else:
+                    os.replace(candidate, path)
             except OSError as exc:
                 return {"": f"{path}: cannot replace: {exc.strerror or exc}"}
         finally:
