@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jinja2
+import trio
 from starlette.applications import Starlette
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
@@ -153,6 +154,9 @@ class Console:
         self.templates = Jinja2Templates(env=env)
         self.profiles = ProfileService(_ProfileHost(self))
         self._profile_config: Config = supervisor.config
+        # One configuration change at a time: two saves would each start
+        # from the same file and the second would undo the first.
+        self._settings_lock = trio.Lock()
         routes = [
             Route("/", self.index),
             Route("/console.css", self.stylesheet),
@@ -173,6 +177,8 @@ class Console:
             Route("/groups", self.admin(self.groups), methods=["GET"]),
             Route("/rooms", self.admin(self.rooms), methods=["GET"]),
             Route("/rooms/destroy", self.admin(self.destroy_room), methods=["POST"]),
+            Route("/config", self.admin(self.settings_page), methods=["GET"]),
+            Route("/config", self.admin(self.save_settings), methods=["POST"]),
             Route("/me", self.page(self.me, allow_must_change=True), methods=["GET"]),
             Route("/me/profile", self.page(self.my_profile), methods=["POST"]),
             Route("/me/password", self.page(self.my_password, allow_must_change=True),
@@ -220,7 +226,10 @@ class Console:
         flash = getattr(request.state, "flash", None)
         return self.templates.TemplateResponse(
             request, name, {"session": session, "flash": flash, "errors": {},
-                            "csrf": session.csrf if session else "", **context},
+                            "csrf": session.csrf if session else "",
+                            "full_admin": session is not None
+                            and session.admin_domains >= set(self.config.domains),
+                            **context},
             status_code=status_code)
 
     def _session(self, request: Request) -> ConsoleSession | None:
@@ -711,6 +720,160 @@ class Console:
         _flash(session, f"Destroyed {jid}; the server ends it within the directory feed's "
                         "interval.")
         return RedirectResponse("/rooms", 303)
+
+    # -- server configuration ----------------------------------------------------
+
+    def _full_admin(self, session: ConsoleSession) -> None:
+        """Server configuration is for administrators of every domain: a
+        domain's delegated administrator must not change the server."""
+        if not session.admin_domains >= set(self.config.domains):
+            raise HTTPException(403, "the server configuration is for administrators of "
+                                     "every domain")
+
+    async def settings_page(self, request: Request, session: ConsoleSession,
+                            errors: Mapping[str, str] | None = None,
+                            submitted: Mapping[str, str] | None = None,
+                            result: Mapping[str, Any] | None = None) -> Response:
+        self._full_admin(session)
+        from mlink.console.settings import build_form
+        from mlink.reload import restart_needed
+
+        source = self.config.configuration
+        return self.render(
+            request, "config.html", session, 400 if errors else 200,
+            form=build_form(self.config), errors=errors or {}, submitted=submitted or {},
+            result=result, where=(f"the directory entry {source.entry}"
+                                  if source.source == "directory"
+                                  else str(self.supervisor.config_path)),
+            pending=restart_needed(self.supervisor.started_config, self.config),
+            refused=self.supervisor.last_reload_error)
+
+    async def save_settings(self, request: Request, session: ConsoleSession) -> Response:
+        """Check the changed settings, write them where the configuration
+        lives (nothing is written unless all of it loads), and reload."""
+        self._full_admin(session)
+        from mlink.console.settings import build_form, changes, check_fields
+
+        form = build_form(self.config)
+        submitted = {k: v for k, v in request.state.form.items() if isinstance(v, str)}
+        changed = changes(form, submitted)
+        if not changed:
+            _flash(session, "Nothing changed.")
+            return RedirectResponse("/config", 303)
+        base = self.supervisor.config_path.parent
+        errors = check_fields(form, changed, base)
+        if not errors:
+            async with self._settings_lock:
+                errors = await self._write_settings(form, changed)
+        if errors:
+            return await self.settings_page(request, session, errors, submitted)
+        answer = await self.supervisor.reload()
+        names = ", ".join(sorted(changed))
+        restart = answer.get("restart", [])
+        self._audit(request, session, "changed server configuration",
+                    self._config_where(), names + (
+                        f"; needs a restart: {', '.join(restart)}" if restart else ""))
+        return await self.settings_page(request, session, result={
+            "changed": sorted(changed), "restart": restart, "ok": answer.get("ok", False),
+            "error": answer.get("error")})
+
+    def _config_where(self) -> str:
+        source = self.config.configuration
+        return (f"entry {source.entry}" if source.source == "directory"
+                else str(self.supervisor.config_path))
+
+    async def _write_settings(self, form: Any, changed: Mapping[str, str]
+                              ) -> dict[str, str]:
+        """Apply `changed` to the configuration's XML and write it, if the
+        server's loader accepts the result; the problems otherwise."""
+        import os
+        from xml.etree.ElementTree import ParseError
+
+        from defusedxml import DefusedXmlException
+
+        from mlink.config import ConfigError
+        from mlink.console.settings import (
+            apply_changes,
+            field_of_problem,
+            parse_tree,
+            serialise,
+            write_candidate,
+        )
+        from mlink.reload import load_checked
+
+        path = self.supervisor.config_path
+        directory_source = self.config.configuration.source == "directory"
+        try:
+            if directory_source:
+                from mlink.admin.config_cli import _standalone
+                from mlink.config_render import render_config
+
+                text = render_config(_standalone(self.config), path.parent).encode()
+                mode = 0o600  # it may hold the bind password of the bootstrap
+            else:
+                text = await trio.Path(path).read_bytes()
+                mode = os.stat(path).st_mode & 0o7777
+            root = parse_tree(text)
+        except OSError as exc:
+            return {"": f"{path}: cannot read: {exc.strerror or exc}"}
+        except (ParseError, DefusedXmlException) as exc:
+            # Edited by hand since it was loaded, and broken: not ours to fix.
+            return {"": f"{path}: does not parse as XML any more ({exc}); fix the file"}
+        apply_changes(root, form, changed)
+        try:
+            candidate = await trio.to_thread.run_sync(write_candidate, path.parent,
+                                                      serialise(root), mode)
+        except OSError as exc:
+            return {"": f"{path.parent}: cannot write: {exc.strerror or exc}"}
+        try:
+            try:
+                new = await trio.to_thread.run_sync(load_checked, candidate)
+            except ConfigError as exc:
+                where = field_of_problem(form, changed, exc.problem)
+                return {where or "": exc.problem if where else
+                        str(exc).replace(str(candidate), str(path))}
+            if directory_source:
+                problem = await self._import_settings(new, path)
+                return {"": problem} if problem else {}
+            try:
+                target = Path(os.path.realpath(path))
+                if target != path.absolute():
+                    # A symlinked file (a configuration-management
+                    # checkout): replace the file it points to, not the link.
+                    os.replace(write_candidate(target.parent, serialise(root), mode), target)
+                else:
+                    os.replace(candidate, path)
+            except OSError as exc:
+                return {"": f"{path}: cannot replace: {exc.strerror or exc}"}
+        finally:
+            candidate.unlink(missing_ok=True)
+        return {}
+
+    async def _import_settings(self, new: Config, bootstrap: Path) -> str | None:
+        """Write `new` into the directory entry, as `mlink config import`."""
+        from mlink.config import ConfigError
+        from mlink.config_directory import (
+            bootstrap_of,
+            build_config,
+            config_entries,
+            write_entries,
+        )
+
+        boot = await trio.to_thread.run_sync(bootstrap_of, bootstrap)
+        entries = config_entries(new, boot.source.entry, boot.path.parent)
+        try:
+            build_config(boot, entries)
+        except ConfigError as exc:
+            return f"would not load from the directory: {exc.problem}"
+        directory = open_directory(boot.directory)
+        try:
+            await write_entries(directory.port,  # type: ignore[attr-defined]
+                                boot.source.entry, entries)
+        except DirectoryError as exc:
+            return f"cannot write the configuration to the directory: {exc}"
+        finally:
+            await directory.aclose()
+        return None
 
     async def status(self, request: Request, session: ConsoleSession) -> Response:
         status = await self.supervisor.status()
