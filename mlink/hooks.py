@@ -32,7 +32,9 @@ is gone; for tables of objects homed on shards (external components).
 Account events (payload: the bare JID string, return value ignored):
 `account/removed` on every shard when the directory's change feed shows a
 user entry deleted (`mlink.modules.accounts`; feeds that see deletions
-only: the embedded directory). A handler removing shared state (files)
+only: the embedded directory), and when mlink itself deleted the account
+(`mlink user delete`, the console: `Server.account_removed` through the
+supervisor's control socket, whatever the backend). A handler removing shared state (files)
 acts on one shard (`Module.owner`) and tolerates the event twice.
 
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements

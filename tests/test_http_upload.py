@@ -19,6 +19,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -647,6 +648,43 @@ def test_deleted_account_loses_its_uploads(server: MlinkProcess, ca_file: Path) 
     assert fetch(ca_file, url)[0] == 404
     assert fetch(ca_file, kept)[2] == b"kept"
     mlink("user", "add", user, "--password", PASSWORD, "--config", str(server.config))
+
+
+def test_account_deleted_in_ldap_loses_its_uploads(slapd: Any, tmp_path: Path,
+                                                   cert_files: tuple[Path, Path]) -> None:
+    """An LDAP change feed cannot see a deleted entry: `mlink user delete`
+    tells the running server itself (control socket, `removed`), and the
+    user's files go all the same; another user's stay."""
+    directory = (
+        '<directory backend="ldap">'
+        f'<ldap base="{slapd.base_dn}" bind-dn="{slapd.bind_dn}" '
+        f'bind-password="{slapd.bind_password}" pool-size="2" timeout="2">'
+        f"<server>{slapd.url}</server></ldap></directory>")
+    leaver, stayer = "uploader-gone@example.com", "uploader-stays@example.com"
+    with start_mlink(tmp_path / "s", "example.com", cert_files, ldap=directory,
+                     edit_config=add_module) as ldap_server:
+        config = ldap_server.config
+        for user in (leaver, stayer):
+            mlink("user", "add", user, "--password", PASSWORD, "--config", str(config))
+        try:
+            key = (config.parent / KEY_FILE).read_bytes()
+            store = UploadStore(config.parent / "upload")
+            dirs = {}
+            for user in (leaver, stayer):
+                owner = owner_id(key, user)
+                part, fd = store.open_part(owner, "L" * 24, 2)
+                os.write(fd, b"hi")
+                assert store.commit(part, fd, owner, "L" * 24, Meta("h", "text/plain", 2))
+                dirs[user] = config.parent / "upload" / owner
+            mark = ldap_server.log.mark()
+            mlink("user", "delete", leaver, "--config", str(config))
+            ldap_server.log.wait_for(
+                rf"removed 2 upload file\(s\) of the deleted account {leaver}", TIMEOUT, mark)
+            assert not dirs[leaver].exists()
+            assert sorted(p.name for p in dirs[stayer].iterdir()) == ["L" * 24, "L" * 24 + ".json"]
+        finally:
+            for user in (leaver, stayer):
+                mlink("user", "delete", user, "--config", str(config), check=False)
 
 
 def test_root_with_foreign_entries_refused_in_one_line(tmp_path: Path,

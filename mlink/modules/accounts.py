@@ -16,8 +16,10 @@ A deleted user entry also fires `account/removed` (the bare JID string)
 on every shard, whether or not the user is online here, so modules drop
 what they keep outside the store for the account (the upload module its
 files); the store's own per-user data is the store's business. Only
-backends whose feed sees deletions fire it (the embedded directory; an
-LDAP feed polls timestamps, which a deleted entry no longer has).
+backends whose feed sees deletions fire it here (the embedded directory;
+an LDAP feed polls timestamps, which a deleted entry no longer has); an
+account deleted through mlink fires it through the control socket too
+(`Server.account_removed`).
 """
 
 from __future__ import annotations
