@@ -29,6 +29,14 @@ Cluster events (payload: the peer shard's number): `cluster/peer-up` when
 the bus to another shard is (again) up, `cluster/peer-down` when that shard
 is gone; for tables of objects homed on shards (external components).
 
+Account events (payload: the bare JID string, return value ignored):
+`account/removed` on every shard when the directory's change feed shows a
+user entry deleted (`mlink.modules.accounts`; feeds that see deletions
+only: the embedded directory), and when mlink itself deleted the account
+(`mlink user delete`, the console: `Server.account_removed` through the
+supervisor's control socket, whatever the backend). A handler removing shared state (files)
+acts on one shard (`Module.owner`) and tolerates the event twice.
+
 Stream events: `nonza/<namespace>` (a `NonzaEvent`) for top-level elements
 of a namespace a module registered (`Module.add_nonza_handler`).
 

@@ -312,6 +312,16 @@ class Server:
             log.info("ended %d session(s) of %s: %s", ended, bare, text)
         return ended
 
+    async def account_removed(self, jid: str) -> None:
+        """Fire `account/removed` for an account deleted through mlink
+        (`mlink user delete`, the console), which an LDAP change feed
+        cannot see: modules drop what they keep for it (uploads)."""
+        try:
+            bare = parse_jid(jid).bare
+        except InvalidJID:
+            return
+        await self.hooks.notify("account/removed", str(bare))
+
     def session_list(self, user: str | None = None) -> list[dict[str, str]]:
         """This shard's bound sessions (of `user`, a bare JID, when given),
         for `mlink session list` and the console: full JID and address."""

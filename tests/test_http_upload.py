@@ -19,6 +19,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -32,7 +33,12 @@ from mlink.modules.http_upload.slots import (
     parse_path,
     verify,
 )
-from mlink.modules.http_upload.storage import KEY_FILE, STALE_PART_SECONDS, UploadStore
+from mlink.modules.http_upload.storage import (
+    KEY_FILE,
+    STALE_PART_SECONDS,
+    Meta,
+    UploadStore,
+)
 from tests.placement import Placement
 from tests.rawclient import RawClient, read_stanza, stanza_error_of
 from tests.serverproc import MlinkProcess, mlink, serve, start_mlink, stop
@@ -44,7 +50,7 @@ PASSWORD = "upload-secret"
 # A second served domain, whose users may use its upload service only.
 OTHER = "example.com"
 USERS = {f"{name}@{DOMAIN}": PASSWORD for name in
-         ("alice", "bob", "carol", "dave", "erin", "frank", "heidi")} | {f"grace@{OTHER}": PASSWORD}
+         ("alice", "bob", "carol", "dave", "erin", "frank", "heidi", "ivan")} | {f"grace@{OTHER}": PASSWORD}
 MAX_SIZE = 100_000
 QUOTA = 250_000
 IDLE = 2
@@ -559,6 +565,146 @@ def test_sweep_removes_crash_leftovers(tmp_path: Path) -> None:
     assert store.sweep(86400.0, now) == 0  # an upload in progress stays
     assert store.sweep(86400.0, now + STALE_PART_SECONDS + 1) == 1
     assert not part.exists()
+
+
+def test_sweep_never_touches_what_it_did_not_write(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """An upload directory pointed at a shared folder by mistake: the
+    sweep removes its own expired file and leftovers only; other people's
+    old files, `.part-` look-alikes and foreign names inside an owner
+    directory stay, and the warning is logged once, not every pass."""
+    shared = tmp_path / "shared"
+    owner = owner_id(b"k" * 32, "x@localhost")
+    slot = "B" * 24
+    theirs = [shared / "projectA" / "report.txt", shared / "home_bob" / "notes.md",
+              shared / "home_bob" / ".part-draft", shared / "loose.txt",
+              shared / owner / "notes.txt", shared / owner / ".part-mine",
+              shared / owner / f"{slot}.bak", shared / owner / f".part-{slot}-zzzzzzzzzzzz",
+              shared / ("c" * 32) / "readme"]
+    store = UploadStore(shared)
+    part, fd = store.open_part(owner, slot, 3)
+    os.write(fd, b"old")
+    assert store.commit(part, fd, owner, slot, Meta("o.txt", "text/plain", 3))
+    stale_part, fd = store.open_part(owner, "C" * 24, 3)
+    os.close(fd)
+    ours = [shared / owner / slot, shared / owner / f"{slot}.json", stale_part]
+    for path in theirs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("someone else's")
+    long_ago = time.time() - 400 * 86400
+    for path in theirs + ours:
+        os.utime(path, (long_ago, long_ago))
+    now = time.time()
+    with caplog.at_level("WARNING", logger="mlink.modules.http_upload.storage"):
+        assert store.sweep(30 * 86400.0, now) == 2  # the file (with its metadata), the part
+        assert store.sweep(30 * 86400.0, now) == 0
+    assert [p for p in ours if p.exists()] == []
+    assert [p for p in theirs if not p.exists()] == []
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "did not write" in warnings[0], warnings
+    assert "holds 8 entries" in warnings[0]
+    # Removing an owner's uploads (a deleted account) spares the same names.
+    assert store.remove_owner(owner) == 0
+    assert [p for p in theirs if not p.exists()] == []
+
+
+def test_commit_race_loser_leaves_no_metadata(tmp_path: Path) -> None:
+    """Two PUTs to one slot that allows any type: the one whose link loses
+    (409) must not replace the winner's name and content type."""
+    store = UploadStore(tmp_path)
+    owner, slot = owner_id(b"k" * 32, "x@localhost"), "R" * 24
+    first, fd1 = store.open_part(owner, slot, 3)
+    second, fd2 = store.open_part(owner, slot, 3)
+    os.write(fd1, b"png")
+    os.write(fd2, b"exe")
+    assert store.commit(first, fd1, owner, slot, Meta("a.png", "image/png", 3))
+    assert not store.commit(second, fd2, owner, slot,
+                            Meta("a.html", "text/html", 3))
+    found = store.find(owner, slot, 86400.0, time.time())
+    assert found is not None
+    assert found.meta == Meta("a.png", "image/png", 3)
+    assert found.path.read_bytes() == b"png"
+    assert sorted(p.name for p in (tmp_path / owner).iterdir()) == [slot, f"{slot}.json"]
+
+
+def test_deleted_account_loses_its_uploads(server: MlinkProcess, ca_file: Path) -> None:
+    """`mlink user delete` (the embedded directory's feed sees it): the
+    user's files go, so old links stop working and a re-created account of
+    the same JID starts with nothing stored."""
+    user = f"ivan@{DOMAIN}"
+    client = login(server, ca_file, user)
+    url = upload(server, ca_file, client, b"private", "p.txt")
+    client.close()
+    other = login(server, ca_file, f"heidi@{DOMAIN}")
+    kept = upload(server, ca_file, other, b"kept", "k.txt")
+    other.close()
+    owner_dir = data_dir(server) / "upload" / urlsplit(url).path.split("/")[2]
+    assert owner_dir.is_dir()
+    mark = server.log.mark()
+    mlink("user", "delete", user, "--config", str(server.config))
+    server.log.wait_for(rf"removed 2 upload file\(s\) of the deleted account {user}",
+                        TIMEOUT, mark)
+    assert not owner_dir.exists()
+    assert fetch(ca_file, url)[0] == 404
+    assert fetch(ca_file, kept)[2] == b"kept"
+    mlink("user", "add", user, "--password", PASSWORD, "--config", str(server.config))
+
+
+def test_account_deleted_in_ldap_loses_its_uploads(slapd: Any, tmp_path: Path,
+                                                   cert_files: tuple[Path, Path]) -> None:
+    """An LDAP change feed cannot see a deleted entry: `mlink user delete`
+    tells the running server itself (control socket, `removed`), and the
+    user's files go all the same; another user's stay."""
+    directory = (
+        '<directory backend="ldap">'
+        f'<ldap base="{slapd.base_dn}" bind-dn="{slapd.bind_dn}" '
+        f'bind-password="{slapd.bind_password}" pool-size="2" timeout="2">'
+        f"<server>{slapd.url}</server></ldap></directory>")
+    leaver, stayer = "uploader-gone@example.com", "uploader-stays@example.com"
+    with start_mlink(tmp_path / "s", "example.com", cert_files, ldap=directory,
+                     edit_config=add_module) as ldap_server:
+        config = ldap_server.config
+        for user in (leaver, stayer):
+            mlink("user", "add", user, "--password", PASSWORD, "--config", str(config))
+        try:
+            key = (config.parent / KEY_FILE).read_bytes()
+            store = UploadStore(config.parent / "upload")
+            dirs = {}
+            for user in (leaver, stayer):
+                owner = owner_id(key, user)
+                part, fd = store.open_part(owner, "L" * 24, 2)
+                os.write(fd, b"hi")
+                assert store.commit(part, fd, owner, "L" * 24, Meta("h", "text/plain", 2))
+                dirs[user] = config.parent / "upload" / owner
+            mark = ldap_server.log.mark()
+            mlink("user", "delete", leaver, "--config", str(config))
+            ldap_server.log.wait_for(
+                rf"removed 2 upload file\(s\) of the deleted account {leaver}", TIMEOUT, mark)
+            assert not dirs[leaver].exists()
+            assert sorted(p.name for p in dirs[stayer].iterdir()) == ["L" * 24, "L" * 24 + ".json"]
+        finally:
+            for user in (leaver, stayer):
+                mlink("user", "delete", user, "--config", str(config), check=False)
+
+
+def test_root_with_foreign_entries_refused_in_one_line(tmp_path: Path,
+                                                       cert_files: tuple[Path, Path]) -> None:
+    cert, key = cert_files
+    mlink("init", str(tmp_path / "s"), "--domain", DOMAIN, "--c2s-port", "0", "--tls-port", "0",
+          "--ws-port", "0", "--tls-cert", str(cert), "--tls-key", str(key))
+    shared = tmp_path / "shared"
+    (shared / "projectA").mkdir(parents=True)
+    (shared / "projectA" / "report.txt").write_text("keep me")
+    config = tmp_path / "s" / "mlink.xml"
+    config.write_text(config.read_text().replace(
+        "<data ", f'<modules><module name="http_upload"><directory>{shared}'
+                  "</directory></module></modules>\n  <data ", 1))
+    served = mlink("serve", "--config", str(config), check=False)
+    assert served.returncode != 0
+    assert re.search(r"mlink: shard 0: .*http_upload: .*shared holds 1 foreign entry "
+                     r"\('projectA'\), not uploads", served.stderr), served.stderr
+    assert "Traceback" not in served.stderr
+    assert (shared / "projectA" / "report.txt").read_text() == "keep me"
 
 
 def test_put_lands_on_the_other_shard(tmp_path: Path, cert_files: tuple[Path, Path],

@@ -569,17 +569,18 @@ def cmd_user_delete(args: argparse.Namespace) -> int:
     jid = _bare_jid(args.jid, config)
     _with_directory(config, lambda d: d.delete_user(jid))
     print(f"deleted {jid}")
-    _end_sessions(config, jid, "your account was deleted")
+    _end_sessions(config, jid, "your account was deleted", removed=True)
     return 0
 
 
-def _end_sessions(config: Config, jid: str, text: str) -> None:
-    """Tell a running server to end `jid`'s sessions on every shard; no
-    server running is no error (nobody is connected then)."""
+def _end_sessions(config: Config, jid: str, text: str, removed: bool = False) -> None:
+    """Tell a running server to end `jid`'s sessions on every shard (and,
+    `removed`, that the account is gone); no server running is no error
+    (nobody is connected then)."""
     from mlink.shard.supervisor import request_end_user
 
     try:
-        reply = request_end_user(config.data_dir, jid, text)
+        reply = request_end_user(config.data_dir, jid, text, removed)
     except OSError:
         return
     if reply.get("ok"):

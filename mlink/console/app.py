@@ -608,7 +608,7 @@ class Console:
             await self.directory.delete_user(jid)
         except NoSuchUser:
             raise HTTPException(404, "no such user") from None
-        self.supervisor.end_user(jid, "your account was deleted")
+        self.supervisor.end_user(jid, "your account was deleted", removed=True)
         self.sessions.end_user(jid)
         self._audit(request, session, "deleted user", jid)
         _flash(session, f"Deleted {jid}; their sessions were ended.")

@@ -11,6 +11,15 @@ could otherwise use to disconnect anyone), the sessions end with
 `not-authorized` and a text saying why. `mlink user delete` also tells a
 running server at once through its control socket (each shard's
 `Server.end_user_sessions`), without waiting for the feed.
+
+A deleted user entry also fires `account/removed` (the bare JID string)
+on every shard, whether or not the user is online here, so modules drop
+what they keep outside the store for the account (the upload module its
+files); the store's own per-user data is the store's business. Only
+backends whose feed sees deletions fire it here (the embedded directory;
+an LDAP feed polls timestamps, which a deleted entry no longer has); an
+account deleted through mlink fires it through the control socket too
+(`Server.account_removed`).
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ if TYPE_CHECKING:
 
 REMOVED_TEXT = "your account was removed"
 DISABLED_TEXT = "your account was disabled"
+# The event a deleted account fires (payload: the bare JID string).
+ACCOUNT_REMOVED = "account/removed"
 
 
 def setup(module: Module) -> None:
@@ -41,6 +52,8 @@ def setup(module: Module) -> None:
                 user = parse_jid(change.user).bare
             except InvalidJID:
                 continue
+            if change.kind == "delete":
+                await module.fire(ACCOUNT_REMOVED, str(user))
             if not router.local_resources(user):
                 continue  # nobody here to disconnect
             if change.kind == "delete":

@@ -511,7 +511,8 @@ class Supervisor:
                 if request.get("op") == "reload":
                     reply = await self.reload()
                 elif request.get("op") == "end-user" and isinstance(request.get("jid"), str):
-                    reply = self.end_user(request["jid"], str(request.get("text", "")))
+                    reply = self.end_user(request["jid"], str(request.get("text", "")),
+                                          removed=request.get("removed") is True)
                 elif request.get("op") == "sessions":
                     user = request.get("user")
                     reply = await self.sessions(user if isinstance(user, str) else None)
@@ -523,17 +524,19 @@ class Supervisor:
             except (trio.BrokenResourceError, OSError):
                 pass  # the client went away; nothing to tell
 
-    def end_user(self, jid: str, text: str) -> dict[str, Any]:
+    def end_user(self, jid: str, text: str, removed: bool = False) -> dict[str, Any]:
         """End `jid`'s sessions on every shard (the account was deleted or
         disabled); each shard ends its own. Sent without waiting for the
-        shards: a shard that is down has no sessions to end."""
+        shards: a shard that is down has no sessions to end. `removed`:
+        the account was deleted, and each shard fires `account/removed`
+        (an LDAP change feed cannot see the deletion)."""
         sent = 0
         services = self._services
         for state in self.shards:
             control = state.control
             if control is not None and services is not None:
                 services.start_soon(control.send, {"op": "end-user", "jid": jid,
-                                                         "text": text})
+                                                         "text": text, "removed": removed})
                 sent += 1
         log.info("ending the sessions of %s on %d shard(s): %s", jid, sent, text)
         return {"ok": True, "shards": sent}
@@ -644,10 +647,13 @@ def request_status(data_dir: Path) -> dict[str, Any]:
     return _request(data_dir / CONTROL_SOCKET, {"op": "status"}, STATUS_CLIENT_TIMEOUT)
 
 
-def request_end_user(data_dir: Path, jid: str, text: str) -> dict[str, Any]:
+def request_end_user(data_dir: Path, jid: str, text: str,
+                     removed: bool = False) -> dict[str, Any]:
     """Ask the supervisor running on `data_dir` to end `jid`'s sessions on
-    every shard. OSError when none runs."""
-    return _request(data_dir / CONTROL_SOCKET, {"op": "end-user", "jid": jid, "text": text},
+    every shard (and, `removed`, to tell modules the account is gone).
+    OSError when none runs."""
+    return _request(data_dir / CONTROL_SOCKET,
+                    {"op": "end-user", "jid": jid, "text": text, "removed": removed},
                     STATUS_CLIENT_TIMEOUT)
 
 

@@ -142,6 +142,8 @@ async def _serve_control(control: LineChannel, server: Any, bus: UnixSocketBus,
             elif op == "end-user":
                 server.end_user_sessions(str(message.get("jid", "")),
                                          str(message.get("text", "")))
+                if message.get("removed") is True:
+                    await server.account_removed(str(message.get("jid", "")))
             elif op == "invalidate":
                 # A user's data changed outside the shards (the console):
                 # drop the cached copies named `what` ("profile").

@@ -21,6 +21,7 @@ may reach any shard. The XMPP side is `service.py`, the HTTP side
 
 from __future__ import annotations
 
+import errno
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,8 @@ import trio
 
 from mlink.config_schema import Int, Invalid, Kind, PathKind, option
 from mlink.modules.http_upload.service import UPLOAD_NS, UploadService
-from mlink.modules.http_upload.slots import PATH_PREFIX
-from mlink.modules.http_upload.storage import UploadStore, load_key
+from mlink.modules.http_upload.slots import PATH_PREFIX, owner_id
+from mlink.modules.http_upload.storage import MAX_NAMES_SHOWN, UploadStore, load_key
 from mlink.modules.http_upload.web import UploadWeb
 
 if TYPE_CHECKING:
@@ -118,6 +119,16 @@ def setup(module: Module) -> None:
         raise OSError(exc.errno, f"http_upload: cannot use {exc.filename or root}: "
                                  f"{exc.strerror or exc}") from None
     store = UploadStore(root)
+    foreign = store.foreign_entries()
+    if foreign:
+        # A root that holds other things is a mistake (a shared folder, the
+        # data directory): the sweep would never touch them, but an
+        # administrator deserves to hear at once that files go elsewhere.
+        shown = ", ".join(repr(name) for name in foreign[:MAX_NAMES_SHOWN])
+        raise OSError(errno.ENOTEMPTY,
+                      f"http_upload: {root} holds {len(foreign)} foreign "
+                      f"entr{'y' if len(foreign) == 1 else 'ies'} ({shown}), not uploads; "
+                      "set <directory> to a directory of its own")
     hosts = service_hosts(options(), module.domains)
     service = UploadService(module, key, store, options, hosts)
     web = UploadWeb(key, store, options, module.log)
@@ -137,6 +148,24 @@ def setup(module: Module) -> None:
             await trio.sleep(SWEEP_INTERVAL)
 
     module.spawn(sweeper)
+
+    async def account_removed(user: str) -> None:
+        """A deleted account's files go with it: otherwise a new account
+        of the same JID (same owner id) would inherit their quota, and
+        the links in old messages would keep working."""
+        owner = owner_id(key, user)
+        if module.owner(f"http_upload:{owner}") != module.shard:
+            return  # every shard hears it; one removes the files
+        try:
+            removed = await trio.to_thread.run_sync(store.remove_owner, owner)
+        except OSError as exc:
+            module.log.warning("could not remove the uploads of %s: %s", user, exc)
+            return
+        if removed:
+            module.log.info("removed %d upload file(s) of the deleted account %s",
+                            removed, user)
+
+    module.hook("account/removed", account_removed)
 
 
 __all__ = ["OPTIONS", "UPLOAD_NS", "Options", "service_hosts", "setup"]

@@ -19,10 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+
+from mlink.modules.http_upload.slots import OWNER_RE
+
+log = logging.getLogger(__name__)
 
 # The key that signs slots and hides owners, in the data directory.
 KEY_FILE = "http-upload.key"
@@ -34,6 +40,29 @@ PART_PREFIX = ".part-"
 STALE_PART_SECONDS = 3600
 # Metadata files are a few hundred bytes; anything larger is not ours.
 MAX_META_BYTES = 4096
+# Random suffix of a partial upload's name, hex: six bytes make two
+# shards' parts of one slot distinct.
+PART_TOKEN_BYTES = 6
+# Every name the store writes in an owner directory: `<slot id>`,
+# `<slot id>.json`, `.part-<slot id>-<hex>` and `.part-<slot id>-<hex>.json`
+# (the slot id's 24 characters keep the parts apart though it may hold `-`).
+_SLOT = r"[A-Za-z0-9_-]{24}"
+_OURS_RES = (
+    re.compile(rf"^{_SLOT}(?:{re.escape(META_SUFFIX)})?$"),
+    re.compile(rf"^{re.escape(PART_PREFIX)}{_SLOT}-[0-9a-f]{{{2 * PART_TOKEN_BYTES}}}"
+               rf"(?:{re.escape(META_SUFFIX)})?$"),
+)
+# A file system's own directory at the root of a mount point; tolerated
+# in the upload root (a dedicated disk), never touched.
+LOST_FOUND = "lost+found"
+# How many foreign names one warning or start error lists.
+MAX_NAMES_SHOWN = 3
+
+
+def is_ours(name: str) -> bool:
+    """Whether `name`, in an owner directory, is one the store writes (so
+    one it may remove)."""
+    return any(pattern.match(name) for pattern in _OURS_RES)
 
 
 def load_key(data_dir: Path) -> bytes:
@@ -86,6 +115,21 @@ class UploadStore:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        # Foreign names last reported by the sweep: a warning is logged
+        # when they change, not every hour.
+        self._reported: frozenset[str] = frozenset()
+
+    def foreign_entries(self) -> list[str]:
+        """Names directly under the root that the store did not create
+        (sorted); `lost+found` excepted. Empty for a missing root."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            e.name for e in entries
+            if not (e.is_dir(follow_symlinks=False)
+                    and (OWNER_RE.match(e.name) or e.name == LOST_FOUND)))
 
     def _owner_dir(self, owner: str) -> Path:
         return self.root / owner
@@ -118,7 +162,7 @@ class UploadStore:
         counts an upload in progress at what it will be."""
         directory = self._owner_dir(owner)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = directory / f"{PART_PREFIX}{slot_id}-{secrets.token_hex(6)}"
+        path = directory / f"{PART_PREFIX}{slot_id}-{secrets.token_hex(PART_TOKEN_BYTES)}"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
@@ -130,22 +174,35 @@ class UploadStore:
 
     def commit(self, part: Path, fd: int, owner: str, slot_id: str, meta: Meta) -> bool:
         """Make the finished upload `part` the slot's file; False if the
-        slot already has one (the part is removed either way)."""
+        slot already has one (the part is removed either way).
+
+        The file is linked first and its metadata written only by the PUT
+        whose link won: a loser of a race on one slot must not leave its
+        name or content type on the winner's file. Until the metadata is
+        in place a GET finds no file (`find` needs both), never a wrong
+        content type."""
         try:
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
             directory = self._owner_dir(owner)
-            meta_tmp = directory / f"{PART_PREFIX}{slot_id}-{secrets.token_hex(6)}{META_SUFFIX}"
-            meta_tmp.write_text(json.dumps({
-                "name": meta.name, "content-type": meta.content_type,
-                "size": meta.size}))
-            os.replace(meta_tmp, directory / f"{slot_id}{META_SUFFIX}")
             try:
                 os.link(part, directory / slot_id)
             except FileExistsError:
                 return False
+            token = secrets.token_hex(PART_TOKEN_BYTES)
+            meta_tmp = directory / f"{PART_PREFIX}{slot_id}-{token}{META_SUFFIX}"
+            try:
+                meta_tmp.write_text(json.dumps({
+                    "name": meta.name, "content-type": meta.content_type,
+                    "size": meta.size}))
+                os.replace(meta_tmp, directory / f"{slot_id}{META_SUFFIX}")
+            except OSError:
+                # No metadata, no file: the slot stays usable for a retry.
+                meta_tmp.unlink(missing_ok=True)
+                (directory / slot_id).unlink(missing_ok=True)
+                raise
             return True
         finally:
             part.unlink(missing_ok=True)
@@ -175,10 +232,14 @@ class UploadStore:
 
     def sweep(self, expiry: float, now: float) -> int:
         """Remove expired files, their metadata, and leftovers of crashed
-        uploads; how many files were removed."""
+        uploads; how many files were removed. Only owner directories and
+        the names the store writes are looked at; anything else is left
+        alone and reported (once while it stays the same)."""
         removed = 0
+        foreign = set(self.foreign_entries())
         try:
-            owners = [e for e in os.scandir(self.root) if e.is_dir(follow_symlinks=False)]
+            owners = [e for e in os.scandir(self.root)
+                      if e.is_dir(follow_symlinks=False) and OWNER_RE.match(e.name)]
         except FileNotFoundError:
             return 0
         for owner in owners:
@@ -187,6 +248,9 @@ class UploadStore:
             except FileNotFoundError:
                 continue
             for name, entry in entries.items():
+                if not is_ours(name) or not entry.is_file(follow_symlinks=False):
+                    foreign.add(f"{owner.name}/{name}")
+                    continue
                 try:
                     mtime = entry.stat(follow_symlinks=False).st_mtime
                 except FileNotFoundError:
@@ -206,4 +270,44 @@ class UploadStore:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(entry.path)
                         removed += 1
+        self._report(foreign)
         return removed
+
+    def remove_owner(self, owner: str) -> int:
+        """Remove everything the store holds for `owner` (an account that
+        was deleted), then the directory if that left it empty; how many
+        files were removed. Foreign names in it stay (and are reported)."""
+        if not OWNER_RE.match(owner):
+            raise ValueError(f"not an owner id: {owner!r}")
+        directory = self._owner_dir(owner)
+        removed = 0
+        foreign: set[str] = set()
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            if not is_ours(entry.name) or not entry.is_file(follow_symlinks=False):
+                foreign.add(f"{owner}/{entry.name}")
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+        if not foreign:
+            # Another shard may be removing it too, or an upload may have
+            # just started in it: either way it is not ours to insist on.
+            with contextlib.suppress(FileNotFoundError, OSError):
+                directory.rmdir()
+        self._report(foreign | set(self.foreign_entries()))
+        return removed
+
+    def _report(self, foreign: set[str]) -> None:
+        names = frozenset(foreign)
+        if names and names != self._reported:
+            shown = ", ".join(sorted(names)[:MAX_NAMES_SHOWN])
+            extra = len(names) - MAX_NAMES_SHOWN
+            more = f" and {extra} more" if extra > 0 else ""
+            log.warning("%s holds %d entr%s the upload store did not write (%s%s); "
+                        "left alone", self.root, len(names), "y" if len(names) == 1 else "ies",
+                        shown, more)
+        self._reported = names
