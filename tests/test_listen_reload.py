@@ -151,6 +151,13 @@ def test_port_in_use_refuses_the_reload(tmp_path: Path, cert_files: tuple[Path, 
             client.login(DOMAIN, ALICE, ALICE_PW)
         finally:
             client.close()
+        # An address this host does not have (TEST-NET-1, RFC 5737).
+        server.config.write_text(good.replace(
+            "<listen ", f'<listen type="c2s" port="{taken}" address="192.0.2.1"/>\n  <listen ',
+            1))
+        done = mlink("reload", "--config", str(server.config), check=False)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert f"port {taken} on 192.0.2.1 cannot be bound: " in done.stderr, done.stderr
         server.config.write_text(good)
         done = mlink("reload", "--config", str(server.config))
         assert "configuration reloaded" in done.stdout
@@ -231,6 +238,14 @@ def test_shard_refuses_a_listener_it_cannot_bind_and_changes_nothing(
                 assert server.bound_ports == {"c2s": old_port}
                 assert server.listeners.listing() == [f"c2s 127.0.0.1:{old_port}"]
                 assert await _connect_refused(ws_port)
+                # An address this host lacks (TEST-NET-1): refused the same way.
+                elsewhere = ListenerConfig(kind="c2s", port=ws_port, address="192.0.2.1")
+                with pytest.raises(ReloadError) as refusal:
+                    await apply_config(server, dataclasses.replace(
+                        config, listeners=(c2s, elsewhere)))
+                assert str(refusal.value).startswith(
+                    f"{config.path}: cannot listen for c2s on 192.0.2.1 port {ws_port}: ")
+                assert "\n" not in str(refusal.value) and server.config is config
             with trio.fail_after(STEP_TIMEOUT):
                 # The port free again: applied, the WebSocket endpoint built live.
                 new = dataclasses.replace(config, listeners=(websocket, c2s))

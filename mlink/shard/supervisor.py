@@ -10,6 +10,7 @@ cannot stall clients, and the supervisor stays small enough to trust.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -123,7 +124,11 @@ def _probe_ports(wanted: list[tuple[str, int, str]]) -> None:
             try:
                 probe.bind((address, port))
             except OSError as exc:
-                raise OSError(exc.errno, f"port {port} on {address} is in use "
+                # Named as it is: a port held is not an address this host
+                # lacks, nor a privileged port.
+                problem = "is in use" if exc.errno in (errno.EADDRINUSE, None) \
+                    else f"cannot be bound: {exc.strerror or exc}"
+                raise OSError(exc.errno, f"port {port} on {address} {problem} "
                               f"({what})") from None
 
 
