@@ -168,7 +168,8 @@ def _check_listeners(chk: Checker, items: list[tuple[Element, ListenerConfig]]) 
 class ListenerConfig(Frozen):
     XML: ClassVar[ElementSpec] = ElementSpec(
         "listen", "one or more, required",
-        doc="A port on which clients connect. At least one is required.",
+        doc="A port on which clients connect. At least one is required. Listeners "
+            "added, removed or changed apply live on reload (see [Reloading](#reloading)).",
         comment="Where clients connect. type: c2s = XMPP with STARTTLS (RFC 6120),\n"
                 "tls = direct TLS (XEP-0368), websocket = XMPP over WebSocket\n"
                 "(RFC 7395) on plain HTTP, websocket-tls = the same on HTTPS (wss://).\n"

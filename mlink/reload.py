@@ -10,9 +10,15 @@ certificate) happens before anything is swapped.
 
 What changes live: the TLS certificate and key for new connections, the
 log level, limits (stream settings are built per connection from
-`server.config`), profile policies, and whatever modules take from the
+`server.config`), profile policies, the client listeners (`<listen>`
+added, removed or changed: opened and closed on every shard, connections
+already accepted staying up), and whatever modules take from the
 `config/reloaded` event (their options, roster groups). What needs a
 restart is listed by `restart_needed`, which the supervisor logs once.
+
+A new listener that cannot be opened (its port in use, a privileged
+port) refuses the whole reload on that shard, with one line naming it:
+its sockets are bound before anything is swapped, so nothing changes.
 """
 
 from __future__ import annotations
@@ -37,11 +43,10 @@ log = logging.getLogger(__name__)
 RELOADED_EVENT = "config/reloaded"
 
 # Settings that only a restart applies, by the name the log gives them:
-# the listening sockets, the served domains (the router and directory are
+# the served domains (the router and directory are
 # built for them), the directory connection, where the store lives, the
 # WebSocket endpoints (built per listener at start) and which modules run.
 RESTART_SETTINGS: tuple[tuple[str, Callable[[Config], object]], ...] = (
-    ("listeners (<listen>)", lambda c: c.listeners),
     ("domains (<domain>)", lambda c: c.domains),
     ("directory backend and servers (<directory>)", lambda c: c.directory),
     ("configuration source (<configuration>)", lambda c: c.configuration),
@@ -119,9 +124,10 @@ def _set_log_level(level: str) -> None:
     logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
 
 
-async def apply_config(server: Server, new: Config) -> None:
+async def apply_config(server: Server, new: Config) -> list[str]:
     """Make `new` the running configuration of `server`, applying what can
     change live; ReloadError, with nothing changed, when it cannot be.
+    Returns what happened to listeners (`listening for c2s on ...`).
 
     New connections read `server.config` and `server.tls` when they start,
     so swapping them is what makes limits and the certificate apply to new
@@ -138,6 +144,13 @@ async def apply_config(server: Server, new: Config) -> None:
             resolve_fields(new)
         except ProfileConfigError as exc:
             raise ReloadError(f"{new.path}: {exc}") from None
+    from mlink.transport.listeners import ListenerError
+
+    try:
+        listeners = await server.prepare_listeners(new, tls)
+    except ListenerError as exc:
+        raise ReloadError(f"{new.path}: {exc.strerror}") from None
+    # Nothing below fails: the bound sockets are committed, never dropped.
     old = server.config
     if tls is not None:
         tls.trust_client_cas(server.module_client_cas)
@@ -152,7 +165,9 @@ async def apply_config(server: Server, new: Config) -> None:
         log.info("log level is now %s", new.log_level)
     if profiles is not None:
         profiles.apply_config(new)
+    changed = server.commit_listeners(listeners)
     await server.hooks.notify(RELOADED_EVENT, new)
+    return changed
 
 
 async def reload_from_file(server: Server, path: Path | None = None) -> dict[str, Any]:
@@ -164,11 +179,11 @@ async def reload_from_file(server: Server, path: Path | None = None) -> dict[str
         return {"ok": False, "error": "the server was not started from a file"}
     try:
         new = await load_checked_async(path)
-        await apply_config(server, new)
+        listeners = await apply_config(server, new)
     except (ConfigError, ReloadError) as exc:
         log.error("configuration reload refused: %s", exc)
         return {"ok": False, "error": str(exc)}
     source = new.configuration
     log.info("configuration reloaded from %s", f"the directory entry {source.entry}"
              if source.source == "directory" else path)
-    return {"ok": True}
+    return {"ok": True, "listeners": listeners}

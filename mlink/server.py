@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import logging
 import secrets
-import socket
 import xml.etree.ElementTree as ET
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -53,6 +51,12 @@ from mlink.transport.accept import AcceptLoop
 from mlink.transport.client import CONNECTION_SLOT, BindRefused, ClientConnection
 from mlink.transport.component import ComponentConnection
 from mlink.transport.limits import AuthThrottle, ConnectionLimiter, ConnectionSlot
+from mlink.transport.listeners import (
+    ListenerChange,
+    ListenerError,
+    ListenerSet,
+    open_reuseport_listener,
+)
 from mlink.transport.tls import ServerTLS
 from mlink.transport.websocket import WebSocketEndpoint
 from mlink.util.counters import ShardCounters
@@ -62,9 +66,6 @@ from mlink.xml.serialize import WireStanza
 
 log = logging.getLogger(__name__)
 
-# Pending connections the kernel queues per listener: enough for a login
-# storm from a benchmark or a reconnecting fleet of clients.
-LISTEN_BACKLOG = 1024
 STORE_FILE = DEFAULT_FILENAME
 # On shutdown, how long sessions get to flush their closing tags.
 SHUTDOWN_GRACE = 5.0
@@ -142,6 +143,9 @@ class Server:
         self._no_connections.set()
         self.bound_ports: dict[str, int] = {}
         self.accept_loops: list[AcceptLoop] = []
+        # The client listeners (<listen>), opened at start and changed by a
+        # reload (`prepare_listeners`, `commit_listeners`).
+        self.listeners = ListenerSet(self._listener_loop, self._serve_listener)
         self.watchdog = LoopWatchdog()
         # Stanzas and logins by kind, for the console's /metrics.
         self.counters = ShardCounters()
@@ -553,25 +557,8 @@ class Server:
             await module_store.migrate()
         await self._warm_directory()
         async with trio.open_nursery() as nursery:
-            for lc in self.config.listeners:
-                if lc.kind in TLS_KINDS and self.tls is None:
-                    log.warning(
-                        "%s listener on port %d needs a certificate; skipped", lc.kind, lc.port
-                    )
-                    continue
-                handler: Callable[[trio.SocketStream], Awaitable[None]]
-                if lc.kind in WEBSOCKET_KINDS:
-                    handler = WebSocketEndpoint(self, secure=lc.kind == "websocket-tls").handle
-                else:
-                    handler = partial(self._handle, direct_tls=lc.kind == "tls")
-                listener = await open_reuseport_listener(lc)
-                port = listener.socket.getsockname()[1]
-                self.bound_ports[lc.kind] = port
-                log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
-                         lc.address, port)
-                loop = AcceptLoop(listener, partial(self._admit, handler, lc.kind))
-                self.accept_loops.append(loop)
-                nursery.start_soon(self._serve_listener, loop)
+            change = await self.prepare_listeners(self.config, self.tls)
+            self.commit_listeners(change, nursery)
             if self.config.components.components:
                 await self._listen_components(nursery)
             for name, task in self.background_tasks:
@@ -595,6 +582,50 @@ class Server:
         except DirectoryError as exc:
             log.warning("directory not reachable at start: %s", exc)
 
+    async def prepare_listeners(self, config: Config, tls: ServerTLS | None) -> ListenerChange:
+        """Bind the listeners `config` adds to those open (all of them at
+        start); ListenerError, one line, with nothing bound, when one
+        cannot be. A TLS listener without a certificate is skipped (and
+        opens on the reload that brings one)."""
+        wanted = []
+        for lc in config.listeners:
+            if lc.kind in TLS_KINDS and tls is None:
+                log.warning("%s listener on port %d needs a certificate; skipped",
+                            lc.kind, lc.port)
+                continue
+            wanted.append(lc)
+        return await self.listeners.prepare(wanted)
+
+    def commit_listeners(self, change: ListenerChange,
+                         nursery: trio.Nursery | None = None) -> list[str]:
+        """Apply a prepared change: new listeners accept, removed ones
+        close (their established connections stay); what was done."""
+        nursery = nursery or self._nursery
+        if nursery is None:
+            self.listeners.abort(change)
+            raise ListenerError("the server is not serving")
+        done = self.listeners.commit(change, nursery)
+        component = self.bound_ports.get("component")
+        self.bound_ports.clear()
+        self.bound_ports.update(self.listeners.ports())
+        if component is not None:
+            self.bound_ports["component"] = component
+        self.accept_loops[:] = [one.loop for one in self.listeners.open.values()] + [
+            loop for loop in self.accept_loops if loop.kind == "component"]
+        return done
+
+    def _listener_loop(self, lc: ListenerConfig, listener: trio.SocketListener) -> AcceptLoop:
+        """The accept loop of a bound client listener: WebSocket endpoints
+        are built here, from the configuration in force when it opens."""
+        handler: Callable[[trio.SocketStream], Awaitable[None]]
+        if lc.kind in WEBSOCKET_KINDS:
+            handler = WebSocketEndpoint(self, secure=lc.kind == "websocket-tls").handle
+        else:
+            handler = partial(self._handle, direct_tls=lc.kind == "tls")
+        log.info("listening for %s (%s) on %s port %d", lc.kind, _describe(lc.kind),
+                 lc.address, listener.socket.getsockname()[1])
+        return AcceptLoop(listener, partial(self._admit, handler, lc.kind), lc.kind)
+
     async def _listen_components(self, nursery: trio.Nursery) -> None:
         """The XEP-0114 port, opened only when components are configured."""
         cc = self.config.components
@@ -603,7 +634,8 @@ class Server:
         port = listener.socket.getsockname()[1]
         self.bound_ports["component"] = port
         log.info("listening for components (XEP-0114) on %s port %d", cc.address, port)
-        loop = AcceptLoop(listener, partial(self._admit, self._handle_component, "component"))
+        loop = AcceptLoop(listener, partial(self._admit, self._handle_component, "component"),
+                          "component")
         self.accept_loops.append(loop)
         nursery.start_soon(self._serve_listener, loop)
 
@@ -717,30 +749,6 @@ class Server:
         await self.directory.aclose()
         if self.store is not None:
             await self.store.aclose()
-
-
-async def open_reuseport_listener(lc: ListenerConfig) -> trio.SocketListener:
-    """A listening socket with SO_REUSEPORT, so every shard can bind it
-    (trio.open_tcp_listeners does not set it: trio issue #281)."""
-    family = socket.AF_INET6 if ":" in lc.address else socket.AF_INET
-    sock = trio.socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        try:
-            await sock.bind((lc.address, lc.port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise OSError(exc.errno, f"port {lc.port} on {lc.address} is in use") from None
-            raise
-        sock.listen(LISTEN_BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return trio.SocketListener(sock)
 
 
 def _describe(kind: str) -> str:

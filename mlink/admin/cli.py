@@ -392,6 +392,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if not answer.get("ok"):
         raise CommandError(str(answer.get("error", "the server refused the reload")))
     print(f"{path}: configuration reloaded")
+    for change in answer.get("listeners", []):
+        print(f"{path}: {change}")
     for name in answer.get("restart", []):
         print(f"{path}: {name} changed: needs a restart to apply")
     return 0

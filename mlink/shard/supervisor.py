@@ -10,6 +10,7 @@ cannot stall clients, and the supervisor stays small enough to trust.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -99,6 +100,21 @@ def check_ports_free(config: Config) -> None:
     wanted = [(lc.address, lc.port, f"{lc.kind} listener") for lc in config.listeners]
     if config.console.enabled:
         wanted.append((config.console.address, config.console.port, "console"))
+    _probe_ports(wanted)
+
+
+def check_new_listeners(old: Config, new: Config, shards: int) -> None:
+    """ValueError or OSError (one line) when a reload from `old` to `new`
+    adds a listener the shards could not all share: port 0 with several
+    shards, or a port another process holds (see check_ports_free). Ports
+    the shards hold already are not probed: they would seem taken."""
+    check_shards(new, shards)
+    held = {lc.port for lc in old.listeners}
+    _probe_ports([(lc.address, lc.port, f"{lc.kind} listener") for lc in new.listeners
+                  if lc not in old.listeners and lc.port not in held])
+
+
+def _probe_ports(wanted: list[tuple[str, int, str]]) -> None:
     for address, port, what in wanted:
         if port == 0:
             continue
@@ -108,7 +124,11 @@ def check_ports_free(config: Config) -> None:
             try:
                 probe.bind((address, port))
             except OSError as exc:
-                raise OSError(exc.errno, f"port {port} on {address} is in use "
+                # Named as it is: a port held is not an address this host
+                # lacks, nor a privileged port.
+                problem = "is in use" if exc.errno in (errno.EADDRINUSE, None) \
+                    else f"cannot be bound: {exc.strerror or exc}"
+                raise OSError(exc.errno, f"port {port} on {address} {problem} "
                               f"({what})") from None
 
 
@@ -350,6 +370,14 @@ class Supervisor:
                 log.error("configuration reload refused: %s", exc)
                 self.last_reload_error = str(exc)
                 return {"ok": False, "error": str(exc)}
+            try:
+                check_new_listeners(self.config, new, len(self.shards))
+            except (OSError, ValueError) as exc:
+                error = f"{self._config_source()}: {exc.strerror or exc}" \
+                    if isinstance(exc, OSError) else f"{self._config_source()}: {exc}"
+                log.error("configuration reload refused: %s", error)
+                self.last_reload_error = error
+                return {"ok": False, "error": error}
             results: dict[int, dict[str, Any] | None] = {}
 
             async def ask(state: ShardState) -> None:
@@ -364,6 +392,7 @@ class Supervisor:
             for index, error in errors:
                 log.error("shard %d did not apply the reload: %s", index, error)
             if applied == 0 and self.shards:
+                self.last_reload_error = errors[0][1]
                 return {"ok": False, "error": errors[0][1]}
             restart = restart_needed(self.config, new)
             for name in restart:
@@ -374,7 +403,12 @@ class Supervisor:
             self.config = new
             self.last_reload_error = None
             log.info("configuration reloaded by %d of %d shard(s)", applied, len(self.shards))
-            answer: dict[str, Any] = {"ok": not errors, "restart": restart}
+            # What happened to the listeners, as the first shard that
+            # applied the file says (they all do the same).
+            listeners: list[str] = next((r.get("listeners", []) for _, r in sorted(results.items())
+                              if r and r.get("ok") and not r.get("down")), [])
+            answer: dict[str, Any] = {"ok": not errors, "restart": restart,
+                                      "listeners": listeners}
             if errors:
                 answer["error"] = "; ".join(f"shard {i}: {e}" for i, e in errors)
             return answer
@@ -721,6 +755,12 @@ def format_status(status: dict[str, Any]) -> str:
                         + ", ".join(configuration["restart_needed"]))
     if configuration.get("reload_refused"):
         lines.insert(1, f"last configuration change refused: {configuration['reload_refused']}")
+    # The listeners, once when every shard has the same (as after a reload
+    # they all applied), else per shard.
+    listenings = {tuple(st["listeners"]) for s in shards
+                  if (st := s["stats"]) and "listeners" in st}
+    if len(listenings) == 1:
+        lines.insert(1, "listening: " + (", ".join(next(iter(listenings))) or "nothing"))
     for s in shards:
         stats = s["stats"] or {}
         loop = stats.get("loop") or {}
@@ -730,6 +770,8 @@ def format_status(status: dict[str, Any]) -> str:
             f"{s['restarts']:>8} {stats.get('connections', '-'):>7} "
             f"{stats.get('sessions', '-'):>8} {loop.get('stalls', '-'):>6} {longest:>8}"
         )
+        if len(listenings) > 1:
+            lines.append("      listening: " + (", ".join(stats.get("listeners") or ()) or "-"))
         if loop.get("cause"):
             lines.append(f"      longest stall in: {loop['cause']}")
         caches = stats.get("caches") or {}

@@ -49,6 +49,8 @@ def shard_stats(server: Any, bus: UnixSocketBus, started: float) -> dict[str, An
         "pid": os.getpid(),
         "uptime": time.monotonic() - started,
         "connections": len(server.connections),
+        # The open client listeners (`c2s 0.0.0.0:5222`), reloads included.
+        "listeners": server.listeners.listing(),
         "sessions": len(server.sessions),
         # The abuse limits at work (docs/security.md): connections refused
         # at accept, addresses and accounts with authentication penalties.

@@ -35,14 +35,28 @@ class AcceptLoop:
     given nursery; counts what it tolerated (for `mlink status`)."""
 
     def __init__(self, listener: trio.SocketListener,
-                 handler: Callable[[trio.SocketStream], Awaitable[None]]) -> None:
+                 handler: Callable[[trio.SocketStream], Awaitable[None]],
+                 kind: str = "") -> None:
         self.listener = listener
         self.handler = handler
+        self.kind = kind  # the listener type (`c2s`, `component`...), for status
         self.exhausted = 0  # accepts refused for lack of resources
         self._last_log = float("-inf")
         self._unlogged = 0
+        # Cancelled by `close`: ends the accepting, not the nursery the
+        # accepted connections run in, so they stay up.
+        self._scope = trio.CancelScope()
+
+    def close(self) -> None:
+        """Stop accepting and close the socket (a reload removed the
+        listener); connections accepted already carry on."""
+        self._scope.cancel()
 
     async def run(self, nursery: trio.Nursery) -> None:
+        with self._scope:
+            await self._accept(nursery)
+
+    async def _accept(self, nursery: trio.Nursery) -> None:
         async with self.listener:
             while True:
                 try:
