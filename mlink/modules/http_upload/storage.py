@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlink.modules.http_upload.slots import OWNER_RE
+from mlink.util.keyfile import load_or_create_key
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +67,9 @@ def is_ours(name: str) -> bool:
 
 
 def load_key(data_dir: Path) -> bytes:
-    """The upload key, created (mode 0600) on first use. Shards starting
-    at once agree: each links its own candidate into place and the first
-    link wins."""
-    path = data_dir / KEY_FILE
-    with contextlib.suppress(FileNotFoundError):
-        return _read_key(path)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = data_dir / f".{KEY_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(secrets.token_bytes(KEY_BYTES))
-            out.flush()
-            os.fsync(out.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return _read_key(path)
-
-
-def _read_key(path: Path) -> bytes:
-    key = path.read_bytes()
-    if len(key) != KEY_BYTES:
-        raise ValueError(f"{path}: expected {KEY_BYTES} bytes, found {len(key)}")
-    return key
+    """The upload key, created (mode 0600) on first use; shards starting at
+    once agree (mlink.util.keyfile)."""
+    return load_or_create_key(data_dir / KEY_FILE, KEY_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
