@@ -339,8 +339,10 @@ def test_two_shards_push_from_the_shard_holding_the_detached_session(sharded, ca
         send(bob, alice.jid, "across shards", "s1")  # type: ignore[attr-defined]
         text = app.read_until("across shards")
         assert f"to='{PUSH}'" in text and f"from='{ALICE}'" in text, text
-        assert re.search(rf"shard-0 .*push to {re.escape(PUSH)} for {re.escape(ALICE)}",
-                         sharded.log.text()), sharded.log.text()
+        # The log line may reach the test's log reader after the stanza
+        # reached the app server: waited for, not looked up once.
+        sharded.wait_for_log(rf"shard-0 .*push to {re.escape(PUSH)} for {re.escape(ALICE)}",
+                             since=mark)
     finally:
         app.close()
         place.close_all()
