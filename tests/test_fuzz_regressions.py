@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mlink.stream import c2s
-from tests.fuzz.harness import TARGETS, TCP_HEADER
+from mlink.stream import c2s, component
+from tests.fuzz.harness import TARGETS, TCP_HEADER, drive_component
 
 FUZZ_DIR = Path(__file__).parent / "fuzz"
 STREAMS_NS = "urn:ietf:params:xml:ns:xmpp-streams"
@@ -90,3 +90,65 @@ def test_sasl_failure_text_is_escaped(client_first: bytes) -> None:
     assert failure.tag == "{urn:ietf:params:xml:ns:xmpp-sasl}failure"
     assert failure.findtext("{urn:ietf:params:xml:ns:xmpp-sasl}text") == \
         "expected n=<user>,r=<nonce>"
+
+
+# What each component seed must reach: (accepted, stanzas handed on, ending
+# condition, or "open" when the stream is still up). Keeps the corpus honest:
+# a seed that silently stopped reaching the established state would leave
+# the fuzzer exploring only the failure paths.
+COMPONENT_SEEDS: dict[str, tuple[bool, int, str | None]] = {
+    "good-handshake-stanzas": (True, 4, None),
+    "good-handshake-stanzas-rechunked": (True, 4, None),
+    "good-handshake-misuse": (True, 4, None),
+    "good-handshake-upper-case": (True, 1, "open"),
+    "own-header-good": (True, 1, "open"),
+    "good-handshake-deferred": (True, 1, "open"),
+    "good-handshake-deferred-pipelined": (False, 0, "not-authorized"),
+    "good-handshake-pipelined": (False, 0, "not-authorized"),
+    "good-handshake-conflict": (False, 0, "conflict"),
+    "good-handshake-server-close": (True, 1, None),
+    "good-handshake-shutdown": (True, 1, "system-shutdown"),
+    "bad-proof": (False, 0, "not-authorized"),
+    "short-proof": (False, 0, "not-authorized"),
+    "empty-handshake": (False, 0, "not-authorized"),
+    "stanza-before-handshake": (False, 0, "not-authorized"),
+    "unknown-domain": (False, 0, "host-unknown"),
+    "no-to": (False, 0, "improper-addressing"),
+    "client-namespace-header": (False, 0, "invalid-namespace"),
+    "client-namespace-stanza": (True, 0, "invalid-namespace"),
+    "unknown-element": (True, 0, "invalid-namespace"),
+    "foreign-from": (True, 0, "invalid-from"),
+    "second-header": (True, 0, "restricted-xml"),
+    "garbage": (False, 0, "not-well-formed"),
+    "garbage-before-header": (False, 0, "not-well-formed"),
+    "over-deep": (True, 0, "policy-violation"),
+    "peer-stream-error": (False, 0, None),
+}
+
+
+def test_component_seeds_are_all_listed() -> None:
+    names = {f.name for f in (FUZZ_DIR / "corpus" / "component").iterdir()}
+    assert names == set(COMPONENT_SEEDS)
+
+
+@pytest.mark.parametrize("name", sorted(COMPONENT_SEEDS))
+def test_component_seed_reaches_its_state(name: str) -> None:
+    accepted, stanzas, ending = COMPONENT_SEEDS[name]
+    driver = drive_component((FUZZ_DIR / "corpus" / "component" / name).read_bytes())
+    assert driver.accepted is accepted
+    assert driver.stanzas == stanzas
+    if ending == "open":
+        assert driver.ending is None
+    else:
+        assert driver.ending is not None
+        assert driver.ending.condition == ending
+
+
+def test_component_harness_catches_a_forged_verification(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The target can fail: a machine whose digest were wrong (here: it
+    verifies the all-zero proof of the bad-proof seed) is caught by the
+    harness's own computation of the proof."""
+    monkeypatch.setattr(component, "handshake_digest", lambda sid, secret: "0" * 40)
+    with pytest.raises(AssertionError, match="<handshake>0{40}<"):
+        drive_component((FUZZ_DIR / "corpus" / "component" / "bad-proof").read_bytes())

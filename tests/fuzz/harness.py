@@ -18,6 +18,11 @@ Input layouts (the first byte chooses options, the rest is the client's):
 * xml_parser: [chunking seed] stream bytes
 * c2s: [flags] packets separated by NUL (never valid in XML), fed after a
   valid stream header (TCP) or <open/> (WebSocket)
+* component: [flags] packets separated by NUL, fed after a valid
+  `jabber:component:accept` header for `COMPONENT_DOMAIN` (unless a flag
+  says the input brings its own). `HANDSHAKE_AUTO` (`HANDSHAKE_UPPER`) in a packet is
+  replaced by the correct proof (in upper case) for the stream id just sent, so that the stream's
+  established state is reachable although its id is random.
 * sasl_plain, sasl_scram, sasl_registry: [flags] ([mechanism]) client
   messages separated by `SASL_SEPARATOR`. In SCRAM messages the harness
   replaces `c=AUTO`, `r=AUTO` and `p=AUTO` with the correct channel
@@ -37,6 +42,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mlink.jid import parse_jid
 from mlink.sasl.channel_binding import ChannelBinding
 from mlink.sasl.events import Challenge, Failure, NeedPassword, NeedSecret, Success
 from mlink.sasl.plain import PlainMechanism
@@ -50,10 +56,10 @@ from mlink.sasl.registry import (
 )
 from mlink.sasl.scram import ScramMechanism
 from mlink.sasl.secrets import HASHES, ScramSecret, derive_secret
-from mlink.stream import c2s
+from mlink.stream import c2s, component
 from mlink.xml.parser import Stanza, StreamClose, StreamEvent, StreamOpen, XMLStreamError
 from mlink.xml.parser import XMLStreamParser as _Parser
-from mlink.xml.serialize import serialize
+from mlink.xml.serialize import CLIENT_NS, serialize
 
 DOMAIN = "example.com"
 USER = "alice"
@@ -93,6 +99,26 @@ C2S_WRONG_CREDENTIAL = 0x10
 C2S_UNAVAILABLE = 0x20  # the credential source is down
 C2S_BIND_CONFLICT = 0x40  # the session table refuses the resource
 C2S_RECHUNK = 0x80  # TCP: split every packet into random small reads
+
+# component flag bits (first input byte).
+COMP_RECHUNK = 0x01  # split every packet into random small reads
+COMP_REFUSE = 0x02  # the domain is held elsewhere: refuse("conflict")
+COMP_DEFER_ACCEPT = 0x04  # answer the handshake after the next packet
+COMP_ECHO = 0x08  # route every stanza back to the component (send_stanza)
+COMP_MISUSE = 0x10  # call accept/send_stanza in wrong states: LocalProtocolError
+COMP_SERVER_CLOSE = 0x20  # the server ends the stream after the input
+COMP_CLOSE_ERROR = 0x40  # ... with a stream error (system-shutdown)
+COMP_OWN_HEADER = 0x80  # no header fed: the first packet is the header
+COMPONENT_DOMAIN = "push.example.com"
+# Fixed so that the harness can compute the proof; the stream id salting it
+# stays random, as in production.
+COMPONENT_SECRET = "fuzz-component-secret"
+HANDSHAKE_AUTO = b"HANDSHAKE_AUTO"
+HANDSHAKE_UPPER = b"HANDSHAKE_UPPER"  # the proof in upper-case hex
+COMPONENT_HEADER = (
+    "<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' "
+    f"xmlns:stream='http://etherx.jabber.org/streams' to='{COMPONENT_DOMAIN}'>"
+).encode()
 
 # SASL flag bits (first input byte).
 SASL_NO_INITIAL = 0x01  # <auth/> without an initial response
@@ -348,6 +374,209 @@ def c2s_stream(data: bytes) -> None:
     driver.finish()
 
 
+# -- the XEP-0114 component stream machine --------------------------------------------
+
+
+COMPONENT_EVENT_TYPES = (
+    component.HandshakeVerified,
+    component.ComponentStanza,
+    component.StanzaRefused,
+    component.ComponentEnded,
+)
+
+
+def component_proof(stream_id: str) -> str:
+    """XEP-0114 §3, computed here rather than by the machine's own function,
+    so that a wrong digest in the machine is a finding, not a tautology."""
+    return hashlib.sha1((stream_id + COMPONENT_SECRET).encode()).hexdigest()
+
+
+class ComponentDriver:
+    """Drives one ComponentStream as `mlink.transport.component` does: the
+    domain table answers `HandshakeVerified`, stanzas may be routed back.
+    Checks the protocol's rules after every step."""
+
+    def __init__(self, flags: int) -> None:
+        self.flags = flags
+        self.stream = component.ComponentStream({COMPONENT_DOMAIN: COMPONENT_SECRET})
+        self.output: list[bytes] = []
+        self.received = b""  # everything the component sent, for the proof check
+        self.verified = False
+        self.accepted = False
+        self.ended = False
+        self.pending_accept = False
+        self.ending: component.ComponentEnded | None = None
+        self.stanzas = 0
+
+    def feed(self, packet: bytes) -> None:
+        if self.stream.stream_id:
+            proof = component_proof(self.stream.stream_id)
+            packet = packet.replace(HANDSHAKE_AUTO, proof.encode()).replace(
+                HANDSHAKE_UPPER, proof.upper().encode())
+        self.received += packet
+        answer_late, self.pending_accept = self.pending_accept, False
+        pieces = _chunks(packet, len(packet)) if self.flags & COMP_RECHUNK else [packet]
+        for piece in pieces:
+            self.handle(self.stream.receive_data(piece))
+        if answer_late:
+            self.answer()
+
+    def handle(self, events: list[component.ComponentEvent]) -> None:
+        out = self._take_output()
+        if self.ended:
+            assert events == [] and out == b"", (events, out)
+            return
+        for ev in events:
+            assert isinstance(ev, COMPONENT_EVENT_TYPES), ev
+            assert not self.ended, f"{ev} after ComponentEnded"
+            if isinstance(ev, component.ComponentEnded):
+                self._check_ending(out, ev)
+            elif isinstance(ev, component.HandshakeVerified):
+                self._check_verified(ev)
+            elif isinstance(ev, component.ComponentStanza):
+                self._check_stanza(ev.element)
+            else:
+                assert self.accepted, f"{ev} before the handshake"
+        if self.flags & COMP_MISUSE:
+            self._misuse()
+
+    def _check_verified(self, ev: component.HandshakeVerified) -> None:
+        """Only the right proof, for the configured domain, once."""
+        assert not self.verified, "verified twice"
+        proof = component_proof(self.stream.stream_id)
+        assert proof.encode() in self.received.lower(), self.received[-200:]
+        assert ev.domain == COMPONENT_DOMAIN == self.stream.domain, ev
+        self.verified = True
+        if self.flags & COMP_DEFER_ACCEPT:
+            self.pending_accept = True
+        else:
+            self.answer()
+
+    def answer(self) -> None:
+        """The domain table's verdict, also after the stream closed (a late
+        answer the machine must drop)."""
+        if self.flags & COMP_REFUSE:
+            was_open = self.stream.state is not component.State.CLOSED
+            ev = self.stream.refuse("conflict", "domain already connected")
+            out = self._take_output()
+            if was_open:
+                self._check_ending(out, ev)
+            else:
+                assert out == b"", out  # closed already: nothing more
+            return
+        was_open = self.stream.state is not component.State.CLOSED
+        self.stream.accept()
+        out = self._take_output()
+        if was_open:
+            assert out == b"<handshake/>", out
+            self.accepted = True
+        else:
+            assert out == b"", out
+
+    def _check_stanza(self, elem: ET.Element) -> None:
+        """Stanzas only once accepted, in jabber:client, speaking for the
+        component's domain, addressed."""
+        assert self.accepted
+        self.stanzas += 1
+        kind = elem.tag.removeprefix(f"{{{CLIENT_NS}}}")
+        assert kind in component.STANZA_KINDS, elem.tag
+        for node in elem.iter():
+            assert not node.tag.startswith(f"{{{component.COMPONENT_NS}}}"), node.tag
+        sender = parse_jid(elem.get("from") or "")
+        assert sender.domain == COMPONENT_DOMAIN, elem.get("from")
+        parse_jid(elem.get("to") or "")
+        if self.flags & COMP_ECHO and self.stream.state is component.State.ESTABLISHED:
+            reply = ET.Element(elem.tag, {"from": elem.get("to") or "",
+                                          "to": elem.get("from") or ""})
+            reply.extend(list(elem))
+            self.stream.send_stanza(reply)
+            self._take_output()
+
+    def _misuse(self) -> None:
+        """The documented misuse errors, raised without side effects."""
+        state = self.stream.state
+        if state not in (component.State.WAIT_ACCEPT, component.State.CLOSED):
+            with contextlib.suppress(component.LocalProtocolError):
+                self.stream.accept()
+                raise AssertionError(f"accept accepted in {state}")
+        if state is not component.State.ESTABLISHED:
+            with contextlib.suppress(component.LocalProtocolError):
+                self.stream.send_stanza(ET.Element(f"{{{CLIENT_NS}}}message"))
+                raise AssertionError(f"send_stanza accepted in {state}")
+        assert self.stream.state is state
+        assert self._take_output() == b""
+
+    def _take_output(self) -> bytes:
+        out = self.stream.data_to_send()
+        self.output.append(out)
+        return out
+
+    def _check_ending(self, out: bytes, ev: component.ComponentEnded) -> None:
+        """An ended stream says so on the wire: a stream error when there
+        was one, then the closing tag, once."""
+        assert self.stream.state is component.State.CLOSED
+        assert not self.ended, "a stream ends once"
+        assert out.endswith(b"</stream:stream>"), out[-200:]
+        if ev.condition is not None:
+            assert not ev.peer_closed
+            assert out.endswith(b"</stream:error></stream:stream>"), out[-200:]
+        self.ended = True
+        self.ending = ev
+
+    def finish(self) -> None:
+        """The input is over: a late answer, maybe the server's own close;
+        then the whole output must be one well-formed stream."""
+        if self.pending_accept:
+            self.pending_accept = False
+            self.answer()
+        if self.flags & COMP_SERVER_CLOSE:
+            condition = "system-shutdown" if self.flags & COMP_CLOSE_ERROR else None
+            ev = self.stream.close(condition)
+            out = self._take_output()
+            if self.ended:
+                assert out == b"", out
+            else:
+                self._check_ending(out, ev)
+        if self.stream.state is component.State.CLOSED:
+            assert self.stream.receive_data(b"<message/>") == []
+            assert self.stream.data_to_send() == b""
+            assert self.ended
+        self._check_output()
+
+    def _check_output(self) -> None:
+        output = b"".join(self.output)
+        if not output:
+            return
+        assert output.count(b"<stream:stream ") == 1, output[:300]
+        assert output.startswith(SERVER_DECLARATION + b"<stream:stream "), output[:200]
+        assert output.count(b"</stream:stream>") == (1 if self.ended else 0), output[-300:]
+        assert output.count(b"<stream:error>") <= 1, output[-300:]
+        parser = ET.XMLPullParser()
+        parser.feed(output)
+        list(parser.read_events())
+        if self.ended:
+            parser.close()  # the document is complete
+
+
+def component_stream(data: bytes) -> None:
+    """A component header (or the input's own), then arbitrary packets; the
+    handshake answered as the domain table would (maybe late)."""
+    if data:
+        drive_component(data)
+
+
+def drive_component(data: bytes) -> ComponentDriver:
+    """`component_stream`, returning the driver for tests to inspect."""
+    driver = ComponentDriver(data[0])
+    packets = data[1:].split(PACKET_SEPARATOR)
+    if not data[0] & COMP_OWN_HEADER:
+        driver.feed(COMPONENT_HEADER)
+    for packet in packets:
+        driver.feed(packet)
+    driver.finish()
+    return driver
+
+
 # -- SASL mechanisms -------------------------------------------------------------------
 
 
@@ -527,6 +756,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     for name, target in (
         ("xml_parser", xml_parser),
         ("c2s", c2s_stream),
+        ("component", component_stream),
         ("sasl_plain", sasl_plain),
         ("sasl_scram", sasl_scram),
         ("sasl_registry", sasl_registry),

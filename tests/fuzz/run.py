@@ -16,6 +16,7 @@ import atheris
 with atheris.instrument_imports(include=["mlink"]):
     import mlink.sasl.registry  # noqa: F401  (instrumented before the harness runs)
     import mlink.stream.c2s  # noqa: F401
+    import mlink.stream.component  # noqa: F401
     import mlink.xml.parser  # noqa: F401
     from tests.fuzz.harness import TARGETS
 

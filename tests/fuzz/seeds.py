@@ -23,8 +23,20 @@ from tests.fuzz.harness import (
     C2S_WEBSOCKET,
     C2S_WRONG_CREDENTIAL,
     CHANNEL_BINDING,
+    COMP_CLOSE_ERROR,
+    COMP_DEFER_ACCEPT,
+    COMP_ECHO,
+    COMP_MISUSE,
+    COMP_OWN_HEADER,
+    COMP_RECHUNK,
+    COMP_REFUSE,
+    COMP_SERVER_CLOSE,
+    COMPONENT_DOMAIN,
+    COMPONENT_HEADER,
     DOMAIN,
     FRAMING_NS,
+    HANDSHAKE_AUTO,
+    HANDSHAKE_UPPER,
     ITERATIONS,
     PACKET_SEPARATOR,
     PASSWORD_TEXT,
@@ -153,6 +165,66 @@ def c2s_seeds() -> dict[str, bytes]:
     return out
 
 
+def component_seeds() -> dict[str, bytes]:
+    """XEP-0114 streams: a good handshake then stanzas, and each way to fail."""
+    good = b"<handshake>" + HANDSHAKE_AUTO + b"</handshake>"
+    d = COMPONENT_DOMAIN
+    stanzas = [
+        f"<message from='{d}' to='alice@{DOMAIN}' id='m1'><body>push &amp; more</body>"
+        "</message>".encode(),
+        f"<message from='svc@{d}/r' to='alice@{DOMAIN}/phone'><body>\u00e9</body>"
+        "</message>".encode(),
+        f"<iq type='get' id='q1' to='{DOMAIN}'><query xmlns='jabber:iq:version'/></iq>".encode(),
+        f"<presence to='alice@{DOMAIN}'/>".encode(),
+        b"<iq to='example.com'/>",  # refused: no id, no type
+        b"<message to='bad@@jid'/>",  # refused: jid-malformed
+        b"<message><body>no to</body></message>",  # refused: bad-request
+        b" ",
+        b"</stream:stream>",
+    ]
+    out = {
+        "good-handshake-stanzas": packets(COMP_ECHO, [good, *stanzas]),
+        "good-handshake-stanzas-rechunked": packets(COMP_ECHO | COMP_RECHUNK,
+                                                    [good, *stanzas]),
+        "good-handshake-upper-case": packets(0, [
+            b"<handshake> " + HANDSHAKE_UPPER + b"\n</handshake>", stanzas[0]]),
+        "good-handshake-misuse": packets(COMP_MISUSE | COMP_ECHO, [good, *stanzas]),
+        "good-handshake-deferred": packets(COMP_DEFER_ACCEPT, [good, b" ", stanzas[0]]),
+        "good-handshake-deferred-pipelined": packets(COMP_DEFER_ACCEPT, [good, stanzas[0]]),
+        "good-handshake-pipelined": packets(0, [good + stanzas[0]]),
+        "good-handshake-conflict": packets(COMP_REFUSE, [good, stanzas[0]]),
+        "good-handshake-server-close": packets(COMP_SERVER_CLOSE, [good, stanzas[0]]),
+        "good-handshake-shutdown": packets(COMP_SERVER_CLOSE | COMP_CLOSE_ERROR,
+                                           [good, stanzas[0]]),
+        "foreign-from": packets(0, [good, f"<message from='evil.{DOMAIN}' to='a@{DOMAIN}'/>"
+                                    .encode()]),
+        "client-namespace-stanza": packets(0, [
+            good, f"<message xmlns='jabber:client' to='a@{DOMAIN}'/>".encode()]),
+        "unknown-element": packets(0, [good, b"<db:result xmlns:db='jabber:server:dialback'/>"]),
+        "bad-proof": packets(0, [b"<handshake>" + b"0" * 40 + b"</handshake>", stanzas[0]]),
+        "short-proof": packets(0, [b"<handshake>abc</handshake>"]),
+        "empty-handshake": packets(COMP_MISUSE, [b"<handshake/>"]),
+        "stanza-before-handshake": packets(0, [stanzas[0], good]),
+        "unknown-domain": packets(COMP_OWN_HEADER, [
+            COMPONENT_HEADER.replace(d.encode(), b"other.example.com"), good]),
+        "client-namespace-header": packets(COMP_OWN_HEADER, [
+            COMPONENT_HEADER.replace(b"jabber:component:accept", b"jabber:client")]),
+        "no-to": packets(COMP_OWN_HEADER | COMP_MISUSE, [
+            COMPONENT_HEADER.replace(f" to='{d}'".encode(), b"")]),
+        "own-header-good": packets(COMP_OWN_HEADER | COMP_ECHO, [COMPONENT_HEADER, good,
+                                                                stanzas[0]]),
+        "second-header": packets(0, [good, COMPONENT_HEADER]),
+        "garbage": packets(0, [b"\xfe\xff<<&;]]>", good]),
+        "garbage-before-header": packets(COMP_OWN_HEADER, [b"GET / HTTP/1.1\r\n\r\n"]),
+        "over-deep": packets(0, [good, b"<message to='a@example.com'>" + b"<x>" * 80 +
+                                 b"</x>" * 80 + b"</message>"]),
+        "peer-stream-error": packets(0, [
+            b"<stream:error><conflict xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            b"</stream:error></stream:stream>"]),
+    }
+    return out
+
+
 def xml_seeds() -> dict[str, bytes]:
     plain = auth("PLAIN", f"\0{USER}\0{PASSWORD_TEXT}".encode())
     stream = TCP_HEADER + plain + b"".join(bound_tail(False)[1:])
@@ -212,6 +284,7 @@ def sasl_seeds() -> tuple[dict[str, bytes], dict[str, bytes], dict[str, bytes]]:
 def main() -> None:
     plain, scram, registry = sasl_seeds()
     for target, seeds in (("xml_parser", xml_seeds()), ("c2s", c2s_seeds()),
+                          ("component", component_seeds()),
                           ("sasl_plain", plain), ("sasl_scram", scram),
                           ("sasl_registry", registry)):
         folder = CORPUS / target
