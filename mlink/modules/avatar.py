@@ -39,7 +39,7 @@ import binascii
 import hashlib
 import logging
 import xml.etree.ElementTree as ET
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import TYPE_CHECKING
 
 from mlink.hooks import StanzaEvent
@@ -130,7 +130,7 @@ def setup(module: Module) -> None:
     # Users whose metadata publish is being handled: that publish notifies
     # the node's contacts itself (XEP-0084), so the photo change it causes
     # must not notify them a second time.
-    publishing: set[str] = set()
+    publishing: Counter[str] = Counter()  # a user may publish from two resources at once
 
     async def photo_changed(user: JID) -> None:
         """Re-broadcast each available resource's presence with the new
@@ -192,11 +192,13 @@ def setup(module: Module) -> None:
         if pubsub.tag != _p("pubsub") or request is None or \
                 request.get("node") not in (METADATA_NODE, DATA_NODE):
             return False  # another node: the pep module's (or nobody's)
-        publishing.add(user)
+        publishing[user] += 1
         try:
             return await _publish(event, pubsub, request, user)
         finally:
-            publishing.discard(user)
+            publishing[user] -= 1
+            if not publishing[user]:
+                del publishing[user]
 
     async def _publish(event: StanzaEvent, pubsub: ET.Element, request: ET.Element,
                        user: str) -> bool:
